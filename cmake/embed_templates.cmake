@@ -1,0 +1,11 @@
+# Writes OUT: a C++ file defining deft::embedded_templates(), name -> text of each FILES entry.
+set(body "// Generated from templates/*.cuh; do not edit.\n#include <map>\n#include <string>\nnamespace deft {\nconst std::map<std::string, std::string>& embedded_templates() {\n  static const std::map<std::string, std::string> t = {\n")
+string(REPLACE "|" ";" FILES "${FILES}")
+foreach(f IN LISTS FILES)
+  get_filename_component(name ${f} NAME)
+  file(READ ${f} text)
+  string(APPEND body "    {\"${name}\", R\"deft_tpl(${text})deft_tpl\"},\n")
+endforeach()
+string(APPEND body "  };\n  return t;\n}\n}  // namespace deft\n")
+file(WRITE ${OUT}.tmp "${body}")
+file(COPY_FILE ${OUT}.tmp ${OUT} ONLY_IF_DIFFERENT)

@@ -1,0 +1,116 @@
+// make_plan: the arithmetic that turns a variant's choices into kernel constants and a grid.
+#include "compiler/plan.hpp"
+
+#include <fmt/format.h>
+
+namespace deft {
+
+namespace {
+
+bool pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
+
+[[noreturn]] void bad(const char* field, const std::string& msg) { throw DescError(field, msg); }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
+  validate(d);
+  require_implemented(d);
+  KernelPlan p;
+  switch (d.dtype) {
+    case DType::f32: p.t = "float"; p.acc = "float"; p.pos = "float"; break;
+    case DType::f16: p.t = "__half"; p.acc = "float"; p.pos = "float"; break;
+    case DType::bf16: p.t = "__nv_bfloat16"; p.acc = "float"; p.pos = "float"; break;
+    case DType::f64: p.t = "double"; p.acc = "double"; p.pos = "double"; break;
+  }
+  if (v.threads < 32 || v.threads > 1024 || v.threads % 32 != 0)
+    bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
+  for (auto [f, x] : {std::pair<const char*, int>{"tm", v.tile_m}, {"tn", v.tile_n},
+                      {"tk", v.tile_k}})
+    if (!pow2(x) || x > 256)
+      bad(f, fmt::format("{}={} must be a power of two no larger than 256", f, x));
+  if (v.staging != Staging::gather)
+    throw NotImplemented("not implemented: staging=window has no kernel yet");
+  p.block = v.threads;
+
+  switch (v.algo) {
+    case Algo::gemm_simt:
+    case Algo::gemm_tc: {
+      p.template_name = "deform_conv_gemm.cuh";
+      p.use_tc = v.algo == Algo::gemm_tc;
+      const int bm = v.tile_m, bn = v.tile_n, bk = v.tile_k, th = v.threads;
+      if ((bm * bk) % th != 0)
+        bad("tk", fmt::format("tm*tk={} must be a multiple of threads={}", bm * bk, th));
+      p.a_elems = bm * bk / th;
+      if (th % bm != 0)  // one output pixel per thread in the A gather
+        bad("threads", fmt::format("threads={} must be a multiple of tm={}", th, bm));
+      if ((bn * bk) % th != 0)
+        bad("tn", fmt::format("tn*tk={} must be a multiple of threads={}", bn * bk, th));
+      p.b_elems = bn * bk / th;
+      if (p.a_elems > 32 || p.b_elems > 32)
+        bad("threads", fmt::format("threads={} leaves {} A and {} B elements per thread (max 32)",
+                                   th, p.a_elems, p.b_elems));
+      if (p.use_tc) {
+        if (d.dtype == DType::f64 || (d.dtype == DType::f32 && d.math != MathMode::tf32))
+          bad("algo", fmt::format("algo=gemm_tc needs dtype f16/bf16 or math=tf32, not dtype={} "
+                                  "math={}", to_string(d.dtype), to_string(d.math)));
+        if (d.dtype == DType::f32) {
+          p.stage = "float";
+          p.tc_in = "nvcuda::wmma::precision::tf32";
+          p.wk = 8;
+          p.a_pad = p.b_pad = 4;
+        } else {
+          p.stage = p.t;
+          p.tc_in = p.t;
+          p.wk = 16;
+          p.a_pad = p.b_pad = 8;
+        }
+        if (bk % p.wk != 0) bad("tk", fmt::format("tk={} must be a multiple of {}", bk, p.wk));
+        const int warps = th / 32;
+        p.wm = std::min(warps, bm / 16);
+        if (p.wm < 1 || warps % p.wm != 0)
+          bad("tm", fmt::format("tm={} does not fit {} warps of 16-row fragments", bm, warps));
+        p.wn = warps / p.wm;
+        if (bm % (16 * p.wm) != 0 || bn % (16 * p.wn) != 0)
+          bad("tn", fmt::format("a {}x{} tile does not split over a {}x{} warp grid of 16x16 "
+                                "fragments", bm, bn, p.wm, p.wn));
+        p.fm = bm / (16 * p.wm);
+        p.fn = bn / (16 * p.wn);
+        if (p.fm * p.fn > 16)
+          bad("threads", fmt::format("{} fragments per warp is too many (max 16)", p.fm * p.fn));
+      } else {
+        p.stage = d.dtype == DType::f64 ? "double" : "float";
+        p.a_pad = 0;
+        p.b_pad = 0;
+        p.tn = std::max(1, bn / 16);
+        if ((bm * bn) % (th * p.tn) != 0)
+          bad("threads", fmt::format("threads={} cannot split a {}x{} tile", th, bm, bn));
+        p.tm = bm * bn / (th * p.tn);
+        if (p.tm < 1 || bm % p.tm != 0 || p.tm * p.tn > 64)
+          bad("threads", fmt::format("threads={} gives a {}x{} micro-tile for a {}x{} tile", th,
+                                     p.tm, p.tn, bm, bn));
+      }
+      const int stage_size = p.stage == "double" ? 8 : (p.stage == "float" ? 4 : 2);
+      const int ab = 2 * bk * ((bm + p.a_pad) + (bn + p.b_pad)) * stage_size;
+      const int scratch = p.use_tc ? (th / 32) * 16 * 16 * 4 : 0;
+      p.smem_bytes = std::max(ab, scratch);
+      if (p.smem_bytes > 48 * 1024)
+        bad("tk", fmt::format("the tiles need {} bytes of shared memory (max 49152)",
+                              p.smem_bytes));
+      const int64_t m_total = d.n * d.out_h() * d.out_w();
+      const int64_t gx = ceil_div(m_total, bm), gy = ceil_div(d.k_per_group(), bn);
+      if (gx > 2147483647 || gy > 65535 || d.groups > 65535)
+        bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, gy, d.groups));
+      p.grid = {unsigned(gx), unsigned(gy), unsigned(d.groups)};
+      break;
+    }
+    case Algo::depthwise:
+      throw NotImplemented("not implemented: algo=depthwise has no kernel yet");
+  }
+  p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
+  return p;
+}
+
+}  // namespace deft

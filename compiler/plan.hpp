@@ -1,0 +1,34 @@
+// KernelPlan: everything codegen and the launcher derive from (LayerDesc, Variant) — the
+// numbers a variant implies (micro-tiles, warp grid, shared memory) and the launch grid.
+// Internal to libdeft.
+#pragma once
+
+#include <array>
+#include <string>
+
+#include "deft/ir.hpp"
+
+namespace deft {
+
+struct KernelPlan {
+  // storage, accumulator, sampling-position, shared-memory stage and tensor-core input types
+  std::string t, acc, pos, stage, tc_in;
+  bool use_tc = false;
+  int a_elems = 0, b_elems = 0;   // per thread per slice
+  int a_pad = 0, b_pad = 0;       // shared-memory row padding, elements
+  int tm = 0, tn = 0;             // FMA micro-tile
+  int wm = 0, wn = 0, fm = 0, fn = 0, wk = 0;  // tensor-core warp grid and fragments
+  int smem_bytes = 0;
+  bool wide_offsets = false;      // 64-bit element offsets inside one image
+  std::array<unsigned, 3> grid{1, 1, 1};
+  unsigned block = 0;
+  std::string kernel_name = "deft_deform_conv2d_forward";
+  std::string template_name;
+};
+
+// Derives the plan. Throws DescError (field of the variant text) when the variant can't run
+// the layer: tile sizes that don't fit the threads, shared memory over 48 KiB, tensor cores
+// for a dtype without them...
+KernelPlan make_plan(const LayerDesc& desc, const Variant& variant);
+
+}  // namespace deft

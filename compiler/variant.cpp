@@ -1,0 +1,93 @@
+// Variant: text form, validation against a layer, and the heuristic default.
+#include <charconv>
+#include <set>
+
+#include <fmt/format.h>
+
+#include "compiler/plan.hpp"
+#include "deft/ir.hpp"
+
+namespace deft {
+
+std::string_view to_string(Algo a) {
+  switch (a) {
+    case Algo::gemm_simt: return "gemm_simt";
+    case Algo::gemm_tc: return "gemm_tc";
+    case Algo::depthwise: return "depthwise";
+  }
+  return "?";
+}
+
+std::string_view to_string(Staging s) {
+  return s == Staging::gather ? "gather" : "window";
+}
+
+std::string to_string(const Variant& v) {
+  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={}",
+                     to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
+                     to_string(v.staging), v.halo);
+}
+
+Variant parse_variant(std::string_view text) {
+  Variant v;
+  std::set<std::string> seen;
+  size_t i = 0;
+  while (i < text.size()) {
+    while (i < text.size() && text[i] == ' ') ++i;
+    size_t j = i;
+    while (j < text.size() && text[j] != ' ') ++j;
+    if (j == i) break;
+    std::string_view word = text.substr(i, j - i);
+    i = j;
+    auto eq = word.find('=');
+    if (eq == std::string_view::npos)
+      throw DescError(std::string(word), fmt::format("'{}' is not of the form field=value", word));
+    std::string key(word.substr(0, eq));
+    std::string_view val = word.substr(eq + 1);
+    if (!seen.insert(key).second) throw DescError(key, fmt::format("{} is given twice", key));
+    auto as_int = [&](int& out) {
+      auto [p, ec] = std::from_chars(val.data(), val.data() + val.size(), out);
+      if (ec != std::errc() || p != val.data() + val.size())
+        throw DescError(key, fmt::format("{}={} is not an integer", key, val));
+    };
+    if (key == "algo") {
+      if (val == "gemm_simt") v.algo = Algo::gemm_simt;
+      else if (val == "gemm_tc") v.algo = Algo::gemm_tc;
+      else if (val == "depthwise") v.algo = Algo::depthwise;
+      else throw DescError(key, fmt::format("algo={} is not one of gemm_simt|gemm_tc|depthwise", val));
+    } else if (key == "staging") {
+      if (val == "gather") v.staging = Staging::gather;
+      else if (val == "window") v.staging = Staging::window;
+      else throw DescError(key, fmt::format("staging={} is not one of gather|window", val));
+    } else if (key == "tm") as_int(v.tile_m);
+    else if (key == "tn") as_int(v.tile_n);
+    else if (key == "tk") as_int(v.tile_k);
+    else if (key == "threads") as_int(v.threads);
+    else if (key == "vec") as_int(v.vec);
+    else if (key == "halo") as_int(v.halo);
+    else throw DescError(key, fmt::format("unknown variant field '{}'", key));
+  }
+  return v;
+}
+
+void validate(const LayerDesc& d, const Variant& v) { (void)make_plan(d, v); }
+
+Variant default_variant(const LayerDesc& d) {
+  Variant v;
+  const bool tc = d.dtype == DType::f16 || d.dtype == DType::bf16 ||
+                  (d.dtype == DType::f32 && d.math == MathMode::tf32);
+  const int64_t kg = d.k_per_group();
+  v.algo = tc ? Algo::gemm_tc : Algo::gemm_simt;
+  v.tile_m = 64;
+  v.tile_n = kg <= 16 ? 16 : (kg <= 32 ? 32 : 64);
+  v.threads = 256;
+  if (tc) {
+    v.tile_k = 32;
+    if (v.tile_n == 16) v.threads = 128;
+  } else {
+    v.tile_k = d.dtype == DType::f64 ? 8 : 16;
+  }
+  return v;
+}
+
+}  // namespace deft

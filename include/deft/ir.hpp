@@ -1,0 +1,151 @@
+// deft IR: the description of one layer (LayerDesc) and of one kernel choice (Variant).
+// Everything downstream (codegen, cache keys, CLI, logs) keys on the canonical text form
+// printed by to_string(); parse_layer_desc(to_string(d)) == d for every valid d.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace deft {
+
+// Every error deft raises. The message says what is wrong and, for descriptions, names the
+// field and the rule it broke.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// A description that breaks a rule. field() is the offending key of the text form.
+class DescError : public Error {
+ public:
+  DescError(std::string field, const std::string& message)
+      : Error(message), field_(std::move(field)) {}
+  const std::string& field() const { return field_; }
+
+ private:
+  std::string field_;
+};
+
+// Raised for a kind or pass that the IR can describe but no kernel implements yet.
+class NotImplemented : public Error {
+ public:
+  using Error::Error;
+};
+
+enum class OpKind { deform_conv2d, deform_aggregate, masked_conv2d };
+enum class DType { f32, f16, bf16, f64 };
+enum class MathMode { fp32, tf32 };  // tf32: f32 tensors multiplied on tensor cores
+enum class Layout { nchw, nhwc };
+enum class Pass { forward, backward_data, backward_weight };
+enum class Activation { none, relu, gelu };
+
+std::string_view to_string(OpKind);
+std::string_view to_string(DType);
+std::string_view to_string(MathMode);
+std::string_view to_string(Layout);
+std::string_view to_string(Pass);
+std::string_view to_string(Activation);
+int dtype_size(DType);
+
+// One layer. Field names follow the text form:
+//   deform_conv2d:    input [n,c,h,w], weight [k, c/groups, r, s] (nhwc: [k, r, s, c/groups]),
+//                     offset [n, 2*offset_groups*r*s, ho, wo] as (dy, dx) per tap, row-major taps,
+//                     mask [n, offset_groups*r*s, ho, wo], output [n, k, ho, wo]
+//                     (nhwc: the same tensors channels-last). Semantics of
+//                     torchvision.ops.deform_conv2d.
+//   deform_aggregate: DCNv3/v4 aggregation, channels-last: input [n,h,w,c] with c = groups*gc,
+//                     offset [n,ho,wo,groups*P*2] and tap weights [n,ho,wo,groups*P], P = r*s
+//                     (minus one with remove_center); k must equal c.
+//   masked_conv2d:    a dense convolution evaluated only where an input mask [n,ho,wo] is set.
+struct LayerDesc {
+  OpKind op = OpKind::deform_conv2d;
+  int64_t n = 1, c = 1, h = 1, w = 1, k = 1;
+  int r = 1, s = 1;  // kernel height, width
+  int stride_h = 1, stride_w = 1;
+  int pad_h = 0, pad_w = 0;
+  int dil_h = 1, dil_w = 1;
+  int groups = 1;
+  int offset_groups = 1;
+  bool mask = false;  // deform_conv2d: modulation mask (DCNv2)
+  // deform_aggregate options
+  bool softmax = false;
+  double offset_scale = 1.0;
+  bool remove_center = false;
+  DType dtype = DType::f32;
+  MathMode math = MathMode::fp32;
+  Layout layout = Layout::nchw;
+  Pass pass = Pass::forward;
+  bool bias = false;
+  Activation act = Activation::none;
+
+  int64_t out_h() const { return (h + 2 * pad_h - (int64_t)dil_h * (r - 1) - 1) / stride_h + 1; }
+  int64_t out_w() const { return (w + 2 * pad_w - (int64_t)dil_w * (s - 1) - 1) / stride_w + 1; }
+  int taps() const { return r * s; }
+  int64_t c_per_group() const { return c / groups; }
+  int64_t k_per_group() const { return k / groups; }
+  int64_t c_per_offset_group() const { return c / offset_groups; }
+
+  bool operator==(const LayerDesc&) const = default;
+};
+
+// Canonical one-line text form. Fields always printed, in this order:
+//   <op> n= c= h= w= k= r= s= [stride=] pad= [dilation=] groups= offset_groups= mask=
+//   dtype= [math=] layout= [pass=] [bias=] [act=]
+// Bracketed fields appear only when they differ from their default; a pair whose two values
+// differ prints as AxB (height x width). deform_aggregate adds softmax=, offset_scale= and
+// remove_center= after mask=.
+std::string to_string(const LayerDesc&);
+
+// Parses the text form (any field order, missing fields take their defaults) and validates it.
+// Throws DescError naming the field on an unknown key, a malformed value or a broken rule.
+LayerDesc parse_layer_desc(std::string_view text);
+
+// Throws DescError naming the first field that breaks a rule, e.g.
+// "groups=3 does not divide c=64".
+void validate(const LayerDesc&);
+
+// Throws NotImplemented when no kernel exists for the description's kind and pass.
+void require_implemented(const LayerDesc&);
+
+// ---- Variants -----------------------------------------------------------------------------
+
+enum class Algo {
+  gemm_simt,     // implicit GEMM, bilinear samples gathered into the A tile, CUDA-core FMA
+  gemm_tc,       // the same with the tile product on tensor cores (f16, bf16, tf32)
+  depthwise,     // groups == c == k: per (pixel, channel) accumulation, no GEMM
+};
+enum class Staging {
+  gather,  // each sample's four corners read straight from global memory
+  window,  // the tile's input window (plus a halo) staged in shared memory; outside: global
+};
+
+std::string_view to_string(Algo);
+std::string_view to_string(Staging);
+
+// The choices one kernel makes. Plain data: codegen turns (LayerDesc, Variant) into source.
+struct Variant {
+  Algo algo = Algo::gemm_simt;
+  int tile_m = 64;   // output pixels per block
+  int tile_n = 64;   // output channels per block
+  int tile_k = 16;   // reduction slice per main-loop step
+  int threads = 256;
+  int vec = 1;       // channels per vector access (depthwise, nhwc)
+  Staging staging = Staging::gather;
+  int halo = 0;      // window staging: extra input rows/cols each side
+
+  bool operator==(const Variant&) const = default;
+};
+
+// "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 vec=1 staging=gather halo=0"
+std::string to_string(const Variant&);
+Variant parse_variant(std::string_view text);
+
+// Throws DescError (field names of the variant text) if the variant cannot run the layer.
+void validate(const LayerDesc&, const Variant&);
+
+// The heuristic choice from the description alone (until the tuner has a record).
+Variant default_variant(const LayerDesc&);
+
+}  // namespace deft

@@ -1,0 +1,255 @@
+// The public entry points: compile (generate -> cache or NVRTC -> load), Kernel launches,
+// tensor shapes, counters. Which variant runs is decided by tuner/select.
+#include <cuda.h>
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <map>
+#include <mutex>
+#include <regex>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "cache/cache.hpp"
+#include "compiler/plan.hpp"
+#include "deft/deft.hpp"
+#include "runtime/driver.hpp"
+#include "runtime/logging.hpp"
+#include "runtime/nvrtc.hpp"
+#include "tuner/select.hpp"
+
+namespace deft {
+
+class KernelImpl {
+ public:
+  LayerDesc desc;
+  Variant variant;
+  KernelPlan plan;
+  CompileInfo info;
+  CUlibrary library = nullptr;
+  CUkernel kernel = nullptr;
+};
+
+namespace {
+
+std::atomic<int64_t> g_cache_hits{0};
+std::atomic<int64_t> g_loaded{0};
+
+// One open database per path for the whole process.
+std::shared_ptr<cache::Database> database_for(const std::string& path) {
+  static std::mutex mu;
+  static std::map<std::string, std::shared_ptr<cache::Database>> open;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& db = open[path];
+  if (!db) db = cache::Database::open(path);
+  return db;
+}
+
+std::string resolve_cache_path(const CompileOptions& o) {
+  if (o.cache_path) return *o.cache_path;
+  return cache::default_database_path();
+}
+
+}  // namespace
+
+CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options) {
+  init_logging();
+  if (!options.arch) throw Error("compile_offline needs an explicit architecture (options.arch)");
+  const int arch = *options.arch;
+  if (arch < 70 || arch > 200) throw Error(fmt::format("arch sm_{} is not supported (sm_70 or newer)", arch));
+  const Variant variant = tuner::choose_variant(desc, options);
+  const KernelPlan plan = make_plan(desc, variant);
+  const auto t0 = std::chrono::steady_clock::now();
+
+  CompileInfo info;
+  info.source = generate_source(desc, variant);
+  info.kernel_name = plan.kernel_name;
+  info.arch = arch;
+  cache::CubinKey key;
+  key.deft_version = version();
+  key.source_hash = cache::sha256_hex(info.source);
+  key.options = fmt::format("{}", fmt::join(nvrtc::options_for(arch, false, options.nvrtc_options), " "));
+  key.arch = fmt::format("sm_{}", arch);
+  key.nvrtc_version = nvrtc::version();
+  info.cache_key = key.digest();
+
+  const std::string db_path = resolve_cache_path(options);
+  std::shared_ptr<cache::Database> db = db_path.empty() ? nullptr : database_for(db_path);
+  if (db) {
+    if (auto blob = db->get_cubin(info.cache_key)) {
+      info.cubin = std::move(*blob);
+      info.from_cache = true;
+      ++g_cache_hits;
+      spdlog::debug("cache hit {} for '{}'", info.cache_key.substr(0, 12), to_string(desc));
+    }
+  }
+  if (!info.from_cache) {
+    nvrtc::Result r = nvrtc::compile(info.source, plan.kernel_name + ".cu", arch, false,
+                                     options.nvrtc_options);
+    info.cubin = std::move(r.cubin);
+    info.resource_report = std::move(r.log);
+    if (db) {
+      cache::CubinEntry meta;
+      meta.kernel_name = plan.kernel_name;
+      meta.desc = to_string(desc);
+      meta.variant = to_string(variant);
+      meta.arch = key.arch;
+      db->put_cubin(info.cache_key, info.cubin, meta);
+    }
+    spdlog::info("compiled '{}' [{}] for sm_{} with NVRTC", to_string(desc), to_string(variant),
+                 arch);
+  }
+  info.compile_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return info;
+}
+
+std::string emit_ptx(const LayerDesc& desc, const CompileOptions& options) {
+  init_logging();
+  if (!options.arch) throw Error("emit_ptx needs an explicit architecture (options.arch)");
+  const Variant variant = tuner::choose_variant(desc, options);
+  const KernelPlan plan = make_plan(desc, variant);
+  return nvrtc::compile(generate_source(desc, variant), plan.kernel_name + ".cu", *options.arch,
+                        true, options.nvrtc_options)
+      .ptx;
+}
+
+Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
+  init_logging();
+  validate(desc);
+  require_implemented(desc);
+  CompileOptions options = options_in;
+  const CUdevice dev = driver::ensure_context();
+  const driver::DeviceInfo dinfo = driver::device_info(dev);
+  if (!options.arch) options.arch = dinfo.arch();
+
+  const Variant variant = tuner::choose_variant(desc, options);
+  const std::string memo_key =
+      fmt::format("{}|{}|{}|{}|{}|{}", to_string(desc), to_string(variant), *options.arch,
+                  resolve_cache_path(options), fmt::join(options.nvrtc_options, " "), dev);
+
+  static std::mutex mu;
+  static std::map<std::string, std::shared_future<std::shared_ptr<KernelImpl>>> memo;
+  std::promise<std::shared_ptr<KernelImpl>> promise;
+  std::shared_future<std::shared_ptr<KernelImpl>> future;
+  bool owner = false;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = memo.find(memo_key);
+    if (it != memo.end()) {
+      future = it->second;
+    } else {
+      future = promise.get_future().share();
+      memo.emplace(memo_key, future);
+      owner = true;
+    }
+  }
+  if (!owner) return Kernel(future.get());
+
+  try {
+    auto impl = std::make_shared<KernelImpl>();
+    impl->desc = desc;
+    impl->variant = variant;
+    impl->plan = make_plan(desc, variant);
+    CompileOptions o = options;
+    o.variant = variant;
+    impl->info = compile_offline(desc, o);
+    const driver::Api& api = driver::api();
+    driver::check(api.cuLibraryLoadData(&impl->library, impl->info.cubin.data(), nullptr, nullptr,
+                                        0, nullptr, nullptr, 0),
+                  "cuLibraryLoadData");
+    driver::check(api.cuLibraryGetKernel(&impl->kernel, impl->library,
+                                         impl->plan.kernel_name.c_str()),
+                  "cuLibraryGetKernel");
+    ++g_loaded;
+    promise.set_value(impl);
+  } catch (...) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      memo.erase(memo_key);  // a later call may try again
+    }
+    promise.set_exception(std::current_exception());
+  }
+  return Kernel(future.get());
+}
+
+const LayerDesc& Kernel::desc() const { return impl_->desc; }
+const Variant& Kernel::variant() const { return impl_->variant; }
+const CompileInfo& Kernel::info() const { return impl_->info; }
+
+void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
+  if (!impl_) throw Error("Kernel::forward on an empty kernel (use deft::compile)");
+  const LayerDesc& d = impl_->desc;
+  auto need = [](const void* p, const char* name) {
+    if (!p) throw Error(fmt::format("forward: {} is null", name));
+  };
+  need(a.input, "input");
+  need(a.offset, "offset");
+  need(a.weight, "weight");
+  need(a.output, "output");
+  if (d.mask) need(a.mask, "mask (the description has mask=1)");
+  if (!d.mask && a.mask) throw Error("forward: a mask was given but the description has mask=0");
+  if (d.bias) need(a.bias, "bias (the description has bias=1)");
+  if (!d.bias && a.bias) throw Error("forward: a bias was given but the description has bias=0");
+
+  const driver::Api& api = driver::api();
+  const CUdevice dev = driver::ensure_context();
+  // Architecture per device ordinal, looked up once.
+  static std::array<std::atomic<int>, 64> arch_of{};
+  int arch = dev >= 0 && dev < 64 ? arch_of[dev].load(std::memory_order_relaxed) : 0;
+  if (arch == 0) {
+    arch = driver::device_info(dev).arch();
+    if (dev >= 0 && dev < 64) arch_of[dev].store(arch, std::memory_order_relaxed);
+  }
+  if (arch != impl_->info.arch)
+    throw Error(fmt::format("forward: kernel compiled for sm_{} cannot run on this sm_{} device",
+                            impl_->info.arch, arch));
+  const void* input = a.input;
+  const void* offset = a.offset;
+  const void* mask = a.mask;
+  const void* weight = a.weight;
+  const void* bias = a.bias;
+  void* output = a.output;
+  void* params[] = {&input, &offset, &mask, &weight, &bias, &output};
+  const KernelPlan& p = impl_->plan;
+  driver::check(api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->kernel), p.grid[0],
+                                   p.grid[1], p.grid[2], p.block, 1, 1, 0, stream, params,
+                                   nullptr),
+                "cuLaunchKernel");
+}
+
+TensorShapes tensor_shapes(const LayerDesc& d) {
+  validate(d);
+  TensorShapes s;
+  const int64_t ho = d.out_h(), wo = d.out_w(), rs = d.taps();
+  const bool nhwc = d.layout == Layout::nhwc;
+  auto nchw = [&](int64_t n, int64_t c, int64_t h, int64_t w) {
+    return nhwc ? std::vector<int64_t>{n, h, w, c} : std::vector<int64_t>{n, c, h, w};
+  };
+  s.input = nchw(d.n, d.c, d.h, d.w);
+  s.offset = nchw(d.n, 2 * d.offset_groups * rs, ho, wo);
+  if (d.mask) s.mask = nchw(d.n, d.offset_groups * rs, ho, wo);
+  s.weight = nhwc ? std::vector<int64_t>{d.k, d.r, d.s, d.c_per_group()}
+                  : std::vector<int64_t>{d.k, d.c_per_group(), d.r, d.s};
+  if (d.bias) s.bias = {d.k};
+  s.output = nchw(d.n, d.k, ho, wo);
+  return s;
+}
+
+Stats stats() {
+  Stats s;
+  s.nvrtc_compiles = nvrtc::compile_count();
+  s.cache_hits = g_cache_hits.load();
+  s.kernels_loaded = g_loaded.load();
+  return s;
+}
+
+const char* version() { return DEFT_VERSION; }
+
+bool gpu_available() { return driver::available(); }
+
+}  // namespace deft

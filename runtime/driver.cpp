@@ -1,0 +1,129 @@
+// Lazy loading of the CUDA driver API (see driver.hpp).
+#include "runtime/driver.hpp"
+
+#include <dlfcn.h>
+
+#include <mutex>
+
+#include <fmt/format.h>
+
+#include "deft/ir.hpp"
+
+namespace deft::driver {
+
+namespace {
+
+struct Loaded {
+  Api api{};
+  std::string error;  // empty when loaded
+};
+
+template <typename F>
+bool bind(void* lib, F& fn, const char* name, std::string& error) {
+  fn = reinterpret_cast<F>(dlsym(lib, name));
+  if (!fn && error.empty()) error = fmt::format("libcuda.so.1 lacks {}", name);
+  return fn != nullptr;
+}
+
+const Loaded& loaded() {
+  static const Loaded l = [] {
+    Loaded r;
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+      r.error = fmt::format("no CUDA driver: cannot load libcuda.so.1 ({})", dlerror());
+      return r;
+    }
+    Api& a = r.api;
+    bind(lib, a.cuInit, "cuInit", r.error);
+    bind(lib, a.cuDriverGetVersion, "cuDriverGetVersion", r.error);
+    bind(lib, a.cuDeviceGetCount, "cuDeviceGetCount", r.error);
+    bind(lib, a.cuDeviceGet, "cuDeviceGet", r.error);
+    bind(lib, a.cuDeviceGetAttribute, "cuDeviceGetAttribute", r.error);
+    bind(lib, a.cuDeviceGetName, "cuDeviceGetName", r.error);
+    bind(lib, a.cuCtxGetCurrent, "cuCtxGetCurrent", r.error);
+    bind(lib, a.cuCtxSetCurrent, "cuCtxSetCurrent", r.error);
+    bind(lib, a.cuCtxGetDevice, "cuCtxGetDevice", r.error);
+    bind(lib, a.cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", r.error);
+    bind(lib, a.cuLibraryLoadData, "cuLibraryLoadData", r.error);
+    bind(lib, a.cuLibraryUnload, "cuLibraryUnload", r.error);
+    bind(lib, a.cuLibraryGetKernel, "cuLibraryGetKernel", r.error);
+    bind(lib, a.cuLaunchKernel, "cuLaunchKernel", r.error);
+    bind(lib, a.cuGetErrorString, "cuGetErrorString", r.error);
+    bind(lib, a.cuGetErrorName, "cuGetErrorName", r.error);
+    if (!r.error.empty()) return r;
+    CUresult res = a.cuInit(0);
+    if (res != CUDA_SUCCESS) {
+      const char* name = "?";
+      a.cuGetErrorName(res, &name);
+      r.error = fmt::format("the CUDA driver failed to initialise: {}", name);
+    }
+    return r;
+  }();
+  return l;
+}
+
+}  // namespace
+
+const Api& api() {
+  const Loaded& l = loaded();
+  if (!l.error.empty()) throw Error(l.error);
+  return l.api;
+}
+
+bool available() {
+  const Loaded& l = loaded();
+  if (!l.error.empty()) return false;
+  int count = 0;
+  return l.api.cuDeviceGetCount(&count) == CUDA_SUCCESS && count > 0;
+}
+
+void check(CUresult r, const char* what) {
+  if (r == CUDA_SUCCESS) return;
+  const Api& a = api();
+  const char *name = "?", *desc = "?";
+  a.cuGetErrorName(r, &name);
+  a.cuGetErrorString(r, &desc);
+  throw Error(fmt::format("{}: {}: {}", what, name, desc));
+}
+
+CUdevice ensure_context() {
+  const Api& a = api();
+  CUcontext ctx = nullptr;
+  check(a.cuCtxGetCurrent(&ctx), "cuCtxGetCurrent");
+  if (!ctx) {
+    int count = 0;
+    check(a.cuDeviceGetCount(&count), "cuDeviceGetCount");
+    if (count < 1) throw Error("no CUDA device is present");
+    CUdevice dev;
+    check(a.cuDeviceGet(&dev, 0), "cuDeviceGet");
+    // The primary context is shared with the CUDA runtime (and PyTorch); retained for the
+    // process lifetime.
+    check(a.cuDevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+    check(a.cuCtxSetCurrent(ctx), "cuCtxSetCurrent");
+  }
+  CUdevice dev;
+  check(a.cuCtxGetDevice(&dev), "cuCtxGetDevice");
+  return dev;
+}
+
+DeviceInfo device_info(CUdevice dev) {
+  const Api& a = api();
+  DeviceInfo info;
+  char name[256] = {};
+  check(a.cuDeviceGetName(name, sizeof name, dev), "cuDeviceGetName");
+  info.name = name;
+  check(a.cuDeviceGetAttribute(&info.cc_major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+        "cuDeviceGetAttribute");
+  check(a.cuDeviceGetAttribute(&info.cc_minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+        "cuDeviceGetAttribute");
+  check(a.cuDeviceGetAttribute(&info.sm_count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
+        "cuDeviceGetAttribute");
+  check(a.cuDriverGetVersion(&info.driver_version), "cuDriverGetVersion");
+  return info;
+}
+
+std::string DeviceInfo::fingerprint() const {
+  return fmt::format("{}|cc{}.{}|sm{}", name, cc_major, cc_minor, sm_count);
+}
+
+}  // namespace deft::driver

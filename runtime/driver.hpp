@@ -1,0 +1,55 @@
+// The CUDA driver API, loaded lazily with dlopen("libcuda.so.1"), so that libdeft, the CLI and
+// the CPU tests run on machines without a GPU driver. Any call without a driver throws a clear
+// deft::Error. Internal to libdeft.
+#pragma once
+
+#include <cuda.h>
+
+#include <string>
+
+namespace deft::driver {
+
+struct Api {
+  CUresult (*cuInit)(unsigned);
+  CUresult (*cuDriverGetVersion)(int*);
+  CUresult (*cuDeviceGetCount)(int*);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDeviceGetAttribute)(int*, CUdevice_attribute, CUdevice);
+  CUresult (*cuDeviceGetName)(char*, int, CUdevice);
+  CUresult (*cuCtxGetCurrent)(CUcontext*);
+  CUresult (*cuCtxSetCurrent)(CUcontext);
+  CUresult (*cuCtxGetDevice)(CUdevice*);
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
+  CUresult (*cuLibraryLoadData)(CUlibrary*, const void*, CUjit_option*, void**, unsigned,
+                                CUlibraryOption*, void**, unsigned);
+  CUresult (*cuLibraryUnload)(CUlibrary);
+  CUresult (*cuLibraryGetKernel)(CUkernel*, CUlibrary, const char*);
+  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             unsigned, unsigned, CUstream, void**, void**);
+  CUresult (*cuGetErrorString)(CUresult, const char**);
+  CUresult (*cuGetErrorName)(CUresult, const char**);
+};
+
+// The loaded and initialised driver; throws deft::Error naming the reason if there is none.
+const Api& api();
+
+// True when the driver loads, initialises and reports at least one device. Never throws.
+bool available();
+
+// Throws deft::Error "<what>: <CUDA error name>: <description>" unless r == CUDA_SUCCESS.
+void check(CUresult r, const char* what);
+
+// Makes sure a context is current on this thread (the primary context of device 0 if none
+// is) and returns its device.
+CUdevice ensure_context();
+
+struct DeviceInfo {
+  std::string name;
+  int cc_major = 0, cc_minor = 0, sm_count = 0;
+  int driver_version = 0;
+  int arch() const { return cc_major * 10 + cc_minor; }
+  std::string fingerprint() const;  // "NVIDIA H100 80GB HBM3|cc9.0|sm132"
+};
+DeviceInfo device_info(CUdevice dev);
+
+}  // namespace deft::driver

@@ -1,0 +1,99 @@
+// Device helpers shared by every deft kernel: element conversion, activations, and the
+// bilinear sampling point of torchvision's deform_conv2d. The code generator defines, before
+// this text: T (storage type), Acc (accumulator), Pos (sampling-position arithmetic) and the
+// layer's geometry as constexpr values (see compiler/codegen.cpp).
+
+__device__ __forceinline__ float deft_widen(float v) { return v; }
+__device__ __forceinline__ float deft_widen(__half v) { return __half2float(v); }
+__device__ __forceinline__ float deft_widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ double deft_widen(double v) { return v; }
+
+template <typename To>
+__device__ __forceinline__ To deft_from(float v);
+template <>
+__device__ __forceinline__ float deft_from<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half deft_from<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 deft_from<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ double deft_from<double>(float v) { return v; }
+
+template <typename To>
+__device__ __forceinline__ To deft_cast(Acc v) {
+  return deft_from<To>(static_cast<float>(v));
+}
+template <>
+__device__ __forceinline__ double deft_cast<double>(Acc v) { return static_cast<double>(v); }
+
+__device__ __forceinline__ Acc deft_activate(Acc x) {
+  if (ACT == 1) return x > Acc(0) ? x : Acc(0);
+  if (ACT == 2) return Acc(0.5) * x * (Acc(1) + erf(x * Acc(0.70710678118654752440)));
+  return x;
+}
+
+// One sampling point: the element offsets of its four corners relative to the start of a
+// channel plane (nchw) or of the image (nhwc, channel added by the caller), and their
+// weights with the modulation mask folded in. Corners outside the image get weight 0 and
+// offset 0, so every address formed from them stays inside the tensor.
+struct SamplePoint {
+  Off off[4];
+  Acc w[4];
+};
+
+// Input pixel (y, x) -> element offset from the plane/image start.
+__device__ __forceinline__ Off deft_pixel_offset(long long y, long long x) {
+  return Off(NHWC ? (y * W + x) * (long long)C : y * W + x);
+}
+
+// Sampling point of output pixel (n, ho, wo), tap t, offset group og.
+__device__ __forceinline__ SamplePoint deft_sample_point(const T* __restrict__ offset,
+                                                         const T* __restrict__ mask, long long n,
+                                                         int ho, int wo, int t, int og) {
+  const int i = t / S, j = t % S;
+  long long dy_idx, dx_idx, m_idx;
+  if (NHWC) {
+    const long long pix = (n * HO + ho) * WO + wo;
+    dy_idx = pix * (2 * OG * R * S) + og * 2 * R * S + 2 * t;
+    dx_idx = dy_idx + 1;
+    m_idx = pix * (OG * R * S) + og * R * S + t;
+  } else {
+    dy_idx = ((n * (2 * OG * R * S) + og * 2 * R * S + 2 * t) * HO + ho) * WO + wo;
+    dx_idx = dy_idx + (long long)HO * WO;
+    m_idx = ((n * (OG * R * S) + og * R * S + t) * HO + ho) * WO + wo;
+  }
+  const Pos y = Pos(ho * SH - PH + i * DH) + Pos(deft_widen(offset[dy_idx]));
+  const Pos x = Pos(wo * SW - PW + j * DW) + Pos(deft_widen(offset[dx_idx]));
+  const Acc mod = HAS_MASK ? Acc(deft_widen(mask[m_idx])) : Acc(1);
+  SamplePoint p;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    p.off[q] = 0;
+    p.w[q] = Acc(0);
+  }
+  // Written so that NaN positions fail the test: NaN samples read zero.
+  if (y > Pos(-1) && x > Pos(-1) && y < Pos(H) && x < Pos(W)) {
+    const Pos yf = floor(y), xf = floor(x);
+    const int y0 = int(yf), x0 = int(xf);
+    const Acc ly = Acc(y - yf), lx = Acc(x - xf);
+    const Acc hy = Acc(1) - ly, hx = Acc(1) - lx;
+    const bool top = y0 >= 0, bottom = y0 + 1 <= H - 1;
+    const bool left = x0 >= 0, right = x0 + 1 <= W - 1;
+    if (top && left) { p.off[0] = deft_pixel_offset(y0, x0); p.w[0] = hy * hx * mod; }
+    if (top && right) { p.off[1] = deft_pixel_offset(y0, x0 + 1); p.w[1] = hy * lx * mod; }
+    if (bottom && left) { p.off[2] = deft_pixel_offset(y0 + 1, x0); p.w[2] = ly * hx * mod; }
+    if (bottom && right) { p.off[3] = deft_pixel_offset(y0 + 1, x0 + 1); p.w[3] = ly * lx * mod; }
+  }
+  return p;
+}
+
+// The sampled value of one channel, given the start of its plane (nchw) or the image plus
+// the channel (nhwc).
+__device__ __forceinline__ Acc deft_sample(const T* __restrict__ base, const SamplePoint& p) {
+  Acc v = Acc(0);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v += p.w[q] * Acc(deft_widen(base[p.off[q]]));
+  return v;
+}

@@ -1,0 +1,259 @@
+// deform_conv2d forward as an implicit GEMM per weight group:
+//   out[m, kout] = sum over (tap, cl) of A[m, (tap, cl)] * B[(tap, cl), kout]
+// with m an output pixel (n, ho, wo), A the bilinear sample of input channel cl at tap `tap`
+// (never materialised: sampled into shared memory one BK-slice at a time) and B the weight.
+// Each block computes a BM x BN tile of one group; the reduction runs tap-major so that a
+// thread's sampling point (pixel, tap, offset group) stays in registers across the channel
+// slices of a tap. The next slice is gathered into registers while the current one is
+// multiplied. USE_TC selects the tile product: tensor cores (WMMA, f16/bf16/tf32) or FMA.
+//
+// Constants from codegen: BM, BN, BK, THREADS, A_ELEMS, B_ELEMS (per thread), SMEM_BYTES, and
+// TM, TN (FMA micro-tile) or WM, WN, FM, FN, WK (warp grid, fragments per warp, fragment k).
+
+constexpr long long M_TOTAL = (long long)N * HO * WO;
+constexpr int K_SLICES_PER_TAP = (CG + BK - 1) / BK;
+constexpr int NUM_SLICES = R * S * K_SLICES_PER_TAP;
+constexpr int A_STRIDE = BM + A_PAD;  // As[kk][m]
+constexpr int B_STRIDE = BN + B_PAD;  // Bs[kk][n]
+
+// Thread -> A elements: each thread gathers KV = A_ELEMS consecutive reduction channels of
+// one output pixel, so it needs one sampling point per tap. nchw: pixels fastest across
+// threads (coalesced along wo); nhwc: channel groups fastest (coalesced along c).
+__device__ __forceinline__ void deft_a_coord(int tid, int& m_local, int& k_base) {
+  if (NHWC) {
+    k_base = (tid % (BK / A_ELEMS)) * A_ELEMS;
+    m_local = tid / (BK / A_ELEMS);
+  } else {
+    m_local = tid % BM;
+    k_base = (tid / BM) * A_ELEMS;
+  }
+}
+
+struct ASlice {
+  Stage v[A_ELEMS];
+};
+struct BSlice {
+  Stage v[B_ELEMS];
+};
+
+// The thread's current sampling point, keyed by (tap, offset group).
+struct PointCache {
+  SamplePoint p;
+  int key;
+};
+
+__device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
+                                            const T* __restrict__ offset,
+                                            const T* __restrict__ mask, int g, long long m0,
+                                            int slice, int tid, PointCache& cache, ASlice& a) {
+  const int tap = slice / K_SLICES_PER_TAP;
+  const int c0 = (slice % K_SLICES_PER_TAP) * BK;
+  int m_local, k_base;
+  deft_a_coord(tid, m_local, k_base);
+  const long long m = m0 + m_local;
+  const bool m_ok = m < M_TOTAL;
+  const long long n = m_ok ? m / (HO * WO) : 0;
+  const int rem = int(m - n * (HO * WO));
+  const int ho = rem / WO, wo = rem % WO;
+  const T* image = NHWC ? input + n * ((long long)H * W * C) : input + n * ((long long)C * H * W);
+#pragma unroll
+  for (int e = 0; e < A_ELEMS; ++e) {
+    const int cl = c0 + k_base + e;
+    Acc v = Acc(0);
+    if (m_ok && cl < CG) {
+      const int c = g * CG + cl;
+      const int og = c / CPOG;
+      const int key = tap * OG + og;
+      if (cache.key != key) {
+        cache.p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
+        cache.key = key;
+      }
+      v = deft_sample(NHWC ? image + c : image + c * ((long long)H * W), cache.p);
+    }
+    a.v[e] = Stage(v);
+  }
+}
+
+// B[(tap, cl), kout] = weight[g*KG + kout][cl][tap] (nchw) or weight[g*KG + kout][tap][cl].
+__device__ __forceinline__ void deft_load_b(const T* __restrict__ weight, int g, int n0,
+                                            int slice, int tid, BSlice& b) {
+  const int tap = slice / K_SLICES_PER_TAP;
+  const int c0 = (slice % K_SLICES_PER_TAP) * BK;
+#pragma unroll
+  for (int e = 0; e < B_ELEMS; ++e) {
+    const int idx = tid + e * THREADS;
+    // Along cl fastest in nhwc (contiguous there), along kout fastest in nchw.
+    int k_local, n_local;
+    if (NHWC) {
+      k_local = idx % BK;
+      n_local = idx / BK;
+    } else {
+      n_local = idx % BN;
+      k_local = idx / BN;
+    }
+    const int cl = c0 + k_local, kout = n0 + n_local;
+    Acc v = Acc(0);
+    if (cl < CG && kout < KG) {
+      const long long ko = (long long)g * KG + kout;
+      const long long widx = NHWC ? (ko * (R * S) + tap) * CG + cl : (ko * CG + cl) * (R * S) + tap;
+      v = Acc(deft_widen(weight[widx]));
+    }
+    b.v[e] = Stage(v);
+  }
+}
+
+__device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid, const ASlice& a,
+                                                  const BSlice& b) {
+  int m_local, k_base;
+  deft_a_coord(tid, m_local, k_base);
+#pragma unroll
+  for (int e = 0; e < A_ELEMS; ++e) As[(k_base + e) * A_STRIDE + m_local] = a.v[e];
+#pragma unroll
+  for (int e = 0; e < B_ELEMS; ++e) {
+    const int idx = tid + e * THREADS;
+    int k_local, n_local;
+    if (NHWC) {
+      k_local = idx % BK;
+      n_local = idx / BK;
+    } else {
+      n_local = idx % BN;
+      k_local = idx / BN;
+    }
+    Bs[k_local * B_STRIDE + n_local] = b.v[e];
+  }
+}
+
+// Writes one output element with bias and activation.
+__device__ __forceinline__ void deft_store_out(T* __restrict__ out, const T* __restrict__ bias,
+                                               int g, long long m, int kout, Acc v) {
+  if (m >= M_TOTAL || kout >= KG) return;
+  const long long ko = (long long)g * KG + kout;
+  if (HAS_BIAS) v += Acc(deft_widen(bias[ko]));
+  v = deft_activate(v);
+  const long long n = m / (HO * WO);
+  const long long pix = m - n * (HO * WO);
+  const long long idx = NHWC ? m * K + ko : (n * K + ko) * (HO * WO) + pix;
+  out[idx] = deft_cast<T>(v);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
+                const T* __restrict__ mask, const T* __restrict__ weight,
+                const T* __restrict__ bias, T* __restrict__ out) {
+  const int tid = threadIdx.x;
+  const long long m0 = (long long)blockIdx.x * BM;
+  const int n0 = blockIdx.y * BN;
+  const int g = blockIdx.z;
+
+  // Two stages of the A and B slices; the tensor-core epilogue reuses the space as scratch.
+  __shared__ __align__(128) unsigned char smem[SMEM_BYTES];
+  Stage (*As)[BK * A_STRIDE] = reinterpret_cast<Stage (*)[BK * A_STRIDE]>(smem);
+  Stage (*Bs)[BK * B_STRIDE] =
+      reinterpret_cast<Stage (*)[BK * B_STRIDE]>(smem + 2 * BK * A_STRIDE * sizeof(Stage));
+
+  PointCache cache;
+  cache.key = -1;
+
+#if USE_TC
+  using namespace nvcuda;
+  const int warp = tid / 32, lane = tid % 32;
+  const int wm = warp % WM, wn = warp / WM;
+  wmma::fragment<wmma::accumulator, 16, 16, WK, float> acc[FM][FN];
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+#else
+  // FMA micro-tile: rows ty + i*(BM/TM), cols tx + j*(BN/TN) (strided: coalesced stores).
+  const int ty = NHWC ? tid / (BN / TN) : tid % (BM / TM);
+  const int tx = NHWC ? tid % (BN / TN) : tid / (BM / TM);
+  Acc acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = Acc(0);
+#endif
+
+  ASlice a;
+  BSlice b;
+  deft_load_a(input, offset, mask, g, m0, 0, tid, cache, a);
+  deft_load_b(weight, g, n0, 0, tid, b);
+  deft_store_slices(As[0], Bs[0], tid, a, b);
+  __syncthreads();
+
+  for (int slice = 0; slice < NUM_SLICES; ++slice) {
+    const int cur = slice & 1;
+    if (slice + 1 < NUM_SLICES) {  // gather the next slice while this one is multiplied
+      deft_load_a(input, offset, mask, g, m0, slice + 1, tid, cache, a);
+      deft_load_b(weight, g, n0, slice + 1, tid, b);
+    }
+    const Stage* as = As[cur];
+    const Stage* bs = Bs[cur];
+#if USE_TC
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += WK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, WK, TcIn, wmma::col_major> fa[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, WK, TcIn, wmma::row_major> fb[FN];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        wmma::load_matrix_sync(fa[i], as + kk * A_STRIDE + (wm * FM + i) * 16, A_STRIDE);
+        TC_CONVERT(fa[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        wmma::load_matrix_sync(fb[j], bs + kk * B_STRIDE + (wn * FN + j) * 16, B_STRIDE);
+        TC_CONVERT(fb[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+#else
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      Acc av[TM], bv[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) av[i] = Acc(as[kk * A_STRIDE + ty + i * (BM / TM)]);
+#pragma unroll
+      for (int j = 0; j < TN; ++j) bv[j] = Acc(bs[kk * B_STRIDE + tx + j * (BN / TN)]);
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
+    }
+#endif
+    if (slice + 1 < NUM_SLICES) deft_store_slices(As[cur ^ 1], Bs[cur ^ 1], tid, a, b);
+    __syncthreads();
+  }
+
+#if USE_TC
+  // Each warp stages one 16x16 fragment at a time through its own scratch (reusing As),
+  // then writes it out with pixels (nchw) or channels (nhwc) fastest across lanes.
+  float* scratch = reinterpret_cast<float*>(smem) + warp * 16 * 16;
+#pragma unroll
+  for (int i = 0; i < FM; ++i)
+#pragma unroll
+    for (int j = 0; j < FN; ++j) {
+      wmma::store_matrix_sync(scratch, acc[i][j], 16,
+                              NHWC ? wmma::mem_row_major : wmma::mem_col_major);
+      __syncwarp();
+      const long long mb = m0 + (wm * FM + i) * 16;
+      const int nb = n0 + (wn * FN + j) * 16;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int idx = lane + e * 32;
+        const int fast = idx % 16, slow = idx / 16;
+        const int ml = NHWC ? slow : fast, nl = NHWC ? fast : slow;
+        deft_store_out(out, bias, g, mb + ml, nb + nl, Acc(scratch[idx]));
+      }
+      __syncwarp();
+    }
+#else
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j)
+      deft_store_out(out, bias, g, m0 + ty + i * (BM / TM), n0 + tx + j * (BN / TN), acc[i][j]);
+#endif
+}

@@ -1,0 +1,109 @@
+// Codegen + NVRTC without a GPU: every variant family compiles to a cubin for sm_90 in every
+// dtype and layout, the resource report has no spills for the defaults, and the generated
+// source bakes the layer in.
+#include <gtest/gtest.h>
+
+#include <regex>
+
+#include "deft/deft.hpp"
+
+namespace {
+
+deft::CompileInfo compile_for_sm90(const deft::LayerDesc& d, std::optional<deft::Variant> v = {}) {
+  deft::CompileOptions o;
+  o.arch = 90;
+  o.cache_path = "";  // no database: always NVRTC
+  o.variant = v;
+  return deft::compile_offline(d, o);
+}
+
+struct Case {
+  std::string desc;
+  std::string variant;  // "" = default
+};
+
+class CompileEveryVariant : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CompileEveryVariant, ToCubinForSm90) {
+  const Case& c = GetParam();
+  auto d = deft::parse_layer_desc(c.desc);
+  std::optional<deft::Variant> v;
+  if (!c.variant.empty()) v = deft::parse_variant(c.variant);
+  deft::CompileInfo info = compile_for_sm90(d, v);
+  ASSERT_GT(info.cubin.size(), 1000u);
+  // ELF magic
+  EXPECT_EQ(std::string(info.cubin.data(), 4), "\x7f" "ELF");
+  EXPECT_FALSE(info.from_cache);
+  EXPECT_NE(info.resource_report.find("Used"), std::string::npos) << info.resource_report;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(info.resource_report, m, std::regex(R"((\d+) bytes spill stores)")));
+}
+
+const std::string kShape = "n=2 c=32 h=13 w=17 k=48 r=3 s=3 pad=1 ";
+
+INSTANTIATE_TEST_SUITE_P(
+    AllDtypesLayoutsAlgos, CompileEveryVariant,
+    ::testing::Values(
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f32 layout=nchw", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f32 layout=nhwc", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f32 math=tf32 layout=nchw", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f32 math=tf32 layout=nhwc", ""},
+        Case{"deform_conv2d " + kShape + "mask=0 dtype=f16 layout=nchw bias=1 act=relu", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f16 layout=nhwc", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=bf16 layout=nchw act=gelu", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=bf16 layout=nhwc", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f64 layout=nchw", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f64 layout=nhwc bias=1", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f16 layout=nchw",
+             "algo=gemm_simt tm=64 tn=64 tk=16 threads=256"},
+        Case{"deform_conv2d " + kShape + "groups=4 offset_groups=2 mask=1 dtype=f16 layout=nhwc",
+             "algo=gemm_tc tm=64 tn=16 tk=32 threads=128"},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f16 layout=nchw",
+             "algo=gemm_tc tm=128 tn=64 tk=32 threads=256"}));
+
+TEST(Codegen, SourceBakesTheLayerAndVariant) {
+  auto d = deft::parse_layer_desc(
+      "deform_conv2d n=3 c=24 h=11 w=19 k=40 r=3 s=5 stride=2 pad=1x2 dilation=2x1 groups=2 "
+      "offset_groups=3 mask=1 dtype=bf16 layout=nhwc bias=1 act=gelu");
+  std::string src = deft::generate_source(d, deft::default_variant(d));
+  for (const char* want :
+       {"constexpr long long N = 3;", "constexpr long long C = 24;", "constexpr long long H = 11;",
+        "constexpr long long W = 19;", "constexpr long long K = 40;", "constexpr int R = 3;",
+        "constexpr int S = 5;", "constexpr int SH = 2;", "constexpr int PW = 2;",
+        "constexpr int DH = 2;", "constexpr int G = 2;", "constexpr int OG = 3;",
+        "constexpr bool HAS_MASK = true;", "constexpr bool HAS_BIAS = true;",
+        "constexpr int ACT = 2;", "constexpr bool NHWC = true;", "typedef __nv_bfloat16 T;",
+        "#define USE_TC 1", "// layer:   deform_conv2d n=3"})
+    EXPECT_NE(src.find(want), std::string::npos) << want;
+}
+
+TEST(Codegen, NotImplementedKindsNeverReachNvrtc) {
+  deft::CompileOptions o;
+  o.arch = 90;
+  o.cache_path = "";
+  const auto before = deft::stats().nvrtc_compiles;
+  EXPECT_THROW(deft::compile_offline(deft::parse_layer_desc(
+                                         "deform_aggregate n=1 c=8 h=8 w=8 k=8 r=3 s=3 pad=1 "
+                                         "groups=2 offset_groups=2 layout=nhwc"),
+                                     o),
+               deft::NotImplemented);
+  EXPECT_THROW(deft::compile_offline(
+                   deft::parse_layer_desc("deform_conv2d n=1 c=8 h=8 w=8 k=8 pass=backward_data"), o),
+               deft::NotImplemented);
+  EXPECT_EQ(deft::stats().nvrtc_compiles, before);
+}
+
+TEST(Codegen, CompileWithoutGpuGivesAClearError) {
+  if (deft::gpu_available()) GTEST_SKIP() << "a GPU is present";
+  try {
+    deft::compile(deft::parse_layer_desc("deform_conv2d n=1 c=8 h=8 w=8 k=8 r=3 s=3 pad=1"));
+    FAIL() << "compile without a GPU succeeded";
+  } catch (const deft::Error& e) {
+    const std::string msg = e.what();
+    EXPECT_TRUE(msg.find("CUDA driver") != std::string::npos ||
+                msg.find("CUDA device") != std::string::npos)
+        << msg;
+  }
+}
+
+}  // namespace
