@@ -93,7 +93,12 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                                      p.tm, p.tn, bm, bn));
       }
       const int stage_size = p.stage == "double" ? 8 : (p.stage == "float" ? 4 : 2);
-      const int ab = 2 * bk * ((bm + p.a_pad) + (bn + p.b_pad)) * stage_size;
+      const int a_tile = p.use_tc ? bm * (bk + p.a_pad) : bk * (bm + p.a_pad);
+      const int ab = 2 * (a_tile + bk * (bn + p.b_pad)) * stage_size;
+      // 16-byte corner loads: nhwc, whole vectors inside one group and one offset group.
+      const int tsize = dtype_size(d.dtype);
+      p.vec_a = d.layout == Layout::nhwc && (p.a_elems * tsize) % 16 == 0 &&
+                d.c_per_group() % p.a_elems == 0 && d.c_per_offset_group() % p.a_elems == 0;
       const int scratch = p.use_tc ? (th / 32) * 16 * 16 * 4 : 0;
       p.smem_bytes = std::max(ab, scratch);
       if (p.smem_bytes > 48 * 1024)

@@ -13,7 +13,15 @@
 constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr int K_SLICES_PER_TAP = (CG + BK - 1) / BK;
 constexpr int NUM_SLICES = R * S * K_SLICES_PER_TAP;
-constexpr int A_STRIDE = BM + A_PAD;  // As[kk][m]
+// A tile: row-major As[m][kk] for the tensor cores (a thread's consecutive channels are one
+// vector store), k-major As[kk][m] for the FMA path (conflict-free row reads).
+#if USE_TC
+constexpr int A_STRIDE = BK + A_PAD;
+#define A_AT(k, m) ((m) * A_STRIDE + (k))
+#else
+constexpr int A_STRIDE = BM + A_PAD;
+#define A_AT(k, m) ((k) * A_STRIDE + (m))
+#endif
 constexpr int B_STRIDE = BN + B_PAD;  // Bs[kk][n]
 
 // Thread -> A elements: each thread gathers KV = A_ELEMS consecutive reduction channels of
@@ -30,7 +38,7 @@ __device__ __forceinline__ void deft_a_coord(int tid, int& m_local, int& k_base)
 }
 
 struct ASlice {
-  Stage v[A_ELEMS];
+  __align__(16) Stage v[A_ELEMS];
 };
 struct BSlice {
   Stage v[B_ELEMS];
@@ -56,6 +64,41 @@ __device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
   const int rem = int(m - n * (HO * WO));
   const int ho = rem / WO, wo = rem % WO;
   const T* image = NHWC ? input + n * ((long long)H * W * C) : input + n * ((long long)C * H * W);
+#if VEC_A
+  // nhwc, A_ELEMS channels of one offset group: each corner is one or more 16-byte loads.
+  {
+    const int cl = c0 + k_base;
+    Acc v[A_ELEMS];
+#pragma unroll
+    for (int e = 0; e < A_ELEMS; ++e) v[e] = Acc(0);
+    if (m_ok && cl < CG) {
+      const int c = g * CG + cl;
+      const int og = c / CPOG;
+      const int key = tap * OG + og;
+      if (cache.key != key) {
+        cache.p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
+        cache.key = key;
+      }
+      constexpr int CHUNKS = A_ELEMS * sizeof(T) / 16;
+      union Vec {
+        uint4 u[CHUNKS];
+        T t[A_ELEMS];
+      };
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        Vec x;
+        const uint4* src = reinterpret_cast<const uint4*>(image + c + cache.p.off[q]);
+#pragma unroll
+        for (int u = 0; u < CHUNKS; ++u) x.u[u] = __ldg(src + u);
+#pragma unroll
+        for (int e = 0; e < A_ELEMS; ++e) v[e] += cache.p.w[q] * Acc(deft_widen(x.t[e]));
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < A_ELEMS; ++e) a.v[e] = Stage(v[e]);
+    return;
+  }
+#endif
 #pragma unroll
   for (int e = 0; e < A_ELEMS; ++e) {
     const int cl = c0 + k_base + e;
@@ -106,8 +149,18 @@ __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid,
                                                   const BSlice& b) {
   int m_local, k_base;
   deft_a_coord(tid, m_local, k_base);
+#if USE_TC
+  if constexpr ((A_ELEMS * sizeof(Stage)) % 16 == 0) {  // one or more 16-byte stores
+    const uint4* src = reinterpret_cast<const uint4*>(a.v);
+    uint4* dst = reinterpret_cast<uint4*>(As + A_AT(k_base, m_local));
 #pragma unroll
-  for (int e = 0; e < A_ELEMS; ++e) As[(k_base + e) * A_STRIDE + m_local] = a.v[e];
+    for (int u = 0; u < int(A_ELEMS * sizeof(Stage) / 16); ++u) dst[u] = src[u];
+  } else
+#endif
+  {
+#pragma unroll
+    for (int e = 0; e < A_ELEMS; ++e) As[A_AT(k_base + e, m_local)] = a.v[e];
+  }
 #pragma unroll
   for (int e = 0; e < B_ELEMS; ++e) {
     const int idx = tid + e * THREADS;
@@ -146,10 +199,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int g = blockIdx.z;
 
   // Two stages of the A and B slices; the tensor-core epilogue reuses the space as scratch.
+  constexpr int A_TILE = USE_TC ? BM * A_STRIDE : BK * A_STRIDE;
   __shared__ __align__(128) unsigned char smem[SMEM_BYTES];
-  Stage (*As)[BK * A_STRIDE] = reinterpret_cast<Stage (*)[BK * A_STRIDE]>(smem);
+  Stage (*As)[A_TILE] = reinterpret_cast<Stage (*)[A_TILE]>(smem);
   Stage (*Bs)[BK * B_STRIDE] =
-      reinterpret_cast<Stage (*)[BK * B_STRIDE]>(smem + 2 * BK * A_STRIDE * sizeof(Stage));
+      reinterpret_cast<Stage (*)[BK * B_STRIDE]>(smem + 2 * A_TILE * sizeof(Stage));
 
   PointCache cache;
   cache.key = -1;
@@ -192,11 +246,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #if USE_TC
 #pragma unroll
     for (int kk = 0; kk < BK; kk += WK) {
-      wmma::fragment<wmma::matrix_a, 16, 16, WK, TcIn, wmma::col_major> fa[FM];
+      wmma::fragment<wmma::matrix_a, 16, 16, WK, TcIn, wmma::row_major> fa[FM];
       wmma::fragment<wmma::matrix_b, 16, 16, WK, TcIn, wmma::row_major> fb[FN];
 #pragma unroll
       for (int i = 0; i < FM; ++i) {
-        wmma::load_matrix_sync(fa[i], as + kk * A_STRIDE + (wm * FM + i) * 16, A_STRIDE);
+        wmma::load_matrix_sync(fa[i], as + A_AT(kk, (wm * FM + i) * 16), A_STRIDE);
         TC_CONVERT(fa[i]);
       }
 #pragma unroll
@@ -214,7 +268,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     for (int kk = 0; kk < BK; ++kk) {
       Acc av[TM], bv[TN];
 #pragma unroll
-      for (int i = 0; i < TM; ++i) av[i] = Acc(as[kk * A_STRIDE + ty + i * (BM / TM)]);
+      for (int i = 0; i < TM; ++i) av[i] = Acc(as[A_AT(kk, ty + i * (BM / TM))]);
 #pragma unroll
       for (int j = 0; j < TN; ++j) bv[j] = Acc(bs[kk * B_STRIDE + tx + j * (BN / TN)]);
 #pragma unroll
