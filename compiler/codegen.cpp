@@ -39,7 +39,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line(fmt::format("typedef {} T;        // storage", p.t));
   line(fmt::format("typedef {} Acc;      // accumulation", p.acc));
   line(fmt::format("typedef {} Pos;      // sampling positions", p.pos));
-  line(fmt::format("typedef {} Stage;    // shared-memory tiles", p.stage));
+  if (!p.stage.empty()) line(fmt::format("typedef {} Stage;    // shared-memory tiles", p.stage));
   line(fmt::format("typedef {} Off;      // element offsets within one image",
                    p.wide_offsets ? "long long" : "int"));
   if (p.use_tc) {
@@ -84,6 +84,12 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line(fmt::format("constexpr bool NHWC = {};", d.layout == Layout::nhwc));
   line("");
   line("// variant");
+  if (v.algo == Algo::depthwise) {
+    c32("THREADS", v.threads);
+    c32("VEC", p.vec);
+    c32("CH_PER_BLOCK", p.ch_per_block);
+    c32("PIX_PER_BLOCK", p.pix_per_block);
+  } else {
   c32("BM", v.tile_m);
   c32("BN", v.tile_n);
   c32("BK", v.tile_k);
@@ -105,6 +111,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("TM", p.tm);
     c32("TN", p.tn);
     line("#define USE_TC 0");
+  }
   }
   line("#define KERNEL_NAME " + p.kernel_name);
   line("");

@@ -27,10 +27,6 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   }
   if (v.threads < 32 || v.threads > 1024 || v.threads % 32 != 0)
     bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
-  for (auto [f, x] : {std::pair<const char*, int>{"tm", v.tile_m}, {"tn", v.tile_n},
-                      {"tk", v.tile_k}})
-    if (!pow2(x) || x > 256)
-      bad(f, fmt::format("{}={} must be a power of two no larger than 256", f, x));
   if (v.staging != Staging::gather)
     throw NotImplemented("not implemented: staging=window has no kernel yet");
   p.block = v.threads;
@@ -39,6 +35,10 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     case Algo::gemm_simt:
     case Algo::gemm_tc: {
       p.template_name = "deform_conv_gemm.cuh";
+      for (auto [f, x] : {std::pair<const char*, int>{"tm", v.tile_m}, {"tn", v.tile_n},
+                          {"tk", v.tile_k}})
+        if (!pow2(x) || x > 256)
+          bad(f, fmt::format("{}={} must be a power of two no larger than 256", f, x));
       p.use_tc = v.algo == Algo::gemm_tc;
       const int bm = v.tile_m, bn = v.tile_n, bk = v.tile_k, th = v.threads;
       if ((bm * bk) % th != 0)
@@ -111,8 +111,41 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       p.grid = {unsigned(gx), unsigned(gy), unsigned(d.groups)};
       break;
     }
-    case Algo::depthwise:
-      throw NotImplemented("not implemented: algo=depthwise has no kernel yet");
+    case Algo::depthwise: {
+      p.template_name = "deform_conv_depthwise.cuh";
+      if (d.c_per_group() != 1 || d.k_per_group() != 1)
+        bad("algo", fmt::format("algo=depthwise needs groups == c == k, not groups={} c={} k={}",
+                                d.groups, d.c, d.k));
+      const int vec = v.vec, tsize = dtype_size(d.dtype);
+      if (!pow2(vec) || vec > 16) bad("vec", fmt::format("vec={} must be 1, 2, 4, 8 or 16", vec));
+      if (d.layout == Layout::nhwc && vec > 1) {
+        if ((vec * tsize) % 16 != 0)
+          bad("vec", fmt::format("vec={} of {} is not a whole number of 16-byte loads", vec,
+                                 to_string(d.dtype)));
+        if (d.c % vec != 0 || d.c_per_offset_group() % vec != 0)
+          bad("vec", fmt::format("vec={} must divide c={} and c/offset_groups={}", vec, d.c,
+                                 d.c_per_offset_group()));
+      }
+      if (v.tile_n % vec != 0)
+        bad("tn", fmt::format("tn={} (channels per block) must be a multiple of vec={}",
+                              v.tile_n, vec));
+      const int tpc = v.tile_n / vec;
+      if (v.threads % tpc != 0)
+        bad("tn", fmt::format("threads={} must be a multiple of tn/vec={}", v.threads, tpc));
+      if (v.tile_m != v.threads / tpc)
+        bad("tm", fmt::format("tm={} must equal the pixels per block, threads*vec/tn={}",
+                              v.tile_m, v.threads / tpc));
+      p.vec = vec;
+      p.ch_per_block = v.tile_n;
+      p.pix_per_block = v.threads / tpc;
+      p.t_size = tsize;
+      const int64_t m_total = d.n * d.out_h() * d.out_w();
+      const int64_t gx = ceil_div(m_total, p.pix_per_block), gy = ceil_div(d.c, v.tile_n);
+      if (gx > 2147483647 || gy > 65535)
+        bad("n", fmt::format("the launch grid {}x{} is too large", gx, gy));
+      p.grid = {unsigned(gx), unsigned(gy), 1};
+      break;
+    }
   }
   p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
   return p;

@@ -19,6 +19,7 @@ struct KernelPlan {
   int tm = 0, tn = 0;             // FMA micro-tile
   int wm = 0, wn = 0, fm = 0, fn = 0, wk = 0;  // tensor-core warp grid and fragments
   int smem_bytes = 0;
+  int vec = 0, ch_per_block = 0, pix_per_block = 0, t_size = 0;  // depthwise
   bool vec_a = false;             // A gathered with 16-byte vector loads (nhwc)
   bool wide_offsets = false;      // 64-bit element offsets inside one image
   std::array<unsigned, 3> grid{1, 1, 1};

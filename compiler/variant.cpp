@@ -74,6 +74,23 @@ void validate(const LayerDesc& d, const Variant& v) { (void)make_plan(d, v); }
 
 Variant default_variant(const LayerDesc& d) {
   Variant v;
+  if (d.c_per_group() == 1 && d.k_per_group() == 1) {
+    // Depthwise: one pixel x vec channels per thread; 16-byte vectors in nhwc.
+    v.algo = Algo::depthwise;
+    v.threads = 256;
+    const int vec = 16 / dtype_size(d.dtype);
+    if (d.layout == Layout::nhwc && d.c % vec == 0 && d.c_per_offset_group() % vec == 0) {
+      v.vec = vec;
+      v.tile_n = std::min<int64_t>(32 * vec, d.c);
+      while (v.tile_n % vec != 0 || 256 % (v.tile_n / vec) != 0) v.tile_n -= vec;
+    } else {
+      v.vec = d.layout == Layout::nhwc ? 1 : 4;
+      v.tile_n = d.layout == Layout::nhwc ? std::min<int64_t>(32, d.c) : v.vec;
+    }
+    v.tile_m = v.threads * v.vec / v.tile_n;
+    v.tile_k = 1;
+    return v;
+  }
   const bool tc = d.dtype == DType::f16 || d.dtype == DType::bf16 ||
                   (d.dtype == DType::f32 && d.math == MathMode::tf32);
   const int64_t kg = d.k_per_group();

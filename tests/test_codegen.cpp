@@ -59,7 +59,28 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"deform_conv2d " + kShape + "groups=4 offset_groups=2 mask=1 dtype=f16 layout=nhwc",
              "algo=gemm_tc tm=64 tn=16 tk=32 threads=128"},
         Case{"deform_conv2d " + kShape + "mask=1 dtype=f16 layout=nchw",
-             "algo=gemm_tc tm=128 tn=64 tk=32 threads=256"}));
+             "algo=gemm_tc tm=128 tn=64 tk=32 threads=256"},
+        Case{"deform_conv2d n=2 c=64 h=9 w=11 k=64 r=3 s=3 pad=1 groups=64 mask=1 dtype=f16 "
+             "layout=nhwc", ""},
+        Case{"deform_conv2d n=2 c=64 h=9 w=11 k=64 r=3 s=3 pad=1 groups=64 mask=1 dtype=f32 "
+             "layout=nchw bias=1", ""},
+        Case{"deform_conv2d n=2 c=24 h=9 w=11 k=24 r=3 s=3 pad=1 groups=24 offset_groups=3 "
+             "mask=1 dtype=f64 layout=nhwc", ""}));
+
+TEST(Codegen, DepthwiseLayersDefaultToTheDepthwiseKernel) {
+  auto d = deft::parse_layer_desc(
+      "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 groups=512 mask=1 dtype=f16 "
+      "layout=nhwc");
+  deft::Variant v = deft::default_variant(d);
+  EXPECT_EQ(v.algo, deft::Algo::depthwise);
+  EXPECT_EQ(v.vec, 8);  // 16-byte vectors of f16
+  EXPECT_NO_THROW(deft::validate(d, v));
+  // Not depthwise (k != c): the depthwise kernel refuses it.
+  auto g = deft::parse_layer_desc(
+      "deform_conv2d n=1 c=32 h=8 w=8 k=64 r=3 s=3 pad=1 groups=32 mask=1 dtype=f16 layout=nhwc");
+  EXPECT_NE(deft::default_variant(g).algo, deft::Algo::depthwise);
+  EXPECT_THROW(deft::validate(g, v), deft::DescError);
+}
 
 TEST(Codegen, SourceBakesTheLayerAndVariant) {
   auto d = deft::parse_layer_desc(

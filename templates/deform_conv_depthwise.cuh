@@ -1,0 +1,85 @@
+// deform_conv2d forward for depthwise layers (groups == c == k): no GEMM, each output
+// (pixel, channel) is a sum over taps of weight * mask * bilinear sample of its own channel.
+// A thread owns one output pixel and VEC channels: in nhwc those channels are one 16-byte
+// vector per corner; in nchw they are VEC planes, threads running along pixels so that
+// offsets, masks and outputs are coalesced. A sampling point is computed once per
+// (pixel, tap) and reused for all VEC channels of the thread (one offset group).
+//
+// Constants from codegen: THREADS, VEC, CH_PER_BLOCK (channels per block),
+// PIX_PER_BLOCK (output pixels per block).
+
+constexpr long long M_TOTAL = (long long)N * HO * WO;
+constexpr int TPC = CH_PER_BLOCK / VEC;  // threads per pixel
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
+                const T* __restrict__ mask, const T* __restrict__ weight,
+                const T* __restrict__ bias, T* __restrict__ out) {
+  const int tid = threadIdx.x;
+  const int c_base = blockIdx.y * CH_PER_BLOCK + (tid % TPC) * VEC;
+  const long long m = (long long)blockIdx.x * PIX_PER_BLOCK + tid / TPC;
+  if (m >= M_TOTAL || c_base >= C) return;
+  const long long n = m / (HO * WO);
+  const int rem = int(m - n * (HO * WO));
+  const int ho = rem / WO, wo = rem % WO;
+  const T* image = input + n * ((long long)C * H * W);
+  // channels of this thread that exist (the last block may be partial in nchw)
+  const int nvec = C - c_base < VEC ? int(C - c_base) : VEC;
+
+  Acc acc[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) acc[e] = Acc(0);
+
+#pragma unroll 1
+  for (int tap = 0; tap < R * S; ++tap) {
+    int og = c_base / CPOG;
+    SamplePoint p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
+    if constexpr (NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0) {
+      constexpr int CHUNKS = VEC * sizeof(T) / 16 > 0 ? VEC * sizeof(T) / 16 : 1;
+      union Vec {
+        uint4 u[CHUNKS];
+        T t[VEC];
+      };
+      Acc s[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s[e] = Acc(0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        Vec x;
+        const uint4* src = reinterpret_cast<const uint4*>(image + c_base + p.off[q]);
+#pragma unroll
+        for (int u = 0; u < CHUNKS; ++u) x.u[u] = __ldg(src + u);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s[e] += p.w[q] * Acc(deft_widen(x.t[e]));
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+        acc[e] += Acc(deft_widen(weight[(long long)(c_base + e) * (R * S) + tap])) * s[e];
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (e < nvec) {
+          const int c = c_base + e;
+          if (c / CPOG != og) {  // channels of another offset group: new sampling point
+            og = c / CPOG;
+            p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
+          }
+          const T* base = NHWC ? image + c : image + c * ((long long)H * W);
+          acc[e] += Acc(deft_widen(weight[(long long)c * (R * S) + tap])) * deft_sample(base, p);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    if (e < nvec) {
+      const int c = c_base + e;
+      Acc v = acc[e];
+      if (HAS_BIAS) v += Acc(deft_widen(bias[c]));
+      v = deft_activate(v);
+      const long long idx = NHWC ? m * C + c : (n * C + c) * (HO * WO) + rem;
+      out[idx] = deft_cast<T>(v);
+    }
+  }
+}
