@@ -81,7 +81,9 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line(fmt::format("constexpr bool HAS_MASK = {};", d.mask));
   line(fmt::format("constexpr bool HAS_BIAS = {};", d.bias));
   line(fmt::format("constexpr int ACT = {};  // {}", static_cast<int>(d.act), to_string(d.act)));
-  line(fmt::format("constexpr bool NHWC = {};", d.layout == Layout::nhwc));
+  line(fmt::format("constexpr bool NHWC = {};    // offset, mask, output", d.layout == Layout::nhwc));
+  line(fmt::format("constexpr bool X_NHWC = {};  // input as the kernel reads it", p.x_nhwc));
+  line(fmt::format("constexpr bool W_KRSC = {};  // weight as the kernel reads it", p.w_krsc));
   line("");
   line("// variant");
   if (v.algo == Algo::depthwise) {
@@ -120,6 +122,11 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line("");
   line("// ---- templates/" + p.template_name + " ----");
   s += template_text(p.template_name);
+  if (p.transpose) {
+    line("");
+    line("// ---- templates/transpose.cuh ----");
+    s += template_text("transpose.cuh");
+  }
   return s;
 }
 

@@ -30,6 +30,19 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   if (v.staging != Staging::gather)
     throw NotImplemented("not implemented: staging=window has no kernel yet");
   p.block = v.threads;
+  p.x_nhwc = p.w_krsc = d.layout == Layout::nhwc;
+  if (v.transpose) {
+    if (d.layout != Layout::nhwc && v.algo != Algo::depthwise) {
+      p.transpose = p.x_nhwc = p.w_krsc = true;
+      p.workspace_input_bytes = d.n * d.c * d.h * d.w * dtype_size(d.dtype);
+      p.workspace_weight_bytes = d.k * d.c_per_group() * d.taps() * dtype_size(d.dtype);
+      if (d.n > 65535 || d.k > 65535)
+        bad("transpose", fmt::format("transpose=1 handles n and k up to 65535, not n={} k={}",
+                                     d.n, d.k));
+    } else {
+      bad("transpose", "transpose=1 applies only to gemm kernels on nchw layers");
+    }
+  }
 
   switch (v.algo) {
     case Algo::gemm_simt:
@@ -97,7 +110,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       const int ab = 2 * (a_tile + bk * (bn + p.b_pad)) * stage_size;
       // 16-byte corner loads: nhwc, whole vectors inside one group and one offset group.
       const int tsize = dtype_size(d.dtype);
-      p.vec_a = d.layout == Layout::nhwc && (p.a_elems * tsize) % 16 == 0 &&
+      p.vec_a = p.x_nhwc && (p.a_elems * tsize) % 16 == 0 &&
                 d.c_per_group() % p.a_elems == 0 && d.c_per_offset_group() % p.a_elems == 0;
       const int scratch = p.use_tc ? (th / 32) * 16 * 16 * 4 : 0;
       p.smem_bytes = std::max(ab, scratch);

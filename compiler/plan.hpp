@@ -20,12 +20,17 @@ struct KernelPlan {
   int wm = 0, wn = 0, fm = 0, fn = 0, wk = 0;  // tensor-core warp grid and fragments
   int smem_bytes = 0;
   int vec = 0, ch_per_block = 0, pix_per_block = 0, t_size = 0;  // depthwise
+  bool x_nhwc = false;            // the kernel reads the input channels-last
+  bool w_krsc = false;            // ... and the weight as [k][r][s][c/groups]
+  bool transpose = false;         // a transpose pre-pass makes them so from nchw tensors
   bool vec_a = false;             // A gathered with 16-byte vector loads (nhwc)
   bool wide_offsets = false;      // 64-bit element offsets inside one image
   std::array<unsigned, 3> grid{1, 1, 1};
   unsigned block = 0;
   std::string kernel_name = "deft_deform_conv2d_forward";
   std::string template_name;
+  // Workspace the pre-pass needs (transposed input, then weight), bytes; 0 without one.
+  int64_t workspace_input_bytes = 0, workspace_weight_bytes = 0;
 };
 
 // Derives the plan. Throws DescError (field of the variant text) when the variant can't run

@@ -23,9 +23,9 @@ std::string_view to_string(Staging s) {
 }
 
 std::string to_string(const Variant& v) {
-  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={}",
+  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}",
                      to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
-                     to_string(v.staging), v.halo);
+                     to_string(v.staging), v.halo, v.transpose ? 1 : 0);
 }
 
 Variant parse_variant(std::string_view text) {
@@ -65,6 +65,11 @@ Variant parse_variant(std::string_view text) {
     else if (key == "threads") as_int(v.threads);
     else if (key == "vec") as_int(v.vec);
     else if (key == "halo") as_int(v.halo);
+    else if (key == "transpose") {
+      if (val == "1") v.transpose = true;
+      else if (val == "0") v.transpose = false;
+      else throw DescError(key, fmt::format("transpose={} is not 0 or 1", val));
+    }
     else throw DescError(key, fmt::format("unknown variant field '{}'", key));
   }
   return v;
@@ -104,6 +109,12 @@ Variant default_variant(const LayerDesc& d) {
   } else {
     v.tile_k = d.dtype == DType::f64 ? 8 : 16;
   }
+  // nchw: gathering channel vectors from a transposed copy beats scalar gathers from planes
+  // when whole 16-byte vectors fit the groups (see docs/perf-notes.md).
+  const int a_elems = v.tile_m * v.tile_k / v.threads;
+  v.transpose = d.layout == Layout::nchw && (a_elems * dtype_size(d.dtype)) % 16 == 0 &&
+                d.c_per_group() % a_elems == 0 && d.c_per_offset_group() % a_elems == 0 &&
+                d.n <= 65535 && d.k <= 65535;
   return v;
 }
 

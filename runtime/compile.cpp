@@ -32,6 +32,7 @@ class KernelImpl {
   CompileInfo info;
   CUlibrary library = nullptr;
   CUkernel kernel = nullptr;
+  CUkernel transpose = nullptr;  // pre-pass (plan.transpose)
 };
 
 namespace {
@@ -165,6 +166,9 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
     driver::check(api.cuLibraryGetKernel(&impl->kernel, impl->library,
                                          impl->plan.kernel_name.c_str()),
                   "cuLibraryGetKernel");
+    if (impl->plan.transpose)
+      driver::check(api.cuLibraryGetKernel(&impl->transpose, impl->library, "deft_transpose"),
+                    "cuLibraryGetKernel(deft_transpose)");
     ++g_loaded;
     promise.set_value(impl);
   } catch (...) {
@@ -214,12 +218,31 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
   const void* weight = a.weight;
   const void* bias = a.bias;
   void* output = a.output;
-  void* params[] = {&input, &offset, &mask, &weight, &bias, &output};
   const KernelPlan& p = impl_->plan;
-  driver::check(api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->kernel), p.grid[0],
-                                   p.grid[1], p.grid[2], p.block, 1, 1, 0, stream, params,
-                                   nullptr),
-                "cuLaunchKernel");
+  CUdeviceptr workspace = 0;
+  if (p.transpose) {
+    // Stream-ordered workspace: nhwc input, then krsc weight (256-byte aligned).
+    const size_t in_bytes = (p.workspace_input_bytes + 255) / 256 * 256;
+    driver::check(api.cuMemAllocAsync(&workspace, in_bytes + p.workspace_weight_bytes, stream),
+                  "cuMemAllocAsync (transpose workspace)");
+    auto launch_transpose = [&](const void* src, CUdeviceptr dst, long long batch,
+                                long long rows, long long cols) {
+      void* args[] = {&src, &dst, &rows, &cols};
+      driver::check(api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->transpose),
+                                       unsigned((cols + 31) / 32), unsigned((rows + 31) / 32),
+                                       unsigned(batch), 32, 8, 1, 0, stream, args, nullptr),
+                    "cuLaunchKernel(deft_transpose)");
+    };
+    launch_transpose(input, workspace, d.n, d.c, d.h * d.w);
+    launch_transpose(weight, workspace + in_bytes, d.k, d.c_per_group(), d.taps());
+    input = reinterpret_cast<const void*>(workspace);
+    weight = reinterpret_cast<const void*>(workspace + in_bytes);
+  }
+  void* params[] = {&input, &offset, &mask, &weight, &bias, &output};
+  CUresult r = api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->kernel), p.grid[0],
+                                  p.grid[1], p.grid[2], p.block, 1, 1, 0, stream, params, nullptr);
+  if (workspace) driver::check(api.cuMemFreeAsync(workspace, stream), "cuMemFreeAsync");
+  driver::check(r, "cuLaunchKernel");
 }
 
 TensorShapes tensor_shapes(const LayerDesc& d) {

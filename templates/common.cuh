@@ -45,7 +45,7 @@ struct SamplePoint {
 
 // Input pixel (y, x) -> element offset from the plane/image start.
 __device__ __forceinline__ Off deft_pixel_offset(long long y, long long x) {
-  return Off(NHWC ? (y * W + x) * (long long)C : y * W + x);
+  return Off(X_NHWC ? (y * W + x) * (long long)C : y * W + x);
 }
 
 // Sampling point of output pixel (n, ho, wo), tap t, offset group og.

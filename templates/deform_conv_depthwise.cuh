@@ -34,7 +34,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   for (int tap = 0; tap < R * S; ++tap) {
     int og = c_base / CPOG;
     SamplePoint p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
-    if constexpr (NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0) {
+    if constexpr (X_NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0) {
       constexpr int CHUNKS = VEC * sizeof(T) / 16 > 0 ? VEC * sizeof(T) / 16 : 1;
       union Vec {
         uint4 u[CHUNKS];
@@ -64,7 +64,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             og = c / CPOG;
             p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
           }
-          const T* base = NHWC ? image + c : image + c * ((long long)H * W);
+          const T* base = X_NHWC ? image + c : image + c * ((long long)H * W);
           acc[e] += Acc(deft_widen(weight[(long long)c * (R * S) + tap])) * deft_sample(base, p);
         }
       }

@@ -28,7 +28,7 @@ constexpr int B_STRIDE = BN + B_PAD;  // Bs[kk][n]
 // one output pixel, so it needs one sampling point per tap. nchw: pixels fastest across
 // threads (coalesced along wo); nhwc: channel groups fastest (coalesced along c).
 __device__ __forceinline__ void deft_a_coord(int tid, int& m_local, int& k_base) {
-  if (NHWC) {
+  if (X_NHWC) {
     k_base = (tid % (BK / A_ELEMS)) * A_ELEMS;
     m_local = tid / (BK / A_ELEMS);
   } else {
@@ -63,7 +63,7 @@ __device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
   const long long n = m_ok ? m / (HO * WO) : 0;
   const int rem = int(m - n * (HO * WO));
   const int ho = rem / WO, wo = rem % WO;
-  const T* image = NHWC ? input + n * ((long long)H * W * C) : input + n * ((long long)C * H * W);
+  const T* image = X_NHWC ? input + n * ((long long)H * W * C) : input + n * ((long long)C * H * W);
 #if VEC_A
   // nhwc, A_ELEMS channels of one offset group: each corner is one or more 16-byte loads.
   {
@@ -111,7 +111,7 @@ __device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
         cache.p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
         cache.key = key;
       }
-      v = deft_sample(NHWC ? image + c : image + c * ((long long)H * W), cache.p);
+      v = deft_sample(X_NHWC ? image + c : image + c * ((long long)H * W), cache.p);
     }
     a.v[e] = Stage(v);
   }
@@ -127,7 +127,7 @@ __device__ __forceinline__ void deft_load_b(const T* __restrict__ weight, int g,
     const int idx = tid + e * THREADS;
     // Along cl fastest in nhwc (contiguous there), along kout fastest in nchw.
     int k_local, n_local;
-    if (NHWC) {
+    if (W_KRSC) {
       k_local = idx % BK;
       n_local = idx / BK;
     } else {
@@ -138,7 +138,7 @@ __device__ __forceinline__ void deft_load_b(const T* __restrict__ weight, int g,
     Acc v = Acc(0);
     if (cl < CG && kout < KG) {
       const long long ko = (long long)g * KG + kout;
-      const long long widx = NHWC ? (ko * (R * S) + tap) * CG + cl : (ko * CG + cl) * (R * S) + tap;
+      const long long widx = W_KRSC ? (ko * (R * S) + tap) * CG + cl : (ko * CG + cl) * (R * S) + tap;
       v = Acc(deft_widen(weight[widx]));
     }
     b.v[e] = Stage(v);
@@ -165,7 +165,7 @@ __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid,
   for (int e = 0; e < B_ELEMS; ++e) {
     const int idx = tid + e * THREADS;
     int k_local, n_local;
-    if (NHWC) {
+    if (W_KRSC) {
       k_local = idx % BK;
       n_local = idx / BK;
     } else {

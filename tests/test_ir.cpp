@@ -187,7 +187,7 @@ TEST(VariantText, RoundTripsAndRejectsUnknownFields) {
   v.tile_k = 32;
   v.threads = 128;
   const std::string text = deft::to_string(v);
-  EXPECT_EQ(text, "algo=gemm_tc tm=128 tn=32 tk=32 threads=128 vec=1 staging=gather halo=0");
+  EXPECT_EQ(text, "algo=gemm_tc tm=128 tn=32 tk=32 threads=128 vec=1 staging=gather halo=0 transpose=0");
   EXPECT_EQ(deft::parse_variant(text), v);
   EXPECT_THROW(deft::parse_variant("algo=magic"), DescError);
   EXPECT_THROW(deft::parse_variant("tm=abc"), DescError);

@@ -134,11 +134,12 @@ struct Variant {
   int vec = 1;       // channels per vector access (depthwise, nhwc)
   Staging staging = Staging::gather;
   int halo = 0;      // window staging: extra input rows/cols each side
+  bool transpose = false;  // nchw gemm: transpose input to nhwc (and weight to krsc) first
 
   bool operator==(const Variant&) const = default;
 };
 
-// "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 vec=1 staging=gather halo=0"
+// "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 vec=1 staging=gather halo=0 transpose=0"
 std::string to_string(const Variant&);
 Variant parse_variant(std::string_view text);
 
