@@ -108,6 +108,8 @@ Variant default_variant(const LayerDesc& d) {
     if (v.tile_n == 16) v.threads = 128;
   } else {
     v.tile_k = d.dtype == DType::f64 ? 8 : 16;
+    // every thread loads at least one B element per slice
+    v.tile_k = std::max(v.tile_k, v.threads / v.tile_n);
   }
   // nchw: gathering channel vectors from a transposed copy beats scalar gathers from planes
   // when whole 16-byte vectors fit the groups (see docs/perf-notes.md).
