@@ -37,9 +37,19 @@ __device__ __forceinline__ void deft_a_coord(int tid, int& m_local, int& k_base)
   }
 }
 
+#if VEC_A
+// The raw corner vectors and weights of one gathered slice: loaded before the tile product,
+// combined into the A tile after it, so the loads' latency hides behind the tensor cores.
+constexpr int A_CHUNKS = A_ELEMS * sizeof(T) / 16;
+struct ASlice {
+  uint4 raw[4][A_CHUNKS];
+  Acc w[4];
+};
+#else
 struct ASlice {
   __align__(16) Stage v[A_ELEMS];
 };
+#endif
 struct BSlice {
   Stage v[B_ELEMS];
 };
@@ -65,40 +75,32 @@ __device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
   const int ho = rem / WO, wo = rem % WO;
   const T* image = X_NHWC ? input + n * ((long long)H * W * C) : input + n * ((long long)C * H * W);
 #if VEC_A
-  // nhwc, A_ELEMS channels of one offset group: each corner is one or more 16-byte loads.
-  {
-    const int cl = c0 + k_base;
-    Acc v[A_ELEMS];
-#pragma unroll
-    for (int e = 0; e < A_ELEMS; ++e) v[e] = Acc(0);
-    if (m_ok && cl < CG) {
-      const int c = g * CG + cl;
-      const int og = c / CPOG;
-      const int key = tap * OG + og;
-      if (cache.key != key) {
-        cache.p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
-        cache.key = key;
-      }
-      constexpr int CHUNKS = A_ELEMS * sizeof(T) / 16;
-      union Vec {
-        uint4 u[CHUNKS];
-        T t[A_ELEMS];
-      };
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        Vec x;
-        const uint4* src = reinterpret_cast<const uint4*>(image + c + cache.p.off[q]);
-#pragma unroll
-        for (int u = 0; u < CHUNKS; ++u) x.u[u] = __ldg(src + u);
-#pragma unroll
-        for (int e = 0; e < A_ELEMS; ++e) v[e] += cache.p.w[q] * Acc(deft_widen(x.t[e]));
-      }
+  // nhwc, A_ELEMS channels of one offset group: each corner is A_CHUNKS 16-byte loads.
+  const int cl = c0 + k_base;
+  if (m_ok && cl < CG) {
+    const int c = g * CG + cl;
+    const int og = c / CPOG;
+    const int key = tap * OG + og;
+    if (cache.key != key) {
+      cache.p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
+      cache.key = key;
     }
 #pragma unroll
-    for (int e = 0; e < A_ELEMS; ++e) a.v[e] = Stage(v[e]);
-    return;
+    for (int q = 0; q < 4; ++q) {
+      const uint4* src = reinterpret_cast<const uint4*>(image + c + cache.p.off[q]);
+#pragma unroll
+      for (int u = 0; u < A_CHUNKS; ++u) a.raw[q][u] = __ldg(src + u);
+      a.w[q] = cache.p.w[q];
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+#pragma unroll
+      for (int u = 0; u < A_CHUNKS; ++u) a.raw[q][u] = make_uint4(0, 0, 0, 0);
+      a.w[q] = Acc(0);
+    }
   }
-#endif
+#else
 #pragma unroll
   for (int e = 0; e < A_ELEMS; ++e) {
     const int cl = c0 + k_base + e;
@@ -115,6 +117,7 @@ __device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
     }
     a.v[e] = Stage(v);
   }
+#endif
 }
 
 // B[(tap, cl), kout] = weight[g*KG + kout][cl][tap] (nchw) or weight[g*KG + kout][tap][cl].
@@ -149,9 +152,34 @@ __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid,
                                                   const BSlice& b) {
   int m_local, k_base;
   deft_a_coord(tid, m_local, k_base);
+#if VEC_A
+  // Bilinear combination of the four corner vectors.
+  union Vec {
+    uint4 u[A_CHUNKS];
+    T t[A_ELEMS];
+  };
+  Acc acc[A_ELEMS];
+#pragma unroll
+  for (int e = 0; e < A_ELEMS; ++e) acc[e] = Acc(0);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    Vec x;
+#pragma unroll
+    for (int u = 0; u < A_CHUNKS; ++u) x.u[u] = a.raw[q][u];
+#pragma unroll
+    for (int e = 0; e < A_ELEMS; ++e) acc[e] += a.w[q] * Acc(deft_widen(x.t[e]));
+  }
+  struct {
+    __align__(16) Stage v[A_ELEMS];
+  } av;
+#pragma unroll
+  for (int e = 0; e < A_ELEMS; ++e) av.v[e] = Stage(acc[e]);
+#else
+  const ASlice& av = a;
+#endif
 #if USE_TC
   if constexpr ((A_ELEMS * sizeof(Stage)) % 16 == 0) {  // one or more 16-byte stores
-    const uint4* src = reinterpret_cast<const uint4*>(a.v);
+    const uint4* src = reinterpret_cast<const uint4*>(av.v);
     uint4* dst = reinterpret_cast<uint4*>(As + A_AT(k_base, m_local));
 #pragma unroll
     for (int u = 0; u < int(A_ELEMS * sizeof(Stage) / 16); ++u) dst[u] = src[u];
@@ -159,7 +187,7 @@ __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid,
 #endif
   {
 #pragma unroll
-    for (int e = 0; e < A_ELEMS; ++e) As[A_AT(k_base + e, m_local)] = a.v[e];
+    for (int e = 0; e < A_ELEMS; ++e) As[A_AT(k_base + e, m_local)] = av.v[e];
   }
 #pragma unroll
   for (int e = 0; e < B_ELEMS; ++e) {
@@ -189,7 +217,7 @@ __device__ __forceinline__ void deft_store_out(T* __restrict__ out, const T* __r
   out[idx] = deft_cast<T>(v);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ bias, T* __restrict__ out) {
