@@ -1,0 +1,120 @@
+// CPU reference of deform_conv2d forward in double: torchvision.ops.deform_conv2d semantics
+// (DCNv1/v2) for both layouts, groups, offset groups, mask, bias and activations. Written to be
+// read and trusted, not to be fast: one output pixel at a time, every bilinear sample through
+// sample_bilinear(). All indices are 64-bit. Depends only on the inline parts of deft/ir.hpp.
+#include "reference/deform_conv_ref.hpp"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace deft::ref {
+
+double sample_bilinear(const double* plane, int64_t h, int64_t w, int64_t row, int64_t col,
+                       double y, double x) {
+  // Written as a negated conjunction so that NaN coordinates also sample zero.
+  if (!(y > -1.0 && x > -1.0 && y < (double)h && x < (double)w)) return 0.0;
+  const double fy = std::floor(y), fx = std::floor(x);
+  const int64_t y0 = (int64_t)fy, x0 = (int64_t)fx, y1 = y0 + 1, x1 = x0 + 1;
+  const double ly = y - fy, lx = x - fx, hy = 1.0 - ly, hx = 1.0 - lx;
+  // A corner outside [0, h-1] x [0, w-1] reads zero.
+  auto at = [&](int64_t yy, int64_t xx) {
+    return (yy >= 0 && yy < h && xx >= 0 && xx < w) ? plane[yy * row + xx * col] : 0.0;
+  };
+  return hy * hx * at(y0, x0) + hy * lx * at(y0, x1) + ly * hx * at(y1, x0) + ly * lx * at(y1, x1);
+}
+
+namespace {
+
+void require(bool ok, const char* field, const std::string& message) {
+  if (!ok) throw DescError(field, "deft::ref::deform_conv2d_forward: " + message);
+}
+
+double activate(Activation act, double v) {
+  switch (act) {
+    case Activation::none: return v;
+    case Activation::relu: return v > 0.0 ? v : 0.0;
+    case Activation::gelu: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+  }
+  return v;
+}
+
+}  // namespace
+
+void deform_conv2d_forward(const LayerDesc& d, const double* input, const double* offset,
+                           const double* mask, const double* weight, const double* bias,
+                           double* output) {
+  // The few rules this function relies on (full validation lives in libdeft).
+  require(d.op == OpKind::deform_conv2d, "op", "only deform_conv2d is implemented");
+  require(d.pass == Pass::forward, "pass", "only the forward pass is implemented");
+  require(d.n >= 1 && d.c >= 1 && d.h >= 1 && d.w >= 1 && d.k >= 1, "n", "sizes must be >= 1");
+  require(d.r >= 1 && d.s >= 1 && d.stride_h >= 1 && d.stride_w >= 1 && d.dil_h >= 1 &&
+              d.dil_w >= 1 && d.pad_h >= 0 && d.pad_w >= 0,
+          "r", "bad kernel geometry");
+  require(d.groups >= 1 && d.c % d.groups == 0 && d.k % d.groups == 0, "groups",
+          "groups must divide c and k");
+  require(d.offset_groups >= 1 && d.c % d.offset_groups == 0, "offset_groups",
+          "offset_groups must divide c");
+  require(d.out_h() >= 1 && d.out_w() >= 1, "h", "empty output");
+  require(!d.mask || mask != nullptr, "mask", "mask=1 needs a mask tensor");
+  require(!d.bias || bias != nullptr, "bias", "bias=1 needs a bias tensor");
+
+  const int64_t N = d.n, C = d.c, H = d.h, W = d.w, K = d.k;
+  const int64_t R = d.r, S = d.s, T = d.taps();
+  const int64_t HO = d.out_h(), WO = d.out_w();
+  const int64_t OG = d.offset_groups;
+  const int64_t Cg = d.c_per_group(), Kg = d.k_per_group(), Cog = d.c_per_offset_group();
+  const bool nhwc = d.layout == Layout::nhwc;
+
+  // Element (n, channel ch, y, x) of a 4-d tensor with `chans` channels and `ys` x `xs` pixels.
+  auto idx4 = [&](int64_t n, int64_t ch, int64_t chans, int64_t y, int64_t x, int64_t ys,
+                  int64_t xs) -> int64_t {
+    return nhwc ? ((n * ys + y) * xs + x) * chans + ch : ((n * chans + ch) * ys + y) * xs + x;
+  };
+  // weight[k, cl, i, j] (nchw: [k, c/g, r, s]; nhwc: [k, r, s, c/g]).
+  auto widx = [&](int64_t k, int64_t cl, int64_t i, int64_t j) -> int64_t {
+    return nhwc ? ((k * R + i) * S + j) * Cg + cl : ((k * Cg + cl) * R + i) * S + j;
+  };
+  // Input plane of (n, c) and its row / column strides.
+  const int64_t in_row = nhwc ? W * C : W, in_col = nhwc ? C : 1;
+  auto plane = [&](int64_t n, int64_t c) {
+    return input + (nhwc ? n * H * W * C + c : (n * C + c) * H * W);
+  };
+
+  // Modulated samples of one output pixel: cols[c * T + t].
+  std::vector<double> cols((size_t)(C * T));
+
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t ho = 0; ho < HO; ++ho) {
+      for (int64_t wo = 0; wo < WO; ++wo) {
+        for (int64_t og = 0; og < OG; ++og) {
+          for (int64_t i = 0; i < R; ++i) {
+            for (int64_t j = 0; j < S; ++j) {
+              const int64_t t = i * S + j;
+              const double dy = offset[idx4(n, og * 2 * T + 2 * t + 0, 2 * OG * T, ho, wo, HO, WO)];
+              const double dx = offset[idx4(n, og * 2 * T + 2 * t + 1, 2 * OG * T, ho, wo, HO, WO)];
+              const double m = d.mask ? mask[idx4(n, og * T + t, OG * T, ho, wo, HO, WO)] : 1.0;
+              const double y = (double)(ho * d.stride_h - d.pad_h + i * d.dil_h) + dy;
+              const double x = (double)(wo * d.stride_w - d.pad_w + j * d.dil_w) + dx;
+              for (int64_t c = og * Cog; c < (og + 1) * Cog; ++c)
+                cols[(size_t)(c * T + t)] = m * sample_bilinear(plane(n, c), H, W, in_row, in_col, y, x);
+            }
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t g = k / Kg;
+          double acc = 0.0;
+          for (int64_t cl = 0; cl < Cg; ++cl) {
+            const double* col = &cols[(size_t)((g * Cg + cl) * T)];
+            for (int64_t i = 0; i < R; ++i)
+              for (int64_t j = 0; j < S; ++j) acc += weight[widx(k, cl, i, j)] * col[i * S + j];
+          }
+          if (d.bias) acc += bias[k];
+          output[idx4(n, k, K, ho, wo, HO, WO)] = activate(d.act, acc);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace deft::ref
