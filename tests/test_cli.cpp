@@ -1,0 +1,553 @@
+// Tests of the deft CLI as a user runs it: separate processes sharing a cache directory (a
+// second process takes the cubin from the cache and never calls NVRTC), cache-key sensitivity,
+// `deft cache ls|info|clear`, error exits and help. Also the cubin inspection behind
+// `--emit sass|resources` (runtime/disasm). No GPU needed.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "deft/deft.hpp"
+#include "runtime/disasm.hpp"
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+
+const char* const kLayer =
+    "deform_conv2d n=8 c=64 h=64 w=64 k=64 r=3 s=3 pad=1 groups=1 offset_groups=1 mask=1 "
+    "dtype=f16 layout=nchw";
+// The same layer written differently: other field order, defaults left out.
+const char* const kLayerReordered =
+    "deform_conv2d dtype=f16 mask=1 pad=1 k=64 c=64 n=8 h=64 w=64 r=3 s=3";
+
+fs::path test_tmp_root() {
+#ifdef DEFT_TEST_TMP
+  return fs::path(DEFT_TEST_TMP);
+#else
+  return fs::temp_directory_path() / "deft-tests";
+#endif
+}
+
+// A fresh directory per test, unique across concurrently running test processes.
+class TempDir {
+ public:
+  TempDir() {
+    static int counter = 0;
+    const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
+    path_ = test_tmp_root() / ("cli-" + std::to_string(getpid()) + "-" +
+                               std::to_string(counter++) + "-" + (test ? test->name() : "x"));
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
+
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+struct CliRun {
+  int exit_code = -1;
+  std::string out, err;
+  // The last non-empty line of stderr.
+  std::string last_err_line() const {
+    std::string e = err;
+    while (!e.empty() && e.back() == '\n') e.pop_back();
+    const size_t nl = e.rfind('\n');
+    return nl == std::string::npos ? e : e.substr(nl + 1);
+  }
+};
+
+// A started CLI process whose stdout and stderr go to files in `dir`.
+class CliProcess {
+ public:
+  CliProcess(const std::vector<std::string>& args, const fs::path& cache_dir,
+             const fs::path& io_dir) {
+    static int counter = 0;
+    const std::string tag = std::to_string(counter++);
+    out_ = io_dir / ("out-" + tag);
+    err_ = io_dir / ("err-" + tag);
+    // The environment of this process, with the cache and logging made deterministic.
+    std::vector<std::string> env;
+    for (char** e = environ; *e; ++e) {
+      const std::string v = *e;
+      if (v.rfind("DEFT_CACHE_DIR=", 0) == 0 || v.rfind("DEFT_LOG_LEVEL=", 0) == 0 ||
+          v.rfind("XDG_CACHE_HOME=", 0) == 0 || v.rfind("CUDA_CACHE_DISABLE=", 0) == 0)
+        continue;
+      env.push_back(v);
+    }
+    env.push_back("DEFT_CACHE_DIR=" + cache_dir.string());
+    // The driver's JIT cache (GPU machines) would hide NVRTC's ptxas report; see the CLI.
+    env.push_back("CUDA_CACHE_DISABLE=1");
+    std::vector<std::string> argv = {DEFT_CLI_PATH};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> cargv, cenv;
+    for (auto& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    for (auto& e : env) cenv.push_back(e.data());
+    cenv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, out_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_addopen(&fa, 2, err_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int rc = posix_spawn(&pid_, cargv[0], &fa, nullptr, cargv.data(), cenv.data());
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) {
+      pid_ = -1;
+      spawn_error_ = std::string("posix_spawn ") + DEFT_CLI_PATH + ": " + std::strerror(rc);
+    }
+  }
+
+  // Waits (at most `timeout`, then kills the child) and collects the result.
+  CliRun wait(std::chrono::seconds timeout = std::chrono::seconds(300)) {
+    CliRun r;
+    if (pid_ < 0) {
+      r.err = spawn_error_;
+      return r;
+    }
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    int status = 0;
+    for (;;) {
+      const pid_t w = ::waitpid(pid_, &status, WNOHANG);
+      if (w == pid_) break;
+      if (w < 0 && errno != EINTR) break;
+      if (std::chrono::steady_clock::now() > deadline) {
+        ::kill(pid_, SIGKILL);
+        ::waitpid(pid_, &status, 0);
+        r.err = "timed out\n";
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    pid_ = -1;
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    r.out = read_file(out_);
+    r.err += read_file(err_);
+    return r;
+  }
+
+  ~CliProcess() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+  }
+
+ private:
+  pid_t pid_ = -1;
+  fs::path out_, err_;
+  std::string spawn_error_;
+};
+
+// Runs the CLI to completion with DEFT_CACHE_DIR = cache_dir.
+CliRun run_cli(const std::vector<std::string>& args, const fs::path& cache_dir,
+               const fs::path& io_dir) {
+  return CliProcess(args, cache_dir, io_dir).wait();
+}
+
+std::string describe(const CliRun& r) {
+  return "exit " + std::to_string(r.exit_code) + "\n--- stdout:\n" + r.out + "\n--- stderr:\n" +
+         r.err;
+}
+
+// `deft compile <desc> --emit resources --stats --arch <arch>` plus extra arguments.
+std::vector<std::string> resources_args(const std::string& desc, const std::string& arch = "sm_90",
+                                        std::vector<std::string> extra = {}) {
+  std::vector<std::string> a = {"compile", desc, "--emit", "resources", "--stats", "--arch", arch};
+  a.insert(a.end(), extra.begin(), extra.end());
+  return a;
+}
+
+// The value of a "key:   value" line of the resource summary.
+std::string field(const std::string& summary, const std::string& key) {
+  std::istringstream in(summary);
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(key + ":", 0) == 0) {
+      std::string v = line.substr(key.size() + 1);
+      v.erase(0, v.find_first_not_of(' '));
+      return v;
+    }
+  return "<no " + key + " line>";
+}
+
+constexpr const char* kMiss = "nvrtc compiles: 1, cache hits: 0";
+constexpr const char* kHit = "nvrtc compiles: 0, cache hits: 1";
+
+// ---- (a) a second process compiles the same layer from the cache without NVRTC ------------
+
+TEST(Cli, SecondProcessTakesTheCubinFromTheCacheWithoutNvrtc) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+
+  const CliRun first = run_cli(resources_args(kLayer), cache, tmp.path());
+  ASSERT_EQ(first.exit_code, 0) << describe(first);
+  EXPECT_EQ(first.last_err_line(), kMiss) << describe(first);
+  EXPECT_EQ(field(first.out, "cache").rfind("miss", 0), 0u) << first.out;
+  EXPECT_TRUE(fs::exists(cache / "deft.db"));
+
+  const CliRun second = run_cli(resources_args(kLayer), cache, tmp.path());
+  ASSERT_EQ(second.exit_code, 0) << describe(second);
+  EXPECT_EQ(second.last_err_line(), kHit) << describe(second);
+  EXPECT_EQ(field(second.out, "cache").rfind("hit", 0), 0u) << second.out;
+
+  // The cached cubin describes itself as ptxas described the fresh one.
+  for (const char* key : {"kernel", "layer", "variant", "arch", "registers", "shared memory",
+                          "stack frame", "cubin size"})
+    EXPECT_EQ(field(first.out, key), field(second.out, key)) << key;
+
+  // A third process, writing the cubin: the bytes are those NVRTC produced for the first.
+  const CliRun third = run_cli({"compile", kLayer, "--emit", "cubin", "--arch", "sm_90", "--stats",
+                                "-o", (tmp.path() / "hit.cubin").string()},
+                               cache, tmp.path());
+  ASSERT_EQ(third.exit_code, 0) << describe(third);
+  EXPECT_EQ(third.last_err_line(), kHit) << describe(third);
+  const CliRun fresh = run_cli({"compile", kLayer, "--emit", "cubin", "--arch", "sm_90", "--stats",
+                                "--no-cache", "-o", (tmp.path() / "fresh.cubin").string()},
+                               cache, tmp.path());
+  ASSERT_EQ(fresh.exit_code, 0) << describe(fresh);
+  EXPECT_EQ(fresh.last_err_line(), kMiss) << describe(fresh);
+  const std::string hit_bytes = read_file(tmp.path() / "hit.cubin");
+  EXPECT_GT(hit_bytes.size(), 1000u);
+  EXPECT_EQ(hit_bytes.compare(0, 4, "\x7f" "ELF"), 0);
+  EXPECT_EQ(hit_bytes, read_file(tmp.path() / "fresh.cubin"));
+}
+
+TEST(Cli, ProcessesCompilingTheSameLayerAtOnceShareOneCache) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  std::vector<std::unique_ptr<CliProcess>> procs;
+  for (int i = 0; i < 4; ++i)
+    procs.push_back(std::make_unique<CliProcess>(resources_args(kLayer), cache, tmp.path()));
+  int misses = 0;
+  for (auto& p : procs) {
+    const CliRun r = p->wait();
+    ASSERT_EQ(r.exit_code, 0) << describe(r);
+    const std::string last = r.last_err_line();
+    EXPECT_TRUE(last == kMiss || last == kHit) << describe(r);
+    misses += last == kMiss;
+  }
+  EXPECT_GE(misses, 1);
+  const CliRun after = run_cli(resources_args(kLayer), cache, tmp.path());
+  ASSERT_EQ(after.exit_code, 0) << describe(after);
+  EXPECT_EQ(after.last_err_line(), kHit) << describe(after);
+  const CliRun ls = run_cli({"cache", "ls"}, cache, tmp.path());
+  EXPECT_NE(ls.out.find("1 cubin in"), std::string::npos) << describe(ls);
+}
+
+// ---- (b) what is part of the key: dtype, variant, arch; not the spelling of the layer -------
+
+TEST(Cli, CacheKeyFollowsDtypeVariantAndArchButNotSpelling) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  auto last_line = [&](const std::vector<std::string>& args) {
+    const CliRun r = run_cli(args, cache, tmp.path());
+    EXPECT_EQ(r.exit_code, 0) << describe(r);
+    return r.last_err_line();
+  };
+  EXPECT_EQ(last_line(resources_args(kLayer)), kMiss);
+  EXPECT_EQ(last_line(resources_args(kLayer)), kHit);
+  // The canonical form is the key: another spelling of the same layer hits.
+  EXPECT_EQ(last_line(resources_args(kLayerReordered)), kHit);
+
+  const std::string bf16 = std::regex_replace(kLayer, std::regex("dtype=f16"), "dtype=bf16");
+  EXPECT_EQ(last_line(resources_args(bf16)), kMiss) << "another dtype";
+  const std::string nhwc = std::regex_replace(kLayer, std::regex("layout=nchw"), "layout=nhwc");
+  EXPECT_EQ(last_line(resources_args(nhwc)), kMiss) << "another layout";
+  EXPECT_EQ(last_line(resources_args(kLayer, "sm_80")), kMiss) << "another arch";
+  EXPECT_EQ(last_line(resources_args(
+                kLayer, "sm_90", {"--variant", "algo=gemm_simt tm=64 tn=64 tk=16 threads=256"})),
+            kMiss)
+      << "another variant";
+  EXPECT_EQ(last_line(resources_args(
+                kLayer, "sm_90", {"--variant", "algo=gemm_tc tm=64 tn=64 tk=16 threads=256"})),
+            kMiss)
+      << "another tile";
+
+  // Each of them is now cached, and the first is still there.
+  EXPECT_EQ(last_line(resources_args(bf16)), kHit);
+  EXPECT_EQ(last_line(resources_args(kLayer, "sm_80")), kHit);
+  EXPECT_EQ(last_line(resources_args(kLayer)), kHit);
+
+  // --no-cache neither reads nor writes.
+  const std::string c32 = std::regex_replace(kLayer, std::regex("c=64"), "c=32");
+  EXPECT_EQ(last_line(resources_args(c32, "sm_90", {"--no-cache"})), kMiss);
+  EXPECT_EQ(last_line(resources_args(c32)), kMiss);
+}
+
+// ---- (c) deft cache ls / info / clear -----------------------------------------------------
+
+TEST(Cli, CacheLsListsEntriesAndClearEmpties) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const std::string db = (cache / "deft.db").string();
+
+  // Looking at a cache that does not exist says so and creates nothing.
+  CliRun ls = run_cli({"cache", "ls"}, cache, tmp.path());
+  ASSERT_EQ(ls.exit_code, 0) << describe(ls);
+  EXPECT_NE(ls.out.find("no database at " + db), std::string::npos) << ls.out;
+  EXPECT_FALSE(fs::exists(db));
+
+  const std::string f32 = std::regex_replace(kLayer, std::regex("dtype=f16"), "dtype=f32");
+  ASSERT_EQ(run_cli(resources_args(kLayer), cache, tmp.path()).exit_code, 0);
+  ASSERT_EQ(run_cli(resources_args(f32, "sm_80"), cache, tmp.path()).exit_code, 0);
+
+  ls = run_cli({"cache", "ls"}, cache, tmp.path());
+  ASSERT_EQ(ls.exit_code, 0) << describe(ls);
+  EXPECT_NE(ls.out.find("KEY"), std::string::npos) << ls.out;
+  EXPECT_NE(ls.out.find(kLayer), std::string::npos) << ls.out;
+  EXPECT_NE(ls.out.find(f32), std::string::npos) << ls.out;
+  EXPECT_NE(ls.out.find("sm_80"), std::string::npos) << ls.out;
+  EXPECT_NE(ls.out.find("sm_90"), std::string::npos) << ls.out;
+  EXPECT_NE(ls.out.find("2 cubins in " + db), std::string::npos) << ls.out;
+  // One row per entry, each starting with a 12-digit key prefix.
+  std::istringstream rows(ls.out);
+  std::string line;
+  int entries = 0;
+  while (std::getline(rows, line)) entries += std::regex_search(line, std::regex("^[0-9a-f]{12} "));
+  EXPECT_EQ(entries, 2) << ls.out;
+
+  const CliRun info = run_cli({"cache", "info", "--db", db}, cache, tmp.path());
+  ASSERT_EQ(info.exit_code, 0) << describe(info);
+  EXPECT_NE(info.out.find("path:           " + db), std::string::npos) << info.out;
+  EXPECT_NE(info.out.find("cubins:         2 ("), std::string::npos) << info.out;
+
+  const CliRun clear = run_cli({"cache", "clear"}, cache, tmp.path());
+  ASSERT_EQ(clear.exit_code, 0) << describe(clear);
+  EXPECT_NE(clear.out.find("cleared 2 cubins"), std::string::npos) << clear.out;
+
+  ls = run_cli({"cache", "ls"}, cache, tmp.path());
+  EXPECT_NE(ls.out.find("no cubins in " + db), std::string::npos) << ls.out;
+  // Cleared for real: the layer compiles again.
+  const CliRun again = run_cli(resources_args(kLayer), cache, tmp.path());
+  EXPECT_EQ(again.last_err_line(), kMiss) << describe(again);
+}
+
+// ---- (d) bad input: exit 1, the field named, no crash ---------------------------------------
+
+TEST(Cli, BadDescriptionExitsOneNamingTheField) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{"compile", "deform_conv2d n=1 c=64 h=8 w=8 k=64 r=3 s=3 groups=3", "--emit", "cuda"},
+       "deft: error: groups=3 does not divide c=64"},
+      {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8 bogus=1", "--emit", "resources"},
+       "deft: error: unknown field 'bogus'"},
+      {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8 dtype=f8", "--emit", "ptx"},
+       "deft: error: dtype=f8 is not one of"},
+      {{"compile", "deform_conv2d n=-4 c=8 h=8 w=8 k=8", "--emit", "sass"},
+       "deft: error: n=-4 must be at least 1"},
+      {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8 r=3 s=3 pad=1", "--variant", "tm=48"},
+       "deft: error: tm=48 must be a power of two"},
+      {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8 pass=backward_weight"},
+       "deft: error: not implemented"},
+      {{"compile", ""}, "deft: error: empty layer description"},
+      {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8", "--arch", "sm_9x"},
+       "deft: error: --arch sm_9x is not of the form sm_XY"},
+  };
+  for (const Case& c : cases) {
+    const CliRun r = run_cli(c.args, cache, tmp.path());
+    EXPECT_EQ(r.exit_code, 1) << c.message << "\n" << describe(r);
+    EXPECT_EQ(r.err.rfind(c.message, 0), 0u) << describe(r);
+    EXPECT_EQ(r.out, "") << c.message;
+  }
+  // Usage errors (CLI11) exit 2.
+  const CliRun usage = run_cli({"compile", kLayer, "--emit", "elf"}, cache, tmp.path());
+  EXPECT_EQ(usage.exit_code, 2) << describe(usage);
+  EXPECT_NE(usage.err.find("--emit"), std::string::npos) << describe(usage);
+}
+
+// ---- (e) help and version --------------------------------------------------------------------
+
+TEST(Cli, HelpAndVersionExitZero) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const CliRun help = run_cli({"--help"}, cache, tmp.path());
+  EXPECT_EQ(help.exit_code, 0) << describe(help);
+  EXPECT_NE(help.out.find("compile"), std::string::npos) << help.out;
+  EXPECT_NE(help.out.find("cache"), std::string::npos) << help.out;
+  for (std::vector<std::string> args :
+       {std::vector<std::string>{"compile", "--help"}, {"cache", "--help"}, {"cache", "ls", "--help"}}) {
+    const CliRun r = run_cli(args, cache, tmp.path());
+    EXPECT_EQ(r.exit_code, 0) << describe(r);
+    EXPECT_NE(r.out.find("--help"), std::string::npos) << r.out;
+  }
+  const CliRun version = run_cli({"--version"}, cache, tmp.path());
+  EXPECT_EQ(version.exit_code, 0) << describe(version);
+  EXPECT_EQ(version.out.rfind(std::string("deft ") + deft::version(), 0), 0u) << version.out;
+  EXPECT_FALSE(fs::exists(cache)) << "help and version must not touch the cache";
+}
+
+// ---- runtime/disasm: cubin inspection ---------------------------------------------------
+
+// Restores an environment variable when it goes out of scope.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* v = std::getenv(name)) old_ = v;
+    ::setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (old_) ::setenv(name_, old_->c_str(), 1);
+    else ::unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+deft::CompileInfo compile_uncached(const std::string& desc, int arch) {
+  deft::CompileOptions o;
+  o.arch = arch;
+  o.cache_path = "";
+  return deft::compile_offline(deft::parse_layer_desc(desc), o);
+}
+
+TEST(Disasm, LegacyHeaderRewrite) {
+  const deft::CompileInfo info = compile_uncached(kLayer, 90);
+  const std::vector<char>& c = info.cubin;
+  ASSERT_GT(c.size(), 64u);
+  EXPECT_EQ(deft::disasm::cubin_arch(c), 90);
+  ASSERT_EQ(static_cast<unsigned char>(c[7]), 0x41) << "expected a CUDA 13 cubin header";
+  const std::vector<char> old = deft::disasm::with_legacy_header(c);
+  ASSERT_EQ(old.size(), c.size());
+  EXPECT_EQ(static_cast<unsigned char>(old[7]), 0x33);
+  EXPECT_EQ(old[8], 7);
+  uint32_t version = 0, flags = 0;
+  std::memcpy(&version, old.data() + 20, 4);
+  std::memcpy(&flags, old.data() + 48, 4);
+  EXPECT_EQ(version, 118u);
+  EXPECT_EQ(flags, 90u | (90u << 16) | 0x500u);
+  EXPECT_EQ(deft::disasm::cubin_arch(old), 90);
+  // Nothing but the header changes.
+  EXPECT_TRUE(std::equal(c.begin() + 64, c.end(), old.begin() + 64));
+  EXPECT_THROW(deft::disasm::with_legacy_header(old), deft::Error);
+  EXPECT_THROW(deft::disasm::with_legacy_header(std::vector<char>(10, 'x')), deft::Error);
+  EXPECT_EQ(deft::disasm::cubin_arch(std::vector<char>(100, 0)), 0);
+}
+
+// With a GPU driver, CUDA 13's NVRTC may serve machine code from the driver's JIT cache and
+// then writes no ptxas -v report; the cache is off here, and kernels without a report are
+// not compared (the test skips if none had one).
+TEST(Disasm, KernelResourcesMatchThePtxasReport) {
+  ScopedEnv no_jit_cache("CUDA_CACHE_DISABLE", "1");
+  int compared = 0;
+  for (const auto& [desc, arch] : std::vector<std::pair<std::string, int>>{
+           {kLayer, 90},
+           {kLayer, 80},
+           {"deform_conv2d n=2 c=32 h=16 w=16 k=32 r=3 s=3 pad=1 dtype=f32", 90},
+           {"deform_conv2d n=2 c=32 h=16 w=16 k=32 r=3 s=3 pad=1 dtype=f64", 75}}) {
+    SCOPED_TRACE(desc + " sm_" + std::to_string(arch));
+    const deft::CompileInfo info = compile_uncached(desc, arch);
+    const std::vector<std::string> kernels = deft::disasm::kernel_names(info.cubin);
+    EXPECT_NE(std::find(kernels.begin(), kernels.end(), info.kernel_name), kernels.end());
+    for (const std::string& kernel : kernels) {
+      SCOPED_TRACE(kernel);
+      // The ptxas -v lines of this entry function.
+      const std::string& log = info.resource_report;
+      const size_t from = log.find("Compiling entry function '" + kernel + "'");
+      if (from == std::string::npos) continue;
+      ++compared;
+      const size_t to = log.find("Compiling entry function", from + 1);
+      const std::string block = log.substr(from, to == std::string::npos ? to : to - from);
+      std::smatch m;
+      ASSERT_TRUE(std::regex_search(block, m, std::regex(R"(Used (\d+) registers)"))) << block;
+      const int registers = std::stoi(m[1]);
+      const long long smem =
+          std::regex_search(block, m, std::regex(R"((\d+) bytes smem)")) ? std::stoll(m[1]) : 0;
+      ASSERT_TRUE(std::regex_search(block, m, std::regex(R"((\d+) bytes stack frame)"))) << block;
+      const long long stack = std::stoll(m[1]);
+      const auto r = deft::disasm::kernel_resources(info.cubin, kernel);
+      EXPECT_EQ(r.registers, registers);
+      EXPECT_EQ(r.shared_bytes, smem);
+      EXPECT_EQ(r.stack_bytes, stack);
+    }
+  }
+  const deft::CompileInfo info = compile_uncached(kLayer, 90);
+  EXPECT_THROW(deft::disasm::kernel_resources(info.cubin, "no_such_kernel"), deft::Error);
+  EXPECT_THROW(deft::disasm::kernel_resources(std::vector<char>(100, 0), "k"), deft::Error);
+  std::vector<char> truncated(info.cubin.begin(), info.cubin.begin() + 200);
+  EXPECT_THROW(deft::disasm::kernel_resources(truncated, info.kernel_name), deft::Error);
+  if (compared == 0) GTEST_SKIP() << "NVRTC gave no ptxas -v report (driver JIT cache)";
+}
+
+TEST(Disasm, SearchOrderAndMissingTool) {
+  TempDir tmp;
+  const fs::path fake = tmp.path() / "bin";
+  fs::create_directories(fake);
+  {
+    ScopedEnv e("DEFT_NVDISASM", fake.string());  // a folder: its nvdisasm is meant
+    ScopedEnv h("CUDA_HOME", (tmp.path() / "cuda").string());
+    const auto c = deft::disasm::nvdisasm_candidates();
+    ASSERT_GE(c.size(), 3u);
+    EXPECT_EQ(c[0], (fake / "nvdisasm").string());
+    EXPECT_EQ(c[1], (tmp.path() / "cuda/bin/nvdisasm").string());
+    EXPECT_EQ(c[2], "/usr/local/cuda/bin/nvdisasm");
+  }
+  if (fs::exists("/usr/local/cuda/bin/nvdisasm")) GTEST_SKIP() << "the toolkit has nvdisasm";
+  ScopedEnv e("DEFT_NVDISASM", (fake / "nvdisasm").string());
+  ScopedEnv h("CUDA_HOME", (tmp.path() / "cuda").string());
+  ScopedEnv p("PATH", fake.string());
+  EXPECT_FALSE(deft::disasm::find_nvdisasm().has_value());
+  const deft::CompileInfo info = compile_uncached(kLayer, 90);
+  try {
+    deft::disasm::sass(info.cubin);
+    FAIL() << "sass() without nvdisasm must throw";
+  } catch (const deft::Error& err) {
+    const std::string msg = err.what();
+    EXPECT_NE(msg.find("nvdisasm not found"), std::string::npos) << msg;
+    EXPECT_NE(msg.find((fake / "nvdisasm").string()), std::string::npos) << msg;
+    EXPECT_NE(msg.find("DEFT_NVDISASM"), std::string::npos) << msg;
+  }
+}
+
+// With an nvdisasm (DEFT_NVDISASM or the toolkit's): HMMA for f16, none for strict f32.
+TEST(Disasm, SassOfTensorCoreAndFmaKernels) {
+  if (!deft::disasm::find_nvdisasm()) GTEST_SKIP() << "no nvdisasm (set DEFT_NVDISASM)";
+  const std::string f16 = deft::disasm::sass(compile_uncached(kLayer, 90).cubin);
+  EXPECT_NE(f16.find("HMMA"), std::string::npos);
+  EXPECT_NE(f16.find(".text.deft_deform_conv2d_forward"), std::string::npos);
+  const std::string f32 = deft::disasm::sass(
+      compile_uncached("deform_conv2d n=2 c=32 h=16 w=16 k=32 r=3 s=3 pad=1 dtype=f32", 90).cubin);
+  EXPECT_EQ(f32.find("HMMA"), std::string::npos);
+  EXPECT_NE(f32.find("FFMA"), std::string::npos);
+  EXPECT_THROW(deft::disasm::sass(std::vector<char>(64, 0)), deft::Error);
+}
+
+}  // namespace
