@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Times several deft variants of a few layers on the GPU (for docs/perf-notes.md).
+
+python3 scripts/sweep.py --lib build/libdeft.so [--cases deft_64,dense512] [--dtypes fp16]
+Each line: case, layout, dtype, variant, median us per call (over 20-call batches), the ratio
+to cuDNN, and the relative error against the default variant's output.
+"""
+import argparse, json, os, sys
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import torch
+from deft_ctypes import DeftLibrary
+
+VARIANTS = {
+    "gemm": [
+        "algo=gemm_tc tm=64 tn=64 tk=32 threads=256 transpose={t}",
+        "algo=gemm_tc tm=128 tn=64 tk=32 threads=256 transpose={t}",
+        "algo=gemm_tc tm=64 tn=128 tk=32 threads=256 transpose={t}",
+        "algo=gemm_tc tm=128 tn=128 tk=32 threads=256 transpose={t}",
+        "algo=gemm_tc tm=64 tn=256 tk=32 threads=256 transpose={t}",
+    ],
+    "simt": [
+        "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 transpose={t}",
+        "algo=gemm_simt tm=128 tn=64 tk=16 threads=256 transpose={t}",
+        "algo=gemm_simt tm=64 tn=128 tk=16 threads=256 transpose={t}",
+    ],
+    "dw": [
+        "algo=depthwise tm=8 tn=256 tk=1 threads=256 vec=8",
+        "algo=depthwise tm=16 tn=128 tk=1 threads=256 vec=8",
+        "algo=depthwise tm=32 tn=64 tk=1 threads=256 vec=8",
+        "algo=depthwise tm=256 tn=4 tk=1 threads=256 vec=4",
+        "algo=depthwise tm=256 tn=2 tk=1 threads=256 vec=2",
+        "algo=depthwise tm=256 tn=1 tk=1 threads=256 vec=1",
+    ],
+}
+
+
+def time_us(fn, reps=15, batch=20):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        s.record()
+        for _ in range(batch):
+            fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) * 1000 / batch)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", default="build/libdeft.so")
+    ap.add_argument("--shapes", default="bench/shapes.json")
+    ap.add_argument("--cases", default="deft_64,resnet_res4,dense512,dw512")
+    ap.add_argument("--dtypes", default="fp16,fp32_tf32")
+    ap.add_argument("--layouts", default="nchw,nhwc")
+    a = ap.parse_args()
+    lib = DeftLibrary(a.lib)
+    spec = json.load(open(a.shapes))
+    cases = {c["name"]: c for c in spec["cases"]}
+    torch.manual_seed(0)
+    dev = "cuda"
+    for name in a.cases.split(","):
+        c = cases[name]
+        n, ci, k, h, w = c["n"], c["c"], c["k"], c["h"], c["w"]
+        r, s_, st, pad = c.get("r", 3), c.get("s", 3), c.get("stride", 1), c.get("pad", 1)
+        g, og = c.get("groups", 1), c.get("offset_groups", 1)
+        ho = (h + 2 * pad - (r - 1) - 1) // st + 1
+        wo = (w + 2 * pad - (s_ - 1) - 1) // st + 1
+        for dt in a.dtypes.split(","):
+            tdt = torch.half if dt == "fp16" else torch.float32
+            torch.backends.cudnn.allow_tf32 = dt == "fp32_tf32"
+            x = torch.rand(n, ci, h, w, device=dev, dtype=tdt) * 2 - 1
+            wt = (torch.rand(k, ci // g, r, s_, device=dev, dtype=tdt) * 2 - 1) / (ci // g * r * s_) ** 0.5
+            off = (torch.randn(n, 2 * og * r * s_, ho, wo, device=dev) * 2).to(tdt)
+            msk = torch.rand(n, og * r * s_, ho, wo, device=dev, dtype=tdt)
+            for layout in a.layouts.split(","):
+                if layout == "nhwc":
+                    X, Wt, O, M = [t.permute(0, 2, 3, 1).contiguous() for t in (x, wt, off, msk)]
+                    xc = x.to(memory_format=torch.channels_last)
+                    wc = wt.to(memory_format=torch.channels_last)
+                    out = torch.empty(n, ho, wo, k, device=dev, dtype=tdt)
+                else:
+                    X, Wt, O, M = x, wt, off, msk
+                    xc, wc = x, wt
+                    out = torch.empty(n, k, ho, wo, device=dev, dtype=tdt)
+                cud = time_us(lambda: torch.nn.functional.conv2d(xc, wc, None, st, pad, 1, g))
+                desc = (f"deform_conv2d n={n} c={ci} h={h} w={w} k={k} r={r} s={s_} stride={st} "
+                        f"pad={pad} groups={g} offset_groups={og} mask=1 "
+                        f"dtype={'f16' if dt == 'fp16' else 'f32'}"
+                        f"{' math=tf32' if dt == 'fp32_tf32' else ''} layout={layout}")
+                ref = None
+                fam = "dw" if g == ci and k == ci else ("gemm" if dt != "fp32" else "simt")
+                vs = [None]
+                for v in VARIANTS[fam]:
+                    for t in ([0, 1] if layout == "nchw" and fam != "dw" else [0]):
+                        vs.append(v.format(t=t))
+                for v in vs:
+                    try:
+                        kern = lib.compile(lib.canonical(desc), v, None)
+                        fn = lambda: kern.forward(X, O, M, Wt, None, out)
+                        out.fill_(float("nan"))
+                        fn()
+                        torch.cuda.synchronize()
+                        if ref is None:
+                            ref = out.clone().double()
+                        err = ((out.double() - ref).norm() / ref.norm()).item()
+                        us = time_us(fn)
+                        print(f"{name:14s} {layout} {dt:9s} {us:9.1f} us  x{us / cud:6.2f} cuDNN({cud:.1f})"
+                              f"  err {err:.1e}  {v or 'default: ' + kern.variant}", flush=True)
+                    except Exception as ex:  # report and go on
+                        print(f"{name:14s} {layout} {dt:9s} FAILED {v}: {str(ex)[:200]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
