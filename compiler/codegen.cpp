@@ -103,6 +103,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   c32("SMEM_BYTES", p.smem_bytes);
   c32("MIN_BLOCKS", std::max(1, 512 / v.threads));  // keep >= 16 warps resident per SM
   line(fmt::format("#define VEC_A {}", p.vec_a ? 1 : 0));
+  line(fmt::format("#define VEC_B {}", p.vec_b ? 1 : 0));
   if (p.use_tc) {
     c32("WM", p.wm);
     c32("WN", p.wn);

@@ -23,7 +23,8 @@ struct KernelPlan {
   bool x_nhwc = false;            // the kernel reads the input channels-last
   bool w_krsc = false;            // ... and the weight as [k][r][s][c/groups]
   bool transpose = false;         // a transpose pre-pass makes them so from nchw tensors
-  bool vec_a = false;             // A gathered with 16-byte vector loads (nhwc)
+  bool vec_a = false;
+  bool vec_b = false;             // B (weight) loaded as 16-byte vectors, tile column-major             // A gathered with 16-byte vector loads (nhwc)
   bool wide_offsets = false;      // 64-bit element offsets inside one image
   std::array<unsigned, 3> grid{1, 1, 1};
   unsigned block = 0;

@@ -86,7 +86,7 @@ Variant default_variant(const LayerDesc& d) {
     const int vec = 16 / dtype_size(d.dtype);
     if (d.layout == Layout::nhwc && d.c % vec == 0 && d.c_per_offset_group() % vec == 0) {
       v.vec = vec;
-      v.tile_n = std::min<int64_t>(32 * vec, d.c);
+      v.tile_n = std::min<int64_t>(8 * vec, d.c);  // 8 threads per pixel, 32 pixels per block
       while (v.tile_n % vec != 0 || 256 % (v.tile_n / vec) != 0) v.tile_n -= vec;
     } else {
       v.vec = d.layout == Layout::nhwc ? 1 : 4;

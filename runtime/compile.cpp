@@ -166,6 +166,10 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
     driver::check(api.cuLibraryGetKernel(&impl->kernel, impl->library,
                                          impl->plan.kernel_name.c_str()),
                   "cuLibraryGetKernel");
+    if (impl->plan.smem_bytes > 48 * 1024)
+      driver::check(api.cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                             impl->plan.smem_bytes, impl->kernel, dev),
+                    "cuKernelSetAttribute(max dynamic shared memory)");
     if (impl->plan.transpose)
       driver::check(api.cuLibraryGetKernel(&impl->transpose, impl->library, "deft_transpose"),
                     "cuLibraryGetKernel(deft_transpose)");
@@ -240,7 +244,8 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
   }
   void* params[] = {&input, &offset, &mask, &weight, &bias, &output};
   CUresult r = api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->kernel), p.grid[0],
-                                  p.grid[1], p.grid[2], p.block, 1, 1, 0, stream, params, nullptr);
+                                  p.grid[1], p.grid[2], p.block, 1, 1, unsigned(p.smem_bytes), stream,
+                                  params, nullptr);
   if (workspace) driver::check(api.cuMemFreeAsync(workspace, stream), "cuMemFreeAsync");
   driver::check(r, "cuLaunchKernel");
 }

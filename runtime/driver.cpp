@@ -48,6 +48,7 @@ const Loaded& loaded() {
     bind(lib, a.cuLibraryUnload, "cuLibraryUnload", r.error);
     bind(lib, a.cuLibraryGetKernel, "cuLibraryGetKernel", r.error);
     bind(lib, a.cuLaunchKernel, "cuLaunchKernel", r.error);
+    bind(lib, a.cuKernelSetAttribute, "cuKernelSetAttribute", r.error);
     bind(lib, a.cuMemAllocAsync, "cuMemAllocAsync", r.error);
     bind(lib, a.cuMemFreeAsync, "cuMemFreeAsync", r.error);
     bind(lib, a.cuGetErrorString, "cuGetErrorString", r.error);

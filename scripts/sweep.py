@@ -16,7 +16,9 @@ VARIANTS = {
         "algo=gemm_tc tm=128 tn=64 tk=32 threads=256 transpose={t}",
         "algo=gemm_tc tm=64 tn=128 tk=32 threads=256 transpose={t}",
         "algo=gemm_tc tm=128 tn=128 tk=32 threads=256 transpose={t}",
-        "algo=gemm_tc tm=64 tn=256 tk=32 threads=256 transpose={t}",
+        "algo=gemm_tc tm=128 tn=64 tk=64 threads=256 transpose={t}",
+        "algo=gemm_tc tm=64 tn=64 tk=64 threads=128 transpose={t}",
+        "algo=gemm_tc tm=128 tn=128 tk=32 threads=512 transpose={t}",
     ],
     "simt": [
         "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 transpose={t}",
@@ -24,12 +26,13 @@ VARIANTS = {
         "algo=gemm_simt tm=64 tn=128 tk=16 threads=256 transpose={t}",
     ],
     "dw": [
-        "algo=depthwise tm=8 tn=256 tk=1 threads=256 vec=8",
-        "algo=depthwise tm=16 tn=128 tk=1 threads=256 vec=8",
         "algo=depthwise tm=32 tn=64 tk=1 threads=256 vec=8",
+        "algo=depthwise tm=64 tn=32 tk=1 threads=256 vec=8",
+        "algo=depthwise tm=64 tn=16 tk=1 threads=256 vec=4",
+        "algo=depthwise tm=32 tn=32 tk=1 threads=256 vec=4",
         "algo=depthwise tm=256 tn=4 tk=1 threads=256 vec=4",
-        "algo=depthwise tm=256 tn=2 tk=1 threads=256 vec=2",
-        "algo=depthwise tm=256 tn=1 tk=1 threads=256 vec=1",
+        "algo=depthwise tm=128 tn=4 tk=1 threads=128 vec=4",
+        "algo=depthwise tm=256 tn=8 tk=1 threads=256 vec=8",
     ],
 }
 
@@ -96,7 +99,7 @@ def main():
                 fam = "dw" if g == ci and k == ci else ("gemm" if dt != "fp32" else "simt")
                 vs = [None]
                 for v in VARIANTS[fam]:
-                    for t in ([0, 1] if layout == "nchw" and fam != "dw" else [0]):
+                    for t in ([1] if layout == "nchw" and fam != "dw" else [0]):
                         vs.append(v.format(t=t))
                 for v in vs:
                     try:

@@ -48,11 +48,16 @@ __device__ __forceinline__ Off deft_pixel_offset(long long y, long long x) {
   return Off(X_NHWC ? (y * W + x) * (long long)C : y * W + x);
 }
 
-// Sampling point of output pixel (n, ho, wo), tap t, offset group og.
-__device__ __forceinline__ SamplePoint deft_sample_point(const T* __restrict__ offset,
-                                                         const T* __restrict__ mask, long long n,
-                                                         int ho, int wo, int t, int og) {
-  const int i = t / S, j = t % S;
+// The raw inputs of one sampling point: (dy, dx) and the modulation of output pixel
+// (n, ho, wo), tap t, offset group og, read from the offset and mask tensors.
+struct PointInput {
+  Pos dy, dx;
+  Acc mod;
+};
+
+__device__ __forceinline__ PointInput deft_point_input(const T* __restrict__ offset,
+                                                       const T* __restrict__ mask, long long n,
+                                                       int ho, int wo, int t, int og) {
   long long dy_idx, dx_idx, m_idx;
   if (NHWC) {
     const long long pix = (n * HO + ho) * WO + wo;
@@ -64,9 +69,20 @@ __device__ __forceinline__ SamplePoint deft_sample_point(const T* __restrict__ o
     dx_idx = dy_idx + (long long)HO * WO;
     m_idx = ((n * (OG * R * S) + og * R * S + t) * HO + ho) * WO + wo;
   }
-  const Pos y = Pos(ho * SH - PH + i * DH) + Pos(deft_widen(offset[dy_idx]));
-  const Pos x = Pos(wo * SW - PW + j * DW) + Pos(deft_widen(offset[dx_idx]));
-  const Acc mod = HAS_MASK ? Acc(deft_widen(mask[m_idx])) : Acc(1);
+  PointInput in;
+  in.dy = Pos(deft_widen(offset[dy_idx]));
+  in.dx = Pos(deft_widen(offset[dx_idx]));
+  in.mod = HAS_MASK ? Acc(deft_widen(mask[m_idx])) : Acc(1);
+  return in;
+}
+
+// Corners and weights of the sampling point of output pixel (ho, wo), tap t.
+__device__ __forceinline__ SamplePoint deft_point_from(const PointInput& in, int ho, int wo,
+                                                       int t) {
+  const int i = t / S, j = t % S;
+  const Pos y = Pos(ho * SH - PH + i * DH) + in.dy;
+  const Pos x = Pos(wo * SW - PW + j * DW) + in.dx;
+  const Acc mod = in.mod;
   SamplePoint p;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -87,6 +103,13 @@ __device__ __forceinline__ SamplePoint deft_sample_point(const T* __restrict__ o
     if (bottom && right) { p.off[3] = deft_pixel_offset(y0 + 1, x0 + 1); p.w[3] = ly * lx * mod; }
   }
   return p;
+}
+
+// Sampling point of output pixel (n, ho, wo), tap t, offset group og.
+__device__ __forceinline__ SamplePoint deft_sample_point(const T* __restrict__ offset,
+                                                         const T* __restrict__ mask, long long n,
+                                                         int ho, int wo, int t, int og) {
+  return deft_point_from(deft_point_input(offset, mask, n, ho, wo, t, og), ho, wo, t);
 }
 
 // The sampled value of one channel, given the start of its plane (nchw) or the image plus

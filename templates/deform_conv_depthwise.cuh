@@ -30,10 +30,23 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = Acc(0);
 
+  // Taps go in batches: a batch's offsets and masks are read up front (independent loads in
+  // flight together), then its corner loads overlap as the batch loop is unrolled.
+  constexpr int TAP_BATCH = R * S < 9 ? R * S : 9;
+  const int og0 = c_base / CPOG;
 #pragma unroll 1
-  for (int tap = 0; tap < R * S; ++tap) {
-    int og = c_base / CPOG;
-    SamplePoint p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
+  for (int t0 = 0; t0 < R * S; t0 += TAP_BATCH) {
+  PointInput pin[TAP_BATCH];
+#pragma unroll
+  for (int b = 0; b < TAP_BATCH; ++b)
+    if (t0 + b < R * S) pin[b] = deft_point_input(offset, mask, n, ho, wo, t0 + b, og0);
+
+#pragma unroll
+  for (int b = 0; b < TAP_BATCH; ++b) {
+    const int tap = t0 + b;
+    if (tap >= R * S) break;
+    int og = og0;
+    SamplePoint p = deft_point_from(pin[b], ho, wo, tap);
     if constexpr (X_NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0) {
       constexpr int CHUNKS = VEC * sizeof(T) / 16 > 0 ? VEC * sizeof(T) / 16 : 1;
       union Vec {
@@ -70,6 +83,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       }
     }
   }
+
+  }  // tap batches
 
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {

@@ -22,7 +22,17 @@ constexpr int A_STRIDE = BK + A_PAD;
 constexpr int A_STRIDE = BM + A_PAD;
 #define A_AT(k, m) ((k) * A_STRIDE + (m))
 #endif
-constexpr int B_STRIDE = BN + B_PAD;  // Bs[kk][n]
+// B tile: column-major Bs[n][kk] when the weight is loaded in 16-byte vectors along the
+// reduction (VEC_B: krsc weight, tensor cores), else row-major Bs[kk][n].
+#if VEC_B
+constexpr int B_STRIDE = BK + B_PAD;
+#define B_AT(k, n) ((n) * B_STRIDE + (k))
+constexpr int B_VEC = 16 / sizeof(T);
+constexpr int B_LOADS = BN * BK / (THREADS * B_VEC);
+#else
+constexpr int B_STRIDE = BN + B_PAD;
+#define B_AT(k, n) ((k) * B_STRIDE + (n))
+#endif
 
 // Thread -> A elements: each thread gathers KV = A_ELEMS consecutive reduction channels of
 // one output pixel, so it needs one sampling point per tap. nchw: pixels fastest across
@@ -50,15 +60,45 @@ struct ASlice {
   __align__(16) Stage v[A_ELEMS];
 };
 #endif
+#if VEC_B
+struct BSlice {
+  uint4 v[B_LOADS];
+};
+// Thread -> B vectors: B_VEC consecutive reduction channels of one output channel.
+__device__ __forceinline__ void deft_b_coord(int tid, int e, int& k_base, int& n_local) {
+  const int idx = tid + e * THREADS;
+  k_base = (idx % (BK / B_VEC)) * B_VEC;
+  n_local = idx / (BK / B_VEC);
+}
+#else
 struct BSlice {
   Stage v[B_ELEMS];
 };
+#endif
 
-// The thread's current sampling point, keyed by (tap, offset group).
+// The thread's current sampling point, keyed by (tap, offset group), and the offsets and
+// mask of the next tap, read one tap ahead so their latency is hidden.
 struct PointCache {
   SamplePoint p;
   int key;
+  PointInput next;
+  int next_key;
 };
+
+__device__ __forceinline__ void deft_update_point(PointCache& cache, const T* __restrict__ offset,
+                                                  const T* __restrict__ mask, long long n, int ho,
+                                                  int wo, int tap, int og) {
+  const int key = tap * OG + og;
+  if (cache.key == key) return;
+  const PointInput in =
+      cache.next_key == key ? cache.next : deft_point_input(offset, mask, n, ho, wo, tap, og);
+  if (tap + 1 < R * S) {
+    cache.next = deft_point_input(offset, mask, n, ho, wo, tap + 1, og);
+    cache.next_key = key + OG;
+  }
+  cache.p = deft_point_from(in, ho, wo, tap);
+  cache.key = key;
+}
 
 __device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
                                             const T* __restrict__ offset,
@@ -79,12 +119,7 @@ __device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
   const int cl = c0 + k_base;
   if (m_ok && cl < CG) {
     const int c = g * CG + cl;
-    const int og = c / CPOG;
-    const int key = tap * OG + og;
-    if (cache.key != key) {
-      cache.p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
-      cache.key = key;
-    }
+    deft_update_point(cache, offset, mask, n, ho, wo, tap, c / CPOG);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       const uint4* src = reinterpret_cast<const uint4*>(image + c + cache.p.off[q]);
@@ -107,12 +142,7 @@ __device__ __forceinline__ void deft_load_a(const T* __restrict__ input,
     Acc v = Acc(0);
     if (m_ok && cl < CG) {
       const int c = g * CG + cl;
-      const int og = c / CPOG;
-      const int key = tap * OG + og;
-      if (cache.key != key) {
-        cache.p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
-        cache.key = key;
-      }
+      deft_update_point(cache, offset, mask, n, ho, wo, tap, c / CPOG);
       v = deft_sample(X_NHWC ? image + c : image + c * ((long long)H * W), cache.p);
     }
     a.v[e] = Stage(v);
@@ -125,6 +155,20 @@ __device__ __forceinline__ void deft_load_b(const T* __restrict__ weight, int g,
                                             int slice, int tid, BSlice& b) {
   const int tap = slice / K_SLICES_PER_TAP;
   const int c0 = (slice % K_SLICES_PER_TAP) * BK;
+#if VEC_B
+#pragma unroll
+  for (int e = 0; e < B_LOADS; ++e) {
+    int k_base, n_local;
+    deft_b_coord(tid, e, k_base, n_local);
+    const int cl = c0 + k_base, kout = n0 + n_local;
+    if (cl < CG && kout < KG) {
+      const long long ko = (long long)g * KG + kout;
+      b.v[e] = __ldg(reinterpret_cast<const uint4*>(weight + (ko * (R * S) + tap) * CG + cl));
+    } else {
+      b.v[e] = make_uint4(0, 0, 0, 0);
+    }
+  }
+#else
 #pragma unroll
   for (int e = 0; e < B_ELEMS; ++e) {
     const int idx = tid + e * THREADS;
@@ -146,6 +190,7 @@ __device__ __forceinline__ void deft_load_b(const T* __restrict__ weight, int g,
     }
     b.v[e] = Stage(v);
   }
+#endif
 }
 
 __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid, const ASlice& a,
@@ -189,6 +234,14 @@ __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid,
 #pragma unroll
     for (int e = 0; e < A_ELEMS; ++e) As[A_AT(k_base + e, m_local)] = av.v[e];
   }
+#if VEC_B
+#pragma unroll
+  for (int e = 0; e < B_LOADS; ++e) {
+    int k_base, n_local;
+    deft_b_coord(tid, e, k_base, n_local);
+    *reinterpret_cast<uint4*>(Bs + B_AT(k_base, n_local)) = b.v[e];
+  }
+#else
 #pragma unroll
   for (int e = 0; e < B_ELEMS; ++e) {
     const int idx = tid + e * THREADS;
@@ -200,8 +253,9 @@ __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid,
       n_local = idx % BN;
       k_local = idx / BN;
     }
-    Bs[k_local * B_STRIDE + n_local] = b.v[e];
+    Bs[B_AT(k_local, n_local)] = b.v[e];
   }
+#endif
 }
 
 // Writes one output element with bias and activation.
@@ -228,13 +282,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
   // Two stages of the A and B slices; the tensor-core epilogue reuses the space as scratch.
   constexpr int A_TILE = USE_TC ? BM * A_STRIDE : BK * A_STRIDE;
-  __shared__ __align__(128) unsigned char smem[SMEM_BYTES];
+  extern __shared__ __align__(128) unsigned char smem[];  // SMEM_BYTES, set at launch
   Stage (*As)[A_TILE] = reinterpret_cast<Stage (*)[A_TILE]>(smem);
-  Stage (*Bs)[BK * B_STRIDE] =
-      reinterpret_cast<Stage (*)[BK * B_STRIDE]>(smem + 2 * A_TILE * sizeof(Stage));
+  constexpr int B_TILE = VEC_B ? BN * B_STRIDE : BK * B_STRIDE;
+  Stage (*Bs)[B_TILE] = reinterpret_cast<Stage (*)[B_TILE]>(smem + 2 * A_TILE * sizeof(Stage));
 
   PointCache cache;
   cache.key = -1;
+  cache.next_key = -1;
 
 #if USE_TC
   using namespace nvcuda;
@@ -275,7 +330,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #pragma unroll
     for (int kk = 0; kk < BK; kk += WK) {
       wmma::fragment<wmma::matrix_a, 16, 16, WK, TcIn, wmma::row_major> fa[FM];
+#if VEC_B
+      wmma::fragment<wmma::matrix_b, 16, 16, WK, TcIn, wmma::col_major> fb[FN];
+#else
       wmma::fragment<wmma::matrix_b, 16, 16, WK, TcIn, wmma::row_major> fb[FN];
+#endif
 #pragma unroll
       for (int i = 0; i < FM; ++i) {
         wmma::load_matrix_sync(fa[i], as + A_AT(kk, (wm * FM + i) * 16), A_STRIDE);
@@ -283,7 +342,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       }
 #pragma unroll
       for (int j = 0; j < FN; ++j) {
-        wmma::load_matrix_sync(fb[j], bs + kk * B_STRIDE + (wn * FN + j) * 16, B_STRIDE);
+        wmma::load_matrix_sync(fb[j], bs + B_AT(kk, (wn * FN + j) * 16), B_STRIDE);
         TC_CONVERT(fb[j]);
       }
 #pragma unroll
@@ -298,7 +357,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #pragma unroll
       for (int i = 0; i < TM; ++i) av[i] = Acc(as[A_AT(kk, ty + i * (BM / TM))]);
 #pragma unroll
-      for (int j = 0; j < TN; ++j) bv[j] = Acc(bs[kk * B_STRIDE + tx + j * (BN / TN)]);
+      for (int j = 0; j < TN; ++j) bv[j] = Acc(bs[B_AT(kk, tx + j * (BN / TN))]);
 #pragma unroll
       for (int i = 0; i < TM; ++i)
 #pragma unroll

@@ -208,7 +208,7 @@ TEST(VariantValidation, RejectsVariantsThatCannotRunTheLayer) {
   expect_field(f32, "algo=gemm_tc", "algo");           // tensor cores need f16/bf16/tf32
   expect_field(f16, "algo=gemm_simt tm=48", "tm");     // not a power of two
   expect_field(f16, "algo=gemm_simt threads=100", "threads");
-  expect_field(f16, "algo=gemm_tc tm=128 tn=128 tk=64 threads=256", "tk");  // shared memory
+  expect_field(f16, "algo=gemm_tc tm=128 tn=256 tk=64 threads=512", "tk");  // shared memory
   EXPECT_NO_THROW(deft::validate(f32, deft::default_variant(f32)));
   EXPECT_NO_THROW(deft::validate(f16, deft::default_variant(f16)));
   EXPECT_EQ(deft::default_variant(f16).algo, deft::Algo::gemm_tc);
