@@ -32,7 +32,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   p.block = v.threads;
   p.x_nhwc = p.w_krsc = d.layout == Layout::nhwc;
   if (v.transpose) {
-    if (d.layout != Layout::nhwc && v.algo != Algo::depthwise) {
+    if (d.layout != Layout::nhwc) {
       p.transpose = p.x_nhwc = p.w_krsc = true;
       p.workspace_input_bytes = d.n * d.c * d.h * d.w * dtype_size(d.dtype);
       p.workspace_weight_bytes = d.k * d.c_per_group() * d.taps() * dtype_size(d.dtype);
@@ -40,7 +40,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         bad("transpose", fmt::format("transpose=1 handles n and k up to 65535, not n={} k={}",
                                      d.n, d.k));
     } else {
-      bad("transpose", "transpose=1 applies only to gemm kernels on nchw layers");
+      bad("transpose", "transpose=1 applies only to nchw layers");
     }
   }
 
@@ -138,7 +138,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                                 d.groups, d.c, d.k));
       const int vec = v.vec, tsize = dtype_size(d.dtype);
       if (!pow2(vec) || vec > 16) bad("vec", fmt::format("vec={} must be 1, 2, 4, 8 or 16", vec));
-      if (d.layout == Layout::nhwc && vec > 1) {
+      if (p.x_nhwc && vec > 1) {
         if ((vec * tsize) % 16 != 0)
           bad("vec", fmt::format("vec={} of {} is not a whole number of 16-byte loads", vec,
                                  to_string(d.dtype)));

@@ -212,6 +212,14 @@ std::vector<GpuCase> fixed_cases() {
   v.push_back({"long_reduction_bf16_nchw", d, 2.0, 6});
   d.dtype = DType::f32, d.math = MathMode::tf32;
   v.push_back({"long_reduction_tf32_nchw", d, 2.0, 7});
+  // Wide output tiles (tn=128) and, in tf32, dynamic shared memory above 48 KiB.
+  d = desc(2, 64, 9, 11, 160, 3, 1, 1, 1, DType::f32, Layout::nchw);
+  d.math = MathMode::tf32;
+  v.push_back({"wide_tile_tf32_nchw", d, 2.0, 11});
+  d = desc(2, 64, 9, 11, 160, 3, 1, 2, 1, DType::f16, Layout::nhwc);
+  v.push_back({"wide_tile_f16_nhwc", d, 2.0, 12});
+  // Depthwise nchw through the transpose pre-pass (16-byte vectors), with offset groups.
+  v.push_back({"depthwise_f32_nchw_transposed", desc(2, 32, 10, 14, 32, 3, 1, 32, 2, DType::f32, Layout::nchw), 2.0, 13});
   v.push_back({"odd_channels_f32_nhwc", desc(3, 3, 11, 13, 5, 3, 1, 1, 1, DType::f32, Layout::nhwc), 2.0, 8});
   v.push_back({"odd_channels_f16_nhwc", desc(1, 6, 11, 13, 10, 3, 0, 2, 2, DType::f16, Layout::nhwc), 2.0, 9});
   d = desc(2, 8, 15, 15, 12, 1, 0, 1, 1, DType::bf16, Layout::nchw);
