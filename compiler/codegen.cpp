@@ -117,6 +117,9 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     line("#define USE_TC 0");
   }
   }
+  // f16: bilinear corners combined in packed half2 arithmetic (bf16's 8-bit mantissa is too
+  // coarse for that; it combines in f32).
+  line(fmt::format("#define HALF2_COMBINE {}", d.dtype == DType::f16 ? 1 : 0));
   line("#define KERNEL_NAME " + p.kernel_name);
   line("");
   line("// ---- templates/common.cuh ----");

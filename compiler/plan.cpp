@@ -82,9 +82,20 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         }
         if (bk % p.wk != 0) bad("tk", fmt::format("tk={} must be a multiple of {}", bk, p.wk));
         const int warps = th / 32;
-        p.wm = std::min(warps, bm / 16);
-        if (p.wm < 1 || warps % p.wm != 0)
-          bad("tm", fmt::format("tm={} does not fit {} warps of 16-row fragments", bm, warps));
+        // Warp grid: the split whose warp tile needs the fewest fragment loads per mma,
+        // (fm + fn) / (fm * fn), i.e. the squarest warp tile.
+        p.wm = 0;
+        double best = 1e9;
+        for (int wm = 1; wm <= warps; wm *= 2) {
+          const int wn = warps / wm;
+          if (warps % wm != 0 || bm % (16 * wm) != 0 || bn % (16 * wn) != 0) continue;
+          const int fm = bm / (16 * wm), fn = bn / (16 * wn);
+          const double cost = double(fm + fn) / (fm * fn);
+          if (cost < best - 1e-9) best = cost, p.wm = wm;
+        }
+        if (p.wm == 0)
+          bad("tn", fmt::format("a {}x{} tile does not split over {} warps of 16x16 fragments",
+                                bm, bn, warps));
         p.wn = warps / p.wm;
         if (bm % (16 * p.wm) != 0 || bn % (16 * p.wn) != 0)
           bad("tn", fmt::format("a {}x{} tile does not split over a {}x{} warp grid of 16x16 "

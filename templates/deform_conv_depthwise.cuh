@@ -54,6 +54,29 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         T t[VEC];
       };
       Acc s[VEC];
+#if HALF2_COMBINE
+      // f16: corners combined in packed half2 arithmetic, taps accumulated in f32.
+      __half2 s2[VEC / 2];
+#pragma unroll
+      for (int e = 0; e < VEC / 2; ++e) s2[e] = __float2half2_rn(0.f);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        Vec x;
+        const uint4* src = reinterpret_cast<const uint4*>(image + c_base + p.off[q]);
+#pragma unroll
+        for (int u = 0; u < CHUNKS; ++u) x.u[u] = __ldg(src + u);
+        const __half2 w2 = __float2half2_rn(p.w[q]);
+        const __half2* x2 = reinterpret_cast<const __half2*>(x.u);
+#pragma unroll
+        for (int e = 0; e < VEC / 2; ++e) s2[e] = __hfma2(w2, x2[e], s2[e]);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC / 2; ++e) {
+        const float2 f = __half22float2(s2[e]);
+        s[2 * e] = f.x;
+        s[2 * e + 1] = f.y;
+      }
+#else
 #pragma unroll
       for (int e = 0; e < VEC; ++e) s[e] = Acc(0);
 #pragma unroll
@@ -65,6 +88,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) s[e] += p.w[q] * Acc(deft_widen(x.t[e]));
       }
+#endif
 #pragma unroll
       for (int e = 0; e < VEC; ++e)
         acc[e] += Acc(deft_widen(weight[(long long)(c_base + e) * (R * S) + tap])) * s[e];

@@ -197,7 +197,34 @@ __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid,
                                                   const BSlice& b) {
   int m_local, k_base;
   deft_a_coord(tid, m_local, k_base);
-#if VEC_A
+#if VEC_A && HALF2_COMBINE
+  // f16: the bilinear combination in packed half2 arithmetic (two channels per instruction);
+  // the A tile is f16 anyway.
+  union Vec2 {
+    uint4 u[A_CHUNKS];
+    __half2 h[A_ELEMS / 2];
+  };
+  Vec2 sum;
+#pragma unroll
+  for (int e = 0; e < A_ELEMS / 2; ++e) sum.h[e] = __float2half2_rn(0.f);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    Vec2 x;
+#pragma unroll
+    for (int u = 0; u < A_CHUNKS; ++u) x.u[u] = a.raw[q][u];
+    const __half2 w2 = __float2half2_rn(a.w[q]);
+#pragma unroll
+    for (int e = 0; e < A_ELEMS / 2; ++e) sum.h[e] = __hfma2(w2, x.h[e], sum.h[e]);
+  }
+  struct {
+    __align__(16) Stage v[A_ELEMS];
+  } av;
+#pragma unroll
+  for (int e = 0; e < A_ELEMS / 2; ++e) {
+    av.v[2 * e] = __low2half(sum.h[e]);
+    av.v[2 * e + 1] = __high2half(sum.h[e]);
+  }
+#elif VEC_A
   // Bilinear combination of the four corner vectors.
   union Vec {
     uint4 u[A_CHUNKS];
