@@ -91,7 +91,6 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("VEC", p.vec);
     c32("CH_PER_BLOCK", p.ch_per_block);
     c32("PIX_PER_BLOCK", p.pix_per_block);
-    line(fmt::format("#define COOP {}", p.coop ? 1 : 0));
   } else {
   c32("BM", v.tile_m);
   c32("BN", v.tile_n);

@@ -168,11 +168,6 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                               v.tile_m, v.threads / tpc));
       p.vec = vec;
       p.ch_per_block = v.tile_n;
-      // Cooperative path: 16-byte channel vectors, a pixel's threads inside one warp, and the
-      // block's weights small enough to stage in shared memory.
-      p.coop = p.x_nhwc && vec > 1 && (vec * tsize) % 16 == 0 && 32 % tpc == 0 &&
-               d.c_per_offset_group() % v.tile_n == 0 &&  // one offset group per block
-               d.taps() * v.tile_n * tsize <= 16 * 1024;
       p.pix_per_block = v.threads / tpc;
       p.t_size = tsize;
       const int64_t m_total = d.n * d.out_h() * d.out_w();

@@ -20,7 +20,6 @@ struct KernelPlan {
   int wm = 0, wn = 0, fm = 0, fn = 0, wk = 0;  // tensor-core warp grid and fragments
   int smem_bytes = 0;
   int vec = 0, ch_per_block = 0, pix_per_block = 0, t_size = 0;  // depthwise
-  bool coop = false;  // depthwise: shared weights, sampling points split across a pixel's threads
   bool x_nhwc = false;            // the kernel reads the input channels-last
   bool w_krsc = false;            // ... and the weight as [k][r][s][c/groups]
   bool transpose = false;         // a transpose pre-pass makes them so from nchw tensors
