@@ -220,13 +220,13 @@ std::vector<GpuCase> fixed_cases() {
   v.push_back({"wide_tile_f16_nhwc", d, 2.0, 12});
   // Depthwise nchw through the transpose pre-pass (16-byte vectors), with offset groups.
   v.push_back({"depthwise_f32_nchw_transposed", desc(2, 32, 10, 14, 32, 3, 1, 32, 2, DType::f32, Layout::nchw), 2.0, 13});
-  // Cooperative depthwise path (shared weights, shuffled sampling points), with partial
-  // pixel blocks, bias + activation, offset groups, and through the nchw transpose.
+  // Depthwise with 16-byte vectors: partial pixel blocks, bias + activation, offset groups,
+  // a 5x5 kernel (several tap batches), and through the nchw transpose.
   d = desc(3, 64, 7, 9, 64, 3, 1, 64, 1, DType::f16, Layout::nhwc);
   d.bias = true, d.act = Activation::gelu;
-  v.push_back({"depthwise_coop_f16_nhwc", d, 2.0, 14});
-  v.push_back({"depthwise_coop_f32_nhwc_og2", desc(2, 128, 11, 5, 128, 3, 1, 128, 2, DType::f32, Layout::nhwc), 8.0, 15});
-  v.push_back({"depthwise_coop_f16_nchw_og2", desc(2, 128, 7, 9, 128, 5, 2, 128, 2, DType::f16, Layout::nchw), 2.0, 16});
+  v.push_back({"depthwise_vec_f16_nhwc", d, 2.0, 14});
+  v.push_back({"depthwise_vec_f32_nhwc_og2", desc(2, 128, 11, 5, 128, 3, 1, 128, 2, DType::f32, Layout::nhwc), 8.0, 15});
+  v.push_back({"depthwise_vec_f16_nchw_og2", desc(2, 128, 7, 9, 128, 5, 2, 128, 2, DType::f16, Layout::nchw), 2.0, 16});
   v.push_back({"odd_channels_f32_nhwc", desc(3, 3, 11, 13, 5, 3, 1, 1, 1, DType::f32, Layout::nhwc), 2.0, 8});
   v.push_back({"odd_channels_f16_nhwc", desc(1, 6, 11, 13, 10, 3, 0, 2, 2, DType::f16, Layout::nhwc), 2.0, 9});
   d = desc(2, 8, 15, 15, 12, 1, 0, 1, 1, DType::bf16, Layout::nchw);
