@@ -24,6 +24,8 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   grep -cE "^\[  SKIPPED" "$OUT/gpu_tests.log" | sed 's/^/gpu tests skipped: /'
   tail -5 "$OUT/gpu_tests.log"
   build/examples/deft_example_forward 2>&1 | tail -5
+  python3 -m pytest -q -p no:cacheprovider python/tests > "$OUT/pytest.log" 2>&1; echo "pytest rc=$?"
+  tail -15 "$OUT/pytest.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 bench/bench.py --lib build/libdeft.so --out "$OUT/bench" --benchmarks-md "$OUT/BENCHMARKS.md" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
