@@ -53,6 +53,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         uint4 u[CHUNKS];
         T t[VEC];
       };
+      Vec x[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint4* src = reinterpret_cast<const uint4*>(image + c_base + p.off[q]);
+#pragma unroll
+        for (int u = 0; u < CHUNKS; ++u) x[q].u[u] = __ldg(src + u);
+      }
       Acc s[VEC];
 #if HALF2_COMBINE
       // f16: corners combined in packed half2 arithmetic, taps accumulated in f32.
@@ -61,12 +68,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       for (int e = 0; e < VEC / 2; ++e) s2[e] = __float2half2_rn(0.f);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        Vec x;
-        const uint4* src = reinterpret_cast<const uint4*>(image + c_base + p.off[q]);
-#pragma unroll
-        for (int u = 0; u < CHUNKS; ++u) x.u[u] = __ldg(src + u);
         const __half2 w2 = __float2half2_rn(p.w[q]);
-        const __half2* x2 = reinterpret_cast<const __half2*>(x.u);
+        const __half2* x2 = reinterpret_cast<const __half2*>(x[q].u);
 #pragma unroll
         for (int e = 0; e < VEC / 2; ++e) s2[e] = __hfma2(w2, x2[e], s2[e]);
       }
@@ -80,14 +83,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) s[e] = Acc(0);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        Vec x;
-        const uint4* src = reinterpret_cast<const uint4*>(image + c_base + p.off[q]);
+      for (int q = 0; q < 4; ++q)
 #pragma unroll
-        for (int u = 0; u < CHUNKS; ++u) x.u[u] = __ldg(src + u);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) s[e] += p.w[q] * Acc(deft_widen(x.t[e]));
-      }
+        for (int e = 0; e < VEC; ++e) s[e] += p.w[q] * Acc(deft_widen(x[q].t[e]));
 #endif
 #pragma unroll
       for (int e = 0; e < VEC; ++e)

@@ -74,6 +74,18 @@ __device__ __forceinline__ void deft_b_coord(int tid, int e, int& k_base, int& n
 struct BSlice {
   Stage v[B_ELEMS];
 };
+// Thread -> scalar B elements: along cl fastest for a krsc weight (contiguous there), along
+// kout fastest for kcrs.
+__device__ __forceinline__ void deft_b_coord(int tid, int e, int& k_local, int& n_local) {
+  const int idx = tid + e * THREADS;
+  if (W_KRSC) {
+    k_local = idx % BK;
+    n_local = idx / BK;
+  } else {
+    n_local = idx % BN;
+    k_local = idx / BN;
+  }
+}
 #endif
 
 // The thread's current sampling point, keyed by (tap, offset group), and the offsets and
@@ -171,16 +183,8 @@ __device__ __forceinline__ void deft_load_b(const T* __restrict__ weight, int g,
 #else
 #pragma unroll
   for (int e = 0; e < B_ELEMS; ++e) {
-    const int idx = tid + e * THREADS;
-    // Along cl fastest in nhwc (contiguous there), along kout fastest in nchw.
     int k_local, n_local;
-    if (W_KRSC) {
-      k_local = idx % BK;
-      n_local = idx / BK;
-    } else {
-      n_local = idx % BN;
-      k_local = idx / BN;
-    }
+    deft_b_coord(tid, e, k_local, n_local);
     const int cl = c0 + k_local, kout = n0 + n_local;
     Acc v = Acc(0);
     if (cl < CG && kout < KG) {
@@ -271,15 +275,8 @@ __device__ __forceinline__ void deft_store_slices(Stage* As, Stage* Bs, int tid,
 #else
 #pragma unroll
   for (int e = 0; e < B_ELEMS; ++e) {
-    const int idx = tid + e * THREADS;
     int k_local, n_local;
-    if (W_KRSC) {
-      k_local = idx % BK;
-      n_local = idx / BK;
-    } else {
-      n_local = idx % BN;
-      k_local = idx / BN;
-    }
+    deft_b_coord(tid, e, k_local, n_local);
     Bs[B_AT(k_local, n_local)] = b.v[e];
   }
 #endif

@@ -1,6 +1,8 @@
 // Tests of the cache database: SHA-256 vectors, cubin and tuning-record round trips, recovery
 // from files that are not usable databases, and writers in several threads and processes.
 #include <gtest/gtest.h>
+
+#include "tests/test_tmp.hpp"
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 #include <sqlite3.h>
@@ -27,33 +29,10 @@ namespace {
 namespace fs = std::filesystem;
 using namespace deft::cache;
 
-fs::path test_tmp_root() {
-#ifdef DEFT_TEST_TMP
-  return fs::path(DEFT_TEST_TMP);
-#else
-  return fs::temp_directory_path() / "deft-tests";
-#endif
-}
-
-// A fresh directory per test, unique across concurrently running test processes.
-class TempDir {
+// A fresh directory per test ("cache-<pid>-<n>-<test>").
+class TempDir : public deft::testing::TempDir {
  public:
-  TempDir() {
-    static int counter = 0;
-    const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = test_tmp_root() / ("cache-" + std::to_string(getpid()) + "-" +
-                               std::to_string(counter++) + "-" + (test ? test->name() : "x"));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
+  TempDir() : deft::testing::TempDir("cache") {}
 };
 
 std::vector<char> random_bytes(size_t n, uint32_t seed) {

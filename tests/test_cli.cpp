@@ -4,6 +4,8 @@
 // `--emit sass|resources` (runtime/disasm). No GPU needed.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+
+#include "tests/test_tmp.hpp"
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -42,33 +44,10 @@ const char* const kLayer =
 const char* const kLayerReordered =
     "deform_conv2d dtype=f16 mask=1 pad=1 k=64 c=64 n=8 h=64 w=64 r=3 s=3";
 
-fs::path test_tmp_root() {
-#ifdef DEFT_TEST_TMP
-  return fs::path(DEFT_TEST_TMP);
-#else
-  return fs::temp_directory_path() / "deft-tests";
-#endif
-}
-
-// A fresh directory per test, unique across concurrently running test processes.
-class TempDir {
+// A fresh directory per test ("cli-<pid>-<n>-<test>").
+class TempDir : public deft::testing::TempDir {
  public:
-  TempDir() {
-    static int counter = 0;
-    const auto* test = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = test_tmp_root() / ("cli-" + std::to_string(getpid()) + "-" +
-                               std::to_string(counter++) + "-" + (test ? test->name() : "x"));
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
+  TempDir() : deft::testing::TempDir("cli") {}
 };
 
 std::string read_file(const fs::path& p) {
