@@ -17,6 +17,7 @@
 #include "cache/cache.hpp"
 #include "compiler/plan.hpp"
 #include "deft/deft.hpp"
+#include "runtime/database.hpp"
 #include "runtime/driver.hpp"
 #include "runtime/logging.hpp"
 #include "runtime/nvrtc.hpp"
@@ -40,6 +41,8 @@ namespace {
 std::atomic<int64_t> g_cache_hits{0};
 std::atomic<int64_t> g_loaded{0};
 
+}  // namespace
+
 // One open database per path for the whole process.
 std::shared_ptr<cache::Database> database_for(const std::string& path) {
   static std::mutex mu;
@@ -50,12 +53,9 @@ std::shared_ptr<cache::Database> database_for(const std::string& path) {
   return db;
 }
 
-std::string resolve_cache_path(const CompileOptions& o) {
-  if (o.cache_path) return *o.cache_path;
-  return cache::default_database_path();
+std::string resolve_cache_path(const std::optional<std::string>& path) {
+  return path ? *path : cache::default_database_path();
 }
-
-}  // namespace
 
 CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options) {
   init_logging();
@@ -78,7 +78,7 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   key.nvrtc_version = nvrtc::version();
   info.cache_key = key.digest();
 
-  const std::string db_path = resolve_cache_path(options);
+  const std::string db_path = resolve_cache_path(options.cache_path);
   std::shared_ptr<cache::Database> db = db_path.empty() ? nullptr : database_for(db_path);
   if (db) {
     if (auto blob = db->get_cubin(info.cache_key)) {
@@ -128,10 +128,13 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
   const driver::DeviceInfo dinfo = driver::device_info(dev);
   if (!options.arch) options.arch = dinfo.arch();
 
-  const Variant variant = tuner::choose_variant(desc, options);
+  const std::string db_path = resolve_cache_path(options.cache_path);
+  std::shared_ptr<cache::Database> db = db_path.empty() ? nullptr : database_for(db_path);
+  const tuner::DeviceKey device{dinfo.fingerprint(), std::to_string(dinfo.driver_version)};
+  const Variant variant = tuner::choose_variant(desc, options, db.get(), &device);
   const std::string memo_key =
       fmt::format("{}|{}|{}|{}|{}|{}", to_string(desc), to_string(variant), *options.arch,
-                  resolve_cache_path(options), fmt::join(options.nvrtc_options, " "), dev);
+                  resolve_cache_path(options.cache_path), fmt::join(options.nvrtc_options, " "), dev);
 
   static std::mutex mu;
   static std::map<std::string, std::shared_future<std::shared_ptr<KernelImpl>>> memo;

@@ -51,6 +51,19 @@ const Loaded& loaded() {
     bind(lib, a.cuKernelSetAttribute, "cuKernelSetAttribute", r.error);
     bind(lib, a.cuMemAllocAsync, "cuMemAllocAsync", r.error);
     bind(lib, a.cuMemFreeAsync, "cuMemFreeAsync", r.error);
+    bind(lib, a.mem_alloc, "cuMemAlloc_v2", r.error);
+    bind(lib, a.mem_free, "cuMemFree_v2", r.error);
+    bind(lib, a.memcpy_htod, "cuMemcpyHtoD_v2", r.error);
+    bind(lib, a.memcpy_dtoh, "cuMemcpyDtoH_v2", r.error);
+    bind(lib, a.memset_d8, "cuMemsetD8_v2", r.error);
+    bind(lib, a.event_create, "cuEventCreate", r.error);
+    bind(lib, a.event_record, "cuEventRecord", r.error);
+    bind(lib, a.event_sync, "cuEventSynchronize", r.error);
+    // CUDA 12.8 added cuEventElapsedTime_v2; older drivers have only the first version.
+    a.event_elapsed = reinterpret_cast<decltype(a.event_elapsed)>(dlsym(lib, "cuEventElapsedTime_v2"));
+    if (!a.event_elapsed) bind(lib, a.event_elapsed, "cuEventElapsedTime", r.error);
+    bind(lib, a.event_destroy, "cuEventDestroy_v2", r.error);
+    bind(lib, a.ctx_sync, "cuCtxSynchronize", r.error);
     bind(lib, a.cuGetErrorString, "cuGetErrorString", r.error);
     bind(lib, a.cuGetErrorName, "cuGetErrorName", r.error);
     if (!r.error.empty()) return r;

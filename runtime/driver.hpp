@@ -29,6 +29,18 @@ struct Api {
   CUresult (*cuKernelSetAttribute)(CUfunction_attribute, int, CUkernel, CUdevice);
   CUresult (*cuMemAllocAsync)(CUdeviceptr*, size_t, CUstream);
   CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream);
+  // Synchronous helpers used by the tuner (names differ from cuda.h's versioning macros).
+  CUresult (*mem_alloc)(CUdeviceptr*, size_t);
+  CUresult (*mem_free)(CUdeviceptr);
+  CUresult (*memcpy_htod)(CUdeviceptr, const void*, size_t);
+  CUresult (*memcpy_dtoh)(void*, CUdeviceptr, size_t);
+  CUresult (*memset_d8)(CUdeviceptr, unsigned char, size_t);
+  CUresult (*event_create)(CUevent*, unsigned);
+  CUresult (*event_record)(CUevent, CUstream);
+  CUresult (*event_sync)(CUevent);
+  CUresult (*event_elapsed)(float*, CUevent, CUevent);
+  CUresult (*event_destroy)(CUevent);
+  CUresult (*ctx_sync)();
   CUresult (*cuGetErrorString)(CUresult, const char**);
   CUresult (*cuGetErrorName)(CUresult, const char**);
 };

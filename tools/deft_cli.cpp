@@ -323,6 +323,64 @@ int run_cache_clear(const std::string& db_arg) {
   return 0;
 }
 
+// deft tune: time the search space of each layer on this GPU and keep the winner.
+int run_tune(const std::vector<std::string>& descs, double sigma, const std::string& db_arg,
+             int max_candidates, double seconds) {
+  if (!deft::gpu_available())
+    throw deft::Error("tune needs a GPU: no CUDA driver or device here");
+  deft::TuneOptions o;
+  o.offset_sigma = sigma;
+  o.max_candidates = max_candidates;
+  o.seconds_per_candidate = seconds;
+  if (!db_arg.empty()) o.cache_path = db_arg;
+  fmt::print("{:<4}{:>12}{:>12}{:>9}  {}\n", "#", "default us", "tuned us", "speedup",
+             "layer / chosen variant");
+  int i = 0;
+  for (const std::string& text : descs) {
+    const deft::LayerDesc d = deft::parse_layer_desc(text);
+    fmt::print(stderr, "[{}/{}] tuning {} ({} candidates)...\n", ++i, descs.size(),
+               deft::to_string(d), deft::search_space(d).size());
+    const deft::TuneResult r = deft::tune(d, o);
+    int failed = 0;
+    for (const auto& c : r.candidates) failed += c.median_us < 0;
+    fmt::print("{:<4}{:>12.1f}{:>12.1f}{:>8.2f}x  {}\n{:<37}{}{}\n", i, r.default_us, r.winner_us,
+               r.default_us / r.winner_us, r.desc, "", deft::to_string(r.winner),
+               failed ? fmt::format("  ({} candidates failed)", failed) : "");
+  }
+  fmt::print("records written to {} (bucket {})\n",
+             db_arg.empty() ? deft::cache::default_database_path() : db_arg,
+             deft::stats_bucket(sigma));
+  return 0;
+}
+
+// deft inspect: the tuning records of a layer, with every candidate's timing.
+int run_inspect(const std::string& text, const std::string& db_arg) {
+  const deft::LayerDesc d = deft::parse_layer_desc(text);
+  const std::string path = database_path(db_arg);
+  fmt::print("layer:         {}\ndefault:       {}\nsearch space:  {} variants, hash {}\n",
+             deft::to_string(d), deft::to_string(deft::default_variant(d)),
+             deft::search_space(d).size(), deft::search_space_hash(d));
+  auto db = open_existing(path);
+  if (!db) return 0;
+  const auto records = db->list_tuning_records(deft::to_string(d));
+  if (records.empty()) {
+    fmt::print("no tuning records in {}\n", path);
+    return 0;
+  }
+  for (const auto& r : records) {
+    fmt::print("\nrecord {}  bucket {}  device {}  driver {}  nvrtc {}  deft {}  space {}{}\n",
+               r.created_at, r.stats_bucket, r.device, r.driver_version, r.nvrtc_version,
+               r.deft_version, r.search_space,
+               r.search_space == deft::search_space_hash(d) ? "" : " (stale: other search space)");
+    fmt::print("  winner {:.1f} us (default {:.1f} us): {}\n", r.winner_us, r.default_us, r.winner);
+    for (const auto& c : r.candidates)
+      fmt::print("  {:>10}  {}{}\n",
+                 c.median_us >= 0 ? fmt::format("{:.1f} us", c.median_us) : "failed", c.variant,
+                 c.error.empty() ? "" : "  -- " + c.error.substr(0, 120));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -376,6 +434,27 @@ int main(int argc, char** argv) {
     sub->fallthrough();
   }
 
+  std::vector<std::string> tune_descs;
+  double tune_sigma = 2.0, tune_seconds = 0.25;
+  int tune_max = 0;
+  std::string tune_db;
+  CLI::App* tune = app.add_subcommand(
+      "tune", "Time every variant of each layer on this GPU and keep the fastest (needs a GPU)");
+  tune->add_option("desc", tune_descs, "Layer descriptions")->required();
+  tune->add_option("--sigma", tune_sigma,
+                   "Offsets of the synthetic calibration batch ~ N(0, sigma^2) px")
+      ->capture_default_str();
+  tune->add_option("--max-candidates", tune_max, "Try at most this many variants (0: all)");
+  tune->add_option("--seconds", tune_seconds, "Timing budget per variant")->capture_default_str();
+  tune->add_option("--db", tune_db, db_help);
+  tune->fallthrough();
+
+  std::string inspect_desc, inspect_db;
+  CLI::App* inspect = app.add_subcommand("inspect", "Show a layer's tuning records and timings");
+  inspect->add_option("desc", inspect_desc, "Layer description")->required();
+  inspect->add_option("--db", inspect_db, db_help);
+  inspect->fallthrough();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -389,6 +468,8 @@ int main(int argc, char** argv) {
     if (ls->parsed()) return run_cache_ls(db);
     if (info->parsed()) return run_cache_info(db);
     if (clear->parsed()) return run_cache_clear(db);
+    if (tune->parsed()) return run_tune(tune_descs, tune_sigma, tune_db, tune_max, tune_seconds);
+    if (inspect->parsed()) return run_inspect(inspect_desc, inspect_db);
     std::fputs(app.help().c_str(), stderr);
     return 2;
   } catch (const std::exception& e) {

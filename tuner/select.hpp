@@ -1,11 +1,27 @@
-// Variant selection policy: an explicit variant from the options, else (later) a matching
-// tuning record, else the heuristic default. Never tunes by itself.
+// Variant selection policy: an explicit variant from the options, else a matching tuning
+// record from the database, else the heuristic default. Never tunes by itself.
 #pragma once
 
+#include <string>
+
+#include "cache/cache.hpp"
 #include "deft/deft.hpp"
 
 namespace deft::tuner {
 
-Variant choose_variant(const LayerDesc& desc, const CompileOptions& options);
+// The device a record was measured on.
+struct DeviceKey {
+  std::string fingerprint;     // name | compute capability | SM count
+  std::string driver_version;
+};
+
+// A tuning record with every identity field filled (desc, bucket, device, driver, NVRTC and
+// deft versions, search-space hash); the result fields are empty.
+cache::TuningRecord record_key(const LayerDesc& desc, const std::string& stats_bucket,
+                               const DeviceKey& device);
+
+// db and device may be null (offline compilation): then no record is consulted.
+Variant choose_variant(const LayerDesc& desc, const CompileOptions& options,
+                       cache::Database* db = nullptr, const DeviceKey* device = nullptr);
 
 }  // namespace deft::tuner

@@ -30,6 +30,10 @@ struct CompileOptions {
   std::optional<std::string> cache_path;
   // Extra NVRTC options appended after deft's own (they are part of the cache key).
   std::vector<std::string> nvrtc_options;
+  // Use a matching tuning record from the database when there is one (see deft::tune).
+  bool use_tuning_records = true;
+  // Which offset statistics the layer sees, as a bucket (see stats_bucket()).
+  std::string stats_bucket = "v1:sigma~2";
 };
 
 // What forward() reads and writes. Shapes come from the LayerDesc; mask and bias may be null
@@ -96,6 +100,46 @@ std::string generate_source(const LayerDesc& desc, const Variant& variant);
 
 // PTX for the description (NVRTC, virtual architecture compute_<arch>); no GPU needed.
 std::string emit_ptx(const LayerDesc& desc, const CompileOptions& options);
+
+// ---- Tuning ------------------------------------------------------------------------------
+
+// The statistics bucket of offsets ~ N(0, sigma^2) px: sigma rounded to a power of two
+// ("v1:sigma~2"). The "v1" is the bucketing version.
+std::string stats_bucket(double offset_sigma);
+
+// The variants the tuner tries for a layer: the heuristic default first, then every valid
+// tile / vector / transpose choice of its algorithm family.
+std::vector<Variant> search_space(const LayerDesc& desc);
+// A hash of search_space(desc), part of a tuning record's key.
+std::string search_space_hash(const LayerDesc& desc);
+
+struct TuneOptions {
+  double offset_sigma = 2.0;      // synthetic calibration batch: offsets ~ N(0, sigma^2) px
+  std::optional<std::string> cache_path;  // database, as in CompileOptions
+  int max_candidates = 0;         // 0: the whole search space
+  double seconds_per_candidate = 0.25;    // timing budget per candidate (after warm-up)
+  bool write_record = true;
+  uint64_t seed = 1;
+};
+
+struct TuneCandidate {
+  Variant variant;
+  double median_us = -1;  // < 0: failed (error says why)
+  double rel_err = -1;    // against the default variant's output
+  std::string error;
+};
+
+struct TuneResult {
+  std::string desc, stats_bucket, device;
+  Variant winner;
+  double winner_us = 0, default_us = 0;
+  std::vector<TuneCandidate> candidates;  // default first
+};
+
+// Compiles every candidate (in parallel), checks each against the default variant's output on
+// random inputs, times the survivors (median of CUDA events, L2 flushed between runs), and
+// writes a tuning record that compile() then uses. Needs a GPU. Never called implicitly.
+TuneResult tune(const LayerDesc& desc, const TuneOptions& options = {});
 
 // Process-wide counters (for tests and logs).
 struct Stats {

@@ -1,0 +1,305 @@
+// deft::tune: compile the search space in parallel, check every candidate against the default
+// variant's output on random inputs, time the survivors with CUDA events (L2 flushed between
+// runs), keep every timing in a tuning record.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <future>
+#include <random>
+#include <thread>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "deft/deft.hpp"
+#include "runtime/database.hpp"
+#include "runtime/driver.hpp"
+#include "tuner/select.hpp"
+
+namespace deft {
+
+namespace {
+
+// Round-to-nearest-even float -> half / bfloat16 bit patterns (finite inputs).
+uint16_t to_half_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const int exp = int((x >> 23) & 0xff) - 127 + 15;
+  uint32_t mant = x & 0x7fffffu;
+  if (exp >= 31) return uint16_t(sign | 0x7c00u);
+  if (exp <= 0) {  // subnormal or zero
+    if (exp < -10) return uint16_t(sign);
+    mant |= 0x800000u;
+    const int shift = 14 - exp;
+    uint32_t h = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1))) ++h;
+    return uint16_t(sign | h);
+  }
+  uint32_t h = (uint32_t(exp) << 10) | (mant >> 13);
+  const uint32_t rem = mant & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) ++h;
+  return uint16_t(sign | h);
+}
+
+uint16_t to_bf16_bits(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  x += 0x7fffu + ((x >> 16) & 1);
+  return uint16_t(x >> 16);
+}
+
+float from_half_bits(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  int exp = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ffu, x;
+  if (exp == 31) {
+    x = sign | 0x7f800000u | (mant << 13);
+  } else if (exp == 0) {
+    if (mant == 0) {
+      x = sign;
+    } else {
+      exp = 1;
+      while (!(mant & 0x400u)) mant <<= 1, --exp;
+      x = sign | (uint32_t(exp - 15 + 127) << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else {
+    x = sign | (uint32_t(exp - 15 + 127) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+
+// A device buffer holding `count` elements of `dtype`.
+struct DeviceBuffer {
+  CUdeviceptr ptr = 0;
+  size_t bytes = 0;
+  DeviceBuffer(size_t count, DType dtype) : bytes(count * dtype_size(dtype)) {
+    if (bytes) driver::check(driver::api().mem_alloc(&ptr, bytes), "cuMemAlloc (tuner)");
+  }
+  ~DeviceBuffer() {
+    if (ptr) driver::api().mem_free(ptr);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return reinterpret_cast<void*>(ptr); }
+};
+
+size_t elements(const std::vector<int64_t>& shape) {
+  size_t n = 1;
+  for (int64_t s : shape) n *= size_t(s);
+  return shape.empty() ? 0 : n;
+}
+
+void upload(const DeviceBuffer& b, const std::vector<double>& v, DType dtype) {
+  std::vector<unsigned char> host(b.bytes);
+  for (size_t i = 0; i < v.size(); ++i) {
+    switch (dtype) {
+      case DType::f32: { float f = float(v[i]); std::memcpy(&host[i * 4], &f, 4); break; }
+      case DType::f64: std::memcpy(&host[i * 8], &v[i], 8); break;
+      case DType::f16: { uint16_t h = to_half_bits(float(v[i])); std::memcpy(&host[i * 2], &h, 2); break; }
+      case DType::bf16: { uint16_t h = to_bf16_bits(float(v[i])); std::memcpy(&host[i * 2], &h, 2); break; }
+    }
+  }
+  driver::check(driver::api().memcpy_htod(b.ptr, host.data(), b.bytes), "cuMemcpyHtoD (tuner)");
+}
+
+std::vector<double> download(const DeviceBuffer& b, DType dtype) {
+  std::vector<unsigned char> host(b.bytes);
+  driver::check(driver::api().memcpy_dtoh(host.data(), b.ptr, b.bytes), "cuMemcpyDtoH (tuner)");
+  const size_t n = b.bytes / dtype_size(dtype);
+  std::vector<double> v(n);
+  for (size_t i = 0; i < n; ++i) {
+    switch (dtype) {
+      case DType::f32: { float f; std::memcpy(&f, &host[i * 4], 4); v[i] = f; break; }
+      case DType::f64: std::memcpy(&v[i], &host[i * 8], 8); break;
+      case DType::f16: { uint16_t h; std::memcpy(&h, &host[i * 2], 2); v[i] = from_half_bits(h); break; }
+      case DType::bf16: {
+        uint16_t h; std::memcpy(&h, &host[i * 2], 2);
+        uint32_t x = uint32_t(h) << 16; float f; std::memcpy(&f, &x, 4); v[i] = f; break;
+      }
+    }
+  }
+  return v;
+}
+
+// ||a - ref|| / ||ref||; +inf if anything is not finite.
+double relative_error(const std::vector<double>& a, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (a[i] - ref[i]) * (a[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// Candidates must reproduce the default variant's output this closely (different summation
+// orders and tile products, same arithmetic).
+double tolerance(const LayerDesc& d) {
+  switch (d.dtype) {
+    case DType::f64: return 1e-10;
+    case DType::f32: return d.math == MathMode::tf32 ? 5e-3 : 1e-5;
+    default: return 1e-2;
+  }
+}
+
+}  // namespace
+
+TuneResult tune(const LayerDesc& desc, const TuneOptions& opt) {
+  validate(desc);
+  require_implemented(desc);
+  const CUdevice dev = driver::ensure_context();
+  const driver::DeviceInfo dinfo = driver::device_info(dev);
+  const driver::Api& api = driver::api();
+
+  TuneResult result;
+  result.desc = to_string(desc);
+  result.stats_bucket = stats_bucket(opt.offset_sigma);
+  result.device = dinfo.fingerprint();
+  std::vector<Variant> space = search_space(desc);
+  if (opt.max_candidates > 0 && int(space.size()) > opt.max_candidates)
+    space.resize(opt.max_candidates);
+
+  // Compile everything first, in parallel (compile() is thread-safe); failures are recorded.
+  CompileOptions copt;
+  copt.cache_path = opt.cache_path;
+  std::vector<std::future<Kernel>> compiled;
+  const unsigned workers = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
+  std::vector<Kernel> kernels(space.size());
+  std::vector<std::string> errors(space.size());
+  for (size_t first = 0; first < space.size(); first += workers) {
+    std::vector<std::future<void>> batch;
+    for (size_t i = first; i < std::min(space.size(), first + workers); ++i)
+      batch.push_back(std::async(std::launch::async, [&, i] {
+        try {
+          CompileOptions o = copt;
+          o.variant = space[i];
+          kernels[i] = compile(desc, o);
+        } catch (const std::exception& e) {
+          errors[i] = e.what();
+        }
+      }));
+    for (auto& f : batch) f.wait();
+  }
+  if (!kernels[0].valid())
+    throw Error(fmt::format("tune: the default variant failed to compile: {}", errors[0]));
+
+  // Random inputs (never zeros): input, weight ~ U(-1, 1) (weight scaled by 1/sqrt(fan in)),
+  // offsets ~ N(0, sigma^2) px, mask ~ U(0, 1), bias ~ U(-0.5, 0.5).
+  const TensorShapes shapes = tensor_shapes(desc);
+  std::mt19937_64 rng(opt.seed);
+  std::uniform_real_distribution<double> uni(-1, 1), unit(0, 1);
+  std::normal_distribution<double> normal(0, opt.offset_sigma);
+  auto random = [&](const std::vector<int64_t>& shape, auto& dist, double scale) {
+    std::vector<double> v(elements(shape));
+    for (double& x : v) x = dist(rng) * scale;
+    return v;
+  };
+  const double fan_in = double(desc.c_per_group() * desc.taps());
+  DeviceBuffer input(elements(shapes.input), desc.dtype), offset(elements(shapes.offset), desc.dtype),
+      mask(elements(shapes.mask), desc.dtype), weight(elements(shapes.weight), desc.dtype),
+      bias(elements(shapes.bias), desc.dtype), output(elements(shapes.output), desc.dtype);
+  upload(input, random(shapes.input, uni, 1.0), desc.dtype);
+  upload(offset, random(shapes.offset, normal, 1.0), desc.dtype);
+  if (desc.mask) upload(mask, random(shapes.mask, unit, 1.0), desc.dtype);
+  upload(weight, random(shapes.weight, uni, 1.0 / std::sqrt(fan_in)), desc.dtype);
+  if (desc.bias) upload(bias, random(shapes.bias, uni, 0.5), desc.dtype);
+  ForwardArgs args;
+  args.input = input.get();
+  args.offset = offset.get();
+  args.mask = desc.mask ? mask.get() : nullptr;
+  args.weight = weight.get();
+  args.bias = desc.bias ? bias.get() : nullptr;
+  args.output = output.get();
+
+  // L2 flush between timed runs: write a buffer larger than any L2 (outside the events).
+  DeviceBuffer flush(size_t(256) << 20, DType::f32);
+  auto flush_l2 = [&] { driver::check(api.memset_d8(flush.ptr, 0, flush.bytes), "cuMemsetD8"); };
+  CUevent start, stop;
+  driver::check(api.event_create(&start, 0), "cuEventCreate");
+  driver::check(api.event_create(&stop, 0), "cuEventCreate");
+
+  std::vector<double> reference;
+  for (size_t i = 0; i < space.size(); ++i) {
+    TuneCandidate c;
+    c.variant = space[i];
+    c.error = errors[i];
+    if (!kernels[i].valid()) {
+      result.candidates.push_back(c);
+      continue;
+    }
+    try {
+      // Correctness: poisoned output (NaN in every float format), one run, compare.
+      driver::check(api.memset_d8(output.ptr, 0xff, output.bytes), "cuMemsetD8");
+      kernels[i].forward(args, nullptr);
+      driver::check(api.ctx_sync(), "kernel run");
+      std::vector<double> out = download(output, desc.dtype);
+      if (i == 0) reference = out;
+      c.rel_err = relative_error(out, reference);
+      if (!(c.rel_err <= tolerance(desc))) {
+        c.error = fmt::format("output differs from the default variant's (relative error {:.3g})",
+                              c.rel_err);
+        result.candidates.push_back(c);
+        continue;
+      }
+      // Timing: 3 warm-up runs, then runs until the budget or 100 runs; median.
+      for (int w = 0; w < 3; ++w) kernels[i].forward(args, nullptr);
+      std::vector<double> times;
+      const auto t0 = std::chrono::steady_clock::now();
+      while (times.size() < 100) {
+        flush_l2();
+        driver::check(api.event_record(start, nullptr), "cuEventRecord");
+        kernels[i].forward(args, nullptr);
+        driver::check(api.event_record(stop, nullptr), "cuEventRecord");
+        driver::check(api.event_sync(stop), "cuEventSynchronize");
+        float ms = 0;
+        driver::check(api.event_elapsed(&ms, start, stop), "cuEventElapsedTime");
+        times.push_back(ms * 1000.0);
+        const double spent =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (times.size() >= 10 && spent > opt.seconds_per_candidate) break;
+      }
+      std::sort(times.begin(), times.end());
+      c.median_us = times[times.size() / 2];
+    } catch (const std::exception& e) {
+      c.error = e.what();
+      c.median_us = -1;
+    }
+    spdlog::info("tune {}: {} -> {}", result.desc, to_string(c.variant),
+                 c.median_us >= 0 ? fmt::format("{:.1f} us", c.median_us) : c.error);
+    result.candidates.push_back(c);
+  }
+  api.event_destroy(start);
+  api.event_destroy(stop);
+
+  const TuneCandidate& def = result.candidates.front();
+  if (def.median_us < 0) throw Error("tune: the default variant failed: " + def.error);
+  result.default_us = def.median_us;
+  result.winner = def.variant;
+  result.winner_us = def.median_us;
+  for (const TuneCandidate& c : result.candidates)
+    if (c.median_us >= 0 && c.median_us < result.winner_us)
+      result.winner = c.variant, result.winner_us = c.median_us;
+
+  if (opt.write_record) {
+    const std::string path = resolve_cache_path(opt.cache_path);
+    if (!path.empty()) {
+      cache::TuningRecord rec = tuner::record_key(
+          desc, result.stats_bucket,
+          tuner::DeviceKey{dinfo.fingerprint(), std::to_string(dinfo.driver_version)});
+      rec.winner = to_string(result.winner);
+      rec.winner_us = result.winner_us;
+      rec.default_us = result.default_us;
+      for (const TuneCandidate& c : result.candidates)
+        rec.candidates.push_back({to_string(c.variant), c.median_us, c.error});
+      database_for(path)->put_tuning_record(rec);
+    }
+  }
+  return result;
+}
+
+}  // namespace deft
