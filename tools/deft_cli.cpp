@@ -9,6 +9,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -346,6 +347,13 @@ int run_tune(const std::vector<std::string>& descs, double sigma, const std::str
     fmt::print("{:<4}{:>12.1f}{:>12.1f}{:>8.2f}x  {}\n{:<37}{}{}\n", i, r.default_us, r.winner_us,
                r.default_us / r.winner_us, r.desc, "", deft::to_string(r.winner),
                failed ? fmt::format("  ({} candidates failed)", failed) : "");
+    // Why candidates failed: each distinct reason once (full list: deft inspect).
+    std::vector<std::string> reasons;
+    for (const auto& c : r.candidates)
+      if (c.median_us < 0 && std::find(reasons.begin(), reasons.end(), c.error) == reasons.end())
+        reasons.push_back(c.error);
+    for (const auto& why : reasons)
+      fmt::print("{:<37}failed: {}\n", "", why.substr(0, 160));
   }
   fmt::print("records written to {} (bucket {})\n",
              db_arg.empty() ? deft::cache::default_database_path() : db_arg,
