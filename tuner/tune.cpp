@@ -268,6 +268,12 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt) {
     } catch (const std::exception& e) {
       c.error = e.what();
       c.median_us = -1;
+      // A fault (illegal address, ...) leaves the context unusable: every later candidate
+      // would fail for this one's sake. Name the culprit instead of recording noise.
+      if (api.ctx_sync() != CUDA_SUCCESS)
+        throw Error(fmt::format("tune: variant '{}' broke the CUDA context ({}); no record "
+                                "written. Please report it with the layer description.",
+                                to_string(c.variant), c.error));
     }
     spdlog::info("tune {}: {} -> {}", result.desc, to_string(c.variant),
                  c.median_us >= 0 ? fmt::format("{:.1f} us", c.median_us) : c.error);
