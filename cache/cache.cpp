@@ -481,6 +481,17 @@ std::vector<CubinEntry> Database::list_cubins() {
   return out;
 }
 
+// Binds a record's identity fields (desc ... search_space) to parameters 1..7.
+Statement& bind_identity(Statement& s, const TuningRecord& r) {
+  return s.bind(1, r.desc)
+      .bind(2, r.stats_bucket)
+      .bind(3, r.device)
+      .bind(4, r.driver_version)
+      .bind(5, r.nvrtc_version)
+      .bind(6, r.deft_version)
+      .bind(7, r.search_space);
+}
+
 void Database::put_tuning_record(const TuningRecord& record) {
   std::lock_guard lock(mu_);
   Transaction tx(db_, path_, /*write=*/true);
@@ -490,13 +501,7 @@ void Database::put_tuning_record(const TuningRecord& record) {
                      nvrtc_version, deft_version, search_space, winner, winner_us, default_us,
                      created_at)
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11))");
-    s.bind(1, record.desc)
-        .bind(2, record.stats_bucket)
-        .bind(3, record.device)
-        .bind(4, record.driver_version)
-        .bind(5, record.nvrtc_version)
-        .bind(6, record.deft_version)
-        .bind(7, record.search_space)
+    bind_identity(s, record)
         .bind(8, record.winner)
         .bind(9, record.winner_us)
         .bind(10, record.default_us)
@@ -521,13 +526,7 @@ std::optional<TuningRecord> Database::find_tuning_record(const TuningRecord& pro
   Statement s(db_, path_,
               std::string("SELECT ") + kRecordColumns + " FROM tuning_records WHERE " +
                   identity_where() + " ORDER BY id DESC LIMIT 1");
-  s.bind(1, probe.desc)
-      .bind(2, probe.stats_bucket)
-      .bind(3, probe.device)
-      .bind(4, probe.driver_version)
-      .bind(5, probe.nvrtc_version)
-      .bind(6, probe.deft_version)
-      .bind(7, probe.search_space);
+  bind_identity(s, probe);
   if (!s.step()) return std::nullopt;
   TuningRecord r = read_record(s);
   r.candidates = read_candidates(db_, path_, s.integer(0));
