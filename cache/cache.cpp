@@ -482,7 +482,7 @@ std::vector<CubinEntry> Database::list_cubins() {
 }
 
 // Binds a record's identity fields (desc ... search_space) to parameters 1..7.
-Statement& bind_identity(Statement& s, const TuningRecord& r) {
+static Statement& bind_identity(Statement& s, const TuningRecord& r) {
   return s.bind(1, r.desc)
       .bind(2, r.stats_bucket)
       .bind(3, r.device)
