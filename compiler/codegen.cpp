@@ -86,7 +86,34 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line(fmt::format("constexpr bool W_KRSC = {};  // weight as the kernel reads it", p.w_krsc));
   line("");
   line("// variant");
-  if (v.algo == Algo::depthwise) {
+  if (d.pass == Pass::backward_data && v.algo == Algo::depthwise) {
+    c32("PIXB", p.bp);
+    c32("CL", p.tpp);
+    c32("THREADS", p.block);
+    line(fmt::format("#define GIN_MODE {}", p.gin_mode));
+  } else if (d.pass == Pass::backward_data) {
+    c32("BP", p.bp);
+    c32("BC", p.bc);
+    c32("BK", p.bk);
+    c32("TM", p.tm);
+    c32("TN", p.tn);
+    c32("THREADS", p.block);
+    c32("TPP", p.tpp);
+    line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
+                     p.gin_mode == 0 ? "atomics into grad_input"
+                     : p.gin_mode == 1 ? "f32 atomics into a workspace"
+                                       : "64-bit fixed-point atomics (deterministic)"));
+  } else if (d.pass == Pass::backward_weight) {
+    c32("BO", p.bo);
+    c32("BC", p.bc);
+    c32("BPW", p.bpw);
+    c32("TMO", p.tmo);
+    c32("TNC", p.tnc);
+    c32("KSPLIT", p.ksplit);
+    c32("THREADS", p.block);
+    c32("SPLITS", p.splits);
+    c64("SPLIT_PIX", p.split_pix);
+  } else if (v.algo == Algo::depthwise) {
     c32("THREADS", v.threads);
     c32("VEC", p.vec);
     c32("CH_PER_BLOCK", p.ch_per_block);
@@ -125,6 +152,11 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line("// ---- templates/common.cuh ----");
   s += template_text("common.cuh");
   line("");
+  if (d.pass == Pass::backward_data) {
+    line("// ---- templates/bwd_common.cuh ----");
+    s += template_text("bwd_common.cuh");
+    line("");
+  }
   line("// ---- templates/" + p.template_name + " ----");
   s += template_text(p.template_name);
   if (p.transpose) {

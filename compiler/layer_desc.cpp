@@ -277,10 +277,10 @@ void validate(const LayerDesc& d) {
 void require_implemented(const LayerDesc& d) {
   if (d.op != OpKind::deform_conv2d)
     throw NotImplemented(fmt::format("not implemented: no kernel for op {} yet", to_string(d.op)));
-  if (d.pass != Pass::forward)
-    throw NotImplemented(
-        fmt::format("not implemented: no kernel for pass={} of {} yet", to_string(d.pass),
-                    to_string(d.op)));
+  if (d.pass != Pass::forward && d.act != Activation::none)
+    throw NotImplemented(fmt::format(
+        "not implemented: pass={} with a fused activation (act={}); apply the activation "
+        "outside deft for training", to_string(d.pass), to_string(d.act)));
 }
 
 }  // namespace deft

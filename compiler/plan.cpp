@@ -1,6 +1,8 @@
 // make_plan: the arithmetic that turns a variant's choices into kernel constants and a grid.
 #include "compiler/plan.hpp"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 namespace deft {
@@ -12,6 +14,128 @@ bool pow2(int v) { return v > 0 && (v & (v - 1)) == 0; }
 [[noreturn]] void bad(const char* field, const std::string& msg) { throw DescError(field, msg); }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t gcd64(int64_t a, int64_t b) {
+  while (b) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  return a;
+}
+
+// The largest power of two <= cap that divides v.
+int pow2_divisor(int64_t v, int cap) {
+  int b = 1;
+  while (b * 2 <= cap && v % (b * 2) == 0) b *= 2;
+  return b;
+}
+
+void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
+  const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
+  if (v.algo != Algo::gemm_simt && !dw)
+    bad("algo", fmt::format("pass={} has algo=gemm_simt{}, not algo={}", to_string(d.pass),
+                            d.pass == Pass::backward_data ? " or depthwise" : "",
+                            to_string(v.algo)));
+  if (dw && (d.c_per_group() != 1 || d.k_per_group() != 1))
+    bad("algo", fmt::format("algo=depthwise needs groups == c == k, not groups={} c={} k={}",
+                            d.groups, d.c, d.k));
+  if (v.transpose) bad("transpose", "the backward passes read nchw directly (transpose=0)");
+  if (v.threads > 1024 || v.threads < 32 || v.threads % 32 != 0)
+    bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
+  for (auto [f, x] : {std::pair<const char*, int>{"tm", v.tile_m}, {"tn", v.tile_n},
+                      {"tk", v.tile_k}})
+    if (!pow2(x) || x > 256)
+      bad(f, fmt::format("{}={} must be a power of two no larger than 256", f, x));
+  const int asize = d.dtype == DType::f64 ? 8 : 4;
+  const int64_t common = gcd64(d.c_per_group(), d.c_per_offset_group());
+  const int64_t m_total = d.n * d.out_h() * d.out_w();
+  const int64_t in_elems = d.n * d.c * d.h * d.w;
+  if (dw) {
+    p.template_name = "deform_conv_bwd_data_dw.cuh";
+    p.kernel_name = "deft_deform_conv2d_backward_data";
+    p.bp = v.tile_m;  // pixels per block
+    if (v.threads % p.bp != 0)
+      bad("tm", fmt::format("tm={} must divide threads={}", p.bp, v.threads));
+    p.tpp = v.threads / p.bp;  // threads per pixel
+    p.block = v.threads;
+    p.smem_bytes = 0;
+    if (v.deterministic) p.gin_mode = 2;
+    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16) ? 1 : 0;
+    p.workspace_bytes = p.gin_mode == 2 ? 32 + 8 * in_elems : (p.gin_mode == 1 ? 32 + 4 * in_elems : 32);
+    const int64_t gx = ceil_div(m_total, p.bp);
+    if (gx > 2147483647 || d.offset_groups > 65535)
+      bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
+    p.grid = {unsigned(gx), unsigned(d.offset_groups), 1};
+  } else if (d.pass == Pass::backward_data) {
+    p.template_name = "deform_conv_bwd_data.cuh";
+    p.kernel_name = "deft_deform_conv2d_backward_data";
+    p.bp = v.tile_m;
+    p.bk = v.tile_k;
+    if (p.bp < 16) bad("tm", fmt::format("tm={} must be at least 16", p.bp));
+    if (p.bk > 64) bad("tk", fmt::format("tk={} must be at most 64", p.bk));
+    p.bc = pow2_divisor(common, v.tile_n);
+    p.tn = std::min(4, p.bc);
+    p.tm = 1;
+    while (p.tm * 2 <= p.bc / p.tn && (p.bc / p.tm) * (p.bp / p.tn) > v.threads) p.tm *= 2;
+    const int threads = (p.bc / p.tm) * (p.bp / p.tn);
+    if (threads % 32 != 0 || threads > 1024)
+      bad("tm", fmt::format("tm={} with {} channels per step gives {} threads (a multiple of 32 "
+                            "up to 1024 is needed)", p.bp, p.bc, threads));
+    p.block = threads;
+    p.tpp = threads / p.bp;
+    const int smem = asize * (p.bk * p.bc + p.bk * p.bp + p.bc * (p.bp + 1) + 3 * threads);
+    if (smem > 48 * 1024)
+      bad("tm", fmt::format("the tiles need {} bytes of shared memory (max 49152)", smem));
+    p.smem_bytes = 0;  // static shared memory
+    if (v.deterministic) p.gin_mode = 2;
+    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16) ? 1 : 0;
+    p.workspace_bytes = p.gin_mode == 2 ? 32 + 8 * in_elems : (p.gin_mode == 1 ? 32 + 4 * in_elems : 32);
+    const int64_t gx = ceil_div(m_total, p.bp);
+    if (gx > 2147483647 || d.offset_groups > 65535)
+      bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, d.taps(), d.offset_groups));
+    p.grid = {unsigned(gx), unsigned(d.taps()), unsigned(d.offset_groups)};
+  } else {
+    p.template_name = "deform_conv_bwd_weight.cuh";
+    p.kernel_name = "deft_deform_conv2d_backward_weight";
+    p.bc = pow2_divisor(common, v.tile_n);
+    int bo = 1;
+    while (bo < v.tile_m && bo < d.k_per_group()) bo *= 2;
+    p.bo = bo;
+    p.tmo = std::min(4, p.bo);
+    p.tnc = std::min(4, p.bc);
+    const int basen = (p.bo / p.tmo) * (p.bc / p.tnc);
+    if (basen > v.threads)
+      bad("threads", fmt::format("threads={} is fewer than the {} a {}x{} tile needs", v.threads,
+                                 basen, p.bo, p.bc));
+    p.ksplit = v.threads / basen;
+    p.block = basen * p.ksplit;
+    if (p.block % 32 != 0)
+      bad("threads", fmt::format("a {}x{} tile gives {} threads, not a multiple of 32", p.bo,
+                                 p.bc, p.block));
+    p.bpw = std::max(v.tile_k, p.ksplit);
+    const int tiles_bytes = asize * p.bpw * ((p.bc + 1) + (p.bo + 1) + 4) + 8 * p.bpw * 4;
+    const int red_bytes = asize * p.block * p.tmo * p.tnc;
+    p.smem_bytes = std::max(tiles_bytes, red_bytes);
+    if (p.smem_bytes > 96 * 1024)
+      bad("tk", fmt::format("the tiles need {} bytes of shared memory (max 98304)", p.smem_bytes));
+    const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);
+    const int64_t blocks = tiles * d.taps() * d.groups;
+    const int64_t slices = ceil_div(m_total, p.bpw);
+    const int64_t w_elems = d.k * d.c_per_group() * d.taps();
+    int64_t splits = std::clamp<int64_t>(ceil_div(2048, blocks), 1, slices);
+    // keep the partials under 256 MiB
+    splits = std::max<int64_t>(1, std::min<int64_t>(splits, (int64_t{256} << 20) / (w_elems * asize)));
+    splits = std::min<int64_t>(splits, 65535);
+    p.split_pix = ceil_div(slices, splits) * p.bpw;
+    p.splits = int(ceil_div(m_total, p.split_pix));
+    p.workspace_bytes = int64_t(p.splits) * w_elems * asize;
+    if (tiles > 2147483647 || int64_t(d.taps()) * d.groups > 65535)
+      bad("n", fmt::format("the launch grid {}x{}x{} is too large", tiles,
+                           int64_t(d.taps()) * d.groups, p.splits));
+    p.grid = {unsigned(tiles), unsigned(d.taps() * d.groups), unsigned(p.splits)};
+  }
+}
 
 }  // namespace
 
@@ -25,6 +149,15 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     case DType::bf16: p.t = "__nv_bfloat16"; p.acc = "float"; p.pos = "float"; break;
     case DType::f64: p.t = "double"; p.acc = "double"; p.pos = "double"; break;
   }
+  if (d.pass != Pass::forward) {
+    if (v.staging != Staging::gather)
+      throw NotImplemented("not implemented: staging=window has no kernel yet");
+    plan_backward(d, v, p);
+    p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
+    return p;
+  }
+  if (v.deterministic)
+    bad("det", "det=1 applies to the backward passes only");
   if (v.threads < 32 || v.threads > 1024 || v.threads % 32 != 0)
     bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
   if (v.staging != Staging::gather)

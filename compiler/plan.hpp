@@ -32,6 +32,15 @@ struct KernelPlan {
   std::string template_name;
   // Workspace the pre-pass needs (transposed input, then weight), bytes; 0 without one.
   int64_t workspace_input_bytes = 0, workspace_weight_bytes = 0;
+
+  // Backward passes (templates/deform_conv_bwd_*.cuh; see Variant for the tile fields).
+  int bp = 0, bc = 0, bk = 0, tpp = 0;      // backward_data: pixels, channels/step, k/slice
+  int gin_mode = 0;                         // 0 atomics into grad_input, 1 f32 ws, 2 fixed point
+  int bo = 0, bpw = 0, tmo = 0, tnc = 0, ksplit = 0;  // backward_weight tiles
+  int splits = 0;                           // backward_weight: pixel ranges (grid z)
+  int64_t split_pix = 0;
+  // backward: workspace bytes (grad-input accumulator incl. a 32-byte header / weight partials)
+  int64_t workspace_bytes = 0;
 };
 
 // Derives the plan. Throws DescError (field of the variant text) when the variant can't run

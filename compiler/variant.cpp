@@ -23,9 +23,10 @@ std::string_view to_string(Staging s) {
 }
 
 std::string to_string(const Variant& v) {
-  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}",
+  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}",
                      to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
-                     to_string(v.staging), v.halo, v.transpose ? 1 : 0);
+                     to_string(v.staging), v.halo, v.transpose ? 1 : 0,
+                     v.deterministic ? " det=1" : "");
 }
 
 Variant parse_variant(std::string_view text) {
@@ -70,6 +71,11 @@ Variant parse_variant(std::string_view text) {
       else if (val == "0") v.transpose = false;
       else throw DescError(key, fmt::format("transpose={} is not 0 or 1", val));
     }
+    else if (key == "det") {
+      if (val == "1") v.deterministic = true;
+      else if (val == "0") v.deterministic = false;
+      else throw DescError(key, fmt::format("det={} is not 0 or 1", val));
+    }
     else throw DescError(key, fmt::format("unknown variant field '{}'", key));
   }
   return v;
@@ -79,6 +85,31 @@ void validate(const LayerDesc& d, const Variant& v) { (void)make_plan(d, v); }
 
 Variant default_variant(const LayerDesc& d) {
   Variant v;
+  if (d.pass == Pass::backward_data && d.c_per_group() == 1 && d.k_per_group() == 1) {
+    v.algo = Algo::depthwise;
+    v.threads = 256;
+    // nhwc: a warp per pixel on neighbouring channels; nchw: 32 pixels along the lanes
+    v.tile_m = d.layout == Layout::nhwc ? 8 : 32;
+    v.tile_n = 1;
+    v.tile_k = 1;
+    return v;
+  }
+  if (d.pass == Pass::backward_data) {
+    v.algo = Algo::gemm_simt;
+    v.tile_m = 64;   // output pixels per block
+    v.tile_n = 32;   // input channels per step (reduced to a divisor of the groups)
+    v.tile_k = 16;   // output channels per reduction slice
+    v.threads = 256;
+    return v;
+  }
+  if (d.pass == Pass::backward_weight) {
+    v.algo = Algo::gemm_simt;
+    v.tile_m = 64;   // output channels per block (reduced to k/groups)
+    v.tile_n = 32;   // input channels per block (reduced to a divisor of the groups)
+    v.tile_k = 32;   // pixels per reduction slice
+    v.threads = 256;
+    return v;
+  }
   if (d.c_per_group() == 1 && d.k_per_group() == 1) {
     // Depthwise: one pixel x vec channels per thread; 16-byte vectors in nhwc.
     v.algo = Algo::depthwise;

@@ -4,6 +4,7 @@
 // sample_bilinear(). All indices are 64-bit. Depends only on the inline parts of deft/ir.hpp.
 #include "reference/deform_conv_ref.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -27,7 +28,7 @@ double sample_bilinear(const double* plane, int64_t h, int64_t w, int64_t row, i
 namespace {
 
 void require(bool ok, const char* field, const std::string& message) {
-  if (!ok) throw DescError(field, "deft::ref::deform_conv2d_forward: " + message);
+  if (!ok) throw DescError(field, "deft::ref::deform_conv2d: " + message);
 }
 
 double activate(Activation act, double v) {
@@ -111,6 +112,113 @@ void deform_conv2d_forward(const LayerDesc& d, const double* input, const double
           }
           if (d.bias) acc += bias[k];
           output[idx4(n, k, K, ho, wo, HO, WO)] = activate(d.act, acc);
+        }
+      }
+    }
+  }
+}
+
+SampleGrad sample_bilinear_grad(const double* plane, int64_t h, int64_t w, int64_t row,
+                                int64_t col, double y, double x) {
+  SampleGrad g;
+  if (!(y > -1.0 && x > -1.0 && y < (double)h && x < (double)w)) return g;
+  const double fy = std::floor(y), fx = std::floor(x);
+  const int64_t y0 = (int64_t)fy, x0 = (int64_t)fx, y1 = y0 + 1, x1 = x0 + 1;
+  const double ly = y - fy, lx = x - fx, hy = 1.0 - ly, hx = 1.0 - lx;
+  auto at = [&](int64_t yy, int64_t xx) {
+    return (yy >= 0 && yy < h && xx >= 0 && xx < w) ? plane[yy * row + xx * col] : 0.0;
+  };
+  const double v00 = at(y0, x0), v01 = at(y0, x1), v10 = at(y1, x0), v11 = at(y1, x1);
+  g.value = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11;
+  g.dy = hx * (v10 - v00) + lx * (v11 - v01);
+  g.dx = hy * (v01 - v00) + ly * (v11 - v10);
+  return g;
+}
+
+void deform_conv2d_backward(const LayerDesc& d, const double* input, const double* offset,
+                            const double* mask, const double* weight, const double* grad_output,
+                            double* grad_input, double* grad_offset, double* grad_mask,
+                            double* grad_weight, double* grad_bias) {
+  require(d.op == OpKind::deform_conv2d, "op", "only deform_conv2d is implemented");
+  require(d.act == Activation::none, "act", "the backward pass needs act=none");
+  require(d.groups >= 1 && d.c % d.groups == 0 && d.k % d.groups == 0, "groups",
+          "groups must divide c and k");
+  require(d.offset_groups >= 1 && d.c % d.offset_groups == 0, "offset_groups",
+          "offset_groups must divide c");
+  require(!d.mask || mask != nullptr, "mask", "mask=1 needs a mask tensor");
+
+  const int64_t N = d.n, C = d.c, H = d.h, W = d.w, K = d.k;
+  const int64_t R = d.r, S = d.s, T = d.taps();
+  const int64_t HO = d.out_h(), WO = d.out_w();
+  const int64_t OG = d.offset_groups;
+  const int64_t Cg = d.c_per_group(), Kg = d.k_per_group(), Cog = d.c_per_offset_group();
+  const bool nhwc = d.layout == Layout::nhwc;
+  auto idx4 = [&](int64_t n, int64_t ch, int64_t chans, int64_t y, int64_t x, int64_t ys,
+                  int64_t xs) -> int64_t {
+    return nhwc ? ((n * ys + y) * xs + x) * chans + ch : ((n * chans + ch) * ys + y) * xs + x;
+  };
+  auto widx = [&](int64_t k, int64_t cl, int64_t i, int64_t j) -> int64_t {
+    return nhwc ? ((k * R + i) * S + j) * Cg + cl : ((k * Cg + cl) * R + i) * S + j;
+  };
+  const int64_t in_row = nhwc ? W * C : W, in_col = nhwc ? C : 1;
+  auto plane_off = [&](int64_t n, int64_t c) { return nhwc ? n * H * W * C + c : (n * C + c) * H * W; };
+
+  if (grad_input) std::fill(grad_input, grad_input + N * C * H * W, 0.0);
+  if (grad_offset) std::fill(grad_offset, grad_offset + N * 2 * OG * T * HO * WO, 0.0);
+  if (grad_mask && d.mask) std::fill(grad_mask, grad_mask + N * OG * T * HO * WO, 0.0);
+  if (grad_weight) std::fill(grad_weight, grad_weight + K * Cg * T, 0.0);
+  if (grad_bias) std::fill(grad_bias, grad_bias + K, 0.0);
+
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t ho = 0; ho < HO; ++ho) {
+      for (int64_t wo = 0; wo < WO; ++wo) {
+        if (grad_bias)
+          for (int64_t k = 0; k < K; ++k) grad_bias[k] += grad_output[idx4(n, k, K, ho, wo, HO, WO)];
+        for (int64_t og = 0; og < OG; ++og) {
+          for (int64_t i = 0; i < R; ++i) {
+            for (int64_t j = 0; j < S; ++j) {
+              const int64_t t = i * S + j;
+              const int64_t dy_at = idx4(n, og * 2 * T + 2 * t + 0, 2 * OG * T, ho, wo, HO, WO);
+              const int64_t dx_at = idx4(n, og * 2 * T + 2 * t + 1, 2 * OG * T, ho, wo, HO, WO);
+              const int64_t m_at = idx4(n, og * T + t, OG * T, ho, wo, HO, WO);
+              const double m = d.mask ? mask[m_at] : 1.0;
+              const double y = (double)(ho * d.stride_h - d.pad_h + i * d.dil_h) + offset[dy_at];
+              const double x = (double)(wo * d.stride_w - d.pad_w + j * d.dil_w) + offset[dx_at];
+              const bool inside = y > -1.0 && x > -1.0 && y < (double)H && x < (double)W;
+              double g_dy = 0, g_dx = 0, g_m = 0;
+              for (int64_t c = og * Cog; c < (og + 1) * Cog; ++c) {
+                const int64_t g = c / Cg, cl = c % Cg;
+                const SampleGrad sg = sample_bilinear_grad(input + plane_off(n, c), H, W, in_row,
+                                                           in_col, y, x);
+                double colgrad = 0.0;
+                for (int64_t kk = 0; kk < Kg; ++kk) {
+                  const int64_t k = g * Kg + kk;
+                  const double go = grad_output[idx4(n, k, K, ho, wo, HO, WO)];
+                  colgrad += weight[widx(k, cl, i, j)] * go;
+                  if (grad_weight) grad_weight[widx(k, cl, i, j)] += go * m * sg.value;
+                }
+                g_m += colgrad * sg.value;
+                g_dy += colgrad * m * sg.dy;
+                g_dx += colgrad * m * sg.dx;
+                if (grad_input && inside) {
+                  const double fy = std::floor(y), fx = std::floor(x);
+                  const int64_t y0 = (int64_t)fy, x0 = (int64_t)fx;
+                  const double ly = y - fy, lx = x - fx;
+                  const double wts[4] = {(1 - ly) * (1 - lx), (1 - ly) * lx, ly * (1 - lx), ly * lx};
+                  for (int q = 0; q < 4; ++q) {
+                    const int64_t yy = y0 + q / 2, xx = x0 + q % 2;
+                    if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
+                    grad_input[plane_off(n, c) + yy * in_row + xx * in_col] += colgrad * m * wts[q];
+                  }
+                }
+              }
+              if (grad_offset) {
+                grad_offset[dy_at] = g_dy;
+                grad_offset[dx_at] = g_dx;
+              }
+              if (grad_mask && d.mask) grad_mask[m_at] = g_m;
+            }
+          }
         }
       }
     }

@@ -75,6 +75,27 @@ int deft_forward(const deft_kernel* k, const void* input, const void* offset, co
   });
 }
 
+int deft_backward(const deft_kernel* k, const void* input, const void* offset, const void* mask,
+                  const void* weight, const void* grad_output, void* grad_input,
+                  void* grad_offset, void* grad_mask, void* grad_weight, void* grad_bias,
+                  int deterministic, void* stream) {
+  return guarded([&] {
+    if (!k) throw deft::Error("deft_backward: null kernel");
+    deft::BackwardArgs a;
+    a.input = input;
+    a.offset = offset;
+    a.mask = mask;
+    a.weight = weight;
+    a.grad_output = grad_output;
+    a.grad_input = grad_input;
+    a.grad_offset = grad_offset;
+    a.grad_mask = grad_mask;
+    a.grad_weight = grad_weight;
+    a.grad_bias = grad_bias;
+    k->kernel.backward(a, static_cast<CUstream>(stream), deterministic < 0 ? -1 : (deterministic ? 1 : 0));
+  });
+}
+
 const char* deft_kernel_variant(const deft_kernel* k) { return k ? k->variant_text.c_str() : ""; }
 int deft_kernel_from_cache(const deft_kernel* k) {
   return k && k->kernel.info().from_cache ? 1 : 0;

@@ -34,6 +34,14 @@ class KernelImpl {
   CUlibrary library = nullptr;
   CUkernel kernel = nullptr;
   CUkernel transpose = nullptr;  // pre-pass (plan.transpose)
+  // backward_data: deft_bwd_bound, deft_bwd_finish; backward_weight: reduce, bias.
+  CUkernel aux[2] = {nullptr, nullptr};
+  CUdevice device = 0;
+  // Forward kernels: what compiled them (for the backward passes, compiled on first use),
+  // and those passes once compiled: [deterministic][0 data, 1 weight].
+  CompileOptions options;
+  std::mutex backward_mu;
+  std::shared_ptr<KernelImpl> backward[2][2];
 };
 
 namespace {
@@ -131,10 +139,12 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
   const std::string db_path = resolve_cache_path(options.cache_path);
   std::shared_ptr<cache::Database> db = db_path.empty() ? nullptr : database_for(db_path);
   const tuner::DeviceKey device{dinfo.fingerprint(), std::to_string(dinfo.driver_version)};
-  const Variant variant = tuner::choose_variant(desc, options, db.get(), &device);
+  Variant variant = tuner::choose_variant(desc, options, db.get(), &device);
+  if (desc.pass != Pass::forward && options.deterministic) variant.deterministic = true;
   const std::string memo_key =
-      fmt::format("{}|{}|{}|{}|{}|{}", to_string(desc), to_string(variant), *options.arch,
-                  resolve_cache_path(options.cache_path), fmt::join(options.nvrtc_options, " "), dev);
+      fmt::format("{}|{}|{}|{}|{}|{}|{}", to_string(desc), to_string(variant), *options.arch,
+                  resolve_cache_path(options.cache_path), fmt::join(options.nvrtc_options, " "), dev,
+                  options.deterministic);
 
   static std::mutex mu;
   static std::map<std::string, std::shared_future<std::shared_ptr<KernelImpl>>> memo;
@@ -176,6 +186,16 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
     if (impl->plan.transpose)
       driver::check(api.cuLibraryGetKernel(&impl->transpose, impl->library, "deft_transpose"),
                     "cuLibraryGetKernel(deft_transpose)");
+    if (desc.pass != Pass::forward) {
+      const char* names[2] = {"deft_bwd_bound", "deft_bwd_finish"};
+      if (desc.pass == Pass::backward_weight) names[0] = "deft_bwd_weight_reduce", names[1] = "deft_bwd_bias";
+      for (int i = 0; i < 2; ++i)
+        driver::check(api.cuLibraryGetKernel(&impl->aux[i], impl->library, names[i]),
+                      "cuLibraryGetKernel(backward helper)");
+    }
+    impl->device = dev;
+    impl->options = options;
+    impl->options.variant.reset();
     ++g_loaded;
     promise.set_value(impl);
   } catch (...) {
@@ -251,6 +271,150 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
                                   params, nullptr);
   if (workspace) driver::check(api.cuMemFreeAsync(workspace, stream), "cuMemFreeAsync");
   driver::check(r, "cuLaunchKernel");
+}
+
+namespace {
+
+// The backward pass kernel `which` (0 data, 1 weight) of a forward kernel, compiled on first use.
+std::shared_ptr<KernelImpl> backward_kernel(KernelImpl& fwd, bool det, int which) {
+  std::lock_guard<std::mutex> lock(fwd.backward_mu);
+  auto& slot = fwd.backward[det ? 1 : 0][which];
+  if (!slot) {
+    LayerDesc d = fwd.desc;
+    d.pass = which == 0 ? Pass::backward_data : Pass::backward_weight;
+    CompileOptions o = fwd.options;
+    o.deterministic = det;
+    Kernel k = compile(d, o);
+    slot = k.shared_impl();
+  }
+  return slot;
+}
+
+void launch(CUkernel k, std::array<unsigned, 3> grid, unsigned block, unsigned smem,
+            CUstream stream, void** params, const char* what) {
+  driver::check(driver::api().cuLaunchKernel(reinterpret_cast<CUfunction>(k), grid[0], grid[1],
+                                             grid[2], block, 1, 1, smem, stream, params, nullptr),
+                what);
+}
+
+// Stream-ordered scratch memory, freed (stream-ordered) when it goes out of scope.
+class Scratch {
+ public:
+  Scratch(size_t bytes, CUstream stream, bool zero) : stream_(stream) {
+    driver::check(driver::api().cuMemAllocAsync(&ptr_, bytes, stream), "cuMemAllocAsync (backward workspace)");
+    if (zero) driver::check(driver::api().memset_d8_async(ptr_, 0, bytes, stream), "cuMemsetD8Async");
+  }
+  ~Scratch() {
+    if (ptr_) driver::api().cuMemFreeAsync(ptr_, stream_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  CUdeviceptr get() const { return ptr_; }
+
+ private:
+  CUdeviceptr ptr_ = 0;
+  CUstream stream_;
+};
+
+}  // namespace
+
+void Kernel::prepare_backward(int deterministic) const {
+  if (!impl_) throw Error("Kernel::prepare_backward on an empty kernel (use deft::compile)");
+  if (impl_->desc.pass != Pass::forward)
+    throw Error("prepare_backward: call it on the forward kernel of the layer");
+  const bool det = deterministic < 0 ? impl_->options.deterministic : deterministic != 0;
+  auto& self = const_cast<KernelImpl&>(*impl_);
+  backward_kernel(self, det, 0);
+  backward_kernel(self, det, 1);
+}
+
+void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic) const {
+  if (!impl_) throw Error("Kernel::backward on an empty kernel (use deft::compile)");
+  const LayerDesc& d = impl_->desc;
+  if (d.pass != Pass::forward)
+    throw Error("backward: call it on the forward kernel of the layer");
+  if (d.act != Activation::none)
+    throw NotImplemented(fmt::format("backward: the layer fuses act={}; its backward is not "
+                                     "implemented (apply the activation outside deft)",
+                                     to_string(d.act)));
+  auto need = [](const void* p, const char* name) {
+    if (!p) throw Error(fmt::format("backward: {} is null", name));
+  };
+  need(a.input, "input");
+  need(a.offset, "offset");
+  need(a.weight, "weight");
+  need(a.grad_output, "grad_output");
+  if (d.mask) need(a.mask, "mask (the description has mask=1)");
+  if (!d.mask && a.mask) throw Error("backward: a mask was given but the description has mask=0");
+  if (!d.mask && a.grad_mask)
+    throw Error("backward: grad_mask was requested but the description has mask=0");
+  if (!d.bias && a.grad_bias)
+    throw Error("backward: grad_bias was requested but the description has bias=0");
+  const bool det = deterministic < 0 ? impl_->options.deterministic : deterministic != 0;
+  auto& self = const_cast<KernelImpl&>(*impl_);
+  driver::ensure_context();
+  const void* input = a.input;
+  const void* offset = a.offset;
+  const void* mask = a.mask;
+  const void* weight = a.weight;
+  const void* gout = a.grad_output;
+
+  if (a.grad_input || a.grad_offset || a.grad_mask) {
+    auto k = backward_kernel(self, det, 0);
+    const KernelPlan& p = k->plan;
+    Scratch ws(size_t(p.workspace_bytes), stream, true);
+    CUdeviceptr header = ws.get();
+    void* gin = nullptr;
+    const int64_t in_elems = d.n * d.c * d.h * d.w;
+    if (a.grad_input) {
+      if (p.gin_mode == 0) {
+        driver::check(driver::api().memset_d8_async(reinterpret_cast<CUdeviceptr>(a.grad_input),
+                                                    0, size_t(in_elems) * dtype_size(d.dtype),
+                                                    stream),
+                      "cuMemsetD8Async (grad_input)");
+        gin = a.grad_input;
+      } else {
+        gin = reinterpret_cast<void*>(ws.get() + 32);
+      }
+    }
+    if (a.grad_input && p.gin_mode == 2) {
+      void* params[] = {&mask, &weight, &gout, &header};
+      launch(k->aux[0], {1024, 1, 1}, 256, 0, stream, params, "cuLaunchKernel(deft_bwd_bound)");
+    }
+    void* goffset = a.grad_offset;
+    void* gmask = a.grad_mask;
+    void* params[] = {&input, &offset, &mask, &weight, &gout, &gin, &goffset, &gmask, &header};
+    launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
+           "cuLaunchKernel(backward_data)");
+    if (a.grad_input && p.gin_mode != 0) {
+      void* out = a.grad_input;
+      void* fparams[] = {&gin, &header, &out};
+      launch(k->aux[1], {unsigned((in_elems + 255) / 256), 1, 1}, 256, 0, stream, fparams,
+             "cuLaunchKernel(deft_bwd_finish)");
+    }
+  }
+  if (a.grad_weight || a.grad_bias) {
+    auto k = backward_kernel(self, det, 1);
+    const KernelPlan& p = k->plan;
+    if (a.grad_weight) {
+      Scratch ws(size_t(p.workspace_bytes), stream, false);  // every partial is written
+      CUdeviceptr partial = ws.get();
+      void* params[] = {&input, &offset, &mask, &gout, &partial};
+      launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
+             "cuLaunchKernel(backward_weight)");
+      void* gw = a.grad_weight;
+      void* rparams[] = {&partial, &gw};
+      const int64_t w_elems = d.k * d.c_per_group() * d.taps();
+      launch(k->aux[0], {unsigned((w_elems + 255) / 256), 1, 1}, 256, 0, stream, rparams,
+             "cuLaunchKernel(deft_bwd_weight_reduce)");
+    }
+    if (a.grad_bias) {
+      void* gb = a.grad_bias;
+      void* bparams[] = {&gout, &gb};
+      launch(k->aux[1], {unsigned(d.k), 1, 1}, 256, 0, stream, bparams,
+             "cuLaunchKernel(deft_bwd_bias)");
+    }
+  }
 }
 
 TensorShapes tensor_shapes(const LayerDesc& d) {

@@ -51,6 +51,7 @@ const Loaded& loaded() {
     bind(lib, a.cuKernelSetAttribute, "cuKernelSetAttribute", r.error);
     bind(lib, a.cuMemAllocAsync, "cuMemAllocAsync", r.error);
     bind(lib, a.cuMemFreeAsync, "cuMemFreeAsync", r.error);
+    bind(lib, a.memset_d8_async, "cuMemsetD8Async", r.error);
     bind(lib, a.mem_alloc, "cuMemAlloc_v2", r.error);
     bind(lib, a.mem_free, "cuMemFree_v2", r.error);
     bind(lib, a.memcpy_htod, "cuMemcpyHtoD_v2", r.error);

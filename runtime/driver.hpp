@@ -29,6 +29,7 @@ struct Api {
   CUresult (*cuKernelSetAttribute)(CUfunction_attribute, int, CUkernel, CUdevice);
   CUresult (*cuMemAllocAsync)(CUdeviceptr*, size_t, CUstream);
   CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream);
+  CUresult (*memset_d8_async)(CUdeviceptr, unsigned char, size_t, CUstream);
   // Synchronous helpers used by the tuner (names differ from cuda.h's versioning macros).
   CUresult (*mem_alloc)(CUdeviceptr*, size_t);
   CUresult (*mem_free)(CUdeviceptr);

@@ -58,6 +58,22 @@ INSTANTIATE_TEST_SUITE_P(
              "algo=gemm_simt tm=64 tn=64 tk=16 threads=256"},
         Case{"deform_conv2d " + kShape + "groups=4 offset_groups=2 mask=1 dtype=f16 layout=nhwc",
              "algo=gemm_tc tm=64 tn=16 tk=32 threads=128"},
+        // backward passes: every dtype and layout, fast and deterministic, depthwise, groups
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f32 layout=nchw pass=backward_data", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f16 layout=nhwc pass=backward_data",
+             "algo=gemm_simt tm=64 tn=32 tk=16 threads=256 det=1"},
+        Case{"deform_conv2d " + kShape + "mask=0 dtype=bf16 layout=nchw pass=backward_data", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f64 layout=nhwc pass=backward_data",
+             "algo=gemm_simt tm=32 tn=16 tk=16 threads=128 det=1"},
+        Case{"deform_conv2d " + kShape + "groups=4 offset_groups=2 mask=1 dtype=f32 layout=nhwc "
+             "pass=backward_weight", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f16 layout=nchw pass=backward_weight bias=1", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=bf16 layout=nhwc pass=backward_weight", ""},
+        Case{"deform_conv2d " + kShape + "mask=1 dtype=f64 layout=nchw pass=backward_weight", ""},
+        Case{"deform_conv2d n=2 c=32 h=13 w=17 k=32 r=3 s=3 pad=1 groups=32 offset_groups=4 "
+             "mask=1 dtype=f16 layout=nhwc pass=backward_data", ""},
+        Case{"deform_conv2d n=2 c=32 h=13 w=17 k=32 r=3 s=3 pad=1 groups=32 mask=1 dtype=f32 "
+             "layout=nchw pass=backward_weight", ""},
         Case{"deform_conv2d " + kShape + "mask=1 dtype=f16 layout=nchw",
              "algo=gemm_tc tm=128 tn=64 tk=32 threads=256"},
         Case{"deform_conv2d n=2 c=64 h=9 w=11 k=64 r=3 s=3 pad=1 groups=64 mask=1 dtype=f16 "
@@ -108,8 +124,10 @@ TEST(Codegen, NotImplementedKindsNeverReachNvrtc) {
                                          "groups=2 offset_groups=2 layout=nhwc"),
                                      o),
                deft::NotImplemented);
-  EXPECT_THROW(deft::compile_offline(
-                   deft::parse_layer_desc("deform_conv2d n=1 c=8 h=8 w=8 k=8 pass=backward_data"), o),
+  EXPECT_THROW(deft::compile_offline(deft::parse_layer_desc(
+                                         "deform_conv2d n=1 c=8 h=8 w=8 k=8 pass=backward_data "
+                                         "act=relu"),
+                                     o),
                deft::NotImplemented);
   EXPECT_EQ(deft::stats().nvrtc_compiles, before);
 }

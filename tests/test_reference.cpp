@@ -471,4 +471,77 @@ TEST(ReferenceConv, RejectsInconsistentDescriptions) {
                deft::DescError);  // mask=1 without a mask tensor
 }
 
+// ---- backward -------------------------------------------------------------------------------
+
+// The reference gradients against central finite differences of the reference forward, in
+// both layouts, with groups, offset groups, mask, bias, stride and dilation. Offsets keep
+// their fractional parts away from pixel boundaries, where the sample is smooth (bilinear, so
+// central differences are exact up to rounding).
+TEST(ReferenceBackward, MatchesFiniteDifferences) {
+  for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+    LayerDesc d;
+    d.n = 2, d.c = 4, d.h = 5, d.w = 6, d.k = 6, d.r = 3, d.s = 2;
+    d.pad_h = 1, d.pad_w = 1, d.stride_w = 2, d.dil_h = 2;
+    d.groups = 2, d.offset_groups = 2, d.mask = true, d.bias = true, d.layout = layout;
+    SCOPED_TRACE(deft::to_string(d.layout));
+    std::mt19937_64 rng(31);
+    std::uniform_real_distribution<double> sym(-1, 1), frac(0.15, 0.85), unit(0, 1);
+    std::uniform_int_distribution<int> whole(-3, 2);
+    const int64_t hw = d.out_h() * d.out_w();
+    std::vector<double> input(d.n * d.c * d.h * d.w), offset(d.n * 2 * d.offset_groups * d.taps() * hw),
+        mask(d.n * d.offset_groups * d.taps() * hw), weight(d.k * d.c_per_group() * d.taps()),
+        bias(d.k), gout(d.n * d.k * hw);
+    for (auto* v : {&input, &weight, &bias, &gout})
+      for (double& x : *v) x = sym(rng);
+    for (double& x : offset) x = whole(rng) + frac(rng);
+    for (double& x : mask) x = unit(rng);
+    auto loss = [&] {
+      std::vector<double> out(gout.size());
+      deft::ref::deform_conv2d_forward(d, input.data(), offset.data(), mask.data(), weight.data(),
+                                       bias.data(), out.data());
+      double s = 0;
+      for (size_t i = 0; i < out.size(); ++i) s += out[i] * gout[i];
+      return s;
+    };
+    std::vector<double> gi(input.size()), go(offset.size()), gm(mask.size()), gw(weight.size()),
+        gb(bias.size());
+    deft::ref::deform_conv2d_backward(d, input.data(), offset.data(), mask.data(), weight.data(),
+                                      gout.data(), gi.data(), go.data(), gm.data(), gw.data(),
+                                      gb.data());
+    auto check = [&](std::vector<double>& p, const std::vector<double>& g, const char* name) {
+      double worst = 0;
+      for (size_t i = 0; i < p.size(); ++i) {
+        const double keep = p[i], h = 1e-6;
+        p[i] = keep + h;
+        const double up = loss();
+        p[i] = keep - h;
+        const double down = loss();
+        p[i] = keep;
+        worst = std::max(worst, std::abs((up - down) / (2 * h) - g[i]));
+      }
+      EXPECT_LT(worst, 1e-7) << name;
+    };
+    check(input, gi, "grad_input");
+    check(offset, go, "grad_offset");
+    check(mask, gm, "grad_mask");
+    check(weight, gw, "grad_weight");
+    check(bias, gb, "grad_bias");
+    // Some gradient is non-trivial everywhere it should be.
+    EXPECT_GT(*std::max_element(go.begin(), go.end()), 0.01);
+  }
+}
+
+// Points outside the image or at NaN positions contribute nothing to any gradient.
+TEST(ReferenceBackward, OutsideAndNanPointsContributeNothing) {
+  LayerDesc d;
+  d.n = 1, d.c = 2, d.h = 4, d.w = 4, d.k = 3, d.r = 1, d.s = 1, d.mask = true;
+  std::vector<double> input(32, 1.5), offset(2 * 16), mask(16, 0.5), weight(6, 0.75), gout(48, 1.0);
+  for (size_t i = 0; i < offset.size(); ++i) offset[i] = i % 3 == 0 ? std::nan("") : 1e9;
+  std::vector<double> gi(32, -1), go(32, -1), gm(16, -1), gw(6, -1);
+  deft::ref::deform_conv2d_backward(d, input.data(), offset.data(), mask.data(), weight.data(),
+                                    gout.data(), gi.data(), go.data(), gm.data(), gw.data(), nullptr);
+  for (auto* v : {&gi, &go, &gm, &gw})
+    for (double x : *v) EXPECT_EQ(x, 0.0);
+}
+
 }  // namespace

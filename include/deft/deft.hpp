@@ -34,6 +34,10 @@ struct CompileOptions {
   bool use_tuning_records = true;
   // Which offset statistics the layer sees, as a bucket (see stats_bucket()).
   std::string stats_bucket = "v1:sigma~2";
+  // Backward: bitwise-identical gradients from run to run. grad input is accumulated in 64-bit
+  // fixed point (integer atomics, whose sum does not depend on their order) instead of float
+  // atomics; grad offset, mask, weight and bias never use atomics in either mode.
+  bool deterministic = false;
 };
 
 // What forward() reads and writes. Shapes come from the LayerDesc; mask and bias may be null
@@ -45,6 +49,28 @@ struct ForwardArgs {
   const void* weight = nullptr;
   const void* bias = nullptr;
   void* output = nullptr;
+};
+
+// What backward() reads and writes. Inputs as for forward() plus grad_output (the output's
+// shape). Each gradient pointer may be null: that gradient is not computed. Gradients have the
+// shapes, layout and dtype of their tensors (grad_bias: [k]). A description with a fused
+// activation (act != none) has no backward: apply the activation outside deft.
+//
+// Sampling points whose position is NaN, or outside (-1, h) x (-1, w), contribute nothing:
+// their grad offset and grad mask entries are 0 and they scatter nothing into grad input.
+// Non-finite values in grad_output, weight or mask propagate as NaN (in deterministic mode
+// grad input becomes NaN everywhere, since fixed point cannot carry them).
+struct BackwardArgs {
+  const void* input = nullptr;
+  const void* offset = nullptr;
+  const void* mask = nullptr;
+  const void* weight = nullptr;
+  const void* grad_output = nullptr;
+  void* grad_input = nullptr;
+  void* grad_offset = nullptr;
+  void* grad_mask = nullptr;
+  void* grad_weight = nullptr;
+  void* grad_bias = nullptr;
 };
 
 // The shape each tensor of a description must have, in the description's layout.
@@ -81,8 +107,17 @@ class Kernel {
   // Launches on `stream` (nullptr: the legacy default stream) in the current CUDA context
   // (the primary context of device 0 is made current if none is). Checks argument presence.
   void forward(const ForwardArgs& args, CUstream stream = nullptr) const;
+  // Gradients of the forward pass (see BackwardArgs). The backward kernels (passes
+  // backward_data and backward_weight of the same layer) are compiled, or loaded from the
+  // cache, on the first call; compile them ahead with prepare_backward(). Deterministic when
+  // the kernel was compiled with CompileOptions::deterministic, or when `deterministic` is 1
+  // (-1: the compile option). Temporary workspace is stream-ordered (cuMemAllocAsync).
+  void backward(const BackwardArgs& args, CUstream stream = nullptr, int deterministic = -1) const;
+  // Compiles (or loads) the backward kernels now, so that the first backward() launches at once.
+  void prepare_backward(int deterministic = -1) const;
   bool valid() const { return impl_ != nullptr; }
   const KernelImpl* impl() const { return impl_.get(); }
+  const std::shared_ptr<KernelImpl>& shared_impl() const { return impl_; }
 
  private:
   std::shared_ptr<KernelImpl> impl_;

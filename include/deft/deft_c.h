@@ -31,6 +31,13 @@ int deft_compile(const char* desc, const char* variant, const char* cache_path,
  * may be NULL when the description has none. */
 int deft_forward(const deft_kernel* k, const void* input, const void* offset, const void* mask,
                  const void* weight, const void* bias, void* output, void* stream);
+/* Gradients of forward (see deft::BackwardArgs in deft.hpp): any grad_* pointer may be NULL to
+ * skip that gradient. deterministic: 1 bitwise-reproducible, 0 fast (float atomics for grad
+ * input), -1 as compiled. The backward kernels compile (or load from the cache) on first use. */
+int deft_backward(const deft_kernel* k, const void* input, const void* offset, const void* mask,
+                  const void* weight, const void* grad_output, void* grad_input,
+                  void* grad_offset, void* grad_mask, void* grad_weight, void* grad_bias,
+                  int deterministic, void* stream);
 /* The variant text of a compiled kernel (valid while the kernel lives). */
 const char* deft_kernel_variant(const deft_kernel* k);
 /* 1 when the kernel's cubin came from the database. */

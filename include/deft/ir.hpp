@@ -135,11 +135,16 @@ struct Variant {
   Staging staging = Staging::gather;
   int halo = 0;      // window staging: extra input rows/cols each side
   bool transpose = false;  // nchw gemm: transpose input to nhwc (and weight to krsc) first
+  // Backward passes: bitwise-reproducible accumulation (printed as det=1 only when set).
+  bool deterministic = false;
 
   bool operator==(const Variant&) const = default;
 };
 
 // "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 vec=1 staging=gather halo=0 transpose=0"
+// Backward passes read the tile fields as: backward_data tm = output pixels per block,
+// tn = input channels per step, tk = output channels per reduction slice; backward_weight
+// tm = output channels per block, tn = input channels per block, tk = pixels per slice.
 std::string to_string(const Variant&);
 Variant parse_variant(std::string_view text);
 

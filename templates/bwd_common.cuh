@@ -1,0 +1,158 @@
+// Shared by the backward_data kernels (deform_conv_bwd_data*.cuh): the grad-input
+// accumulator type, the fixed-point bound and scale of deterministic mode, the sampling point
+// with what its derivatives need, the writes of grad offset / grad mask, and the conversion
+// of the grad-input workspace. Constants from codegen: GIN_MODE (see deform_conv_bwd_data.cuh).
+
+constexpr long long M_TOTAL = (long long)N * HO * WO;
+constexpr long long IN_ELEMS = (long long)N * C * H * W;
+constexpr int TAPS = R * S;
+
+#if GIN_MODE == 0
+typedef T GinT;
+#elif GIN_MODE == 1
+typedef float GinT;
+#else
+typedef unsigned long long GinT;
+#endif
+
+// Element index of grad_output (n, k, pixel-in-image q) in the output layout.
+__device__ __forceinline__ long long deft_gout_index(long long n, long long k, long long q) {
+  return NHWC ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;
+}
+
+// workspace header (deterministic mode), as 64-bit words: [0] max |grad_out|, [1] max over
+// (channel, tap) of sum_k |weight|, [2] max |mask| (doubles as ordered bits), [3] non-finite
+// flag. The fixed-point data follows at word 4.
+__device__ __forceinline__ void deft_atomic_max_abs(unsigned long long* slot, double v) {
+  v = fabs(v);
+  // Non-negative doubles (and NaN, above +inf) order like their bit patterns.
+  atomicMax(slot, (unsigned long long)__double_as_longlong(v));
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_bound(const T* __restrict__ mask, const T* __restrict__ weight,
+                   const T* __restrict__ gout, unsigned long long* __restrict__ header) {
+  const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  double mg = 0.0, mw = 0.0, mm = HAS_MASK ? 0.0 : 1.0;
+  bool bad = false;  // a NaN or infinite value: grad input becomes NaN
+  auto take = [&](double& mx, double v) {
+    const double a = fabs(v);
+    if (!(a <= 1.0e300)) bad = true;
+    else mx = fmax(mx, a);
+  };
+  for (long long i = tid; i < (long long)N * K * HO * WO; i += stride)
+    take(mg, (double)deft_widen(gout[i]));
+  for (long long i = tid; i < (long long)C * TAPS; i += stride) {
+    const long long c = i / TAPS, t = i % TAPS, g = c / CG, cl = c % CG;
+    double s = 0.0;
+    for (int kk = 0; kk < KG; ++kk) {
+      const long long k = g * KG + kk;
+      s += fabs((double)deft_widen(weight[W_KRSC ? (k * TAPS + t) * CG + cl : (k * CG + cl) * TAPS + t]));
+    }
+    take(mw, s);
+  }
+  if (HAS_MASK)
+    for (long long i = tid; i < (long long)N * OG * TAPS * HO * WO; i += stride)
+      take(mm, (double)deft_widen(mask[i]));
+  if (bad) atomicOr(&header[3], 1ull);
+  deft_atomic_max_abs(&header[0], mg);
+  deft_atomic_max_abs(&header[1], mw);
+  deft_atomic_max_abs(&header[2], mm);
+}
+
+// Scale of the fixed-point accumulation: 2^(59 - e) with bound < 2^(e+1), so that every sum of
+// contributions stays below 2^60 in magnitude.
+__device__ __forceinline__ double deft_fixed_scale(const unsigned long long* header) {
+  const double bound = (double)(HO * WO) * TAPS * __longlong_as_double((long long)header[0]) *
+                       __longlong_as_double((long long)header[1]) *
+                       __longlong_as_double((long long)header[2]);
+  if (!(bound > 0.0) || !(bound <= 1e300)) return 1.0;
+  int e = ilogb(bound);
+  e = e < -900 ? -900 : e;
+  return ldexp(1.0, 59 - e);
+}
+
+struct BwdPoint {
+  Off off[4];     // corner element offsets (0 for corners outside the image)
+  Acc w[4];       // bilinear weights, 0 for corners outside the image
+  Acc hy, hx, ly, lx;
+  Acc mod;
+  unsigned valid;  // bit q: corner q inside the image
+};
+
+__device__ __forceinline__ BwdPoint deft_bwd_point(const T* __restrict__ offset,
+                                                   const T* __restrict__ mask, long long n,
+                                                   int ho, int wo, int t, int og) {
+  const PointInput in = deft_point_input(offset, mask, n, ho, wo, t, og);
+  const int i = t / S, j = t % S;
+  const Pos y = Pos(ho * SH - PH + i * DH) + in.dy;
+  const Pos x = Pos(wo * SW - PW + j * DW) + in.dx;
+  BwdPoint p;
+  p.mod = in.mod;
+  p.valid = 0;
+  p.hy = p.hx = p.ly = p.lx = Acc(0);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    p.off[q] = 0;
+    p.w[q] = Acc(0);
+  }
+  if (y > Pos(-1) && x > Pos(-1) && y < Pos(H) && x < Pos(W)) {  // false for NaN
+    const Pos yf = floor(y), xf = floor(x);
+    const int y0 = int(yf), x0 = int(xf);
+    p.ly = Acc(y - yf);
+    p.lx = Acc(x - xf);
+    p.hy = Acc(1) - p.ly;
+    p.hx = Acc(1) - p.lx;
+    const bool top = y0 >= 0, bottom = y0 + 1 <= H - 1;
+    const bool left = x0 >= 0, right = x0 + 1 <= W - 1;
+    if (top && left) { p.off[0] = deft_pixel_offset(y0, x0); p.w[0] = p.hy * p.hx; p.valid |= 1; }
+    if (top && right) { p.off[1] = deft_pixel_offset(y0, x0 + 1); p.w[1] = p.hy * p.lx; p.valid |= 2; }
+    if (bottom && left) { p.off[2] = deft_pixel_offset(y0 + 1, x0); p.w[2] = p.ly * p.hx; p.valid |= 4; }
+    if (bottom && right) { p.off[3] = deft_pixel_offset(y0 + 1, x0 + 1); p.w[3] = p.ly * p.lx; p.valid |= 8; }
+  }
+  return p;
+}
+
+// Writes the grad offset (dy, dx) and grad mask sums s[0..2] of output pixel m (n, ho, wo),
+// tap t, offset group og; either pointer may be null.
+__device__ __forceinline__ void deft_write_point_grads(T* __restrict__ goffset,
+                                                       T* __restrict__ gmask, long long m,
+                                                       long long n, int ho, int wo, int t, int og,
+                                                       const Acc* s) {
+  if (goffset) {
+    long long dy_idx, plane;
+    if (NHWC) {
+      dy_idx = m * (2 * OG * TAPS) + og * 2 * TAPS + 2 * t;
+      plane = 1;
+    } else {
+      dy_idx = ((n * (2 * OG * TAPS) + og * 2 * TAPS + 2 * t) * HO + ho) * WO + wo;
+      plane = (long long)HO * WO;
+    }
+    goffset[dy_idx] = deft_cast<T>(s[0]);
+    goffset[dy_idx + plane] = deft_cast<T>(s[1]);
+  }
+  if (HAS_MASK && gmask) {
+    const long long m_idx = NHWC ? m * (OG * TAPS) + og * TAPS + t
+                                 : ((n * (OG * TAPS) + og * TAPS + t) * HO + ho) * WO + wo;
+    gmask[m_idx] = deft_cast<T>(s[2]);
+  }
+}
+
+// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 and 2).
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_finish(const GinT* __restrict__ ws, const unsigned long long* __restrict__ header,
+                    T* __restrict__ gin) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= IN_ELEMS) return;
+#if GIN_MODE == 2
+  if (header[3] != 0ull) {
+    gin[i] = deft_cast<T>(Acc(__longlong_as_double(0x7ff8000000000000ll)));
+    return;
+  }
+  const double v = (double)(long long)ws[i] / deft_fixed_scale(header);
+  gin[i] = deft_cast<T>(Acc(v));
+#else
+  gin[i] = deft_cast<T>(Acc(ws[i]));
+#endif
+}

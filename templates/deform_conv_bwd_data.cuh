@@ -1,0 +1,178 @@
+// deform_conv2d backward_data: grad input, grad offset and grad mask in one pass, with no
+// columns buffer. A block owns BP output pixels, one tap and one offset group. It walks the
+// offset group's channels BC at a time; for each step it forms the column gradient
+//   colgrad[c][p] = sum_k weight[k][c][tap] * grad_out[k][p]      (k over c's conv group)
+// as a BC x BP tile in shared memory (register micro-tiles, CUDA-core FMA), then consumes it
+// right away: every (pixel, channel) scatters colgrad * mask * bilinear weight into the four
+// corners of grad input, and accumulates colgrad * sample (grad mask) and
+// colgrad * mask * d sample / d position (grad offset) in registers. After the last step the
+// block owns the complete sums over the offset group's channels and writes grad offset and
+// grad mask directly: no atomics, the same result every run.
+//
+// grad input is the only scatter. GIN_MODE 0: float/double atomics into grad_input itself
+// (zeroed by the launcher). 1: float atomics into a float workspace, converted by
+// deft_bwd_finish (f16/bf16). 2 (deterministic): 64-bit fixed-point integer atomics into a
+// workspace (integer addition is associative, so the order of the atomics does not change a
+// bit), converted by deft_bwd_finish; the scale comes from deft_bwd_bound, an upper bound of
+// any element's sum of |contributions|.
+//
+// Constants from codegen: BP, BC, BK, TM, TN, THREADS, TPP (= THREADS / BP), GIN_MODE.
+
+// Shared memory: the slice of weight (transposed: [BK][BC]) and of grad_out ([BK][BP]), the
+// column-gradient tile [BC][BP + 1], and the final cross-thread reduction [3][THREADS].
+constexpr int CS_LD = BP + 1;
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
+                const T* __restrict__ mask, const T* __restrict__ weight,
+                const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
+                T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+  __shared__ Acc Ws[BK][BC];
+  __shared__ Acc Gs[BK][BP];
+  __shared__ Acc Cs[BC * CS_LD];
+  __shared__ Acc Red[3][THREADS];
+
+  const int tid = threadIdx.x;
+  const long long m0 = (long long)blockIdx.x * BP;
+  const int t = blockIdx.y;
+  const int og = blockIdx.z;
+
+  // GEMM thread layout: TM channels x TN pixels per thread.
+  const int gx = tid % (BP / TN), gy = tid / (BP / TN);
+  // Epilogue layout: one pixel, every TPP-th channel of the step. nhwc: the TPP threads of a
+  // pixel are adjacent lanes (neighbouring channels); nchw: pixels run along the lanes.
+  const int ep = X_NHWC ? tid / TPP : tid % BP;
+  const int esub = X_NHWC ? tid % TPP : tid / BP;
+  const long long m = m0 + ep;
+  const bool pix_ok = m < M_TOTAL;
+  long long n = 0;
+  int ho = 0, wo = 0;
+  if (pix_ok) {
+    n = m / (HO * WO);
+    const int rem = int(m - n * (HO * WO));
+    ho = rem / WO;
+    wo = rem % WO;
+  }
+  BwdPoint pt;
+  if (pix_ok) pt = deft_bwd_point(offset, mask, n, ho, wo, t, og);
+  else pt.valid = 0, pt.mod = Acc(0);
+  const T* image = input + n * (C * H * W);
+
+#if GIN_MODE == 2
+  const double scale = deft_fixed_scale(header);
+  bool nonfinite = header[3] != 0ull;
+#endif
+  Acc g_dy = Acc(0), g_dx = Acc(0), g_m = Acc(0);
+
+#pragma unroll 1
+  for (int c0 = og * CPOG; c0 < (og + 1) * CPOG; c0 += BC) {
+    const int g = c0 / CG;
+    const int cl0 = c0 - g * CG;
+    Acc acc[TM][TN];
+#pragma unroll
+    for (int a = 0; a < TM; ++a)
+#pragma unroll
+      for (int b = 0; b < TN; ++b) acc[a][b] = Acc(0);
+
+#pragma unroll 1
+    for (int o0 = 0; o0 < KG; o0 += BK) {
+      for (int e = tid; e < BK * BC; e += THREADS) {
+        const int kk = e / BC, cc = e % BC;
+        const long long k = (long long)g * KG + o0 + kk;
+        Acc v = Acc(0);
+        if (o0 + kk < KG)
+          v = Acc(deft_widen(weight[W_KRSC ? (k * TAPS + t) * CG + cl0 + cc
+                                           : (k * CG + cl0 + cc) * TAPS + t]));
+        Ws[kk][cc] = v;
+      }
+      for (int e = tid; e < BK * BP; e += THREADS) {
+        const int kk = NHWC ? e % BK : e / BP, pp = NHWC ? e / BK : e % BP;
+        const long long mm = m0 + pp;
+        Acc v = Acc(0);
+        if (o0 + kk < KG && mm < M_TOTAL) {
+          const long long nn = mm / (HO * WO);
+          v = Acc(deft_widen(gout[deft_gout_index(nn, (long long)g * KG + o0 + kk,
+                                                  mm - nn * (HO * WO))]));
+        }
+        Gs[kk][pp] = v;
+      }
+      __syncthreads();
+#pragma unroll 4
+      for (int kk = 0; kk < BK; ++kk) {
+        Acc a[TM], b[TN];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) a[i] = Ws[kk][gy * TM + i];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) b[j] = Gs[kk][gx * TN + j];
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+          for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) Cs[(gy * TM + i) * CS_LD + gx * TN + j] = acc[i][j];
+    __syncthreads();
+
+    if (pix_ok) {
+#pragma unroll 2
+      for (int cc = esub; cc < BC; cc += TPP) {
+        const int c = c0 + cc;
+        const Acc cg = Cs[cc * CS_LD + ep];
+        const T* base = image + (X_NHWC ? (long long)c : (long long)c * H * W);
+        Acc v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          v[q] = (pt.valid >> q) & 1 ? Acc(deft_widen(base[pt.off[q]])) : Acc(0);
+        const Acc val = pt.w[0] * v[0] + pt.w[1] * v[1] + pt.w[2] * v[2] + pt.w[3] * v[3];
+        g_m += cg * val;
+        const Acc cgm = cg * pt.mod;
+        g_dy += cgm * (pt.hx * (v[2] - v[0]) + pt.lx * (v[3] - v[1]));
+        g_dx += cgm * (pt.hy * (v[1] - v[0]) + pt.ly * (v[3] - v[2]));
+        if (gin) {
+          const long long gbase = n * (C * H * W) + (X_NHWC ? (long long)c : (long long)c * H * W);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            if (!((pt.valid >> q) & 1)) continue;
+            const Acc contrib = cgm * pt.w[q];
+#if GIN_MODE == 0
+            atomicAdd(gin + gbase + pt.off[q], contrib);
+#elif GIN_MODE == 1
+            atomicAdd(gin + gbase + pt.off[q], float(contrib));
+#else
+            const double sc = (double)contrib * scale;
+            if (!(fabs(sc) <= 1.1529215046068470e18)) {  // 2^60: non-finite or out of range
+              nonfinite = true;
+            } else {
+              atomicAdd(gin + gbase + pt.off[q], (unsigned long long)__double2ll_rn(sc));
+            }
+#endif
+          }
+        }
+      }
+    }
+    __syncthreads();  // Cs is rewritten by the next step
+  }
+#if GIN_MODE == 2
+  if (nonfinite) atomicOr(&header[3], 1ull);
+#endif
+
+  // Sum the TPP partial results of each pixel in a fixed order.
+  Red[0][tid] = g_dy;
+  Red[1][tid] = g_dx;
+  Red[2][tid] = g_m;
+  __syncthreads();
+  if (esub == 0 && pix_ok) {
+    Acc s[3] = {Acc(0), Acc(0), Acc(0)};
+    for (int u = 0; u < TPP; ++u) {
+      const int th = X_NHWC ? ep * TPP + u : u * BP + ep;
+#pragma unroll
+      for (int r = 0; r < 3; ++r) s[r] += Red[r][th];
+    }
+    deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, s);
+  }
+}
+

@@ -1,0 +1,165 @@
+// deform_conv2d backward_weight: grad weight as an implicit GEMM that re-samples the input
+// instead of reading a columns buffer,
+//   grad_weight[k][c][tap] = sum over (n, pixel) of grad_out[n][k][pixel] * mask * sample(c),
+// and grad bias as a plain reduction. A block owns a BO x BC tile of (output channel, input
+// channel) for one tap and one conv group, and a range of pixels (blockIdx.z: one of SPLITS
+// ranges). For each slice of BPW pixels it computes the slice's sampling points once (BC lies
+// inside one offset group), gathers the sampled BPW x BC tile and the BPW x BO grad_out tile
+// into shared memory, and accumulates register micro-tiles (TMO x TNC); KSPLIT groups of
+// threads take interleaved pixels of the slice and are summed at the end in a fixed order.
+// Each block writes its partial sums to workspace; deft_bwd_weight_reduce adds the SPLITS
+// partials in a fixed order. No atomics: the result is the same every run.
+//
+// Constants from codegen: BO, BC, BPW, TMO, TNC, KSPLIT, THREADS, SPLITS, SPLIT_PIX.
+
+constexpr long long M_TOTAL = (long long)N * HO * WO;
+constexpr int TAPS = R * S;
+constexpr int BASE = (BO / TMO) * (BC / TNC);   // threads per micro-tile grid
+constexpr int A_LD = BC + 1, G_LD = BO + 1;
+constexpr long long W_ELEMS = (long long)K * CG * TAPS;
+
+__device__ __forceinline__ long long deft_gout_index(long long n, long long k, long long q) {
+  return NHWC ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
+                const T* __restrict__ mask, const T* __restrict__ gout,
+                Acc* __restrict__ partial) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  Acc* As = reinterpret_cast<Acc*>(smem);            // [BPW][A_LD]
+  Acc* Gs = As + BPW * A_LD;                          // [BPW][G_LD]
+  Acc* Pw = Gs + BPW * G_LD;                          // [BPW][4] corner weights * mask
+  long long* Po = reinterpret_cast<long long*>(Pw + BPW * 4);  // [BPW][4] corner element index
+  Acc* Red = As;  // [THREADS][TMO*TNC], reuses the tiles after the main loop
+
+  const int tid = threadIdx.x;
+  constexpr int OT = (KG + BO - 1) / BO;
+  const int ot = blockIdx.x % OT, ct = blockIdx.x / OT;
+  const int o0 = ot * BO, cl0 = ct * BC;
+  const int t = blockIdx.y % TAPS, g = blockIdx.y / TAPS;
+  const long long c0 = (long long)g * CG + cl0;
+  const int og = int(c0 / CPOG);
+  const long long p_begin = (long long)blockIdx.z * SPLIT_PIX;
+  const long long p_end = p_begin + SPLIT_PIX < M_TOTAL ? p_begin + SPLIT_PIX : M_TOTAL;
+
+  const int base = tid % BASE, ks = tid / BASE;
+  const int ox = base % (BC / TNC), oy = base / (BC / TNC);
+  Acc acc[TMO][TNC];
+#pragma unroll
+  for (int i = 0; i < TMO; ++i)
+#pragma unroll
+    for (int j = 0; j < TNC; ++j) acc[i][j] = Acc(0);
+
+#pragma unroll 1
+  for (long long p0 = p_begin; p0 < p_end; p0 += BPW) {
+    for (int e = tid; e < BPW; e += THREADS) {
+      const long long mm = p0 + e;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        Pw[e * 4 + q] = Acc(0);
+        Po[e * 4 + q] = 0;
+      }
+      if (mm < p_end) {
+        const long long n = mm / (HO * WO);
+        const int rem = int(mm - n * (HO * WO));
+        const int ho = rem / WO, wo = rem % WO;
+        const SamplePoint sp = deft_sample_point(offset, mask, n, ho, wo, t, og);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          Pw[e * 4 + q] = sp.w[q];
+          Po[e * 4 + q] = n * (C * H * W) + (long long)sp.off[q];
+        }
+      }
+    }
+    __syncthreads();
+    for (int e = tid; e < BPW * BC; e += THREADS) {
+      const int cc = X_NHWC ? e % BC : e / BPW, pp = X_NHWC ? e / BC : e % BPW;
+      const long long cbase = X_NHWC ? c0 + cc : (c0 + cc) * (H * W);
+      Acc v = Acc(0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const Acc w = Pw[pp * 4 + q];
+        if (w != Acc(0)) v += w * Acc(deft_widen(input[cbase + Po[pp * 4 + q]]));
+      }
+      As[pp * A_LD + cc] = v;
+    }
+    for (int e = tid; e < BPW * BO; e += THREADS) {
+      const int oo = NHWC ? e % BO : e / BPW, pp = NHWC ? e / BO : e % BPW;
+      const long long mm = p0 + pp;
+      Acc v = Acc(0);
+      if (mm < p_end && o0 + oo < KG) {
+        const long long n = mm / (HO * WO);
+        v = Acc(deft_widen(gout[deft_gout_index(n, (long long)g * KG + o0 + oo,
+                                                mm - n * (HO * WO))]));
+      }
+      Gs[pp * G_LD + oo] = v;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int pp = ks; pp < BPW; pp += KSPLIT) {
+      Acc a[TMO], b[TNC];
+#pragma unroll
+      for (int i = 0; i < TMO; ++i) a[i] = Gs[pp * G_LD + oy * TMO + i];
+#pragma unroll
+      for (int j = 0; j < TNC; ++j) b[j] = As[pp * A_LD + ox * TNC + j];
+#pragma unroll
+      for (int i = 0; i < TMO; ++i)
+#pragma unroll
+        for (int j = 0; j < TNC; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+
+  // Sum the KSPLIT partial tiles in a fixed order.
+#pragma unroll
+  for (int i = 0; i < TMO; ++i)
+#pragma unroll
+    for (int j = 0; j < TNC; ++j) Red[tid * (TMO * TNC) + i * TNC + j] = acc[i][j];
+  __syncthreads();
+  if (ks == 0) {
+#pragma unroll
+    for (int i = 0; i < TMO; ++i) {
+#pragma unroll
+      for (int j = 0; j < TNC; ++j) {
+        Acc s = Acc(0);
+        for (int u = 0; u < KSPLIT; ++u) s += Red[(u * BASE + base) * (TMO * TNC) + i * TNC + j];
+        const int o = o0 + oy * TMO + i, cl = cl0 + ox * TNC + j;
+        if (o < KG)
+          partial[(long long)blockIdx.z * W_ELEMS +
+                  (((long long)g * KG + o) * CG + cl) * TAPS + t] = s;
+      }
+    }
+  }
+}
+
+// grad_weight = the SPLITS partials summed in order, in the weight's layout and dtype.
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_weight_reduce(const Acc* __restrict__ partial, T* __restrict__ gweight) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // [k][cl][t]
+  if (i >= W_ELEMS) return;
+  Acc s = Acc(0);
+  for (int z = 0; z < SPLITS; ++z) s += partial[(long long)z * W_ELEMS + i];
+  const long long t = i % TAPS, kc = i / TAPS;
+  const long long cl = kc % CG, k = kc / CG;
+  gweight[W_KRSC ? (k * TAPS + t) * CG + cl : i] = deft_cast<T>(s);
+}
+
+// grad_bias[k] = sum over (n, pixel) of grad_out: one block per k, a fixed-order tree.
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_bias(const T* __restrict__ gout, T* __restrict__ gbias) {
+  __shared__ Acc part[256];
+  const long long k = blockIdx.x;
+  Acc s = Acc(0);
+  for (long long mm = threadIdx.x; mm < M_TOTAL; mm += 256) {
+    const long long n = mm / (HO * WO);
+    s += Acc(deft_widen(gout[deft_gout_index(n, k, mm - n * (HO * WO))]));
+  }
+  part[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = 128; w > 0; w >>= 1) {
+    if ((int)threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) gbias[k] = deft_cast<T>(part[0]);
+}

@@ -1,0 +1,387 @@
+// GPU correctness of the deform_conv2d backward passes against the double-precision CPU
+// reference (which test_reference.cpp checks against finite differences): random descriptions
+// over every dtype and layout in fast and deterministic mode, bitwise reproducibility,
+// f64 gradients against finite differences, sampling points outside the image, on pixel
+// boundaries, at huge and NaN positions, requested-gradient subsets and errors. Every GPU test
+// skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <limits>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "deft/deft.hpp"
+#include "reference/deform_conv_ref.hpp"
+#include "tests/gpu_test_util.hpp"
+
+namespace {
+
+using deft::DType;
+using deft::LayerDesc;
+using deft::Layout;
+using namespace deft::test;
+
+struct Tensors {
+  std::vector<double> input, offset, mask, weight, gout;
+};
+
+enum Grad { kInput, kOffset, kMask, kWeight, kBias, kGrads };
+const char* kGradName[kGrads] = {"grad_input", "grad_offset", "grad_mask", "grad_weight",
+                                 "grad_bias"};
+
+int64_t grad_size(const LayerDesc& d, int g) {
+  const int64_t hw = d.out_h() * d.out_w();
+  switch (g) {
+    case kInput: return d.n * d.c * d.h * d.w;
+    case kOffset: return d.n * 2 * d.offset_groups * d.taps() * hw;
+    case kMask: return d.mask ? d.n * d.offset_groups * d.taps() * hw : 0;
+    case kWeight: return d.k * d.c_per_group() * d.taps();
+    default: return d.bias ? d.k : 0;
+  }
+}
+
+// input, weight, grad_out uniform in [-1, 1]; offsets ~ N(0, sigma^2) px; mask uniform (0, 1).
+Tensors random_tensors(const LayerDesc& d, double sigma, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> sym(-1.0, 1.0), unit(0.0, 1.0);
+  std::normal_distribution<double> px(0.0, sigma);
+  Tensors t;
+  t.input.resize(grad_size(d, kInput));
+  t.offset.resize(grad_size(d, kOffset));
+  t.mask.resize(grad_size(d, kMask));
+  t.weight.resize(grad_size(d, kWeight));
+  t.gout.resize(d.n * d.k * d.out_h() * d.out_w());
+  for (double& v : t.input) v = sym(rng);
+  for (double& v : t.offset) v = px(rng);
+  for (double& v : t.mask) v = unit(rng);
+  for (double& v : t.weight) v = sym(rng);
+  for (double& v : t.gout) v = sym(rng);
+  return t;
+}
+
+double tolerance(DType t) {
+  switch (t) {
+    case DType::f32: return 1e-5;
+    case DType::f64: return 1e-10;
+    default: return 2e-2;
+  }
+}
+
+deft::CompileOptions test_options(bool det = false) {
+  deft::CompileOptions o;
+#ifdef DEFT_TEST_TMP
+  std::filesystem::create_directories(DEFT_TEST_TMP);
+  o.cache_path = std::string(DEFT_TEST_TMP) + "/gpu_backward.db";
+#else
+  o.cache_path = "";
+#endif
+  o.deterministic = det;
+  return o;
+}
+
+constexpr size_t kGuard = 256;
+
+struct GpuGrads {
+  std::vector<double> g[kGrads];
+  std::vector<std::vector<uint8_t>> raw;  // bytes as written (for bitwise comparisons)
+};
+
+// Runs the backward pass on the device with every requested gradient poisoned (0xFF) first and
+// followed by a guard that must stay untouched. want[g] false: the pointer is null and the
+// buffer must stay poisoned.
+GpuGrads run_gpu(const LayerDesc& d, const Tensors& t, int det, std::array<bool, kGrads> want,
+                 int repeats = 1) {
+  const DType dt = d.dtype;
+  DeviceBuffer input(encode(t.input, dt)), offset(encode(t.offset, dt)),
+      mask(encode(t.mask, dt)), weight(encode(t.weight, dt)), gout(encode(t.gout, dt));
+  std::vector<DeviceBuffer> out;
+  for (int g = 0; g < kGrads; ++g) out.emplace_back(size_t(grad_size(d, g)) * dtype_size(dt) + kGuard);
+  const deft::Kernel kernel = deft::compile(d, test_options());
+  GpuGrads r;
+  for (int rep = 0; rep < repeats; ++rep) {
+    for (auto& b : out) b.fill_bytes(0xFF);
+    DEFT_CUDA_CHECK(cudaDeviceSynchronize());
+    Stream stream;
+    auto ptr = [&](int g) { return want[g] && grad_size(d, g) > 0 ? out[g].get() : nullptr; };
+    kernel.backward({.input = input.get(),
+                     .offset = offset.get(),
+                     .mask = d.mask ? mask.get() : nullptr,
+                     .weight = weight.get(),
+                     .grad_output = gout.get(),
+                     .grad_input = ptr(kInput),
+                     .grad_offset = ptr(kOffset),
+                     .grad_mask = ptr(kMask),
+                     .grad_weight = ptr(kWeight),
+                     .grad_bias = ptr(kBias)},
+                    stream.cu(), det);
+    stream.sync();
+    DEFT_CUDA_CHECK(cudaGetLastError());
+  }
+  for (int g = 0; g < kGrads; ++g) {
+    std::vector<uint8_t> bytes = out[g].download();
+    const size_t n = size_t(grad_size(d, g)) * dtype_size(dt);
+    const bool requested = want[g] && grad_size(d, g) > 0;
+    const auto tail_begin = bytes.begin() + (ptrdiff_t)(requested ? n : 0);
+    EXPECT_TRUE(std::all_of(tail_begin, bytes.end(), [](uint8_t b) { return b == 0xFF; }))
+        << kGradName[g] << ": written " << (requested ? "past its end" : "though not requested");
+    bytes.resize(n);
+    r.raw.push_back(bytes);
+    if (requested) r.g[g] = decode(bytes, dt);
+  }
+  return r;
+}
+
+// Quantizes the inputs to the dtype, runs reference and device, compares every gradient.
+void check_backward(const LayerDesc& d, Tensors t, int det) {
+  SCOPED_TRACE("desc: " + deft::to_string(d) + (det ? " (deterministic)" : ""));
+  for (auto* v : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*v, d.dtype);
+  std::vector<double> ref[kGrads];
+  for (int g = 0; g < kGrads; ++g) ref[g].resize(grad_size(d, g));
+  deft::ref::deform_conv2d_backward(d, t.input.data(), t.offset.data(),
+                                    d.mask ? t.mask.data() : nullptr, t.weight.data(),
+                                    t.gout.data(), ref[kInput].data(), ref[kOffset].data(),
+                                    d.mask ? ref[kMask].data() : nullptr, ref[kWeight].data(),
+                                    d.bias ? ref[kBias].data() : nullptr);
+  const GpuGrads r = run_gpu(d, t, det, {true, true, true, true, true});
+  for (int g = 0; g < kGrads; ++g) {
+    if (grad_size(d, g) == 0) continue;
+    SCOPED_TRACE(kGradName[g]);
+    EXPECT_EQ(count_nonfinite(r.g[g]), 0) << "unwritten (poisoned) or non-finite elements";
+    const double err = relative_error(r.g[g], ref[g]);
+    EXPECT_LE(err, tolerance(d.dtype)) << "relative L2 error " << err;
+  }
+}
+
+struct Case {
+  std::string name;
+  LayerDesc desc;
+  double sigma;
+  uint64_t seed;
+};
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+// 24 seeded random descriptions: dtype cycles (f32, f16, bf16, f64), layout alternates every
+// four; geometry, groups, offset groups, mask and bias drawn at random; every third case has
+// sigma = 8 px offsets (many points outside the image).
+std::vector<Case> random_cases() {
+  std::mt19937_64 rng(777);
+  auto pick = [&](std::initializer_list<int> v) {
+    return *(v.begin() + std::uniform_int_distribution<size_t>(0, v.size() - 1)(rng));
+  };
+  const std::pair<int, int> kernels[] = {{1, 1}, {3, 3}, {5, 5}, {3, 1}};
+  std::vector<Case> cases;
+  for (int i = 0; i < 24; ++i) {
+    LayerDesc d;
+    d.dtype = std::array{DType::f32, DType::f16, DType::bf16, DType::f64}[i % 4];
+    d.layout = (i / 4) % 2 ? Layout::nhwc : Layout::nchw;
+    d.n = pick({1, 2, 3});
+    d.h = pick({7, 9, 12, 16});
+    d.w = pick({6, 9, 13, 17});
+    std::tie(d.r, d.s) = kernels[pick({0, 1, 1, 2, 3})];
+    d.stride_h = pick({1, 2}), d.stride_w = pick({1, 2});
+    d.pad_h = pick({0, 1, 2}), d.pad_w = pick({0, 1, 2});
+    d.dil_h = pick({1, 2}), d.dil_w = pick({1, 2});
+    d.groups = pick({1, 2, 4});
+    d.c = d.groups * pick({1, 2, 3, 8, 12});
+    d.k = d.groups * pick({1, 3, 8, 20});
+    do d.offset_groups = pick({1, 2, 4});
+    while (d.c % d.offset_groups != 0);
+    d.mask = pick({0, 1});
+    d.bias = pick({0, 1});
+    if (d.out_h() < 1 || d.out_w() < 1) d.pad_h = d.pad_w = 2, d.dil_h = d.dil_w = 1;
+    cases.push_back({"case" + std::to_string(i) + "_" + std::string(deft::to_string(d.dtype)) +
+                         "_" + std::string(deft::to_string(d.layout)),
+                     d, i % 3 == 2 ? 8.0 : 2.0, 5000 + uint64_t(i)});
+  }
+  return cases;
+}
+
+LayerDesc make(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int r, int pad, int groups,
+               int og, DType dt, Layout layout) {
+  LayerDesc d;
+  d.n = n, d.c = c, d.h = h, d.w = w, d.k = k, d.r = d.s = r, d.pad_h = d.pad_w = pad;
+  d.groups = groups, d.offset_groups = og, d.dtype = dt, d.layout = layout, d.mask = true;
+  d.bias = true;
+  return d;
+}
+
+// Shapes the draw may miss: depthwise, long channel loops (several channel steps per block,
+// several k slices), wide k tiles, many weight splits.
+std::vector<Case> fixed_cases() {
+  std::vector<Case> v;
+  v.push_back({"dcnv2_f32_nchw", make(2, 64, 12, 12, 48, 3, 1, 1, 1, DType::f32, Layout::nchw), 2.0, 1});
+  v.push_back({"dcnv2_f16_nhwc", make(2, 64, 12, 12, 48, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2.0, 2});
+  v.push_back({"dcnv2_bf16_nchw_og2", make(2, 96, 10, 11, 40, 3, 1, 1, 2, DType::bf16, Layout::nchw), 2.0, 3});
+  v.push_back({"depthwise_f32_nhwc", make(2, 32, 13, 9, 32, 3, 1, 32, 4, DType::f32, Layout::nhwc), 2.0, 4});
+  v.push_back({"depthwise_f16_nchw", make(1, 16, 9, 13, 16, 5, 2, 16, 1, DType::f16, Layout::nchw), 8.0, 5});
+  v.push_back({"depthwise_f64_nhwc", make(2, 8, 9, 9, 8, 3, 1, 8, 2, DType::f64, Layout::nhwc), 2.0, 6});
+  v.push_back({"grouped_f64_nchw", make(1, 24, 8, 10, 36, 3, 1, 3, 2, DType::f64, Layout::nchw), 2.0, 7});
+  v.push_back({"many_pixels_f32_nhwc", make(4, 16, 40, 40, 16, 3, 1, 1, 1, DType::f32, Layout::nhwc), 2.0, 8});
+  return v;
+}
+
+class GpuBackward : public ::testing::TestWithParam<Case> {};
+
+TEST_P(GpuBackward, MatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  const Case& c = GetParam();
+  check_backward(c.desc, random_tensors(c.desc, c.sigma, c.seed), 0);
+}
+
+TEST_P(GpuBackward, DeterministicMatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  const Case& c = GetParam();
+  check_backward(c.desc, random_tensors(c.desc, c.sigma, c.seed), 1);
+}
+
+auto param_name = [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; };
+INSTANTIATE_TEST_SUITE_P(Random, GpuBackward, ::testing::ValuesIn(random_cases()), param_name);
+INSTANTIATE_TEST_SUITE_P(Fixed, GpuBackward, ::testing::ValuesIn(fixed_cases()), param_name);
+
+// Deterministic mode: 10 runs give the same bits, in every dtype, on a layer where many
+// sampling points share corners (small image, large offsets, many taps and channels).
+TEST(GpuBackwardDeterminism, TenRunsBitwiseIdentical) {
+  DEFT_SKIP_WITHOUT_GPU();
+  for (DType dt : {DType::f32, DType::f16, DType::bf16, DType::f64}) {
+    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+      const LayerDesc d = make(2, 32, 8, 8, 32, 3, 1, 1, 1, dt, layout);
+      SCOPED_TRACE(deft::to_string(d));
+      Tensors t = random_tensors(d, 3.0, 42);
+      for (auto* v : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*v, dt);
+      const GpuGrads first = run_gpu(d, t, 1, {true, true, true, true, true});
+      for (int rep = 0; rep < 9; ++rep) {
+        const GpuGrads again = run_gpu(d, t, 1, {true, true, true, true, true});
+        for (int g = 0; g < kGrads; ++g)
+          ASSERT_EQ(first.raw[g], again.raw[g]) << kGradName[g] << " differs in run " << rep + 2;
+      }
+    }
+  }
+}
+
+// f64 gradients against central finite differences of the reference forward, at offsets
+// whose fractional parts stay away from pixel boundaries (where the bilinear sample is
+// smooth). Every element of every gradient is checked on a tiny layer.
+TEST(GpuBackwardF64, MatchesFiniteDifferences) {
+  DEFT_SKIP_WITHOUT_GPU();
+  LayerDesc d = make(1, 4, 5, 6, 3, 3, 1, 1, 2, DType::f64, Layout::nchw);
+  Tensors t = random_tensors(d, 1.5, 9);
+  std::mt19937_64 rng(10);
+  std::uniform_real_distribution<double> frac(0.15, 0.85);
+  for (double& v : t.offset) v = std::floor(v) + frac(rng);
+  std::vector<double> bias(d.k, 0.25);
+  auto loss = [&](const Tensors& x, const std::vector<double>& b) {
+    std::vector<double> out(x.gout.size());
+    deft::ref::deform_conv2d_forward(d, x.input.data(), x.offset.data(), x.mask.data(),
+                                     x.weight.data(), b.data(), out.data());
+    double s = 0;
+    for (size_t i = 0; i < out.size(); ++i) s += out[i] * x.gout[i];
+    return s;
+  };
+  const GpuGrads r = run_gpu(d, t, 0, {true, true, true, true, true});
+  const double h = 1e-6;
+  auto check = [&](std::vector<double>& param, int g, std::vector<double>* b = nullptr) {
+    double max_err = 0, max_ref = 0;
+    for (size_t i = 0; i < param.size(); ++i) {
+      const double keep = param[i];
+      param[i] = keep + h;
+      const double up = loss(t, b ? *b : bias);
+      param[i] = keep - h;
+      const double down = loss(t, b ? *b : bias);
+      param[i] = keep;
+      const double fd = (up - down) / (2 * h);
+      max_err = std::max(max_err, std::abs(fd - r.g[g][i]));
+      max_ref = std::max(max_ref, std::abs(fd));
+    }
+    EXPECT_LE(max_err, 1e-6 * std::max(1.0, max_ref)) << kGradName[g];
+  };
+  check(t.input, kInput);
+  check(t.offset, kOffset);
+  check(t.mask, kMask);
+  check(t.weight, kWeight);
+  check(bias, kBias, &bias);
+}
+
+// Points on pixel boundaries (integer offsets), far outside the image (+-1e6 px, and the
+// largest finite f16 value) and at NaN positions: no crash, no write out of bounds, and the
+// reference's definition (NaN and outside points contribute nothing) in every dtype.
+TEST(GpuBackwardEdges, BoundaryHugeAndNaNOffsets) {
+  DEFT_SKIP_WITHOUT_GPU();
+  for (DType dt : {DType::f32, DType::f16, DType::bf16, DType::f64}) {
+    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+      const LayerDesc d = make(2, 16, 7, 9, 12, 3, 1, 2, 2, dt, layout);
+      SCOPED_TRACE(deft::to_string(d));
+      Tensors t = random_tensors(d, 2.0, 77);
+      std::mt19937_64 rng(78);
+      // integer offsets with pad 1 also put points exactly on the -1 and h edges
+      std::uniform_int_distribution<int> kind(0, 5), integer(-3, 3);
+      const double huge = dt == DType::f16 ? 65504.0 : 1e6;
+      for (double& v : t.offset) {
+        switch (kind(rng)) {
+          case 0: v = integer(rng); break;                  // on a pixel boundary
+          case 1: v = (integer(rng) % 2 ? 1 : -1) * huge; break;  // far outside
+          case 2: v = integer(rng) + 0.5; break;            // half-way between pixels
+          default: break;                                    // random
+        }
+      }
+      // A few NaN positions: the reference treats them as outside; compare the rest there.
+      for (size_t i = 0; i < t.offset.size(); i += 37) t.offset[i] = std::nan("");
+      check_backward(d, t, 0);
+      check_backward(d, t, 1);
+    }
+  }
+}
+
+// Only the requested gradients are written (the others stay poisoned, checked in run_gpu),
+// and each equals the full run's.
+TEST(GpuBackwardSubsets, OnlyRequestedGradientsWritten) {
+  DEFT_SKIP_WITHOUT_GPU();
+  const LayerDesc d = make(2, 16, 9, 9, 16, 3, 1, 1, 1, DType::f32, Layout::nchw);
+  Tensors t = random_tensors(d, 2.0, 3);
+  quantize_in_place(t.offset, DType::f32);
+  const GpuGrads all = run_gpu(d, t, 1, {true, true, true, true, true});
+  for (int g = 0; g < kGrads; ++g) {
+    std::array<bool, kGrads> want{};
+    want[g] = true;
+    const GpuGrads one = run_gpu(d, t, 1, want);
+    EXPECT_EQ(one.raw[g], all.raw[g]) << kGradName[g];
+  }
+}
+
+TEST(GpuBackwardErrors, ClearMessages) {
+  DEFT_SKIP_WITHOUT_GPU();
+  LayerDesc d = make(1, 8, 6, 6, 8, 3, 1, 1, 1, DType::f32, Layout::nchw);
+  d.act = deft::Activation::relu;
+  const deft::Kernel k = deft::compile(d, test_options());
+  DeviceBuffer buf(4096 * 8);
+  void* p = buf.get();
+  try {
+    k.backward({.input = p, .offset = p, .mask = p, .weight = p, .grad_output = p, .grad_input = p});
+    ADD_FAILURE() << "backward with act=relu did not throw";
+  } catch (const deft::NotImplemented& e) {
+    EXPECT_NE(std::string(e.what()).find("act=relu"), std::string::npos) << e.what();
+  }
+  d.act = deft::Activation::none;
+  d.mask = false;
+  const deft::Kernel k2 = deft::compile(d, test_options());
+  try {
+    k2.backward({.input = p, .offset = p, .weight = p, .grad_output = p, .grad_mask = p});
+    ADD_FAILURE() << "grad_mask without a mask did not throw";
+  } catch (const deft::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("grad_mask"), std::string::npos) << e.what();
+  }
+  try {
+    k2.backward({.input = p, .offset = p, .weight = p, .grad_input = p});
+    ADD_FAILURE() << "a null grad_output did not throw";
+  } catch (const deft::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("grad_output"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
