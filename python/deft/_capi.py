@@ -56,6 +56,15 @@ class DeftLibrary:
         self._forward = fn("deft_forward", ctypes.c_int, _c_kernel_p, ctypes.c_void_p,
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                            ctypes.c_void_p, ctypes.c_void_p)
+        # deft_backward is newer than the rest: a library built before it still loads (forward
+        # works) and backward() says to rebuild.
+        self._backward = None
+        if hasattr(lib, "deft_backward"):
+            self._backward = fn("deft_backward", ctypes.c_int, _c_kernel_p, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_int, ctypes.c_void_p)
         self._kernel_variant = fn("deft_kernel_variant", ctypes.c_char_p, _c_kernel_p)
         self._kernel_from_cache = fn("deft_kernel_from_cache", ctypes.c_int, _c_kernel_p)
         self._kernel_release = fn("deft_kernel_release", None, _c_kernel_p)
@@ -135,6 +144,22 @@ class DeftKernel:
                                 _ptr(weight), _ptr(bias), _ptr(output),
                                 int(stream) if stream else None)
         self._lib._check(rc, "deft_forward")
+
+    def backward(self, input, offset, mask, weight, grad_output, grad_input=None,
+                 grad_offset=None, grad_mask=None, grad_weight=None, grad_bias=None,
+                 deterministic: int = -1, stream=None) -> None:
+        """Launch the gradients of forward on ``stream``. Each grad_* may be None to skip it;
+        the others are written whole, in the layout and dtype of their tensors (grad_bias:
+        [k]). deterministic: 1 bitwise reproducible, 0 fast, -1 as compiled."""
+        fn = self._lib._backward
+        if fn is None:
+            raise RuntimeError(f"deft: {self._lib.path} has no deft_backward (built before the "
+                               f"backward passes): rebuild libdeft")
+        rc = fn(self.handle, _ptr(input), _ptr(offset), _ptr(mask), _ptr(weight),
+                _ptr(grad_output), _ptr(grad_input), _ptr(grad_offset), _ptr(grad_mask),
+                _ptr(grad_weight), _ptr(grad_bias), int(deterministic),
+                int(stream) if stream else None)
+        self._lib._check(rc, "deft_backward")
 
     def forward_ptrs(self, ptrs: tuple) -> None:
         """forward() with pre-converted arguments (see pointer_args): the lowest-overhead call,

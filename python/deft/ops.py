@@ -2,8 +2,11 @@
 deft's JIT-compiled kernels through the C API (no link to libtorch).
 
 Registered as the torch custom op ``deft::deform_conv2d`` with a fake (meta) implementation,
-so it traces under torch.compile without graph breaks, and with an autocast rule. Forward only
-for now: the backward passes are not implemented yet and raise a clear error.
+an autocast rule and autograd: the gradients come from the custom op
+``deft::deform_conv2d_backward`` (also with a fake implementation), so the op traces under
+torch.compile without graph breaks for training as well as inference. Only the gradients that
+autograd asks for are computed. Under ``torch.use_deterministic_algorithms(True)`` the backward
+pass is bitwise reproducible.
 """
 from __future__ import annotations
 
@@ -18,8 +21,30 @@ from ._library import library
 _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
            torch.float64: "f64"}
 
-_kernels: Dict[Tuple[str, int], object] = {}
+_kernels: Dict[Tuple[str, int, Optional[str]], object] = {}
 _kernels_lock = threading.Lock()
+# Database the kernels compile against (deft.load_tuning); None: libdeft's default
+# ($DEFT_CACHE_DIR/deft.db, else $XDG_CACHE_HOME/deft/deft.db, else ~/.cache/deft/deft.db).
+_cache_path: Optional[str] = None
+# Per-thread hook for deft.export_layers: an object with record(geometry, desc, offset).
+_tls = threading.local()
+
+
+def _set_cache_path(path: Optional[str]) -> None:
+    """Compile later kernels against ``path`` (None: the library default) and forget the kernels
+    compiled so far."""
+    global _cache_path
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Kernels still queued must not lose their module when the last reference goes.
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(d)
+    with _kernels_lock:
+        _cache_path = path
+        _kernels.clear()
+
+
+def _cache_path_now() -> Optional[str]:
+    return _cache_path
 
 
 def _pair(v: Union[int, Sequence[int]], name: str) -> Tuple[int, int]:
@@ -98,12 +123,13 @@ def _describe(g: _Geometry, dtype: torch.dtype, has_mask: bool, has_bias: bool) 
 
 
 def _kernel(desc: str, device: torch.device):
-    key = (desc, device.index)
     with _kernels_lock:
+        path = _cache_path
+        key = (desc, device.index, path)
         k = _kernels.get(key)
     if k is None:
         with torch.cuda.device(device):
-            k = library().compile(desc)
+            k = library().compile(desc, cache_path=path)
         with _kernels_lock:
             k = _kernels.setdefault(key, k)
     return k
@@ -113,28 +139,54 @@ def _channels_last(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
+def _check_devices(**tensors: Optional[Tensor]) -> None:
+    """The op's own guard (deform_conv2d() gives the friendlier messages first): every tensor on
+    the CUDA device of the first one."""
+    device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device.type != "cuda":
+            raise RuntimeError(f"deform_conv2d: {name} is on {t.device}; deft runs on CUDA "
+                               f"devices only")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise RuntimeError(f"deform_conv2d: {name} is on {t.device}, the other tensors on "
+                               f"{device}")
+
+
+def _operands(g: _Geometry, input: Tensor, offset: Tensor, weight: Tensor,
+              mask: Optional[Tensor]):
+    """input, offset, mask and weight as the kernels read them: NCHW-contiguous, or for an
+    NHWC description channels-last (weight as [k][r][s][c/groups])."""
+    if g.nhwc:
+        x = input.permute(0, 2, 3, 1)  # already contiguous in this order
+        return (x, _channels_last(offset), None if mask is None else _channels_last(mask),
+                _channels_last(weight))
+    return (input.contiguous(), offset.contiguous(),
+            None if mask is None else mask.contiguous(), weight.contiguous())
+
+
 def _forward(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
              mask: Optional[Tensor], stride: List[int], padding: List[int],
              dilation: List[int]) -> Tensor:
+    _check_devices(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
     g = _Geometry(input, offset, weight, bias, mask, stride, padding, dilation)
     size, stride_out = g.out_size_stride()
     out = torch.empty_strided(size, stride_out, dtype=input.dtype, device=input.device)
-    if g.n == 0 or g.k == 0:
-        return out
-    with torch.cuda.device(input.device):
-        if g.nhwc:
-            x = input.permute(0, 2, 3, 1)  # already contiguous in this order
-            off, msk, wt = _channels_last(offset), None if mask is None else _channels_last(mask), \
-                _channels_last(weight)
-            y = out.permute(0, 2, 3, 1)
-        else:
-            x, off, wt = input.contiguous(), offset.contiguous(), weight.contiguous()
-            msk = None if mask is None else mask.contiguous()
-            y = out
-        b = None if bias is None else bias.contiguous()
-        kern = _kernel(_describe(g, input.dtype, mask is not None, bias is not None),
-                       input.device)
-        kern.forward(x, off, msk, wt, b, y, torch.cuda.current_stream(input.device).cuda_stream)
+    desc = _describe(g, input.dtype, mask is not None, bias is not None)
+    if g.n != 0 and g.k != 0:
+        with torch.cuda.device(input.device):
+            x, off, msk, wt = _operands(g, input, offset, weight, mask)
+            y = out.permute(0, 2, 3, 1) if g.nhwc else out
+            b = None if bias is None else bias.contiguous()
+            kern = _kernel(desc, input.device)
+            kern.forward(x, off, msk, wt, b, y,
+                         torch.cuda.current_stream(input.device).cuda_stream)
+    recorder = getattr(_tls, "recorder", None)
+    if recorder is not None:
+        recorder.record(g, desc, offset)
     return out
 
 
@@ -152,21 +204,135 @@ def _(input, offset, weight, bias, mask, stride, padding, dilation):
     return input.new_empty_strided(size, stride_out)
 
 
+# --- backward -------------------------------------------------------------------------------------
+
+def _layout_strides(size: Sequence[int], nhwc: bool) -> Tuple[int, int, int, int]:
+    """Strides of a 4-D tensor stored NCHW- or NHWC-contiguous."""
+    a, b, c, d = size
+    if nhwc:
+        return (b * c * d, 1, d * b, b)
+    return (b * c * d, c * d, d, 1)
+
+
+def _grad_buffers(g: _Geometry, need_input: bool, need_offset: bool, need_weight: bool,
+                  need_bias: bool, need_mask: bool, new_empty_strided):
+    """The backward op's five results (grad input, offset, weight, bias, mask), in the layout the
+    kernels write (that of the forward's operands); a gradient not asked for is an empty [0]
+    tensor. ``new_empty_strided(size, stride)`` allocates; shared by the real and the fake
+    implementation so that both give the same strides."""
+    taps = g.kh * g.kw
+    shapes = [(g.n, g.c, g.h, g.w), (g.n, 2 * g.og * taps, g.ho, g.wo),
+              (g.k, g.c // g.groups, g.kh, g.kw), None, (g.n, g.og * taps, g.ho, g.wo)]
+    out = []
+    for need, shape in zip((need_input, need_offset, need_weight, need_bias, need_mask), shapes):
+        if not need:
+            out.append(new_empty_strided((0,), (1,)))
+        elif shape is None:  # bias
+            out.append(new_empty_strided((g.k,), (1,)))
+        else:
+            out.append(new_empty_strided(shape, _layout_strides(shape, g.nhwc)))
+    return tuple(out)
+
+
+def _backward_geometry(grad_output: Tensor, input: Tensor, offset: Tensor, weight: Tensor,
+                       mask: Optional[Tensor], stride, padding, dilation) -> _Geometry:
+    g = _Geometry(input, offset, weight, None, mask, stride, padding, dilation)
+    if tuple(grad_output.shape) != (g.n, g.k, g.ho, g.wo):
+        raise ValueError(f"deform_conv2d backward: grad_output has shape "
+                         f"{tuple(grad_output.shape)}, expected {(g.n, g.k, g.ho, g.wo)}")
+    return g
+
+
+@torch.library.custom_op("deft::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward_op(grad_output: Tensor, input: Tensor, offset: Tensor,
+                               weight: Tensor, mask: Optional[Tensor], stride: List[int],
+                               padding: List[int], dilation: List[int], has_bias: bool,
+                               need_input: bool, need_offset: bool, need_weight: bool,
+                               need_bias: bool, need_mask: bool
+                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of deft::deform_conv2d for (input, offset, weight, bias, mask). ``has_bias``:
+    the forward had a bias (it selects the same compiled kernel). A gradient whose need_* is
+    False comes back as an empty [0] tensor and is not computed."""
+    _check_devices(grad_output=grad_output, input=input, offset=offset, weight=weight,
+                   mask=mask)
+    g = _backward_geometry(grad_output, input, offset, weight, mask, stride, padding, dilation)
+    need_bias = need_bias and has_bias
+    need_mask = need_mask and mask is not None
+    dtype, device = input.dtype, input.device
+    grads = _grad_buffers(
+        g, need_input, need_offset, need_weight, need_bias, need_mask,
+        lambda size, st: torch.empty_strided(size, st, dtype=dtype, device=device))
+    gi, goff, gw, gb, gm = grads
+    needs = (need_input, need_offset, need_weight, need_bias, need_mask)
+    if not any(needs):
+        return grads
+    if g.n == 0 or g.k == 0:  # nothing flows: every requested gradient is zero
+        for t, need in zip(grads, needs):
+            if need:
+                t.zero_()
+        return grads
+    if grad_output.dtype != dtype:
+        grad_output = grad_output.to(dtype)
+    with torch.cuda.device(device):
+        x, off, msk, wt = _operands(g, input, offset, weight, mask)
+        gy = _channels_last(grad_output) if g.nhwc else grad_output.contiguous()
+        kern = _kernel(_describe(g, dtype, mask is not None, has_bias), device)
+        deterministic = 1 if torch.are_deterministic_algorithms_enabled() else 0
+        kern.backward(x, off, msk, wt, gy,
+                      gi if need_input else None, goff if need_offset else None,
+                      gm if need_mask else None, gw if need_weight else None,
+                      gb if need_bias else None, deterministic,
+                      torch.cuda.current_stream(device).cuda_stream)
+    return grads
+
+
+@_deform_conv2d_backward_op.register_fake
+def _(grad_output, input, offset, weight, mask, stride, padding, dilation, has_bias, need_input,
+      need_offset, need_weight, need_bias, need_mask):
+    g = _backward_geometry(grad_output, input, offset, weight, mask, stride, padding, dilation)
+    return _grad_buffers(g, need_input, need_offset, need_weight, need_bias and has_bias,
+                         need_mask and mask is not None, input.new_empty_strided)
+
+
 def _setup_context(ctx, inputs, output):
-    pass
+    input, offset, weight, bias, mask, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, weight, mask)
+    ctx.has_bias = bias is not None
+    ctx.conv = (list(stride), list(padding), list(dilation))
 
 
 def _backward(ctx, grad):
-    raise NotImplementedError(
-        "deft.ops.deform_conv2d: the backward pass is not implemented yet (forward only). "
-        "Train with torchvision.ops.deform_conv2d for now.")
+    input, offset, weight, mask = ctx.saved_tensors
+    need = ctx.needs_input_grad  # per forward argument: input, offset, weight, bias, mask, ...
+    n_in, n_off, n_w = bool(need[0]), bool(need[1]), bool(need[2])
+    n_b = bool(need[3]) and ctx.has_bias
+    n_m = bool(need[4]) and mask is not None
+    if not (n_in or n_off or n_w or n_b or n_m):
+        return None, None, None, None, None, None, None, None
+    # The kernels run in the forward's dtype (under autocast: the autocast dtype the forward
+    # ran in, which is what was saved).
+    grad = grad.to(input.dtype)
+    stride, padding, dilation = ctx.conv
+    gi, goff, gw, gb, gm = torch.ops.deft.deform_conv2d_backward(
+        grad, input, offset, weight, mask, stride, padding, dilation, ctx.has_bias,
+        n_in, n_off, n_w, n_b, n_m)
+    return (gi if n_in else None, goff if n_off else None, gw if n_w else None,
+            gb if n_b else None, gm if n_m else None, None, None, None)
 
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 if hasattr(torch.library, "register_autocast"):
-    # Under autocast, run in the autocast dtype like convolutions do.
+    # Under autocast, run in the autocast dtype like convolutions do. The backward op has no
+    # rule: it runs in the dtype the forward ran in.
     torch.library.register_autocast("deft::deform_conv2d", "cuda", torch.float16)
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cuda")
+    except TypeError:  # older torch: no device argument (meant CUDA)
+        return torch.is_autocast_enabled()
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -177,23 +343,41 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     """Deformable convolution v1 / v2 (with ``mask``), as torchvision.ops.deform_conv2d.
 
     CUDA tensors of one dtype (float32, float16, bfloat16, float64) on one device. A
-    channels-last ``input`` runs deft's NHWC kernels and gives a channels-last output. float32
-    uses TF32 tensor cores when ``torch.backends.cuda.matmul.allow_tf32`` is set, as
-    torchvision's GEMM does.
+    channels-last ``input`` runs deft's NHWC kernels and gives a channels-last output (and
+    channels-last gradients). float32 uses TF32 tensor cores when
+    ``torch.backends.cuda.matmul.allow_tf32`` is set, as torchvision's GEMM does.
+
+    Differentiable with respect to input, offset, weight, bias and mask (only the gradients
+    autograd needs are computed); bitwise reproducible gradients under
+    ``torch.use_deterministic_algorithms(True)``. Under ``torch.autocast("cuda")`` it runs in
+    float16, forward and backward.
+
+    Raises TypeError for a non-tensor argument, mixed or unsupported dtypes, ValueError for
+    shapes that do not fit together (the message names the tensor), RuntimeError for tensors
+    not on one CUDA device.
     """
     tensors = {"input": input, "offset": offset, "weight": weight, "bias": bias, "mask": mask}
     for name, t in tensors.items():
         if t is None:
+            if name in ("input", "offset", "weight"):
+                raise TypeError(f"deform_conv2d: {name} must be a Tensor, got None")
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"deform_conv2d: {name} must be a Tensor, got {type(t).__name__}")
         if t.device.type != "cuda":
+            why = ("" if torch.cuda.is_available() else
+                   "; this machine has no usable CUDA device (torch.cuda.is_available() is "
+                   "False)")
             raise RuntimeError(f"deform_conv2d: {name} is on {t.device}; deft runs on CUDA "
-                               f"devices only (use torchvision.ops.deform_conv2d on the CPU)")
+                               f"devices only (use torchvision.ops.deform_conv2d on the "
+                               f"CPU){why}")
         if t.device != input.device:
             raise RuntimeError(f"deform_conv2d: {name} is on {t.device} but input is on "
                                f"{input.device}")
-        if t.dtype != input.dtype and not torch.is_autocast_enabled():
+        if not t.is_floating_point():
+            raise TypeError(f"deform_conv2d: {name} is {t.dtype}; deft needs floating-point "
+                            f"tensors (float32, float16, bfloat16, float64)")
+        if t.dtype != input.dtype and not _autocast_on():
             raise TypeError(f"deform_conv2d: {name} is {t.dtype} but input is {input.dtype}; "
                             f"all tensors must have one dtype")
     if input.dtype not in _DTYPES:
