@@ -1,6 +1,7 @@
 """Modules: DeformConv2d (torchvision's constructor and forward) and DeformConv2dPack, which
 owns the convolution that predicts its offsets and mask (mmcv's ModulatedDeformConv2dPack
-convention), for one line per layer."""
+convention), for one line per layer. Both train: deft.ops.deform_conv2d has autograd for the
+input, offset, mask, weight and bias. deft.export_layers names their layers by module path."""
 from __future__ import annotations
 
 import math
