@@ -1,5 +1,5 @@
-"""deft.ops / deft.nn against torchvision on a GPU machine (skipped without torch, torchvision
-or a CUDA device). Run: python3 -m pytest python/tests"""
+"""deft.ops / deft.nn forward against torchvision on a GPU machine (skipped without torch,
+torchvision or a CUDA device; gradients: test_autograd.py). Run: python3 -m pytest python/tests"""
 import os
 import sys
 
@@ -95,8 +95,7 @@ def test_pack_starts_as_a_plain_convolution():
 
 
 def test_torch_compile_fullgraph():
-    # Inference: with parameters that require grad, AOTAutograd would trace the (missing)
-    # backward while compiling.
+    # Inference (training under torch.compile: test_autograd.py).
     layer = deft.nn.DeformConv2d(16, 16, 3, padding=1).cuda()
     x, off, _, _, m, _ = make(2, 16, 16, 10, 10)
     with torch.no_grad():
@@ -140,14 +139,16 @@ def test_clear_errors():
         deft.ops.deform_conv2d(x, off[:, :, :4], wt, b, mask=m, **kw)
     with pytest.raises(ValueError, match="mask has shape"):
         deft.ops.deform_conv2d(x, off, wt, b, mask=m[:, :3], **kw)
-
-
-def test_backward_says_not_implemented():
-    x, off, wt, b, m, kw = make(1, 8, 8, 8, 8)
-    x.requires_grad_(True)
-    y = deft.ops.deform_conv2d(x, off, wt, b, mask=m, **kw)
-    with pytest.raises(NotImplementedError, match="backward pass is not implemented"):
-        y.sum().backward()
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        deft.ops.deform_conv2d(x, off, wt[0], b, mask=m, **kw)
+    with pytest.raises(ValueError, match="bias has shape"):
+        deft.ops.deform_conv2d(x, off, wt, b[:3], mask=m, **kw)
+    with pytest.raises(TypeError, match="mask is torch.float64"):
+        deft.ops.deform_conv2d(x, off, wt, b, mask=m.double(), **kw)
+    with pytest.raises(TypeError, match="offset is torch.int64"):
+        deft.ops.deform_conv2d(x, off.long(), wt, b, mask=m, **kw)
+    with pytest.raises(TypeError, match="weight must be a Tensor"):
+        deft.ops.deform_conv2d(x, off, wt.tolist(), b, mask=m, **kw)
 
 
 def test_resnet_block_swap_forward():
