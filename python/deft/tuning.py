@@ -126,11 +126,15 @@ class _Layer:
             stats[key] = {"p50": min(p50, mx), "p90": min(p90, mx), "p99": min(p99, mx),
                           "max": mx}
         stats["outside_fraction"] = (self.outside / self.samples) if self.samples else 0.0
+        sigma = 0.0
         if self.finite:
             mean = self.sum / self.finite
-            stats["sigma"] = math.sqrt(max(self.sumsq / self.finite - mean * mean, 0.0))
-        else:
-            stats["sigma"] = 0.0
+            sigma = math.sqrt(max(self.sumsq / self.finite - mean * mean, 0.0))
+        # The model format wants a positive sigma: when every offset is equal (a freshly
+        # initialised offset convolution gives zeros) it is left out, and deft tune derives one
+        # from the |dy| and |dx| medians (with its floor).
+        if sigma > 0.0:
+            stats["sigma"] = sigma
         return {"name": self.name, "desc": self.desc, "count": self.count, "stats": stats}
 
 
@@ -143,6 +147,16 @@ class _Recorder:
         self.unnamed = 0
         self.calls = 0
 
+    def _unique(self, name: str) -> str:
+        # Names are unique in a model file: a module called with two shapes gives two entries,
+        # "<path>" and "<path>_1".
+        taken = {layer.name for layer in self.layers.values()}
+        out, i = name, 0
+        while out in taken:
+            i += 1
+            out = f"{name}_{i}"
+        return out
+
     def record(self, g, desc: str, offset: Tensor) -> None:
         layer = self.layers.get(desc)
         if layer is None:
@@ -151,7 +165,7 @@ class _Recorder:
             else:
                 name = f"deform_conv2d_{self.unnamed}"
                 self.unnamed += 1
-            layer = self.layers[desc] = _Layer(name, desc)
+            layer = self.layers[desc] = _Layer(self._unique(name), desc)
         layer.add(_CallStats(g, offset, seed=self.calls))
         self.calls += 1
 
@@ -174,7 +188,9 @@ def export_layers(model: torch.nn.Module, example_inputs: Any,
     module path when it ran in a ``deft.nn`` module, else ``deform_conv2d_<i>``. ``stats`` holds
     the offsets' statistics: p50/p90/p99/max of |dy| and |dx| (quantiles of at most 1e6 values
     drawn at random, seeded), the fraction of sampling points outside the image, the standard
-    deviation ``sigma`` of all offset values, and ``samples``, the number of sampling points.
+    deviation ``sigma`` of all offset values (left out when it is 0, e.g. all offsets zero: the
+    format wants it positive), and ``samples``, the number of sampling points. Names are unique:
+    a module called with two different shapes gives ``<path>`` and ``<path>_1``.
 
     The model runs eagerly and as it is (train/eval mode untouched: call ``model.eval()`` first
     for inference statistics). Calls under ``torch.compile`` are recorded too, but named

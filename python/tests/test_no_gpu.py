@@ -99,3 +99,28 @@ def test_pooled_sample_stays_bounded(monkeypatch):
     st = layer.to_json()["stats"]
     assert 15 < st["abs_dy"]["p50"] < 25
     assert st["abs_dy"]["p99"] <= st["abs_dy"]["max"]
+
+
+def test_zero_offsets_leave_sigma_out():
+    # deft tune wants a positive sigma; with none it derives one from the medians
+    layer = tuning._Layer("l", "d")
+    layer.add(tuning._CallStats(geometry(), torch.zeros(1, 2, 4, 4), seed=0))
+    st = layer.to_json()["stats"]
+    assert "sigma" not in st
+    assert st["abs_dy"] == {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+
+
+def test_recorder_merges_descriptions_and_keeps_names_unique():
+    rec = tuning._Recorder()
+    g = geometry()
+    off = torch.randn(1, 2, 4, 4)
+    rec.modules.append("block.conv")
+    rec.record(g, "deform_conv2d n=1 h=4", off)
+    rec.record(g, "deform_conv2d n=1 h=4", off)  # same description: merged
+    rec.record(g, "deform_conv2d n=1 h=8", off)  # same module, other shape: new name
+    rec.modules.pop()
+    rec.record(g, "deform_conv2d n=2", off)
+    rec.record(g, "deform_conv2d n=3", off)
+    got = [(l.name, l.count) for l in rec.layers.values()]
+    assert got == [("block.conv", 2), ("block.conv_1", 1), ("deform_conv2d_0", 1),
+                   ("deform_conv2d_1", 1)]
