@@ -182,6 +182,12 @@ std::string utc_now(const char* format) {
 
 std::string iso_now() { return utc_now("%Y-%m-%dT%H:%M:%SZ"); }
 
+std::string fmt_percent(char c) {  // URI percent-encoding of one byte
+  static const char* hex = "0123456789ABCDEF";
+  const auto u = static_cast<unsigned char>(c);
+  return std::string{'%', hex[u >> 4], hex[u & 15]};
+}
+
 // The schema. Each table's columns, in order, are what validation checks an existing file for.
 struct TableSpec {
   const char* name;
@@ -440,6 +446,54 @@ std::shared_ptr<Database> Database::open(const std::string& path) {
   }
 }
 
+std::shared_ptr<Database> Database::open_read_only(const std::string& path) {
+  if (path.empty()) throw Error("read-only database path is empty");
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) throw Error("database " + path + " does not exist");
+  auto try_open = [&](bool immutable) {
+    // immutable=1 (a URI parameter) reads a WAL-mode file where its -shm cannot be created,
+    // e.g. in a read-only directory; SQLite then takes no locks, which a shipped file allows.
+    std::string uri = path;
+    int flags = SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX;
+    if (immutable) {
+      std::string escaped;
+      for (char c : fs::absolute(path).string()) {
+        if (c == '%' || c == '?' || c == '#') escaped += fmt_percent(c);
+        else escaped += c;
+      }
+      uri = "file:" + escaped + "?immutable=1";
+      flags |= SQLITE_OPEN_URI;
+    }
+    sqlite3* raw = nullptr;
+    int rc = sqlite3_open_v2(uri.c_str(), &raw, flags, nullptr);
+    Connection db(raw);
+    if (rc != SQLITE_OK) throw_sqlite(raw, rc, path, "opening read-only");
+    sqlite3_extended_result_codes(raw, 1);
+    sqlite3_busy_timeout(raw, 10000);
+    const int version = user_version(raw, path);
+    if (version != kSchemaVersion)
+      throw NotADeftDatabase{"schema version " + std::to_string(version) + ", this deft reads " +
+                             std::to_string(kSchemaVersion)};
+    check_columns(raw, path);
+    return db;
+  };
+  std::shared_ptr<Database> self(new Database(path));
+  try {
+    try {
+      self->db_ = try_open(false).release();
+    } catch (const SqliteError& e) {
+      const int primary = e.rc() & 0xff;
+      if (primary != SQLITE_CANTOPEN && primary != SQLITE_READONLY) throw;
+      self->db_ = try_open(true).release();
+    }
+  } catch (const NotADeftDatabase& e) {
+    throw Error("database " + path + " is not a usable deft database: " + e.reason);
+  } catch (const SqliteError& e) {
+    throw Error("database " + path + " cannot be read: " + e.detail());
+  }
+  return self;
+}
+
 std::optional<std::vector<char>> Database::get_cubin(const std::string& key) {
   std::lock_guard lock(mu_);
   Statement s(db_, path_, "SELECT data FROM cubins WHERE key = ?1");
@@ -492,11 +546,10 @@ static Statement& bind_identity(Statement& s, const TuningRecord& r) {
       .bind(7, r.search_space);
 }
 
-void Database::put_tuning_record(const TuningRecord& record) {
-  std::lock_guard lock(mu_);
-  Transaction tx(db_, path_, /*write=*/true);
+// Inserts a record and its candidates; the caller holds the lock and a write transaction.
+static void insert_record(sqlite3* db, const std::string& path, const TuningRecord& record) {
   {
-    Statement s(db_, path_,
+    Statement s(db, path,
                 R"(INSERT INTO tuning_records("desc", stats_bucket, device, driver_version,
                      nvrtc_version, deft_version, search_space, winner, winner_us, default_us,
                      created_at)
@@ -508,8 +561,8 @@ void Database::put_tuning_record(const TuningRecord& record) {
         .bind(11, record.created_at.empty() ? iso_now() : record.created_at);
     s.run();
   }
-  int64_t id = sqlite3_last_insert_rowid(db_);
-  Statement c(db_, path_,
+  int64_t id = sqlite3_last_insert_rowid(db);
+  Statement c(db, path,
               "INSERT INTO tuning_candidates(record_id, variant, median_us, error) "
               "VALUES (?1, ?2, ?3, ?4)");
   for (const CandidateTiming& t : record.candidates) {
@@ -517,7 +570,37 @@ void Database::put_tuning_record(const TuningRecord& record) {
     c.run();
     c.reset();
   }
+}
+
+void Database::put_tuning_record(const TuningRecord& record) {
+  std::lock_guard lock(mu_);
+  Transaction tx(db_, path_, /*write=*/true);
+  insert_record(db_, path_, record);
   tx.commit();
+}
+
+Database::MergeCounts Database::merge_tuning_records(const std::vector<TuningRecord>& records) {
+  std::lock_guard lock(mu_);
+  MergeCounts counts;
+  Transaction tx(db_, path_, /*write=*/true);
+  // ISO 8601 UTC times compare correctly as text.
+  Statement newest(db_, path_,
+                   "SELECT max(created_at) FROM tuning_records WHERE " + identity_where());
+  for (const TuningRecord& r : records) {
+    if (r.created_at.empty()) throw Error("cache: a merged tuning record has no created_at");
+    bind_identity(newest, r);
+    const bool have = newest.step() && !newest.text(0).empty();
+    const bool newer = !have || r.created_at > newest.text(0);
+    newest.reset();
+    if (!newer) {
+      ++counts.skipped;
+      continue;
+    }
+    insert_record(db_, path_, r);
+    ++counts.imported;
+  }
+  tx.commit();
+  return counts;
 }
 
 std::optional<TuningRecord> Database::find_tuning_record(const TuningRecord& probe) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <iosfwd>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -75,6 +76,10 @@ class Database {
   // database (garbage, truncated, newer schema) is renamed to <path>.corrupt-<time> with a
   // warning, and a fresh one is created. Throws deft::Error only if no database can be made.
   static std::shared_ptr<Database> open(const std::string& path);
+  // Opens an existing database read-only (SQLITE_OPEN_READONLY; e.g. the shipped records).
+  // Never creates, writes, or moves the file aside: a missing or unusable file throws
+  // deft::Error naming it and the reason. Writes through it fail.
+  static std::shared_ptr<Database> open_read_only(const std::string& path);
   ~Database();
   Database(const Database&) = delete;
   Database& operator=(const Database&) = delete;
@@ -90,6 +95,14 @@ class Database {
   std::optional<TuningRecord> find_tuning_record(const TuningRecord& probe);
   std::vector<TuningRecord> list_tuning_records(const std::string& desc = "");
 
+  // Merges records (e.g. from read_records_jsonl) into this database in one transaction.
+  // A record whose identity already has a record created at the same time or later is
+  // skipped; otherwise it is added (it becomes the newest for its identity).
+  struct MergeCounts {
+    int64_t imported = 0, skipped = 0;
+  };
+  MergeCounts merge_tuning_records(const std::vector<TuningRecord>& records);
+
   DatabaseInfo info();
   void clear();  // deletes every row of every table
 
@@ -99,6 +112,12 @@ class Database {
   sqlite3* db_ = nullptr;
   std::mutex mu_;
 };
+
+// Tuning records as JSON lines ("deft-records/1", docs/model-format.md): a header line, then one
+// record (with every candidate) per line. write returns the number of records written; read
+// throws deft::Error naming the source and line of anything malformed.
+int64_t write_records_jsonl(std::ostream& out, const std::vector<TuningRecord>& records);
+std::vector<TuningRecord> read_records_jsonl(std::istream& in, const std::string& source);
 
 // $DEFT_CACHE_DIR/deft.db, else $XDG_CACHE_HOME/deft/deft.db, else $HOME/.cache/deft/deft.db.
 std::string default_database_path();

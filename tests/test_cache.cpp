@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -723,6 +724,178 @@ TEST_F(CacheTest, ConcurrentProcessesLoseNothing) {
   EXPECT_EQ(raw_sql(db_path_, "PRAGMA integrity_check"), "ok");
   EXPECT_EQ(raw_sql(db_path_, "SELECT count(*) FROM tuning_candidates"),
             std::to_string(3 * kChildren * kCubins / kRecordEvery));
+}
+
+// The case: two processes insert 200 tuning records each into one database at the same
+// time (one transaction per record); all 400 arrive with their candidates, and the file is sound.
+TEST_F(CacheTest, TwoProcessesInsertingTuningRecordsLoseNone) {
+  constexpr int kChildren = 2, kRecords = 200;
+  const std::string path = db_path_.string();
+  Database::open(path);  // the schema exists before the race; the race is about the records
+  int start[2];
+  ASSERT_EQ(pipe(start), 0);
+  std::vector<pid_t> children;
+  for (int child = 0; child < kChildren; ++child) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      close(start[1]);
+      char c;
+      while (read(start[0], &c, 1) > 0) {
+      }
+      int status = 0;
+      try {
+        auto db = Database::open(path);
+        for (int i = 0; i < kRecords; ++i)
+          db->put_tuning_record(make_record(child_desc(child, i), "w" + std::to_string(i)));
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "child %d: %s\n", child, e.what());
+        status = 1;
+      }
+      _exit(status);
+    }
+    children.push_back(pid);
+  }
+  close(start[0]);
+  close(start[1]);
+  for (pid_t pid : children) {
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+  }
+  EXPECT_EQ(raw_sql(db_path_, "PRAGMA integrity_check"), "ok");
+  EXPECT_EQ(raw_sql(db_path_, "SELECT count(*) FROM tuning_records"),
+            std::to_string(kChildren * kRecords));
+  EXPECT_EQ(raw_sql(db_path_, "SELECT count(DISTINCT \"desc\") FROM tuning_records"),
+            std::to_string(kChildren * kRecords));
+  EXPECT_EQ(raw_sql(db_path_, "SELECT count(*) FROM tuning_candidates"),
+            std::to_string(3 * kChildren * kRecords));
+  auto db = Database::open(path);
+  EXPECT_TRUE(corrupt_files(db_path_).empty());
+  for (int child = 0; child < kChildren; ++child)
+    for (int i = 0; i < kRecords; i += 37) {
+      auto r = db->find_tuning_record(make_record(child_desc(child, i), ""));
+      ASSERT_TRUE(r.has_value()) << child_desc(child, i);
+      EXPECT_EQ(r->winner, "w" + std::to_string(i));
+    }
+}
+
+// ---- read-only databases (the shipped records) -----------------------------------------------
+
+TEST_F(CacheTest, ReadOnlyOpenReadsAndNeverWrites) {
+  {
+    auto db = Database::open(db_path_.string());
+    db->put_tuning_record(make_record("d", "w"));
+  }
+  const auto before = read_file(db_path_);
+  auto ro = Database::open_read_only(db_path_.string());
+  auto r = ro->find_tuning_record(make_record("d", ""));
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ(r->winner, "w");
+  EXPECT_EQ(r->candidates.size(), 3u);
+  EXPECT_THROW(ro->put_tuning_record(make_record("e", "w")), deft::Error);
+  EXPECT_THROW(ro->put_cubin("k", random_bytes(10, 1), meta_for("k")), deft::Error);
+  ro.reset();
+  EXPECT_EQ(read_file(db_path_), before);
+}
+
+TEST_F(CacheTest, ReadOnlyOpenOfAMissingOrBadFileThrowsAndTouchesNothing) {
+  try {
+    Database::open_read_only(db_path_.string());
+    ADD_FAILURE() << "no exception";
+  } catch (const deft::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(db_path_.string()), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(db_path_)) << "a read-only open created the file";
+
+  const auto garbage = random_bytes(8192, 3);
+  write_file(db_path_, garbage);
+  try {
+    Database::open_read_only(db_path_.string());
+    ADD_FAILURE() << "no exception";
+  } catch (const deft::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(db_path_.string()), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(read_file(db_path_), garbage);
+  EXPECT_TRUE(corrupt_files(db_path_).empty()) << "a read-only file must never be moved aside";
+
+  fs::remove(db_path_);
+  raw_sql(db_path_, "CREATE TABLE other(x)");  // SQLite, but not deft's
+  EXPECT_THROW(Database::open_read_only(db_path_.string()), deft::Error);
+}
+
+// ---- export / import -------------------------------------------------------------------------
+
+TEST_F(CacheTest, RecordsJsonLinesRoundTripKeepsEveryField) {
+  auto a = make_record("desc a", "wa");
+  a.created_at = "2024-01-02T03:04:05Z";
+  a.candidates.push_back({"nan-variant", std::nan(""), "no timing"});
+  auto b = make_record("desc \"b\"\twith\nodd chars", "wb");
+  b.created_at = "2024-01-02T03:04:06Z";
+  b.candidates.clear();
+  std::stringstream io;
+  EXPECT_EQ(write_records_jsonl(io, {a, b}), 2);
+  const std::string text = io.str();
+  EXPECT_EQ(text.rfind("{\"format\":\"deft-records/1\"}\n", 0), 0u) << text;
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 3) << text;
+  const auto back = read_records_jsonl(io, "mem");
+  ASSERT_EQ(back.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const auto& want = i == 0 ? a : b;
+    EXPECT_EQ(back[i].desc, want.desc);
+    EXPECT_EQ(back[i].stats_bucket, want.stats_bucket);
+    EXPECT_EQ(back[i].device, want.device);
+    EXPECT_EQ(back[i].driver_version, want.driver_version);
+    EXPECT_EQ(back[i].nvrtc_version, want.nvrtc_version);
+    EXPECT_EQ(back[i].deft_version, want.deft_version);
+    EXPECT_EQ(back[i].search_space, want.search_space);
+    EXPECT_EQ(back[i].winner, want.winner);
+    EXPECT_EQ(back[i].winner_us, want.winner_us);
+    EXPECT_EQ(back[i].default_us, want.default_us);
+    EXPECT_EQ(back[i].created_at, want.created_at);
+    ASSERT_EQ(back[i].candidates.size(), want.candidates.size());
+  }
+  EXPECT_EQ(back[0].candidates[1].median_us, 12.5);
+  EXPECT_EQ(back[0].candidates[2].error, "compile error: too many registers");
+  EXPECT_TRUE(std::isnan(back[0].candidates[3].median_us));
+}
+
+TEST_F(CacheTest, RecordsJsonLinesErrorsNameTheLineAndField) {
+  auto expect_error = [](const std::string& text, const std::string& needle) {
+    std::istringstream in(text);
+    try {
+      read_records_jsonl(in, "f.jsonl");
+      ADD_FAILURE() << "no exception for " << text;
+    } catch (const deft::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error("", "f.jsonl: empty");
+  expect_error("{\"format\":\"other\"}\n", "f.jsonl:1");
+  expect_error("{\"format\":\"deft-records/1\"}\n{\"desc\":\"d\"}\n", "f.jsonl:2: field \"stats_bucket\"");
+  expect_error("{\"format\":\"deft-records/1\"}\n\n{not json\n", "f.jsonl:3: not valid JSON");
+}
+
+TEST_F(CacheTest, MergeAddsNewerRecordsAndSkipsOlderOrEqualOnes) {
+  auto db = Database::open(db_path_.string());
+  auto base = make_record("d", "w-mid");
+  base.created_at = "2024-06-01T00:00:00Z";
+  db->put_tuning_record(base);
+  auto older = base, same = base, newer = base, other = base;
+  older.winner = "w-old";
+  older.created_at = "2024-05-01T00:00:00Z";
+  newer.winner = "w-new";
+  newer.created_at = "2024-07-01T00:00:00Z";
+  other.desc = "other desc";
+  const auto counts = db->merge_tuning_records({older, same, newer, other});
+  EXPECT_EQ(counts.imported, 2);
+  EXPECT_EQ(counts.skipped, 2);
+  EXPECT_EQ(db->find_tuning_record(make_record("d", ""))->winner, "w-new");
+  EXPECT_EQ(db->list_tuning_records("d").size(), 2u);
+  EXPECT_EQ(db->info().tuning_records, 3);
+  const auto again = db->merge_tuning_records({older, same, newer, other});
+  EXPECT_EQ(again.imported, 0);
+  EXPECT_EQ(again.skipped, 4);
 }
 
 }  // namespace
