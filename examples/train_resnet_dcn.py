@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Train a ResNet-18 with deformable convolutions (DCNv2) with deft or torchvision, and compare.
+
+Every 3x3 convolution of torchvision's layer2 and layer3 (stages 3-4 of the network, counting
+the stem as stage 1) becomes a DCNv2 layer: the same weight, plus an offset convolution and a
+mask convolution (sigmoid) of its input, both initialised to small random weights. The network
+(10 classes) trains on synthetic data: random 3x128x128 images with random labels, a fixed set
+of batches cycled, SGD (lr 0.01, momentum 0.9), fp16 autocast with a GradScaler by default.
+
+Both ops start from the same weights and see the same batches. Each step is timed with CUDA
+events; the first --warmup steps (which include deft's kernel compiles, or their loading from
+the cache, and cuDNN's autotuning) are left out of the median.
+
+    python3 examples/train_resnet_dcn.py                       # both ops, 50 steps
+    python3 examples/train_resnet_dcn.py --op deft --steps 100 --json /tmp/dcn.json
+    python3 examples/train_resnet_dcn.py --no-amp              # float32
+
+Needs a CUDA device, torch and torchvision, and deft's Python package (installed, or this
+source tree's python/ with libdeft built in build/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import deft
+except ImportError:  # run from the source tree
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+    import deft
+
+
+class DCNv2(nn.Module):
+    """A deformable version of ``conv`` (same weight, stride, padding, dilation, groups) whose
+    offsets and mask come from convolutions of its input; ``op`` is deft.ops.deform_conv2d or
+    torchvision.ops.deform_conv2d (same signature)."""
+
+    def __init__(self, conv: nn.Conv2d, op, init_std: float):
+        super().__init__()
+        kh, kw = conv.kernel_size
+        taps = kh * kw
+        self.op = op
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.weight = nn.Parameter(conv.weight.detach().clone())
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        geo = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation)
+        self.conv_offset = nn.Conv2d(conv.in_channels, 2 * taps, **geo)
+        self.conv_mask = nn.Conv2d(conv.in_channels, taps, **geo)
+        for c in (self.conv_offset, self.conv_mask):
+            nn.init.normal_(c.weight, std=init_std)
+            nn.init.zeros_(c.bias)
+
+    def forward(self, x):
+        offset = self.conv_offset(x)
+        mask = torch.sigmoid(self.conv_mask(x))
+        return self.op(x, offset, self.weight, self.bias, stride=self.stride,
+                       padding=self.padding, dilation=self.dilation, mask=mask)
+
+
+def build_model(op, args) -> nn.Module:
+    """ResNet-18 with DCNv2 in layer2 and layer3; the same weights for every op given the seed
+    (the op creates no parameters)."""
+    import torchvision
+
+    torch.manual_seed(args.seed)
+    model = torchvision.models.resnet18(num_classes=args.classes)
+    for stage in (model.layer2, model.layer3):
+        for block in stage:
+            block.conv1 = DCNv2(block.conv1, op, args.offset_init_std)
+            block.conv2 = DCNv2(block.conv2, op, args.offset_init_std)
+    return model
+
+
+def make_batches(args, device):
+    g = torch.Generator(device=device).manual_seed(args.seed + 1)
+    batches = []
+    for _ in range(args.batches):
+        x = torch.randn(args.batch, 3, args.size, args.size, device=device, generator=g)
+        y = torch.randint(0, args.classes, (args.batch,), device=device, generator=g)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batches.append((x, y))
+    return batches
+
+
+def grad_scaler(enabled: bool, init_scale: float):
+    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", init_scale=init_scale, enabled=enabled)
+    return torch.cuda.amp.GradScaler(init_scale=init_scale, enabled=enabled)
+
+
+def train(op, init_state, batches, args) -> dict:
+    model = build_model(op, args)
+    model.load_state_dict(init_state)
+    model = model.cuda().train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    scaler = grad_scaler(args.amp, args.init_scale)
+    events = []
+    losses = []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    first_step_s = None
+    for step in range(args.steps):
+        x, y = batches[step % len(batches)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        end.record()
+        events.append((start, end))
+        losses.append(loss.detach().float())
+        if step == 0:
+            torch.cuda.synchronize()
+            first_step_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    wall_s = time.perf_counter() - t0
+    step_ms = [s.elapsed_time(e) for s, e in events]
+    timed = step_ms[args.warmup:]
+    loss_values = torch.stack(losses).tolist()
+    return {
+        "median_step_ms": statistics.median(timed),
+        "mean_step_ms": statistics.fmean(timed),
+        "first_step_s": first_step_s,
+        "wall_s": wall_s,
+        "final_loss_scale": float(scaler.get_scale()) if args.amp else None,
+        "step_ms": step_ms,
+        "losses": loss_values,
+        "finite": all(v == v and abs(v) != float("inf") for v in loss_values),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--op", choices=["torchvision", "deft", "both"], default="both")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=128, help="image height and width")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--batches", type=int, default=8, help="distinct synthetic batches, cycled")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--offset-init-std", type=float, default=0.01,
+                   help="std of the offset and mask convolutions' initial weights")
+    p.add_argument("--no-amp", dest="amp", action="store_false",
+                   help="train in float32 (default: fp16 autocast + GradScaler)")
+    p.add_argument("--init-scale", type=float, default=2.0 ** 10, help="GradScaler's first scale")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last model and images (deft runs its NHWC kernels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="write a JSON summary here")
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup:
+        p.error("--steps must be larger than --warmup")
+    if not torch.cuda.is_available():
+        print("train_resnet_dcn: needs a CUDA device (torch.cuda.is_available() is False)")
+        return 0
+    import torchvision.ops
+
+    torch.backends.cudnn.benchmark = True
+    ops = {"torchvision": torchvision.ops.deform_conv2d, "deft": deft.ops.deform_conv2d}
+    names = ["torchvision", "deft"] if args.op == "both" else [args.op]
+    init_state = {k: v.clone() for k, v in build_model(ops[names[0]], args).state_dict().items()}
+    batches = make_batches(args, "cuda")
+
+    results = {}
+    for name in names:
+        results[name] = train(ops[name], init_state, batches, args)
+        torch.cuda.empty_cache()
+
+    summary = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "deft": deft.version() if "deft" in names else None,
+        "args": vars(args),
+        "results": results,
+    }
+    if len(names) == 2:
+        tv, df = results["torchvision"], results["deft"]
+        summary["speedup"] = tv["median_step_ms"] / df["median_step_ms"]
+        summary["max_rel_loss_diff"] = max(
+            abs(a - b) / max(abs(b), 1e-12) for a, b in zip(df["losses"], tv["losses"]))
+
+    print(f"\nResNet-18 with DCNv2 in layer2+layer3, batch {args.batch}, "
+          f"{args.size}x{args.size}, {'fp16 autocast' if args.amp else 'float32'}"
+          f"{', channels-last' if args.channels_last else ''}, {args.steps} steps "
+          f"(median over steps {args.warmup + 1}-{args.steps}), {summary['device']}")
+    print(f"{'op':<12} {'median step ms':>15} {'mean step ms':>13} {'first step s':>13} "
+          f"{'loss first':>11} {'loss last':>10}")
+    for name in names:
+        r = results[name]
+        print(f"{name:<12} {r['median_step_ms']:>15.2f} {r['mean_step_ms']:>13.2f} "
+              f"{r['first_step_s']:>13.2f} {r['losses'][0]:>11.4f} {r['losses'][-1]:>10.4f}")
+    if "speedup" in summary:
+        print(f"speedup (torchvision / deft median step): {summary['speedup']:.2f}x")
+        print(f"max relative difference of the loss curves over {args.steps} steps: "
+              f"{summary['max_rel_loss_diff']:.3e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+        print(f"summary: {args.json}")
+    if not all(r["finite"] for r in results.values()):
+        print("train_resnet_dcn: a loss was not finite", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
