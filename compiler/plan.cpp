@@ -41,6 +41,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     bad("algo", fmt::format("algo=depthwise needs groups == c == k, not groups={} c={} k={}",
                             d.groups, d.c, d.k));
   if (v.transpose) bad("transpose", "the backward passes read nchw directly (transpose=0)");
+  p.x_nhwc = p.w_krsc = d.layout == Layout::nhwc;  // tensors read in their own layout
   if (v.threads > 1024 || v.threads < 32 || v.threads % 32 != 0)
     bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
   for (auto [f, x] : {std::pair<const char*, int>{"tm", v.tile_m}, {"tn", v.tile_n},

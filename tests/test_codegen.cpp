@@ -145,4 +145,22 @@ TEST(Codegen, CompileWithoutGpuGivesAClearError) {
   }
 }
 
+
+// The backward passes read every tensor in the layer's own layout (no transpose pre-pass).
+TEST(Codegen, BackwardPassesReadTheLayersLayout) {
+  for (const char* pass : {"backward_data", "backward_weight"}) {
+    for (const char* layout : {"nchw", "nhwc"}) {
+      const std::string src = deft::generate_source(
+          deft::parse_layer_desc(std::string("deform_conv2d n=1 c=16 h=8 w=8 k=16 r=3 s=3 pad=1 ") +
+                                 "layout=" + layout + " pass=" + pass),
+          deft::default_variant(deft::parse_layer_desc(
+              std::string("deform_conv2d n=1 c=16 h=8 w=8 k=16 r=3 s=3 pad=1 pass=") + pass)));
+      const std::string nhwc = std::string(layout) == "nhwc" ? "true" : "false";
+      EXPECT_NE(src.find("constexpr bool X_NHWC = " + nhwc + ";"), std::string::npos) << pass << " " << layout;
+      EXPECT_NE(src.find("constexpr bool W_KRSC = " + nhwc + ";"), std::string::npos) << pass << " " << layout;
+      EXPECT_NE(src.find("constexpr bool NHWC = " + nhwc + ";"), std::string::npos) << pass << " " << layout;
+    }
+  }
+}
+
 }  // namespace
