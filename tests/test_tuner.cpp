@@ -2,10 +2,16 @@
 // GPU) a real tuning run whose record compile() then follows.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
 #include <set>
 
 #include "deft/deft.hpp"
+#include "deft/tuning.hpp"
 #include "tests/gpu_test_util.hpp"
 #include "tests/test_tmp.hpp"
 #include "tuner/select.hpp"
@@ -175,6 +181,364 @@ TEST(GpuTune, WritesARecordThatCompileFollows) {
   deft::CompileOptions co;
   co.cache_path = db;
   EXPECT_EQ(deft::compile(d, co).variant(), r.winner);
+}
+
+// ---- offset statistics (tuner/stats.cpp) ---------------------------------------------------
+
+TEST(OffsetStats, NearestRankPercentilesOfKnownInputs) {
+  std::vector<double> v;
+  for (int i = 100; i >= 1; --i) v.push_back(i);  // 1..100, reversed
+  EXPECT_EQ(deft::percentile(v, 50), 50);
+  EXPECT_EQ(deft::percentile(v, 90), 90);
+  EXPECT_EQ(deft::percentile(v, 99), 99);
+  EXPECT_EQ(deft::percentile(v, 100), 100);
+  EXPECT_EQ(deft::percentile(v, 0), 1);
+  std::vector<double> three = {3, 1, 2};
+  EXPECT_EQ(deft::percentile(three, 50), 2);
+  EXPECT_EQ(deft::percentile(three, 90), 3);
+  std::vector<double> empty;
+  EXPECT_EQ(deft::percentile(empty, 50), 0);
+  EXPECT_THROW(deft::percentile(three, 101), deft::Error);
+}
+
+// A 1x1 layer with a 4x4 output: 16 sampling points p = 4 ho + wo, with dy = 0.1 p and
+// dx = +0.5 in column 0, -0.25 elsewhere, written in each layout's order.
+TEST(OffsetStats, KnownInputsGiveKnownStatisticsInBothLayouts) {
+  for (const char* layout : {"nchw", "nhwc"}) {
+    auto d = parse_layer_desc(std::string("deform_conv2d n=1 c=2 h=4 w=4 k=2 r=1 s=1 layout=") + layout);
+    const bool nhwc = std::string(layout) == "nhwc";
+    std::vector<float> off(2 * 16);
+    for (int p = 0; p < 16; ++p) {
+      const float dy = 0.1f * float(p), dx = p % 4 == 0 ? 0.5f : -0.25f;
+      off[nhwc ? p * 2 : p] = dy;
+      off[nhwc ? p * 2 + 1 : 16 + p] = dx;
+    }
+    const deft::OffsetStats s = deft::compute_offset_stats(d, off.data(), off.size());
+    EXPECT_EQ(s.samples, 16) << layout;
+    // |dy| = 0, 0.1, ..., 1.5: p50 = 8th smallest = 0.7, p90 = 15th = 1.4, p99 = 16th = 1.5.
+    EXPECT_NEAR(s.abs_dy.p50, 0.7, 1e-6) << layout;
+    EXPECT_NEAR(s.abs_dy.p90, 1.4, 1e-6) << layout;
+    EXPECT_NEAR(s.abs_dy.p99, 1.5, 1e-6) << layout;
+    EXPECT_NEAR(s.abs_dy.max, 1.5, 1e-6) << layout;
+    // |dx|: 12 x 0.25 and 4 x 0.5.
+    EXPECT_EQ(s.abs_dx.p50, 0.25) << layout;
+    EXPECT_EQ(s.abs_dx.p90, 0.5) << layout;
+    EXPECT_EQ(s.abs_dx.max, 0.5) << layout;
+    // Outside [0,3] x [0,3]: x = wo + dx stays inside (0.5 in column 0, 0.75..2.75 elsewhere).
+    // y = ho + 0.1 p: ho = 2 gives 2.8, 2.9, 3.0 (inside), 3.1 (p = 11); ho = 3 gives 4.2..4.5.
+    // So p in {11, 12, 13, 14, 15}: 5 of 16.
+    EXPECT_NEAR(s.outside_fraction, 5.0 / 16, 1e-12) << layout;
+    ASSERT_TRUE(s.sigma.has_value());
+    EXPECT_NEAR(*s.sigma, (0.7 + 0.25) / 2 / deft::kMedianAbsOverSigma, 1e-6) << layout;
+  }
+}
+
+TEST(OffsetStats, NaNCountsAsOutsideAndWrongCountsAreRejected) {
+  auto d = parse_layer_desc("deform_conv2d n=1 c=1 h=4 w=4 k=1 r=1 s=1");
+  std::vector<float> off(32, 0.0f);
+  off[0] = std::nanf("");
+  const auto s = deft::compute_offset_stats(d, off.data(), off.size());
+  EXPECT_NEAR(s.outside_fraction, 1.0 / 16, 1e-12);
+  EXPECT_TRUE(std::isinf(s.abs_dy.max));
+  EXPECT_THROW(deft::compute_offset_stats(d, off.data(), 31), deft::Error);
+}
+
+TEST(OffsetStats, GaussianOffsetsGiveTheirSigmaAndBucket) {
+  auto d = parse_layer_desc("deform_conv2d n=2 c=8 h=32 w=32 k=8 r=3 s=3 pad=1 offset_groups=2");
+  const auto shapes = deft::tensor_shapes(d);
+  size_t count = 1;
+  for (auto x : shapes.offset) count *= size_t(x);
+  std::mt19937 rng(7);
+  for (double sigma : {0.5, 2.0, 6.0}) {
+    std::normal_distribution<float> normal(0, float(sigma));
+    std::vector<float> off(count);
+    for (float& x : off) x = normal(rng);
+    const auto s = deft::compute_offset_stats(d, off.data(), off.size());
+    EXPECT_NEAR(deft::offset_sigma(s), sigma, 0.03 * sigma);
+    EXPECT_NEAR(s.abs_dy.p90, 1.6449 * sigma, 0.05 * sigma);  // |N(0,s^2)| p90 = 1.645 s
+    EXPECT_EQ(deft::stats_bucket(deft::offset_sigma(s)), deft::stats_bucket(sigma));
+  }
+}
+
+TEST(OffsetStats, SigmaFromStatsOrMedians) {
+  deft::OffsetStats s;
+  s.abs_dy.p50 = s.abs_dx.p50 = 0.6744897501960817 * 3;
+  EXPECT_NEAR(deft::offset_sigma(s), 3.0, 1e-9);
+  s.sigma = 7.5;
+  EXPECT_EQ(deft::offset_sigma(s), 7.5);
+  deft::OffsetStats zero;
+  EXPECT_EQ(deft::offset_sigma(zero), 0.125);  // all-zero offsets: the smallest bucket
+}
+
+TEST(OffsetStats, CalibrationFileErrorsNameTheFileAndExpectedSize) {
+  deft::testing::TempDir dir("stats");
+  auto d = parse_layer_desc("deform_conv2d n=1 c=4 h=5 w=5 k=4 r=3 s=3 pad=1");
+  const size_t count = 1 * 18 * 5 * 5;
+  const std::string file = (dir.path() / "l.offsets.f32").string();
+  auto expect_error = [&](const std::string& needle) {
+    try {
+      deft::offset_stats_from_file(d, file);
+      ADD_FAILURE() << "no exception";
+    } catch (const deft::Error& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find(file), std::string::npos) << what;
+      EXPECT_NE(what.find("expected " + std::to_string(count * 4) + " bytes"), std::string::npos)
+          << what;
+      EXPECT_NE(what.find(needle), std::string::npos) << what;
+    }
+  };
+  expect_error("missing");
+  std::vector<float> off(count, 0.5f);
+  {
+    std::ofstream f(file, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(off.data()), std::streamsize(off.size() * 4 - 4));
+  }
+  expect_error("has " + std::to_string(count * 4 - 4) + " bytes");
+  {
+    std::ofstream f(file, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(off.data()), std::streamsize(off.size() * 4));
+  }
+  const auto s = deft::offset_stats_from_file(d, file);
+  EXPECT_EQ(s.samples, int64_t(count / 2));
+  EXPECT_FLOAT_EQ(float(s.abs_dy.p50), 0.5f);
+}
+
+// ---- model files (tuner/model.cpp) -------------------------------------------------------
+
+const char* kModel = R"({
+  "format": "deft-model/1",
+  "model": "tiny",
+  "layers": [
+    {"name": "a", "desc": "deform_conv2d n=2 c=64 h=20 w=20 k=128 r=3 s=3 pad=1 mask=1 dtype=f16"},
+    {"name": "b", "desc": "deform_conv2d dtype=f16 mask=1 pad=1 k=128 c=64 n=2 h=20 w=20 r=3 s=3",
+     "count": 3},
+    {"name": "c", "desc": "deform_conv2d n=2 c=64 h=20 w=20 k=128 r=3 s=3 pad=1 mask=1 dtype=f16",
+     "stats": {"samples": 1234, "abs_dy": {"p50": 1.3, "p90": 3.3, "p99": 5.1, "max": 9.0},
+               "abs_dx": {"p50": 1.4, "p90": 3.0, "p99": 5.0, "max": 8.0},
+               "outside_fraction": 0.01, "sigma": 8.0}},
+    {"name": "d", "desc": "deform_conv2d n=2 c=64 h=20 w=20 k=64 r=3 s=3 pad=1 groups=64",
+     "stats": {"abs_dy": {"p50": 0.33725, "p90": 1, "p99": 2, "max": 3},
+               "abs_dx": {"p50": 0.33725, "p90": 1, "p99": 2, "max": 3}}}
+  ]
+})";
+
+TEST(ModelFile, ParsesEveryFieldAndGroupsDuplicates) {
+  const deft::Model m = deft::parse_model(kModel, "tiny.json");
+  EXPECT_EQ(m.format, "deft-model/1");
+  EXPECT_EQ(m.name, "tiny");
+  ASSERT_EQ(m.layers.size(), 4u);
+  EXPECT_EQ(m.layers[0].count, 1);
+  EXPECT_EQ(m.layers[1].count, 3);
+  EXPECT_EQ(deft::to_string(m.layers[0].desc), deft::to_string(m.layers[1].desc));
+  ASSERT_TRUE(m.layers[2].stats.has_value());
+  EXPECT_EQ(m.layers[2].stats->samples, 1234);
+  EXPECT_EQ(m.layers[2].stats->abs_dy.p99, 5.1);
+  EXPECT_EQ(m.layers[2].stats->abs_dx.max, 8.0);
+  EXPECT_EQ(m.layers[2].stats->outside_fraction, 0.01);
+  EXPECT_EQ(deft::offset_sigma(*m.layers[2].stats), 8.0);
+  EXPECT_NEAR(deft::offset_sigma(*m.layers[3].stats), 0.5, 1e-3);  // from the medians
+  std::vector<double> sigmas;
+  for (const auto& l : m.layers) sigmas.push_back(l.stats ? deft::offset_sigma(*l.stats) : 2.0);
+  const auto entries = deft::tune_entries(m, sigmas);
+  // a and b: one entry (same canonical desc and bucket); c: same desc, bucket 8; d.
+  ASSERT_EQ(entries.size(), 3u);
+  EXPECT_EQ(entries[0].layers, (std::vector<size_t>{0, 1}));
+  EXPECT_EQ(entries[0].count, 4);
+  EXPECT_EQ(entries[0].bucket, "v1:sigma~2");
+  EXPECT_EQ(entries[1].layers, (std::vector<size_t>{2}));
+  EXPECT_EQ(entries[1].bucket, "v1:sigma~8");
+  EXPECT_EQ(entries[2].bucket, "v1:sigma~0.5");
+}
+
+TEST(ModelFile, ErrorsNameTheLayerAndTheField) {
+  auto expect_error = [](const std::string& text, std::vector<std::string> needles) {
+    try {
+      deft::parse_model(text, "m.json");
+      ADD_FAILURE() << "no exception for " << text;
+    } catch (const deft::Error& e) {
+      for (const auto& n : needles)
+        EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << e.what() << "\n  lacks: " << n;
+    }
+  };
+  const std::string head = R"({"format": "deft-model/1", "model": "m", "layers": [)";
+  const std::string ok = R"({"name": "ok", "desc": "deform_conv2d n=1 c=8 h=8 w=8 k=8 r=3 s=3"}, )";
+  expect_error(head + ok + R"({"name": "x1"}]})", {"m.json: layers[1] (x1)", "\"desc\"", "missing"});
+  expect_error(head + ok + R"({"name": "x1", "desc": "deform_conv2d c=64 k=64 groups=3"}]})",
+               {"layers[1] (x1)", "\"desc\"", "groups=3 does not divide c=64", "desc field groups"});
+  expect_error(head + ok + R"({"name": "x1", "desc": "deform_conv2d", "count": 0}]})",
+               {"layers[1] (x1)", "\"count\"", ">= 1"});
+  expect_error(head + ok + R"({"name": "x1", "desc": "deform_conv2d", "count": "2"}]})",
+               {"layers[1] (x1)", "\"count\""});
+  expect_error(head + ok + R"({"name": "x1", "desc": "deform_conv2d", "stats": {"abs_dy": {"p50": 1, "p90": 2, "p99": 3, "max": 4}}}]})",
+               {"layers[1] (x1)", "\"stats.abs_dx\"", "missing"});
+  expect_error(head + ok + R"({"name": "x1", "desc": "deform_conv2d", "stats": {"sigma": 2, "abs_dy": {"p50": 1, "p90": 0.5, "p99": 3, "max": 4}}}]})",
+               {"layers[1] (x1)", "\"stats.abs_dy.p90\""});
+  expect_error(head + ok + R"({"name": "x1", "desc": "deform_conv2d", "stats": {"sigma": -1}}]})",
+               {"layers[1] (x1)", "\"stats.sigma\""});
+  expect_error(head + ok + R"({"name": "x1", "desc": "deform_conv2d", "stats": {"sigma": 1, "outside_fraction": 2}}]})",
+               {"layers[1] (x1)", "\"stats.outside_fraction\""});
+  expect_error(head + ok + R"({"name": "ok", "desc": "deform_conv2d"}]})",
+               {"layers[1] (ok)", "\"name\"", "layers[0]"});
+  expect_error(head + ok + R"({"desc": "deform_conv2d"}]})", {"layers[1]", "\"name\"", "missing"});
+  expect_error(head + ok + R"(42]})", {"layers[1]", "object"});
+  expect_error(R"({"format": "deft-model/2", "model": "m", "layers": []})", {"\"format\"", "deft-model/1"});
+  expect_error(R"({"format": "deft-model/1", "model": "m", "layers": []})", {"\"layers\"", "empty"});
+  expect_error(R"({"format": "deft-model/1", "layers": [1]})", {"\"model\"", "missing"});
+  expect_error("{\"format\": \"deft-model/1\",\n  \"model\": oops}", {"m.json:2:", "not valid JSON"});
+}
+
+// The shipped example models: every layer is a canonical, valid, implemented description.
+TEST(ModelFile, ExampleModelsLoadAndEveryLayerValidates) {
+  const std::filesystem::path examples =
+      std::filesystem::path(__FILE__).parent_path().parent_path() / "examples";
+  struct Expect {
+    const char* file;
+    int64_t total_count;
+    int64_t n;
+  };
+  for (const Expect& e : {Expect{"resnet50_dcn.json", 4 + 6 + 3, 8},
+                          Expect{"maskrcnn_dcn.json", 4 + 6 + 3, 2}}) {
+    const deft::Model m = deft::load_model((examples / e.file).string());
+    int64_t total = 0;
+    for (const auto& l : m.layers) {
+      EXPECT_NO_THROW(deft::validate(l.desc)) << l.name;
+      EXPECT_NO_THROW(deft::require_implemented(l.desc)) << l.name;
+      EXPECT_EQ(l.desc.n, e.n) << l.name;
+      EXPECT_EQ(l.desc.dtype, deft::DType::f16) << l.name;
+      EXPECT_EQ(l.desc.c, l.desc.k) << l.name;
+      total += l.count;
+    }
+    EXPECT_EQ(total, e.total_count) << e.file;
+    // The desc text is exactly deft's canonical form.
+    std::ifstream f(examples / e.file);
+    const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    for (const auto& l : m.layers)
+      EXPECT_NE(text.find("\"" + deft::to_string(l.desc) + "\""), std::string::npos) << l.name;
+  }
+  // Spot checks of the geometry: the first block of each stage has stride 2.
+  const auto r = deft::load_model((examples / "resnet50_dcn.json").string());
+  EXPECT_EQ(r.layers[0].desc.h, 56);
+  EXPECT_EQ(r.layers[0].desc.out_h(), 28);
+  EXPECT_EQ(r.layers[3].desc.h, 14);
+  EXPECT_EQ(r.layers[5].desc.out_w(), 7);
+  const auto mr = deft::load_model((examples / "maskrcnn_dcn.json").string());
+  EXPECT_EQ(mr.layers[1].desc.h, 100);
+  EXPECT_EQ(mr.layers[1].desc.w, 168);
+  EXPECT_EQ(mr.layers[3].desc.out_w(), 84);
+  EXPECT_EQ(mr.layers[5].desc.out_h(), 25);
+  EXPECT_EQ(mr.layers[5].desc.out_w(), 42);
+}
+
+// ---- budget --------------------------------------------------------------------------------
+
+TEST(Budget, SharesAndCandidateWindows) {
+  EXPECT_DOUBLE_EQ(deft::layer_share(60, 4), 15);
+  EXPECT_DOUBLE_EQ(deft::layer_share(-5, 3), 2 * deft::kMinCandidateSeconds);
+  EXPECT_DOUBLE_EQ(deft::layer_share(10, 0), 10);
+  const deft::CandidateBudget unlimited(0, 0.25, 40);
+  EXPECT_DOUBLE_EQ(unlimited.timing_seconds(), 0.25);
+  EXPECT_TRUE(unlimited.may_start(39, 1e9));
+  const deft::CandidateBudget tight(1.0, 0.25, 40);
+  EXPECT_DOUBLE_EQ(tight.timing_seconds(), 0.025);
+  EXPECT_TRUE(tight.may_start(0, 5.0));  // the default always runs
+  EXPECT_TRUE(tight.may_start(3, 0.99));
+  EXPECT_FALSE(tight.may_start(3, 1.0));
+  const deft::CandidateBudget tiny(0.001, 0.25, 40);
+  EXPECT_DOUBLE_EQ(tiny.timing_seconds(), deft::kMinCandidateSeconds);
+}
+
+TEST(Budget, SimulatedTuningStopsWhenTheLayerShareIsUsed) {
+  deft::testing::TempDir dir("budget");
+  auto d = parse_layer_desc(kDense);
+  deft::TuneOptions o;
+  o.cache_path = (dir.path() / "deft.db").string();
+  const size_t space = deft::search_space(d).size();
+  ASSERT_GT(space, 10u);
+  const auto all = deft::simulate_tune(d, o);
+  EXPECT_EQ(all.candidates.size(), space);
+  const auto some = deft::simulate_tune(d, o, deft::TuneLimits{0.05});  // 5 windows of 0.01 s
+  EXPECT_EQ(some.candidates.size(), 5u);
+  EXPECT_EQ(some.candidates.front().variant, deft::default_variant(d));
+  auto records = deft::cache::Database::open(*o.cache_path)->list_tuning_records(deft::to_string(d));
+  ASSERT_EQ(records.size(), 2u);
+  EXPECT_EQ(records[1].candidates.size(), 5u);
+  EXPECT_EQ(records[1].device, "simulated|cc0.0|sm0");
+}
+
+// ---- shipped database precedence ---------------------------------------------------------
+
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) {
+    if (const char* v = std::getenv(name)) old_ = v;
+    ::setenv(name, value.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (old_) ::setenv(name_, old_->c_str(), 1);
+    else ::unsetenv(name_);
+  }
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+std::string file_bytes(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+TEST_F(Policy, ShippedRecordsApplyWhenTheUserHasNoneAndTheUsersTakePrecedence) {
+  const auto key = deft::tuner::record_key(desc_, "v1:sigma~2", device_);
+  const auto space = deft::search_space(desc_);
+  ASSERT_GE(space.size(), 3u);
+  const deft::Variant shipped_winner = space[1], user_winner = space[2];
+  const auto shipped_path = dir_.path() / "shipped.db";
+  {
+    auto shipped = deft::cache::Database::open(shipped_path.string());
+    auto r = key;
+    r.winner = deft::to_string(shipped_winner);
+    r.winner_us = 5;
+    r.default_us = 20;
+    shipped->put_tuning_record(r);
+  }
+  const std::string before = file_bytes(shipped_path);
+  ScopedEnv env("DEFT_SHIPPED_DB", shipped_path.string());
+  EXPECT_EQ(deft::shipped_database_path(), shipped_path.string());
+  EXPECT_EQ(choose(), shipped_winner);  // the user's database has no record
+  put(key, user_winner);
+  EXPECT_EQ(choose(), user_winner);     // the user's record wins
+  // A user record for another bucket does not hide the shipped one of this bucket.
+  deft::CompileOptions bucket8;
+  bucket8.stats_bucket = "v1:sigma~8";
+  EXPECT_EQ(choose(bucket8), deft::default_variant(desc_));
+  deft::CompileOptions off;
+  off.use_tuning_records = false;
+  EXPECT_EQ(choose(off), deft::default_variant(desc_));
+  // Without a user database (cache_path ""), the shipped record still applies.
+  EXPECT_EQ(deft::tuner::choose_variant(desc_, {}, nullptr, &device_), shipped_winner);
+  EXPECT_EQ(file_bytes(shipped_path), before) << "the shipped database was written";
+  {
+    ScopedEnv none("DEFT_SHIPPED_DB", "");
+    EXPECT_EQ(deft::shipped_database_path(), "");
+    EXPECT_EQ(deft::tuner::choose_variant(desc_, {}, nullptr, &device_), deft::default_variant(desc_));
+  }
+}
+
+TEST_F(Policy, AnUnusableShippedDatabaseIsIgnoredAndLeftAlone) {
+  const auto shipped_path = dir_.path() / "garbage.db";
+  {
+    std::ofstream f(shipped_path, std::ios::binary);
+    f << std::string(4096, 'x');
+  }
+  ScopedEnv env("DEFT_SHIPPED_DB", shipped_path.string());
+  EXPECT_EQ(choose(), deft::default_variant(desc_));
+  EXPECT_EQ(file_bytes(shipped_path), std::string(4096, 'x'));
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() / "garbage.db-wal"));
+  EXPECT_EQ(deft::tuner::shipped_database(), nullptr);
+  ScopedEnv missing("DEFT_SHIPPED_DB", (dir_.path() / "missing.db").string());
+  EXPECT_EQ(choose(), deft::default_variant(desc_));
+  EXPECT_FALSE(std::filesystem::exists(dir_.path() / "missing.db"));
 }
 
 }  // namespace

@@ -3,6 +3,11 @@
 
 #include <spdlog/spdlog.h>
 
+#include <map>
+#include <mutex>
+#include <set>
+
+#include "deft/tuning.hpp"
 #include "runtime/nvrtc.hpp"
 
 namespace deft::tuner {
@@ -20,20 +25,67 @@ cache::TuningRecord record_key(const LayerDesc& desc, const std::string& stats_b
   return r;
 }
 
+namespace {
+
+std::mutex g_shipped_mu;
+std::set<std::string> g_warned;  // paths already warned about (under g_shipped_mu)
+
+void warn_once(const std::string& path, const std::string& message) {
+  std::lock_guard lock(g_shipped_mu);
+  if (g_warned.insert(path).second) spdlog::warn("{}", message);
+}
+
+// The record's winner if it is usable for `desc`, else nullopt (with a warning).
+std::optional<Variant> usable_winner(const LayerDesc& desc, const cache::TuningRecord& rec,
+                                     const std::string& from) {
+  try {
+    Variant v = parse_variant(rec.winner);
+    validate(desc, v);
+    spdlog::debug("tuning record for '{}' ({}): {}", rec.desc, from, rec.winner);
+    return v;
+  } catch (const Error& e) {
+    spdlog::warn("ignoring the tuning record for '{}' in {}: its variant '{}' is unusable: {}",
+                 rec.desc, from, rec.winner, e.what());
+    return std::nullopt;
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<cache::Database> shipped_database() {
+  const std::string path = shipped_database_path();
+  if (path.empty()) return nullptr;
+  static std::map<std::string, std::shared_ptr<cache::Database>> open;  // nullptr: unusable
+  {
+    std::lock_guard lock(g_shipped_mu);
+    if (auto it = open.find(path); it != open.end()) return it->second;
+  }
+  std::shared_ptr<cache::Database> db;
+  try {
+    db = cache::Database::open_read_only(path);
+  } catch (const Error& e) {
+    warn_once(path, std::string("shipped tuning records not used: ") + e.what());
+  }
+  std::lock_guard lock(g_shipped_mu);
+  return open.emplace(path, db).first->second;
+}
+
 Variant choose_variant(const LayerDesc& desc, const CompileOptions& options, cache::Database* db,
                        const DeviceKey* device) {
   if (options.variant) return *options.variant;
-  if (options.use_tuning_records && db && device) {
-    if (auto rec = db->find_tuning_record(record_key(desc, options.stats_bucket, *device))) {
-      try {
-        Variant v = parse_variant(rec->winner);
-        validate(desc, v);
-        spdlog::debug("tuning record for '{}': {}", rec->desc, rec->winner);
-        return v;
-      } catch (const Error& e) {
-        spdlog::warn("ignoring the tuning record for '{}': its variant '{}' is unusable: {}",
-                     rec->desc, rec->winner, e.what());
-      }
+  if (!options.use_tuning_records || !device) return default_variant(desc);
+  const cache::TuningRecord key = record_key(desc, options.stats_bucket, *device);
+  // The user's database first: its records take precedence over the shipped ones.
+  if (db) {
+    if (auto rec = db->find_tuning_record(key))
+      if (auto v = usable_winner(desc, *rec, db->path())) return *v;
+  }
+  if (auto shipped = shipped_database()) {
+    try {
+      if (auto rec = shipped->find_tuning_record(key))
+        if (auto v = usable_winner(desc, *rec, "shipped " + shipped->path())) return *v;
+    } catch (const Error& e) {
+      warn_once(shipped->path() + "#read", std::string("shipped tuning records: ") + e.what());
     }
   }
   return default_variant(desc);

@@ -1,7 +1,9 @@
 // Variant selection policy: an explicit variant from the options, else a matching tuning
-// record from the database, else the heuristic default. Never tunes by itself.
+// record from the user's database, else one from the shipped read-only database
+// (shipped_database_path()), else the heuristic default. Never tunes by itself.
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "cache/cache.hpp"
@@ -19,6 +21,10 @@ struct DeviceKey {
 // deft versions, search-space hash); the result fields are empty.
 cache::TuningRecord record_key(const LayerDesc& desc, const std::string& stats_bucket,
                                const DeviceKey& device);
+
+// The shipped database, opened read-only once per path per process; nullptr when there is none
+// or it is unusable (warned once).
+std::shared_ptr<cache::Database> shipped_database();
 
 // db and device may be null (offline compilation): then no record is consulted.
 Variant choose_variant(const LayerDesc& desc, const CompileOptions& options,

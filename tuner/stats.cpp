@@ -1,0 +1,135 @@
+// Offset statistics of a calibration batch, computed on the host: percentiles of |dy| and |dx|,
+// the fraction of sampling points outside the image, and the sigma that picks the bucket.
+// (A GPU statistics pass is future work; a calibration batch is small enough for the host.)
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include <fmt/format.h>
+
+#include "deft/tuning.hpp"
+
+namespace deft {
+
+double percentile(std::vector<double>& values, double p) {
+  if (values.empty()) return 0;
+  if (!(p >= 0 && p <= 100)) throw Error(fmt::format("percentile {} is not in [0, 100]", p));
+  std::sort(values.begin(), values.end());
+  // Nearest rank: ceil(p/100 * n), 1-based; p = 0 gives the smallest value.
+  size_t rank = size_t(std::ceil(p / 100.0 * double(values.size())));
+  rank = std::clamp<size_t>(rank, 1, values.size());
+  return values[rank - 1];
+}
+
+double offset_sigma(const OffsetStats& s) {
+  if (s.sigma) return *s.sigma;
+  const double median = 0.5 * (s.abs_dy.p50 + s.abs_dx.p50);
+  const double sigma = median / kMedianAbsOverSigma;
+  return std::isfinite(sigma) ? std::max(sigma, 0.125) : 0.125;
+}
+
+namespace {
+
+// Percentiles of already sorted values (nearest rank).
+Percentiles sorted_percentiles(const std::vector<double>& v) {
+  Percentiles p;
+  if (v.empty()) return p;
+  auto at = [&](double q) {
+    size_t rank = size_t(std::ceil(q / 100.0 * double(v.size())));
+    return v[std::clamp<size_t>(rank, 1, v.size()) - 1];
+  };
+  p.p50 = at(50);
+  p.p90 = at(90);
+  p.p99 = at(99);
+  p.max = v.back();
+  return p;
+}
+
+size_t element_count(const std::vector<int64_t>& shape) {
+  size_t n = 1;
+  for (int64_t d : shape) n *= size_t(d);
+  return n;
+}
+
+}  // namespace
+
+OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_t count) {
+  const TensorShapes shapes = tensor_shapes(d);
+  const size_t expected = element_count(shapes.offset);
+  if (count != expected)
+    throw Error(fmt::format("offsets: {} values, the offset tensor [{}] of '{}' has {}", count,
+                            fmt::join(shapes.offset, ", "), to_string(d), expected));
+  const int64_t N = d.n, OG = d.offset_groups, T = d.taps(), HO = d.out_h(), WO = d.out_w();
+  const int64_t C = 2 * OG * T;
+  const bool nhwc = d.layout == Layout::nhwc;
+  auto index = [&](int64_t n, int64_t c, int64_t ho, int64_t wo) {
+    return nhwc ? ((n * HO + ho) * WO + wo) * C + c : ((n * C + c) * HO + ho) * WO + wo;
+  };
+  const size_t points = size_t(N * OG * T * HO * WO);
+  std::vector<double> ady, adx;
+  ady.reserve(points);
+  adx.reserve(points);
+  int64_t outside = 0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < OG; ++g)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = t / d.s, j = t % d.s;
+        for (int64_t ho = 0; ho < HO; ++ho)
+          for (int64_t wo = 0; wo < WO; ++wo) {
+            const double dy = offsets[index(n, g * 2 * T + 2 * t, ho, wo)];
+            const double dx = offsets[index(n, g * 2 * T + 2 * t + 1, ho, wo)];
+            // |NaN| sorts as NaN would break the order: count it as infinitely far.
+            ady.push_back(std::isnan(dy) ? INFINITY : std::fabs(dy));
+            adx.push_back(std::isnan(dx) ? INFINITY : std::fabs(dx));
+            const double y = double(ho * d.stride_h - d.pad_h + i * d.dil_h) + dy;
+            const double x = double(wo * d.stride_w - d.pad_w + j * d.dil_w) + dx;
+            // Not (inside) also catches NaN positions.
+            const bool inside = y >= 0 && y <= double(d.h - 1) && x >= 0 && x <= double(d.w - 1);
+            outside += !inside;
+          }
+      }
+  std::sort(ady.begin(), ady.end());
+  std::sort(adx.begin(), adx.end());
+  OffsetStats s;
+  s.samples = int64_t(points);
+  s.abs_dy = sorted_percentiles(ady);
+  s.abs_dx = sorted_percentiles(adx);
+  s.outside_fraction = points ? double(outside) / double(points) : 0.0;
+  s.sigma = offset_sigma(s);
+  return s;
+}
+
+OffsetStats offset_stats_from_file(const LayerDesc& d, const std::string& path) {
+  const TensorShapes shapes = tensor_shapes(d);
+  const size_t count = element_count(shapes.offset);
+  const uintmax_t expected = uintmax_t(count) * 4;
+  const std::string want =
+      fmt::format("expected {} bytes: float32 offsets [{}] ({} layout) of '{}'", expected,
+                  fmt::join(shapes.offset, ", "), d.layout == Layout::nhwc ? "nhwc" : "nchw",
+                  to_string(d));
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    throw Error(fmt::format("calibration file {} is missing ({})", path, want));
+  const uintmax_t size = std::filesystem::file_size(path, ec);
+  if (ec) throw Error(fmt::format("calibration file {}: {} ({})", path, ec.message(), want));
+  if (size != expected)
+    throw Error(fmt::format("calibration file {} has {} bytes; {}", path, size, want));
+  std::ifstream f(path, std::ios::binary);
+  std::vector<float> values(count);
+  if (!f.read(reinterpret_cast<char*>(values.data()), std::streamsize(expected)))
+    throw Error(fmt::format("calibration file {}: read failed ({})", path, want));
+  if constexpr (std::endian::native == std::endian::big) {
+    for (float& v : values) {
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      u = __builtin_bswap32(u);
+      std::memcpy(&v, &u, 4);
+    }
+  }
+  return compute_offset_stats(d, values.data(), values.size());
+}
+
+}  // namespace deft
