@@ -185,17 +185,18 @@ TEST(GpuTune, WritesARecordThatCompileFollows) {
 
 // ---- offset statistics (tuner/stats.cpp) ---------------------------------------------------
 
-TEST(OffsetStats, NearestRankPercentilesOfKnownInputs) {
+TEST(OffsetStats, PercentilesOfKnownInputs) {
   std::vector<double> v;
   for (int i = 100; i >= 1; --i) v.push_back(i);  // 1..100, reversed
-  EXPECT_EQ(deft::percentile(v, 50), 50);
-  EXPECT_EQ(deft::percentile(v, 90), 90);
-  EXPECT_EQ(deft::percentile(v, 99), 99);
+  // Position p/100 * 99 between ranks, as numpy.percentile and torch.quantile compute it.
+  EXPECT_DOUBLE_EQ(deft::percentile(v, 50), 50.5);
+  EXPECT_DOUBLE_EQ(deft::percentile(v, 90), 90.1);
+  EXPECT_DOUBLE_EQ(deft::percentile(v, 99), 99.01);
   EXPECT_EQ(deft::percentile(v, 100), 100);
   EXPECT_EQ(deft::percentile(v, 0), 1);
   std::vector<double> three = {3, 1, 2};
   EXPECT_EQ(deft::percentile(three, 50), 2);
-  EXPECT_EQ(deft::percentile(three, 90), 3);
+  EXPECT_DOUBLE_EQ(deft::percentile(three, 90), 2.8);
   std::vector<double> empty;
   EXPECT_EQ(deft::percentile(empty, 50), 0);
   EXPECT_THROW(deft::percentile(three, 101), deft::Error);
@@ -215,21 +216,25 @@ TEST(OffsetStats, KnownInputsGiveKnownStatisticsInBothLayouts) {
     }
     const deft::OffsetStats s = deft::compute_offset_stats(d, off.data(), off.size());
     EXPECT_EQ(s.samples, 16) << layout;
-    // |dy| = 0, 0.1, ..., 1.5: p50 = 8th smallest = 0.7, p90 = 15th = 1.4, p99 = 16th = 1.5.
-    EXPECT_NEAR(s.abs_dy.p50, 0.7, 1e-6) << layout;
-    EXPECT_NEAR(s.abs_dy.p90, 1.4, 1e-6) << layout;
-    EXPECT_NEAR(s.abs_dy.p99, 1.5, 1e-6) << layout;
+    // |dy| = 0, 0.1, ..., 1.5 (16 values): p50 at position 7.5 = 0.75, p90 at 13.5 = 1.35,
+    // p99 at 14.85 = 1.485.
+    EXPECT_NEAR(s.abs_dy.p50, 0.75, 1e-6) << layout;
+    EXPECT_NEAR(s.abs_dy.p90, 1.35, 1e-6) << layout;
+    EXPECT_NEAR(s.abs_dy.p99, 1.485, 1e-6) << layout;
     EXPECT_NEAR(s.abs_dy.max, 1.5, 1e-6) << layout;
-    // |dx|: 12 x 0.25 and 4 x 0.5.
+    // |dx|: 12 x 0.25 (positions 0..11) and 4 x 0.5 (12..15).
     EXPECT_EQ(s.abs_dx.p50, 0.25) << layout;
     EXPECT_EQ(s.abs_dx.p90, 0.5) << layout;
     EXPECT_EQ(s.abs_dx.max, 0.5) << layout;
-    // Outside [0,3] x [0,3]: x = wo + dx stays inside (0.5 in column 0, 0.75..2.75 elsewhere).
-    // y = ho + 0.1 p: ho = 2 gives 2.8, 2.9, 3.0 (inside), 3.1 (p = 11); ho = 3 gives 4.2..4.5.
-    // So p in {11, 12, 13, 14, 15}: 5 of 16.
-    EXPECT_NEAR(s.outside_fraction, 5.0 / 16, 1e-12) << layout;
+    // Outside (-1, 4) x (-1, 4): x = wo + dx stays inside (0.5 in column 0, 0.75..2.75
+    // elsewhere); y = ho + 0.1 p is at most 3.1 for ho <= 2 and 4.2..4.5 for ho = 3: 4 of 16.
+    EXPECT_NEAR(s.outside_fraction, 4.0 / 16, 1e-12) << layout;
+    // sigma: the standard deviation of all 32 offset values.
+    double sum = 0, sumsq = 0;
+    for (float v : off) sum += v, sumsq += double(v) * v;
+    const double mean = sum / 32;
     ASSERT_TRUE(s.sigma.has_value());
-    EXPECT_NEAR(*s.sigma, (0.7 + 0.25) / 2 / deft::kMedianAbsOverSigma, 1e-6) << layout;
+    EXPECT_NEAR(*s.sigma, std::sqrt(sumsq / 32 - mean * mean), 1e-9) << layout;
   }
 }
 
@@ -239,7 +244,9 @@ TEST(OffsetStats, NaNCountsAsOutsideAndWrongCountsAreRejected) {
   off[0] = std::nanf("");
   const auto s = deft::compute_offset_stats(d, off.data(), off.size());
   EXPECT_NEAR(s.outside_fraction, 1.0 / 16, 1e-12);
-  EXPECT_TRUE(std::isinf(s.abs_dy.max));
+  EXPECT_EQ(s.abs_dy.max, 0);  // NaN is left out of the percentiles
+  EXPECT_FALSE(s.sigma.has_value());  // every finite offset is 0
+  EXPECT_EQ(deft::offset_sigma(s), 0.125);
   EXPECT_THROW(deft::compute_offset_stats(d, off.data(), 31), deft::Error);
 }
 

@@ -1,6 +1,7 @@
 // Model files (format "deft-model/1", docs/model-format.md): a model's layers as LayerDesc
 // text with optional counts and offset statistics. Parsing checks every field and names the
 // layer (index and name) and the field in its errors.
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <map>
@@ -67,7 +68,8 @@ Percentiles get_percentiles(const Where& at, const json& v, const std::string& f
     if (it == v.end()) fail(at, name, "missing");
     *slots[i] = get_number(at, *it, name);
     if (*slots[i] < 0) fail(at, name, fmt::format("{} is negative (a percentile of |d|)", *slots[i]));
-    if (i > 0 && *slots[i] < *slots[i - 1])
+    // Non-decreasing, up to float rounding in the exporter's interpolation.
+    if (i > 0 && *slots[i] < *slots[i - 1] - 1e-6 * std::max(1.0, *slots[i - 1]))
       fail(at, name, fmt::format("{} is below {}.{} = {}", *slots[i], field, names[i - 1],
                                  *slots[i - 1]));
   }

@@ -1,5 +1,7 @@
 // Offset statistics of a calibration batch, computed on the host: percentiles of |dy| and |dx|,
-// the fraction of sampling points outside the image, and the sigma that picks the bucket.
+// the fraction of sampling points outside the image, and the sigma that picks the bucket. The
+// definitions match deft's Python exporter (python/deft/tuning.py), so that a calibration file
+// and an exported model file of the same offsets give the same bucket.
 // (A GPU statistics pass is future work; a calibration batch is small enough for the host.)
 #include <algorithm>
 #include <bit>
@@ -13,15 +15,24 @@
 #include "deft/tuning.hpp"
 
 namespace deft {
+namespace {
+
+// Linear interpolation between the two nearest ranks (position p/100 * (n - 1), 0-based), the
+// definition of numpy's and torch's default quantile, which deft's Python exporter uses.
+double sorted_percentile(const std::vector<double>& v, double p) {
+  const double pos = p / 100.0 * double(v.size() - 1);
+  const size_t lo = size_t(std::floor(pos));
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (pos - double(lo)) * (v[hi] - v[lo]);
+}
+
+}  // namespace
 
 double percentile(std::vector<double>& values, double p) {
   if (values.empty()) return 0;
   if (!(p >= 0 && p <= 100)) throw Error(fmt::format("percentile {} is not in [0, 100]", p));
   std::sort(values.begin(), values.end());
-  // Nearest rank: ceil(p/100 * n), 1-based; p = 0 gives the smallest value.
-  size_t rank = size_t(std::ceil(p / 100.0 * double(values.size())));
-  rank = std::clamp<size_t>(rank, 1, values.size());
-  return values[rank - 1];
+  return sorted_percentile(values, p);
 }
 
 double offset_sigma(const OffsetStats& s) {
@@ -33,17 +44,13 @@ double offset_sigma(const OffsetStats& s) {
 
 namespace {
 
-// Percentiles of already sorted values (nearest rank).
+// Percentiles of already sorted values.
 Percentiles sorted_percentiles(const std::vector<double>& v) {
   Percentiles p;
   if (v.empty()) return p;
-  auto at = [&](double q) {
-    size_t rank = size_t(std::ceil(q / 100.0 * double(v.size())));
-    return v[std::clamp<size_t>(rank, 1, v.size()) - 1];
-  };
-  p.p50 = at(50);
-  p.p90 = at(90);
-  p.p99 = at(99);
+  p.p50 = sorted_percentile(v, 50);
+  p.p90 = sorted_percentile(v, 90);
+  p.p99 = sorted_percentile(v, 99);
   p.max = v.back();
   return p;
 }
@@ -73,6 +80,14 @@ OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_
   ady.reserve(points);
   adx.reserve(points);
   int64_t outside = 0;
+  double sum = 0, sumsq = 0;
+  int64_t finite = 0;
+  auto moments = [&](double v) {
+    if (!std::isfinite(v)) return;
+    sum += v;
+    sumsq += v * v;
+    ++finite;
+  };
   for (int64_t n = 0; n < N; ++n)
     for (int64_t g = 0; g < OG; ++g)
       for (int64_t t = 0; t < T; ++t) {
@@ -81,13 +96,16 @@ OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_
           for (int64_t wo = 0; wo < WO; ++wo) {
             const double dy = offsets[index(n, g * 2 * T + 2 * t, ho, wo)];
             const double dx = offsets[index(n, g * 2 * T + 2 * t + 1, ho, wo)];
-            // |NaN| sorts as NaN would break the order: count it as infinitely far.
-            ady.push_back(std::isnan(dy) ? INFINITY : std::fabs(dy));
-            adx.push_back(std::isnan(dx) ? INFINITY : std::fabs(dx));
+            // Non-finite values have no place in an order statistic; they count as outside.
+            if (std::isfinite(dy)) ady.push_back(std::fabs(dy));
+            if (std::isfinite(dx)) adx.push_back(std::fabs(dx));
+            moments(dy);
+            moments(dx);
             const double y = double(ho * d.stride_h - d.pad_h + i * d.dil_h) + dy;
             const double x = double(wo * d.stride_w - d.pad_w + j * d.dil_w) + dx;
-            // Not (inside) also catches NaN positions.
-            const bool inside = y >= 0 && y <= double(d.h - 1) && x >= 0 && x <= double(d.w - 1);
+            // Outside (-1, h) x (-1, w) a sampling point reads nothing (all four corners are
+            // padding); written as not-inside so that NaN positions count as outside.
+            const bool inside = y > -1 && y < double(d.h) && x > -1 && x < double(d.w);
             outside += !inside;
           }
       }
@@ -98,7 +116,14 @@ OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_
   s.abs_dy = sorted_percentiles(ady);
   s.abs_dx = sorted_percentiles(adx);
   s.outside_fraction = points ? double(outside) / double(points) : 0.0;
-  s.sigma = offset_sigma(s);
+  // sigma: the standard deviation of all finite offset values, dy and dx together (as the
+  // Python exporter computes it). When it is 0 (all offsets equal, e.g. an untrained offset
+  // convolution's zeros) it stays unset and offset_sigma() falls back to the medians.
+  if (finite > 0) {
+    const double mean = sum / double(finite);
+    const double var = std::max(sumsq / double(finite) - mean * mean, 0.0);
+    if (var > 0) s.sigma = std::sqrt(var);
+  }
   return s;
 }
 

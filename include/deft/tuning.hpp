@@ -23,8 +23,8 @@ struct Percentiles {
 // (image, offset group, tap, output pixel) with its (dy, dx).
 struct OffsetStats {
   int64_t samples = 0;
-  Percentiles abs_dy, abs_dx;     // of |dy| and |dx| in pixels
-  double outside_fraction = 0;    // sampling points outside [0, h-1] x [0, w-1] (or NaN)
+  Percentiles abs_dy, abs_dx;     // of the finite |dy| and |dx|, in pixels
+  double outside_fraction = 0;    // sampling points outside (-1, h) x (-1, w), or NaN
   std::optional<double> sigma;    // offset standard deviation in px, when known
 };
 
@@ -34,13 +34,14 @@ inline constexpr double kMedianAbsOverSigma = 0.6744897501960817;
 // the |dy| and |dx| medians / 0.6745, at least 0.125 px (offsets that are all zero).
 double offset_sigma(const OffsetStats& stats);
 
-// Nearest-rank percentile (the smallest value with at least p% of the values at or below it)
-// of `values`, which it sorts. Empty input: 0.
+// The p-th percentile of `values` (which it sorts), interpolating linearly between the nearest
+// ranks as numpy and torch do by default: position p/100 * (n - 1). Empty input: 0.
 double percentile(std::vector<double>& values, double p);
 
 // Statistics of one calibration batch of offsets in the layer's offset tensor layout
 // (tensor_shapes(desc).offset: dy then dx per tap, taps row-major, per offset group),
-// computed on the host. `count` must equal the offset tensor's element count.
+// computed on the host. `count` must equal the offset tensor's element count. sigma is the
+// standard deviation of all finite offset values (dy and dx together), unset when it is 0.
 OffsetStats compute_offset_stats(const LayerDesc& desc, const float* offsets, size_t count);
 
 // Reads a raw little-endian float32 offsets file (e.g. DIR/<layer>.offsets.f32) and computes its
