@@ -28,7 +28,9 @@
 #include <thread>
 #include <vector>
 
+#include "cache/cache.hpp"
 #include "deft/deft.hpp"
+#include "deft/tuning.hpp"
 #include "runtime/disasm.hpp"
 
 extern char** environ;
@@ -390,6 +392,291 @@ TEST(Cli, HelpAndVersionExitZero) {
   EXPECT_EQ(version.exit_code, 0) << describe(version);
   EXPECT_EQ(version.out.rfind(std::string("deft ") + deft::version(), 0), 0u) << version.out;
   EXPECT_FALSE(fs::exists(cache)) << "help and version must not touch the cache";
+}
+
+// ---- cache export / import -------------------------------------------------------------
+
+deft::cache::TuningRecord cli_record(const std::string& desc, const std::string& created) {
+  deft::cache::TuningRecord r;
+  r.desc = desc;
+  r.stats_bucket = "v1:sigma~2";
+  r.device = "NVIDIA H100 80GB HBM3|cc9.0|sm132";
+  r.driver_version = "13000";
+  r.nvrtc_version = "13.0";
+  r.deft_version = "0.1.0";
+  r.search_space = "0123456789abcdef";
+  r.winner = "algo=gemm_tc tm=128";
+  r.winner_us = 40.5;
+  r.default_us = 80.25;
+  r.created_at = created;
+  r.candidates = {{"algo=gemm_tc", 80.25, ""}, {"algo=gemm_tc tm=128", 40.5, ""},
+                  {"algo=gemm_tc tn=128", -1, "output differs"}};
+  return r;
+}
+
+void expect_same_records(const std::vector<deft::cache::TuningRecord>& a,
+                         const std::vector<deft::cache::TuningRecord>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].desc, b[i].desc);
+    EXPECT_EQ(a[i].stats_bucket, b[i].stats_bucket);
+    EXPECT_EQ(a[i].device, b[i].device);
+    EXPECT_EQ(a[i].driver_version, b[i].driver_version);
+    EXPECT_EQ(a[i].nvrtc_version, b[i].nvrtc_version);
+    EXPECT_EQ(a[i].deft_version, b[i].deft_version);
+    EXPECT_EQ(a[i].search_space, b[i].search_space);
+    EXPECT_EQ(a[i].winner, b[i].winner);
+    EXPECT_EQ(a[i].winner_us, b[i].winner_us);
+    EXPECT_EQ(a[i].default_us, b[i].default_us);
+    EXPECT_EQ(a[i].created_at, b[i].created_at);
+    ASSERT_EQ(a[i].candidates.size(), b[i].candidates.size());
+    for (size_t j = 0; j < a[i].candidates.size(); ++j) {
+      EXPECT_EQ(a[i].candidates[j].variant, b[i].candidates[j].variant);
+      EXPECT_EQ(a[i].candidates[j].median_us, b[i].candidates[j].median_us);
+      EXPECT_EQ(a[i].candidates[j].error, b[i].candidates[j].error);
+    }
+  }
+}
+
+TEST(Cli, CacheExportImportRoundTripBetweenTwoDatabases) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const std::string a = (tmp.path() / "a.db").string(), b = (tmp.path() / "b.db").string();
+  const std::string file = (tmp.path() / "records.jsonl").string();
+  {
+    auto db = deft::cache::Database::open(a);
+    db->put_tuning_record(cli_record("layer one", "2024-03-01T10:00:00Z"));
+    db->put_tuning_record(cli_record("layer two", "2024-03-01T11:00:00Z"));
+    db->put_tuning_record(cli_record("layer one", "2024-03-02T10:00:00Z"));  // a re-tune
+    db->put_cubin("k", std::vector<char>(100, 'c'), {});  // cubins are not exported
+  }
+  const CliRun ex = run_cli({"cache", "export", file, "--db", a}, cache, tmp.path());
+  ASSERT_EQ(ex.exit_code, 0) << describe(ex);
+  EXPECT_NE(ex.out.find("exported 3 tuning records (9 candidate timings)"), std::string::npos)
+      << describe(ex);
+  const CliRun im = run_cli({"cache", "import", file, "--db", b}, cache, tmp.path());
+  ASSERT_EQ(im.exit_code, 0) << describe(im);
+  EXPECT_NE(im.out.find("imported 3 tuning records, skipped 0"), std::string::npos) << describe(im);
+  expect_same_records(deft::cache::Database::open(a)->list_tuning_records(),
+                      deft::cache::Database::open(b)->list_tuning_records());
+  EXPECT_EQ(deft::cache::Database::open(b)->info().cubins, 0);
+
+  // Importing again changes nothing; a newer record already in b wins over the file's.
+  deft::cache::Database::open(b)->put_tuning_record(cli_record("layer two", "2024-04-01T00:00:00Z"));
+  const CliRun again = run_cli({"cache", "import", file, "--db", b}, cache, tmp.path());
+  ASSERT_EQ(again.exit_code, 0) << describe(again);
+  EXPECT_NE(again.out.find("imported 0 tuning records, skipped 3"), std::string::npos)
+      << describe(again);
+  EXPECT_EQ(deft::cache::Database::open(b)->info().tuning_records, 4);
+
+  // ... and a newer record in the file is added to a database that has an older one.
+  const CliRun back = run_cli({"cache", "export", "-", "--db", b}, cache, tmp.path());
+  ASSERT_EQ(back.exit_code, 0) << describe(back);
+  EXPECT_EQ(back.out.rfind("{\"format\":\"deft-records/1\"}\n", 0), 0u) << back.out;
+  EXPECT_EQ(std::count(back.out.begin(), back.out.end(), '\n'), 5) << back.out;
+  {
+    std::ofstream f(file, std::ios::binary | std::ios::trunc);
+    f << back.out;
+  }
+  const CliRun into_a = run_cli({"cache", "import", file, "--db", a}, cache, tmp.path());
+  ASSERT_EQ(into_a.exit_code, 0) << describe(into_a);
+  EXPECT_NE(into_a.out.find("imported 1 tuning record, skipped 3"), std::string::npos)
+      << describe(into_a);
+  deft::cache::TuningRecord probe = cli_record("layer two", "");
+  EXPECT_EQ(deft::cache::Database::open(a)->find_tuning_record(probe)->created_at,
+            "2024-04-01T00:00:00Z");
+}
+
+TEST(Cli, CacheExportAndImportErrors) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const std::string missing = (tmp.path() / "none.db").string();
+  const CliRun ex = run_cli({"cache", "export", (tmp.path() / "x").string(), "--db", missing},
+                            cache, tmp.path());
+  EXPECT_EQ(ex.exit_code, 1) << describe(ex);
+  EXPECT_NE(ex.err.find("no database at " + missing), std::string::npos) << describe(ex);
+  EXPECT_FALSE(fs::exists(missing));
+  const fs::path bad = tmp.path() / "bad.jsonl";
+  {
+    std::ofstream f(bad);
+    f << "{\"format\":\"deft-records/1\"}\n{\"desc\": 3}\n";
+  }
+  const CliRun im = run_cli({"cache", "import", bad.string(), "--db", missing}, cache, tmp.path());
+  EXPECT_EQ(im.exit_code, 1) << describe(im);
+  EXPECT_NE(im.err.find(bad.string() + ":2: field \"desc\""), std::string::npos) << describe(im);
+  EXPECT_FALSE(fs::exists(missing)) << "a failed import must not create the database";
+}
+
+// ---- deft tune with model files (simulated timings: no GPU needed) ------------------------
+
+const char* const kTinyModel = R"({"format": "deft-model/1", "model": "tiny", "layers": [
+  {"name": "first", "desc": "deform_conv2d n=2 c=32 h=12 w=12 k=32 r=3 s=3 pad=1 mask=1 dtype=f16"},
+  {"name": "again", "desc": "deform_conv2d dtype=f16 mask=1 pad=1 n=2 c=32 h=12 w=12 k=32 r=3 s=3",
+   "count": 2},
+  {"name": "depthwise", "desc": "deform_conv2d n=2 c=32 h=12 w=12 k=32 r=3 s=3 pad=1 groups=32 dtype=f32 layout=nhwc",
+   "stats": {"sigma": 0.5}}
+]})";
+
+fs::path write_text(const fs::path& path, const std::string& text) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f << text;
+  return path;
+}
+
+TEST(CliTune, ModelFileTunesDistinctLayersOnceWithProgressAndTable) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const fs::path model = write_text(tmp.path() / "tiny.json", kTinyModel);
+  const std::string db = (tmp.path() / "t.db").string();
+  const std::string extra = "deform_conv2d n=1 c=16 h=8 w=8 k=16 r=3 s=3 pad=1";
+  const CliRun r = run_cli({"tune", model.string(), extra, "--simulate", "--db", db}, cache, tmp.path());
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_NE(r.out.find("tuning 4 layers (3 distinct) into " + db), std::string::npos) << r.out;
+  EXPECT_TRUE(std::regex_search(
+      r.out, std::regex(R"(\[1/3\] first \(\+1 same\)  default 100\.0 us -> tuned \d+\.\d us \(\d\.\d\dx\)  variant algo=)")))
+      << r.out;
+  EXPECT_NE(r.out.find("[2/3] depthwise  default"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[3/3] " + deft::to_string(deft::parse_layer_desc(extra))), std::string::npos)
+      << r.out;
+  // The closing table: a header, one row per distinct layer with its count and bucket, a total.
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(layer +count +default us +tuned us +speedup +bucket +chosen variant)")))
+      << r.out;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(\nfirst \(\+1 same\) +3 +100\.0 +\d+\.\d +\d\.\d\dx +v1:sigma~2 +algo=)")))
+      << r.out;
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(\ndepthwise +1 +100\.0 .* v1:sigma~0\.5 +algo=depthwise)")))
+      << r.out;
+  EXPECT_NE(r.out.find("total (times count)"), std::string::npos) << r.out;
+  auto records = deft::cache::Database::open(db)->list_tuning_records();
+  ASSERT_EQ(records.size(), 3u);
+  EXPECT_EQ(records[0].desc, deft::to_string(deft::parse_layer_desc(
+                                 "deform_conv2d n=2 c=32 h=12 w=12 k=32 r=3 s=3 pad=1 mask=1 dtype=f16")));
+  EXPECT_EQ(records[1].stats_bucket, "v1:sigma~0.5");
+  for (const auto& rec : records)
+    EXPECT_EQ(rec.candidates.size(), deft::search_space(deft::parse_layer_desc(rec.desc)).size());
+  // Not a terminal: no progress bar on stderr.
+  EXPECT_EQ(r.err.find('\r'), std::string::npos) << r.err;
+}
+
+TEST(CliTune, DevicesSpawnOneWorkerEachIntoOneDatabase) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const fs::path examples = fs::path(__FILE__).parent_path().parent_path() / "examples";
+  const std::string db = (tmp.path() / "t.db").string();
+  const CliRun r = run_cli({"tune", (examples / "resnet50_dcn.json").string(), "--devices", "0,1",
+                            "--simulate", "--db", db, "-v"},
+                           cache, tmp.path());
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  for (const char* name : {"layer2.0.conv2", "layer2.1.conv2", "layer3.0.conv2", "layer3.1.conv2",
+                           "layer4.0.conv2", "layer4.1.conv2"})
+    EXPECT_TRUE(std::regex_search(r.out, std::regex(std::string(R"(\n)") + name + R"( +\d+ +100\.0 )")))
+        << name << "\n" << r.out;
+  // Round robin: entries 0, 2, 4 on device 0 and 1, 3, 5 on device 1.
+  EXPECT_NE(r.out.find("layer2.0.conv2 [device 0]"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("layer2.1.conv2 [device 1]"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("worker for device 0"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("worker for device 1"), std::string::npos) << r.err;
+  for (int i = 1; i <= 6; ++i)
+    EXPECT_NE(r.out.find("[" + std::to_string(i) + "/6] "), std::string::npos) << r.out;
+  EXPECT_EQ(deft::cache::Database::open(db)->list_tuning_records().size(), 6u);
+}
+
+TEST(CliTune, BudgetLimitsTheCandidatesOfEachLayer) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const fs::path model = write_text(tmp.path() / "tiny.json", kTinyModel);
+  const std::string db = (tmp.path() / "t.db").string();
+  // 2 distinct layers: 0.15 s / 2 = 0.075 s for the first, 8 timing windows of 0.01 s (the
+  // smallest); the second gets what is left, 0.07 s: 7 windows.
+  const CliRun r = run_cli({"tune", model.string(), "--simulate", "--budget", "0.15", "--db", db},
+                           cache, tmp.path());
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_NE(r.out.find("budget 0.15 s"), std::string::npos) << r.out;
+  const auto records = deft::cache::Database::open(db)->list_tuning_records();
+  ASSERT_EQ(records.size(), 2u);
+  for (const auto& rec : records) {
+    EXPECT_GE(rec.candidates.size(), 7u) << rec.desc;
+    EXPECT_LE(rec.candidates.size(), 8u) << rec.desc;
+    EXPECT_LT(rec.candidates.size(), deft::search_space(deft::parse_layer_desc(rec.desc)).size());
+  }
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(\(\d/\d+ candidates)"))) << r.out;
+}
+
+TEST(CliTune, CalibrationFilesPickTheBucketAndErrorsNameFileAndSize) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const std::string desc = "deform_conv2d n=1 c=8 h=6 w=6 k=8 r=3 s=3 pad=1";
+  const fs::path model = write_text(tmp.path() / "one.json",
+                                    std::string(R"({"format": "deft-model/1", "model": "one", "layers": [
+    {"name": "conv", "desc": ")") + desc + R"(", "stats": {"sigma": 1.0}}]})");
+  const fs::path cal = tmp.path() / "cal";
+  fs::create_directories(cal);
+  const std::string db = (tmp.path() / "t.db").string();
+  const size_t count = 18 * 6 * 6;
+  const std::string file = (cal / "conv.offsets.f32").string();
+  const std::string expected = "expected " + std::to_string(count * 4) + " bytes";
+
+  CliRun r = run_cli({"tune", model.string(), "--calibration", cal.string(), "--simulate", "--db", db},
+                     cache, tmp.path());
+  EXPECT_EQ(r.exit_code, 1) << describe(r);
+  EXPECT_NE(r.err.find(file), std::string::npos) << describe(r);
+  EXPECT_NE(r.err.find("missing"), std::string::npos) << describe(r);
+  EXPECT_NE(r.err.find(expected), std::string::npos) << describe(r);
+
+  // Offsets +-8 (alternating): standard deviation 8, bucket 8 (the model file says sigma 1).
+  std::vector<float> off(count);
+  for (size_t i = 0; i < count; ++i) off[i] = i % 2 ? -8.0f : 8.0f;
+  {
+    std::ofstream f(file, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(off.data()), std::streamsize(4 * count - 8));
+  }
+  r = run_cli({"tune", model.string(), "--calibration", cal.string(), "--simulate", "--db", db},
+              cache, tmp.path());
+  EXPECT_EQ(r.exit_code, 1) << describe(r);
+  EXPECT_NE(r.err.find(file + " has " + std::to_string(4 * count - 8) + " bytes"), std::string::npos)
+      << describe(r);
+  EXPECT_NE(r.err.find(expected), std::string::npos) << describe(r);
+  EXPECT_FALSE(fs::exists(db)) << "nothing is tuned when a calibration file is wrong";
+
+  {
+    std::ofstream f(file, std::ios::binary | std::ios::trunc);
+    f.write(reinterpret_cast<const char*>(off.data()), std::streamsize(4 * count));
+  }
+  r = run_cli({"tune", model.string(), "--calibration", cal.string(), "--simulate", "--db", db},
+              cache, tmp.path());
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_NE(r.out.find("v1:sigma~8"), std::string::npos) << r.out;  // not the file's sigma 1
+  const auto records = deft::cache::Database::open(db)->list_tuning_records();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].stats_bucket, "v1:sigma~8");
+}
+
+TEST(CliTune, ModelErrorsExitOneNamingLayerAndField) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const fs::path model = write_text(tmp.path() / "bad.json", R"({"format": "deft-model/1", "model": "m",
+    "layers": [{"name": "stem", "desc": "deform_conv2d c=64 k=64 groups=3"}]})");
+  const CliRun r = run_cli({"tune", model.string(), "--simulate"}, cache, tmp.path());
+  EXPECT_EQ(r.exit_code, 1) << describe(r);
+  EXPECT_NE(r.err.find(model.string() + ": layers[0] (stem): field \"desc\""), std::string::npos)
+      << describe(r);
+  const CliRun missing = run_cli({"tune", (tmp.path() / "none.json").string(), "--simulate"}, cache,
+                                 tmp.path());
+  EXPECT_EQ(missing.exit_code, 1) << describe(missing);
+  EXPECT_NE(missing.err.find("cannot open model file"), std::string::npos) << describe(missing);
+}
+
+TEST(CliTune, HelpNamesTheModelAndCacheForms) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const CliRun tune = run_cli({"tune", "--help"}, cache, tmp.path());
+  EXPECT_EQ(tune.exit_code, 0) << describe(tune);
+  for (const char* s : {"model.json", "--calibration", "--devices", "--budget", "--db",
+                        "docs/model-format.md"})
+    EXPECT_NE(tune.out.find(s), std::string::npos) << s << "\n" << tune.out;
+  EXPECT_EQ(tune.out.find("--worker-device"), std::string::npos) << "hidden option shown";
+  const CliRun c = run_cli({"cache", "--help"}, cache, tmp.path());
+  EXPECT_NE(c.out.find("export"), std::string::npos) << c.out;
+  EXPECT_NE(c.out.find("import"), std::string::npos) << c.out;
 }
 
 // ---- runtime/disasm: cubin inspection ---------------------------------------------------

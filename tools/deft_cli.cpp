@@ -5,12 +5,26 @@
 //   deft compile '<desc>' [--variant '<variant>'] [--arch sm_90]
 //                         [--emit cuda|ptx|sass|resources|cubin] [-o FILE] [--stats]
 //   deft cache ls|info|clear [--db PATH]
+//   deft cache export|import FILE [--db PATH]
+//   deft tune '<desc>'|model.json ... [--calibration DIR] [--devices 0,1] [--budget S] [--db PATH]
+//   deft inspect '<desc>' [--db PATH]
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <sstream>
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
@@ -24,11 +38,14 @@
 
 #include "cache/cache.hpp"
 #include "deft/deft.hpp"
+#include "deft/tuning.hpp"
 #include "runtime/disasm.hpp"
 #include "runtime/driver.hpp"
 #include "runtime/logging.hpp"
 #include "runtime/nvrtc.hpp"
 #include "tuner/select.hpp"
+
+extern char** environ;
 
 namespace {
 
@@ -324,40 +341,494 @@ int run_cache_clear(const std::string& db_arg) {
   return 0;
 }
 
-// deft tune: time the search space of each layer on this GPU and keep the winner.
-int run_tune(const std::vector<std::string>& descs, double sigma, const std::string& db_arg,
-             int max_candidates, double seconds) {
-  if (!deft::gpu_available())
-    throw deft::Error("tune needs a GPU: no CUDA driver or device here");
-  deft::TuneOptions o;
-  o.offset_sigma = sigma;
-  o.max_candidates = max_candidates;
-  o.seconds_per_candidate = seconds;
-  if (!db_arg.empty()) o.cache_path = db_arg;
-  fmt::print("{:<4}{:>12}{:>12}{:>9}  {}\n", "#", "default us", "tuned us", "speedup",
-             "layer / chosen variant");
-  int i = 0;
-  for (const std::string& text : descs) {
-    const deft::LayerDesc d = deft::parse_layer_desc(text);
-    fmt::print(stderr, "[{}/{}] tuning {} ({} candidates)...\n", ++i, descs.size(),
-               deft::to_string(d), deft::search_space(d).size());
-    const deft::TuneResult r = deft::tune(d, o);
-    int failed = 0;
-    for (const auto& c : r.candidates) failed += c.median_us < 0;
-    fmt::print("{:<4}{:>12.1f}{:>12.1f}{:>8.2f}x  {}\n{:<37}{}{}\n", i, r.default_us, r.winner_us,
-               r.default_us / r.winner_us, r.desc, "", deft::to_string(r.winner),
-               failed ? fmt::format("  ({} candidates failed)", failed) : "");
-    // Why candidates failed: each distinct reason once (full list: deft inspect).
-    std::vector<std::string> reasons;
-    for (const auto& c : r.candidates)
-      if (c.median_us < 0 && std::find(reasons.begin(), reasons.end(), c.error) == reasons.end())
-        reasons.push_back(c.error);
-    for (const auto& why : reasons)
-      fmt::print("{:<37}failed: {}\n", "", why.substr(0, 160));
+// deft cache export: every tuning record, with all candidates, as JSON lines.
+int run_cache_export(const std::string& file, const std::string& db_arg) {
+  const std::string path = database_path(db_arg);
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw deft::Error(fmt::format("no database at {}", path));
+  const auto records = deft::cache::Database::open(path)->list_tuning_records();
+  int64_t candidates = 0;
+  for (const auto& r : records) candidates += int64_t(r.candidates.size());
+  const std::string summary =
+      fmt::format("exported {} tuning record{} ({} candidate timings) from {} to {}\n",
+                  records.size(), records.size() == 1 ? "" : "s", candidates, path, file);
+  if (file == "-") {
+    std::ostringstream out;
+    deft::cache::write_records_jsonl(out, records);
+    write_output(out.str(), "");
+    fmt::print(stderr, "{}", summary);
+    return 0;
   }
-  fmt::print("records written to {} (bucket {})\n",
-             db_arg.empty() ? deft::cache::default_database_path() : db_arg,
-             deft::stats_bucket(sigma));
+  // Written next to the target, then renamed: an interrupted export leaves no half file.
+  const std::string tmp = file + ".tmp-" + std::to_string(::getpid());
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw deft::Error(fmt::format("cannot open {} for writing", tmp));
+    deft::cache::write_records_jsonl(out, records);
+    out.close();
+    if (!out) throw deft::Error(fmt::format("cannot write {}", tmp));
+  }
+  fs::rename(tmp, file, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw deft::Error(fmt::format("cannot move the export to {}", file));
+  }
+  fmt::print("{}", summary);
+  return 0;
+}
+
+// deft cache import: merges an export into the database; newer records win.
+int run_cache_import(const std::string& file, const std::string& db_arg) {
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw deft::Error(fmt::format("cannot open {}", file));
+  const auto records = deft::cache::read_records_jsonl(in, file);
+  const std::string path = database_path(db_arg);
+  const auto counts = deft::cache::Database::open(path)->merge_tuning_records(records);
+  fmt::print("imported {} tuning record{}, skipped {} (the database has them, or newer ones for "
+             "the same layer, bucket, device and versions) from {} into {}\n",
+             counts.imported, counts.imported == 1 ? "" : "s", counts.skipped, file, path);
+  return 0;
+}
+
+// ---- tune --------------------------------------------------------------------------------
+//
+// `deft tune` takes layer descriptions and model files (arguments ending in .json). Their layers
+// become entries (one per distinct description and statistics bucket, tuned once). Entries are
+// tuned here, or with --devices by one worker process per device: this binary again, with
+// CUDA_VISIBLE_DEVICES set and the hidden options --worker-device N --layers i,j,k, printing one
+// JSON line per finished entry on its stdout. Everyone writes into the same database; this
+// process prints the progress lines and the closing table.
+
+struct TuneArgs {
+  std::vector<std::string> inputs;
+  double sigma = 2.0;
+  double seconds = 0.25;
+  int max_candidates = 0;
+  std::string db;
+  std::string calibration;
+  std::string devices;
+  double budget = 0;
+  int worker_device = -1;  // >= 0: this process is a worker
+  std::string worker_layers;
+  bool simulate = false;
+  int verbosity = 0;
+};
+
+// What became of one entry.
+struct EntryOutcome {
+  bool done = false, ok = false;
+  double default_us = 0, tuned_us = 0, seconds = 0;
+  std::string variant, error;
+  int tried = 0, space = 0, device = -1;
+  std::vector<std::string> failures;  // distinct reasons of failed candidates
+};
+
+// The layers of all inputs, with the sigma of each, grouped into entries.
+struct TunePlan {
+  deft::Model model;                     // all layers of all inputs
+  std::vector<std::string> sources;      // per layer: its model file, or "" for a desc argument
+  std::vector<double> sigmas;            // per layer
+  std::vector<std::string> sigma_from;   // per layer: "calibration", "stats", "default"
+  std::vector<deft::TuneEntry> entries;
+};
+
+bool is_model_file(const std::string& arg) {
+  return arg.size() > 5 && arg.compare(arg.size() - 5, 5, ".json") == 0;
+}
+
+TunePlan make_plan(const TuneArgs& a) {
+  TunePlan p;
+  std::map<std::string, std::string> name_source;
+  for (const std::string& input : a.inputs) {
+    if (is_model_file(input)) {
+      deft::Model m = deft::load_model(input);
+      for (deft::ModelLayer& l : m.layers) {
+        if (auto [it, fresh] = name_source.emplace(l.name, input); !fresh)
+          throw deft::Error(fmt::format("layer name \"{}\" appears in both {} and {}", l.name,
+                                        it->second, input));
+        p.sources.push_back(input);
+        p.model.layers.push_back(std::move(l));
+      }
+    } else {
+      deft::ModelLayer l;
+      l.desc = deft::parse_layer_desc(input);
+      deft::validate(l.desc);
+      l.name = deft::to_string(l.desc);
+      p.sources.push_back("");
+      p.model.layers.push_back(std::move(l));
+    }
+  }
+  for (size_t i = 0; i < p.model.layers.size(); ++i) {
+    deft::ModelLayer& l = p.model.layers[i];
+    deft::require_implemented(l.desc);
+    if (!a.calibration.empty() && !p.sources[i].empty()) {
+      const std::string file = (fs::path(a.calibration) / (l.name + ".offsets.f32")).string();
+      try {
+        l.stats = deft::offset_stats_from_file(l.desc, file);
+      } catch (const deft::Error& e) {
+        throw deft::Error(fmt::format("layer {} ({}): {}", l.name, p.sources[i], e.what()));
+      }
+      p.sigma_from.push_back("calibration");
+      spdlog::info("{}: calibration {} samples, |dy| p50 {:.3g} p99 {:.3g}, |dx| p50 {:.3g} p99 "
+                   "{:.3g}, outside {:.3g}, sigma {:.3g}",
+                   l.name, l.stats->samples, l.stats->abs_dy.p50, l.stats->abs_dy.p99,
+                   l.stats->abs_dx.p50, l.stats->abs_dx.p99, l.stats->outside_fraction,
+                   deft::offset_sigma(*l.stats));
+    } else {
+      p.sigma_from.push_back(l.stats ? "stats" : "default");
+    }
+    p.sigmas.push_back(l.stats ? deft::offset_sigma(*l.stats) : a.sigma);
+  }
+  p.entries = deft::tune_entries(p.model, p.sigmas);
+  return p;
+}
+
+// "layer3.0.conv2" or "layer3.0.conv2 (+3 same)".
+std::string entry_name(const TunePlan& p, const deft::TuneEntry& e) {
+  std::string name = p.model.layers[e.layers.front()].name;
+  if (e.layers.size() > 1) name += fmt::format(" (+{} same)", e.layers.size() - 1);
+  return name;
+}
+
+EntryOutcome tune_entry(const TuneArgs& a, const deft::TuneEntry& e, double layer_seconds) {
+  EntryOutcome out;
+  out.done = true;
+  out.device = a.worker_device;
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    deft::TuneOptions o;
+    o.offset_sigma = e.sigma;
+    o.max_candidates = a.max_candidates;
+    o.seconds_per_candidate = a.seconds;
+    if (!a.db.empty()) o.cache_path = a.db;
+    const deft::TuneLimits limits{layer_seconds};
+    const deft::TuneResult r =
+        a.simulate ? deft::simulate_tune(e.desc, o, limits) : deft::tune(e.desc, o, limits);
+    out.ok = true;
+    out.default_us = r.default_us;
+    out.tuned_us = r.winner_us;
+    out.variant = deft::to_string(r.winner);
+    out.tried = int(r.candidates.size());
+    out.space = int(deft::search_space(e.desc).size());
+    for (const auto& c : r.candidates)
+      if (c.median_us < 0 &&
+          std::find(out.failures.begin(), out.failures.end(), c.error) == out.failures.end())
+        out.failures.push_back(c.error);
+  } catch (const std::exception& ex) {
+    out.error = ex.what();
+  }
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // A simulated run takes no time; it spends its candidates' timing windows of the budget.
+  if (a.simulate && out.ok)
+    out.seconds = out.tried * deft::CandidateBudget(layer_seconds, a.seconds, size_t(
+                                  a.max_candidates > 0 ? std::min(a.max_candidates, out.space)
+                                                       : out.space)).timing_seconds();
+  return out;
+}
+
+std::string outcome_json(size_t entry, const EntryOutcome& o) {
+  nlohmann::json j = {{"entry", entry},   {"ok", o.ok},           {"default_us", o.default_us},
+                      {"tuned_us", o.tuned_us}, {"variant", o.variant}, {"error", o.error},
+                      {"tried", o.tried}, {"space", o.space},     {"failures", o.failures},
+                      {"seconds", o.seconds}, {"device", o.device}};
+  return j.dump();
+}
+
+// One worker line; nullopt for anything else (a stray line is logged, not fatal).
+std::optional<std::pair<size_t, EntryOutcome>> parse_outcome(const std::string& line) {
+  try {
+    const auto j = nlohmann::json::parse(line);
+    EntryOutcome o;
+    o.done = true;
+    o.ok = j.at("ok").get<bool>();
+    o.default_us = j.at("default_us").get<double>();
+    o.tuned_us = j.at("tuned_us").get<double>();
+    o.variant = j.at("variant").get<std::string>();
+    o.error = j.at("error").get<std::string>();
+    o.tried = j.at("tried").get<int>();
+    o.space = j.at("space").get<int>();
+    o.failures = j.at("failures").get<std::vector<std::string>>();
+    o.seconds = j.at("seconds").get<double>();
+    o.device = j.at("device").get<int>();
+    return std::make_pair(j.at("entry").get<size_t>(), o);
+  } catch (const std::exception& e) {
+    spdlog::warn("ignoring a worker's line '{}': {}", line.substr(0, 200), e.what());
+    return std::nullopt;
+  }
+}
+
+std::vector<int> parse_int_list(const std::string& text, const char* option) {
+  std::vector<int> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    static const std::regex re(R"(\s*(\d{1,6})\s*)");
+    std::smatch m;
+    if (!std::regex_match(item, m, re))
+      throw deft::Error(fmt::format("{} {}: '{}' is not a non-negative integer", option, text, item));
+    out.push_back(std::stoi(m[1]));
+  }
+  if (out.empty()) throw deft::Error(fmt::format("{} is empty", option));
+  return out;
+}
+
+std::string speedup(double def, double tuned) {
+  return tuned > 0 ? fmt::format("{:.2f}x", def / tuned) : "-";
+}
+
+// Progress on stderr, only when it is a terminal: a bar with the percentage of entries done.
+class ProgressBar {
+ public:
+  explicit ProgressBar(size_t total) : total_(total), tty_(::isatty(2) == 1) {}
+  void show(size_t done, const std::string& note) {
+    if (!tty_) return;
+    constexpr int kWidth = 30;
+    const int filled = total_ ? int(kWidth * done / total_) : kWidth;
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
+    fmt::print(stderr, "\r\033[K[{}{}] {:3d}% {}/{} layers, {:.0f} s  {}", std::string(filled, '#'),
+               std::string(kWidth - filled, '.'), total_ ? int(100 * done / total_) : 100, done,
+               total_, elapsed, note.substr(0, 60));
+    std::fflush(stderr);
+    shown_ = true;
+  }
+  void clear() {
+    if (tty_ && shown_) fmt::print(stderr, "\r\033[K");
+    std::fflush(stderr);
+  }
+
+ private:
+  size_t total_;
+  bool tty_;
+  bool shown_ = false;
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
+};
+
+// "[3/12] layer3.0.conv2  default 812.0 us -> tuned 640.0 us (1.27x)  variant ..."
+void print_progress_line(const TunePlan& p, size_t entry, const EntryOutcome& o, size_t done) {
+  const std::string name = entry_name(p, p.entries[entry]);
+  const std::string device = o.device >= 0 ? fmt::format(" [device {}]", o.device) : "";
+  if (!o.ok) {
+    fmt::print("[{}/{}] {}{}  failed: {}\n", done, p.entries.size(), name, device, o.error);
+  } else {
+    fmt::print("[{}/{}] {}{}  default {:.1f} us -> tuned {:.1f} us ({})  variant {}  ({}/{} "
+               "candidates, {:.1f} s)\n",
+               done, p.entries.size(), name, device, o.default_us, o.tuned_us,
+               speedup(o.default_us, o.tuned_us), o.variant, o.tried, o.space, o.seconds);
+    for (const auto& why : o.failures) fmt::print("      candidate failed: {}\n", why.substr(0, 160));
+  }
+  std::fflush(stdout);
+}
+
+void print_table(const TunePlan& p, const std::vector<EntryOutcome>& outcomes) {
+  size_t w = p.entries.size() > 1 ? 19 : 5;  // "total (times count)"
+  for (const auto& e : p.entries) w = std::max(w, entry_name(p, e).size());
+  w = std::min<size_t>(w, 100);
+  fmt::print("\n{:<{}}  {:>5}  {:>12}  {:>12}  {:>7}  {:<14}  {}\n", "layer", w, "count",
+             "default us", "tuned us", "speedup", "bucket", "chosen variant");
+  double total_default = 0, total_tuned = 0;
+  bool complete = true;
+  for (size_t i = 0; i < p.entries.size(); ++i) {
+    const auto& e = p.entries[i];
+    const EntryOutcome& o = outcomes[i];
+    if (!o.ok) {
+      complete = false;
+      fmt::print("{:<{}}  {:>5}  {:>12}  {:>12}  {:>7}  {:<14}  failed: {}\n", entry_name(p, e), w,
+                 e.count, "-", "-", "-", e.bucket, o.done ? o.error : "not run");
+      continue;
+    }
+    total_default += double(e.count) * o.default_us;
+    total_tuned += double(e.count) * o.tuned_us;
+    fmt::print("{:<{}}  {:>5}  {:>12.1f}  {:>12.1f}  {:>7}  {:<14}  {}\n", entry_name(p, e), w,
+               e.count, o.default_us, o.tuned_us, speedup(o.default_us, o.tuned_us), e.bucket,
+               o.variant);
+  }
+  if (complete && p.entries.size() > 1)
+    fmt::print("{:<{}}  {:>5}  {:>12.1f}  {:>12.1f}  {:>7}\n", "total (times count)", w, "",
+               total_default, total_tuned, speedup(total_default, total_tuned));
+}
+
+// A spawned worker: its pid and the read end of its stdout.
+struct Worker {
+  int device = 0;
+  pid_t pid = -1;
+  int fd = -1;
+  std::string buffer;
+  std::vector<size_t> entries;
+};
+
+std::vector<std::string> worker_argv(const TuneArgs& a, int device, const std::vector<size_t>& entries) {
+  std::vector<std::string> v = {"tune"};
+  v.insert(v.end(), a.inputs.begin(), a.inputs.end());
+  v.insert(v.end(), {"--sigma", fmt::format("{}", a.sigma), "--seconds",
+                     fmt::format("{}", a.seconds), "--max-candidates",
+                     std::to_string(a.max_candidates), "--db", a.db, "--worker-device",
+                     std::to_string(device), "--layers", fmt::format("{}", fmt::join(entries, ","))});
+  if (!a.calibration.empty()) v.insert(v.end(), {"--calibration", a.calibration});
+  if (a.budget > 0) v.insert(v.end(), {"--budget", fmt::format("{}", a.budget)});
+  if (a.simulate) v.push_back("--simulate");
+  for (int i = 0; i < a.verbosity; ++i) v.push_back("-v");
+  return v;
+}
+
+void spawn_worker(Worker& w, const std::vector<std::string>& args) {
+  int fds[2];
+  if (::pipe(fds) != 0) throw deft::Error(fmt::format("pipe: {}", std::strerror(errno)));
+  std::vector<std::string> argv = {"/proc/self/exe"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e)
+    if (std::strncmp(*e, "CUDA_VISIBLE_DEVICES=", 21) != 0) env.push_back(*e);
+  env.push_back(fmt::format("CUDA_VISIBLE_DEVICES={}", w.device));
+  std::vector<char*> cargv, cenv;
+  for (auto& s : argv) cargv.push_back(s.data());
+  cargv.push_back(nullptr);
+  for (auto& s : env) cenv.push_back(s.data());
+  cenv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, fds[1], 1);
+  posix_spawn_file_actions_addclose(&fa, fds[0]);
+  posix_spawn_file_actions_addclose(&fa, fds[1]);
+  const int rc = ::posix_spawn(&w.pid, "/proc/self/exe", &fa, nullptr, cargv.data(), cenv.data());
+  posix_spawn_file_actions_destroy(&fa);
+  ::close(fds[1]);
+  if (rc != 0) {
+    ::close(fds[0]);
+    throw deft::Error(fmt::format("cannot start the worker for device {}: {}", w.device,
+                                  std::strerror(rc)));
+  }
+  w.fd = fds[0];
+  spdlog::info("worker for device {} (pid {}): entries {}", w.device, w.pid, fmt::join(w.entries, ","));
+}
+
+// Runs the workers, calling on_result for every entry as it finishes; returns when all exited.
+void run_workers(const TuneArgs& a, const TunePlan& p, const std::vector<int>& devices,
+                 const std::function<void(size_t, EntryOutcome)>& on_result) {
+  std::vector<Worker> workers;
+  for (size_t d = 0; d < devices.size() && d < p.entries.size(); ++d) {
+    Worker w;
+    w.device = devices[d];
+    for (size_t e = d; e < p.entries.size(); e += devices.size()) w.entries.push_back(e);
+    workers.push_back(std::move(w));
+  }
+  for (Worker& w : workers) spawn_worker(w, worker_argv(a, w.device, w.entries));
+  std::vector<bool> reported(p.entries.size(), false);
+  size_t open = workers.size();
+  while (open > 0) {
+    std::vector<pollfd> fds;
+    for (const Worker& w : workers)
+      if (w.fd >= 0) fds.push_back({w.fd, POLLIN, 0});
+    if (::poll(fds.data(), fds.size(), -1) < 0) {
+      if (errno == EINTR) continue;
+      throw deft::Error(fmt::format("poll: {}", std::strerror(errno)));
+    }
+    for (Worker& w : workers) {
+      if (w.fd < 0) continue;
+      auto it = std::find_if(fds.begin(), fds.end(), [&](const pollfd& f) { return f.fd == w.fd; });
+      if (it == fds.end() || !(it->revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      char buf[4096];
+      const ssize_t n = ::read(w.fd, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n > 0) {
+        w.buffer.append(buf, size_t(n));
+        for (size_t nl; (nl = w.buffer.find('\n')) != std::string::npos;) {
+          const std::string line = w.buffer.substr(0, nl);
+          w.buffer.erase(0, nl + 1);
+          if (auto r = parse_outcome(line); r && r->first < p.entries.size()) {
+            reported[r->first] = true;
+            on_result(r->first, std::move(r->second));
+          }
+        }
+        continue;
+      }
+      ::close(w.fd);  // EOF (or a read error): the worker is done
+      w.fd = -1;
+      --open;
+      int status = 0;
+      ::waitpid(w.pid, &status, 0);
+      const std::string how = WIFEXITED(status) ? fmt::format("exit status {}", WEXITSTATUS(status))
+                                                : fmt::format("signal {}", WTERMSIG(status));
+      for (size_t e : w.entries) {
+        if (reported[e]) continue;
+        EntryOutcome o;
+        o.done = true;
+        o.device = w.device;
+        o.error = fmt::format("the worker for device {} ended ({}) before this layer finished",
+                              w.device, how);
+        reported[e] = true;
+        on_result(e, std::move(o));
+      }
+    }
+  }
+}
+
+int run_tune(TuneArgs a) {
+  if (!a.simulate && !deft::gpu_available())
+    throw deft::Error("tune needs a GPU: no CUDA driver or device here");
+  if (a.budget < 0) throw deft::Error("--budget must be positive (seconds)");
+  if (a.db.empty()) a.db = deft::cache::default_database_path();
+  const TunePlan plan = make_plan(a);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+
+  if (a.worker_device >= 0) {  // worker: tune the given entries, one JSON line each
+    std::vector<size_t> mine;
+    for (int e : parse_int_list(a.worker_layers, "--layers")) {
+      if (size_t(e) >= plan.entries.size())
+        throw deft::Error(fmt::format("--layers: entry {} does not exist ({} entries)", e,
+                                      plan.entries.size()));
+      mine.push_back(size_t(e));
+    }
+    double spent = 0;
+    for (size_t k = 0; k < mine.size(); ++k) {
+      const double share = a.budget > 0 ? deft::layer_share(a.budget - spent, mine.size() - k) : 0;
+      const EntryOutcome o = tune_entry(a, plan.entries[mine[k]], share);
+      spent += o.seconds;
+      fmt::print("{}\n", outcome_json(mine[k], o));
+      std::fflush(stdout);
+    }
+    return 0;
+  }
+
+  fmt::print("tuning {} layer{} ({} distinct) into {}{}{}\n", plan.model.layers.size(),
+             plan.model.layers.size() == 1 ? "" : "s", plan.entries.size(), a.db,
+             a.budget > 0 ? fmt::format(", budget {} s", a.budget) : "",
+             a.simulate ? " (simulated timings, no GPU)" : "");
+  std::fflush(stdout);
+  std::vector<EntryOutcome> outcomes(plan.entries.size());
+  ProgressBar bar(plan.entries.size());
+  size_t done = 0;
+  auto on_result = [&](size_t entry, EntryOutcome o) {
+    outcomes[entry] = std::move(o);
+    ++done;
+    bar.clear();
+    print_progress_line(plan, entry, outcomes[entry], done);
+    bar.show(done, done < plan.entries.size() ? "tuning..." : "done");
+  };
+  if (!a.devices.empty()) {
+    const std::vector<int> devices = parse_int_list(a.devices, "--devices");
+    bar.show(0, fmt::format("{} workers", devices.size()));
+    run_workers(a, plan, devices, on_result);
+  } else {
+    double spent = 0;  // the entries' seconds (simulated ones for --simulate)
+    for (size_t k = 0; k < plan.entries.size(); ++k) {
+      bar.show(done, "tuning " + entry_name(plan, plan.entries[k]));
+      const double share =
+          a.budget > 0 ? deft::layer_share(a.budget - spent, plan.entries.size() - k) : 0;
+      EntryOutcome o = tune_entry(a, plan.entries[k], share);
+      spent += o.seconds;
+      on_result(k, std::move(o));
+    }
+  }
+  bar.clear();
+  print_table(plan, outcomes);
+  size_t failed = 0;
+  for (const auto& o : outcomes) failed += !o.ok;
+  fmt::print("records written to {} in {:.1f} s\n", a.db, elapsed());
+  if (failed) throw deft::Error(fmt::format("{} of {} layers failed", failed, outcomes.size()));
   return 0;
 }
 
@@ -368,16 +839,20 @@ int run_inspect(const std::string& text, const std::string& db_arg) {
   fmt::print("layer:         {}\ndefault:       {}\nsearch space:  {} variants, hash {}\n",
              deft::to_string(d), deft::to_string(deft::default_variant(d)),
              deft::search_space(d).size(), deft::search_space_hash(d));
-  auto db = open_existing(path);
-  if (!db) return 0;
-  const auto records = db->list_tuning_records(deft::to_string(d));
-  if (records.empty()) {
-    fmt::print("no tuning records in {}\n", path);
-    return 0;
+  std::vector<std::pair<std::string, deft::cache::TuningRecord>> records;  // (source, record)
+  if (auto db = open_existing(path)) {
+    for (auto& r : db->list_tuning_records(deft::to_string(d))) records.emplace_back("", r);
+    if (records.empty()) fmt::print("no tuning records in {}\n", path);
   }
-  for (const auto& r : records) {
-    fmt::print("\nrecord {}  bucket {}  device {}  driver {}  nvrtc {}  deft {}  space {}{}\n",
-               r.created_at, r.stats_bucket, r.device, r.driver_version, r.nvrtc_version,
+  // The shipped database's records follow; the user's take precedence (see docs).
+  if (auto shipped = deft::tuner::shipped_database()) {
+    const auto found = shipped->list_tuning_records(deft::to_string(d));
+    if (found.empty()) fmt::print("no tuning records in the shipped {}\n", shipped->path());
+    for (auto& r : found) records.emplace_back(" (shipped " + shipped->path() + ")", r);
+  }
+  for (const auto& [source, r] : records) {
+    fmt::print("\nrecord{} {}  bucket {}  device {}  driver {}  nvrtc {}  deft {}  space {}{}\n",
+               source, r.created_at, r.stats_bucket, r.device, r.driver_version, r.nvrtc_version,
                r.deft_version, r.search_space,
                r.search_space == deft::search_space_hash(d) ? "" : " (stale: other search space)");
     fmt::print("  winner {:.1f} us (default {:.1f} us): {}\n", r.winner_us, r.default_us, r.winner);
@@ -429,7 +904,8 @@ int main(int argc, char** argv) {
   compile->add_flag("--stats", ca.stats,
                     "Print 'nvrtc compiles: N, cache hits: M' on stderr at the end");
 
-  CLI::App* cache = app.add_subcommand("cache", "Inspect or clear the cubin cache");
+  CLI::App* cache = app.add_subcommand(
+      "cache", "Inspect, clear, export or import the cache (cubins and tuning records)");
   cache->require_subcommand(1);
   std::string db;
   const std::string db_help = "Database file (default: " + std::string("$DEFT_CACHE_DIR/deft.db, "
@@ -437,24 +913,54 @@ int main(int argc, char** argv) {
   CLI::App* ls = cache->add_subcommand("ls", "List cached cubins");
   CLI::App* info = cache->add_subcommand("info", "Summarise the database");
   CLI::App* clear = cache->add_subcommand("clear", "Delete every cached cubin and tuning record");
-  for (CLI::App* sub : {ls, info, clear}) {
+  std::string export_file, import_file;
+  CLI::App* exp = cache->add_subcommand(
+      "export", "Write every tuning record, with all candidates' timings, to FILE as JSON lines "
+                "(format deft-records/1; '-' for stdout)");
+  exp->add_option("file", export_file, "Output file")->required();
+  CLI::App* imp = cache->add_subcommand(
+      "import", "Merge tuning records exported by 'deft cache export' into the database: a "
+                "record newer than every record of its layer, bucket, device and versions is "
+                "added, others are skipped; prints both counts");
+  imp->add_option("file", import_file, "File written by 'deft cache export'")->required();
+  for (CLI::App* sub : {ls, info, clear, exp, imp}) {
     sub->add_option("--db", db, db_help);
     sub->fallthrough();
   }
 
-  std::vector<std::string> tune_descs;
-  double tune_sigma = 2.0, tune_seconds = 0.25;
-  int tune_max = 0;
-  std::string tune_db;
+  TuneArgs ta;
   CLI::App* tune = app.add_subcommand(
-      "tune", "Time every variant of each layer on this GPU and keep the fastest (needs a GPU)");
-  tune->add_option("desc", tune_descs, "Layer descriptions")->required();
-  tune->add_option("--sigma", tune_sigma,
-                   "Offsets of the synthetic calibration batch ~ N(0, sigma^2) px")
+      "tune",
+      "Time every variant of each layer on this GPU and keep the fastest (needs a GPU).\n"
+      "  deft tune '<desc>' ['<desc>' ...] [options]\n"
+      "  deft tune model.json [--calibration DIR] [--devices 0,1] [--budget SECONDS] [--db PATH]\n"
+      "An argument ending in .json is a model file (docs/model-format.md); identical layers are "
+      "tuned once. Prints a line per layer as it finishes and a closing table.");
+  tune->add_option("inputs", ta.inputs, "Layer descriptions and model files (*.json)")->required();
+  tune->add_option("--sigma", ta.sigma,
+                   "Offsets ~ N(0, sigma^2) px for layers without statistics (descriptions, and "
+                   "model layers without \"stats\" when no --calibration)")
       ->capture_default_str();
-  tune->add_option("--max-candidates", tune_max, "Try at most this many variants (0: all)");
-  tune->add_option("--seconds", tune_seconds, "Timing budget per variant")->capture_default_str();
-  tune->add_option("--db", tune_db, db_help);
+  tune->add_option("--max-candidates", ta.max_candidates, "Try at most this many variants (0: all)");
+  tune->add_option("--seconds", ta.seconds, "Timing budget per variant (at most)")
+      ->capture_default_str();
+  tune->add_option("--calibration", ta.calibration,
+                   "Directory of calibration offsets: <layer name>.offsets.f32 per model layer "
+                   "(raw little-endian float32 in the layer's offset tensor layout); their "
+                   "statistics, computed on the host, pick each layer's sigma and bucket");
+  tune->add_option("--devices", ta.devices,
+                   "Tune on these GPUs at once, e.g. 0,1: one worker process per device, each "
+                   "with a share of the layers, all writing into the same database");
+  tune->add_option("--budget", ta.budget,
+                   "Total wall-clock seconds: split over the layers (what one leaves goes to the "
+                   "rest); a layer stops trying candidates when its share is used, the default "
+                   "variant always runs. With --devices each worker has the whole budget for "
+                   "its layers");
+  tune->add_option("--db", ta.db, db_help);
+  // Hidden: the worker mode of --devices, and the GPU-free simulation used by the tests.
+  tune->add_option("--worker-device", ta.worker_device)->group("");
+  tune->add_option("--layers", ta.worker_layers)->group("");
+  tune->add_flag("--simulate", ta.simulate)->group("");
   tune->fallthrough();
 
   std::string inspect_desc, inspect_db;
@@ -476,7 +982,12 @@ int main(int argc, char** argv) {
     if (ls->parsed()) return run_cache_ls(db);
     if (info->parsed()) return run_cache_info(db);
     if (clear->parsed()) return run_cache_clear(db);
-    if (tune->parsed()) return run_tune(tune_descs, tune_sigma, tune_db, tune_max, tune_seconds);
+    if (exp->parsed()) return run_cache_export(export_file, db);
+    if (imp->parsed()) return run_cache_import(import_file, db);
+    if (tune->parsed()) {
+      ta.verbosity = verbosity;
+      return run_tune(ta);
+    }
     if (inspect->parsed()) return run_inspect(inspect_desc, inspect_db);
     std::fputs(app.help().c_str(), stderr);
     return 2;
