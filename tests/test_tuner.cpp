@@ -548,4 +548,50 @@ TEST_F(Policy, AnUnusableShippedDatabaseIsIgnoredAndLeftAlone) {
   EXPECT_FALSE(std::filesystem::exists(dir_.path() / "missing.db"));
 }
 
+// GPU: a layer budget far below one compile stops after the default variant.
+TEST(GpuTune, ALayerBudgetStopsTryingCandidates) {
+  DEFT_SKIP_WITHOUT_GPU();
+  deft::testing::TempDir dir("gpubudget");
+  auto d = parse_layer_desc(
+      "deform_conv2d n=2 c=32 h=14 w=14 k=64 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc");
+  deft::TuneOptions o;
+  o.cache_path = (dir.path() / "deft.db").string();
+  o.seconds_per_candidate = 0.02;
+  const deft::TuneResult r = deft::tune(d, o, deft::TuneLimits{1e-3});
+  ASSERT_EQ(r.candidates.size(), 1u);
+  EXPECT_EQ(r.winner, deft::default_variant(d));
+  auto records = deft::cache::Database::open(*o.cache_path)->list_tuning_records();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].candidates.size(), 1u);
+}
+
+// GPU: the real CLI path of a model file through one worker process (--devices 0).
+TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
+  DEFT_SKIP_WITHOUT_GPU();
+  deft::testing::TempDir dir("gpumodel");
+  const std::string desc =
+      "deform_conv2d n=2 c=32 h=14 w=14 k=64 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc";
+  const auto model = dir.path() / "m.json";
+  {
+    std::ofstream f(model);
+    f << R"({"format": "deft-model/1", "model": "m", "layers": [{"name": "l", "desc": ")" << desc
+      << R"(", "count": 2, "stats": {"sigma": 1.0}}]})";
+  }
+  const std::string db = (dir.path() / "deft.db").string();
+  int rc = 0;
+  const std::string out = run(std::string(DEFT_CLI_PATH) + " tune " + model.string() +
+                                  " --devices 0 --max-candidates 4 --seconds 0.02 --db " + db,
+                              &rc);
+  ASSERT_EQ(rc, 0) << out;
+  EXPECT_NE(out.find("[1/1] l [device 0]  default "), std::string::npos) << out;
+  auto records = deft::cache::Database::open(db)->list_tuning_records();
+  ASSERT_EQ(records.size(), 1u);
+  EXPECT_EQ(records[0].stats_bucket, "v1:sigma~1");
+  EXPECT_EQ(records[0].candidates.size(), 4u);
+  deft::CompileOptions co;
+  co.cache_path = db;
+  co.stats_bucket = "v1:sigma~1";
+  EXPECT_EQ(deft::to_string(deft::compile(parse_layer_desc(desc), co).variant()), records[0].winner);
+}
+
 }  // namespace
