@@ -355,7 +355,7 @@ TEST(Cli, BadDescriptionExitsOneNamingTheField) {
        "deft: error: n=-4 must be at least 1"},
       {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8 r=3 s=3 pad=1", "--variant", "tm=48"},
        "deft: error: tm=48 must be a power of two"},
-      {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8 pass=backward_weight"},
+      {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8 pass=backward_weight act=relu"},
        "deft: error: not implemented"},
       {{"compile", ""}, "deft: error: empty layer description"},
       {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8", "--arch", "sm_9x"},
