@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include "tests/test_tmp.hpp"
+#include <poll.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -517,6 +518,14 @@ const char* const kTinyModel = R"({"format": "deft-model/1", "model": "tiny", "l
    "stats": {"sigma": 0.5}}
 ]})";
 
+// Appends what one read() of fd gives to `into`; false at EOF or error.
+bool n_read(int fd, char* buf, size_t size, std::string& into) {
+  const ssize_t n = ::read(fd, buf, size);
+  if (n <= 0) return false;
+  into.append(buf, size_t(n));
+  return true;
+}
+
 fs::path write_text(const fs::path& path, const std::string& text) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
   f << text;
@@ -663,6 +672,53 @@ TEST(CliTune, ModelErrorsExitOneNamingLayerAndField) {
                                  tmp.path());
   EXPECT_EQ(missing.exit_code, 1) << describe(missing);
   EXPECT_NE(missing.err.find("cannot open model file"), std::string::npos) << describe(missing);
+}
+
+// With stderr on a terminal (a pseudo-terminal here), deft tune draws a progress bar there.
+TEST(CliTune, ProgressBarOnATerminalOnly) {
+  TempDir tmp;
+  const fs::path model = write_text(tmp.path() / "tiny.json", kTinyModel);
+  const int master = ::posix_openpt(O_RDWR | O_NOCTTY);
+  ASSERT_GE(master, 0) << std::strerror(errno);
+  ASSERT_EQ(::grantpt(master), 0);
+  ASSERT_EQ(::unlockpt(master), 0);
+  const std::string slave = ::ptsname(master);
+  const std::string db = (tmp.path() / "t.db").string();
+  std::vector<std::string> argv = {DEFT_CLI_PATH, "tune", model.string(), "--simulate", "--db", db};
+  std::vector<char*> cargv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  const fs::path out = tmp.path() / "stdout";
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, 2, slave.c_str(), O_RDWR | O_NOCTTY, 0);
+  pid_t pid = -1;
+  ASSERT_EQ(::posix_spawn(&pid, cargv[0], &fa, nullptr, cargv.data(), environ), 0);
+  posix_spawn_file_actions_destroy(&fa);
+  std::string err;
+  char buf[4096];
+  for (;;) {  // read until the child has exited and the terminal is drained
+    pollfd p{master, POLLIN, 0};
+    if (::poll(&p, 1, 200) > 0) {
+      const ssize_t n = ::read(master, buf, sizeof buf);
+      if (n > 0) {
+        err.append(buf, size_t(n));
+        continue;
+      }
+    }
+    if (::waitpid(pid, nullptr, WNOHANG) == pid) {
+      while (::poll(&p, 1, 100) > 0 && (n_read(master, buf, sizeof buf, err))) {
+      }
+      break;
+    }
+  }
+  ::close(master);
+  EXPECT_NE(err.find("100% 2/2 layers"), std::string::npos) << err;
+  EXPECT_NE(err.find("[##############################]"), std::string::npos) << err;
+  EXPECT_NE(err.find('\r'), std::string::npos) << err;
+  EXPECT_NE(read_file(out).find("[2/2] depthwise"), std::string::npos) << read_file(out);
 }
 
 TEST(CliTune, HelpNamesTheModelAndCacheForms) {
