@@ -2,6 +2,7 @@
 // tensor shapes, counters. Which variant runs is decided by tuner/select.
 #include <cuda.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
@@ -379,7 +380,10 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     }
     if (a.grad_input && p.gin_mode == 2) {
       void* params[] = {&mask, &weight, &gout, &header};
-      launch(k->aux[0], {1024, 1, 1}, 256, 0, stream, params, "cuLaunchKernel(deft_bwd_bound)");
+      // enough blocks to stream grad_out at full bandwidth, one atomic per block
+      const int64_t gout_elems = d.n * d.k * d.out_h() * d.out_w();
+      const unsigned blocks = unsigned(std::clamp<int64_t>((gout_elems + 4095) / 4096, 1, 1024));
+      launch(k->aux[0], {blocks, 1, 1}, 256, 0, stream, params, "cuLaunchKernel(deft_bwd_bound)");
     }
     void* goffset = a.grad_offset;
     void* gmask = a.grad_mask;

@@ -55,10 +55,29 @@ extern "C" __global__ void __launch_bounds__(256)
   if (HAS_MASK)
     for (long long i = tid; i < (long long)N * OG * TAPS * HO * WO; i += stride)
       take(mm, (double)deft_widen(mask[i]));
-  if (bad) atomicOr(&header[3], 1ull);
-  deft_atomic_max_abs(&header[0], mg);
-  deft_atomic_max_abs(&header[1], mw);
-  deft_atomic_max_abs(&header[2], mm);
+  // One atomic per block and value: the block's maxima first (warp shuffles, then warp 0).
+  __shared__ double part[3][8];
+  __shared__ int any_bad;
+  if (threadIdx.x == 0) any_bad = 0;
+  __syncthreads();
+  if (bad) any_bad = 1;
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) {
+    mg = fmax(mg, __shfl_xor_sync(0xffffffffu, mg, s));
+    mw = fmax(mw, __shfl_xor_sync(0xffffffffu, mw, s));
+    mm = fmax(mm, __shfl_xor_sync(0xffffffffu, mm, s));
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) part[0][warp] = mg, part[1][warp] = mw, part[2][warp] = mm;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < (int)blockDim.x / 32; ++i)
+      mg = fmax(mg, part[0][i]), mw = fmax(mw, part[1][i]), mm = fmax(mm, part[2][i]);
+    if (any_bad) atomicOr(&header[3], 1ull);
+    deft_atomic_max_abs(&header[0], mg);
+    deft_atomic_max_abs(&header[1], mw);
+    deft_atomic_max_abs(&header[2], mm);
+  }
 }
 
 // Scale of the fixed-point accumulation: 2^(59 - e) with bound < 2^(e+1), so that every sum of
