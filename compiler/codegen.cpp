@@ -95,8 +95,15 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("BP", p.bp);
     c32("BC", p.bc);
     c32("BK", p.bk);
-    c32("TM", p.tm);
-    c32("TN", p.tn);
+    if (p.use_tc) {
+      c32("WK", p.wk);
+      c32("FPW", p.fm);
+      c32("TC_PAD", p.a_pad);
+    } else {
+      c32("TM", p.tm);
+      c32("TN", p.tn);
+    }
+    line(fmt::format("#define USE_TC {}", p.use_tc ? 1 : 0));
     c32("THREADS", p.block);
     c32("TPP", p.tpp);
     line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
@@ -107,9 +114,16 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("BO", p.bo);
     c32("BC", p.bc);
     c32("BPW", p.bpw);
-    c32("TMO", p.tmo);
-    c32("TNC", p.tnc);
-    c32("KSPLIT", p.ksplit);
+    if (p.use_tc) {
+      c32("WK", p.wk);
+      c32("FPW", p.fm);
+      c32("TC_PAD", p.a_pad);
+    } else {
+      c32("TMO", p.tmo);
+      c32("TNC", p.tnc);
+      c32("KSPLIT", p.ksplit);
+    }
+    line(fmt::format("#define USE_TC {}", p.use_tc ? 1 : 0));
     c32("THREADS", p.block);
     c32("SPLITS", p.splits);
     c64("SPLIT_PIX", p.split_pix);

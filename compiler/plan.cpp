@@ -33,7 +33,19 @@ int pow2_divisor(int64_t v, int cap) {
 
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
-  if (v.algo != Algo::gemm_simt && !dw)
+  p.use_tc = v.algo == Algo::gemm_tc;
+  p.stage = p.acc;
+  if (p.use_tc) {
+    if (d.dtype == DType::f64 || (d.dtype == DType::f32 && d.math != MathMode::tf32))
+      bad("algo", fmt::format("algo=gemm_tc needs dtype f16/bf16 or math=tf32, not dtype={} "
+                              "math={}", to_string(d.dtype), to_string(d.math)));
+    const bool f32 = d.dtype == DType::f32;
+    p.stage = f32 ? "float" : p.t;
+    p.tc_in = f32 ? "nvcuda::wmma::precision::tf32" : p.t;
+    p.wk = f32 ? 8 : 16;
+    p.a_pad = f32 ? 4 : 8;  // TC_PAD: keeps rows 32-byte aligned and off one bank
+  }
+  if (v.algo != Algo::gemm_simt && !p.use_tc && !dw)
     bad("algo", fmt::format("pass={} has algo=gemm_simt{}, not algo={}", to_string(d.pass),
                             d.pass == Pass::backward_data ? " or depthwise" : "",
                             to_string(v.algo)));
@@ -76,16 +88,34 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (p.bp < 16) bad("tm", fmt::format("tm={} must be at least 16", p.bp));
     if (p.bk > 64) bad("tk", fmt::format("tk={} must be at most 64", p.bk));
     p.bc = pow2_divisor(common, v.tile_n);
+    int threads = 0;
+    if (p.use_tc) {
+      if (p.bc < 16 || p.bp % 16 != 0)
+        bad("tn", fmt::format("algo=gemm_tc needs 16-channel steps inside the groups and offset "
+                              "groups (have {}) and tm a multiple of 16", p.bc));
+      if (p.bk % p.wk != 0) bad("tk", fmt::format("tk={} must be a multiple of {}", p.bk, p.wk));
+      const int frags = (p.bc / 16) * (p.bp / 16), warps = v.threads / 32;
+      if (frags % warps != 0 || frags / warps > 8)
+        bad("threads", fmt::format("{} warps cannot share {} 16x16 fragments evenly (max 8 each)",
+                                   warps, frags));
+      p.fm = frags / warps;  // fragments per warp
+      threads = v.threads;
+      if (threads % p.bp != 0)
+        bad("tm", fmt::format("tm={} must divide threads={}", p.bp, threads));
+    } else {
     p.tn = std::min(4, p.bc);
     p.tm = 1;
     while (p.tm * 2 <= p.bc / p.tn && (p.bc / p.tm) * (p.bp / p.tn) > v.threads) p.tm *= 2;
-    const int threads = (p.bc / p.tm) * (p.bp / p.tn);
+    threads = (p.bc / p.tm) * (p.bp / p.tn);
+    }
     if (threads % 32 != 0 || threads > 1024)
       bad("tm", fmt::format("tm={} with {} channels per step gives {} threads (a multiple of 32 "
                             "up to 1024 is needed)", p.bp, p.bc, threads));
     p.block = threads;
     p.tpp = threads / p.bp;
-    const int smem = asize * (p.bk * p.bc + p.bk * p.bp + p.bc * (p.bp + 1) + 3 * threads);
+    const int ssize = p.use_tc ? (d.dtype == DType::f32 ? 4 : 2) : asize;
+    const int smem = ssize * p.bk * (p.bc + p.bp + 2 * p.a_pad) +
+                     asize * (p.bc * (p.bp + 4) + 3 * threads);
     if (smem > 48 * 1024)
       bad("tm", fmt::format("the tiles need {} bytes of shared memory (max 49152)", smem));
     p.smem_bytes = 0;  // static shared memory
@@ -103,6 +133,25 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     int bo = 1;
     while (bo < v.tile_m && bo < d.k_per_group()) bo *= 2;
     p.bo = bo;
+    if (p.use_tc) {
+      if (p.bc < 16 || p.bo < 16)
+        bad("tn", fmt::format("algo=gemm_tc needs at least 16 output channels (have {}) and "
+                              "16-channel steps inside the groups and offset groups (have {})",
+                              p.bo, p.bc));
+      p.bpw = v.tile_k;
+      if (p.bpw % p.wk != 0) bad("tk", fmt::format("tk={} must be a multiple of {}", p.bpw, p.wk));
+      const int frags = (p.bo / 16) * (p.bc / 16), warps = v.threads / 32;
+      if (frags % warps != 0 || frags / warps > 8)
+        bad("threads", fmt::format("{} warps cannot share {} 16x16 fragments evenly (max 8 each)",
+                                   warps, frags));
+      p.fm = frags / warps;
+      p.block = v.threads;
+      const int ssize = d.dtype == DType::f32 ? 4 : 2;
+      const int tiles_bytes = ssize * p.bpw * (p.bc + p.bo + 2 * p.a_pad) + asize * p.bpw * 4 +
+                              8 * p.bpw * 4;
+      const int red_bytes = asize * p.bo * (p.bc + 4);
+      p.smem_bytes = std::max(tiles_bytes, red_bytes);
+    } else {
     p.tmo = std::min(4, p.bo);
     p.tnc = std::min(4, p.bc);
     const int basen = (p.bo / p.tmo) * (p.bc / p.tnc);
@@ -118,6 +167,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     const int tiles_bytes = asize * p.bpw * ((p.bc + 1) + (p.bo + 1) + 4) + 8 * p.bpw * 4;
     const int red_bytes = asize * p.block * p.tmo * p.tnc;
     p.smem_bytes = std::max(tiles_bytes, red_bytes);
+    }
     if (p.smem_bytes > 96 * 1024)
       bad("tk", fmt::format("the tiles need {} bytes of shared memory (max 98304)", p.smem_bytes));
     const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);

@@ -94,18 +94,30 @@ Variant default_variant(const LayerDesc& d) {
     v.tile_k = 1;
     return v;
   }
+  // Tensor cores for the backward GEMMs where the dtype has them and the groups leave
+  // 16-channel steps (and, for grad weight, 16 output channels per group).
+  const bool tc_dtype = d.dtype == DType::f16 || d.dtype == DType::bf16 ||
+                        (d.dtype == DType::f32 && d.math == MathMode::tf32);
+  int64_t common = d.c_per_group();
+  for (int64_t b = d.c_per_offset_group(); b;) {
+    const int64_t r = common % b;
+    common = b;
+    b = r;
+  }
+  const bool tc16 = tc_dtype && common % 16 == 0;
   if (d.pass == Pass::backward_data) {
-    v.algo = Algo::gemm_simt;
+    v.algo = tc16 ? Algo::gemm_tc : Algo::gemm_simt;
     v.tile_m = 64;   // output pixels per block
-    v.tile_n = 32;   // input channels per step (reduced to a divisor of the groups)
-    v.tile_k = 16;   // output channels per reduction slice
+    v.tile_n = tc16 && common % 64 == 0 ? 64 : 32;  // input channels per step
+    v.tile_k = tc16 ? 32 : 16;   // output channels per reduction slice
     v.threads = 256;
     return v;
   }
   if (d.pass == Pass::backward_weight) {
-    v.algo = Algo::gemm_simt;
-    v.tile_m = 64;   // output channels per block (reduced to k/groups)
-    v.tile_n = 32;   // input channels per block (reduced to a divisor of the groups)
+    const bool tc = tc16 && d.k_per_group() >= 16;
+    v.algo = tc ? Algo::gemm_tc : Algo::gemm_simt;
+    v.tile_m = tc && d.k_per_group() >= 128 ? 128 : 64;   // output channels per block
+    v.tile_n = tc && common % 64 == 0 ? 64 : 32;  // input channels per block
     v.tile_k = 32;   // pixels per reduction slice
     v.threads = 256;
     return v;

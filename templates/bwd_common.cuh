@@ -15,6 +15,10 @@ typedef float GinT;
 typedef unsigned long long GinT;
 #endif
 
+// A value as the shared-memory tiles hold it (Stage: Acc for FMA, the tensor-core input's
+// storage type with USE_TC).
+__device__ __forceinline__ Stage deft_stage(Acc v) { return deft_cast<Stage>(v); }
+
 // Element index of grad_output (n, k, pixel-in-image q) in the output layout.
 __device__ __forceinline__ long long deft_gout_index(long long n, long long k, long long q) {
   return NHWC ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;

@@ -16,20 +16,34 @@
 // bit), converted by deft_bwd_finish; the scale comes from deft_bwd_bound, an upper bound of
 // any element's sum of |contributions|.
 //
-// Constants from codegen: BP, BC, BK, TM, TN, THREADS, TPP (= THREADS / BP), GIN_MODE.
+// With USE_TC the column-gradient tile is a tensor-core product instead: weight and grad_out
+// slices staged in shared memory as the tensor-core input type (f16, bf16, or f32 read as
+// tf32), each warp owning FPW 16x16 fragments of the BC x BP tile, accumulated in f32.
+//
+// Constants from codegen: BP, BC, BK, TM, TN (FMA) or WK, FPW, TC_PAD (USE_TC), THREADS,
+// TPP (= THREADS / BP), GIN_MODE.
 
 // Shared memory: the slice of weight (transposed: [BK][BC]) and of grad_out ([BK][BP]), the
 // column-gradient tile [BC][BP + 1], and the final cross-thread reduction [3][THREADS].
+#if USE_TC
+constexpr int CS_LD = BP + 4;  // wmma stores need a multiple of 4 floats
+#else
 constexpr int CS_LD = BP + 1;
+#endif
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
                 T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+#if USE_TC
+  __shared__ __align__(128) Stage Ws[BK][BC + TC_PAD];
+  __shared__ __align__(128) Stage Gs[BK][BP + TC_PAD];
+#else
   __shared__ Acc Ws[BK][BC];
   __shared__ Acc Gs[BK][BP];
-  __shared__ Acc Cs[BC * CS_LD];
+#endif
+  __shared__ __align__(128) Acc Cs[BC * CS_LD];
   __shared__ Acc Red[3][THREADS];
 
   const int tid = threadIdx.x;
@@ -37,8 +51,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int t = blockIdx.y;
   const int og = blockIdx.z;
 
+#if !USE_TC
   // GEMM thread layout: TM channels x TN pixels per thread.
   const int gx = tid % (BP / TN), gy = tid / (BP / TN);
+#endif
   // Epilogue layout: one pixel, every TPP-th channel of the step. nhwc: the TPP threads of a
   // pixel are adjacent lanes (neighbouring channels); nchw: pixels run along the lanes.
   const int ep = X_NHWC ? tid / TPP : tid % BP;
@@ -68,11 +84,17 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   for (int c0 = og * CPOG; c0 < (og + 1) * CPOG; c0 += BC) {
     const int g = c0 / CG;
     const int cl0 = c0 - g * CG;
+#if USE_TC
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, WK, float> cf[FPW];
+#pragma unroll
+    for (int f = 0; f < FPW; ++f) nvcuda::wmma::fill_fragment(cf[f], 0.0f);
+#else
     Acc acc[TM][TN];
 #pragma unroll
     for (int a = 0; a < TM; ++a)
 #pragma unroll
       for (int b = 0; b < TN; ++b) acc[a][b] = Acc(0);
+#endif
 
 #pragma unroll 1
     for (int o0 = 0; o0 < KG; o0 += BK) {
@@ -83,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         if (o0 + kk < KG)
           v = Acc(deft_widen(weight[W_KRSC ? (k * TAPS + t) * CG + cl0 + cc
                                            : (k * CG + cl0 + cc) * TAPS + t]));
-        Ws[kk][cc] = v;
+        Ws[kk][cc] = deft_stage(v);
       }
       for (int e = tid; e < BK * BP; e += THREADS) {
         const int kk = NHWC ? e % BK : e / BP, pp = NHWC ? e / BK : e % BP;
@@ -94,9 +116,25 @@ extern "C" __global__ void __launch_bounds__(THREADS)
           v = Acc(deft_widen(gout[deft_gout_index(nn, (long long)g * KG + o0 + kk,
                                                   mm - nn * (HO * WO))]));
         }
-        Gs[kk][pp] = v;
+        Gs[kk][pp] = deft_stage(v);
       }
       __syncthreads();
+#if USE_TC
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += WK) {
+#pragma unroll
+        for (int f = 0; f < FPW; ++f) {
+          const int fi = (tid / 32) * FPW + f, fm = fi / (BP / 16), fn = fi % (BP / 16);
+          nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, WK, TcIn, nvcuda::wmma::col_major> a;
+          nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, WK, TcIn, nvcuda::wmma::row_major> b;
+          nvcuda::wmma::load_matrix_sync(a, &Ws[kk][fm * 16], BC + TC_PAD);
+          nvcuda::wmma::load_matrix_sync(b, &Gs[kk][fn * 16], BP + TC_PAD);
+          TC_CONVERT(a);
+          TC_CONVERT(b);
+          nvcuda::wmma::mma_sync(cf[f], a, b, cf[f]);
+        }
+      }
+#else
 #pragma unroll 4
       for (int kk = 0; kk < BK; ++kk) {
         Acc a[TM], b[TN];
@@ -109,12 +147,22 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
           for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
       }
+#endif
       __syncthreads();
     }
+#if USE_TC
+#pragma unroll
+    for (int f = 0; f < FPW; ++f) {
+      const int fi = (tid / 32) * FPW + f, fm = fi / (BP / 16), fn = fi % (BP / 16);
+      nvcuda::wmma::store_matrix_sync(&Cs[(fm * 16) * CS_LD + fn * 16], cf[f], CS_LD,
+                                      nvcuda::wmma::mem_row_major);
+    }
+#else
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
       for (int j = 0; j < TN; ++j) Cs[(gy * TM + i) * CS_LD + gx * TN + j] = acc[i][j];
+#endif
     __syncthreads();
 
     if (pix_ok) {

@@ -10,12 +10,25 @@
 // Each block writes its partial sums to workspace; deft_bwd_weight_reduce adds the SPLITS
 // partials in a fixed order. No atomics: the result is the same every run.
 //
-// Constants from codegen: BO, BC, BPW, TMO, TNC, KSPLIT, THREADS, SPLITS, SPLIT_PIX.
+// With USE_TC the tile product runs on tensor cores: the two tiles are staged as the
+// tensor-core input type (f16, bf16, or f32 read as tf32), each warp owns FPW 16x16 fragments
+// of the BO x BC tile and accumulates them in f32 across all slices (no KSPLIT groups).
+//
+// Constants from codegen: BO, BC, BPW, TMO, TNC, KSPLIT (FMA) or WK, FPW, TC_PAD (USE_TC),
+// THREADS, SPLITS, SPLIT_PIX.
 
 constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr int TAPS = R * S;
+#if !USE_TC
 constexpr int BASE = (BO / TMO) * (BC / TNC);   // threads per micro-tile grid
+#endif
+#if USE_TC
+typedef Stage TileT;  // what the shared-memory tiles hold
+constexpr int A_LD = BC + TC_PAD, G_LD = BO + TC_PAD, R_LD = BC + 4;
+#else
+typedef Acc TileT;
 constexpr int A_LD = BC + 1, G_LD = BO + 1;
+#endif
 constexpr long long W_ELEMS = (long long)K * CG * TAPS;
 
 __device__ __forceinline__ long long deft_gout_index(long long n, long long k, long long q) {
@@ -26,12 +39,17 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ gout,
                 Acc* __restrict__ partial) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
+#if USE_TC
+  Stage* As = reinterpret_cast<Stage*>(smem);        // [BPW][A_LD]
+  Stage* Gs = As + BPW * A_LD;                        // [BPW][G_LD]
+#else
   Acc* As = reinterpret_cast<Acc*>(smem);            // [BPW][A_LD]
   Acc* Gs = As + BPW * A_LD;                          // [BPW][G_LD]
-  Acc* Pw = Gs + BPW * G_LD;                          // [BPW][4] corner weights * mask
+#endif
+  Acc* Pw = reinterpret_cast<Acc*>(Gs + BPW * G_LD);  // [BPW][4] corner weights * mask
   long long* Po = reinterpret_cast<long long*>(Pw + BPW * 4);  // [BPW][4] corner element index
-  Acc* Red = As;  // [THREADS][TMO*TNC], reuses the tiles after the main loop
+  Acc* Red = reinterpret_cast<Acc*>(smem);  // reuses the tiles after the main loop
 
   const int tid = threadIdx.x;
   constexpr int OT = (KG + BO - 1) / BO;
@@ -43,6 +61,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const long long p_begin = (long long)blockIdx.z * SPLIT_PIX;
   const long long p_end = p_begin + SPLIT_PIX < M_TOTAL ? p_begin + SPLIT_PIX : M_TOTAL;
 
+#if USE_TC
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, WK, float> cf[FPW];
+#pragma unroll
+  for (int f = 0; f < FPW; ++f) nvcuda::wmma::fill_fragment(cf[f], 0.0f);
+#else
   const int base = tid % BASE, ks = tid / BASE;
   const int ox = base % (BC / TNC), oy = base / (BC / TNC);
   Acc acc[TMO][TNC];
@@ -50,6 +73,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   for (int i = 0; i < TMO; ++i)
 #pragma unroll
     for (int j = 0; j < TNC; ++j) acc[i][j] = Acc(0);
+#endif
 
 #pragma unroll 1
   for (long long p0 = p_begin; p0 < p_end; p0 += BPW) {
@@ -82,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const Acc w = Pw[pp * 4 + q];
         if (w != Acc(0)) v += w * Acc(deft_widen(input[cbase + Po[pp * 4 + q]]));
       }
-      As[pp * A_LD + cc] = v;
+      As[pp * A_LD + cc] = deft_cast<TileT>(v);
     }
     for (int e = tid; e < BPW * BO; e += THREADS) {
       const int oo = NHWC ? e % BO : e / BPW, pp = NHWC ? e / BO : e % BPW;
@@ -93,9 +117,25 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         v = Acc(deft_widen(gout[deft_gout_index(n, (long long)g * KG + o0 + oo,
                                                 mm - n * (HO * WO))]));
       }
-      Gs[pp * G_LD + oo] = v;
+      Gs[pp * G_LD + oo] = deft_cast<TileT>(v);
     }
     __syncthreads();
+#if USE_TC
+#pragma unroll
+    for (int kk = 0; kk < BPW; kk += WK) {
+#pragma unroll
+      for (int f = 0; f < FPW; ++f) {
+        const int fi = (tid / 32) * FPW + f, fm = fi / (BC / 16), fn = fi % (BC / 16);
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, WK, TcIn, nvcuda::wmma::col_major> a;
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, WK, TcIn, nvcuda::wmma::row_major> b;
+        nvcuda::wmma::load_matrix_sync(a, Gs + kk * G_LD + fm * 16, G_LD);
+        nvcuda::wmma::load_matrix_sync(b, As + kk * A_LD + fn * 16, A_LD);
+        TC_CONVERT(a);
+        TC_CONVERT(b);
+        nvcuda::wmma::mma_sync(cf[f], a, b, cf[f]);
+      }
+    }
+#else
 #pragma unroll 4
     for (int pp = ks; pp < BPW; pp += KSPLIT) {
       Acc a[TMO], b[TNC];
@@ -108,8 +148,26 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
         for (int j = 0; j < TNC; ++j) acc[i][j] += a[i] * b[j];
     }
+#endif
     __syncthreads();
   }
+
+#if USE_TC
+#pragma unroll
+  for (int f = 0; f < FPW; ++f) {
+    const int fi = (tid / 32) * FPW + f, fm = fi / (BC / 16), fn = fi % (BC / 16);
+    nvcuda::wmma::store_matrix_sync(Red + (fm * 16) * R_LD + fn * 16, cf[f], R_LD,
+                                    nvcuda::wmma::mem_row_major);
+  }
+  __syncthreads();
+  for (int e = tid; e < BO * BC; e += THREADS) {
+    const int oo = e / BC, cc = e % BC;
+    const int o = o0 + oo, cl = cl0 + cc;
+    if (o < KG)
+      partial[(long long)blockIdx.z * W_ELEMS + (((long long)g * KG + o) * CG + cl) * TAPS + t] =
+          Red[oo * R_LD + cc];
+  }
+#else
 
   // Sum the KSPLIT partial tiles in a fixed order.
 #pragma unroll
@@ -131,6 +189,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       }
     }
   }
+#endif
 }
 
 // grad_weight = the SPLITS partials summed in order, in the weight's layout and dtype.

@@ -66,9 +66,9 @@ Tensors random_tensors(const LayerDesc& d, double sigma, uint64_t seed) {
   return t;
 }
 
-double tolerance(DType t) {
-  switch (t) {
-    case DType::f32: return 1e-5;
+double tolerance(const LayerDesc& d) {
+  switch (d.dtype) {
+    case DType::f32: return d.math == deft::MathMode::tf32 ? 5e-3 : 1e-5;
     case DType::f64: return 1e-10;
     default: return 2e-2;
   }
@@ -155,7 +155,7 @@ void check_backward(const LayerDesc& d, Tensors t, int det) {
     SCOPED_TRACE(kGradName[g]);
     EXPECT_EQ(count_nonfinite(r.g[g]), 0) << "unwritten (poisoned) or non-finite elements";
     const double err = relative_error(r.g[g], ref[g]);
-    EXPECT_LE(err, tolerance(d.dtype)) << "relative L2 error " << err;
+    EXPECT_LE(err, tolerance(d)) << "relative L2 error " << err;
   }
 }
 
@@ -180,6 +180,7 @@ std::vector<Case> random_cases() {
   for (int i = 0; i < 24; ++i) {
     LayerDesc d;
     d.dtype = std::array{DType::f32, DType::f16, DType::bf16, DType::f64}[i % 4];
+    if (i % 8 == 4) d.math = deft::MathMode::tf32;  // f32 on tensor cores
     d.layout = (i / 4) % 2 ? Layout::nhwc : Layout::nchw;
     d.n = pick({1, 2, 3});
     d.h = pick({7, 9, 12, 16});
@@ -189,14 +190,15 @@ std::vector<Case> random_cases() {
     d.pad_h = pick({0, 1, 2}), d.pad_w = pick({0, 1, 2});
     d.dil_h = pick({1, 2}), d.dil_w = pick({1, 2});
     d.groups = pick({1, 2, 4});
-    d.c = d.groups * pick({1, 2, 3, 8, 12});
+    d.c = d.groups * pick({1, 2, 3, 8, 12, 16, 48});
     d.k = d.groups * pick({1, 3, 8, 20});
     do d.offset_groups = pick({1, 2, 4});
     while (d.c % d.offset_groups != 0);
     d.mask = pick({0, 1});
     d.bias = pick({0, 1});
     if (d.out_h() < 1 || d.out_w() < 1) d.pad_h = d.pad_w = 2, d.dil_h = d.dil_w = 1;
-    cases.push_back({"case" + std::to_string(i) + "_" + std::string(deft::to_string(d.dtype)) +
+    cases.push_back({"case" + std::to_string(i) + "_" +
+                         std::string(d.math == deft::MathMode::tf32 ? "tf32" : deft::to_string(d.dtype)) +
                          "_" + std::string(deft::to_string(d.layout)),
                      d, i % 3 == 2 ? 8.0 : 2.0, 5000 + uint64_t(i)});
   }
@@ -219,6 +221,14 @@ std::vector<Case> fixed_cases() {
   v.push_back({"dcnv2_f32_nchw", make(2, 64, 12, 12, 48, 3, 1, 1, 1, DType::f32, Layout::nchw), 2.0, 1});
   v.push_back({"dcnv2_f16_nhwc", make(2, 64, 12, 12, 48, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2.0, 2});
   v.push_back({"dcnv2_bf16_nchw_og2", make(2, 96, 10, 11, 40, 3, 1, 1, 2, DType::bf16, Layout::nchw), 2.0, 3});
+  LayerDesc tf = make(2, 64, 12, 12, 48, 3, 1, 1, 1, DType::f32, Layout::nhwc);
+  tf.math = deft::MathMode::tf32;
+  v.push_back({"dcnv2_tf32_nhwc", tf, 2.0, 21});
+  tf = make(2, 128, 9, 10, 160, 3, 1, 2, 4, DType::f32, Layout::nchw);
+  tf.math = deft::MathMode::tf32;
+  v.push_back({"wide_tiles_tf32_nchw", tf, 2.0, 22});
+  v.push_back({"wide_tiles_f16_nhwc", make(2, 128, 9, 10, 256, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2.0, 23});
+  v.push_back({"wide_tiles_bf16_nchw", make(1, 128, 11, 7, 144, 3, 1, 1, 2, DType::bf16, Layout::nchw), 8.0, 24});
   v.push_back({"depthwise_f32_nhwc", make(2, 32, 13, 9, 32, 3, 1, 32, 4, DType::f32, Layout::nhwc), 2.0, 4});
   v.push_back({"depthwise_f16_nchw", make(1, 16, 9, 13, 16, 5, 2, 16, 1, DType::f16, Layout::nchw), 8.0, 5});
   v.push_back({"depthwise_f64_nhwc", make(2, 8, 9, 9, 8, 3, 1, 8, 2, DType::f64, Layout::nhwc), 2.0, 6});
@@ -251,7 +261,8 @@ TEST(GpuBackwardDeterminism, TenRunsBitwiseIdentical) {
   DEFT_SKIP_WITHOUT_GPU();
   for (DType dt : {DType::f32, DType::f16, DType::bf16, DType::f64}) {
     for (Layout layout : {Layout::nchw, Layout::nhwc}) {
-      const LayerDesc d = make(2, 32, 8, 8, 32, 3, 1, 1, 1, dt, layout);
+      LayerDesc d = make(2, 32, 8, 8, 32, 3, 1, 1, 1, dt, layout);
+      if (dt == DType::f32 && layout == Layout::nhwc) d.math = deft::MathMode::tf32;
       SCOPED_TRACE(deft::to_string(d));
       Tensors t = random_tensors(d, 3.0, 42);
       for (auto* v : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*v, dt);
