@@ -94,12 +94,13 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
         bad("tn", fmt::format("algo=gemm_tc needs 16-channel steps inside the groups and offset "
                               "groups (have {}) and tm a multiple of 16", p.bc));
       if (p.bk % p.wk != 0) bad("tk", fmt::format("tk={} must be a multiple of {}", p.bk, p.wk));
-      const int frags = (p.bc / 16) * (p.bp / 16), warps = v.threads / 32;
+      const int frags = (p.bc / 16) * (p.bp / 16);
+      const int warps = std::min(v.threads / 32, frags);  // no warp without a fragment
       if (frags % warps != 0 || frags / warps > 8)
         bad("threads", fmt::format("{} warps cannot share {} 16x16 fragments evenly (max 8 each)",
                                    warps, frags));
       p.fm = frags / warps;  // fragments per warp
-      threads = v.threads;
+      threads = warps * 32;
       if (threads % p.bp != 0)
         bad("tm", fmt::format("tm={} must divide threads={}", p.bp, threads));
     } else {
@@ -140,12 +141,13 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
                               p.bo, p.bc));
       p.bpw = v.tile_k;
       if (p.bpw % p.wk != 0) bad("tk", fmt::format("tk={} must be a multiple of {}", p.bpw, p.wk));
-      const int frags = (p.bo / 16) * (p.bc / 16), warps = v.threads / 32;
+      const int frags = (p.bo / 16) * (p.bc / 16);
+      const int warps = std::min(v.threads / 32, frags);  // no warp without a fragment
       if (frags % warps != 0 || frags / warps > 8)
         bad("threads", fmt::format("{} warps cannot share {} 16x16 fragments evenly (max 8 each)",
                                    warps, frags));
       p.fm = frags / warps;
-      p.block = v.threads;
+      p.block = warps * 32;
       const int ssize = d.dtype == DType::f32 ? 4 : 2;
       const int tiles_bytes = ssize * p.bpw * (p.bc + p.bo + 2 * p.a_pad) + asize * p.bpw * 4 +
                               8 * p.bpw * 4;

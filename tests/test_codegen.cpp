@@ -5,6 +5,8 @@
 
 #include <regex>
 
+#include <fmt/format.h>
+
 #include "deft/deft.hpp"
 
 namespace {
@@ -161,6 +163,30 @@ TEST(Codegen, BackwardPassesReadTheLayersLayout) {
       EXPECT_NE(src.find("constexpr bool NHWC = " + nhwc + ";"), std::string::npos) << pass << " " << layout;
     }
   }
+}
+
+
+// The heuristic default must give a runnable plan for every valid description: a sweep over
+// channel counts, groups, offset groups, dtypes, layouts and passes (source only, no NVRTC).
+TEST(Codegen, DefaultVariantPlansEveryDescription) {
+  int checked = 0;
+  for (const char* pass : {"forward", "backward_data", "backward_weight"})
+    for (const char* dt : {"f32", "f32 math=tf32", "f16", "bf16", "f64"})
+      for (const char* layout : {"nchw", "nhwc"})
+        for (int c : {1, 3, 16, 32, 48, 96, 128})
+          for (int k : {1, 5, 16, 20, 64, 160})
+            for (int groups : {1, 2, 4, 16})
+              for (int og : {1, 2, 4}) {
+                if (c % groups || k % groups || c % og) continue;
+                const std::string text = fmt::format(
+                    "deform_conv2d n=2 c={} h=9 w=11 k={} r=3 s=3 pad=1 groups={} "
+                    "offset_groups={} mask=1 dtype={} layout={} pass={}",
+                    c, k, groups, og, dt, layout, pass);
+                const deft::LayerDesc d = deft::parse_layer_desc(text);
+                EXPECT_NO_THROW(deft::generate_source(d, deft::default_variant(d))) << text;
+                ++checked;
+              }
+  EXPECT_GT(checked, 1000);
 }
 
 }  // namespace
