@@ -117,7 +117,7 @@ Variant default_variant(const LayerDesc& d) {
     const bool tc = tc16 && d.k_per_group() >= 16;
     v.algo = tc ? Algo::gemm_tc : Algo::gemm_simt;
     // output channels per block: wide, so that each gathered input tile feeds more of them
-    v.tile_m = tc && d.k_per_group() >= 256 ? 256 : (tc && d.k_per_group() >= 128 ? 128 : 64);
+    v.tile_m = tc && d.k_per_group() >= 128 ? 128 : 64;
     v.tile_n = tc && common % 64 == 0 ? 64 : 32;  // input channels per block
     v.tile_k = 32;   // pixels per reduction slice
     v.threads = 256;
