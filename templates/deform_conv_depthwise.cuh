@@ -63,7 +63,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       Acc s[VEC];
 #if HALF2_COMBINE
       // f16: corners combined in packed half2 arithmetic, taps accumulated in f32.
-      __half2 s2[VEC / 2];
+      __half2 s2[VEC / 2 > 0 ? VEC / 2 : 1];  // (VEC = 1 never reaches this branch, but the array must exist)
 #pragma unroll
       for (int e = 0; e < VEC / 2; ++e) s2[e] = __float2half2_rn(0.f);
 #pragma unroll

@@ -189,4 +189,23 @@ TEST(Codegen, DefaultVariantPlansEveryDescription) {
   EXPECT_GT(checked, 1000);
 }
 
+
+// Every variant the tuner tries for a layer compiles (the depthwise f16 nhwc search space held
+// vec=1 variants whose half2 path declared a zero-length array: NVRTC refused 9 of 26).
+TEST(Codegen, EveryTunerCandidateCompiles) {
+  for (const char* text :
+       {"deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 groups=512 mask=1 dtype=f16 "
+        "layout=nhwc",
+        "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 mask=1 dtype=bf16 layout=nchw"}) {
+    const deft::LayerDesc d = deft::parse_layer_desc(text);
+    for (const deft::Variant& v : deft::search_space(d)) {
+      deft::CompileOptions o;
+      o.arch = 90;
+      o.cache_path = "";
+      o.variant = v;
+      EXPECT_NO_THROW(deft::compile_offline(d, o)) << text << " [" << deft::to_string(v) << "]";
+    }
+  }
+}
+
 }  // namespace
