@@ -52,8 +52,21 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   if (dw && (d.c_per_group() != 1 || d.k_per_group() != 1))
     bad("algo", fmt::format("algo=depthwise needs groups == c == k, not groups={} c={} k={}",
                             d.groups, d.c, d.k));
-  if (v.transpose) bad("transpose", "the backward passes read nchw directly (transpose=0)");
   p.x_nhwc = p.w_krsc = d.layout == Layout::nhwc;  // tensors read in their own layout
+  if (v.transpose) {
+    // nchw layers: input (and, for backward_data, weight) transposed to nhwc / krsc by the
+    // pre-pass; grad input accumulates channels-last and deft_bwd_finish transposes it back.
+    if (d.layout != Layout::nchw) bad("transpose", "transpose=1 applies only to nchw layers");
+    if (d.n > 65535 || d.k > 65535)
+      bad("transpose", fmt::format("transpose=1 handles n and k up to 65535, not n={} k={}", d.n,
+                                   d.k));
+    p.transpose = true;
+    p.x_nhwc = true;
+    p.w_krsc = d.pass == Pass::backward_data;  // backward_weight never reads the weight
+    p.workspace_input_bytes = d.n * d.c * d.h * d.w * dtype_size(d.dtype);
+    p.workspace_weight_bytes =
+        p.w_krsc ? d.k * d.c_per_group() * d.taps() * dtype_size(d.dtype) : 0;
+  }
   if (v.threads > 1024 || v.threads < 32 || v.threads % 32 != 0)
     bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
   for (auto [f, x] : {std::pair<const char*, int>{"tm", v.tile_m}, {"tn", v.tile_n},
@@ -74,8 +87,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.block = v.threads;
     p.smem_bytes = 0;
     if (v.deterministic) p.gin_mode = 2;
-    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16) ? 1 : 0;
-    p.workspace_bytes = p.gin_mode == 2 ? 32 + 8 * in_elems : (p.gin_mode == 1 ? 32 + 4 * in_elems : 32);
+    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
+    p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;
     const int64_t gx = ceil_div(m_total, p.bp);
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
@@ -121,8 +134,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
       bad("tm", fmt::format("the tiles need {} bytes of shared memory (max 49152)", smem));
     p.smem_bytes = 0;  // static shared memory
     if (v.deterministic) p.gin_mode = 2;
-    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16) ? 1 : 0;
-    p.workspace_bytes = p.gin_mode == 2 ? 32 + 8 * in_elems : (p.gin_mode == 1 ? 32 + 4 * in_elems : 32);
+    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
+    p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;
     const int64_t gx = ceil_div(m_total, p.bp);
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, d.taps(), d.offset_groups));

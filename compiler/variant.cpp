@@ -85,11 +85,15 @@ void validate(const LayerDesc& d, const Variant& v) { (void)make_plan(d, v); }
 
 Variant default_variant(const LayerDesc& d) {
   Variant v;
+  // nchw: read a channels-last copy (and accumulate grad input channels-last): the gathers
+  // and the grad-input atomics of neighbouring lanes then touch neighbouring channels.
+  const bool bwd_transpose = d.layout == Layout::nchw && d.n <= 65535 && d.k <= 65535;
   if (d.pass == Pass::backward_data && d.c_per_group() == 1 && d.k_per_group() == 1) {
     v.algo = Algo::depthwise;
     v.threads = 256;
     // nhwc: a warp per pixel on neighbouring channels; nchw: 32 pixels along the lanes
-    v.tile_m = d.layout == Layout::nhwc ? 8 : 32;
+    v.transpose = bwd_transpose;
+    v.tile_m = d.layout == Layout::nhwc || v.transpose ? 8 : 32;
     v.tile_n = 1;
     v.tile_k = 1;
     return v;
@@ -111,6 +115,7 @@ Variant default_variant(const LayerDesc& d) {
     v.tile_n = tc16 && common % 64 == 0 ? 64 : 32;  // input channels per step
     v.tile_k = tc16 ? 32 : 16;   // output channels per reduction slice
     v.threads = 256;
+    v.transpose = bwd_transpose;
     return v;
   }
   if (d.pass == Pass::backward_weight) {
@@ -121,6 +126,7 @@ Variant default_variant(const LayerDesc& d) {
     v.tile_n = tc && common % 64 == 0 ? 64 : 32;  // input channels per block
     v.tile_k = 32;   // pixels per reduction slice
     v.threads = 256;
+    v.transpose = bwd_transpose;
     return v;
   }
   if (d.c_per_group() == 1 && d.k_per_group() == 1) {

@@ -141,11 +141,13 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
   std::shared_ptr<cache::Database> db = db_path.empty() ? nullptr : database_for(db_path);
   const tuner::DeviceKey device{dinfo.fingerprint(), std::to_string(dinfo.driver_version)};
   Variant variant = tuner::choose_variant(desc, options, db.get(), &device);
-  if (desc.pass != Pass::forward && options.deterministic) variant.deterministic = true;
+  if (desc.pass != Pass::forward) variant.deterministic = options.deterministic;
   const std::string memo_key =
-      fmt::format("{}|{}|{}|{}|{}|{}|{}", to_string(desc), to_string(variant), *options.arch,
+      fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|{}", to_string(desc), to_string(variant), *options.arch,
                   resolve_cache_path(options.cache_path), fmt::join(options.nvrtc_options, " "), dev,
-                  options.deterministic);
+                  options.deterministic,
+                  options.backward_data_variant ? to_string(*options.backward_data_variant) : "",
+                  options.backward_weight_variant ? to_string(*options.backward_weight_variant) : "");
 
   static std::mutex mu;
   static std::map<std::string, std::shared_future<std::shared_ptr<KernelImpl>>> memo;
@@ -285,6 +287,9 @@ std::shared_ptr<KernelImpl> backward_kernel(KernelImpl& fwd, bool det, int which
     d.pass = which == 0 ? Pass::backward_data : Pass::backward_weight;
     CompileOptions o = fwd.options;
     o.deterministic = det;
+    o.variant = which == 0 ? fwd.options.backward_data_variant : fwd.options.backward_weight_variant;
+    o.backward_data_variant.reset();
+    o.backward_weight_variant.reset();
     Kernel k = compile(d, o);
     slot = k.shared_impl();
   }
@@ -354,15 +359,49 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
   const bool det = deterministic < 0 ? impl_->options.deterministic : deterministic != 0;
   auto& self = const_cast<KernelImpl&>(*impl_);
   driver::ensure_context();
-  const void* input = a.input;
   const void* offset = a.offset;
   const void* mask = a.mask;
-  const void* weight = a.weight;
   const void* gout = a.grad_output;
+
+  // Channels-last copies of the input (and weight) for passes planned with transpose=1, made
+  // once per call and shared by both passes.
+  std::unique_ptr<Scratch> tws;
+  const void* x_t = nullptr;
+  const void* w_t = nullptr;
+  const size_t x_bytes = size_t(d.n * d.c * d.h * d.w) * dtype_size(d.dtype);
+  const size_t x_round = (x_bytes + 255) / 256 * 256;
+  auto transposed = [&](const KernelImpl& k) {
+    auto run = [&](const void* src, CUdeviceptr dst, long long batch, long long rows,
+                   long long cols) {
+      void* targs[] = {&src, &dst, &rows, &cols};
+      driver::check(driver::api().cuLaunchKernel(reinterpret_cast<CUfunction>(k.transpose),
+                                                 unsigned((cols + 31) / 32),
+                                                 unsigned((rows + 31) / 32), unsigned(batch), 32,
+                                                 8, 1, 0, stream, targs, nullptr),
+                    "cuLaunchKernel(deft_transpose)");
+    };
+    if (!tws) {
+      tws = std::make_unique<Scratch>(
+          x_round + size_t(d.k * d.c_per_group() * d.taps()) * dtype_size(d.dtype), stream, false);
+      run(a.input, tws->get(), d.n, d.c, d.h * d.w);
+      x_t = reinterpret_cast<const void*>(tws->get());
+    }
+    if (k.plan.w_krsc && !w_t) {
+      run(a.weight, tws->get() + x_round, d.k, d.c_per_group(), d.taps());
+      w_t = reinterpret_cast<const void*>(tws->get() + x_round);
+    }
+  };
 
   if (a.grad_input || a.grad_offset || a.grad_mask) {
     auto k = backward_kernel(self, det, 0);
     const KernelPlan& p = k->plan;
+    const void* input = a.input;
+    const void* weight = a.weight;
+    if (p.transpose) {
+      transposed(*k);
+      input = x_t;
+      weight = w_t;
+    }
     Scratch ws(size_t(p.workspace_bytes), stream, true);
     CUdeviceptr header = ws.get();
     void* gin = nullptr;
@@ -400,6 +439,11 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
   if (a.grad_weight || a.grad_bias) {
     auto k = backward_kernel(self, det, 1);
     const KernelPlan& p = k->plan;
+    const void* input = a.input;
+    if (p.transpose && a.grad_weight) {
+      transposed(*k);
+      input = x_t;
+    }
     if (a.grad_weight) {
       Scratch ws(size_t(p.workspace_bytes), stream, false);  // every partial is written
       CUdeviceptr partial = ws.get();

@@ -10,7 +10,7 @@ constexpr int TAPS = R * S;
 #if GIN_MODE == 0
 typedef T GinT;
 #elif GIN_MODE == 1
-typedef float GinT;
+typedef Acc GinT;  // f32 (f64 for f64 layers) workspace
 #else
 typedef unsigned long long GinT;
 #endif
@@ -168,14 +168,22 @@ extern "C" __global__ void __launch_bounds__(256)
                     T* __restrict__ gin) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= IN_ELEMS) return;
+  // The kernels accumulated in the layout they read the input in (X_NHWC); an nchw layer read
+  // through the transpose pre-pass gets its grad input transposed back here.
+  long long src = i;
+  if (X_NHWC && !NHWC) {
+    const long long n = i / (C * H * W), rem = i - n * (C * H * W);
+    const long long c = rem / (H * W), pix = rem - c * (H * W);
+    src = (n * (H * W) + pix) * C + c;
+  }
 #if GIN_MODE == 2
   if (header[3] != 0ull) {
     gin[i] = deft_cast<T>(Acc(__longlong_as_double(0x7ff8000000000000ll)));
     return;
   }
-  const double v = (double)(long long)ws[i] / deft_fixed_scale(header);
+  const double v = (double)(long long)ws[src] / deft_fixed_scale(header);
   gin[i] = deft_cast<T>(Acc(v));
 #else
-  gin[i] = deft_cast<T>(Acc(ws[i]));
+  gin[i] = deft_cast<T>(Acc(ws[src]));
 #endif
 }

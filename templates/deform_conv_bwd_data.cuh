@@ -189,7 +189,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #if GIN_MODE == 0
             atomicAdd(gin + gbase + pt.off[q], contrib);
 #elif GIN_MODE == 1
-            atomicAdd(gin + gbase + pt.off[q], float(contrib));
+            atomicAdd(gin + gbase + pt.off[q], contrib);
 #else
             const double sc = (double)contrib * scale;
             if (!(fabs(sc) <= 1.1529215046068470e18)) {  // 2^60: non-finite or out of range

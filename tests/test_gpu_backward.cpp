@@ -97,13 +97,13 @@ struct GpuGrads {
 // followed by a guard that must stay untouched. want[g] false: the pointer is null and the
 // buffer must stay poisoned.
 GpuGrads run_gpu(const LayerDesc& d, const Tensors& t, int det, std::array<bool, kGrads> want,
-                 int repeats = 1) {
+                 int repeats = 1, const deft::CompileOptions& options = test_options()) {
   const DType dt = d.dtype;
   DeviceBuffer input(encode(t.input, dt)), offset(encode(t.offset, dt)),
       mask(encode(t.mask, dt)), weight(encode(t.weight, dt)), gout(encode(t.gout, dt));
   std::vector<DeviceBuffer> out;
   for (int g = 0; g < kGrads; ++g) out.emplace_back(size_t(grad_size(d, g)) * dtype_size(dt) + kGuard);
-  const deft::Kernel kernel = deft::compile(d, test_options());
+  const deft::Kernel kernel = deft::compile(d, options);
   GpuGrads r;
   for (int rep = 0; rep < repeats; ++rep) {
     for (auto& b : out) b.fill_bytes(0xFF);
@@ -139,7 +139,8 @@ GpuGrads run_gpu(const LayerDesc& d, const Tensors& t, int det, std::array<bool,
 }
 
 // Quantizes the inputs to the dtype, runs reference and device, compares every gradient.
-void check_backward(const LayerDesc& d, Tensors t, int det) {
+void check_backward(const LayerDesc& d, Tensors t, int det,
+                    const deft::CompileOptions& options = test_options()) {
   SCOPED_TRACE("desc: " + deft::to_string(d) + (det ? " (deterministic)" : ""));
   for (auto* v : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*v, d.dtype);
   std::vector<double> ref[kGrads];
@@ -149,7 +150,7 @@ void check_backward(const LayerDesc& d, Tensors t, int det) {
                                     t.gout.data(), ref[kInput].data(), ref[kOffset].data(),
                                     d.mask ? ref[kMask].data() : nullptr, ref[kWeight].data(),
                                     d.bias ? ref[kBias].data() : nullptr);
-  const GpuGrads r = run_gpu(d, t, det, {true, true, true, true, true});
+  const GpuGrads r = run_gpu(d, t, det, {true, true, true, true, true}, 1, options);
   for (int g = 0; g < kGrads; ++g) {
     if (grad_size(d, g) == 0) continue;
     SCOPED_TRACE(kGradName[g]);
@@ -392,6 +393,32 @@ TEST(GpuBackwardErrors, ClearMessages) {
     ADD_FAILURE() << "a null grad_output did not throw";
   } catch (const deft::Error& e) {
     EXPECT_NE(std::string(e.what()).find("grad_output"), std::string::npos) << e.what();
+  }
+}
+
+
+// The defaults read nchw layers through the transpose pre-pass; these run the direct nchw
+// kernels (transpose=0) of every family: FMA, tensor cores and depthwise.
+TEST(GpuBackwardVariants, NchwWithoutTranspose) {
+  DEFT_SKIP_WITHOUT_GPU();
+  const LayerDesc dense = make(2, 64, 12, 12, 48, 3, 1, 1, 2, DType::f16, Layout::nchw);
+  LayerDesc fma = dense;
+  fma.dtype = DType::f32;
+  const LayerDesc dw = make(2, 32, 13, 9, 32, 3, 1, 32, 4, DType::f32, Layout::nchw);
+  for (const LayerDesc& d : {dense, fma, dw}) {
+    deft::CompileOptions o = test_options();
+    LayerDesc data = d, weight = d;
+    data.pass = deft::Pass::backward_data;
+    weight.pass = deft::Pass::backward_weight;
+    o.backward_data_variant = deft::default_variant(data);
+    o.backward_weight_variant = deft::default_variant(weight);
+    ASSERT_TRUE(o.backward_data_variant->transpose) << "the default should transpose";
+    o.backward_data_variant->transpose = false;
+    o.backward_weight_variant->transpose = false;
+    if (o.backward_data_variant->algo == deft::Algo::depthwise) o.backward_data_variant->tile_m = 32;
+    SCOPED_TRACE(deft::to_string(*o.backward_data_variant) + " / " +
+                 deft::to_string(*o.backward_weight_variant));
+    for (int det : {0, 1}) check_backward(d, random_tensors(d, 2.0, 99), det, o);
   }
 }
 

@@ -38,6 +38,9 @@ struct CompileOptions {
   // fixed point (integer atomics, whose sum does not depend on their order) instead of float
   // atomics; grad offset, mask, weight and bias never use atomics in either mode.
   bool deterministic = false;
+  // Run these variants for the backward passes (Kernel::backward) instead of the tuned or
+  // heuristic ones; `deterministic` still decides det=.
+  std::optional<Variant> backward_data_variant, backward_weight_variant;
 };
 
 // What forward() reads and writes. Shapes come from the LayerDesc; mask and bias may be null
