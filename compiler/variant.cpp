@@ -126,7 +126,9 @@ Variant default_variant(const LayerDesc& d) {
     v.tile_n = tc && common % 64 == 0 ? 64 : 32;  // input channels per block
     v.tile_k = 32;   // pixels per reduction slice
     v.threads = 256;
-    v.transpose = bwd_transpose;
+    // Only with channel runs to gather: a depthwise block owns one channel, whose nhwc
+    // elements lie c apart (measured: dw512 grad weight 1.55 -> 2.42 ms when transposed).
+    v.transpose = bwd_transpose && common >= 8;
     return v;
   }
   if (d.c_per_group() == 1 && d.k_per_group() == 1) {
