@@ -31,6 +31,17 @@ int pow2_divisor(int64_t v, int cap) {
   return b;
 }
 
+// Backward tensor-core tiles: `frags` 16x16 fragments shared evenly by the warps of at most
+// `threads` threads (no warp without one); sets p.fm (fragments per warp), returns the threads.
+int split_fragments(KernelPlan& p, int frags, int threads) {
+  const int warps = std::min(threads / 32, frags);
+  if (frags % warps != 0 || frags / warps > 8)
+    bad("threads", fmt::format("{} warps cannot share {} 16x16 fragments evenly (max 8 each)",
+                               warps, frags));
+  p.fm = frags / warps;
+  return warps * 32;
+}
+
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
   p.use_tc = v.algo == Algo::gemm_tc;
@@ -107,13 +118,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
         bad("tn", fmt::format("algo=gemm_tc needs 16-channel steps inside the groups and offset "
                               "groups (have {}) and tm a multiple of 16", p.bc));
       if (p.bk % p.wk != 0) bad("tk", fmt::format("tk={} must be a multiple of {}", p.bk, p.wk));
-      const int frags = (p.bc / 16) * (p.bp / 16);
-      const int warps = std::min(v.threads / 32, frags);  // no warp without a fragment
-      if (frags % warps != 0 || frags / warps > 8)
-        bad("threads", fmt::format("{} warps cannot share {} 16x16 fragments evenly (max 8 each)",
-                                   warps, frags));
-      p.fm = frags / warps;  // fragments per warp
-      threads = warps * 32;
+      threads = split_fragments(p, (p.bc / 16) * (p.bp / 16), v.threads);
       if (threads % p.bp != 0)
         bad("tm", fmt::format("tm={} must divide threads={}", p.bp, threads));
     } else {
@@ -154,13 +159,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
                               p.bo, p.bc));
       p.bpw = v.tile_k;
       if (p.bpw % p.wk != 0) bad("tk", fmt::format("tk={} must be a multiple of {}", p.bpw, p.wk));
-      const int frags = (p.bo / 16) * (p.bc / 16);
-      const int warps = std::min(v.threads / 32, frags);  // no warp without a fragment
-      if (frags % warps != 0 || frags / warps > 8)
-        bad("threads", fmt::format("{} warps cannot share {} 16x16 fragments evenly (max 8 each)",
-                                   warps, frags));
-      p.fm = frags / warps;
-      p.block = warps * 32;
+      p.block = split_fragments(p, (p.bo / 16) * (p.bc / 16), v.threads);
       const int ssize = d.dtype == DType::f32 ? 4 : 2;
       const int tiles_bytes = ssize * p.bpw * (p.bc + p.bo + 2 * p.a_pad) + asize * p.bpw * 4 +
                               8 * p.bpw * 4;

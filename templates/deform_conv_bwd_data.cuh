@@ -74,11 +74,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   else pt.valid = 0, pt.mod = Acc(0);
   const T* image = input + n * (C * H * W);
 
-#if GIN_MODE == 2
-  const double scale = deft_fixed_scale(header);
-  bool nonfinite = header[3] != 0ull;
-#endif
-  Acc g_dy = Acc(0), g_dx = Acc(0), g_m = Acc(0);
+  const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
+  bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
+  Acc pg[3] = {Acc(0), Acc(0), Acc(0)};  // grad offset dy, dx, grad mask of the pixel's point
 
 #pragma unroll 1
   for (int c0 = og * CPOG; c0 < (og + 1) * CPOG; c0 += BC) {
@@ -170,48 +168,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       for (int cc = esub; cc < BC; cc += TPP) {
         const int c = c0 + cc;
         const Acc cg = Cs[cc * CS_LD + ep];
-        const T* base = image + (X_NHWC ? (long long)c : (long long)c * H * W);
-        Acc v[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          v[q] = (pt.valid >> q) & 1 ? Acc(deft_widen(base[pt.off[q]])) : Acc(0);
-        const Acc val = pt.w[0] * v[0] + pt.w[1] * v[1] + pt.w[2] * v[2] + pt.w[3] * v[3];
-        g_m += cg * val;
-        const Acc cgm = cg * pt.mod;
-        g_dy += cgm * (pt.hx * (v[2] - v[0]) + pt.lx * (v[3] - v[1]));
-        g_dx += cgm * (pt.hy * (v[1] - v[0]) + pt.ly * (v[3] - v[2]));
-        if (gin) {
-          const long long gbase = n * (C * H * W) + (X_NHWC ? (long long)c : (long long)c * H * W);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (!((pt.valid >> q) & 1)) continue;
-            const Acc contrib = cgm * pt.w[q];
-#if GIN_MODE == 0
-            atomicAdd(gin + gbase + pt.off[q], contrib);
-#elif GIN_MODE == 1
-            atomicAdd(gin + gbase + pt.off[q], contrib);
-#else
-            const double sc = (double)contrib * scale;
-            if (!(fabs(sc) <= 1.1529215046068470e18)) {  // 2^60: non-finite or out of range
-              nonfinite = true;
-            } else {
-              atomicAdd(gin + gbase + pt.off[q], (unsigned long long)__double2ll_rn(sc));
-            }
-#endif
-          }
-        }
+        const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
+        deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
+                         scale, nonfinite, pg);
       }
     }
     __syncthreads();  // Cs is rewritten by the next step
   }
-#if GIN_MODE == 2
   if (nonfinite) atomicOr(&header[3], 1ull);
-#endif
 
   // Sum the TPP partial results of each pixel in a fixed order.
-  Red[0][tid] = g_dy;
-  Red[1][tid] = g_dx;
-  Red[2][tid] = g_m;
+#pragma unroll
+  for (int r = 0; r < 3; ++r) Red[r][tid] = pg[r];
   __syncthreads();
   if (esub == 0 && pix_ok) {
     Acc s[3] = {Acc(0), Acc(0), Acc(0)};

@@ -30,14 +30,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     wo = rem % WO;
   }
   const long long q_img = (long long)ho * WO + wo;
-#if GIN_MODE == 2
-  const double scale = deft_fixed_scale(header);
-  bool nonfinite = header[3] != 0ull;
-#endif
+  const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
+  bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
 
 #pragma unroll 1
   for (int t = 0; t < TAPS; ++t) {
-    Acc g_dy = Acc(0), g_dx = Acc(0), g_m = Acc(0);
+    Acc g[3] = {Acc(0), Acc(0), Acc(0)};  // grad offset dy, dx, grad mask of this tap
     if (pix_ok) {
       const BwdPoint pt = deft_bwd_point(offset, mask, n, ho, wo, t, og);
       const T* image = input + n * (C * H * W);
@@ -46,37 +44,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const Acc cg = Acc(deft_widen(weight[(long long)c * TAPS + t])) *
                        Acc(deft_widen(gout[deft_gout_index(n, c, q_img)]));
         const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
-        Acc v[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q)
-          v[q] = (pt.valid >> q) & 1 ? Acc(deft_widen(image[cbase + pt.off[q]])) : Acc(0);
-        const Acc val = pt.w[0] * v[0] + pt.w[1] * v[1] + pt.w[2] * v[2] + pt.w[3] * v[3];
-        g_m += cg * val;
-        const Acc cgm = cg * pt.mod;
-        g_dy += cgm * (pt.hx * (v[2] - v[0]) + pt.lx * (v[3] - v[1]));
-        g_dx += cgm * (pt.hy * (v[1] - v[0]) + pt.ly * (v[3] - v[2]));
-        if (gin) {
-          GinT* dst = gin + n * (C * H * W) + cbase;
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            if (!((pt.valid >> q) & 1)) continue;
-            const Acc contrib = cgm * pt.w[q];
-#if GIN_MODE == 0
-            atomicAdd(dst + pt.off[q], contrib);
-#elif GIN_MODE == 1
-            atomicAdd(dst + pt.off[q], contrib);
-#else
-            const double sc = (double)contrib * scale;
-            if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
-            else atomicAdd(dst + pt.off[q], (unsigned long long)__double2ll_rn(sc));
-#endif
-          }
-        }
+        deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
+                         scale, nonfinite, g);
       }
     }
-    Red[0][tid] = g_dy;
-    Red[1][tid] = g_dx;
-    Red[2][tid] = g_m;
+#pragma unroll
+    for (int r = 0; r < 3; ++r) Red[r][tid] = g[r];
     __syncthreads();
     if (lane == 0 && pix_ok) {
       Acc s[3] = {Acc(0), Acc(0), Acc(0)};
@@ -89,7 +62,5 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     }
     __syncthreads();
   }
-#if GIN_MODE == 2
   if (nonfinite) atomicOr(&header[3], 1ull);
-#endif
 }
