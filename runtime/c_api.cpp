@@ -48,11 +48,22 @@ int deft_canonical(const char* desc, char* buf, int64_t cap) {
 
 int deft_compile(const char* desc, const char* variant, const char* cache_path,
                  deft_kernel** out) {
+  return deft_compile_ex(desc, variant, cache_path, nullptr, nullptr, 0, out);
+}
+
+int deft_compile_ex(const char* desc, const char* variant, const char* cache_path,
+                    const char* backward_data_variant, const char* backward_weight_variant,
+                    int deterministic, deft_kernel** out) {
   return guarded([&] {
     if (!desc || !out) throw deft::Error("deft_compile: null argument");
     deft::CompileOptions o;
     if (variant && *variant) o.variant = deft::parse_variant(variant);
     if (cache_path) o.cache_path = std::string(cache_path);
+    if (backward_data_variant && *backward_data_variant)
+      o.backward_data_variant = deft::parse_variant(backward_data_variant);
+    if (backward_weight_variant && *backward_weight_variant)
+      o.backward_weight_variant = deft::parse_variant(backward_weight_variant);
+    o.deterministic = deterministic != 0;
     auto k = std::make_unique<deft_kernel>();
     k->kernel = deft::compile(deft::parse_layer_desc(desc), o);
     k->variant_text = deft::to_string(k->kernel.variant());

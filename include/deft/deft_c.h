@@ -27,6 +27,11 @@ int deft_canonical(const char* desc, char* buf, int64_t cap);
  * cache_path: NULL for the default database, "" for none. */
 int deft_compile(const char* desc, const char* variant, const char* cache_path,
                  deft_kernel** out);
+/* deft_compile with the backward passes' variants chosen too (NULL: tuned/heuristic), and
+ * the default of deft_backward's deterministic=-1 (0 or 1). */
+int deft_compile_ex(const char* desc, const char* variant, const char* cache_path,
+                    const char* backward_data_variant, const char* backward_weight_variant,
+                    int deterministic, deft_kernel** out);
 /* Launches forward on `stream` (a cudaStream_t; NULL = legacy default stream). mask and bias
  * may be NULL when the description has none. */
 int deft_forward(const deft_kernel* k, const void* input, const void* offset, const void* mask,

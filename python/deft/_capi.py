@@ -58,6 +58,11 @@ class DeftLibrary:
                            ctypes.c_void_p, ctypes.c_void_p)
         # deft_backward is newer than the rest: a library built before it still loads (forward
         # works) and backward() says to rebuild.
+        self._compile_ex = None
+        if hasattr(lib, "deft_compile_ex"):
+            self._compile_ex = fn("deft_compile_ex", ctypes.c_int, ctypes.c_char_p,
+                                  ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                  ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(_c_kernel_p))
         self._backward = None
         if hasattr(lib, "deft_backward"):
             self._backward = fn("deft_backward", ctypes.c_int, _c_kernel_p, ctypes.c_void_p,
@@ -105,6 +110,25 @@ class DeftLibrary:
         self._check(rc, "deft_compile")
         if not out.value:
             raise RuntimeError("deft_compile returned a null kernel")
+        return DeftKernel(self, out.value, desc)
+
+    def compile_ex(self, desc: str, variant: Optional[str] = None,
+                   cache_path: Optional[str] = None, backward_data_variant: Optional[str] = None,
+                   backward_weight_variant: Optional[str] = None,
+                   deterministic: bool = False) -> "DeftKernel":
+        """compile() that also fixes the backward passes' variants (None: tuned/heuristic) and
+        the kernel's default determinism."""
+        if self._compile_ex is None:
+            raise RuntimeError(f"deft: {self.path} has no deft_compile_ex: rebuild libdeft")
+        enc = lambda v: v.encode() if v else None  # noqa: E731
+        out = _c_kernel_p()
+        rc = self._compile_ex(desc.encode(), enc(variant),
+                              None if cache_path is None else cache_path.encode(),
+                              enc(backward_data_variant), enc(backward_weight_variant),
+                              1 if deterministic else 0, ctypes.byref(out))
+        self._check(rc, "deft_compile_ex")
+        if not out.value:
+            raise RuntimeError("deft_compile_ex returned a null kernel")
         return DeftKernel(self, out.value, desc)
 
     def nvrtc_compiles(self) -> int:

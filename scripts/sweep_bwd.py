@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Times backward-pass variants (grad input/offset/mask pass and grad weight pass separately)
+on bench cases, NCHW, and checks each variant's gradients against the heuristic default's.
+sweep_bwd.py [case,...] [--dtype fp16]"""
+import argparse
+import itertools
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import torch  # noqa: E402
+import bench  # noqa: E402
+from deft_ctypes import DeftLibrary  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("cases", nargs="?", default="resnet_res4,maskrcnn_res4,dense512")
+ap.add_argument("--dtype", default="fp16")
+args = ap.parse_args()
+lib = DeftLibrary("build/libdeft.so")
+spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"))
+tdt = torch.half if args.dtype == "fp16" else torch.float
+
+
+def timed(fn, iters=15):
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / max(b.double().norm().item(), 1e-30))
+
+
+V = "algo=gemm_tc tm={} tn={} tk={} threads=256 transpose=1"
+data_vs = [V.format(*p) for p in itertools.product((64, 128), (32, 64), (32, 64))]
+weight_vs = [V.format(*p) for p in itertools.product((64, 128), (32, 64), (32, 64, 128))]
+for case in spec["cases"]:
+    if case["name"] not in args.cases.split(","):
+        continue
+    c = case
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.rand(c["n"], c["c"], c["h"], c["w"], device="cuda", generator=g).to(tdt)
+    w = ((torch.rand(c["k"], c["c"] // c["groups"], 3, 3, device="cuda", generator=g) - .5) / 30).to(tdt)
+    off = (torch.randn(c["n"], 18, c["ho"], c["wo"], device="cuda", generator=g) * 2).to(tdt)
+    m = torch.rand(c["n"], 9, c["ho"], c["wo"], device="cuda", generator=g).to(tdt)
+    gout = (torch.rand(c["n"], c["k"], c["ho"], c["wo"], device="cuda", generator=g) - .5).to(tdt)
+    desc = bench.deft_desc(case, "nchw", args.dtype)
+    ref = lib.compile(desc)
+    bufs = [torch.empty_like(v) for v in (x, off, m, w)]
+    ref.backward(x, off, m, w, gout, *bufs, None, 0)
+    torch.cuda.synchronize()
+    for kind, vs in (("data", data_vs), ("weight", weight_vs)):
+        for v in vs:
+            try:
+                k = lib.compile_ex(desc, None, None, v if kind == "data" else None,
+                                   v if kind == "weight" else None)
+                out = [torch.empty_like(b) for b in bufs]
+                if kind == "data":
+                    fn = lambda: k.backward(x, off, m, w, gout, out[0], out[1], out[2], None, None, 0)  # noqa
+                    idx = (0, 1, 2)
+                else:
+                    fn = lambda: k.backward(x, off, m, w, gout, None, None, None, out[3], None, 0)  # noqa
+                    idx = (3,)
+                ms = timed(fn)
+                err = max(rel(out[i], bufs[i]) for i in idx)
+                print(f"{c['name']:<14} {kind:<6} {ms:8.3f} ms  err {err:.1e}  {v}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"{c['name']:<14} {kind:<6}  invalid: {str(e)[:100]}  {v}", flush=True)
