@@ -121,10 +121,11 @@ Variant default_variant(const LayerDesc& d) {
   if (d.pass == Pass::backward_weight) {
     const bool tc = tc16 && d.k_per_group() >= 16;
     v.algo = tc ? Algo::gemm_tc : Algo::gemm_simt;
-    // output channels per block: wide, so that each gathered input tile feeds more of them
-    v.tile_m = tc && d.k_per_group() >= 128 ? 128 : 64;
+    // From scripts/sweep_bwd.py (H100, fp16; docs/perf-notes.md round B5): 64 x 64 tiles with
+    // 128-pixel slices for k/groups up to 256, 128 x 64 above.
+    v.tile_m = tc && d.k_per_group() >= 512 ? 128 : 64;  // output channels per block
     v.tile_n = tc && common % 64 == 0 ? 64 : 32;  // input channels per block
-    v.tile_k = 32;   // pixels per reduction slice
+    v.tile_k = tc ? 128 : 32;   // pixels per reduction slice
     v.threads = 256;
     // Only with channel runs to gather: a depthwise block owns one channel, whose nhwc
     // elements lie c apart (measured: dw512 grad weight 1.55 -> 2.42 ms when transposed).
