@@ -40,14 +40,9 @@ double activate(Activation act, double v) {
   return v;
 }
 
-}  // namespace
-
-void deform_conv2d_forward(const LayerDesc& d, const double* input, const double* offset,
-                           const double* mask, const double* weight, const double* bias,
-                           double* output) {
-  // The few rules this function relies on (full validation lives in libdeft).
+// The rules both passes rely on (full validation lives in libdeft).
+void require_geometry(const LayerDesc& d, const double* mask) {
   require(d.op == OpKind::deform_conv2d, "op", "only deform_conv2d is implemented");
-  require(d.pass == Pass::forward, "pass", "only the forward pass is implemented");
   require(d.n >= 1 && d.c >= 1 && d.h >= 1 && d.w >= 1 && d.k >= 1, "n", "sizes must be >= 1");
   require(d.r >= 1 && d.s >= 1 && d.stride_h >= 1 && d.stride_w >= 1 && d.dil_h >= 1 &&
               d.dil_w >= 1 && d.pad_h >= 0 && d.pad_w >= 0,
@@ -58,6 +53,34 @@ void deform_conv2d_forward(const LayerDesc& d, const double* input, const double
           "offset_groups must divide c");
   require(d.out_h() >= 1 && d.out_w() >= 1, "h", "empty output");
   require(!d.mask || mask != nullptr, "mask", "mask=1 needs a mask tensor");
+}
+
+// Element indices in the description's layout.
+struct Indexing {
+  explicit Indexing(const LayerDesc& d)
+      : nhwc(d.layout == Layout::nhwc), C(d.c), H(d.h), W(d.w), R(d.r), S(d.s),
+        Cg(d.c_per_group()), row(nhwc ? d.w * d.c : d.w), col(nhwc ? d.c : 1) {}
+  // Element (n, channel ch, y, x) of a 4-d tensor with `chans` channels and `ys` x `xs` pixels.
+  int64_t at4(int64_t n, int64_t ch, int64_t chans, int64_t y, int64_t x, int64_t ys,
+              int64_t xs) const {
+    return nhwc ? ((n * ys + y) * xs + x) * chans + ch : ((n * chans + ch) * ys + y) * xs + x;
+  }
+  // weight[k, cl, i, j] (nchw: [k, c/g, r, s]; nhwc: [k, r, s, c/g]).
+  int64_t weight(int64_t k, int64_t cl, int64_t i, int64_t j) const {
+    return nhwc ? ((k * R + i) * S + j) * Cg + cl : ((k * Cg + cl) * R + i) * S + j;
+  }
+  // Start of the input plane of (n, c); `row` and `col` are its strides.
+  int64_t plane(int64_t n, int64_t c) const { return nhwc ? n * H * W * C + c : (n * C + c) * H * W; }
+  bool nhwc;
+  int64_t C, H, W, R, S, Cg, row, col;
+};
+
+}  // namespace
+
+void deform_conv2d_forward(const LayerDesc& d, const double* input, const double* offset,
+                           const double* mask, const double* weight, const double* bias,
+                           double* output) {
+  require_geometry(d, mask);
   require(!d.bias || bias != nullptr, "bias", "bias=1 needs a bias tensor");
 
   const int64_t N = d.n, C = d.c, H = d.h, W = d.w, K = d.k;
@@ -65,22 +88,13 @@ void deform_conv2d_forward(const LayerDesc& d, const double* input, const double
   const int64_t HO = d.out_h(), WO = d.out_w();
   const int64_t OG = d.offset_groups;
   const int64_t Cg = d.c_per_group(), Kg = d.k_per_group(), Cog = d.c_per_offset_group();
-  const bool nhwc = d.layout == Layout::nhwc;
 
-  // Element (n, channel ch, y, x) of a 4-d tensor with `chans` channels and `ys` x `xs` pixels.
+  const Indexing ix(d);
   auto idx4 = [&](int64_t n, int64_t ch, int64_t chans, int64_t y, int64_t x, int64_t ys,
-                  int64_t xs) -> int64_t {
-    return nhwc ? ((n * ys + y) * xs + x) * chans + ch : ((n * chans + ch) * ys + y) * xs + x;
-  };
-  // weight[k, cl, i, j] (nchw: [k, c/g, r, s]; nhwc: [k, r, s, c/g]).
-  auto widx = [&](int64_t k, int64_t cl, int64_t i, int64_t j) -> int64_t {
-    return nhwc ? ((k * R + i) * S + j) * Cg + cl : ((k * Cg + cl) * R + i) * S + j;
-  };
-  // Input plane of (n, c) and its row / column strides.
-  const int64_t in_row = nhwc ? W * C : W, in_col = nhwc ? C : 1;
-  auto plane = [&](int64_t n, int64_t c) {
-    return input + (nhwc ? n * H * W * C + c : (n * C + c) * H * W);
-  };
+                  int64_t xs) { return ix.at4(n, ch, chans, y, x, ys, xs); };
+  auto widx = [&](int64_t k, int64_t cl, int64_t i, int64_t j) { return ix.weight(k, cl, i, j); };
+  const int64_t in_row = ix.row, in_col = ix.col;
+  auto plane = [&](int64_t n, int64_t c) { return input + ix.plane(n, c); };
 
   // Modulated samples of one output pixel: cols[c * T + t].
   std::vector<double> cols((size_t)(C * T));
@@ -139,29 +153,20 @@ void deform_conv2d_backward(const LayerDesc& d, const double* input, const doubl
                             const double* mask, const double* weight, const double* grad_output,
                             double* grad_input, double* grad_offset, double* grad_mask,
                             double* grad_weight, double* grad_bias) {
-  require(d.op == OpKind::deform_conv2d, "op", "only deform_conv2d is implemented");
+  require_geometry(d, mask);
   require(d.act == Activation::none, "act", "the backward pass needs act=none");
-  require(d.groups >= 1 && d.c % d.groups == 0 && d.k % d.groups == 0, "groups",
-          "groups must divide c and k");
-  require(d.offset_groups >= 1 && d.c % d.offset_groups == 0, "offset_groups",
-          "offset_groups must divide c");
-  require(!d.mask || mask != nullptr, "mask", "mask=1 needs a mask tensor");
 
   const int64_t N = d.n, C = d.c, H = d.h, W = d.w, K = d.k;
   const int64_t R = d.r, S = d.s, T = d.taps();
   const int64_t HO = d.out_h(), WO = d.out_w();
   const int64_t OG = d.offset_groups;
   const int64_t Cg = d.c_per_group(), Kg = d.k_per_group(), Cog = d.c_per_offset_group();
-  const bool nhwc = d.layout == Layout::nhwc;
+  const Indexing ix(d);
   auto idx4 = [&](int64_t n, int64_t ch, int64_t chans, int64_t y, int64_t x, int64_t ys,
-                  int64_t xs) -> int64_t {
-    return nhwc ? ((n * ys + y) * xs + x) * chans + ch : ((n * chans + ch) * ys + y) * xs + x;
-  };
-  auto widx = [&](int64_t k, int64_t cl, int64_t i, int64_t j) -> int64_t {
-    return nhwc ? ((k * R + i) * S + j) * Cg + cl : ((k * Cg + cl) * R + i) * S + j;
-  };
-  const int64_t in_row = nhwc ? W * C : W, in_col = nhwc ? C : 1;
-  auto plane_off = [&](int64_t n, int64_t c) { return nhwc ? n * H * W * C + c : (n * C + c) * H * W; };
+                  int64_t xs) { return ix.at4(n, ch, chans, y, x, ys, xs); };
+  auto widx = [&](int64_t k, int64_t cl, int64_t i, int64_t j) { return ix.weight(k, cl, i, j); };
+  const int64_t in_row = ix.row, in_col = ix.col;
+  auto plane_off = [&](int64_t n, int64_t c) { return ix.plane(n, c); };
 
   if (grad_input) std::fill(grad_input, grad_input + N * C * H * W, 0.0);
   if (grad_offset) std::fill(grad_offset, grad_offset + N * 2 * OG * T * HO * WO, 0.0);
