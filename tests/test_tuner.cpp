@@ -594,4 +594,18 @@ TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
   EXPECT_EQ(deft::to_string(deft::compile(parse_layer_desc(desc), co).variant()), records[0].winner);
 }
 
+
+// Backward passes are not tuned (yet): a clear error before any GPU work, in both entry points.
+TEST(TunerPolicy, BackwardPassesAreNotTunedYet) {
+  const auto d = deft::parse_layer_desc(
+      "deform_conv2d n=1 c=16 h=8 w=8 k=16 r=3 s=3 pad=1 pass=backward_weight");
+  try {
+    deft::simulate_tune(d, deft::TuneOptions{}, deft::TuneLimits{});
+    FAIL() << "tuning a backward pass did not throw";
+  } catch (const deft::NotImplemented& e) {
+    EXPECT_NE(std::string(e.what()).find("pass=backward_weight"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(deft::tune(d), deft::NotImplemented);
+}
+
 }  // namespace

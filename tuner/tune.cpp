@@ -200,10 +200,25 @@ double layer_share(double budget_left, size_t layers_left) {
 
 TuneResult tune(const LayerDesc& desc, const TuneOptions& opt) { return tune(desc, opt, {}); }
 
-TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits& limits) {
-  const auto started = std::chrono::steady_clock::now();
+namespace {
+
+// The tuner times forward kernels; the backward passes take their variants from the heuristic,
+// a record written by other means, or CompileOptions::backward_*_variant.
+void require_tunable(const LayerDesc& desc) {
   validate(desc);
   require_implemented(desc);
+  if (desc.pass != Pass::forward)
+    throw NotImplemented(fmt::format(
+        "not implemented: tuning pass={}; only forward kernels are tuned so far (choose backward "
+        "variants with CompileOptions::backward_data_variant / backward_weight_variant; "
+        "scripts/sweep_bwd.py times them)", to_string(desc.pass)));
+}
+
+}  // namespace
+
+TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits& limits) {
+  const auto started = std::chrono::steady_clock::now();
+  require_tunable(desc);
   const CUdevice dev = driver::ensure_context();
   const driver::DeviceInfo dinfo = driver::device_info(dev);
   const driver::Api& api = driver::api();
@@ -349,8 +364,7 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
 }
 
 TuneResult simulate_tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits& limits) {
-  validate(desc);
-  require_implemented(desc);
+  require_tunable(desc);
   TuneResult result;
   result.desc = to_string(desc);
   result.stats_bucket = stats_bucket(opt.offset_sigma);
