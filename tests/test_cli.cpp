@@ -38,6 +38,8 @@ extern char** environ;
 
 namespace {
 
+using deft::testing::ScopedEnv;
+
 namespace fs = std::filesystem;
 
 const char* const kLayer =
@@ -736,23 +738,6 @@ TEST(CliTune, HelpNamesTheModelAndCacheForms) {
 }
 
 // ---- runtime/disasm: cubin inspection ---------------------------------------------------
-
-// Restores an environment variable when it goes out of scope.
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const std::string& value) : name_(name) {
-    if (const char* v = std::getenv(name)) old_ = v;
-    ::setenv(name, value.c_str(), 1);
-  }
-  ~ScopedEnv() {
-    if (old_) ::setenv(name_, old_->c_str(), 1);
-    else ::unsetenv(name_);
-  }
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
 
 deft::CompileInfo compile_uncached(const std::string& desc, int arch) {
   deft::CompileOptions o;

@@ -18,6 +18,8 @@
 
 namespace {
 
+using deft::testing::ScopedEnv;
+
 using deft::parse_layer_desc;
 
 const char* kDense =
@@ -473,22 +475,6 @@ TEST(Budget, SimulatedTuningStopsWhenTheLayerShareIsUsed) {
 }
 
 // ---- shipped database precedence ---------------------------------------------------------
-
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const std::string& value) : name_(name) {
-    if (const char* v = std::getenv(name)) old_ = v;
-    ::setenv(name, value.c_str(), 1);
-  }
-  ~ScopedEnv() {
-    if (old_) ::setenv(name_, old_->c_str(), 1);
-    else ::unsetenv(name_);
-  }
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
-};
 
 std::string file_bytes(const std::filesystem::path& p) {
   std::ifstream f(p, std::ios::binary);
