@@ -37,7 +37,6 @@ class KernelImpl {
   CUkernel transpose = nullptr;  // pre-pass (plan.transpose)
   // backward_data: deft_bwd_bound, deft_bwd_finish; backward_weight: reduce, bias.
   CUkernel aux[2] = {nullptr, nullptr};
-  CUdevice device = 0;
   // Forward kernels: what compiled them (for the backward passes, compiled on first use),
   // and those passes once compiled: [deterministic][0 data, 1 weight].
   CompileOptions options;
@@ -196,7 +195,6 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
         driver::check(api.cuLibraryGetKernel(&impl->aux[i], impl->library, names[i]),
                       "cuLibraryGetKernel(backward helper)");
     }
-    impl->device = dev;
     impl->options = options;
     impl->options.variant.reset();
     ++g_loaded;
@@ -215,33 +213,62 @@ const LayerDesc& Kernel::desc() const { return impl_->desc; }
 const Variant& Kernel::variant() const { return impl_->variant; }
 const CompileInfo& Kernel::info() const { return impl_->info; }
 
-void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
-  if (!impl_) throw Error("Kernel::forward on an empty kernel (use deft::compile)");
-  const LayerDesc& d = impl_->desc;
-  auto need = [](const void* p, const char* name) {
-    if (!p) throw Error(fmt::format("forward: {} is null", name));
-  };
-  need(a.input, "input");
-  need(a.offset, "offset");
-  need(a.weight, "weight");
-  need(a.output, "output");
-  if (d.mask) need(a.mask, "mask (the description has mask=1)");
-  if (!d.mask && a.mask) throw Error("forward: a mask was given but the description has mask=0");
-  if (d.bias) need(a.bias, "bias (the description has bias=1)");
-  if (!d.bias && a.bias) throw Error("forward: a bias was given but the description has bias=0");
+namespace {
 
-  const driver::Api& api = driver::api();
+void require_ptr(const void* p, const char* what, const char* name) {
+  if (!p) throw Error(fmt::format("{}: {} is null", what, name));
+}
+
+// The tensors both passes read: input, offset, weight, and a mask exactly when the description
+// has one. `what` names the call in messages.
+void check_layer_inputs(const LayerDesc& d, const char* what, const void* input,
+                        const void* offset, const void* mask, const void* weight) {
+  require_ptr(input, what, "input");
+  require_ptr(offset, what, "offset");
+  require_ptr(weight, what, "weight");
+  if (d.mask) require_ptr(mask, what, "mask (the description has mask=1)");
+  if (!d.mask && mask)
+    throw Error(fmt::format("{}: a mask was given but the description has mask=0", what));
+}
+
+// Makes a context current and checks that the kernel was compiled for its device's
+// architecture (looked up once per device ordinal).
+void check_device_arch(const KernelImpl& k, const char* what) {
   const CUdevice dev = driver::ensure_context();
-  // Architecture per device ordinal, looked up once.
   static std::array<std::atomic<int>, 64> arch_of{};
   int arch = dev >= 0 && dev < 64 ? arch_of[dev].load(std::memory_order_relaxed) : 0;
   if (arch == 0) {
     arch = driver::device_info(dev).arch();
     if (dev >= 0 && dev < 64) arch_of[dev].store(arch, std::memory_order_relaxed);
   }
-  if (arch != impl_->info.arch)
-    throw Error(fmt::format("forward: kernel compiled for sm_{} cannot run on this sm_{} device",
-                            impl_->info.arch, arch));
+  if (arch != k.info.arch)
+    throw Error(fmt::format("{}: kernel compiled for sm_{} cannot run on this sm_{} device", what,
+                            k.info.arch, arch));
+}
+
+// deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.
+void launch_transpose(const KernelImpl& k, const void* src, CUdeviceptr dst, long long batch,
+                      long long rows, long long cols, CUstream stream) {
+  void* args[] = {&src, &dst, &rows, &cols};
+  driver::check(driver::api().cuLaunchKernel(reinterpret_cast<CUfunction>(k.transpose),
+                                             unsigned((cols + 31) / 32),
+                                             unsigned((rows + 31) / 32), unsigned(batch), 32, 8,
+                                             1, 0, stream, args, nullptr),
+                "cuLaunchKernel(deft_transpose)");
+}
+
+}  // namespace
+
+void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
+  if (!impl_) throw Error("Kernel::forward on an empty kernel (use deft::compile)");
+  const LayerDesc& d = impl_->desc;
+  check_layer_inputs(d, "forward", a.input, a.offset, a.mask, a.weight);
+  require_ptr(a.output, "forward", "output");
+  if (d.bias) require_ptr(a.bias, "forward", "bias (the description has bias=1)");
+  if (!d.bias && a.bias) throw Error("forward: a bias was given but the description has bias=0");
+
+  const driver::Api& api = driver::api();
+  check_device_arch(*impl_, "forward");
   const void* input = a.input;
   const void* offset = a.offset;
   const void* mask = a.mask;
@@ -255,16 +282,8 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
     const size_t in_bytes = (p.workspace_input_bytes + 255) / 256 * 256;
     driver::check(api.cuMemAllocAsync(&workspace, in_bytes + p.workspace_weight_bytes, stream),
                   "cuMemAllocAsync (transpose workspace)");
-    auto launch_transpose = [&](const void* src, CUdeviceptr dst, long long batch,
-                                long long rows, long long cols) {
-      void* args[] = {&src, &dst, &rows, &cols};
-      driver::check(api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->transpose),
-                                       unsigned((cols + 31) / 32), unsigned((rows + 31) / 32),
-                                       unsigned(batch), 32, 8, 1, 0, stream, args, nullptr),
-                    "cuLaunchKernel(deft_transpose)");
-    };
-    launch_transpose(input, workspace, d.n, d.c, d.h * d.w);
-    launch_transpose(weight, workspace + in_bytes, d.k, d.c_per_group(), d.taps());
+    launch_transpose(*impl_, input, workspace, d.n, d.c, d.h * d.w, stream);
+    launch_transpose(*impl_, weight, workspace + in_bytes, d.k, d.c_per_group(), d.taps(), stream);
     input = reinterpret_cast<const void*>(workspace);
     weight = reinterpret_cast<const void*>(workspace + in_bytes);
   }
@@ -343,22 +362,15 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     throw NotImplemented(fmt::format("backward: the layer fuses act={}; its backward is not "
                                      "implemented (apply the activation outside deft)",
                                      to_string(d.act)));
-  auto need = [](const void* p, const char* name) {
-    if (!p) throw Error(fmt::format("backward: {} is null", name));
-  };
-  need(a.input, "input");
-  need(a.offset, "offset");
-  need(a.weight, "weight");
-  need(a.grad_output, "grad_output");
-  if (d.mask) need(a.mask, "mask (the description has mask=1)");
-  if (!d.mask && a.mask) throw Error("backward: a mask was given but the description has mask=0");
+  check_layer_inputs(d, "backward", a.input, a.offset, a.mask, a.weight);
+  require_ptr(a.grad_output, "backward", "grad_output");
   if (!d.mask && a.grad_mask)
     throw Error("backward: grad_mask was requested but the description has mask=0");
   if (!d.bias && a.grad_bias)
     throw Error("backward: grad_bias was requested but the description has bias=0");
   const bool det = deterministic < 0 ? impl_->options.deterministic : deterministic != 0;
   auto& self = const_cast<KernelImpl&>(*impl_);
-  driver::ensure_context();
+  check_device_arch(*impl_, "backward");
   const void* offset = a.offset;
   const void* mask = a.mask;
   const void* gout = a.grad_output;
@@ -371,23 +383,14 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
   const size_t x_bytes = size_t(d.n * d.c * d.h * d.w) * dtype_size(d.dtype);
   const size_t x_round = (x_bytes + 255) / 256 * 256;
   auto transposed = [&](const KernelImpl& k) {
-    auto run = [&](const void* src, CUdeviceptr dst, long long batch, long long rows,
-                   long long cols) {
-      void* targs[] = {&src, &dst, &rows, &cols};
-      driver::check(driver::api().cuLaunchKernel(reinterpret_cast<CUfunction>(k.transpose),
-                                                 unsigned((cols + 31) / 32),
-                                                 unsigned((rows + 31) / 32), unsigned(batch), 32,
-                                                 8, 1, 0, stream, targs, nullptr),
-                    "cuLaunchKernel(deft_transpose)");
-    };
     if (!tws) {
       tws = std::make_unique<Scratch>(
           x_round + size_t(d.k * d.c_per_group() * d.taps()) * dtype_size(d.dtype), stream, false);
-      run(a.input, tws->get(), d.n, d.c, d.h * d.w);
+      launch_transpose(k, a.input, tws->get(), d.n, d.c, d.h * d.w, stream);
       x_t = reinterpret_cast<const void*>(tws->get());
     }
     if (k.plan.w_krsc && !w_t) {
-      run(a.weight, tws->get() + x_round, d.k, d.c_per_group(), d.taps());
+      launch_transpose(k, a.weight, tws->get() + x_round, d.k, d.c_per_group(), d.taps(), stream);
       w_t = reinterpret_cast<const void*>(tws->get() + x_round);
     }
   };
