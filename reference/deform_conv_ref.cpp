@@ -90,11 +90,6 @@ void deform_conv2d_forward(const LayerDesc& d, const double* input, const double
   const int64_t Cg = d.c_per_group(), Kg = d.k_per_group(), Cog = d.c_per_offset_group();
 
   const Indexing ix(d);
-  auto idx4 = [&](int64_t n, int64_t ch, int64_t chans, int64_t y, int64_t x, int64_t ys,
-                  int64_t xs) { return ix.at4(n, ch, chans, y, x, ys, xs); };
-  auto widx = [&](int64_t k, int64_t cl, int64_t i, int64_t j) { return ix.weight(k, cl, i, j); };
-  const int64_t in_row = ix.row, in_col = ix.col;
-  auto plane = [&](int64_t n, int64_t c) { return input + ix.plane(n, c); };
 
   // Modulated samples of one output pixel: cols[c * T + t].
   std::vector<double> cols((size_t)(C * T));
@@ -106,13 +101,13 @@ void deform_conv2d_forward(const LayerDesc& d, const double* input, const double
           for (int64_t i = 0; i < R; ++i) {
             for (int64_t j = 0; j < S; ++j) {
               const int64_t t = i * S + j;
-              const double dy = offset[idx4(n, og * 2 * T + 2 * t + 0, 2 * OG * T, ho, wo, HO, WO)];
-              const double dx = offset[idx4(n, og * 2 * T + 2 * t + 1, 2 * OG * T, ho, wo, HO, WO)];
-              const double m = d.mask ? mask[idx4(n, og * T + t, OG * T, ho, wo, HO, WO)] : 1.0;
+              const double dy = offset[ix.at4(n, og * 2 * T + 2 * t + 0, 2 * OG * T, ho, wo, HO, WO)];
+              const double dx = offset[ix.at4(n, og * 2 * T + 2 * t + 1, 2 * OG * T, ho, wo, HO, WO)];
+              const double m = d.mask ? mask[ix.at4(n, og * T + t, OG * T, ho, wo, HO, WO)] : 1.0;
               const double y = (double)(ho * d.stride_h - d.pad_h + i * d.dil_h) + dy;
               const double x = (double)(wo * d.stride_w - d.pad_w + j * d.dil_w) + dx;
               for (int64_t c = og * Cog; c < (og + 1) * Cog; ++c)
-                cols[(size_t)(c * T + t)] = m * sample_bilinear(plane(n, c), H, W, in_row, in_col, y, x);
+                cols[(size_t)(c * T + t)] = m * sample_bilinear(input + ix.plane(n, c), H, W, ix.row, ix.col, y, x);
             }
           }
         }
@@ -122,10 +117,10 @@ void deform_conv2d_forward(const LayerDesc& d, const double* input, const double
           for (int64_t cl = 0; cl < Cg; ++cl) {
             const double* col = &cols[(size_t)((g * Cg + cl) * T)];
             for (int64_t i = 0; i < R; ++i)
-              for (int64_t j = 0; j < S; ++j) acc += weight[widx(k, cl, i, j)] * col[i * S + j];
+              for (int64_t j = 0; j < S; ++j) acc += weight[ix.weight(k, cl, i, j)] * col[i * S + j];
           }
           if (d.bias) acc += bias[k];
-          output[idx4(n, k, K, ho, wo, HO, WO)] = activate(d.act, acc);
+          output[ix.at4(n, k, K, ho, wo, HO, WO)] = activate(d.act, acc);
         }
       }
     }
@@ -162,11 +157,6 @@ void deform_conv2d_backward(const LayerDesc& d, const double* input, const doubl
   const int64_t OG = d.offset_groups;
   const int64_t Cg = d.c_per_group(), Kg = d.k_per_group(), Cog = d.c_per_offset_group();
   const Indexing ix(d);
-  auto idx4 = [&](int64_t n, int64_t ch, int64_t chans, int64_t y, int64_t x, int64_t ys,
-                  int64_t xs) { return ix.at4(n, ch, chans, y, x, ys, xs); };
-  auto widx = [&](int64_t k, int64_t cl, int64_t i, int64_t j) { return ix.weight(k, cl, i, j); };
-  const int64_t in_row = ix.row, in_col = ix.col;
-  auto plane_off = [&](int64_t n, int64_t c) { return ix.plane(n, c); };
 
   if (grad_input) std::fill(grad_input, grad_input + N * C * H * W, 0.0);
   if (grad_offset) std::fill(grad_offset, grad_offset + N * 2 * OG * T * HO * WO, 0.0);
@@ -178,14 +168,14 @@ void deform_conv2d_backward(const LayerDesc& d, const double* input, const doubl
     for (int64_t ho = 0; ho < HO; ++ho) {
       for (int64_t wo = 0; wo < WO; ++wo) {
         if (grad_bias)
-          for (int64_t k = 0; k < K; ++k) grad_bias[k] += grad_output[idx4(n, k, K, ho, wo, HO, WO)];
+          for (int64_t k = 0; k < K; ++k) grad_bias[k] += grad_output[ix.at4(n, k, K, ho, wo, HO, WO)];
         for (int64_t og = 0; og < OG; ++og) {
           for (int64_t i = 0; i < R; ++i) {
             for (int64_t j = 0; j < S; ++j) {
               const int64_t t = i * S + j;
-              const int64_t dy_at = idx4(n, og * 2 * T + 2 * t + 0, 2 * OG * T, ho, wo, HO, WO);
-              const int64_t dx_at = idx4(n, og * 2 * T + 2 * t + 1, 2 * OG * T, ho, wo, HO, WO);
-              const int64_t m_at = idx4(n, og * T + t, OG * T, ho, wo, HO, WO);
+              const int64_t dy_at = ix.at4(n, og * 2 * T + 2 * t + 0, 2 * OG * T, ho, wo, HO, WO);
+              const int64_t dx_at = ix.at4(n, og * 2 * T + 2 * t + 1, 2 * OG * T, ho, wo, HO, WO);
+              const int64_t m_at = ix.at4(n, og * T + t, OG * T, ho, wo, HO, WO);
               const double m = d.mask ? mask[m_at] : 1.0;
               const double y = (double)(ho * d.stride_h - d.pad_h + i * d.dil_h) + offset[dy_at];
               const double x = (double)(wo * d.stride_w - d.pad_w + j * d.dil_w) + offset[dx_at];
@@ -193,14 +183,14 @@ void deform_conv2d_backward(const LayerDesc& d, const double* input, const doubl
               double g_dy = 0, g_dx = 0, g_m = 0;
               for (int64_t c = og * Cog; c < (og + 1) * Cog; ++c) {
                 const int64_t g = c / Cg, cl = c % Cg;
-                const SampleGrad sg = sample_bilinear_grad(input + plane_off(n, c), H, W, in_row,
-                                                           in_col, y, x);
+                const SampleGrad sg = sample_bilinear_grad(input + ix.plane(n, c), H, W, ix.row,
+                                                           ix.col, y, x);
                 double colgrad = 0.0;
                 for (int64_t kk = 0; kk < Kg; ++kk) {
                   const int64_t k = g * Kg + kk;
-                  const double go = grad_output[idx4(n, k, K, ho, wo, HO, WO)];
-                  colgrad += weight[widx(k, cl, i, j)] * go;
-                  if (grad_weight) grad_weight[widx(k, cl, i, j)] += go * m * sg.value;
+                  const double go = grad_output[ix.at4(n, k, K, ho, wo, HO, WO)];
+                  colgrad += weight[ix.weight(k, cl, i, j)] * go;
+                  if (grad_weight) grad_weight[ix.weight(k, cl, i, j)] += go * m * sg.value;
                 }
                 g_m += colgrad * sg.value;
                 g_dy += colgrad * m * sg.dy;
@@ -213,7 +203,7 @@ void deform_conv2d_backward(const LayerDesc& d, const double* input, const doubl
                   for (int q = 0; q < 4; ++q) {
                     const int64_t yy = y0 + q / 2, xx = x0 + q % 2;
                     if (yy < 0 || yy >= H || xx < 0 || xx >= W) continue;
-                    grad_input[plane_off(n, c) + yy * in_row + xx * in_col] += colgrad * m * wts[q];
+                    grad_input[ix.plane(n, c) + yy * ix.row + xx * ix.col] += colgrad * m * wts[q];
                   }
                 }
               }
