@@ -9,16 +9,13 @@ deft against torchvision's (float64 torchvision as the reference where it fits i
         --benchmarks-md BENCHMARKS.md
 
 Writes results.json and a section between <!-- bench-bwd:begin --> / <!-- bench-bwd:end -->.
-Minimum bytes for forward + backward: each input tensor read twice (forward, backward), the
-output written once, grad_output read once, each gradient written once. FLOPs: 3x the forward
-GEMM (forward, grad input columns, grad weight).
+No roofline column yet (the forward benchmark, bench.py, has one).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 
@@ -34,13 +31,6 @@ DTYPES = ("fp16", "fp32_tf32", "fp32")
 # Gradient tolerance (relative L2 vs the float64 reference), as the issue's acceptance.
 GRAD_TOL = {"fp16": 2e-2, "fp32_tf32": 2e-2, "fp32": 1e-5}
 TARGET_DENSE, TARGET_DW, TV_MIN = 2.0, 3.0, 3.0
-
-
-def fb_bytes(case, dtype):
-    e = bench.tensor_elems(case)
-    el = bench.DTYPES[dtype]["elem"]
-    ins = e["input"] + e["offset"] + e["mask"] + e["weight"]
-    return (2 * ins + 2 * e["output"] + ins) * el
 
 
 def update_md(path, section):
