@@ -97,7 +97,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("BK", p.bk);
     if (p.use_tc) {
       c32("WK", p.wk);
-      c32("FPW", p.fm);
+      c32("FPW", p.fpw);
       c32("TC_PAD", p.a_pad);
     } else {
       c32("TM", p.tm);
@@ -116,7 +116,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("BPW", p.bpw);
     if (p.use_tc) {
       c32("WK", p.wk);
-      c32("FPW", p.fm);
+      c32("FPW", p.fpw);
       c32("TC_PAD", p.a_pad);
     } else {
       c32("TMO", p.tmo);

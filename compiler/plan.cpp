@@ -32,13 +32,13 @@ int pow2_divisor(int64_t v, int cap) {
 }
 
 // Backward tensor-core tiles: `frags` 16x16 fragments shared evenly by the warps of at most
-// `threads` threads (no warp without one); sets p.fm (fragments per warp), returns the threads.
+// `threads` threads (no warp without one); sets p.fpw (fragments per warp), returns the threads.
 int split_fragments(KernelPlan& p, int frags, int threads) {
   const int warps = std::min(threads / 32, frags);
   if (frags % warps != 0 || frags / warps > 8)
     bad("threads", fmt::format("{} warps cannot share {} 16x16 fragments evenly (max 8 each)",
                                warps, frags));
-  p.fm = frags / warps;
+  p.fpw = frags / warps;
   return warps * 32;
 }
 

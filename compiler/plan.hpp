@@ -23,8 +23,8 @@ struct KernelPlan {
   bool x_nhwc = false;            // the kernel reads the input channels-last
   bool w_krsc = false;            // ... and the weight as [k][r][s][c/groups]
   bool transpose = false;         // a transpose pre-pass makes them so from nchw tensors
-  bool vec_a = false;
-  bool vec_b = false;             // B (weight) loaded as 16-byte vectors, tile column-major             // A gathered with 16-byte vector loads (nhwc)
+  bool vec_a = false;             // A gathered with 16-byte vector loads (nhwc)
+  bool vec_b = false;             // B (weight) loaded as 16-byte vectors, tile column-major
   bool wide_offsets = false;      // 64-bit element offsets inside one image
   std::array<unsigned, 3> grid{1, 1, 1};
   unsigned block = 0;
@@ -37,6 +37,7 @@ struct KernelPlan {
   int bp = 0, bc = 0, bk = 0, tpp = 0;      // backward_data: pixels, channels/step, k/slice
   int gin_mode = 0;                         // 0 atomics into grad_input, 1 f32 ws, 2 fixed point
   int bo = 0, bpw = 0, tmo = 0, tnc = 0, ksplit = 0;  // backward_weight tiles
+  int fpw = 0;                              // backward tensor cores: 16x16 fragments per warp
   int splits = 0;                           // backward_weight: pixel ranges (grid z)
   int64_t split_pix = 0;
   // backward: workspace bytes (grad-input accumulator incl. a 32-byte header / weight partials)

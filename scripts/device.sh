@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build, GPU tests, example, benchmark. Prints a short table last.
-# Usage (on the device, from the repo root): bash scripts/device.sh [tests|bench|all] [bench args...]
+# Usage (on the device, from the repo root): bash scripts/device.sh [build|tests|bench|all] [bench args...]
+# (build: configure and build only)
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/deft-out}; mkdir -p "$OUT"

@@ -3,17 +3,8 @@
 # Usage (on the device, from the repo root): bash scripts/device_quick.sh ['<gtest filter>']
 set -uo pipefail
 filter=${1:-*Backward*}
-OUT=${OUT:-/tmp/deft-out}; mkdir -p "$OUT"
-export DEFT_CACHE_DIR=/tmp/deft-cache
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-sqlite_args=()
-if [ ! -f /usr/include/sqlite3.h ] && [ -f .device/sqlite/sqlite3.h ]; then
-  sqlite_args=(-DSQLite3_INCLUDE_DIR=$PWD/.device/sqlite -DSQLite3_LIBRARY=/usr/lib/x86_64-linux-gnu/libsqlite3.so.0)
-fi
-t0=$(date +%s)
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release "${sqlite_args[@]}" > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-cmake --build build -j16 > "$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"
+export OUT=${OUT:-/tmp/deft-out} DEFT_CACHE_DIR=/tmp/deft-cache
+bash scripts/device.sh build || exit 1
 t0=$(date +%s)
 build/tests/deft_tests --gtest_filter="$filter" --gtest_brief=1 > "$OUT/gtest.log" 2>&1; rc=$?
 echo "gtest '$filter': rc=$rc in $(( $(date +%s) - t0 )) s"
