@@ -106,6 +106,12 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     line(fmt::format("#define USE_TC {}", p.use_tc ? 1 : 0));
     c32("THREADS", p.block);
     c32("TPP", p.tpp);
+    if (p.nstage > 0) {  // grad_out resident in shared memory
+      c32("NSTAGE", p.nstage);
+      c32("GV", p.gv);
+      c32("EV", p.ev);
+      c32("SMEM_BYTES", p.smem_bytes);
+    }
     line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
                      p.gin_mode == 0 ? "atomics into grad_input"
                      : p.gin_mode == 1 ? "f32 atomics into a workspace"

@@ -42,6 +42,37 @@ int split_fragments(KernelPlan& p, int frags, int threads) {
   return warps * 32;
 }
 
+int align128(int64_t b) { return int((b + 127) / 128 * 128); }
+
+// backward_data on tensor cores with the block's grad_out tile resident in shared memory
+// (templates/deform_conv_bwd_data_tc.cuh), where the layer allows it: channels-last input
+// and krsc weight, each offset group inside one conv group, 16-byte weight rows, and the
+// tiles within 113 KiB (two blocks per SM on sm_90). Leaves p.nstage = 0 (the streaming
+// kernel) otherwise.
+void plan_bwd_data_resident(const LayerDesc& d, KernelPlan& p, int ssize, int asize) {
+  const int64_t cg = d.c_per_group(), cpog = d.c_per_offset_group();
+  const int wv = 16 / ssize;
+  if (!p.x_nhwc || !p.w_krsc || cg % cpog != 0 || cg % wv != 0 || p.bc % wv != 0) return;
+  const int64_t kgp = ceil_div(d.k_per_group(), p.bk) * p.bk;
+  const bool nhwc = d.layout == Layout::nhwc;  // grad_out's layout
+  const int64_t gs = nhwc ? p.bp * (kgp + p.a_pad) : kgp * (p.bp + p.a_pad);
+  const int gv = nhwc ? pow2_divisor(gcd64(d.k, d.k_per_group()), wv)
+                      : pow2_divisor(gcd64(d.out_h() * d.out_w(), p.bp), wv);
+  if (gv * ssize < 4) return;  // cp.async copies 4, 8 or 16 bytes
+  for (int nstage = 3; nstage >= 2; --nstage) {
+    const int64_t bytes = align128(gs * ssize) + align128(int64_t(nstage) * p.bk * (p.bc + p.a_pad) * ssize) +
+                          align128(int64_t(p.bp) * (p.bc + 16) * 4) + int64_t(3) * p.block * asize;
+    if (bytes <= 113 * 1024) {
+      p.template_name = "deform_conv_bwd_data_tc.cuh";
+      p.nstage = nstage;
+      p.gv = gv;
+      p.ev = d.c % 4 == 0 && p.bc % (4 * p.tpp) == 0 ? 4 : 1;
+      p.smem_bytes = int(bytes);
+      return;
+    }
+  }
+}
+
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
   p.use_tc = v.algo == Algo::gemm_tc;
@@ -133,11 +164,14 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.block = threads;
     p.tpp = threads / p.bp;
     const int ssize = p.use_tc ? (d.dtype == DType::f32 ? 4 : 2) : asize;
-    const int smem = ssize * p.bk * (p.bc + p.bp + 2 * p.a_pad) +
-                     asize * (p.bc * (p.bp + 4) + 3 * threads);
-    if (smem > 48 * 1024)
-      bad("tm", fmt::format("the tiles need {} bytes of shared memory (max 49152)", smem));
-    p.smem_bytes = 0;  // static shared memory
+    if (p.use_tc) plan_bwd_data_resident(d, p, ssize, asize);
+    if (p.nstage == 0) {
+      const int smem = ssize * p.bk * (p.bc + p.bp + 2 * p.a_pad) +
+                       asize * (p.bc * (p.bp + 4) + 3 * threads);
+      if (smem > 48 * 1024)
+        bad("tm", fmt::format("the tiles need {} bytes of shared memory (max 49152)", smem));
+      p.smem_bytes = 0;  // static shared memory
+    }
     if (v.deterministic) p.gin_mode = 2;
     else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
     p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;

@@ -38,6 +38,9 @@ struct KernelPlan {
   int gin_mode = 0;                         // 0 atomics into grad_input, 1 f32 ws, 2 fixed point
   int bo = 0, bpw = 0, tmo = 0, tnc = 0, ksplit = 0;  // backward_weight tiles
   int fpw = 0;                              // backward tensor cores: 16x16 fragments per warp
+  // backward_data with grad_out resident in shared memory (deform_conv_bwd_data_tc.cuh):
+  // weight ring depth, grad_out copy vector and epilogue channel vector (elements)
+  int nstage = 0, gv = 0, ev = 0;
   int splits = 0;                           // backward_weight: pixel ranges (grid z)
   int64_t split_pix = 0;
   // backward: workspace bytes (grad-input accumulator incl. a 32-byte header / weight partials)

@@ -111,7 +111,9 @@ Variant default_variant(const LayerDesc& d) {
   const bool tc16 = tc_dtype && common % 16 == 0;
   if (d.pass == Pass::backward_data) {
     v.algo = tc16 ? Algo::gemm_tc : Algo::gemm_simt;
-    v.tile_m = 64;   // output pixels per block
+    // output pixels per block: 32 where a 64-pixel f32 grad_out tile would not leave room
+    // for two blocks per SM (deform_conv_bwd_data_tc.cuh keeps it in shared memory)
+    v.tile_m = tc16 && d.dtype == DType::f32 && d.k_per_group() * 64 * 4 > 64 * 1024 ? 32 : 64;
     v.tile_n = tc16 && common % 64 == 0 ? 64 : 32;  // input channels per step
     v.tile_k = tc16 ? 32 : 16;   // output channels per reduction slice
     v.threads = 256;

@@ -194,6 +194,62 @@ __device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT
   }
 }
 
+// deft_bwd_channel for EV_ consecutive channels at once (nhwc): one vector load per corner
+// instead of EV_ scalar loads, and for a float accumulator one vector reduction
+// (red.global.add.v4.f32, sm_90) per corner instead of EV_ atomics. src and dst must be
+// aligned to EV_ elements. The sums into g[] run over the channels in order, as EV_ calls of
+// deft_bwd_channel would.
+template <int EV_>
+__device__ __forceinline__ void deft_bwd_channels(const T* __restrict__ src, GinT* dst,
+                                                  const BwdPoint& pt, const Acc* cg, double scale,
+                                                  bool& nonfinite, Acc* g) {
+  struct __align__(sizeof(T) * EV_) Vec { T x[EV_]; };
+  Acc v[4][EV_];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    Vec r;
+    if ((pt.valid >> q) & 1) r = *reinterpret_cast<const Vec*>(src + pt.off[q]);
+#pragma unroll
+    for (int e = 0; e < EV_; ++e) v[q][e] = (pt.valid >> q) & 1 ? Acc(deft_widen(r.x[e])) : Acc(0);
+  }
+#pragma unroll
+  for (int e = 0; e < EV_; ++e) {
+    const Acc val = pt.w[0] * v[0][e] + pt.w[1] * v[1][e] + pt.w[2] * v[2][e] + pt.w[3] * v[3][e];
+    g[2] += cg[e] * val;
+    const Acc cgm = cg[e] * pt.mod;
+    g[0] += cgm * (pt.hx * (v[2][e] - v[0][e]) + pt.lx * (v[3][e] - v[1][e]));
+    g[1] += cgm * (pt.hy * (v[1][e] - v[0][e]) + pt.ly * (v[3][e] - v[2][e]));
+  }
+  if (!dst) return;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (!((pt.valid >> q) & 1)) continue;
+    Acc contrib[EV_];
+#pragma unroll
+    for (int e = 0; e < EV_; ++e) contrib[e] = cg[e] * pt.mod * pt.w[q];
+#if GIN_MODE == 2
+#pragma unroll
+    for (int e = 0; e < EV_; ++e) {
+      const double sc = (double)contrib[e] * scale;
+      if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
+      else atomicAdd(dst + pt.off[q] + e, (unsigned long long)__double2ll_rn(sc));
+    }
+#else
+    (void)scale;
+    (void)nonfinite;
+    if constexpr (EV_ == 4 && sizeof(GinT) == 4) {
+      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst + pt.off[q]),
+                   "f"(float(contrib[0])), "f"(float(contrib[1])), "f"(float(contrib[2])),
+                   "f"(float(contrib[3]))
+                   : "memory");
+    } else {
+#pragma unroll
+      for (int e = 0; e < EV_; ++e) atomicAdd(dst + pt.off[q] + e, contrib[e]);
+    }
+#endif
+  }
+}
+
 // Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 and 2).
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_finish(const GinT* __restrict__ ws, const unsigned long long* __restrict__ header,
