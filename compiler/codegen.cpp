@@ -23,6 +23,31 @@ const std::string& template_text(const std::string& name) {
   return it->second;
 }
 
+// deft_wgmma_k16(acc, a, desc): one wgmma.mma_async m64nBNk16 with A from registers and B
+// from the shared-memory descriptor, accumulating into acc; the operand list is spelled out for
+// the tile width, as inline PTX needs.
+std::string wgmma_wrapper(const LayerDesc& d, int bn) {
+  const char* ty = d.dtype == DType::bf16 ? "bf16" : "f16";
+  std::string regs, outs;
+  for (int i = 0; i < bn / 2; ++i) {
+    regs += fmt::format("{}%{}", i ? ", " : "", i);
+    outs += fmt::format("{}\"+f\"(d[{}])", i ? ", " : "", i);
+  }
+  const int a = bn / 2;
+  std::string s;
+  s += "// wgmma for this tile width (generated)\n";
+  s += fmt::format("__device__ __forceinline__ void deft_wgmma_k16(float (&d)[{}], const unsigned (&a)[4],\n", bn / 2);
+  s += "                                               unsigned long long desc) {\n";
+  s += "  asm volatile(\n";
+  s += fmt::format("      \"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{}, 0;\\n\"\n", a + 5);
+  s += fmt::format("      \"wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{} \"\n", bn, ty, ty);
+  s += fmt::format("      \"{{{}}}, {{%{}, %{}, %{}, %{}}}, %{}, p, 1, 1, 0;\\n}}\\n\"\n", regs, a, a + 1, a + 2, a + 3, a + 4);
+  s += "      : " + outs + "\n";
+  s += "      : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(desc), \"r\"(1));\n";
+  s += "}\n\n";
+  return s;
+}
+
 }  // namespace
 
 std::string generate_source(const LayerDesc& d, const Variant& v) {
@@ -133,6 +158,21 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("THREADS", p.block);
     c32("SPLITS", p.splits);
     c64("SPLIT_PIX", p.split_pix);
+    if (p.gv > 0) {  // vector gathers, double-buffered (deform_conv_bwd_weight_tc.cuh)
+      c32("GV", p.gv);
+      c32("SMEM_BYTES", p.smem_bytes);
+    }
+  } else if (v.algo == Algo::gemm_wgmma) {
+    c32("BM", v.tile_m);
+    c32("BN", v.tile_n);
+    c32("THREADS", p.block);
+    c32("NSTAGE", p.nstage);
+    c32("KCH", (d.c_per_group() + 31) / 32);
+    c32("NOG", p.nog);
+    c32("PTS_BYTES", p.pts_bytes);
+    c32("SMEM_BYTES", p.smem_bytes);
+    c32("MIN_BLOCKS", 1);
+    line(fmt::format("#define OUT_VEC {}", p.out_vec ? 1 : 0));
   } else if (v.algo == Algo::depthwise) {
     c32("THREADS", v.threads);
     c32("VEC", p.vec);
@@ -172,11 +212,13 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line("// ---- templates/common.cuh ----");
   s += template_text("common.cuh");
   line("");
-  if (d.pass == Pass::backward_data) {
-    line("// ---- templates/bwd_common.cuh ----");
-    s += template_text("bwd_common.cuh");
+  if (d.pass != Pass::forward) {
+    const char* common = d.pass == Pass::backward_data ? "bwd_common.cuh" : "bwd_weight_common.cuh";
+    line(fmt::format("// ---- templates/{} ----", common));
+    s += template_text(common);
     line("");
   }
+  if (p.wgmma) s += wgmma_wrapper(d, v.tile_n);
   line("// ---- templates/" + p.template_name + " ----");
   s += template_text(p.template_name);
   if (p.transpose) {

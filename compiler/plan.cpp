@@ -66,11 +66,35 @@ void plan_bwd_data_resident(const LayerDesc& d, KernelPlan& p, int ssize, int as
       p.template_name = "deform_conv_bwd_data_tc.cuh";
       p.nstage = nstage;
       p.gv = gv;
-      p.ev = d.c % 4 == 0 && p.bc % (4 * p.tpp) == 0 ? 4 : 1;
+      // EV = 4 only with float atomics: deterministic mode's 64-bit atomics have no vector
+      // form, and with scalar channels the lanes of a pixel hit one sector per instruction.
+      p.ev = p.gin_mode != 2 && d.c % 4 == 0 && p.bc % (4 * p.tpp) == 0 ? 4 : 1;
       p.smem_bytes = int(bytes);
       return;
     }
   }
+}
+
+// backward_weight on tensor cores with 16-byte channel-vector gathers and a double-buffered
+// pipeline (templates/deform_conv_bwd_weight_tc.cuh), where the layer allows it: channels-last
+// input, 16-byte aligned channel vectors inside the groups, whole vectors per thread, and
+// both buffers within 113 KiB. Leaves p.template_name alone otherwise.
+void plan_bwd_weight_vector(const LayerDesc& d, KernelPlan& p, int ssize) {
+  const int va = 16 / ssize;
+  if (!p.x_nhwc || d.c % va != 0 || d.c_per_group() % va != 0 || p.bc % va != 0 ||
+      (int64_t(p.bpw) * (p.bc / va)) % p.block != 0)
+    return;
+  const bool nhwc = d.layout == Layout::nhwc;  // grad_out's layout
+  const int gv = nhwc ? pow2_divisor(gcd64(gcd64(d.k, d.k_per_group()), p.bo), va)
+                      : pow2_divisor(gcd64(d.out_h() * d.out_w(), p.bpw), va);
+  if (gv * ssize < 4) return;  // cp.async copies 4, 8 or 16 bytes
+  const int64_t a = align128(int64_t(p.bpw) * (p.bc + p.a_pad) * ssize);
+  const int64_t g = align128((nhwc ? int64_t(p.bpw) * (p.bo + p.a_pad) : int64_t(p.bo) * (p.bpw + p.a_pad)) * ssize);
+  const int64_t bytes = std::max<int64_t>(2 * (a + g), int64_t(p.bo) * (p.bc + 4) * 4);
+  if (bytes > 113 * 1024) return;
+  p.template_name = "deform_conv_bwd_weight_tc.cuh";
+  p.gv = gv;
+  p.smem_bytes = int(bytes);
 }
 
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
@@ -164,6 +188,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.block = threads;
     p.tpp = threads / p.bp;
     const int ssize = p.use_tc ? (d.dtype == DType::f32 ? 4 : 2) : asize;
+    if (v.deterministic) p.gin_mode = 2;
+    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
     if (p.use_tc) plan_bwd_data_resident(d, p, ssize, asize);
     if (p.nstage == 0) {
       const int smem = ssize * p.bk * (p.bc + p.bp + 2 * p.a_pad) +
@@ -172,8 +198,6 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
         bad("tm", fmt::format("the tiles need {} bytes of shared memory (max 49152)", smem));
       p.smem_bytes = 0;  // static shared memory
     }
-    if (v.deterministic) p.gin_mode = 2;
-    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
     p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;
     const int64_t gx = ceil_div(m_total, p.bp);
     if (gx > 2147483647 || d.offset_groups > 65535)
@@ -199,6 +223,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
                               8 * p.bpw * 4;
       const int red_bytes = asize * p.bo * (p.bc + 4);
       p.smem_bytes = std::max(tiles_bytes, red_bytes);
+      plan_bwd_weight_vector(d, p, ssize);
     } else {
     p.tmo = std::min(4, p.bo);
     p.tnc = std::min(4, p.bc);
@@ -216,8 +241,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     const int red_bytes = asize * p.block * p.tmo * p.tnc;
     p.smem_bytes = std::max(tiles_bytes, red_bytes);
     }
-    if (p.smem_bytes > 96 * 1024)
-      bad("tk", fmt::format("the tiles need {} bytes of shared memory (max 98304)", p.smem_bytes));
+    if (p.smem_bytes > 113 * 1024)
+      bad("tk", fmt::format("the tiles need {} bytes of shared memory (max 115712)", p.smem_bytes));
     const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);
     const int64_t blocks = tiles * d.taps() * d.groups;
     const int64_t slices = ceil_div(m_total, p.bpw);
@@ -372,6 +397,63 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       if (gx > 2147483647 || gy > 65535 || d.groups > 65535)
         bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, gy, d.groups));
       p.grid = {unsigned(gx), unsigned(gy), unsigned(d.groups)};
+      break;
+    }
+    case Algo::gemm_wgmma: {
+      p.template_name = "deform_conv_wgmma.cuh";
+      p.wgmma = true;
+      if (d.dtype != DType::f16 && d.dtype != DType::bf16)
+        bad("algo", fmt::format("algo=gemm_wgmma needs dtype f16 or bf16, not {}", to_string(d.dtype)));
+      if (!p.x_nhwc)
+        bad("transpose", "algo=gemm_wgmma reads the input channels-last: nchw layers need transpose=1");
+      // The weight is packed from its own layout by deft_pack_weight, never transposed.
+      p.w_krsc = d.layout == Layout::nhwc;
+      p.workspace_weight_bytes = 0;
+      if (d.c_per_group() % 8 != 0 || d.c_per_offset_group() % 8 != 0)
+        bad("algo", fmt::format("algo=gemm_wgmma needs c/groups={} and c/offset_groups={} to be "
+                                "multiples of 8 (16-byte channel vectors)",
+                                d.c_per_group(), d.c_per_offset_group()));
+      if (v.tile_m != 64 && v.tile_m != 128)
+        bad("tm", fmt::format("algo=gemm_wgmma has tm=64 or 128 (one or two warpgroups), not {}", v.tile_m));
+      if (v.tile_n != 64 && v.tile_n != 128 && v.tile_n != 256)
+        bad("tn", fmt::format("algo=gemm_wgmma has tn=64, 128 or 256, not {}", v.tile_n));
+      if (v.tile_k != 32)
+        bad("tk", fmt::format("algo=gemm_wgmma reduces 32-channel chunks: tk=32, not {}", v.tile_k));
+      if (v.threads != 2 * v.tile_m)
+        bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 rows: threads={} for tm={}",
+                                   2 * v.tile_m, v.tile_m));
+      if (d.h * d.w * d.c >= (int64_t{1} << 31))
+        bad("algo", "algo=gemm_wgmma needs an image of fewer than 2^31 elements");
+      const int bm = v.tile_m, bn = v.tile_n;
+      // Offset groups that one weight group's channels touch.
+      const int64_t cg = d.c_per_group(), cpog = d.c_per_offset_group();
+      int64_t nog = 1;
+      for (int64_t g = 0; g < d.groups; ++g)
+        nog = std::max(nog, ((g + 1) * cg - 1) / cpog - g * cg / cpog + 1);
+      p.nog = int(nog);
+      p.pts_bytes = int(nog * d.taps() * bm * 32);
+      const int64_t epi = d.layout == Layout::nhwc ? int64_t(bm) * (bn + 8) * 2 : int64_t(bn) * (bm + 8) * 2;
+      constexpr int64_t kMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block
+      p.nstage = 0;
+      for (int ns : {4, 3, 2})
+        if (p.pts_bytes + int64_t(ns) * bn * 64 <= kMaxSmem) {
+          p.nstage = ns;
+          break;
+        }
+      if (p.nstage == 0)
+        bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows need {} "
+                              "bytes of shared memory (max {})", d.taps(), nog, bm, p.pts_bytes, kMaxSmem));
+      p.smem_bytes = int(std::max<int64_t>(p.pts_bytes + int64_t(p.nstage) * bn * 64, epi));
+      p.out_vec = d.layout == Layout::nhwc ? d.k % 8 == 0 && d.k_per_group() % 8 == 0
+                                           : (d.out_h() * d.out_w()) % 8 == 0;
+      p.block = v.threads;
+      const int64_t m_total = d.n * d.out_h() * d.out_w();
+      const int64_t gx = ceil_div(m_total, bm), nt = ceil_div(d.k_per_group(), bn);
+      if (gx > 2147483647 || nt > 65535 || d.groups > 65535)
+        bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, nt, d.groups));
+      p.grid = {unsigned(gx), unsigned(nt), unsigned(d.groups)};
+      const int64_t stages = ceil_div(cg, 32) * d.taps();
+      p.workspace_packed_bytes = int64_t(d.groups) * nt * stages * bn * 32 * 2;
       break;
     }
     case Algo::depthwise: {

@@ -39,9 +39,17 @@ struct KernelPlan {
   int bo = 0, bpw = 0, tmo = 0, tnc = 0, ksplit = 0;  // backward_weight tiles
   int fpw = 0;                              // backward tensor cores: 16x16 fragments per warp
   // backward_data with grad_out resident in shared memory (deform_conv_bwd_data_tc.cuh):
-  // weight ring depth, grad_out copy vector and epilogue channel vector (elements)
+  // weight ring depth, grad_out copy vector and epilogue channel vector (elements); gv also
+  // marks backward_weight's vector kernel (deform_conv_bwd_weight_tc.cuh)
   int nstage = 0, gv = 0, ev = 0;
   int splits = 0;                           // backward_weight: pixel ranges (grid z)
+  // forward on wgmma (deform_conv_wgmma.cuh): offset groups per weight group, bytes of the
+  // sampling-point table, 16-byte output stores; the weight is packed by a pre-pass into
+  // workspace_packed_bytes (after the transposed input, if any). Compiled for sm_90a.
+  bool wgmma = false;
+  int nog = 0, pts_bytes = 0;
+  bool out_vec = false;
+  int64_t workspace_packed_bytes = 0;
   int64_t split_pix = 0;
   // backward: workspace bytes (grad-input accumulator incl. a 32-byte header / weight partials)
   int64_t workspace_bytes = 0;

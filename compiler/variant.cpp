@@ -1,5 +1,6 @@
 // Variant: text form, validation against a layer, and the heuristic default.
 #include <charconv>
+#include <optional>
 #include <set>
 
 #include <fmt/format.h>
@@ -14,6 +15,7 @@ std::string_view to_string(Algo a) {
     case Algo::gemm_simt: return "gemm_simt";
     case Algo::gemm_tc: return "gemm_tc";
     case Algo::depthwise: return "depthwise";
+    case Algo::gemm_wgmma: return "gemm_wgmma";
   }
   return "?";
 }
@@ -55,7 +57,8 @@ Variant parse_variant(std::string_view text) {
       if (val == "gemm_simt") v.algo = Algo::gemm_simt;
       else if (val == "gemm_tc") v.algo = Algo::gemm_tc;
       else if (val == "depthwise") v.algo = Algo::depthwise;
-      else throw DescError(key, fmt::format("algo={} is not one of gemm_simt|gemm_tc|depthwise", val));
+      else if (val == "gemm_wgmma") v.algo = Algo::gemm_wgmma;
+      else throw DescError(key, fmt::format("algo={} is not one of gemm_simt|gemm_tc|depthwise|gemm_wgmma", val));
     } else if (key == "staging") {
       if (val == "gather") v.staging = Staging::gather;
       else if (val == "window") v.staging = Staging::window;
@@ -127,11 +130,18 @@ Variant default_variant(const LayerDesc& d) {
     // 128-pixel slices for k/groups up to 256, 128 x 64 above.
     v.tile_m = tc && d.k_per_group() >= 512 ? 128 : 64;  // output channels per block
     v.tile_n = tc && common % 64 == 0 ? 64 : 32;  // input channels per block
-    v.tile_k = tc ? 128 : 32;   // pixels per reduction slice
     v.threads = 256;
     // Only with channel runs to gather: a depthwise block owns one channel, whose nhwc
     // elements lie c apart (measured: dw512 grad weight 1.55 -> 2.42 ms when transposed).
     v.transpose = bwd_transpose && common >= 8;
+    // Pixels per reduction slice. The vector kernel (deform_conv_bwd_weight_tc.cuh, channels-
+    // last input with 16-byte channel vectors) holds a slice's corner vectors in registers:
+    // 64 pixels keep f16/bf16 at 128 registers (two blocks per SM), f32 needs 32. The scalar
+    // kernels: 128 from the round-B5 sweep.
+    const int va = 16 / dtype_size(d.dtype);
+    const bool vec = tc && (d.layout == Layout::nhwc || v.transpose) && d.c % va == 0 &&
+                     d.c_per_group() % va == 0;
+    v.tile_k = !tc ? 32 : !vec ? 128 : d.dtype == DType::f32 ? 32 : 64;
     return v;
   }
   if (d.c_per_group() == 1 && d.k_per_group() == 1) {
@@ -177,6 +187,39 @@ Variant default_variant(const LayerDesc& d) {
                 d.c_per_group() % a_elems == 0 && d.c_per_offset_group() % a_elems == 0 &&
                 d.n <= 65535 && d.k <= 65535;
   return v;
+}
+
+bool variant_needs_sm90a(const Variant& v) { return v.algo == Algo::gemm_wgmma; }
+
+Variant default_variant(const LayerDesc& d, int arch) {
+  Variant base = default_variant(d);
+  // wgmma exists on sm_90 (Hopper) alone. Only for the layers the tensor-core GEMM would take,
+  // with whole 32-channel chunks or at least 64 channels per group (less would leave most of
+  // each chunk's k slots zero).
+  if (arch != 90 || d.pass != Pass::forward || base.algo != Algo::gemm_tc ||
+      d.dtype == DType::f32 || (d.c_per_group() % 32 != 0 && d.c_per_group() < 64))
+    return base;
+  // Tiles from the wgmma sweep (scripts/sweep.py --family wgmma, H200, fp16, both layouts;
+  // docs/perf-notes.md round 5): the output-channel tile as wide as the group's output
+  // channels (64 to 256), 64 pixel rows (two blocks per SM) except with 64-wide tiles, where
+  // 128 rows won. Smaller tiles when a layer cannot take these (validate refuses them).
+  const int64_t kg = d.k_per_group();
+  const int bn0 = kg <= 64 ? 64 : (kg <= 128 ? 128 : 256);
+  std::optional<Variant> best;
+  for (int bn : {bn0, 128, 64})
+    for (int bm : {bn == 64 ? 128 : 64, bn == 64 ? 64 : 128}) {
+      if (best || bn > bn0) continue;
+      Variant v;
+      v.algo = Algo::gemm_wgmma;
+      v.tile_m = bm, v.tile_n = bn, v.tile_k = 32, v.threads = 2 * bm, v.vec = 1;
+      v.transpose = d.layout == Layout::nchw;
+      try {
+        validate(d, v);
+        best = v;
+      } catch (const Error&) {
+      }
+    }
+  return best ? *best : base;
 }
 
 }  // namespace deft

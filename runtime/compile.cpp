@@ -35,6 +35,7 @@ class KernelImpl {
   CUlibrary library = nullptr;
   CUkernel kernel = nullptr;
   CUkernel transpose = nullptr;  // pre-pass (plan.transpose)
+  CUkernel pack = nullptr;       // deft_pack_weight (plan.wgmma)
   // backward_data: deft_bwd_bound, deft_bwd_finish; backward_weight: reduce, bias.
   CUkernel aux[2] = {nullptr, nullptr};
   // Forward kernels: what compiled them (for the backward passes, compiled on first use),
@@ -65,6 +66,17 @@ std::string resolve_cache_path(const std::optional<std::string>& path) {
   return path ? *path : cache::default_database_path();
 }
 
+namespace {
+
+// Variants with sm_90a instructions compile for sm_90 alone.
+void require_arch_for(const Variant& v, int arch) {
+  if (variant_needs_sm90a(v) && arch != 90)
+    throw Error(fmt::format("algo={} uses Hopper's wgmma instructions and needs sm_90, not sm_{}",
+                            to_string(v.algo), arch));
+}
+
+}  // namespace
+
 CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options) {
   init_logging();
   if (!options.arch) throw Error("compile_offline needs an explicit architecture (options.arch)");
@@ -72,6 +84,8 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   if (arch < 70 || arch > 200) throw Error(fmt::format("arch sm_{} is not supported (sm_70 or newer)", arch));
   const Variant variant = tuner::choose_variant(desc, options);
   const KernelPlan plan = make_plan(desc, variant);
+  const bool sm90a = variant_needs_sm90a(variant);
+  require_arch_for(variant, arch);
   const auto t0 = std::chrono::steady_clock::now();
 
   CompileInfo info;
@@ -81,7 +95,7 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   cache::CubinKey key;
   key.deft_version = version();
   key.source_hash = cache::sha256_hex(info.source);
-  key.options = fmt::format("{}", fmt::join(nvrtc::options_for(arch, false, options.nvrtc_options), " "));
+  key.options = fmt::format("{}", fmt::join(nvrtc::options_for(arch, false, options.nvrtc_options, sm90a), " "));
   key.arch = fmt::format("sm_{}", arch);
   key.nvrtc_version = nvrtc::version();
   info.cache_key = key.digest();
@@ -98,7 +112,7 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   }
   if (!info.from_cache) {
     nvrtc::Result r = nvrtc::compile(info.source, plan.kernel_name + ".cu", arch, false,
-                                     options.nvrtc_options);
+                                     options.nvrtc_options, sm90a);
     info.cubin = std::move(r.cubin);
     info.resource_report = std::move(r.log);
     if (db) {
@@ -122,8 +136,9 @@ std::string emit_ptx(const LayerDesc& desc, const CompileOptions& options) {
   if (!options.arch) throw Error("emit_ptx needs an explicit architecture (options.arch)");
   const Variant variant = tuner::choose_variant(desc, options);
   const KernelPlan plan = make_plan(desc, variant);
+  require_arch_for(variant, *options.arch);
   return nvrtc::compile(generate_source(desc, variant), plan.kernel_name + ".cu", *options.arch,
-                        true, options.nvrtc_options)
+                        true, options.nvrtc_options, variant_needs_sm90a(variant))
       .ptx;
 }
 
@@ -188,6 +203,9 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
     if (impl->plan.transpose)
       driver::check(api.cuLibraryGetKernel(&impl->transpose, impl->library, "deft_transpose"),
                     "cuLibraryGetKernel(deft_transpose)");
+    if (impl->plan.wgmma)
+      driver::check(api.cuLibraryGetKernel(&impl->pack, impl->library, "deft_pack_weight"),
+                    "cuLibraryGetKernel(deft_pack_weight)");
     if (desc.pass != Pass::forward) {
       const char* names[2] = {"deft_bwd_bound", "deft_bwd_finish"};
       if (desc.pass == Pass::backward_weight) names[0] = "deft_bwd_weight_reduce", names[1] = "deft_bwd_bias";
@@ -277,15 +295,28 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
   void* output = a.output;
   const KernelPlan& p = impl_->plan;
   CUdeviceptr workspace = 0;
-  if (p.transpose) {
-    // Stream-ordered workspace: nhwc input, then krsc weight (256-byte aligned).
-    const size_t in_bytes = (p.workspace_input_bytes + 255) / 256 * 256;
-    driver::check(api.cuMemAllocAsync(&workspace, in_bytes + p.workspace_weight_bytes, stream),
-                  "cuMemAllocAsync (transpose workspace)");
-    launch_transpose(*impl_, input, workspace, d.n, d.c, d.h * d.w, stream);
-    launch_transpose(*impl_, weight, workspace + in_bytes, d.k, d.c_per_group(), d.taps(), stream);
-    input = reinterpret_cast<const void*>(workspace);
-    weight = reinterpret_cast<const void*>(workspace + in_bytes);
+  const size_t in_bytes = p.transpose ? (p.workspace_input_bytes + 255) / 256 * 256 : 0;
+  const size_t w_bytes = size_t(p.workspace_weight_bytes + p.workspace_packed_bytes);
+  if (in_bytes + w_bytes > 0) {
+    // Stream-ordered workspace: nhwc input, then the krsc or packed weight (256-byte aligned).
+    driver::check(api.cuMemAllocAsync(&workspace, in_bytes + w_bytes, stream),
+                  "cuMemAllocAsync (forward workspace)");
+    if (p.transpose) {
+      launch_transpose(*impl_, input, workspace, d.n, d.c, d.h * d.w, stream);
+      input = reinterpret_cast<const void*>(workspace);
+    }
+    const CUdeviceptr w_out = workspace + in_bytes;
+    if (p.wgmma) {
+      const int64_t elems = p.workspace_packed_bytes / 2;
+      void* args[] = {&weight, const_cast<CUdeviceptr*>(&w_out)};
+      driver::check(api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->pack),
+                                       unsigned((elems + 255) / 256), 1, 1, 256, 1, 1, 0, stream,
+                                       args, nullptr),
+                    "cuLaunchKernel(deft_pack_weight)");
+    } else if (p.transpose) {
+      launch_transpose(*impl_, weight, w_out, d.k, d.c_per_group(), d.taps(), stream);
+    }
+    if (p.wgmma || p.transpose) weight = reinterpret_cast<const void*>(w_out);
   }
   void* params[] = {&input, &offset, &mask, &weight, &bias, &output};
   CUresult r = api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->kernel), p.grid[0],

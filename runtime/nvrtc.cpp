@@ -61,10 +61,12 @@ std::string save_failed_source(const std::string& source) {
 
 }  // namespace
 
-std::vector<std::string> options_for(int arch, bool ptx, const std::vector<std::string>& extra) {
+std::vector<std::string> options_for(int arch, bool ptx, const std::vector<std::string>& extra,
+                                     bool arch_specific) {
   std::vector<std::string> o;
-  o.push_back(ptx ? fmt::format("--gpu-architecture=compute_{}", arch)
-                  : fmt::format("--gpu-architecture=sm_{}", arch));
+  const char* suffix = arch_specific ? "a" : "";
+  o.push_back(ptx ? fmt::format("--gpu-architecture=compute_{}{}", arch, suffix)
+                  : fmt::format("--gpu-architecture=sm_{}{}", arch, suffix));
   o.push_back("--std=c++17");
   o.push_back("-default-device");
   o.push_back("--extra-device-vectorization");
@@ -75,9 +77,9 @@ std::vector<std::string> options_for(int arch, bool ptx, const std::vector<std::
 }
 
 Result compile(const std::string& source, const std::string& name, int arch, bool ptx,
-               const std::vector<std::string>& extra) {
+               const std::vector<std::string>& extra, bool arch_specific) {
   Result r;
-  r.options = options_for(arch, ptx, extra);
+  r.options = options_for(arch, ptx, extra, arch_specific);
   nvrtcProgram prog;
   check(nvrtcCreateProgram(&prog, source.c_str(), name.c_str(), 0, nullptr, nullptr),
         "nvrtcCreateProgram");

@@ -20,6 +20,16 @@ VARIANTS = {
         "algo=gemm_tc tm=64 tn=64 tk=64 threads=128 transpose={t}",
         "algo=gemm_tc tm=128 tn=128 tk=32 threads=512 transpose={t}",
     ],
+    # Hopper only (sm_90); the first line is the old default for comparison.
+    "wgmma": [
+        "algo=gemm_tc tm=64 tn=128 tk=32 threads=256 transpose={t}",
+        "algo=gemm_wgmma tm=128 tn=256 tk=32 threads=256 transpose={t}",
+        "algo=gemm_wgmma tm=128 tn=128 tk=32 threads=256 transpose={t}",
+        "algo=gemm_wgmma tm=128 tn=64 tk=32 threads=256 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=256 tk=32 threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=128 tk=32 threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=128 transpose={t}",
+    ],
     "simt": [
         "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 transpose={t}",
         "algo=gemm_simt tm=128 tn=64 tk=16 threads=256 transpose={t}",
@@ -60,6 +70,8 @@ def main():
     ap.add_argument("--cases", default="deft_64,resnet_res4,dense512,dw512")
     ap.add_argument("--dtypes", default="fp16,fp32_tf32")
     ap.add_argument("--layouts", default="nchw,nhwc")
+    ap.add_argument("--family", default="", help="variant family for the dense cases "
+                    "(gemm, wgmma, simt); default: gemm, simt for strict fp32")
     a = ap.parse_args()
     lib = DeftLibrary(a.lib)
     spec = json.load(open(a.shapes))
@@ -96,7 +108,7 @@ def main():
                         f"dtype={'f16' if dt == 'fp16' else 'f32'}"
                         f"{' math=tf32' if dt == 'fp32_tf32' else ''} layout={layout}")
                 ref = None
-                fam = "dw" if g == ci and k == ci else ("gemm" if dt != "fp32" else "simt")
+                fam = "dw" if g == ci and k == ci else (a.family or ("gemm" if dt != "fp32" else "simt"))
                 vs = [None]
                 for v in VARIANTS[fam]:
                     for t in ([1] if layout == "nchw" and fam != "dw" else [0]):

@@ -196,7 +196,7 @@ __device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT
 
 // deft_bwd_channel for EV_ consecutive channels at once (nhwc): one vector load per corner
 // instead of EV_ scalar loads, and for a float accumulator one vector reduction
-// (red.global.add.v4.f32, sm_90) per corner instead of EV_ atomics. src and dst must be
+// (red.global.add.v4.f32 on sm_90+) per corner instead of EV_ atomics. src and dst must be
 // aligned to EV_ elements. The sums into g[] run over the channels in order, as EV_ calls of
 // deft_bwd_channel would.
 template <int EV_>
@@ -237,7 +237,12 @@ __device__ __forceinline__ void deft_bwd_channels(const T* __restrict__ src, Gin
 #else
     (void)scale;
     (void)nonfinite;
-    if constexpr (EV_ == 4 && sizeof(GinT) == 4) {
+#if __CUDA_ARCH__ >= 900
+    constexpr bool kVectorRed = EV_ == 4 && sizeof(GinT) == 4;
+#else
+    constexpr bool kVectorRed = false;
+#endif
+    if constexpr (kVectorRed) {
       asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst + pt.off[q]),
                    "f"(float(contrib[0])), "f"(float(contrib[1])), "f"(float(contrib[2])),
                    "f"(float(contrib[3]))

@@ -120,3 +120,26 @@ __device__ __forceinline__ Acc deft_sample(const T* __restrict__ base, const Sam
   for (int q = 0; q < 4; ++q) v += p.w[q] * Acc(deft_widen(base[p.off[q]]));
   return v;
 }
+
+// Asynchronous global -> shared copy (cp.async, sm_80+) of BYTES = 4, 8 or 16 bytes; ok == false
+// fills zeros (src unread). Templates, so that kernels for older GPUs never emit them.
+template <int BYTES>
+__device__ __forceinline__ void deft_cp_async(void* dst, const void* src, bool ok) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+  const int n = ok ? BYTES : 0;
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n)
+                 : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(src),
+                 "n"(BYTES), "r"(n)
+                 : "memory");
+}
+template <int = 0>
+__device__ __forceinline__ void deft_cp_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int PENDING>
+__device__ __forceinline__ void deft_cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}

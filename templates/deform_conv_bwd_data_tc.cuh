@@ -41,27 +41,6 @@ struct DeftGsLayout<true> {
   typedef nvcuda::wmma::col_major type;  // Gs[p][k]
 };
 
-// Asynchronous global -> shared copy of BYTES bytes; ok == false fills zeros (src unread).
-template <int BYTES>
-__device__ __forceinline__ void deft_cp_async(void* dst, const void* src, bool ok) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
-  const int n = ok ? BYTES : 0;
-  if constexpr (BYTES == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n)
-                 : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(src),
-                 "n"(BYTES), "r"(n)
-                 : "memory");
-}
-__device__ __forceinline__ void deft_cp_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int PENDING>
-__device__ __forceinline__ void deft_cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ weight,
@@ -117,7 +96,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
   for (int s = 0; s < NSTAGE - 1; ++s) {
     if (s < TOTAL) load_w(s);
-    deft_cp_commit();
+    deft_cp_commit<>();
   }
 
   // Epilogue layout: one pixel, EV-channel vectors every TPP * EV channels. nhwc: the TPP
@@ -153,7 +132,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     deft_cp_wait<NSTAGE - 2>();
     __syncthreads();  // slice s (and the grad_out tile) visible; slice s - 1 fully read
     if (s + NSTAGE - 1 < TOTAL) load_w(s + NSTAGE - 1);
-    deft_cp_commit();
+    deft_cp_commit<>();
     const Stage* ws = Ws + (s % NSTAGE) * (BK * WS_LD);
     const int k0 = (s % KSL) * BK;
 #pragma unroll

@@ -847,9 +847,13 @@ TEST(Disasm, SearchOrderAndMissingTool) {
 // With an nvdisasm (DEFT_NVDISASM or the toolkit's): HMMA for f16, none for strict f32.
 TEST(Disasm, SassOfTensorCoreAndFmaKernels) {
   if (!deft::disasm::find_nvdisasm()) GTEST_SKIP() << "no nvdisasm (set DEFT_NVDISASM)";
+  // sm_90: the warpgroup kernel (HGMMA); sm_80: the WMMA tile product (HMMA).
   const std::string f16 = deft::disasm::sass(compile_uncached(kLayer, 90).cubin);
-  EXPECT_NE(f16.find("HMMA"), std::string::npos);
+  EXPECT_NE(f16.find("HGMMA"), std::string::npos);
   EXPECT_NE(f16.find(".text.deft_deform_conv2d_forward"), std::string::npos);
+  const std::string f16_80 = deft::disasm::sass(compile_uncached(kLayer, 80).cubin);
+  EXPECT_NE(f16_80.find("HMMA"), std::string::npos);
+  EXPECT_EQ(f16_80.find("HGMMA"), std::string::npos);
   const std::string f32 = deft::disasm::sass(
       compile_uncached("deform_conv2d n=2 c=32 h=16 w=16 k=32 r=3 s=3 pad=1 dtype=f32", 90).cubin);
   EXPECT_EQ(f32.find("HMMA"), std::string::npos);

@@ -197,11 +197,62 @@ TEST(Codegen, DefaultVariantPlansEveryDescription) {
                     c, k, groups, og, dt, layout, pass);
                 const deft::LayerDesc d = deft::parse_layer_desc(text);
                 EXPECT_NO_THROW(deft::generate_source(d, deft::default_variant(d))) << text;
+                EXPECT_NO_THROW(deft::generate_source(d, deft::default_variant(d, 90))) << text;
                 ++checked;
               }
   EXPECT_GT(checked, 1000);
 }
 
+
+// algo=gemm_wgmma: the sm_90 default for tensor-core forward layers; every tile compiles for
+// sm_90a without spills and with the wgmma instructions in the PTX; other architectures get a
+// clear error; layers it cannot run are refused with the rule they break.
+TEST(Codegen, WgmmaTilesCompileForSm90Only) {
+  const auto d = deft::parse_layer_desc(
+      "deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 offset_groups=2 mask=1 dtype=bf16 "
+      "layout=nchw bias=1 act=gelu");
+  EXPECT_EQ(deft::default_variant(d, 90).algo, deft::Algo::gemm_wgmma);
+  EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
+  EXPECT_EQ(deft::default_variant(d, 0), deft::default_variant(d));
+  for (int tm : {64, 128})
+    for (int tn : {64, 128, 256}) {
+      const deft::Variant v = deft::parse_variant(fmt::format(
+          "algo=gemm_wgmma tm={} tn={} tk=32 threads={} transpose=1", tm, tn, 2 * tm));
+      SCOPED_TRACE(deft::to_string(v));
+      const deft::CompileInfo info = compile_for_sm90(d, v);
+      EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+          << info.resource_report;
+      deft::CompileOptions o;
+      o.arch = 90;
+      o.variant = v;
+      o.cache_path = "";
+      const std::string ptx = deft::emit_ptx(d, o);
+      EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k16.f32.bf16.bf16", tn)),
+                std::string::npos);
+      EXPECT_NE(ptx.find(".target sm_90a"), std::string::npos);
+      o.arch = 80;
+      try {
+        deft::compile_offline(d, o);
+        ADD_FAILURE() << "compiled a wgmma kernel for sm_80";
+      } catch (const deft::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("needs sm_90"), std::string::npos) << e.what();
+      }
+    }
+  const deft::Variant w = deft::default_variant(d, 90);
+  auto refused = [&](const std::string& text, const std::string& field) {
+    const auto bad = deft::parse_layer_desc(text);
+    try {
+      deft::validate(bad, w);
+      ADD_FAILURE() << "accepted " << text;
+    } catch (const deft::DescError& e) {
+      EXPECT_EQ(e.field(), field) << text << ": " << e.what();
+    }
+  };
+  refused("deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f32 layout=nchw", "algo");
+  refused("deform_conv2d n=2 c=36 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nchw", "algo");
+  refused("deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc",
+          "transpose");  // transpose=1 applies to nchw layers only
+}
 
 // Every variant the tuner tries for a layer compiles (the depthwise f16 nhwc search space held
 // vec=1 variants whose half2 path declared a zero-length array: NVRTC refused 9 of 26).

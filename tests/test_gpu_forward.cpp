@@ -340,6 +340,97 @@ TEST(GpuForwardEdge, AllOffsetsNaNGiveActivatedBias) {
   }
 }
 
+// ---- (d) the Hopper wgmma kernel ------------------------------------------------------------
+
+// Compute capability of the current device as 10 * major + minor (0 without a GPU).
+int device_arch() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return 10 * major + minor;
+}
+
+// Layers for algo=gemm_wgmma: partial pixel tiles, output channels that do not fill a tile,
+// a partial 32-channel chunk (c/groups = 40), groups and offset groups (two offset groups in
+// one weight group, and one offset group across two weight groups), strides, dilation, a 1x1
+// and a 5x5 kernel, bias + activation, both layouts and both dtypes; every tile shape.
+std::vector<GpuCase> wgmma_cases() {
+  auto desc = [](int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int r, int pad,
+                 int groups, int og, DType dt, Layout layout) {
+    LayerDesc d;
+    d.n = n, d.c = c, d.h = h, d.w = w, d.k = k, d.r = d.s = r, d.pad_h = d.pad_w = pad;
+    d.groups = groups, d.offset_groups = og, d.dtype = dt, d.layout = layout, d.mask = true;
+    return d;
+  };
+  std::vector<GpuCase> v;
+  LayerDesc d = desc(2, 64, 13, 17, 96, 3, 1, 1, 1, DType::f16, Layout::nhwc);
+  v.push_back({"wgmma_f16_nhwc", d, 2.0, 41});
+  d.layout = Layout::nchw, d.dtype = DType::bf16, d.bias = true, d.act = Activation::relu;
+  v.push_back({"wgmma_bf16_nchw_bias_relu", d, 2.0, 42});
+  d = desc(3, 40, 11, 9, 40, 3, 1, 1, 1, DType::f16, Layout::nchw);  // partial chunk, odd k
+  v.push_back({"wgmma_partial_chunk_f16_nchw", d, 8.0, 43});
+  d = desc(2, 128, 10, 12, 200, 3, 1, 2, 4, DType::bf16, Layout::nhwc);  // 2 ogs per group
+  d.bias = true, d.act = Activation::gelu;
+  v.push_back({"wgmma_groups_og4_bf16_nhwc", d, 2.0, 44});
+  d = desc(1, 64, 12, 14, 64, 3, 1, 2, 1, DType::f16, Layout::nhwc);  // og spans 2 groups
+  v.push_back({"wgmma_og_across_groups_f16_nhwc", d, 2.0, 45});
+  d = desc(2, 64, 21, 19, 72, 3, 2, 1, 2, DType::f16, Layout::nchw);
+  d.stride_h = d.stride_w = 2, d.dil_h = d.dil_w = 2;
+  v.push_back({"wgmma_stride2_dil2_f16_nchw", d, 2.0, 46});
+  d = desc(2, 96, 9, 9, 136, 5, 2, 1, 1, DType::bf16, Layout::nchw);
+  v.push_back({"wgmma_5x5_bf16_nchw", d, 2.0, 47});
+  d = desc(4, 256, 8, 8, 256, 1, 0, 1, 1, DType::f16, Layout::nhwc);
+  v.push_back({"wgmma_1x1_f16_nhwc", d, 2.0, 48});
+  return v;
+}
+
+class GpuForwardWgmma : public ::testing::TestWithParam<GpuCase> {};
+
+TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  const GpuCase& c = GetParam();
+  SCOPED_TRACE("case " + c.name + " sigma=" + std::to_string(c.sigma));
+  const HostTensors t = random_tensors(c.desc, c.sigma, c.seed);
+  for (int tm : {128, 64})
+    for (int tn : {256, 128, 64}) {
+      deft::Variant v;
+      v.algo = deft::Algo::gemm_wgmma;
+      v.tile_m = tm, v.tile_n = tn, v.tile_k = 32, v.threads = 2 * tm;
+      v.transpose = c.desc.layout == Layout::nchw;
+      SCOPED_TRACE("variant " + deft::to_string(v));
+      deft::CompileOptions options = test_options();
+      options.variant = v;
+      check_forward(c.desc, t, options);
+    }
+  // On sm_90 the heuristic itself picks the wgmma kernel for these layers (where whole
+  // 32-channel chunks, or at least 64 channels, fill the reduction).
+  const int64_t cg = c.desc.c_per_group();
+  if (cg % 32 == 0 || cg >= 64)
+    EXPECT_EQ(deft::default_variant(c.desc, 90).algo, deft::Algo::gemm_wgmma);
+}
+
+TEST(GpuForwardWgmmaEdge, NonFiniteAndHugeOffsetsSampleZero) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  int seed = 200;
+  for (DType dt : {DType::f16, DType::bf16})
+    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+      LayerDesc d;
+      d.n = 2, d.c = 64, d.h = 13, d.w = 17, d.k = 48, d.r = d.s = 3, d.pad_h = d.pad_w = 1;
+      d.offset_groups = 2, d.mask = true, d.bias = true, d.dtype = dt, d.layout = layout;
+      HostTensors t = random_tensors(d, 2.0, ++seed);
+      poison_offsets(t.offset, seed);
+      deft::CompileOptions options = test_options();
+      options.variant = deft::default_variant(d, 90);
+      ASSERT_EQ(options.variant->algo, deft::Algo::gemm_wgmma);
+      check_forward(d, t, options);
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Hopper, GpuForwardWgmma, ::testing::ValuesIn(wgmma_cases()), param_name);
+
 // ---- CPU checks of the helpers and the contract the tests rely on ---------------------------
 
 TEST(GpuTestUtil, HalfRoundsToNearestEven) {

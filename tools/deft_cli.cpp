@@ -234,6 +234,8 @@ int run_compile(const CompileArgs& a) {
   if (!a.variant.empty()) options.variant = deft::parse_variant(a.variant);
   if (a.no_cache) options.cache_path = "";
   else if (!a.db.empty()) options.cache_path = a.db;
+  // The default variant depends on the architecture (gemm_wgmma on sm_90).
+  options.arch = a.arch.empty() ? default_arch() : parse_arch(a.arch);
   const deft::Variant variant = deft::tuner::choose_variant(desc, options);
   deft::validate(desc, variant);
   spdlog::debug("layer:   {}", deft::to_string(desc));
@@ -244,7 +246,6 @@ int run_compile(const CompileArgs& a) {
   } else {
     if (a.emit == "cubin" && (a.output.empty() || a.output == "-"))
       throw deft::Error("--emit cubin writes a binary file: give it with -o FILE");
-    options.arch = a.arch.empty() ? default_arch() : parse_arch(a.arch);
     if (a.emit == "ptx") {
       write_output(deft::emit_ptx(desc, options), a.output);
     } else {

@@ -73,7 +73,8 @@ std::shared_ptr<cache::Database> shipped_database() {
 Variant choose_variant(const LayerDesc& desc, const CompileOptions& options, cache::Database* db,
                        const DeviceKey* device) {
   if (options.variant) return *options.variant;
-  if (!options.use_tuning_records || !device) return default_variant(desc);
+  const int arch = options.arch.value_or(0);
+  if (!options.use_tuning_records || !device) return default_variant(desc, arch);
   const cache::TuningRecord key = record_key(desc, options.stats_bucket, *device);
   // The user's database first: its records take precedence over the shipped ones.
   if (db) {
@@ -88,7 +89,7 @@ Variant choose_variant(const LayerDesc& desc, const CompileOptions& options, cac
       warn_once(shipped->path() + "#read", std::string("shipped tuning records: ") + e.what());
     }
   }
-  return default_variant(desc);
+  return default_variant(desc, arch);
 }
 
 }  // namespace deft::tuner

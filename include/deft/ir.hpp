@@ -115,6 +115,8 @@ enum class Algo {
   gemm_simt,     // implicit GEMM, bilinear samples gathered into the A tile, CUDA-core FMA
   gemm_tc,       // the same with the tile product on tensor cores (f16, bf16, tf32)
   depthwise,     // groups == c == k: per (pixel, channel) accumulation, no GEMM
+  gemm_wgmma,    // forward on Hopper warpgroup tensor cores (sm_90 only; f16, bf16; channels-last
+                 // input or transpose=1): samples straight into the register A fragments
 };
 enum class Staging {
   gather,  // each sample's four corners read straight from global memory
@@ -153,5 +155,11 @@ void validate(const LayerDesc&, const Variant&);
 
 // The heuristic choice from the description alone (until the tuner has a record).
 Variant default_variant(const LayerDesc&);
+// The same for a GPU of compute capability `arch` (e.g. 90): on sm_90, forward layers that
+// algo=gemm_wgmma can run take it; arch 0 means unknown (the portable choice above).
+Variant default_variant(const LayerDesc&, int arch);
+// True when the variant's kernel runs only on exactly this architecture family (sm_90a
+// instructions): algo=gemm_wgmma needs arch 90.
+bool variant_needs_sm90a(const Variant&);
 
 }  // namespace deft

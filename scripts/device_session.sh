@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device call that does a session's GPU work in order of value, and keeps within the
+# device tool's limit of 8 files back: logs go to $LOGS, tarred into $OUT/logs.tgz at the end
+# (and whenever a step finishes), the report files are copied to $OUT as they appear.
+# Usage (on the device, from the repo root): bash scripts/device_session.sh STEP...
+#   STEP: build | wgmma (the wgmma GPU tests) | sweep (wgmma tiles) | tests (ctest + pytest)
+#         | bench (forward) | bwd (bench_backward.py)
+set -uo pipefail
+OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
+cp BENCHMARKS.md "$LOGS/BENCHMARKS.md"  # both benchmarks rewrite their sections of this copy
+export PYTHONUNBUFFERED=1 DEFT_CACHE_DIR=/tmp/deft-cache
+pack() { tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
+t00=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t00 )) s] $*"; }
+rc=0
+for step in "$@"; do
+  case $step in
+    build)
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$LOGS/gpu.txt"
+      OUT=$LOGS bash scripts/device.sh build || { pack; exit 1; } ;;
+    wgmma)
+      build/tests/deft_tests --gtest_filter='*Wgmma*' --gtest_brief=1 > "$LOGS/wgmma.log" 2>&1; r=$?
+      stamp "wgmma tests rc=$r"; [ $r -eq 0 ] || rc=1
+      grep -E "Failure|error|Expected|Which is|relative|not finite|FAILED|PASSED" "$LOGS/wgmma.log" | head -40 ;;
+    sweep)
+      python3 scripts/sweep.py --lib build/libdeft.so --family wgmma --dtypes fp16 \
+        --cases "${SWEEP_CASES:-resnet_res4,maskrcnn_res4,dense512,deft_64,stride2}" \
+        --layouts nhwc,nchw > "$LOGS/sweep.log" 2>&1; stamp "sweep rc=$?"
+      cat "$LOGS/sweep.log" | cut -c1-150 ;;
+    tests)
+      (cd build && ctest --output-on-failure -j4 --timeout 600) > "$LOGS/ctest.log" 2>&1 || rc=1
+      stamp "ctest rc=$rc"; grep -E "tests passed|tests failed|\(Failed\)|\*\*\*" "$LOGS/ctest.log" | tail -15
+      build/tests/deft_tests --gtest_filter='*Gpu*:*GPU*' --gtest_brief=1 > "$LOGS/gpu_tests.log" 2>&1
+      echo "gpu tests rc=$?, skipped: $(grep -cE '^\[  SKIPPED' "$LOGS/gpu_tests.log")"; tail -3 "$LOGS/gpu_tests.log"
+      python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
+      stamp "pytest rc=$r"; tail -4 "$LOGS/pytest.log"; [ $r -eq 0 ] || rc=1 ;;
+    bench)
+      python3 bench/bench.py --lib build/libdeft.so --out "$LOGS/bench" \
+        --benchmarks-md "$LOGS/BENCHMARKS.md" > "$LOGS/bench.log" 2>&1; stamp "bench rc=$?"
+      cp "$LOGS/BENCHMARKS.md" "$LOGS/bench/results.json" "$LOGS/bench/bench.png" "$OUT/" 2>/dev/null
+      tail -50 "$LOGS/bench.log" ;;
+    bwd)
+      python3 bench/bench_backward.py --lib build/libdeft.so --out "$LOGS/bwd" \
+        --benchmarks-md "$LOGS/BENCHMARKS.md" > "$LOGS/bench_backward.log" 2>&1
+      stamp "bench_backward rc=$?"; cp "$LOGS/BENCHMARKS.md" "$OUT/"; tail -30 "$LOGS/bench_backward.log" ;;
+    *) echo "unknown step $step"; rc=1 ;;
+  esac
+  pack
+done
+exit $rc

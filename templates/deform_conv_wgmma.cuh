@@ -1,0 +1,286 @@
+// deform_conv2d forward on Hopper's warpgroup tensor cores (wgmma, sm_90a), channels-last
+// input. An implicit GEMM per weight group:
+//   out[m, kout] = sum over (chunk, tap, slot) of A[m, slot] * B[slot, kout]
+// Each warpgroup owns 64 output pixels (rows) and all BN output channels of the block; its
+// threads sample their own rows straight into the register A fragments of
+// wgmma.m64nBNk16 (no A tile in shared memory), while B, the weight, streams through an
+// NSTAGE-deep ring of shared-memory stages filled with cp.async.
+//
+// One main-loop stage is one tap of one 32-channel chunk. Thread (lane = 4 g + t) of warp w in
+// its warpgroup samples rows 16 w + g and 16 w + g + 8, channels 8 t .. 8 t + 7 of the chunk:
+// one 16-byte load per corner. The register fragment of a k16 step wants k slots 2t, 2t+1,
+// 2t+8, 2t+9 from each row, so the reduction order is permuted inside a chunk: slot j of k16
+// step h holds channel 8 ((j % 8) / 2) + 4 h + 2 (j / 8) + j % 2. deft_pack_weight writes the
+// weight in that order (and zero-pads channels and output channels), one stage = BN x 32
+// elements in the core-matrix layout the wgmma descriptor reads: no swizzle, 8 x 8 cores of
+// 128 contiguous bytes, cores along n 128 bytes apart (SBO), along k BN * 16 bytes (LBO).
+//
+// The reduction runs chunk-major (all taps of a chunk, then the next chunk), so the input
+// window of one chunk stays in L1 while its taps sample it; the sampling points of every tap
+// are computed once, up front, into shared memory.
+//
+// Constants from codegen: BM (64 per warpgroup), BN, THREADS, NSTAGE, KCH (chunks per group),
+// NOG (offset groups a group's channels touch), SMEM_BYTES, PTS_BYTES, MIN_BLOCKS,
+// OUT_VEC (16-byte output stores), and deft_wgmma_k16() for this BN and dtype.
+
+constexpr long long M_TOTAL = (long long)N * HO * WO;
+constexpr int TAPS = R * S;
+constexpr int NUM_STAGES = KCH * TAPS;
+constexpr int STAGE_ELEMS = BN * 32;         // one packed weight stage
+constexpr int STAGE_BYTES = STAGE_ELEMS * 2;
+constexpr int NT = (KG + BN - 1) / BN;       // output-channel tiles per group
+constexpr long long PACKED_ELEMS = (long long)G * NT * NUM_STAGES * STAGE_ELEMS;
+static_assert(THREADS == BM * 2, "one warpgroup (128 threads) per 64 rows");
+static_assert((STAGE_BYTES / 16) % THREADS == 0, "a stage is whole 16-byte copies per thread");
+static_assert(CG % 8 == 0 && CPOG % 8 == 0, "16-byte channel vectors inside groups");
+
+// Channel of packed slot j (0..31) inside its chunk.
+__device__ __forceinline__ int deft_slot_channel(int j) {
+  const int h = j / 16, i = j % 16;
+  return 8 * ((i % 8) / 2) + 4 * h + 2 * (i / 8) + i % 2;
+}
+
+// First offset group of weight group g.
+__device__ __forceinline__ int deft_og_first(int g) { return int((long long)g * CG / CPOG); }
+
+// packed[g][nt][stage = chunk * TAPS + tap][core layout of BN x 32] from the weight in its own
+// layout (kcrs, or krsc for nhwc layers); zero for channels >= CG and kout >= KG.
+extern "C" __global__ void __launch_bounds__(256)
+    deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= PACKED_ELEMS) return;
+  const int e = int(i % STAGE_ELEMS);
+  const long long blk = i / STAGE_ELEMS;
+  const int stage = int(blk % NUM_STAGES);
+  const long long gnt = blk / NUM_STAGES;
+  const int nt = int(gnt % NT), g = int(gnt / NT);
+  const int kc = e / (BN * 8), r = e % (BN * 8);   // core column (8 slots), rest
+  const int n = (r / 64) * 8 + (r % 64) / 8, j = kc * 8 + r % 8;
+  const int chunk = stage / TAPS, tap = stage % TAPS;
+  const int cl = chunk * 32 + deft_slot_channel(j), kout = nt * BN + n;
+  T v = deft_from<T>(0.f);
+  if (cl < CG && kout < KG) {
+    const long long ko = (long long)g * KG + kout;
+    v = weight[W_KRSC ? (ko * TAPS + tap) * CG + cl : (ko * CG + cl) * TAPS + tap];
+  }
+  packed[i] = v;
+}
+
+__device__ __forceinline__ void deft_wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void deft_wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int PENDING>
+__device__ __forceinline__ void deft_wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
+}
+
+// Shared-memory matrix descriptor of the k16 step `h` of a B stage at byte address `stage`.
+__device__ __forceinline__ unsigned long long deft_b_desc(unsigned stage, int h) {
+  const unsigned long long addr = stage + unsigned(h) * 2u * (BN * 16u);
+  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BN * 16) >> 4) << 16) |
+         ((unsigned long long)(128 >> 4) << 32);
+}
+
+// Eight channels of one sampled row as four packed pairs (the A-fragment words).
+__device__ __forceinline__ uint4 deft_combine(const uint4 (&c)[4], const float4& w) {
+#if HALF2_COMBINE
+  const __half2* x0 = reinterpret_cast<const __half2*>(&c[0]);
+  const __half2* x1 = reinterpret_cast<const __half2*>(&c[1]);
+  const __half2* x2 = reinterpret_cast<const __half2*>(&c[2]);
+  const __half2* x3 = reinterpret_cast<const __half2*>(&c[3]);
+  const __half2 w0 = __float2half2_rn(w.x), w1 = __float2half2_rn(w.y);
+  const __half2 w2 = __float2half2_rn(w.z), w3 = __float2half2_rn(w.w);
+  uint4 out;
+  __half2* o = reinterpret_cast<__half2*>(&out);
+#pragma unroll
+  for (int e = 0; e < 4; ++e)
+    o[e] = __hfma2(w3, x3[e], __hfma2(w2, x2[e], __hfma2(w1, x1[e], __hmul2(w0, x0[e]))));
+  return out;
+#else
+  const float ws[4] = {w.x, w.y, w.z, w.w};
+  float acc[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const T* x = reinterpret_cast<const T*>(&c[q]);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = fmaf(ws[q], deft_widen(x[e]), acc[e]);
+  }
+  uint4 out;
+  T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) o[e] = deft_from<T>(acc[e]);
+  return out;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
+                const T* __restrict__ mask, const T* __restrict__ packed,
+                const T* __restrict__ bias, T* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char smem[];  // SMEM_BYTES
+  int4* pts_off = reinterpret_cast<int4*>(smem);          // [NOG][TAPS][BM]
+  float4* pts_w = reinterpret_cast<float4*>(smem + PTS_BYTES / 2);
+  unsigned char* ring = smem + PTS_BYTES;                  // NSTAGE B stages
+  const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
+
+  const int tid = threadIdx.x;
+  const long long m0 = (long long)blockIdx.x * BM;
+  const int nt = blockIdx.y, n0 = nt * BN;
+  const int g = blockIdx.z;
+  const T* bsrc = packed + ((long long)g * NT + nt) * NUM_STAGES * STAGE_ELEMS;
+
+  auto load_b = [&](int stage) {
+    const unsigned char* src = reinterpret_cast<const unsigned char*>(bsrc + (long long)stage * STAGE_ELEMS);
+    unsigned char* dst = ring + (stage % NSTAGE) * STAGE_BYTES;
+#pragma unroll
+    for (int u = 0; u < STAGE_BYTES / 16 / THREADS; ++u) {
+      const int o = (tid + u * THREADS) * 16;
+      deft_cp_async<16>(dst + o, src + o, true);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < NSTAGE - 1; ++s) {
+    if (s < NUM_STAGES) load_b(s);
+    deft_cp_commit<>();
+  }
+
+  // Sampling points of every (offset group, tap, row) of the block, once.
+  const int og0 = deft_og_first(g);
+  for (int i = tid; i < NOG * TAPS * BM; i += THREADS) {
+    const int row = i % BM, tap = (i / BM) % TAPS, ogl = i / (BM * TAPS);
+    const long long m = m0 + row;
+    SamplePoint p;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) p.off[q] = 0, p.w[q] = 0.f;
+    if (m < M_TOTAL && og0 + ogl < OG) {
+      const long long n = m / (HO * WO);
+      const int rem = int(m - n * (HO * WO));
+      const int ho = rem / WO, wo = rem % WO;
+      p = deft_sample_point(offset, mask, n, ho, wo, tap, og0 + ogl);
+    }
+    pts_off[i] = make_int4(p.off[0], p.off[1], p.off[2], p.off[3]);
+    pts_w[i] = make_float4(p.w[0], p.w[1], p.w[2], p.w[3]);
+  }
+
+  // This thread's two rows and its 8 channels of each chunk.
+  const int warp = tid / 32, lane = tid % 32;
+  const int wg = warp / 4, gq = lane / 4, t = lane % 4;
+  const int row0 = wg * 64 + (warp % 4) * 16 + gq;  // and row0 + 8
+  const T* image[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const long long m = m0 + row0 + 8 * h;
+    const long long n = m < M_TOTAL ? m / (HO * WO) : 0;
+    image[h] = input + n * ((long long)H * W * C) + (long long)g * CG + 8 * t;
+  }
+
+  // The raw corner vectors of one stage (two rows), fetched two stages ahead of their use so
+  // that the loads' latency hides behind a whole stage of tensor-core work.
+  struct Raw {
+    uint4 c[2][4];
+    float4 w[2];
+  };
+  auto fetch = [&](int stage, Raw& r) {
+    const int chunk = stage / TAPS, tap = stage % TAPS;
+    const int cl = chunk * 32 + 8 * t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (cl < CG) {
+        const int ogl = (g * CG + cl) / CPOG - og0;
+        const int i = (ogl * TAPS + tap) * BM + row0 + 8 * h;
+        const int4 off = pts_off[i];
+        r.w[h] = pts_w[i];
+        const T* base = image[h] + chunk * 32;
+        r.c[h][0] = __ldg(reinterpret_cast<const uint4*>(base + off.x));
+        r.c[h][1] = __ldg(reinterpret_cast<const uint4*>(base + off.y));
+        r.c[h][2] = __ldg(reinterpret_cast<const uint4*>(base + off.z));
+        r.c[h][3] = __ldg(reinterpret_cast<const uint4*>(base + off.w));
+      } else {  // channels past the group: zero samples
+#pragma unroll
+        for (int q = 0; q < 4; ++q) r.c[h][q] = make_uint4(0, 0, 0, 0);
+        r.w[h] = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+  };
+  // A fragments of a stage: words {row0 pair, row0+8 pair, ...} of its two k16 steps.
+  auto combine = [&](const Raw& r, unsigned (&a)[2][4]) {
+    const uint4 v0 = deft_combine(r.c[0], r.w[0]), v1 = deft_combine(r.c[1], r.w[1]);
+    a[0][0] = v0.x, a[0][1] = v1.x, a[0][2] = v0.y, a[0][3] = v1.y;
+    a[1][0] = v0.z, a[1][1] = v1.z, a[1][2] = v0.w, a[1][3] = v1.w;
+  };
+
+  float acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+  unsigned afrag[2][2][4];  // [set][k16 step][word]
+  Raw raw[2];
+
+  __syncthreads();  // points visible
+  fetch(0, raw[0]);
+  if (NUM_STAGES > 1) fetch(1, raw[1]);
+  combine(raw[0], afrag[0]);
+
+  // Stage s (A fragments in `cur`, its raw vectors consumed): wait for its B stage, refill the
+  // ring, issue the two k16 wgmmas; while they run, fetch stage s + 2 into the raw set stage s
+  // used and combine stage s + 1 into `next`; then wait for the wgmmas.
+  auto step = [&](int s, unsigned (&cur)[2][4], unsigned (&next)[2][4], Raw& free_raw,
+                  const Raw& next_raw) {
+    deft_cp_wait<NSTAGE - 2>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();  // stage s landed for every thread; every wgmma of stage s - 1 is done
+    if (s + NSTAGE - 1 < NUM_STAGES) load_b(s + NSTAGE - 1);
+    deft_cp_commit<>();
+    const unsigned b = ring_addr + (s % NSTAGE) * STAGE_BYTES;
+    deft_wgmma_fence();
+    deft_wgmma_k16(acc, cur[0], deft_b_desc(b, 0));
+    deft_wgmma_k16(acc, cur[1], deft_b_desc(b, 1));
+    deft_wgmma_commit();
+    if (s + 2 < NUM_STAGES) fetch(s + 2, free_raw);
+    if (s + 1 < NUM_STAGES) combine(next_raw, next);
+    deft_wgmma_wait<0>();
+  };
+  for (int s = 0; s < NUM_STAGES; s += 2) {
+    step(s, afrag[0], afrag[1], raw[0], raw[1]);
+    if (s + 1 < NUM_STAGES) step(s + 1, afrag[1], afrag[0], raw[1], raw[0]);
+  }
+  deft_cp_wait<0>();
+  __syncthreads();  // the ring and the points are free: the epilogue tile reuses them
+
+  // Epilogue: bias and activation in f32, staged through shared memory for coalesced stores.
+  // Accumulator i of this thread: column 8 (i / 4) + 2 t + i % 2, row row0 + 8 ((i / 2) % 2).
+  T* cs = reinterpret_cast<T*>(smem);
+  // nhwc: [row][col], stored along the channels; nchw: [col][row], stored along the pixels.
+  constexpr int CS_LD = NHWC ? BN + 8 : BM + 8;
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) {
+    const int col = 8 * (i / 4) + 2 * t + i % 2, row = row0 + 8 * ((i / 2) % 2);
+    float v = acc[i];
+    if (HAS_BIAS && n0 + col < KG) v += deft_widen(bias[(long long)g * KG + n0 + col]);
+    v = deft_activate(v);
+    cs[NHWC ? row * CS_LD + col : col * CS_LD + row] = deft_from<T>(v);
+  }
+  __syncthreads();
+  constexpr int V = OUT_VEC ? 8 : 1;  // elements per store
+  constexpr int ROW_V = NHWC ? BN / V : BM / V;  // vectors along the fast dimension
+  for (int idx = tid; idx < (BM * BN) / V; idx += THREADS) {
+    const int fast = (idx % ROW_V) * V, slow = idx / ROW_V;
+    const int row = NHWC ? slow : fast, col = NHWC ? fast : slow;
+    const long long m = m0 + row;
+    if (m >= M_TOTAL || n0 + col >= KG) continue;
+    T* dst;
+    if constexpr (NHWC) {
+      dst = out + m * K + (long long)g * KG + n0 + col;
+    } else {
+      const long long n = m / (HO * WO), pix = m - n * (HO * WO);
+      dst = out + (n * K + (long long)g * KG + n0 + col) * (HO * WO) + pix;
+    }
+    const T* src = cs + slow * CS_LD + fast;
+    if constexpr (V == 8) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    else *dst = *src;
+  }
+}
