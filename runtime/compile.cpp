@@ -153,7 +153,8 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
 
   const std::string db_path = resolve_cache_path(options.cache_path);
   std::shared_ptr<cache::Database> db = db_path.empty() ? nullptr : database_for(db_path);
-  const tuner::DeviceKey device{dinfo.fingerprint(), std::to_string(dinfo.driver_version)};
+  const tuner::DeviceKey device{dinfo.fingerprint(), std::to_string(dinfo.driver_version),
+                                dinfo.arch()};
   Variant variant = tuner::choose_variant(desc, options, db.get(), &device);
   if (desc.pass != Pass::forward) variant.deterministic = options.deterministic;
   const std::string memo_key =

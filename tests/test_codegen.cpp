@@ -262,7 +262,7 @@ TEST(Codegen, EveryTunerCandidateCompiles) {
         "layout=nhwc",
         "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 mask=1 dtype=bf16 layout=nchw"}) {
     const deft::LayerDesc d = deft::parse_layer_desc(text);
-    for (const deft::Variant& v : deft::search_space(d)) {
+    for (const deft::Variant& v : deft::search_space(d, 90)) {
       deft::CompileOptions o;
       o.arch = 90;
       o.cache_path = "";

@@ -47,6 +47,31 @@ TEST(SearchSpace, DefaultFirstAllValidNoDuplicates) {
     EXPECT_EQ(v.algo, deft::Algo::depthwise);
 }
 
+// On sm_90 the space starts with the wgmma default, holds every wgmma tile and still the
+// portable WMMA variants (so a record can say which family wins); other architectures never
+// see wgmma; the hash follows the architecture's space.
+TEST(SearchSpace, Sm90AddsEveryWgmmaTile) {
+  const auto d = parse_layer_desc(kDense);
+  const auto space = deft::search_space(d, 90);
+  ASSERT_FALSE(space.empty());
+  EXPECT_EQ(space.front(), deft::default_variant(d, 90));
+  EXPECT_EQ(space.front().algo, deft::Algo::gemm_wgmma);
+  std::set<std::string> seen;
+  int wgmma = 0, wmma = 0;
+  for (const auto& v : space) {
+    EXPECT_NO_THROW(deft::validate(d, v)) << deft::to_string(v);
+    EXPECT_TRUE(seen.insert(deft::to_string(v)).second) << "duplicate " << deft::to_string(v);
+    wgmma += v.algo == deft::Algo::gemm_wgmma;
+    wmma += v.algo == deft::Algo::gemm_tc;
+  }
+  EXPECT_EQ(wgmma, 6);
+  EXPECT_GT(wmma, 4);
+  for (int arch : {0, 80, 100})
+    for (const auto& v : deft::search_space(d, arch)) EXPECT_NE(v.algo, deft::Algo::gemm_wgmma);
+  EXPECT_NE(deft::search_space_hash(d, 90), deft::search_space_hash(d, 80));
+  EXPECT_EQ(deft::search_space_hash(d, 0), deft::search_space_hash(d));
+}
+
 TEST(SearchSpace, HashIsStableAndFollowsTheSpace) {
   auto a = parse_layer_desc(kDense), b = parse_layer_desc(kDepthwise);
   EXPECT_EQ(deft::search_space_hash(a), deft::search_space_hash(a));

@@ -510,7 +510,7 @@ EntryOutcome tune_entry(const TuneArgs& a, const deft::TuneEntry& e, double laye
     out.tuned_us = r.winner_us;
     out.variant = deft::to_string(r.winner);
     out.tried = int(r.candidates.size());
-    out.space = int(deft::search_space(e.desc).size());
+    out.space = int(deft::search_space(e.desc, default_arch()).size());
     for (const auto& c : r.candidates)
       if (c.median_us < 0 &&
           std::find(out.failures.begin(), out.failures.end(), c.error) == out.failures.end())
@@ -833,13 +833,23 @@ int run_tune(TuneArgs a) {
   return 0;
 }
 
+// The architecture in a device fingerprint "name|cc9.0|sm132" (90), 0 if it has none.
+int arch_of_fingerprint(const std::string& fp) {
+  const auto at = fp.find("|cc");
+  int major = 0, minor = 0;
+  if (at == std::string::npos || std::sscanf(fp.c_str() + at + 3, "%d.%d", &major, &minor) != 2)
+    return 0;
+  return 10 * major + minor;
+}
+
 // deft inspect: the tuning records of a layer, with every candidate's timing.
 int run_inspect(const std::string& text, const std::string& db_arg) {
   const deft::LayerDesc d = deft::parse_layer_desc(text);
   const std::string path = database_path(db_arg);
-  fmt::print("layer:         {}\ndefault:       {}\nsearch space:  {} variants, hash {}\n",
-             deft::to_string(d), deft::to_string(deft::default_variant(d)),
-             deft::search_space(d).size(), deft::search_space_hash(d));
+  const int arch = default_arch();
+  fmt::print("layer:         {}\ndefault:       {} (sm_{})\nsearch space:  {} variants, hash {}\n",
+             deft::to_string(d), deft::to_string(deft::default_variant(d, arch)), arch,
+             deft::search_space(d, arch).size(), deft::search_space_hash(d, arch));
   std::vector<std::pair<std::string, deft::cache::TuningRecord>> records;  // (source, record)
   if (auto db = open_existing(path)) {
     for (auto& r : db->list_tuning_records(deft::to_string(d))) records.emplace_back("", r);
@@ -855,7 +865,9 @@ int run_inspect(const std::string& text, const std::string& db_arg) {
     fmt::print("\nrecord{} {}  bucket {}  device {}  driver {}  nvrtc {}  deft {}  space {}{}\n",
                source, r.created_at, r.stats_bucket, r.device, r.driver_version, r.nvrtc_version,
                r.deft_version, r.search_space,
-               r.search_space == deft::search_space_hash(d) ? "" : " (stale: other search space)");
+               r.search_space == deft::search_space_hash(d, arch_of_fingerprint(r.device))
+                   ? ""
+                   : " (stale: other search space)");
     fmt::print("  winner {:.1f} us (default {:.1f} us): {}\n", r.winner_us, r.default_us, r.winner);
     for (const auto& c : r.candidates)
       fmt::print("  {:>10}  {}{}\n",

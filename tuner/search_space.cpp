@@ -17,7 +17,7 @@ std::string stats_bucket(double offset_sigma) {
   return fmt::format("v1:sigma~{}", std::ldexp(1.0, e));
 }
 
-std::vector<Variant> search_space(const LayerDesc& d) {
+std::vector<Variant> search_space(const LayerDesc& d, int arch) {
   validate(d);
   std::vector<Variant> out;
   std::set<std::string> seen;
@@ -31,8 +31,17 @@ std::vector<Variant> search_space(const LayerDesc& d) {
     }
     if (seen.insert(to_string(v)).second) out.push_back(v);
   };
-  const Variant def = default_variant(d);
+  const Variant def = default_variant(d, arch);
   add(def);
+  if (def.algo == Algo::gemm_wgmma) {
+    // sm_90: every wgmma tile, then the portable tensor-core space below.
+    for (int tm : {64, 128})
+      for (int tn : {64, 128, 256}) {
+        Variant v = def;
+        v.tile_m = tm, v.tile_n = tn, v.threads = 2 * tm;
+        add(v);
+      }
+  }
   if (def.algo == Algo::depthwise) {
     const int vmax = 16 / dtype_size(d.dtype);
     for (int vec : {vmax, vmax / 2, vmax * 2, 1})
@@ -59,7 +68,8 @@ std::vector<Variant> search_space(const LayerDesc& d) {
     }
     return out;
   }
-  const bool tc = def.algo == Algo::gemm_tc;
+  const Variant base = default_variant(d);  // the portable default (no wgmma)
+  const bool tc = base.algo == Algo::gemm_tc;
   // N tiles from half the output channels of a group (at most 64) to twice them.
   int64_t kg2 = 16;
   while (kg2 < d.k_per_group()) kg2 *= 2;
@@ -69,7 +79,7 @@ std::vector<Variant> search_space(const LayerDesc& d) {
       for (int threads : {128, 256, 512})
         for (int tk : tc ? std::vector<int>{32} : std::vector<int>{8, 16})
           for (bool tr : {false, true}) {
-            Variant v = def;
+            Variant v = base;
             v.tile_m = tm;
             v.tile_n = tn;
             v.tile_k = tk;
@@ -80,9 +90,9 @@ std::vector<Variant> search_space(const LayerDesc& d) {
   return out;
 }
 
-std::string search_space_hash(const LayerDesc& d) {
+std::string search_space_hash(const LayerDesc& d, int arch) {
   std::string all = "deft-search-space-v1";
-  for (const Variant& v : search_space(d)) all += "\n" + to_string(v);
+  for (const Variant& v : search_space(d, arch)) all += "\n" + to_string(v);
   return cache::sha256_hex(all).substr(0, 16);
 }
 

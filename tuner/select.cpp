@@ -21,7 +21,7 @@ cache::TuningRecord record_key(const LayerDesc& desc, const std::string& stats_b
   r.driver_version = device.driver_version;
   r.nvrtc_version = nvrtc::version();
   r.deft_version = version();
-  r.search_space = search_space_hash(desc);
+  r.search_space = search_space_hash(desc, device.arch);
   return r;
 }
 

@@ -15,6 +15,7 @@ namespace deft::tuner {
 struct DeviceKey {
   std::string fingerprint;     // name | compute capability | SM count
   std::string driver_version;
+  int arch = 0;                // compute capability as 10 * major + minor (search space)
 };
 
 // A tuning record with every identity field filled (desc, bucket, device, driver, NVRTC and

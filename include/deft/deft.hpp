@@ -147,9 +147,11 @@ std::string stats_bucket(double offset_sigma);
 
 // The variants the tuner tries for a layer: the heuristic default first, then every valid
 // tile / vector / transpose choice of its algorithm family.
-std::vector<Variant> search_space(const LayerDesc& desc);
-// A hash of search_space(desc), part of a tuning record's key.
-std::string search_space_hash(const LayerDesc& desc);
+// `arch` (e.g. 90; 0: unknown) adds the variants of that architecture alone (gemm_wgmma on
+// sm_90); the first variant is default_variant(desc, arch).
+std::vector<Variant> search_space(const LayerDesc& desc, int arch = 0);
+// A hash of search_space(desc, arch), part of a tuning record's key.
+std::string search_space_hash(const LayerDesc& desc, int arch = 0);
 
 struct TuneOptions {
   double offset_sigma = 2.0;      // synthetic calibration batch: offsets ~ N(0, sigma^2) px
