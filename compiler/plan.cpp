@@ -435,7 +435,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       const int64_t epi = d.layout == Layout::nhwc ? int64_t(bm) * (bn + 8) * 2 : int64_t(bn) * (bm + 8) * 2;
       constexpr int64_t kMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block
       p.nstage = 0;
-      for (int ns : {4, 3})
+      for (int ns : {4, 3, 2})
         if (p.pts_bytes + int64_t(ns) * bn * 64 <= kMaxSmem) {
           p.nstage = ns;
           break;

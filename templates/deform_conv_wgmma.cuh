@@ -143,11 +143,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       deft_cp_async<16>(dst + o, src + o, true);
     }
   };
-  // The ring runs NSTAGE - 2 stages ahead: a stage's buffer is refilled two stages after its
-  // wgmmas were issued, once the wait for one wgmma group in flight has retired them.
-  static_assert(NSTAGE >= 3, "the B ring needs three stages or more");
 #pragma unroll
-  for (int s = 0; s < NSTAGE - 2; ++s) {
+  for (int s = 0; s < NSTAGE - 1; ++s) {
     if (s < NUM_STAGES) load_b(s);
     deft_cp_commit<>();
   }
@@ -229,31 +226,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   combine(raw[0], afrag[0]);
 
   // Stage s (A fragments in `cur`, its raw vectors consumed): wait for its B stage, refill the
-  // ring, issue the two k16 wgmmas behind those of stage s - 1 (one group stays in flight, so
-  // the tensor cores never wait for the barrier), wait until stage s - 1's group retired (it
-  // read `next`), then fetch stage s + 2 into the raw set stage s used and combine stage s + 1
-  // into `next` while stage s multiplies.
+  // ring, issue the two k16 wgmmas; while they run, fetch stage s + 2 into the raw set stage s
+  // used and combine stage s + 1 into `next`; then wait for the wgmmas.
   auto step = [&](int s, unsigned (&cur)[2][4], unsigned (&next)[2][4], Raw& free_raw,
                   const Raw& next_raw) {
-    deft_cp_wait<NSTAGE - 3>();  // stage s is commit group s
+    deft_cp_wait<NSTAGE - 2>();
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();  // stage s landed for every thread; every wgmma of stage s - 2 retired
-    if (s + NSTAGE - 2 < NUM_STAGES) load_b(s + NSTAGE - 2);  // into stage s - 2's buffer
+    __syncthreads();  // stage s landed for every thread; every wgmma of stage s - 1 is done
+    if (s + NSTAGE - 1 < NUM_STAGES) load_b(s + NSTAGE - 1);
     deft_cp_commit<>();
     const unsigned b = ring_addr + (s % NSTAGE) * STAGE_BYTES;
     deft_wgmma_fence();
     deft_wgmma_k16(acc, cur[0], deft_b_desc(b, 0));
     deft_wgmma_k16(acc, cur[1], deft_b_desc(b, 1));
     deft_wgmma_commit();
-    deft_wgmma_wait<1>();
     if (s + 2 < NUM_STAGES) fetch(s + 2, free_raw);
     if (s + 1 < NUM_STAGES) combine(next_raw, next);
+    deft_wgmma_wait<0>();
   };
   for (int s = 0; s < NUM_STAGES; s += 2) {
     step(s, afrag[0], afrag[1], raw[0], raw[1]);
     if (s + 1 < NUM_STAGES) step(s + 1, afrag[1], afrag[0], raw[1], raw[0]);
   }
-  deft_wgmma_wait<0>();
   deft_cp_wait<0>();
   __syncthreads();  // the ring and the points are free: the epilogue tile reuses them
 
