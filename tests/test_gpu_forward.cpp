@@ -188,16 +188,18 @@ std::vector<GpuCase> random_cases() {
   return cases;
 }
 
+// A DCNv2 layer (mask=1) with a square r x r kernel and padding `pad`.
+LayerDesc desc(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int r, int pad, int groups,
+               int og, DType dt, Layout layout) {
+  LayerDesc d;
+  d.n = n, d.c = c, d.h = h, d.w = w, d.k = k, d.r = d.s = r, d.pad_h = d.pad_w = pad;
+  d.groups = groups, d.offset_groups = og, d.dtype = dt, d.layout = layout, d.mask = true;
+  return d;
+}
+
 // Hand-picked shapes the random draw may miss: a typical DCNv2 layer, depthwise, a longer
 // reduction, channel counts that defeat vector loads, 1x1 stride 2, large offsets.
 std::vector<GpuCase> fixed_cases() {
-  auto desc = [](int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int r, int pad,
-                 int groups, int og, DType dt, Layout layout) {
-    LayerDesc d;
-    d.n = n, d.c = c, d.h = h, d.w = w, d.k = k, d.r = d.s = r, d.pad_h = d.pad_w = pad;
-    d.groups = groups, d.offset_groups = og, d.dtype = dt, d.layout = layout, d.mask = true;
-    return d;
-  };
   std::vector<GpuCase> v;
   LayerDesc d = desc(2, 32, 16, 16, 32, 3, 1, 1, 1, DType::f32, Layout::nchw);
   d.bias = true, d.act = Activation::relu;
@@ -356,13 +358,6 @@ int device_arch() {
 // one weight group, and one offset group across two weight groups), strides, dilation, a 1x1
 // and a 5x5 kernel, bias + activation, both layouts and both dtypes; every tile shape.
 std::vector<GpuCase> wgmma_cases() {
-  auto desc = [](int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int r, int pad,
-                 int groups, int og, DType dt, Layout layout) {
-    LayerDesc d;
-    d.n = n, d.c = c, d.h = h, d.w = w, d.k = k, d.r = d.s = r, d.pad_h = d.pad_w = pad;
-    d.groups = groups, d.offset_groups = og, d.dtype = dt, d.layout = layout, d.mask = true;
-    return d;
-  };
   std::vector<GpuCase> v;
   LayerDesc d = desc(2, 64, 13, 17, 96, 3, 1, 1, 1, DType::f16, Layout::nhwc);
   v.push_back({"wgmma_f16_nhwc", d, 2.0, 41});
