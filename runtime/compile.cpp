@@ -11,6 +11,8 @@
 #include <map>
 #include <mutex>
 #include <regex>
+#include <tuple>
+#include <utility>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -265,6 +267,35 @@ void check_device_arch(const KernelImpl& k, const char* what) {
                             k.info.arch, arch));
 }
 
+// The tensors a forward kernel reads or writes in 16-byte vectors must start on a 16-byte
+// boundary (a misaligned vector access would kill the CUDA context); every tensor on its
+// element size. Inputs read through the transpose pre-pass's workspace are exempt.
+void check_forward_alignment(const KernelImpl& k, const ForwardArgs& a) {
+  const KernelPlan& p = k.plan;
+  const LayerDesc& d = k.desc;
+  const size_t es = size_t(dtype_size(d.dtype));
+  auto at = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
+  for (auto [ptr, name] : {std::pair{a.input, "input"}, {a.offset, "offset"}, {a.mask, "mask"},
+                           {a.weight, "weight"}, {a.bias, "bias"},
+                           {static_cast<const void*>(a.output), "output"}})
+    if (ptr && at(ptr) % es != 0)
+      throw Error(fmt::format("forward: {} at {} is not aligned to its {}-byte elements", name,
+                              ptr, es));
+  const bool depthwise_vec = k.variant.algo == Algo::depthwise && p.x_nhwc && p.vec > 1 &&
+                             (size_t(p.vec) * es) % 16 == 0;
+  const bool vec_input = !p.transpose && (p.vec_a || p.wgmma || depthwise_vec);
+  const bool vec_weight = !p.transpose && !p.wgmma && p.vec_b;
+  const bool vec_output = p.wgmma && p.out_vec;
+  for (auto [need, ptr, name] : {std::tuple{vec_input, a.input, "input"},
+                                 {vec_weight, a.weight, "weight"},
+                                 {vec_output, static_cast<const void*>(a.output), "output"}})
+    if (need && at(ptr) % 16 != 0)
+      throw Error(fmt::format("forward: {} at {} is not 16-byte aligned, and the {} kernel "
+                              "accesses it in 16-byte vectors; pass a tensor that starts on a "
+                              "16-byte boundary (a fresh allocation or a contiguous copy)",
+                              name, ptr, to_string(k.variant.algo)));
+}
+
 // deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.
 void launch_transpose(const KernelImpl& k, const void* src, CUdeviceptr dst, long long batch,
                       long long rows, long long cols, CUstream stream) {
@@ -288,6 +319,7 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
 
   const driver::Api& api = driver::api();
   check_device_arch(*impl_, "forward");
+  check_forward_alignment(*impl_, a);
   const void* input = a.input;
   const void* offset = a.offset;
   const void* mask = a.mask;

@@ -330,6 +330,42 @@ TEST(GpuForwardEdge, NonFiniteAndHugeOffsetsSampleZero) {
     }
 }
 
+// A tensor that a kernel reads in 16-byte vectors but that starts 2 bytes past a 16-byte
+// boundary is refused with a message naming it, before any launch; so is a pointer that is not
+// on its element size. The context stays usable: a correct run follows.
+TEST(GpuForwardEdge, MisalignedTensorsGiveAClearError) {
+  DEFT_SKIP_WITHOUT_GPU();
+  const LayerDesc d = desc(2, 64, 9, 11, 64, 3, 1, 1, 1, DType::f16, Layout::nhwc);
+  const HostTensors t = random_tensors(d, 2.0, 77);
+  const deft::Kernel kernel = deft::compile(d, test_options());
+  const std::vector<uint8_t> x = encode(t.input, d.dtype);
+  DeviceBuffer input(x.size() + 16), offset(encode(t.offset, d.dtype)),
+      mask(encode(t.mask, d.dtype)), weight(encode(t.weight, d.dtype));
+  DeviceBuffer output(size_t(d.n * d.k * d.out_h() * d.out_w()) * 2);
+  DEFT_CUDA_CHECK(cudaMemcpy(input.get(), x.data(), x.size(), cudaMemcpyHostToDevice));
+  Stream stream;
+  auto run = [&](const void* in) {
+    kernel.forward({.input = in, .offset = offset.get(), .mask = mask.get(),
+                    .weight = weight.get(), .bias = nullptr, .output = output.get()},
+                   stream.cu());
+  };
+  auto message = [&](const void* in) -> std::string {
+    try {
+      run(in);
+    } catch (const deft::Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  const char* base = static_cast<const char*>(input.get());
+  EXPECT_NE(message(base + 2).find("input at"), std::string::npos) << message(base + 2);
+  EXPECT_NE(message(base + 2).find("not 16-byte aligned"), std::string::npos);
+  EXPECT_NE(message(base + 1).find("not aligned to its 2-byte elements"), std::string::npos);
+  EXPECT_NO_THROW(run(base));
+  stream.sync();
+  DEFT_CUDA_CHECK(cudaGetLastError());
+}
+
 TEST(GpuForwardEdge, AllOffsetsNaNGiveActivatedBias) {
   DEFT_SKIP_WITHOUT_GPU();
   for (Layout layout : {Layout::nchw, Layout::nhwc}) {
