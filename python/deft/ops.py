@@ -156,16 +156,23 @@ def _check_devices(**tensors: Optional[Tensor]) -> None:
                                f"{device}")
 
 
+def _aligned(t: Tensor) -> Tensor:
+    """t, or a copy of it where its data does not start on a 16-byte boundary (a view with a
+    storage offset): deft's vector kernels read input and weight in 16-byte vectors."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _operands(g: _Geometry, input: Tensor, offset: Tensor, weight: Tensor,
               mask: Optional[Tensor]):
     """input, offset, mask and weight as the kernels read them: NCHW-contiguous, or for an
-    NHWC description channels-last (weight as [k][r][s][c/groups])."""
+    NHWC description channels-last (weight as [k][r][s][c/groups]); input and weight 16-byte
+    aligned."""
     if g.nhwc:
         x = input.permute(0, 2, 3, 1)  # already contiguous in this order
-        return (x, _channels_last(offset), None if mask is None else _channels_last(mask),
-                _channels_last(weight))
-    return (input.contiguous(), offset.contiguous(),
-            None if mask is None else mask.contiguous(), weight.contiguous())
+        return (_aligned(x), _channels_last(offset),
+                None if mask is None else _channels_last(mask), _aligned(_channels_last(weight)))
+    return (_aligned(input.contiguous()), offset.contiguous(),
+            None if mask is None else mask.contiguous(), _aligned(weight.contiguous()))
 
 
 def _forward(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],

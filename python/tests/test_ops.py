@@ -168,3 +168,23 @@ def test_resnet_block_swap_forward():
         net.layer3[0].conv2 = pack
         y = net(x)
     assert rel_err(y, ref.double()) < 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inputs_off_a_16_byte_boundary(channels_last):
+    # input and weight as views that start one element (2 bytes) past an allocation: deft's
+    # vector kernels need 16-byte aligned data, so the op copies them and gives the same result
+    x, off, wt, b, m, kw = make(n=2, c=64, k=64, h=11, w=13, dtype=torch.float16, seed=5)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ref = deft.ops.deform_conv2d(x, off, wt, b, mask=m, **kw)
+
+    def shifted(t):
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        view = flat[1:].as_strided(t.shape, t.stride())
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    got = deft.ops.deform_conv2d(shifted(x), off, shifted(wt), b, mask=m, **kw)
+    assert torch.equal(got, ref)
