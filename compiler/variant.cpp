@@ -1,6 +1,5 @@
 // Variant: text form, validation against a layer, and the heuristic default.
 #include <charconv>
-#include <optional>
 #include <set>
 
 #include <fmt/format.h>
@@ -204,22 +203,21 @@ Variant default_variant(const LayerDesc& d, int arch) {
   // channels (64 to 256), 64 pixel rows (two blocks per SM) except with 64-wide tiles, where
   // 128 rows won. Smaller tiles when a layer cannot take these (validate refuses them).
   const int64_t kg = d.k_per_group();
-  const int bn0 = kg <= 64 ? 64 : (kg <= 128 ? 128 : 256);
-  std::optional<Variant> best;
-  for (int bn : {bn0, 128, 64})
+  for (int bn : {256, 128, 64}) {
+    if (bn > 64 && bn / 2 >= kg) continue;  // wider than the group's output channels
     for (int bm : {bn == 64 ? 128 : 64, bn == 64 ? 64 : 128}) {
-      if (best || bn > bn0) continue;
       Variant v;
       v.algo = Algo::gemm_wgmma;
       v.tile_m = bm, v.tile_n = bn, v.tile_k = 32, v.threads = 2 * bm, v.vec = 1;
       v.transpose = d.layout == Layout::nchw;
       try {
         validate(d, v);
-        best = v;
+        return v;
       } catch (const Error&) {
       }
     }
-  return best ? *best : base;
+  }
+  return base;
 }
 
 }  // namespace deft
