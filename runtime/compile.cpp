@@ -94,6 +94,11 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   info.source = generate_source(desc, variant);
   info.kernel_name = plan.kernel_name;
   info.arch = arch;
+  info.dynamic_shared_bytes = plan.smem_bytes;
+  info.workspace_bytes = desc.pass == Pass::forward
+                             ? (plan.transpose ? (plan.workspace_input_bytes + 255) / 256 * 256 : 0) +
+                                   plan.workspace_weight_bytes + plan.workspace_packed_bytes
+                             : plan.workspace_bytes;
   cache::CubinKey key;
   key.deft_version = version();
   key.source_hash = cache::sha256_hex(info.source);

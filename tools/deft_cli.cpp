@@ -216,6 +216,9 @@ std::string resource_summary(const deft::LayerDesc& desc, const deft::Variant& v
                                     registers < 0 ? "unknown" : std::to_string(registers),
                                     bytes_or_unknown(shared)));
   }
+  // From the plan: shared memory the launch adds to the static figure above, scratch per call.
+  row("dynamic smem", fmt::format("{} bytes (set at launch)", info.dynamic_shared_bytes));
+  if (info.workspace_bytes > 0) row("workspace", fmt::format("{} bytes per call", info.workspace_bytes));
   row("cubin size", fmt::format("{} bytes", info.cubin.size()));
   row("cache", info.from_cache
                    ? fmt::format("hit (key {})", info.cache_key.substr(0, 16))

@@ -94,6 +94,8 @@ struct CompileInfo {
   bool from_cache = false;      // cubin loaded from the database, NVRTC not called
   int arch = 0;
   double compile_seconds = 0;
+  int dynamic_shared_bytes = 0;   // the main kernel's dynamic shared memory, set at launch
+  int64_t workspace_bytes = 0;    // forward: the pre-passes' scratch (transposed input, packed weight)
 };
 
 class KernelImpl;
