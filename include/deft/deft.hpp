@@ -44,7 +44,9 @@ struct CompileOptions {
 };
 
 // What forward() reads and writes. Shapes come from the LayerDesc; mask and bias may be null
-// only when the description has mask=0 / bias=0.
+// only when the description has mask=0 / bias=0. Every pointer must be aligned to its element
+// size, and input, weight and output to 16 bytes where the kernel accesses them in 16-byte
+// vectors (fresh allocations always are); forward() names a tensor that is not.
 struct ForwardArgs {
   const void* input = nullptr;
   const void* offset = nullptr;
