@@ -261,6 +261,17 @@ def verdict(p, yes="PASS", no="MISS"):
     return "—" if p is None else (yes if p else no)
 
 
+def kernel_text(variant) -> str:
+    """'algo=gemm_wgmma tm=64 tn=256 ...' -> 'gemm_wgmma 64×256' (depthwise: its vector width)."""
+    if not variant:
+        return "—"
+    f = dict(kv.split("=", 1) for kv in variant.split() if "=" in kv)
+    algo = f.get("algo", "?")
+    if algo == "depthwise":
+        return f"depthwise vec {f.get('vec', '?')}"
+    return f"{algo} {f.get('tm', '?')}×{f.get('tn', '?')}" + (" +T" if f.get("transpose") == "1" else "")
+
+
 def md_escape(s: str) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
@@ -344,8 +355,9 @@ def render_markdown(res: dict) -> str:
           f"{cnt['tv_over_deft_miss']} MISS; correctness {cnt['correct']} ok, "
           f"{cnt['incorrect']} FAIL; {cnt['not_measured']} rows without a deft time.", "",
           "| case | layout | dtype | deft ms | cuDNN ms | torchvision ms | deft/cuDNN | target "
-          "| deft/cuDNN ok | tv/deft | tv/deft ≥ 3 | rel err | correct | tv rel err | %roofline |",
-          "|---|---|---|--:|--:|--:|--:|--:|---|--:|---|--:|---|--:|--:|"]
+          "| deft/cuDNN ok | tv/deft | tv/deft ≥ 3 | rel err | correct | tv rel err | %roofline "
+          "| deft kernel |",
+          "|---|---|---|--:|--:|--:|--:|--:|---|--:|---|--:|---|--:|--:|---|"]
     for r in check_rows(rows):
         t = r["targets"]
         L.append(f"| {r['case']} | {r['layout']} | {r['dtype']} | {fmt_ms(r.get('deft_ms'))} | "
@@ -354,7 +366,7 @@ def render_markdown(res: dict) -> str:
                  f"{verdict(t['deft_over_cudnn_pass'])} | {fmt_ratio(r['tv_over_deft'])} | "
                  f"{verdict(t['tv_over_deft_pass'])} | {fmt_err(r.get('rel_err'))} | "
                  f"{verdict(r.get('err_ok'), 'ok', 'FAIL')} | {fmt_err(r.get('tv_rel_err'))} | "
-                 f"{fmt_pct(r['roofline_frac'])} |")
+                 f"{fmt_pct(r['roofline_frac'])} | {kernel_text(r.get('variant'))} |")
     L += ["", "### All rows", "",
           "| case | layout | dtype | σ | deft ms | cuDNN ms | torchvision ms | deft/cuDNN | "
           "tv/deft | tv/cuDNN | rel err | %roofline | bound |",
