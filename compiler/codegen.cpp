@@ -170,7 +170,6 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("KCH", (d.c_per_group() + 31) / 32);
     c32("NOG", p.nog);
     c32("PTS_BYTES", p.pts_bytes);
-    c32("SMEM_BYTES", p.smem_bytes);
     c32("MIN_BLOCKS", 1);
     line(fmt::format("#define OUT_VEC {}", p.out_vec ? 1 : 0));
   } else if (v.algo == Algo::depthwise) {

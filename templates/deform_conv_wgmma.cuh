@@ -15,12 +15,13 @@
 // elements in the core-matrix layout the wgmma descriptor reads: no swizzle, 8 x 8 cores of
 // 128 contiguous bytes, cores along n 128 bytes apart (SBO), along k BN * 16 bytes (LBO).
 //
-// The reduction runs chunk-major (all taps of a chunk, then the next chunk), so the input
-// window of one chunk stays in L1 while its taps sample it; the sampling points of every tap
-// are computed once, up front, into shared memory.
+// The reduction runs chunk-major (all taps of a chunk, then the next chunk), so that the
+// input window of one chunk can stay in L1 while its taps sample it (ncu on dense512: 34% L1
+// hits, docs/perf-notes.md round 5); the sampling points of every tap are computed once, up
+// front, into shared memory.
 //
 // Constants from codegen: BM (64 per warpgroup), BN, THREADS, NSTAGE, KCH (chunks per group),
-// NOG (offset groups a group's channels touch), SMEM_BYTES, PTS_BYTES, MIN_BLOCKS,
+// NOG (offset groups a group's channels touch), PTS_BYTES, MIN_BLOCKS,
 // OUT_VEC (16-byte output stores), and deft_wgmma_k16() for this BN and dtype.
 
 constexpr long long M_TOTAL = (long long)N * HO * WO;
@@ -122,7 +123,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ packed,
                 const T* __restrict__ bias, T* __restrict__ out) {
-  extern __shared__ __align__(128) unsigned char smem[];  // SMEM_BYTES
+  extern __shared__ __align__(128) unsigned char smem[];  // plan.smem_bytes, set at launch
   int4* pts_off = reinterpret_cast<int4*>(smem);          // [NOG][TAPS][BM]
   float4* pts_w = reinterpret_cast<float4*>(smem + PTS_BYTES / 2);
   unsigned char* ring = smem + PTS_BYTES;                  // NSTAGE B stages
