@@ -420,8 +420,8 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       if (v.tile_k != 32)
         bad("tk", fmt::format("algo=gemm_wgmma reduces 32-channel chunks: tk=32, not {}", v.tile_k));
       if (v.threads != 2 * v.tile_m)
-        bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 rows: threads={} for tm={}",
-                                   2 * v.tile_m, v.tile_m));
+        bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 rows: tm={} needs "
+                                   "threads={}, not {}", v.tile_m, 2 * v.tile_m, v.threads));
       if (d.h * d.w * d.c >= (int64_t{1} << 31))
         bad("algo", "algo=gemm_wgmma needs an image of fewer than 2^31 elements");
       const int bm = v.tile_m, bn = v.tile_n;
@@ -444,7 +444,8 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows need {} "
                               "bytes of shared memory (max {})", d.taps(), nog, bm, p.pts_bytes, kMaxSmem));
       p.smem_bytes = int(std::max<int64_t>(p.pts_bytes + int64_t(p.nstage) * bn * 64, epi));
-      p.out_vec = d.layout == Layout::nhwc ? d.k % 8 == 0 && d.k_per_group() % 8 == 0
+      // 8-element stores stay inside one group's channels (nhwc) or one image's pixels (nchw).
+      p.out_vec = d.layout == Layout::nhwc ? d.k_per_group() % 8 == 0
                                            : (d.out_h() * d.out_w()) % 8 == 0;
       p.block = v.threads;
       const int64_t m_total = d.n * d.out_h() * d.out_w();

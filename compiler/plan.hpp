@@ -50,6 +50,15 @@ struct KernelPlan {
   int nog = 0, pts_bytes = 0;
   bool out_vec = false;
   int64_t workspace_packed_bytes = 0;
+
+  // Forward scratch per call: the transposed input (rounded to 256 bytes), then the krsc or
+  // packed weight.
+  int64_t forward_input_workspace() const {
+    return transpose ? (workspace_input_bytes + 255) / 256 * 256 : 0;
+  }
+  int64_t forward_workspace() const {
+    return forward_input_workspace() + workspace_weight_bytes + workspace_packed_bytes;
+  }
   int64_t split_pix = 0;
   // backward: workspace bytes (grad-input accumulator incl. a 32-byte header / weight partials)
   int64_t workspace_bytes = 0;

@@ -95,10 +95,8 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   info.kernel_name = plan.kernel_name;
   info.arch = arch;
   info.dynamic_shared_bytes = plan.smem_bytes;
-  info.workspace_bytes = desc.pass == Pass::forward
-                             ? (plan.transpose ? (plan.workspace_input_bytes + 255) / 256 * 256 : 0) +
-                                   plan.workspace_weight_bytes + plan.workspace_packed_bytes
-                             : plan.workspace_bytes;
+  info.workspace_bytes =
+      desc.pass == Pass::forward ? plan.forward_workspace() : plan.workspace_bytes;
   cache::CubinKey key;
   key.deft_version = version();
   key.source_hash = cache::sha256_hex(info.source);
@@ -333,20 +331,18 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
   void* output = a.output;
   const KernelPlan& p = impl_->plan;
   CUdeviceptr workspace = 0;
-  const size_t in_bytes = p.transpose ? (p.workspace_input_bytes + 255) / 256 * 256 : 0;
-  const size_t w_bytes = size_t(p.workspace_weight_bytes + p.workspace_packed_bytes);
-  if (in_bytes + w_bytes > 0) {
+  if (p.forward_workspace() > 0) {
     // Stream-ordered workspace: nhwc input, then the krsc or packed weight (256-byte aligned).
-    driver::check(api.cuMemAllocAsync(&workspace, in_bytes + w_bytes, stream),
+    driver::check(api.cuMemAllocAsync(&workspace, size_t(p.forward_workspace()), stream),
                   "cuMemAllocAsync (forward workspace)");
     if (p.transpose) {
       launch_transpose(*impl_, input, workspace, d.n, d.c, d.h * d.w, stream);
       input = reinterpret_cast<const void*>(workspace);
     }
-    const CUdeviceptr w_out = workspace + in_bytes;
+    CUdeviceptr w_out = workspace + CUdeviceptr(p.forward_input_workspace());
     if (p.wgmma) {
       const int64_t elems = p.workspace_packed_bytes / 2;
-      void* args[] = {&weight, const_cast<CUdeviceptr*>(&w_out)};
+      void* args[] = {&weight, &w_out};
       driver::check(api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->pack),
                                        unsigned((elems + 255) / 256), 1, 1, 256, 1, 1, 0, stream,
                                        args, nullptr),

@@ -227,7 +227,8 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
   result.desc = to_string(desc);
   result.stats_bucket = stats_bucket(opt.offset_sigma);
   result.device = dinfo.fingerprint();
-  std::vector<Variant> space = search_space(desc, dinfo.arch());
+  result.arch = dinfo.arch();
+  std::vector<Variant> space = search_space(desc, result.arch);
   if (opt.max_candidates > 0 && int(space.size()) > opt.max_candidates)
     space.resize(opt.max_candidates);
 
@@ -360,7 +361,7 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
   pick_winner(result);
   write_record(desc, result, opt,
                tuner::DeviceKey{dinfo.fingerprint(), std::to_string(dinfo.driver_version),
-                                dinfo.arch()});
+                                result.arch});
   return result;
 }
 

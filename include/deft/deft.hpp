@@ -175,6 +175,7 @@ struct TuneCandidate {
 
 struct TuneResult {
   std::string desc, stats_bucket, device;
+  int arch = 0;  // the GPU's compute capability as 10 * major + minor (0: simulated)
   Variant winner;
   double winner_us = 0, default_us = 0;
   std::vector<TuneCandidate> candidates;  // default first
