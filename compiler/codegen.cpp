@@ -23,11 +23,13 @@ const std::string& template_text(const std::string& name) {
   return it->second;
 }
 
-// deft_wgmma_k16(acc, a, desc): one wgmma.mma_async m64nBNk16 with A from registers and B
-// from the shared-memory descriptor, accumulating into acc; the operand list is spelled out for
-// the tile width, as inline PTX needs.
+// deft_wgmma_kstep(acc, a, desc): one wgmma.mma_async m64nBNk16 (f16, bf16) or m64nBNk8 (f32 in
+// tf32) with A from registers and B from the shared-memory descriptor, accumulating into acc;
+// the operand list is spelled out for the tile width, as inline PTX needs. tf32 takes no
+// transpose operand (B is k-major, as the packed stages are).
 std::string wgmma_wrapper(const LayerDesc& d, int bn) {
-  const char* ty = d.dtype == DType::bf16 ? "bf16" : "f16";
+  const bool tf32 = d.dtype == DType::f32;
+  const char* ty = d.dtype == DType::bf16 ? "bf16" : tf32 ? "tf32" : "f16";
   std::string regs, outs;
   for (int i = 0; i < bn / 2; ++i) {
     regs += fmt::format("{}%{}", i ? ", " : "", i);
@@ -36,12 +38,13 @@ std::string wgmma_wrapper(const LayerDesc& d, int bn) {
   const int a = bn / 2;
   std::string s;
   s += "// wgmma for this tile width (generated)\n";
-  s += fmt::format("__device__ __forceinline__ void deft_wgmma_k16(float (&d)[{}], const unsigned (&a)[4],\n", bn / 2);
-  s += "                                               unsigned long long desc) {\n";
+  s += fmt::format("__device__ __forceinline__ void deft_wgmma_kstep(float (&d)[{}], const unsigned (&a)[4],\n", bn / 2);
+  s += "                                                 unsigned long long desc) {\n";
   s += "  asm volatile(\n";
   s += fmt::format("      \"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{}, 0;\\n\"\n", a + 5);
-  s += fmt::format("      \"wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{} \"\n", bn, ty, ty);
-  s += fmt::format("      \"{{{}}}, {{%{}, %{}, %{}, %{}}}, %{}, p, 1, 1, 0;\\n}}\\n\"\n", regs, a, a + 1, a + 2, a + 3, a + 4);
+  s += fmt::format("      \"wgmma.mma_async.sync.aligned.m64n{}k{}.f32.{}.{} \"\n", bn, tf32 ? 8 : 16, ty, ty);
+  s += fmt::format("      \"{{{}}}, {{%{}, %{}, %{}, %{}}}, %{}, p, 1, 1{};\\n}}\\n\"\n", regs, a, a + 1, a + 2,
+                   a + 3, a + 4, tf32 ? "" : ", 0");
   s += "      : " + outs + "\n";
   s += "      : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(desc), \"r\"(1));\n";
   s += "}\n\n";
@@ -167,11 +170,12 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("BN", v.tile_n);
     c32("THREADS", p.block);
     c32("NSTAGE", p.nstage);
-    c32("KCH", (d.c_per_group() + 31) / 32);
+    c32("KCH", (d.c_per_group() + p.wgmma_chunk - 1) / p.wgmma_chunk);
     c32("NOG", p.nog);
     c32("PTS_BYTES", p.pts_bytes);
     c32("MIN_BLOCKS", 1);
-    line(fmt::format("#define OUT_VEC {}", p.out_vec ? 1 : 0));
+    c32("OUT_STORE", p.out_store);  // bytes per output store
+    line(fmt::format("#define TF32 {}", d.dtype == DType::f32 ? 1 : 0));
   } else if (v.algo == Algo::depthwise) {
     c32("THREADS", v.threads);
     c32("VEC", p.vec);

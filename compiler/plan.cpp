@@ -402,23 +402,28 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     case Algo::gemm_wgmma: {
       p.template_name = "deform_conv_wgmma.cuh";
       p.wgmma = true;
-      if (d.dtype != DType::f16 && d.dtype != DType::bf16)
-        bad("algo", fmt::format("algo=gemm_wgmma needs dtype f16 or bf16, not {}", to_string(d.dtype)));
+      if (d.dtype != DType::f16 && d.dtype != DType::bf16 &&
+          !(d.dtype == DType::f32 && d.math == MathMode::tf32))
+        bad("algo", fmt::format("algo=gemm_wgmma needs dtype f16, bf16, or f32 with math=tf32, not "
+                                "dtype={} math={}", to_string(d.dtype), to_string(d.math)));
+      const int esize = dtype_size(d.dtype), vec = 16 / esize;
+      p.wgmma_chunk = 64 / esize;
       if (!p.x_nhwc)
         bad("transpose", "algo=gemm_wgmma reads the input channels-last: nchw layers need transpose=1");
       // The weight is packed from its own layout by deft_pack_weight, never transposed.
       p.w_krsc = d.layout == Layout::nhwc;
       p.workspace_weight_bytes = 0;
-      if (d.c_per_group() % 8 != 0 || d.c_per_offset_group() % 8 != 0)
+      if (d.c_per_group() % vec != 0 || d.c_per_offset_group() % vec != 0)
         bad("algo", fmt::format("algo=gemm_wgmma needs c/groups={} and c/offset_groups={} to be "
-                                "multiples of 8 (16-byte channel vectors)",
-                                d.c_per_group(), d.c_per_offset_group()));
+                                "multiples of {} (16-byte channel vectors of {})",
+                                d.c_per_group(), d.c_per_offset_group(), vec, to_string(d.dtype)));
       if (v.tile_m != 64 && v.tile_m != 128)
         bad("tm", fmt::format("algo=gemm_wgmma has tm=64 or 128 (one or two warpgroups), not {}", v.tile_m));
       if (v.tile_n != 64 && v.tile_n != 128 && v.tile_n != 256)
         bad("tn", fmt::format("algo=gemm_wgmma has tn=64, 128 or 256, not {}", v.tile_n));
-      if (v.tile_k != 32)
-        bad("tk", fmt::format("algo=gemm_wgmma reduces 32-channel chunks: tk=32, not {}", v.tile_k));
+      if (v.tile_k != p.wgmma_chunk)
+        bad("tk", fmt::format("algo=gemm_wgmma reduces {}-channel chunks for {}: tk={}, not {}",
+                              p.wgmma_chunk, to_string(d.dtype), p.wgmma_chunk, v.tile_k));
       if (v.threads != 2 * v.tile_m)
         bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 rows: tm={} needs "
                                    "threads={}, not {}", v.tile_m, 2 * v.tile_m, v.threads));
@@ -432,7 +437,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         nog = std::max(nog, ((g + 1) * cg - 1) / cpog - g * cg / cpog + 1);
       p.nog = int(nog);
       p.pts_bytes = int(nog * d.taps() * bm * 32);
-      const int64_t epi = d.layout == Layout::nhwc ? int64_t(bm) * (bn + 8) * 2 : int64_t(bn) * (bm + 8) * 2;
+      const int64_t epi = (d.layout == Layout::nhwc ? int64_t(bm) * (bn + 8) : int64_t(bn) * (bm + 8)) * esize;
       constexpr int64_t kMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block
       p.nstage = 0;
       for (int ns : {4, 3, 2})
@@ -444,17 +449,23 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows need {} "
                               "bytes of shared memory (max {})", d.taps(), nog, bm, p.pts_bytes, kMaxSmem));
       p.smem_bytes = int(std::max<int64_t>(p.pts_bytes + int64_t(p.nstage) * bn * 64, epi));
-      // 8-element stores stay inside one group's channels (nhwc) or one image's pixels (nchw).
-      p.out_vec = d.layout == Layout::nhwc ? d.k_per_group() % 8 == 0
-                                           : (d.out_h() * d.out_w()) % 8 == 0;
+      // Output stores as wide as they can be (16, 8 or 4 bytes) while staying inside one
+      // group's channels (nhwc) or one image's pixels (nchw).
+      const int64_t fast = d.layout == Layout::nhwc ? d.k_per_group() : d.out_h() * d.out_w();
+      p.out_store = esize;
+      for (int b : {16, 8, 4})
+        if (b >= esize && fast % (b / esize) == 0) {
+          p.out_store = b;
+          break;
+        }
       p.block = v.threads;
       const int64_t m_total = d.n * d.out_h() * d.out_w();
       const int64_t gx = ceil_div(m_total, bm), nt = ceil_div(d.k_per_group(), bn);
       if (gx > 2147483647 || nt > 65535 || d.groups > 65535)
         bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, nt, d.groups));
       p.grid = {unsigned(gx), unsigned(nt), unsigned(d.groups)};
-      const int64_t stages = ceil_div(cg, 32) * d.taps();
-      p.workspace_packed_bytes = int64_t(d.groups) * nt * stages * bn * 32 * 2;
+      const int64_t stages = ceil_div(cg, p.wgmma_chunk) * d.taps();
+      p.workspace_packed_bytes = int64_t(d.groups) * nt * stages * bn * 64;
       break;
     }
     case Algo::depthwise: {

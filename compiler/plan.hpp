@@ -44,11 +44,13 @@ struct KernelPlan {
   int nstage = 0, gv = 0, ev = 0;
   int splits = 0;                           // backward_weight: pixel ranges (grid z)
   // forward on wgmma (deform_conv_wgmma.cuh): offset groups per weight group, bytes of the
-  // sampling-point table, 16-byte output stores; the weight is packed by a pre-pass into
+  // sampling-point table, bytes per output store; the weight is packed by a pre-pass into
   // workspace_packed_bytes (after the transposed input, if any). Compiled for sm_90a.
+  // wgmma_chunk: channels per main-loop stage (64 bytes: 32 of f16/bf16, 16 of f32 in tf32).
   bool wgmma = false;
+  int wgmma_chunk = 0;
   int nog = 0, pts_bytes = 0;
-  bool out_vec = false;
+  int out_store = 0;
   int64_t workspace_packed_bytes = 0;
 
   // Forward scratch per call: the transposed input (rounded to 256 bytes), then the krsc or

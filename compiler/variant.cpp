@@ -192,11 +192,12 @@ bool variant_needs_sm90a(const Variant& v) { return v.algo == Algo::gemm_wgmma; 
 
 Variant default_variant(const LayerDesc& d, int arch) {
   Variant base = default_variant(d);
-  // wgmma exists on sm_90 (Hopper) alone. Only for the layers the tensor-core GEMM would take,
-  // with whole 32-channel chunks or at least 64 channels per group (less would leave most of
-  // each chunk's k slots zero).
+  // wgmma exists on sm_90 (Hopper) alone. Only for the layers the tensor-core GEMM would take
+  // (f16, bf16, f32 in tf32 math), with whole chunks (32 channels, 16 for tf32) or at least 64
+  // channels per group (less would leave most of each chunk's k slots zero).
+  const int chunk = 64 / dtype_size(d.dtype);
   if (arch != 90 || d.pass != Pass::forward || base.algo != Algo::gemm_tc ||
-      d.dtype == DType::f32 || (d.c_per_group() % 32 != 0 && d.c_per_group() < 64))
+      (d.c_per_group() % chunk != 0 && d.c_per_group() < 64))
     return base;
   // Tiles from the wgmma sweep (scripts/sweep.py --family wgmma, H200, fp16, both layouts;
   // docs/perf-notes.md round 5): the output-channel tile as wide as the group's output
@@ -208,7 +209,7 @@ Variant default_variant(const LayerDesc& d, int arch) {
     for (int bm : {bn == 64 ? 128 : 64, bn == 64 ? 64 : 128}) {
       Variant v;
       v.algo = Algo::gemm_wgmma;
-      v.tile_m = bm, v.tile_n = bn, v.tile_k = 32, v.threads = 2 * bm, v.vec = 1;
+      v.tile_m = bm, v.tile_n = bn, v.tile_k = chunk, v.threads = 2 * bm, v.vec = 1;
       v.transpose = d.layout == Layout::nchw;
       try {
         validate(d, v);

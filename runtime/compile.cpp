@@ -288,15 +288,15 @@ void check_forward_alignment(const KernelImpl& k, const ForwardArgs& a) {
                              (size_t(p.vec) * es) % 16 == 0;
   const bool vec_input = !p.transpose && (p.vec_a || p.wgmma || depthwise_vec);
   const bool vec_weight = !p.transpose && !p.wgmma && p.vec_b;
-  const bool vec_output = p.wgmma && p.out_vec;
-  for (auto [need, ptr, name] : {std::tuple{vec_input, a.input, "input"},
-                                 {vec_weight, a.weight, "weight"},
-                                 {vec_output, static_cast<const void*>(a.output), "output"}})
-    if (need && at(ptr) % 16 != 0)
-      throw Error(fmt::format("forward: {} at {} is not 16-byte aligned, and the {} kernel "
-                              "accesses it in 16-byte vectors; pass a tensor that starts on a "
+  const size_t out_bytes = p.wgmma ? size_t(p.out_store) : es;
+  for (auto [bytes, ptr, name] : {std::tuple{vec_input ? 16 : es, a.input, "input"},
+                                  {vec_weight ? 16 : es, a.weight, "weight"},
+                                  {out_bytes, static_cast<const void*>(a.output), "output"}})
+    if (bytes > es && at(ptr) % bytes != 0)
+      throw Error(fmt::format("forward: {} at {} is not {}-byte aligned, and the {} kernel "
+                              "accesses it in {}-byte vectors; pass a tensor that starts on a "
                               "16-byte boundary (a fresh allocation or a contiguous copy)",
-                              name, ptr, to_string(k.variant.algo)));
+                              name, ptr, bytes, to_string(k.variant.algo), bytes));
 }
 
 // deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.

@@ -23,7 +23,7 @@ for step in "$@"; do
       stamp "wgmma tests rc=$r"; [ $r -eq 0 ] || rc=1
       grep -E "Failure|error|Expected|Which is|relative|not finite|FAILED|PASSED" "$LOGS/wgmma.log" | head -40 ;;
     sweep)
-      python3 scripts/sweep.py --lib build/libdeft.so --family wgmma --dtypes fp16 \
+      python3 scripts/sweep.py --lib build/libdeft.so --family wgmma --dtypes "${SWEEP_DTYPES:-fp16}" \
         --cases "${SWEEP_CASES:-resnet_res4,maskrcnn_res4,dense512,deft_64,stride2}" \
         --layouts nhwc,nchw > "$LOGS/sweep.log" 2>&1; stamp "sweep rc=$?"
       cat "$LOGS/sweep.log" | cut -c1-150 ;;

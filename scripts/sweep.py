@@ -23,12 +23,12 @@ VARIANTS = {
     # Hopper only (sm_90); the first line is the old default for comparison.
     "wgmma": [
         "algo=gemm_tc tm=64 tn=128 tk=32 threads=256 transpose={t}",
-        "algo=gemm_wgmma tm=128 tn=256 tk=32 threads=256 transpose={t}",
-        "algo=gemm_wgmma tm=128 tn=128 tk=32 threads=256 transpose={t}",
-        "algo=gemm_wgmma tm=128 tn=64 tk=32 threads=256 transpose={t}",
-        "algo=gemm_wgmma tm=64 tn=256 tk=32 threads=128 transpose={t}",
-        "algo=gemm_wgmma tm=64 tn=128 tk=32 threads=128 transpose={t}",
-        "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=128 tn=256 tk={tk} threads=256 transpose={t}",
+        "algo=gemm_wgmma tm=128 tn=128 tk={tk} threads=256 transpose={t}",
+        "algo=gemm_wgmma tm=128 tn=64 tk={tk} threads=256 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=64 tk={tk} threads=128 transpose={t}",
     ],
     "simt": [
         "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 transpose={t}",
@@ -112,7 +112,7 @@ def main():
                 vs = [None]
                 for v in VARIANTS[fam]:
                     for t in ([1] if layout == "nchw" and fam != "dw" else [0]):
-                        vs.append(v.format(t=t))
+                        vs.append(v.format(t=t, tk=32 if dt == "fp16" else 16))  # wgmma: 64-byte chunks
                 for v in vs:
                     try:
                         kern = lib.compile(lib.canonical(desc), v, None)

@@ -1,19 +1,23 @@
 // deform_conv2d forward on Hopper's warpgroup tensor cores (wgmma, sm_90a), channels-last
-// input. An implicit GEMM per weight group:
+// input; f16 and bf16 (wgmma k16), and f32 in tf32 math (wgmma k8, operands rounded to tf32).
+// An implicit GEMM per weight group:
 //   out[m, kout] = sum over (chunk, tap, slot) of A[m, slot] * B[slot, kout]
 // Each warpgroup owns 64 output pixels (rows) and all BN output channels of the block; its
 // threads sample their own rows straight into the register A fragments of
-// wgmma.m64nBNk16 (no A tile in shared memory), while B, the weight, streams through an
+// wgmma.m64nBNkKS (no A tile in shared memory), while B, the weight, streams through an
 // NSTAGE-deep ring of shared-memory stages filled with cp.async.
 //
-// One main-loop stage is one tap of one 32-channel chunk. Thread (lane = 4 g + t) of warp w in
-// its warpgroup samples rows 16 w + g and 16 w + g + 8, channels 8 t .. 8 t + 7 of the chunk:
-// one 16-byte load per corner. The register fragment of a k16 step wants k slots 2t, 2t+1,
-// 2t+8, 2t+9 from each row, so the reduction order is permuted inside a chunk: slot j of k16
-// step h holds channel 8 ((j % 8) / 2) + 4 h + 2 (j / 8) + j % 2. deft_pack_weight writes the
-// weight in that order (and zero-pads channels and output channels), one stage = BN x 32
-// elements in the core-matrix layout the wgmma descriptor reads: no swizzle, 8 x 8 cores of
-// 128 contiguous bytes, cores along n 128 bytes apart (SBO), along k BN * 16 bytes (LBO).
+// One main-loop stage is one tap of one CHUNK-channel chunk: 64 bytes of channels, so 32 of
+// f16/bf16 or 16 of f32, in two k steps (k16, or k8 for tf32). Thread (lane = 4 g + t) of warp
+// w in its warpgroup samples rows 16 w + g and 16 w + g + 8, channels VEC t .. VEC t + VEC - 1
+// of the chunk (VEC = 16 bytes of elements): one 16-byte load per corner. A k16 step's
+// register fragment wants k slots 2t, 2t+1, 2t+8, 2t+9 of each row (a k8 tf32 step: t, t+4),
+// so the reduction order is permuted inside a chunk: the thread's combined 16-byte vector is
+// four 32-bit fragment words, words 0-1 feeding k step 0 and words 2-3 k step 1 (see
+// deft_slot_channel). deft_pack_weight writes the weight in that order (and zero-pads
+// channels and output channels), one stage = BN x CHUNK elements in the core-matrix layout the
+// wgmma descriptor reads: no swizzle, cores of 8 rows x 16 bytes = 128 contiguous bytes, cores
+// along n 128 bytes apart (SBO), along k BN * 16 bytes (LBO).
 //
 // The reduction runs chunk-major (all taps of a chunk, then the next chunk), so that the
 // input window of one chunk can stay in L1 while its taps sample it (ncu on dense512: 34% L1
@@ -22,30 +26,49 @@
 //
 // Constants from codegen: BM (64 per warpgroup), BN, THREADS, NSTAGE, KCH (chunks per group),
 // NOG (offset groups a group's channels touch), PTS_BYTES, MIN_BLOCKS,
-// OUT_VEC (16-byte output stores), and deft_wgmma_k16() for this BN and dtype.
+// OUT_STORE (bytes per output store: 16, 8, 4 or one element), TF32, and deft_wgmma_kstep() for this BN and dtype.
 
 constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr int TAPS = R * S;
+constexpr int VEC = 16 / int(sizeof(T));     // channels per 16-byte vector
+constexpr int CHUNK = 4 * VEC;               // channels per stage (64 bytes)
 constexpr int NUM_STAGES = KCH * TAPS;
-constexpr int STAGE_ELEMS = BN * 32;         // one packed weight stage
-constexpr int STAGE_BYTES = STAGE_ELEMS * 2;
+constexpr int STAGE_ELEMS = BN * CHUNK;      // one packed weight stage
+constexpr int STAGE_BYTES = STAGE_ELEMS * int(sizeof(T));
 constexpr int NT = (KG + BN - 1) / BN;       // output-channel tiles per group
 constexpr long long PACKED_ELEMS = (long long)G * NT * NUM_STAGES * STAGE_ELEMS;
 static_assert(THREADS == BM * 2, "one warpgroup (128 threads) per 64 rows");
 static_assert((STAGE_BYTES / 16) % THREADS == 0, "a stage is whole 16-byte copies per thread");
-static_assert(CG % 8 == 0 && CPOG % 8 == 0, "16-byte channel vectors inside groups");
+static_assert(CG % VEC == 0 && CPOG % VEC == 0, "16-byte channel vectors inside groups");
+static_assert(TF32 == (sizeof(T) == 4), "32-bit elements run in tf32");
 
-// Channel of packed slot j (0..31) inside its chunk.
+// Channel of packed slot j (0 .. CHUNK-1) inside its chunk: slot i of k step h is read from
+// thread t's vector element e.
+//   k16 (16-bit): t = (i % 8) / 2, word 2h + i / 8, e = 2 word + i % 2
+//   k8 (tf32):    t = i % 4,       word 2h + i / 4, e = word
 __device__ __forceinline__ int deft_slot_channel(int j) {
-  const int h = j / 16, i = j % 16;
-  return 8 * ((i % 8) / 2) + 4 * h + 2 * (i / 8) + i % 2;
+  if constexpr (TF32) {
+    const int h = j / 8, i = j % 8;
+    return 4 * (i % 4) + 2 * h + i / 4;
+  } else {
+    const int h = j / 16, i = j % 16;
+    return 8 * ((i % 8) / 2) + 4 * h + 2 * (i / 8) + i % 2;
+  }
+}
+
+// An f32 value rounded to the nearest tf32 (the bits wgmma reads; it would truncate).
+__device__ __forceinline__ unsigned deft_tf32_bits(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
 }
 
 // First offset group of weight group g.
 __device__ __forceinline__ int deft_og_first(int g) { return int((long long)g * CG / CPOG); }
 
-// packed[g][nt][stage = chunk * TAPS + tap][core layout of BN x 32] from the weight in its own
-// layout (kcrs, or krsc for nhwc layers); zero for channels >= CG and kout >= KG.
+// packed[g][nt][stage = chunk * TAPS + tap][core layout of BN x CHUNK] from the weight in its
+// own layout (kcrs, or krsc for nhwc layers); zero for channels >= CG and kout >= KG; tf32
+// layers store the rounded value.
 extern "C" __global__ void __launch_bounds__(256)
     deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -55,15 +78,16 @@ extern "C" __global__ void __launch_bounds__(256)
   const int stage = int(blk % NUM_STAGES);
   const long long gnt = blk / NUM_STAGES;
   const int nt = int(gnt % NT), g = int(gnt / NT);
-  const int kc = e / (BN * 8), r = e % (BN * 8);   // core column (8 slots), rest
-  const int n = (r / 64) * 8 + (r % 64) / 8, j = kc * 8 + r % 8;
+  const int kc = e / (BN * VEC), r = e % (BN * VEC);   // core column (VEC slots), rest
+  const int n = (r / (8 * VEC)) * 8 + (r % (8 * VEC)) / VEC, j = kc * VEC + r % VEC;
   const int chunk = stage / TAPS, tap = stage % TAPS;
-  const int cl = chunk * 32 + deft_slot_channel(j), kout = nt * BN + n;
+  const int cl = chunk * CHUNK + deft_slot_channel(j), kout = nt * BN + n;
   T v = deft_from<T>(0.f);
   if (cl < CG && kout < KG) {
     const long long ko = (long long)g * KG + kout;
     v = weight[W_KRSC ? (ko * TAPS + tap) * CG + cl : (ko * CG + cl) * TAPS + tap];
   }
+  if constexpr (TF32) v = __uint_as_float(deft_tf32_bits(deft_widen(v)));
   packed[i] = v;
 }
 
@@ -78,16 +102,25 @@ __device__ __forceinline__ void deft_wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
 }
 
-// Shared-memory matrix descriptor of the k16 step `h` of a B stage at byte address `stage`.
+// Shared-memory matrix descriptor of k step `h` of a B stage at byte address `stage` (a k step
+// is 32 bytes of k: two core columns).
 __device__ __forceinline__ unsigned long long deft_b_desc(unsigned stage, int h) {
   const unsigned long long addr = stage + unsigned(h) * 2u * (BN * 16u);
   return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BN * 16) >> 4) << 16) |
          ((unsigned long long)(128 >> 4) << 32);
 }
 
-// Eight channels of one sampled row as four packed pairs (the A-fragment words).
+// VEC channels of one sampled row as four A-fragment words (packed pairs, or tf32 values).
 __device__ __forceinline__ uint4 deft_combine(const uint4 (&c)[4], const float4& w) {
-#if HALF2_COMBINE
+#if TF32
+  const float4* x = reinterpret_cast<const float4*>(c);
+  uint4 out;
+  out.x = deft_tf32_bits(fmaf(w.w, x[3].x, fmaf(w.z, x[2].x, fmaf(w.y, x[1].x, w.x * x[0].x))));
+  out.y = deft_tf32_bits(fmaf(w.w, x[3].y, fmaf(w.z, x[2].y, fmaf(w.y, x[1].y, w.x * x[0].y))));
+  out.z = deft_tf32_bits(fmaf(w.w, x[3].z, fmaf(w.z, x[2].z, fmaf(w.y, x[1].z, w.x * x[0].z))));
+  out.w = deft_tf32_bits(fmaf(w.w, x[3].w, fmaf(w.z, x[2].w, fmaf(w.y, x[1].w, w.x * x[0].w))));
+  return out;
+#elif HALF2_COMBINE
   const __half2* x0 = reinterpret_cast<const __half2*>(&c[0]);
   const __half2* x1 = reinterpret_cast<const __half2*>(&c[1]);
   const __half2* x2 = reinterpret_cast<const __half2*>(&c[2]);
@@ -177,7 +210,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   for (int h = 0; h < 2; ++h) {
     const long long m = m0 + row0 + 8 * h;
     const long long n = m < M_TOTAL ? m / (HO * WO) : 0;
-    image[h] = input + n * ((long long)H * W * C) + (long long)g * CG + 8 * t;
+    image[h] = input + n * ((long long)H * W * C) + (long long)g * CG + VEC * t;
   }
 
   // The raw corner vectors of one stage (two rows), fetched two stages ahead of their use so
@@ -188,7 +221,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   };
   auto fetch = [&](int stage, Raw& r) {
     const int chunk = stage / TAPS, tap = stage % TAPS;
-    const int cl = chunk * 32 + 8 * t;
+    const int cl = chunk * CHUNK + VEC * t;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (cl < CG) {
@@ -196,7 +229,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         const int i = (ogl * TAPS + tap) * BM + row0 + 8 * h;
         const int4 off = pts_off[i];
         r.w[h] = pts_w[i];
-        const T* base = image[h] + chunk * 32;
+        const T* base = image[h] + chunk * CHUNK;
         r.c[h][0] = __ldg(reinterpret_cast<const uint4*>(base + off.x));
         r.c[h][1] = __ldg(reinterpret_cast<const uint4*>(base + off.y));
         r.c[h][2] = __ldg(reinterpret_cast<const uint4*>(base + off.z));
@@ -208,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       }
     }
   };
-  // A fragments of a stage: words {row0 pair, row0+8 pair, ...} of its two k16 steps.
+  // A fragments of a stage's two k steps: {row0, row0+8, row0, row0+8} words 2h, 2h, 2h+1, 2h+1.
   auto combine = [&](const Raw& r, unsigned (&a)[2][4]) {
     const uint4 v0 = deft_combine(r.c[0], r.w[0]), v1 = deft_combine(r.c[1], r.w[1]);
     a[0][0] = v0.x, a[0][1] = v1.x, a[0][2] = v0.y, a[0][3] = v1.y;
@@ -218,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-  unsigned afrag[2][2][4];  // [set][k16 step][word]
+  unsigned afrag[2][2][4];  // [set][k step][word]
   Raw raw[2];
 
   __syncthreads();  // points visible
@@ -227,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   combine(raw[0], afrag[0]);
 
   // Stage s (A fragments in `cur`, its raw vectors consumed): wait for its B stage, refill the
-  // ring, issue the two k16 wgmmas; while they run, fetch stage s + 2 into the raw set stage s
+  // ring, issue the two k-step wgmmas; while they run, fetch stage s + 2 into the raw set stage s
   // used and combine stage s + 1 into `next`; then wait for the wgmmas.
   auto step = [&](int s, unsigned (&cur)[2][4], unsigned (&next)[2][4], Raw& free_raw,
                   const Raw& next_raw) {
@@ -238,8 +271,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     deft_cp_commit<>();
     const unsigned b = ring_addr + (s % NSTAGE) * STAGE_BYTES;
     deft_wgmma_fence();
-    deft_wgmma_k16(acc, cur[0], deft_b_desc(b, 0));
-    deft_wgmma_k16(acc, cur[1], deft_b_desc(b, 1));
+    deft_wgmma_kstep(acc, cur[0], deft_b_desc(b, 0));
+    deft_wgmma_kstep(acc, cur[1], deft_b_desc(b, 1));
     deft_wgmma_commit();
     if (s + 2 < NUM_STAGES) fetch(s + 2, free_raw);
     if (s + 1 < NUM_STAGES) combine(next_raw, next);
@@ -266,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     cs[NHWC ? row * CS_LD + col : col * CS_LD + row] = deft_from<T>(v);
   }
   __syncthreads();
-  constexpr int V = OUT_VEC ? 8 : 1;  // elements per store
+  constexpr int V = OUT_STORE / int(sizeof(T));  // elements per store
   constexpr int ROW_V = NHWC ? BN / V : BM / V;  // vectors along the fast dimension
   for (int idx = tid; idx < (BM * BN) / V; idx += THREADS) {
     const int fast = (idx % ROW_V) * V, slow = idx / ROW_V;
@@ -281,7 +314,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       dst = out + (n * K + (long long)g * KG + n0 + col) * (HO * WO) + pix;
     }
     const T* src = cs + slow * CS_LD + fast;
-    if constexpr (V == 8) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    if constexpr (OUT_STORE == 16) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    else if constexpr (OUT_STORE == 8) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+    else if constexpr (OUT_STORE == 4) *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(src);
     else *dst = *src;
   }
 }

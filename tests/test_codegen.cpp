@@ -250,8 +250,48 @@ TEST(Codegen, WgmmaTilesCompileForSm90Only) {
   };
   refused("deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f32 layout=nchw", "algo");
   refused("deform_conv2d n=2 c=36 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nchw", "algo");
+  refused("deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+          "layout=nchw", "tk");  // tf32 reduces 16-channel chunks
   refused("deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc",
           "transpose");  // transpose=1 applies to nchw layers only
+}
+
+// f32 in tf32 math: the same kernel with 16-channel chunks and m64nNk8 tf32 wgmma; every tile
+// compiles for sm_90a without spills; the heuristic takes it where whole chunks fill the
+// reduction; c/groups needs only 4-channel (16-byte) vectors.
+TEST(Codegen, WgmmaTf32TilesCompile) {
+  const auto d = deft::parse_layer_desc(
+      "deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 offset_groups=2 mask=1 dtype=f32 "
+      "math=tf32 layout=nhwc bias=1 act=relu");
+  const deft::Variant def = deft::default_variant(d, 90);
+  EXPECT_EQ(def.algo, deft::Algo::gemm_wgmma);
+  EXPECT_EQ(def.tile_k, 16);
+  for (int tm : {64, 128})
+    for (int tn : {64, 128, 256}) {
+      const deft::Variant v = deft::parse_variant(fmt::format(
+          "algo=gemm_wgmma tm={} tn={} tk=16 threads={}", tm, tn, 2 * tm));
+      SCOPED_TRACE(deft::to_string(v));
+      const deft::CompileInfo info = compile_for_sm90(d, v);
+      EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+          << info.resource_report;
+      deft::CompileOptions o;
+      o.arch = 90;
+      o.variant = v;
+      o.cache_path = "";
+      const std::string ptx = deft::emit_ptx(d, o);
+      EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k8.f32.tf32.tf32", tn)),
+                std::string::npos);
+      EXPECT_NE(ptx.find("cvt.rna.tf32.f32"), std::string::npos);
+    }
+  const auto c36 = deft::parse_layer_desc(
+      "deform_conv2d n=2 c=36 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 layout=nchw");
+  EXPECT_NO_THROW(deft::validate(c36, deft::parse_variant(
+                                          "algo=gemm_wgmma tm=64 tn=64 tk=16 threads=128 transpose=1")));
+  EXPECT_EQ(deft::default_variant(c36, 90).algo, deft::Algo::gemm_tc);  // 36 % 16 != 0, < 64
+  const auto c34 = deft::parse_layer_desc(
+      "deform_conv2d n=2 c=34 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 layout=nhwc");
+  EXPECT_THROW(deft::validate(c34, deft::parse_variant("algo=gemm_wgmma tm=64 tn=64 tk=16 threads=128")),
+               deft::DescError);
 }
 
 // Every variant the tuner tries for a layer compiles (the depthwise f16 nhwc search space held

@@ -392,7 +392,8 @@ int device_arch() {
 // Layers for algo=gemm_wgmma: partial pixel tiles, output channels that do not fill a tile,
 // a partial 32-channel chunk (c/groups = 40), groups and offset groups (two offset groups in
 // one weight group, and one offset group across two weight groups), strides, dilation, a 1x1
-// and a 5x5 kernel, bias + activation, both layouts and both dtypes; every tile shape.
+// and a 5x5 kernel, bias + activation, both layouts and all three dtypes (f32 in tf32 math
+// with 16-channel chunks, also c/groups = 36: a chunk of 4 channels); every tile shape.
 std::vector<GpuCase> wgmma_cases() {
   std::vector<GpuCase> v;
   LayerDesc d = desc(2, 64, 13, 17, 96, 3, 1, 1, 1, DType::f16, Layout::nhwc);
@@ -413,6 +414,22 @@ std::vector<GpuCase> wgmma_cases() {
   v.push_back({"wgmma_5x5_bf16_nchw", d, 2.0, 47});
   d = desc(4, 256, 8, 8, 256, 1, 0, 1, 1, DType::f16, Layout::nhwc);
   v.push_back({"wgmma_1x1_f16_nhwc", d, 2.0, 48});
+  d = desc(2, 64, 14, 14, 100, 3, 1, 1, 1, DType::f16, Layout::nchw);  // 196 px: 8-byte stores
+  v.push_back({"wgmma_8byte_stores_f16_nchw", d, 2.0, 53});
+  d.layout = Layout::nhwc;  // k = 100: 8-byte stores along the channels
+  v.push_back({"wgmma_8byte_stores_f16_nhwc", d, 2.0, 54});
+  d = desc(2, 64, 13, 17, 96, 3, 1, 1, 1, DType::f32, Layout::nhwc);
+  d.math = MathMode::tf32;
+  v.push_back({"wgmma_tf32_nhwc", d, 2.0, 49});
+  d = desc(3, 36, 11, 9, 40, 3, 1, 1, 1, DType::f32, Layout::nchw);  // chunks of 16, 16, 4
+  d.math = MathMode::tf32, d.bias = true, d.act = Activation::gelu;
+  v.push_back({"wgmma_tf32_partial_chunk_nchw_bias_gelu", d, 8.0, 50});
+  d = desc(2, 128, 10, 12, 200, 3, 1, 2, 4, DType::f32, Layout::nhwc);  // 2 ogs per group
+  d.math = MathMode::tf32;
+  v.push_back({"wgmma_tf32_groups_og4_nhwc", d, 2.0, 51});
+  d = desc(2, 64, 21, 19, 72, 3, 2, 1, 2, DType::f32, Layout::nchw);
+  d.stride_h = d.stride_w = 2, d.dil_h = d.dil_w = 2, d.math = MathMode::tf32;
+  v.push_back({"wgmma_tf32_stride2_dil2_nchw", d, 2.0, 52});
   return v;
 }
 
@@ -428,7 +445,8 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
     for (int tn : {256, 128, 64}) {
       deft::Variant v;
       v.algo = deft::Algo::gemm_wgmma;
-      v.tile_m = tm, v.tile_n = tn, v.tile_k = 32, v.threads = 2 * tm;
+      v.tile_m = tm, v.tile_n = tn, v.tile_k = 64 / deft::dtype_size(c.desc.dtype);
+      v.threads = 2 * tm;
       v.transpose = c.desc.layout == Layout::nchw;
       SCOPED_TRACE("variant " + deft::to_string(v));
       deft::CompileOptions options = test_options();
@@ -436,9 +454,9 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
       check_forward(c.desc, t, options);
     }
   // On sm_90 the heuristic itself picks the wgmma kernel for these layers (where whole
-  // 32-channel chunks, or at least 64 channels, fill the reduction).
+  // chunks, or at least 64 channels, fill the reduction).
   const int64_t cg = c.desc.c_per_group();
-  if (cg % 32 == 0 || cg >= 64)
+  if (cg % (64 / deft::dtype_size(c.desc.dtype)) == 0 || cg >= 64)
     EXPECT_EQ(deft::default_variant(c.desc, 90).algo, deft::Algo::gemm_wgmma);
 }
 
@@ -446,9 +464,10 @@ TEST(GpuForwardWgmmaEdge, NonFiniteAndHugeOffsetsSampleZero) {
   DEFT_SKIP_WITHOUT_GPU();
   if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
   int seed = 200;
-  for (DType dt : {DType::f16, DType::bf16})
+  for (DType dt : {DType::f16, DType::bf16, DType::f32})
     for (Layout layout : {Layout::nchw, Layout::nhwc}) {
       LayerDesc d;
+      if (dt == DType::f32) d.math = MathMode::tf32;
       d.n = 2, d.c = 64, d.h = 13, d.w = 17, d.k = 48, d.r = d.s = 3, d.pad_h = d.pad_w = 1;
       d.offset_groups = 2, d.mask = true, d.bias = true, d.dtype = dt, d.layout = layout;
       HostTensors t = random_tensors(d, 2.0, ++seed);
