@@ -273,6 +273,8 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     case DType::bf16: p.t = "__nv_bfloat16"; p.acc = "float"; p.pos = "float"; break;
     case DType::f64: p.t = "double"; p.acc = "double"; p.pos = "double"; break;
   }
+  if (v.stages != 0 && v.algo != Algo::gemm_wgmma)
+    bad("stages", fmt::format("stages={} applies to algo=gemm_wgmma only", v.stages));
   if (d.pass != Pass::forward) {
     if (v.staging != Staging::gather)
       throw NotImplemented("not implemented: staging=window has no kernel yet");
@@ -439,9 +441,11 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       p.pts_bytes = int(nog * d.taps() * bm * 32);
       const int64_t epi = (d.layout == Layout::nhwc ? int64_t(bm) * (bn + 8) : int64_t(bn) * (bm + 8)) * esize;
       constexpr int64_t kMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block
+      if (v.stages != 0 && (v.stages < 2 || v.stages > 4))
+        bad("stages", fmt::format("algo=gemm_wgmma has a weight ring of stages=2, 3 or 4, not {}", v.stages));
       p.nstage = 0;
       for (int ns : {4, 3, 2})
-        if (p.pts_bytes + int64_t(ns) * bn * 64 <= kMaxSmem) {
+        if ((v.stages == 0 || ns == v.stages) && p.pts_bytes + int64_t(ns) * bn * 64 <= kMaxSmem) {
           p.nstage = ns;
           break;
         }

@@ -4,7 +4,8 @@
 # (and whenever a step finishes), the report files are copied to $OUT as they appear.
 # Usage (on the device, from the repo root): bash scripts/device_session.sh STEP...
 #   STEP: build | wgmma (the wgmma GPU tests) | sweep (wgmma tiles) | tests (ctest + pytest)
-#         | gputests (GPU tests only) | bench (forward) | bwd (bench_backward.py) | ncu
+#         | gputests (GPU tests only) | pytest | bench (forward) | bwd (bench_backward.py) | ncu
+#   Environment: SWEEP_CASES, SWEEP_DTYPES (sweep), NCU_VARIANT (ncu)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
 cp BENCHMARKS.md "$LOGS/BENCHMARKS.md"  # both benchmarks rewrite their sections of this copy
@@ -43,20 +44,24 @@ for step in "$@"; do
       python3 bench/bench_backward.py --lib build/libdeft.so --out "$LOGS/bwd" \
         --benchmarks-md "$LOGS/BENCHMARKS.md" > "$LOGS/bench_backward.log" 2>&1
       stamp "bench_backward rc=$?"; cp "$LOGS/BENCHMARKS.md" "$OUT/"; tail -30 "$LOGS/bench_backward.log" ;;
+    pytest)  # the Python package's tests alone
+      python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
+      stamp "pytest rc=$r"; tail -4 "$LOGS/pytest.log"; [ $r -eq 0 ] || rc=1 ;;
     gputests)  # the GPU tests alone (one process), no CPU tests, no pytest
       build/tests/deft_tests --gtest_filter='*Gpu*:*GPU*' --gtest_brief=1 > "$LOGS/gpu_tests.log" 2>&1; r=$?
       stamp "gpu tests rc=$r, skipped: $(grep -cE '^\[  SKIPPED' "$LOGS/gpu_tests.log")"; [ $r -eq 0 ] || rc=1
       grep -E "Failure|Expected|FAILED" "$LOGS/gpu_tests.log" | head -20; tail -3 "$LOGS/gpu_tests.log" ;;
     ncu)  # hardware counters of the default forward kernel on dense512 and resnet_res4 (fp16 nhwc)
+      # NCU_VARIANT (optional): a variant text to profile instead of the default
       for desc in "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc" \
                   "deform_conv2d n=32 c=256 h=14 w=14 k=256 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc"; do
         timeout 120 ncu --clock-control none --kernel-name deft_deform_conv2d_forward --launch-skip 2 \
           --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section WarpStateStats --section Occupancy --section LaunchStats \
-          python3 scripts/profile_one.py "$desc" >> "$LOGS/ncu.txt" 2>&1
+          python3 scripts/profile_one.py "$desc" ${NCU_VARIANT:+"$NCU_VARIANT"} >> "$LOGS/ncu.txt" 2>&1
       done
       stamp "ncu done"
-      grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|L1/TEX Cache Throughput|L2 Cache Throughput|DRAM Throughput" "$LOGS/ncu.txt" | head -60 ;;
+      grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|L1/TEX Cache Throughput|L2 Cache Throughput|DRAM Throughput|Shared Memory Configuration Size|Dynamic Shared Memory Per Block" "$LOGS/ncu.txt" | head -60 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
   pack

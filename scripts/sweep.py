@@ -29,6 +29,10 @@ VARIANTS = {
         "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=128 transpose={t}",
         "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t}",
         "algo=gemm_wgmma tm=64 tn=64 tk={tk} threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=128 transpose={t} stages=3",
+        "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=128 transpose={t} stages=2",
+        "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t} stages=2",
+        "algo=gemm_wgmma tm=128 tn=64 tk={tk} threads=256 transpose={t} stages=2",
     ],
     "simt": [
         "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 transpose={t}",

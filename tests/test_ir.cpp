@@ -195,6 +195,11 @@ TEST(VariantText, RoundTripsAndRejectsUnknownFields) {
   EXPECT_THROW(deft::parse_variant("algo=magic"), DescError);
   EXPECT_THROW(deft::parse_variant("tm=abc"), DescError);
   EXPECT_THROW(deft::parse_variant("speed=11"), DescError);
+  // The wgmma ring depth is printed only when set, so older variant texts stay canonical.
+  v.algo = deft::Algo::gemm_wgmma, v.stages = 3;
+  EXPECT_EQ(deft::to_string(v), "algo=gemm_wgmma tm=128 tn=32 tk=32 threads=128 vec=1 staging=gather "
+                                "halo=0 transpose=0 stages=3");
+  EXPECT_EQ(deft::parse_variant(deft::to_string(v)), v);
 }
 
 TEST(VariantValidation, RejectsVariantsThatCannotRunTheLayer) {
@@ -212,6 +217,9 @@ TEST(VariantValidation, RejectsVariantsThatCannotRunTheLayer) {
   expect_field(f16, "algo=gemm_simt tm=48", "tm");     // not a power of two
   expect_field(f16, "algo=gemm_simt threads=100", "threads");
   expect_field(f16, "algo=gemm_tc tm=128 tn=256 tk=64 threads=512", "tk");  // shared memory
+  expect_field(f16, "algo=gemm_tc stages=2", "stages");  // the wgmma ring only
+  expect_field(f16, "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=128 transpose=1 stages=5",
+               "stages");
   EXPECT_NO_THROW(deft::validate(f32, deft::default_variant(f32)));
   EXPECT_NO_THROW(deft::validate(f16, deft::default_variant(f16)));
   EXPECT_EQ(deft::default_variant(f16).algo, deft::Algo::gemm_tc);

@@ -139,6 +139,9 @@ struct Variant {
   bool transpose = false;  // nchw gemm: transpose input to nhwc (and weight to krsc) first
   // Backward passes: bitwise-reproducible accumulation (printed as det=1 only when set).
   bool deterministic = false;
+  // gemm_wgmma: depth of the weight ring in shared memory, 2 to 4 (printed as stages=N only
+  // when set; 0 = the plan's choice). Fewer stages leave more of the SM's 256 KiB to L1.
+  int stages = 0;
 
   bool operator==(const Variant&) const = default;
 };
