@@ -445,14 +445,15 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         bad("stages", fmt::format("algo=gemm_wgmma has a weight ring of stages=2, 3 or 4, not {}", v.stages));
       p.nstage = 0;
       for (int ns : {4, 3, 2})
-        if ((v.stages == 0 || ns == v.stages) && p.pts_bytes + int64_t(ns) * bn * 64 <= kMaxSmem) {
+        if ((v.stages == 0 || ns == v.stages) && p.pts_bytes + int64_t(ns) * bn * 64 + 64 <= kMaxSmem) {
           p.nstage = ns;
           break;
         }
       if (p.nstage == 0)
         bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows need {} "
                               "bytes of shared memory (max {})", d.taps(), nog, bm, p.pts_bytes, kMaxSmem));
-      p.smem_bytes = int(std::max<int64_t>(p.pts_bytes + int64_t(p.nstage) * bn * 64, epi));
+      // points, the ring, and one 8-byte mbarrier per ring stage (64 bytes kept)
+      p.smem_bytes = int(std::max<int64_t>(p.pts_bytes + int64_t(p.nstage) * bn * 64 + 64, epi));
       // Output stores as wide as they can be (16, 8 or 4 bytes) while staying inside one
       // group's channels (nhwc) or one image's pixels (nchw).
       const int64_t fast = d.layout == Layout::nhwc ? d.k_per_group() : d.out_h() * d.out_w();

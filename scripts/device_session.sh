@@ -5,6 +5,7 @@
 # Usage (on the device, from the repo root): bash scripts/device_session.sh STEP...
 #   STEP: build | wgmma (the wgmma GPU tests) | sweep (wgmma tiles) | tests (ctest + pytest)
 #         | gputests (GPU tests only) | pytest | bench (forward) | bwd (bench_backward.py) | ncu
+#         | train (examples/train_resnet_dcn.py, batch 128 and 32)
 #   Environment: SWEEP_CASES, SWEEP_DTYPES (sweep), NCU_VARIANT (ncu)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
@@ -44,6 +45,11 @@ for step in "$@"; do
       python3 bench/bench_backward.py --lib build/libdeft.so --out "$LOGS/bwd" \
         --benchmarks-md "$LOGS/BENCHMARKS.md" > "$LOGS/bench_backward.log" 2>&1
       stamp "bench_backward rc=$?"; cp "$LOGS/BENCHMARKS.md" "$OUT/"; tail -30 "$LOGS/bench_backward.log" ;;
+    train)  # the training example at batch 128 (issue 6's case), then batch 32
+      for b in 128 32; do
+        python3 examples/train_resnet_dcn.py --batch $b --json "$LOGS/train$b.json" > "$LOGS/train-b$b.log" 2>&1
+        stamp "train batch $b rc=$?"; tail -8 "$LOGS/train-b$b.log"
+      done ;;
     pytest)  # the Python package's tests alone
       python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
       stamp "pytest rc=$r"; tail -4 "$LOGS/pytest.log"; [ $r -eq 0 ] || rc=1 ;;

@@ -5,7 +5,10 @@
 // Each warpgroup owns 64 output pixels (rows) and all BN output channels of the block; its
 // threads sample their own rows straight into the register A fragments of
 // wgmma.m64nBNkKS (no A tile in shared memory), while B, the weight, streams through an
-// NSTAGE-deep ring of shared-memory stages filled with cp.async.
+// NSTAGE-deep ring of shared-memory stages, each filled by one bulk copy (cp.async.bulk, issued
+// by thread 0) that completes on the stage's mbarrier. The bulk copy writes through the async
+// proxy, which wgmma reads through, so no proxy fence is needed (a fence.proxy.async per stage
+// compiles to MEMBAR.ALL.CTA, which would also wait for the corner loads in flight).
 //
 // One main-loop stage is one tap of one CHUNK-channel chunk: 64 bytes of channels, so 32 of
 // f16/bf16 or 16 of f32, in two k steps (k16, or k8 for tf32). Thread (lane = 4 g + t) of warp
@@ -38,7 +41,7 @@ constexpr int STAGE_BYTES = STAGE_ELEMS * int(sizeof(T));
 constexpr int NT = (KG + BN - 1) / BN;       // output-channel tiles per group
 constexpr long long PACKED_ELEMS = (long long)G * NT * NUM_STAGES * STAGE_ELEMS;
 static_assert(THREADS == BM * 2, "one warpgroup (128 threads) per 64 rows");
-static_assert((STAGE_BYTES / 16) % THREADS == 0, "a stage is whole 16-byte copies per thread");
+static_assert(STAGE_BYTES % 16 == 0, "bulk copies move whole 16-byte units");
 static_assert(CG % VEC == 0 && CPOG % VEC == 0, "16-byte channel vectors inside groups");
 static_assert(TF32 == (sizeof(T) == 4), "32-bit elements run in tf32");
 
@@ -89,6 +92,26 @@ extern "C" __global__ void __launch_bounds__(256)
   }
   if constexpr (TF32) v = __uint_as_float(deft_tf32_bits(deft_widen(v)));
   packed[i] = v;
+}
+
+// mbarrier of one ring stage: thread 0 arms it with the stage's byte count and starts the bulk
+// copy; every thread waits on its phase parity.
+__device__ __forceinline__ void deft_mbar_init(unsigned bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void deft_bulk_load(unsigned dst, const void* src, unsigned bar) {
+  asm volatile(
+      "{\n.reg .b64 state;\n"
+      "mbarrier.arrive.expect_tx.shared::cta.b64 state, [%2], %3;\n"
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %3, [%2];\n}\n"
+      ::"r"(dst), "l"(src), "r"(bar), "n"(STAGE_BYTES) : "memory");
+}
+__device__ __forceinline__ void deft_mbar_wait(unsigned bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "DEFT_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra DEFT_WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
 
 __device__ __forceinline__ void deft_wgmma_fence() {
@@ -161,6 +184,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   float4* pts_w = reinterpret_cast<float4*>(smem + PTS_BYTES / 2);
   unsigned char* ring = smem + PTS_BYTES;                  // NSTAGE B stages
   const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
+  const unsigned bar_addr = ring_addr + NSTAGE * STAGE_BYTES;  // NSTAGE mbarriers (8 bytes)
 
   const int tid = threadIdx.x;
   const long long m0 = (long long)blockIdx.x * BM;
@@ -168,19 +192,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   const int g = blockIdx.z;
   const T* bsrc = packed + ((long long)g * NT + nt) * NUM_STAGES * STAGE_ELEMS;
 
-  auto load_b = [&](int stage) {
-    const unsigned char* src = reinterpret_cast<const unsigned char*>(bsrc + (long long)stage * STAGE_ELEMS);
-    unsigned char* dst = ring + (stage % NSTAGE) * STAGE_BYTES;
-#pragma unroll
-    for (int u = 0; u < STAGE_BYTES / 16 / THREADS; ++u) {
-      const int o = (tid + u * THREADS) * 16;
-      deft_cp_async<16>(dst + o, src + o, true);
-    }
+  auto load_b = [&](int stage) {  // thread 0 only
+    const int slot = stage % NSTAGE;
+    deft_bulk_load(ring_addr + slot * STAGE_BYTES, bsrc + (long long)stage * STAGE_ELEMS,
+                   bar_addr + 8 * slot);
   };
+  if (tid == 0) {
 #pragma unroll
-  for (int s = 0; s < NSTAGE - 1; ++s) {
-    if (s < NUM_STAGES) load_b(s);
-    deft_cp_commit<>();
+    for (int i = 0; i < NSTAGE; ++i) deft_mbar_init(bar_addr + 8 * i);
+    // the initialised barriers visible to the async proxy before the first copy completes
+    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < NSTAGE - 1; ++s)
+      if (s < NUM_STAGES) load_b(s);
   }
 
   // Sampling points of every (offset group, tap, row) of the block, once.
@@ -264,11 +288,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   // used and combine stage s + 1 into `next`; then wait for the wgmmas.
   auto step = [&](int s, unsigned (&cur)[2][4], unsigned (&next)[2][4], Raw& free_raw,
                   const Raw& next_raw) {
-    deft_cp_wait<NSTAGE - 2>();
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();  // stage s landed for every thread; every wgmma of stage s - 1 is done
-    if (s + NSTAGE - 1 < NUM_STAGES) load_b(s + NSTAGE - 1);
-    deft_cp_commit<>();
+    deft_mbar_wait(bar_addr + 8 * (s % NSTAGE), (s / NSTAGE) & 1);  // stage s landed
+    __syncthreads();  // every wgmma of stage s - 1 is done: its ring slot may be refilled
+    if (tid == 0 && s + NSTAGE - 1 < NUM_STAGES) load_b(s + NSTAGE - 1);
     const unsigned b = ring_addr + (s % NSTAGE) * STAGE_BYTES;
     deft_wgmma_fence();
     deft_wgmma_kstep(acc, cur[0], deft_b_desc(b, 0));
@@ -282,8 +304,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     step(s, afrag[0], afrag[1], raw[0], raw[1]);
     if (s + 1 < NUM_STAGES) step(s + 1, afrag[1], afrag[0], raw[1], raw[0]);
   }
-  deft_cp_wait<0>();
-  __syncthreads();  // the ring and the points are free: the epilogue tile reuses them
+  __syncthreads();  // every copy was waited for; the ring and the points are free: the
+                    // epilogue tile reuses them
 
   // Epilogue: bias and activation in f32, staged through shared memory for coalesced stores.
   // Accumulator i of this thread: column 8 (i / 4) + 2 t + i % 2, row row0 + 8 ((i / 2) % 2).
