@@ -341,7 +341,7 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
     }
     CUdeviceptr w_out = workspace + CUdeviceptr(p.forward_input_workspace());
     if (p.wgmma) {
-      const int64_t elems = p.workspace_packed_bytes / 2;
+      const int64_t elems = p.workspace_packed_bytes / dtype_size(d.dtype);
       void* args[] = {&weight, &w_out};
       driver::check(api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->pack),
                                        unsigned((elems + 255) / 256), 1, 1, 256, 1, 1, 0, stream,

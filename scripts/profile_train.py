@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Where a training step of examples/train_resnet_dcn.py spends its GPU time: the top CUDA
+kernels (torch.profiler) over two windows, early steps and later ones.
+Usage (on the device, from the repo root): python3 scripts/profile_train.py [--op deft] [--batch 128]"""
+import argparse, os, sys
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import torch
+import torch.nn.functional as F
+import train_resnet_dcn as ex
+
+p = argparse.ArgumentParser()
+p.add_argument("--op", default="deft", choices=["deft", "torchvision"])
+p.add_argument("--batch", type=int, default=128)
+p.add_argument("--steps", type=int, default=14)
+a = p.parse_args()
+
+ns = argparse.Namespace(seed=0, classes=10, batch=a.batch, size=128, batches=8, channels_last=False,
+                        offset_init_std=0.01, lr=0.01, momentum=0.9, amp=True, init_scale=2.0 ** 10)
+import torchvision.ops
+op = ex.deft.ops.deform_conv2d if a.op == "deft" else torchvision.ops.deform_conv2d
+torch.backends.cudnn.benchmark = True
+model = ex.build_model(op, ns).cuda().train()
+opt = torch.optim.SGD(model.parameters(), lr=ns.lr, momentum=ns.momentum)
+scaler = ex.grad_scaler(True, ns.init_scale)
+batches = ex.make_batches(ns, "cuda")
+windows = {(1, 3): "steps 2-3", (10, 12): "steps 11-12"}
+
+def step(i):
+    x, y = batches[i % len(batches)]
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+i = 0
+while i < a.steps:
+    w = next((k for k in windows if k[0] == i), None)
+    if w is None:
+        step(i); i += 1; continue
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for j in range(w[0], w[1]):
+            step(j)
+        torch.cuda.synchronize()
+    i = w[1]
+    print(f"=== {a.op}, batch {a.batch}, {windows[w]} (2 steps), scale {scaler.get_scale()}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
