@@ -37,6 +37,18 @@ const char* deft_version(void) { return deft::version(); }
 const char* deft_last_error(void) { return g_error.c_str(); }
 int deft_gpu_available(void) { return deft::gpu_available() ? 1 : 0; }
 
+int deft_workspace_bytes(uint64_t* reserved, uint64_t* used) {
+  return guarded([&] {
+    const deft::WorkspaceStats s = deft::workspace_stats();
+    if (reserved) *reserved = s.reserved_bytes;
+    if (used) *used = s.used_bytes;
+  });
+}
+
+int deft_release_workspace(void) {
+  return guarded([] { deft::release_workspace(); });
+}
+
 int deft_canonical(const char* desc, char* buf, int64_t cap) {
   return guarded([&] {
     if (!desc || !buf || cap < 1) throw deft::Error("deft_canonical: null argument");

@@ -333,8 +333,8 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
   CUdeviceptr workspace = 0;
   if (p.forward_workspace() > 0) {
     // Stream-ordered workspace: nhwc input, then the krsc or packed weight (256-byte aligned).
-    driver::check(api.cuMemAllocAsync(&workspace, size_t(p.forward_workspace()), stream),
-                  "cuMemAllocAsync (forward workspace)");
+    workspace = driver::workspace_alloc(size_t(p.forward_workspace()), stream,
+                                        "cuMemAllocFromPoolAsync (forward workspace)");
     if (p.transpose) {
       launch_transpose(*impl_, input, workspace, d.n, d.c, d.h * d.w, stream);
       input = reinterpret_cast<const void*>(workspace);
@@ -356,7 +356,7 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
   CUresult r = api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->kernel), p.grid[0],
                                   p.grid[1], p.grid[2], p.block, 1, 1, unsigned(p.smem_bytes), stream,
                                   params, nullptr);
-  if (workspace) driver::check(api.cuMemFreeAsync(workspace, stream), "cuMemFreeAsync");
+  driver::workspace_free(workspace, stream);
   driver::check(r, "cuLaunchKernel");
 }
 
@@ -391,11 +391,11 @@ void launch(CUkernel k, std::array<unsigned, 3> grid, unsigned block, unsigned s
 class Scratch {
  public:
   Scratch(size_t bytes, CUstream stream, bool zero) : stream_(stream) {
-    driver::check(driver::api().cuMemAllocAsync(&ptr_, bytes, stream), "cuMemAllocAsync (backward workspace)");
+    ptr_ = driver::workspace_alloc(bytes, stream, "cuMemAllocFromPoolAsync (backward workspace)");
     if (zero) driver::check(driver::api().memset_d8_async(ptr_, 0, bytes, stream), "cuMemsetD8Async");
   }
   ~Scratch() {
-    if (ptr_) driver::api().cuMemFreeAsync(ptr_, stream_);
+    if (ptr_) driver::api().cuMemFreeAsync(ptr_, stream_);  // no throw from a destructor
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -562,5 +562,13 @@ Stats stats() {
 const char* version() { return DEFT_VERSION; }
 
 bool gpu_available() { return driver::available(); }
+
+WorkspaceStats workspace_stats() {
+  WorkspaceStats s;
+  driver::workspace_pool_bytes(s.reserved_bytes, s.used_bytes);
+  return s;
+}
+
+void release_workspace() { driver::workspace_release(); }
 
 }  // namespace deft

@@ -3,9 +3,11 @@
 
 #include <dlfcn.h>
 
+#include <map>
 #include <mutex>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include "deft/ir.hpp"
 
@@ -51,6 +53,11 @@ const Loaded& loaded() {
     bind(lib, a.cuKernelSetAttribute, "cuKernelSetAttribute", r.error);
     bind(lib, a.cuMemAllocAsync, "cuMemAllocAsync", r.error);
     bind(lib, a.cuMemFreeAsync, "cuMemFreeAsync", r.error);
+    bind(lib, a.cuMemPoolCreate, "cuMemPoolCreate", r.error);
+    bind(lib, a.cuMemPoolSetAttribute, "cuMemPoolSetAttribute", r.error);
+    bind(lib, a.cuMemPoolGetAttribute, "cuMemPoolGetAttribute", r.error);
+    bind(lib, a.cuMemPoolTrimTo, "cuMemPoolTrimTo", r.error);
+    bind(lib, a.cuMemAllocFromPoolAsync, "cuMemAllocFromPoolAsync", r.error);
     bind(lib, a.memset_d8_async, "cuMemsetD8Async", r.error);
     bind(lib, a.mem_alloc, "cuMemAlloc_v2", r.error);
     bind(lib, a.mem_free, "cuMemFree_v2", r.error);
@@ -121,6 +128,81 @@ CUdevice ensure_context() {
   CUdevice dev;
   check(a.cuCtxGetDevice(&dev), "cuCtxGetDevice");
   return dev;
+}
+
+namespace {
+
+struct Pools {
+  std::mutex mu;
+  std::map<CUdevice, CUmemoryPool> by_device;  // nullptr: creation failed, use the default pool
+};
+Pools& pools() {
+  static Pools* p = new Pools;  // never destroyed: pools live as long as the process's contexts
+  return *p;
+}
+
+CUmemoryPool pool_for(const Api& a, CUdevice dev) {
+  Pools& ps = pools();
+  std::lock_guard<std::mutex> lock(ps.mu);
+  auto it = ps.by_device.find(dev);
+  if (it != ps.by_device.end()) return it->second;
+  CUmemPoolProps props = {};
+  props.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+  props.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  props.location.id = dev;
+  CUmemoryPool pool = nullptr;
+  if (a.cuMemPoolCreate(&pool, &props) == CUDA_SUCCESS) {
+    cuuint64_t keep = ~cuuint64_t{0};
+    if (a.cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &keep) != CUDA_SUCCESS)
+      spdlog::warn("workspace pool of device {}: the release threshold could not be set; unused "
+                "workspace memory goes back to the driver at each synchronisation", int(dev));
+  } else {
+    pool = nullptr;
+    spdlog::warn("workspace pool of device {}: cuMemPoolCreate failed; using the device's default "
+              "pool", int(dev));
+  }
+  ps.by_device.emplace(dev, pool);
+  return pool;
+}
+
+}  // namespace
+
+CUdeviceptr workspace_alloc(size_t bytes, CUstream stream, const char* what) {
+  const Api& a = api();
+  CUdevice dev;
+  check(a.cuCtxGetDevice(&dev), "cuCtxGetDevice");
+  CUdeviceptr ptr = 0;
+  if (CUmemoryPool pool = pool_for(a, dev))
+    check(a.cuMemAllocFromPoolAsync(&ptr, bytes, pool, stream), what);
+  else
+    check(a.cuMemAllocAsync(&ptr, bytes, stream), what);
+  return ptr;
+}
+
+void workspace_free(CUdeviceptr ptr, CUstream stream) {
+  if (ptr) check(api().cuMemFreeAsync(ptr, stream), "cuMemFreeAsync (workspace)");
+}
+
+void workspace_pool_bytes(uint64_t& reserved, uint64_t& used) {
+  reserved = used = 0;
+  Pools& ps = pools();
+  std::lock_guard<std::mutex> lock(ps.mu);
+  for (auto& [dev, pool] : ps.by_device) {
+    if (!pool) continue;
+    cuuint64_t r = 0, u = 0;
+    check(api().cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &r),
+          "cuMemPoolGetAttribute");
+    check(api().cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, &u),
+          "cuMemPoolGetAttribute");
+    reserved += r, used += u;
+  }
+}
+
+void workspace_release() {
+  Pools& ps = pools();
+  std::lock_guard<std::mutex> lock(ps.mu);
+  for (auto& [dev, pool] : ps.by_device)
+    if (pool) check(api().cuMemPoolTrimTo(pool, 0), "cuMemPoolTrimTo");
 }
 
 DeviceInfo device_info(CUdevice dev) {

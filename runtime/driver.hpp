@@ -5,6 +5,7 @@
 
 #include <cuda.h>
 
+#include <cstdint>
 #include <string>
 
 namespace deft::driver {
@@ -29,6 +30,11 @@ struct Api {
   CUresult (*cuKernelSetAttribute)(CUfunction_attribute, int, CUkernel, CUdevice);
   CUresult (*cuMemAllocAsync)(CUdeviceptr*, size_t, CUstream);
   CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream);
+  CUresult (*cuMemPoolCreate)(CUmemoryPool*, const CUmemPoolProps*);
+  CUresult (*cuMemPoolSetAttribute)(CUmemoryPool, CUmemPool_attribute, void*);
+  CUresult (*cuMemPoolGetAttribute)(CUmemoryPool, CUmemPool_attribute, void*);
+  CUresult (*cuMemPoolTrimTo)(CUmemoryPool, size_t);
+  CUresult (*cuMemAllocFromPoolAsync)(CUdeviceptr*, size_t, CUmemoryPool, CUstream);
   CUresult (*memset_d8_async)(CUdeviceptr, unsigned char, size_t, CUstream);
   // Synchronous helpers used by the tuner (names differ from cuda.h's versioning macros).
   CUresult (*mem_alloc)(CUdeviceptr*, size_t);
@@ -58,6 +64,18 @@ void check(CUresult r, const char* what);
 // Makes sure a context is current on this thread (the primary context of device 0 if none
 // is) and returns its device.
 CUdevice ensure_context();
+
+// Stream-ordered workspace memory from a per-device pool that keeps what is freed (release
+// threshold: unlimited) for the next call. The device's default pool returns its unused memory
+// to the driver at every synchronisation, so a training loop that synchronises once a step
+// (GradScaler does) would have every step's workspaces mapped anew. Falls back to the default
+// pool where a pool cannot be created. The device is the current context's.
+CUdeviceptr workspace_alloc(size_t bytes, CUstream stream, const char* what);
+void workspace_free(CUdeviceptr ptr, CUstream stream);
+// Bytes the pools hold from the driver, and of those in use (summed over devices).
+void workspace_pool_bytes(uint64_t& reserved, uint64_t& used);
+// Returns the pools' unused memory to the driver (cuMemPoolTrimTo 0); memory in use stays.
+void workspace_release();
 
 struct DeviceInfo {
   std::string name;

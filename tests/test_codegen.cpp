@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "deft/deft.hpp"
+#include "deft/deft_c.h"
 
 namespace {
 
@@ -132,6 +133,21 @@ TEST(Codegen, NotImplementedKindsNeverReachNvrtc) {
                                      o),
                deft::NotImplemented);
   EXPECT_EQ(deft::stats().nvrtc_compiles, before);
+}
+
+// Without a GPU no workspace pool exists: the counters are zero and releasing is a no-op
+// (neither touches the driver).
+TEST(Codegen, WorkspacePoolWithoutGpuIsEmpty) {
+  if (deft::gpu_available()) GTEST_SKIP() << "a GPU is present";
+  const deft::WorkspaceStats s = deft::workspace_stats();
+  EXPECT_EQ(s.reserved_bytes, 0u);
+  EXPECT_EQ(s.used_bytes, 0u);
+  EXPECT_NO_THROW(deft::release_workspace());
+  uint64_t reserved = 1, used = 1;
+  EXPECT_EQ(deft_workspace_bytes(&reserved, &used), 0);
+  EXPECT_EQ(reserved, 0u);
+  EXPECT_EQ(used, 0u);
+  EXPECT_EQ(deft_release_workspace(), 0);
 }
 
 TEST(Codegen, CompileWithoutGpuGivesAClearError) {

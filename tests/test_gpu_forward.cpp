@@ -366,6 +366,39 @@ TEST(GpuForwardEdge, MisalignedTensorsGiveAClearError) {
   DEFT_CUDA_CHECK(cudaGetLastError());
 }
 
+// The forward's workspace (here the channels-last input and the packed weight) comes from deft's
+// pool, which keeps it across a synchronisation (the device's default pool would return it to
+// the driver there) until release_workspace(); a forward after the release still works.
+TEST(GpuForwardEdge, WorkspacePoolKeepsFreedMemoryUntilReleased) {
+  DEFT_SKIP_WITHOUT_GPU();
+  const LayerDesc d = desc(2, 64, 9, 11, 64, 3, 1, 1, 1, DType::f16, Layout::nchw);
+  const HostTensors t = random_tensors(d, 2.0, 78);
+  const deft::Kernel kernel = deft::compile(d, test_options());
+  const uint64_t need = kernel.info().workspace_bytes;
+  ASSERT_GT(need, 0u) << "an nchw layer reads a channels-last copy";
+  DeviceBuffer input(encode(t.input, d.dtype)), offset(encode(t.offset, d.dtype)),
+      mask(encode(t.mask, d.dtype)), weight(encode(t.weight, d.dtype));
+  DeviceBuffer output(size_t(d.n * d.k * d.out_h() * d.out_w()) * 2);
+  Stream stream;
+  auto run = [&] {
+    kernel.forward({.input = input.get(), .offset = offset.get(), .mask = mask.get(),
+                    .weight = weight.get(), .bias = nullptr, .output = output.get()},
+                   stream.cu());
+    stream.sync();
+    DEFT_CUDA_CHECK(cudaDeviceSynchronize());
+  };
+  run();
+  deft::WorkspaceStats s = deft::workspace_stats();
+  EXPECT_GE(s.reserved_bytes, need) << "freed workspace kept across the synchronisation";
+  EXPECT_EQ(s.used_bytes, 0u) << "nothing in flight after the synchronisation";
+  deft::release_workspace();
+  s = deft::workspace_stats();
+  EXPECT_EQ(s.reserved_bytes, 0u);
+  run();
+  EXPECT_GE(deft::workspace_stats().reserved_bytes, need);
+  DEFT_CUDA_CHECK(cudaGetLastError());
+}
+
 TEST(GpuForwardEdge, AllOffsetsNaNGiveActivatedBias) {
   DEFT_SKIP_WITHOUT_GPU();
   for (Layout layout : {Layout::nchw, Layout::nhwc}) {

@@ -186,6 +186,21 @@ struct TuneResult {
 // writes a tuning record that compile() then uses. Needs a GPU. Never called implicitly.
 TuneResult tune(const LayerDesc& desc, const TuneOptions& options = {});
 
+// ---- Workspace memory ------------------------------------------------------------------------
+
+// forward() and backward() take their per-call scratch (a channels-last input, the packed
+// weight, grad-input accumulators) stream-ordered from a per-device pool that keeps freed
+// memory for the next call, the way PyTorch's caching allocator does: the device's default
+// pool would hand it back to the driver at every synchronisation and map it again on the next
+// call. The pool holds at most the largest workspaces in flight at once.
+struct WorkspaceStats {
+  uint64_t reserved_bytes = 0;  // held from the driver, summed over devices
+  uint64_t used_bytes = 0;      // of those, in use by calls not yet completed
+};
+WorkspaceStats workspace_stats();
+// Returns the pools' unused memory to the driver (memory of calls in flight stays).
+void release_workspace();
+
 // Process-wide counters (for tests and logs).
 struct Stats {
   int64_t nvrtc_compiles = 0;   // programs NVRTC compiled in this process

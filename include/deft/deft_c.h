@@ -49,6 +49,12 @@ const char* deft_kernel_variant(const deft_kernel* k);
 int deft_kernel_from_cache(const deft_kernel* k);
 void deft_kernel_release(deft_kernel* k);
 
+/* Workspace memory (the per-call scratch of forward and backward) comes from a per-device pool
+ * that keeps freed memory for the next call: the bytes it holds and of those in use, summed
+ * over devices; and returning the unused part to the driver. */
+int deft_workspace_bytes(uint64_t* reserved, uint64_t* used);
+int deft_release_workspace(void);
+
 /* Counters: NVRTC compiles and cache hits in this process. */
 int64_t deft_nvrtc_compiles(void);
 int64_t deft_cache_hits(void);

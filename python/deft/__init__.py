@@ -17,7 +17,7 @@ from . import ops, nn
 from .tuning import export_layers, load_tuning, tuning_path
 
 __all__ = ["ops", "nn", "library", "version", "gpu_available", "export_layers", "load_tuning",
-           "tuning_path"]
+           "tuning_path", "release_workspace"]
 
 
 def version() -> str:
@@ -28,3 +28,11 @@ def version() -> str:
 def gpu_available() -> bool:
     """True when libdeft finds a CUDA driver and device."""
     return library().gpu_available()
+
+
+def release_workspace() -> None:
+    """Return the memory deft keeps for its kernels' per-call workspaces to the driver (as
+    torch.cuda.empty_cache() does for PyTorch's allocator). deft keeps freed workspaces in a
+    per-device pool so that the next call (the next training step) need not map them again;
+    the pool holds at most the largest workspaces in flight at once."""
+    library().release_workspace()

@@ -75,6 +75,12 @@ class DeftLibrary:
         self._kernel_release = fn("deft_kernel_release", None, _c_kernel_p)
         self._nvrtc_compiles = fn("deft_nvrtc_compiles", ctypes.c_int64)
         self._cache_hits = fn("deft_cache_hits", ctypes.c_int64)
+        self._workspace_bytes = self._release_workspace = None
+        if hasattr(lib, "deft_release_workspace"):
+            self._workspace_bytes = fn("deft_workspace_bytes", ctypes.c_int,
+                                       ctypes.POINTER(ctypes.c_uint64),
+                                       ctypes.POINTER(ctypes.c_uint64))
+            self._release_workspace = fn("deft_release_workspace", ctypes.c_int)
 
     # --- helpers -------------------------------------------------------------------------------
     def last_error(self) -> str:
@@ -92,6 +98,22 @@ class DeftLibrary:
 
     def gpu_available(self) -> bool:
         return bool(self._gpu_available())
+
+    def workspace_bytes(self) -> "tuple[int, int]":
+        """(reserved, used): bytes deft's workspace pools hold from the driver, and of those
+        in use by calls not yet completed."""
+        if self._workspace_bytes is None:
+            raise RuntimeError(f"{self.path} predates the workspace pool: rebuild libdeft")
+        reserved, used = ctypes.c_uint64(), ctypes.c_uint64()
+        self._check(self._workspace_bytes(ctypes.byref(reserved), ctypes.byref(used)),
+                    "deft_workspace_bytes")
+        return reserved.value, used.value
+
+    def release_workspace(self) -> None:
+        """Returns the workspace pools' unused memory to the driver."""
+        if self._release_workspace is None:
+            raise RuntimeError(f"{self.path} predates the workspace pool: rebuild libdeft")
+        self._check(self._release_workspace(), "deft_release_workspace")
 
     def canonical(self, desc: str) -> str:
         """deft's canonical text form of a description; raises on an invalid one."""

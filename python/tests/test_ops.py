@@ -121,6 +121,20 @@ def test_runs_on_the_current_stream():
     assert rel_err(y, reference(x, off, wt, b, m, kw)) < 1e-5
 
 
+def test_workspace_is_kept_until_released():
+    # An fp16 nchw layer reads a channels-last copy of its input: a per-call workspace, kept in
+    # deft's pool across the synchronisation, handed back by release_workspace().
+    x, off, wt, b, m, kw = make(2, 64, 64, 10, 10, dtype=torch.float16)
+    y = deft.ops.deform_conv2d(x, off, wt, b, mask=m, **kw)
+    torch.cuda.synchronize()
+    reserved, used = deft.library().workspace_bytes()
+    assert reserved > 0 and used == 0
+    deft.release_workspace()
+    assert deft.library().workspace_bytes()[0] == 0
+    y2 = deft.ops.deform_conv2d(x, off, wt, b, mask=m, **kw)
+    assert torch.equal(y, y2)
+
+
 def test_non_contiguous_inputs():
     x, off, wt, b, m, kw = make(2, 16, 16, 10, 10)
     xt = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
