@@ -176,6 +176,12 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("MIN_BLOCKS", 1);
     c32("OUT_STORE", p.out_store);  // bytes per output store
     line(fmt::format("#define TF32 {}", d.dtype == DType::f32 ? 1 : 0));
+    line(fmt::format("#define WINDOW {}", p.window ? 1 : 0));
+    if (p.window) {
+      c32("HALO", v.halo);
+      c32("WROWS", p.wrows);
+      c32("WIN_BYTES", p.win_bytes);
+    }
   } else if (v.algo == Algo::depthwise) {
     c32("THREADS", v.threads);
     c32("VEC", p.vec);

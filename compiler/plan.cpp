@@ -286,8 +286,11 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     bad("det", "det=1 applies to the backward passes only");
   if (v.threads < 32 || v.threads > 1024 || v.threads % 32 != 0)
     bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
-  if (v.staging != Staging::gather)
-    throw NotImplemented("not implemented: staging=window has no kernel yet");
+  if (v.staging != Staging::gather && v.algo != Algo::gemm_wgmma)
+    throw NotImplemented(fmt::format("not implemented: staging=window has a kernel for "
+                                     "algo=gemm_wgmma only, not algo={}", to_string(v.algo)));
+  if (v.staging == Staging::gather && v.halo != 0)
+    bad("halo", fmt::format("halo={} applies to staging=window only", v.halo));
   p.block = v.threads;
   p.x_nhwc = p.w_krsc = d.layout == Layout::nhwc;
   if (v.transpose) {
@@ -439,21 +442,54 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         nog = std::max(nog, ((g + 1) * cg - 1) / cpog - g * cg / cpog + 1);
       p.nog = int(nog);
       p.pts_bytes = int(nog * d.taps() * bm * 32);
+      if (v.staging == Staging::window) {
+        // Input rows a block's pixels cover (one image: the first pixel's), with the halo.
+        if (d.taps() < 3)
+          bad("staging", fmt::format("staging=window loads one chunk ahead and needs at least 3 "
+                                     "taps, not r x s = {}", d.taps()));
+        if (v.halo < 0 || v.halo > 64)
+          bad("halo", fmt::format("halo={} must be in [0, 64]", v.halo));
+        const int64_t pix = d.out_h() * d.out_w(), wo = d.out_w();
+        int64_t span = 1;  // most output rows one block's pixels (of one image) cover
+        const int64_t blocks = ceil_div(d.n * pix, bm);
+        for (int64_t b = 0; b < std::min<int64_t>(blocks, pix); ++b) {
+          const int64_t p0 = (b * bm) % pix, p1 = std::min(p0 + bm - 1, pix - 1);
+          span = std::max(span, p1 / wo - p0 / wo + 1);
+        }
+        p.window = true;
+        p.wrows = int((span - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1 + 2 * v.halo);
+        p.win_bytes = int64_t(p.wrows) * d.w * 64;
+      }
       const int64_t epi = (d.layout == Layout::nhwc ? int64_t(bm) * (bn + 8) : int64_t(bn) * (bm + 8)) * esize;
       constexpr int64_t kMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block
       if (v.stages != 0 && (v.stages < 2 || v.stages > 4))
         bad("stages", fmt::format("algo=gemm_wgmma has a weight ring of stages=2, 3 or 4, not {}", v.stages));
+      // points, the ring, its mbarriers (64 bytes kept) and the two window buffers
+      auto main_bytes = [&](int ns) { return p.pts_bytes + int64_t(ns) * bn * 64 + 64 + 2 * p.win_bytes; };
       p.nstage = 0;
-      for (int ns : {4, 3, 2})
-        if ((v.stages == 0 || ns == v.stages) && p.pts_bytes + int64_t(ns) * bn * 64 + 64 <= kMaxSmem) {
-          p.nstage = ns;
-          break;
-        }
+      // A window variant takes the deepest ring that still leaves two blocks per SM (228 KiB,
+      // 1 KiB each for the driver), where one exists.
+      if (p.window && v.stages == 0)
+        for (int ns : {4, 3, 2})
+          if (2 * (std::max(main_bytes(ns), epi) + 1024) <= 228 * 1024) {
+            p.nstage = ns;
+            break;
+          }
+      if (p.nstage == 0)
+        for (int ns : {4, 3, 2})
+          if ((v.stages == 0 || ns == v.stages) && main_bytes(ns) <= kMaxSmem) {
+            p.nstage = ns;
+            break;
+          }
+      if (p.nstage == 0 && p.window)
+        bad("halo", fmt::format("the input window ({} rows x {} pixels x 64 bytes, two buffers) and "
+                                "the sampling points of {} rows need {} bytes of shared memory "
+                                "with a 2-stage ring (max {})", p.wrows, d.w, bm, main_bytes(2),
+                                kMaxSmem));
       if (p.nstage == 0)
         bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows need {} "
                               "bytes of shared memory (max {})", d.taps(), nog, bm, p.pts_bytes, kMaxSmem));
-      // points, the ring, and one 8-byte mbarrier per ring stage (64 bytes kept)
-      p.smem_bytes = int(std::max<int64_t>(p.pts_bytes + int64_t(p.nstage) * bn * 64 + 64, epi));
+      p.smem_bytes = int(std::max<int64_t>(main_bytes(p.nstage), epi));
       // Output stores as wide as they can be (16, 8 or 4 bytes) while staying inside one
       // group's channels (nhwc) or one image's pixels (nchw).
       const int64_t fast = d.layout == Layout::nhwc ? d.k_per_group() : d.out_h() * d.out_w();

@@ -49,6 +49,10 @@ struct KernelPlan {
   // wgmma_chunk: channels per main-loop stage (64 bytes: 32 of f16/bf16, 16 of f32 in tf32).
   bool wgmma = false;
   int wgmma_chunk = 0;
+  // staging=window on wgmma: input rows per window and bytes of one window buffer (two are kept)
+  bool window = false;
+  int wrows = 0;
+  int64_t win_bytes = 0;
   int nog = 0, pts_bytes = 0;
   int out_store = 0;
   int64_t workspace_packed_bytes = 0;

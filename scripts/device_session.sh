@@ -6,7 +6,8 @@
 #   STEP: build | wgmma (the wgmma GPU tests) | sweep (wgmma tiles) | tests (ctest + pytest)
 #         | gputests (GPU tests only) | pytest | bench (forward) | bwd (bench_backward.py) | ncu
 #         | train (examples/train_resnet_dcn.py, batch 128 and 32)
-#   Environment: SWEEP_CASES, SWEEP_DTYPES (sweep), NCU_VARIANT (ncu)
+#   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | window), SWEEP_SIGMAS
+#   (sweep), NCU_VARIANT (ncu)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
 cp BENCHMARKS.md "$LOGS/BENCHMARKS.md"  # both benchmarks rewrite their sections of this copy
@@ -25,7 +26,8 @@ for step in "$@"; do
       stamp "wgmma tests rc=$r"; [ $r -eq 0 ] || rc=1
       grep -E "Failure|error|Expected|Which is|relative|not finite|FAILED|PASSED" "$LOGS/wgmma.log" | head -40 ;;
     sweep)
-      python3 scripts/sweep.py --lib build/libdeft.so --family wgmma --dtypes "${SWEEP_DTYPES:-fp16}" \
+      python3 scripts/sweep.py --lib build/libdeft.so --family "${SWEEP_FAMILY:-wgmma}" \
+        --dtypes "${SWEEP_DTYPES:-fp16}" --sigmas "${SWEEP_SIGMAS:-2}" \
         --cases "${SWEEP_CASES:-resnet_res4,maskrcnn_res4,dense512,deft_64,stride2}" \
         --layouts nhwc,nchw > "$LOGS/sweep.log" 2>&1; stamp "sweep rc=$?"
       cat "$LOGS/sweep.log" | cut -c1-150 ;;

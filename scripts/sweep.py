@@ -34,6 +34,18 @@ VARIANTS = {
         "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t} stages=2",
         "algo=gemm_wgmma tm=128 tn=64 tk={tk} threads=256 transpose={t} stages=2",
     ],
+    # the wgmma kernel with the block's input window in shared memory (staging=window, halo r)
+    "window": [
+        "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=128 tn=64 tk={tk} threads=256 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=128 transpose={t} staging=window halo=1",
+        "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t} staging=window halo=0",
+        "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t} staging=window halo=2",
+        "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t} staging=window halo=4",
+        "algo=gemm_wgmma tm=128 tn=64 tk={tk} threads=256 transpose={t} staging=window halo=1",
+        "algo=gemm_wgmma tm=128 tn=64 tk={tk} threads=256 transpose={t} staging=window halo=3",
+    ],
     "simt": [
         "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 transpose={t}",
         "algo=gemm_simt tm=128 tn=64 tk=16 threads=256 transpose={t}",
@@ -75,7 +87,8 @@ def main():
     ap.add_argument("--dtypes", default="fp16,fp32_tf32")
     ap.add_argument("--layouts", default="nchw,nhwc")
     ap.add_argument("--family", default="", help="variant family for the dense cases "
-                    "(gemm, wgmma, simt); default: gemm, simt for strict fp32")
+                    "(gemm, wgmma, window, simt); default: gemm, simt for strict fp32")
+    ap.add_argument("--sigmas", default="2", help="offset standard deviations (px), comma-separated")
     a = ap.parse_args()
     lib = DeftLibrary(a.lib)
     spec = json.load(open(a.shapes))
@@ -94,44 +107,45 @@ def main():
             torch.backends.cudnn.allow_tf32 = dt == "fp32_tf32"
             x = torch.rand(n, ci, h, w, device=dev, dtype=tdt) * 2 - 1
             wt = (torch.rand(k, ci // g, r, s_, device=dev, dtype=tdt) * 2 - 1) / (ci // g * r * s_) ** 0.5
-            off = (torch.randn(n, 2 * og * r * s_, ho, wo, device=dev) * 2).to(tdt)
             msk = torch.rand(n, og * r * s_, ho, wo, device=dev, dtype=tdt)
-            for layout in a.layouts.split(","):
-                if layout == "nhwc":
-                    X, Wt, O, M = [t.permute(0, 2, 3, 1).contiguous() for t in (x, wt, off, msk)]
-                    xc = x.to(memory_format=torch.channels_last)
-                    wc = wt.to(memory_format=torch.channels_last)
-                    out = torch.empty(n, ho, wo, k, device=dev, dtype=tdt)
-                else:
-                    X, Wt, O, M = x, wt, off, msk
-                    xc, wc = x, wt
-                    out = torch.empty(n, k, ho, wo, device=dev, dtype=tdt)
-                cud = time_us(lambda: torch.nn.functional.conv2d(xc, wc, None, st, pad, 1, g))
-                desc = (f"deform_conv2d n={n} c={ci} h={h} w={w} k={k} r={r} s={s_} stride={st} "
-                        f"pad={pad} groups={g} offset_groups={og} mask=1 "
-                        f"dtype={'f16' if dt == 'fp16' else 'f32'}"
-                        f"{' math=tf32' if dt == 'fp32_tf32' else ''} layout={layout}")
-                ref = None
-                fam = "dw" if g == ci and k == ci else (a.family or ("gemm" if dt != "fp32" else "simt"))
-                vs = [None]
-                for v in VARIANTS[fam]:
-                    for t in ([1] if layout == "nchw" and fam != "dw" else [0]):
-                        vs.append(v.format(t=t, tk=32 if dt == "fp16" else 16))  # wgmma: 64-byte chunks
-                for v in vs:
-                    try:
-                        kern = lib.compile(lib.canonical(desc), v, None)
-                        fn = lambda: kern.forward(X, O, M, Wt, None, out)
-                        out.fill_(float("nan"))
-                        fn()
-                        torch.cuda.synchronize()
-                        if ref is None:
-                            ref = out.clone().double()
-                        err = ((out.double() - ref).norm() / ref.norm()).item()
-                        us = time_us(fn)
-                        print(f"{name:14s} {layout} {dt:9s} {us:9.1f} us  x{us / cud:6.2f} cuDNN({cud:.1f})"
-                              f"  err {err:.1e}  {v or 'default: ' + kern.variant}", flush=True)
-                    except Exception as ex:  # report and go on
-                        print(f"{name:14s} {layout} {dt:9s} FAILED {v}: {str(ex)[:200]}", flush=True)
+            for sigma in (float(x) for x in a.sigmas.split(",")):
+                off = (torch.randn(n, 2 * og * r * s_, ho, wo, device=dev) * sigma).to(tdt)
+                for layout in a.layouts.split(","):
+                    if layout == "nhwc":
+                        X, Wt, O, M = [t.permute(0, 2, 3, 1).contiguous() for t in (x, wt, off, msk)]
+                        xc = x.to(memory_format=torch.channels_last)
+                        wc = wt.to(memory_format=torch.channels_last)
+                        out = torch.empty(n, ho, wo, k, device=dev, dtype=tdt)
+                    else:
+                        X, Wt, O, M = x, wt, off, msk
+                        xc, wc = x, wt
+                        out = torch.empty(n, k, ho, wo, device=dev, dtype=tdt)
+                    cud = time_us(lambda: torch.nn.functional.conv2d(xc, wc, None, st, pad, 1, g))
+                    desc = (f"deform_conv2d n={n} c={ci} h={h} w={w} k={k} r={r} s={s_} stride={st} "
+                            f"pad={pad} groups={g} offset_groups={og} mask=1 "
+                            f"dtype={'f16' if dt == 'fp16' else 'f32'}"
+                            f"{' math=tf32' if dt == 'fp32_tf32' else ''} layout={layout}")
+                    ref = None
+                    fam = "dw" if g == ci and k == ci else (a.family or ("gemm" if dt != "fp32" else "simt"))
+                    vs = [None]
+                    for v in VARIANTS[fam]:
+                        for t in ([1] if layout == "nchw" and fam != "dw" else [0]):
+                            vs.append(v.format(t=t, tk=32 if dt == "fp16" else 16))  # wgmma: 64-byte chunks
+                    for v in vs:
+                        try:
+                            kern = lib.compile(lib.canonical(desc), v, None)
+                            fn = lambda: kern.forward(X, O, M, Wt, None, out)
+                            out.fill_(float("nan"))
+                            fn()
+                            torch.cuda.synchronize()
+                            if ref is None:
+                                ref = out.clone().double()
+                            err = ((out.double() - ref).norm() / ref.norm()).item()
+                            us = time_us(fn)
+                            print(f"{name:14s} {layout} {dt:9s} s{sigma:<3g} {us:9.1f} us  x{us / cud:6.2f} cuDNN({cud:.1f})"
+                                  f"  err {err:.1e}  {v or 'default: ' + kern.variant}", flush=True)
+                        except Exception as ex:  # report and go on
+                            print(f"{name:14s} {layout} {dt:9s} s{sigma:<3g} FAILED {v}: {str(ex)[:200]}", flush=True)
 
 
 if __name__ == "__main__":

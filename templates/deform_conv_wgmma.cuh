@@ -27,9 +27,18 @@
 // hits, docs/perf-notes.md round 5); the sampling points of every tap are computed once, up
 // front, into shared memory.
 //
+// staging=window (WINDOW 1): the block's input window, WROWS input rows (the rows its pixels'
+// taps cover, HALO more above and below) x the full width x one chunk's channels, is copied into
+// shared memory (cp.async, double-buffered by chunk: chunk k + 1's window loads while chunk k's
+// taps run), and a corner inside it is read from there; a corner outside it (an offset larger
+// than the halo, or a pixel of a second image in the tile) is read from global memory as
+// without the window. The point table marks window corners with a negative offset:
+// -1 - (window pixel index). Corners outside the image (weight 0) read window pixel 0.
+//
 // Constants from codegen: BM (64 per warpgroup), BN, THREADS, NSTAGE, KCH (chunks per group),
 // NOG (offset groups a group's channels touch), PTS_BYTES, MIN_BLOCKS,
-// OUT_STORE (bytes per output store: 16, 8, 4 or one element), TF32, and deft_wgmma_kstep() for this BN and dtype.
+// OUT_STORE (bytes per output store: 16, 8, 4 or one element), TF32, WINDOW with HALO, WROWS
+// and WIN_BYTES (one window buffer), and deft_wgmma_kstep() for this BN and dtype.
 
 constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr int TAPS = R * S;
@@ -44,6 +53,7 @@ static_assert(THREADS == BM * 2, "one warpgroup (128 threads) per 64 rows");
 static_assert(STAGE_BYTES % 16 == 0, "bulk copies move whole 16-byte units");
 static_assert(CG % VEC == 0 && CPOG % VEC == 0, "16-byte channel vectors inside groups");
 static_assert(TF32 == (sizeof(T) == 4), "32-bit elements run in tf32");
+static_assert(!WINDOW || TAPS >= 3, "a window loads one chunk ahead: three taps or more");
 
 // Channel of packed slot j (0 .. CHUNK-1) inside its chunk: slot i of k step h is read from
 // thread t's vector element e.
@@ -185,6 +195,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   unsigned char* ring = smem + PTS_BYTES;                  // NSTAGE B stages
   const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
   const unsigned bar_addr = ring_addr + NSTAGE * STAGE_BYTES;  // NSTAGE mbarriers (8 bytes)
+#if WINDOW
+  unsigned char* win = ring + NSTAGE * STAGE_BYTES + 64;  // 2 window buffers, after the mbarriers
+#endif
 
   const int tid = threadIdx.x;
   const long long m0 = (long long)blockIdx.x * BM;
@@ -207,6 +220,26 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       if (s < NUM_STAGES) load_b(s);
   }
 
+#if WINDOW
+  // The window: image nb (the block's first pixel's), input rows wy0 .. wy0 + WROWS - 1.
+  const long long nb = m0 / (HO * WO);
+  const int wy0 = int((m0 - nb * (HO * WO)) / WO) * SH - PH - HALO;
+  // Copies chunk k's window into buffer k % 2: 16 bytes (VEC channels) per copy, zeros for rows
+  // outside the image and channels past the group.
+  auto load_window = [&](int chunk) {
+    unsigned char* dst = win + (chunk & 1) * WIN_BYTES;
+    const T* src = input + nb * ((long long)H * W * C) + (long long)g * CG + chunk * CHUNK;
+    for (int i = tid; i < WROWS * int(W) * 4; i += THREADS) {
+      const int q = i % 4, pix = i / 4, y = wy0 + pix / int(W), x = pix % int(W);
+      const bool ok = y >= 0 && y < H && chunk * CHUNK + q * VEC < CG;
+      const T* from = ok ? src + ((long long)y * W + x) * C + q * VEC : input;
+      deft_cp_async<16>(dst + pix * 64 + q * 16, from, ok);
+    }
+    deft_cp_commit<>();
+  };
+  load_window(0);
+#endif
+
   // Sampling points of every (offset group, tap, row) of the block, once.
   const int og0 = deft_og_first(g);
   for (int i = tid; i < NOG * TAPS * BM; i += THREADS) {
@@ -220,6 +253,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       const int rem = int(m - n * (HO * WO));
       const int ho = rem / WO, wo = rem % WO;
       p = deft_sample_point(offset, mask, n, ho, wo, tap, og0 + ogl);
+#if WINDOW
+      if (n == nb) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          if (p.off[q] == 0 && p.w[q] == 0.f) {
+            p.off[q] = -1;  // a corner outside the image: window pixel 0, not global memory
+          } else {
+            const int pix = int(p.off[q] / C), y = pix / int(W);
+            if (y >= wy0 && y < wy0 + WROWS) p.off[q] = -1 - (pix - wy0 * int(W));
+          }
+        }
+      }
+#endif
     }
     pts_off[i] = make_int4(p.off[0], p.off[1], p.off[2], p.off[3]);
     pts_w[i] = make_float4(p.w[0], p.w[1], p.w[2], p.w[3]);
@@ -246,6 +292,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   auto fetch = [&](int stage, Raw& r) {
     const int chunk = stage / TAPS, tap = stage % TAPS;
     const int cl = chunk * CHUNK + VEC * t;
+#if WINDOW
+    const unsigned char* wb = win + (chunk & 1) * WIN_BYTES + 16 * t;
+#endif
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       if (cl < CG) {
@@ -254,10 +303,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         const int4 off = pts_off[i];
         r.w[h] = pts_w[i];
         const T* base = image[h] + chunk * CHUNK;
+#if WINDOW
+        auto corner = [&](int o) {
+          if (o >= 0) return __ldg(reinterpret_cast<const uint4*>(base + o));
+          return *reinterpret_cast<const uint4*>(wb + (-1 - o) * 64);
+        };
+        r.c[h][0] = corner(off.x);
+        r.c[h][1] = corner(off.y);
+        r.c[h][2] = corner(off.z);
+        r.c[h][3] = corner(off.w);
+#else
         r.c[h][0] = __ldg(reinterpret_cast<const uint4*>(base + off.x));
         r.c[h][1] = __ldg(reinterpret_cast<const uint4*>(base + off.y));
         r.c[h][2] = __ldg(reinterpret_cast<const uint4*>(base + off.z));
         r.c[h][3] = __ldg(reinterpret_cast<const uint4*>(base + off.w));
+#endif
       } else {  // channels past the group: zero samples
 #pragma unroll
         for (int q = 0; q < 4; ++q) r.c[h][q] = make_uint4(0, 0, 0, 0);
@@ -278,6 +338,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   unsigned afrag[2][2][4];  // [set][k step][word]
   Raw raw[2];
 
+#if WINDOW
+  deft_cp_wait<0>();  // this thread's copies of window 0; the barrier makes all of them visible
+#endif
   __syncthreads();  // points visible
   fetch(0, raw[0]);
   if (NUM_STAGES > 1) fetch(1, raw[1]);
@@ -288,9 +351,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   // used and combine stage s + 1 into `next`; then wait for the wgmmas.
   auto step = [&](int s, unsigned (&cur)[2][4], unsigned (&next)[2][4], Raw& free_raw,
                   const Raw& next_raw) {
+#if WINDOW
+    // Stage s + 2 (fetched below) starts chunk k: its window (issued at chunk k - 1's first
+    // stage) must have landed, for every thread after the barrier.
+    if ((s + 2) % TAPS == 0 && s + 2 >= TAPS && s + 2 < NUM_STAGES) deft_cp_wait<0>();
+#endif
     deft_mbar_wait(bar_addr + 8 * (s % NSTAGE), (s / NSTAGE) & 1);  // stage s landed
     __syncthreads();  // every wgmma of stage s - 1 is done: its ring slot may be refilled
     if (tid == 0 && s + NSTAGE - 1 < NUM_STAGES) load_b(s + NSTAGE - 1);
+#if WINDOW
+    // Chunk k = s / TAPS begins: load chunk k + 1's window into the buffer chunk k - 1 used,
+    // whose last corners were fetched in step s - 3 (TAPS >= 3), before this barrier.
+    if (s % TAPS == 0 && s / TAPS + 1 < KCH) load_window(s / TAPS + 1);
+#endif
     const unsigned b = ring_addr + (s % NSTAGE) * STAGE_BYTES;
     deft_wgmma_fence();
     deft_wgmma_kstep(acc, cur[0], deft_b_desc(b, 0));

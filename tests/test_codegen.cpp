@@ -272,6 +272,38 @@ TEST(Codegen, WgmmaTilesCompileForSm90Only) {
           "transpose");  // transpose=1 applies to nchw layers only
 }
 
+// staging=window on wgmma: window tiles up to 128 wide compile for sm_90a without spills, in
+// f16 and tf32; the window's rows follow the tile's pixel span and the halo.
+TEST(Codegen, WgmmaWindowCompiles) {
+  for (const char* text :
+       {"deform_conv2d n=4 c=128 h=32 w=32 k=128 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc",
+        "deform_conv2d n=4 c=64 h=14 w=14 k=64 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+        "layout=nchw"}) {
+    const auto d = deft::parse_layer_desc(text);
+    const int tk = 64 / deft::dtype_size(d.dtype);
+    for (auto [tm, tn] : {std::pair{64, 128}, {128, 64}, {64, 64}})
+      for (int halo : {0, 4}) {
+        const deft::Variant v = deft::parse_variant(fmt::format(
+            "algo=gemm_wgmma tm={} tn={} tk={} threads={} staging=window halo={} transpose={}", tm,
+            tn, tk, 2 * tm, halo, d.layout == deft::Layout::nchw ? 1 : 0));
+        SCOPED_TRACE(std::string(text) + " [" + deft::to_string(v) + "]");
+        const deft::CompileInfo info = compile_for_sm90(d, v);
+        EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+            << info.resource_report;
+        const std::string src = deft::generate_source(d, v);
+        EXPECT_NE(src.find("#define WINDOW 1"), std::string::npos);
+        EXPECT_NE(src.find(fmt::format("constexpr int HALO = {};", halo)), std::string::npos);
+      }
+  }
+  // 64 pixels of a 14-wide image span up to 6 output rows: 5 + 3 taps + 2 x 4 halo = 16 rows.
+  const auto d = deft::parse_layer_desc(
+      "deform_conv2d n=4 c=64 h=14 w=14 k=64 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc");
+  const std::string src = deft::generate_source(
+      d, deft::parse_variant("algo=gemm_wgmma tm=64 tn=64 tk=32 threads=128 staging=window halo=4"));
+  EXPECT_NE(src.find("constexpr int WROWS = 16;"), std::string::npos);
+  EXPECT_NE(src.find(fmt::format("constexpr int WIN_BYTES = {};", 16 * 14 * 64)), std::string::npos);
+}
+
 // f32 in tf32 math: the same kernel with 16-channel chunks and m64nNk8 tf32 wgmma; every tile
 // compiles for sm_90a without spills; the heuristic takes it where whole chunks fill the
 // reduction; c/groups needs only 4-channel (16-byte) vectors.

@@ -485,6 +485,20 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
       deft::CompileOptions options = test_options();
       options.variant = v;
       check_forward(c.desc, t, options);
+      // staging=window on two tiles, with no halo and with a 3-pixel halo (sigma 2 and 8 put
+      // corners both inside and outside the window); skipped where a layer cannot take it
+      // (a 1x1 kernel).
+      if (tn == 256 || (tm == 64) != (tn == 128)) continue;
+      v.staging = deft::Staging::window;
+      v.halo = tm == 64 ? 0 : 3;
+      try {
+        deft::validate(c.desc, v);
+      } catch (const deft::DescError&) {
+        continue;
+      }
+      SCOPED_TRACE("variant " + deft::to_string(v));
+      options.variant = v;
+      check_forward(c.desc, t, options);
     }
   // On sm_90 the heuristic itself picks the wgmma kernel for these layers (where whole
   // chunks, or at least 64 channels, fill the reduction).
