@@ -223,17 +223,17 @@ TEST(Codegen, DefaultVariantPlansEveryDescription) {
 // algo=gemm_wgmma: the sm_90 default for tensor-core forward layers; every tile compiles for
 // sm_90a without spills and with the wgmma instructions in the PTX; other architectures get a
 // clear error; layers it cannot run are refused with the rule they break.
-TEST(Codegen, WgmmaTilesCompileForSm90Only) {
-  const auto d = deft::parse_layer_desc(
-      "deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 offset_groups=2 mask=1 dtype=bf16 "
-      "layout=nchw bias=1 act=gelu");
-  EXPECT_EQ(deft::default_variant(d, 90).algo, deft::Algo::gemm_wgmma);
-  EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
-  EXPECT_EQ(deft::default_variant(d, 0), deft::default_variant(d));
+
+// Compiles every wgmma tile of layer d for sm_90a (tk: the dtype's chunk; transpose for nchw);
+// expects no spills and `mma` (the wgmma instruction for tile width N, "{}" standing for N) in
+// the PTX, and calls more(options) for further checks of each tile.
+template <class More>
+void expect_wgmma_tiles(const deft::LayerDesc& d, const char* mma, More&& more) {
   for (int tm : {64, 128})
     for (int tn : {64, 128, 256}) {
       const deft::Variant v = deft::parse_variant(fmt::format(
-          "algo=gemm_wgmma tm={} tn={} tk=32 threads={} transpose=1", tm, tn, 2 * tm));
+          "algo=gemm_wgmma tm={} tn={} tk={} threads={} transpose={}", tm, tn,
+          64 / deft::dtype_size(d.dtype), 2 * tm, d.layout == deft::Layout::nchw ? 1 : 0));
       SCOPED_TRACE(deft::to_string(v));
       const deft::CompileInfo info = compile_for_sm90(d, v);
       EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
@@ -243,17 +243,30 @@ TEST(Codegen, WgmmaTilesCompileForSm90Only) {
       o.variant = v;
       o.cache_path = "";
       const std::string ptx = deft::emit_ptx(d, o);
-      EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k16.f32.bf16.bf16", tn)),
-                std::string::npos);
+      EXPECT_NE(ptx.find(fmt::format(fmt::runtime(mma), tn)), std::string::npos) << mma;
       EXPECT_NE(ptx.find(".target sm_90a"), std::string::npos);
-      o.arch = 80;
-      try {
-        deft::compile_offline(d, o);
-        ADD_FAILURE() << "compiled a wgmma kernel for sm_80";
-      } catch (const deft::Error& e) {
-        EXPECT_NE(std::string(e.what()).find("needs sm_90"), std::string::npos) << e.what();
-      }
+      more(o, ptx);
     }
+}
+
+TEST(Codegen, WgmmaTilesCompileForSm90Only) {
+  const auto d = deft::parse_layer_desc(
+      "deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 offset_groups=2 mask=1 dtype=bf16 "
+      "layout=nchw bias=1 act=gelu");
+  EXPECT_EQ(deft::default_variant(d, 90).algo, deft::Algo::gemm_wgmma);
+  EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
+  EXPECT_EQ(deft::default_variant(d, 0), deft::default_variant(d));
+  expect_wgmma_tiles(d, "wgmma.mma_async.sync.aligned.m64n{}k16.f32.bf16.bf16",
+                     [&](deft::CompileOptions o, const std::string&) {
+                       o.arch = 80;
+                       try {
+                         deft::compile_offline(d, o);
+                         ADD_FAILURE() << "compiled a wgmma kernel for sm_80";
+                       } catch (const deft::Error& e) {
+                         EXPECT_NE(std::string(e.what()).find("needs sm_90"), std::string::npos)
+                             << e.what();
+                       }
+                     });
   const deft::Variant w = deft::default_variant(d, 90);
   auto refused = [&](const std::string& text, const std::string& field) {
     const auto bad = deft::parse_layer_desc(text);
@@ -314,23 +327,10 @@ TEST(Codegen, WgmmaTf32TilesCompile) {
   const deft::Variant def = deft::default_variant(d, 90);
   EXPECT_EQ(def.algo, deft::Algo::gemm_wgmma);
   EXPECT_EQ(def.tile_k, 16);
-  for (int tm : {64, 128})
-    for (int tn : {64, 128, 256}) {
-      const deft::Variant v = deft::parse_variant(fmt::format(
-          "algo=gemm_wgmma tm={} tn={} tk=16 threads={}", tm, tn, 2 * tm));
-      SCOPED_TRACE(deft::to_string(v));
-      const deft::CompileInfo info = compile_for_sm90(d, v);
-      EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
-          << info.resource_report;
-      deft::CompileOptions o;
-      o.arch = 90;
-      o.variant = v;
-      o.cache_path = "";
-      const std::string ptx = deft::emit_ptx(d, o);
-      EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k8.f32.tf32.tf32", tn)),
-                std::string::npos);
-      EXPECT_NE(ptx.find("cvt.rna.tf32.f32"), std::string::npos);
-    }
+  expect_wgmma_tiles(d, "wgmma.mma_async.sync.aligned.m64n{}k8.f32.tf32.tf32",
+                     [](const deft::CompileOptions&, const std::string& ptx) {
+                       EXPECT_NE(ptx.find("cvt.rna.tf32.f32"), std::string::npos);
+                     });
   const auto c36 = deft::parse_layer_desc(
       "deform_conv2d n=2 c=36 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 layout=nchw");
   EXPECT_NO_THROW(deft::validate(c36, deft::parse_variant(
