@@ -263,6 +263,18 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
 
 }  // namespace
 
+int wgmma_window_rows(const LayerDesc& d, int bm, int halo) {
+  const int64_t pix = d.out_h() * d.out_w(), wo = d.out_w();
+  int64_t span = 1;  // most output rows one block's pixels (of one image) cover
+  const int64_t blocks = ceil_div(d.n * pix, bm);
+  for (int64_t b = 0; b < std::min<int64_t>(blocks, pix); ++b) {  // the starts repeat after pix
+    const int64_t p0 = (b * bm) % pix, p1 = std::min(p0 + bm - 1, pix - 1);
+    span = std::max(span, p1 / wo - p0 / wo + 1);
+  }
+  // rows of the taps' sampling points at zero offset, plus the bilinear second row below them
+  return int((span - 1) * d.stride_h + (d.r - 1) * d.dil_h + 2 + 2 * int64_t(halo));
+}
+
 KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   validate(d);
   require_implemented(d);
@@ -449,15 +461,8 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                                      "taps, not r x s = {}", d.taps()));
         if (v.halo < 0 || v.halo > 64)
           bad("halo", fmt::format("halo={} must be in [0, 64]", v.halo));
-        const int64_t pix = d.out_h() * d.out_w(), wo = d.out_w();
-        int64_t span = 1;  // most output rows one block's pixels (of one image) cover
-        const int64_t blocks = ceil_div(d.n * pix, bm);
-        for (int64_t b = 0; b < std::min<int64_t>(blocks, pix); ++b) {
-          const int64_t p0 = (b * bm) % pix, p1 = std::min(p0 + bm - 1, pix - 1);
-          span = std::max(span, p1 / wo - p0 / wo + 1);
-        }
         p.window = true;
-        p.wrows = int((span - 1) * d.stride_h + (d.r - 1) * d.dil_h + 1 + 2 * v.halo);
+        p.wrows = wgmma_window_rows(d, bm, v.halo);
         p.win_bytes = int64_t(p.wrows) * d.w * 64;
       }
       const int64_t epi = (d.layout == Layout::nhwc ? int64_t(bm) * (bn + 8) : int64_t(bn) * (bm + 8)) * esize;

@@ -75,4 +75,11 @@ struct KernelPlan {
 // for a dtype without them...
 KernelPlan make_plan(const LayerDesc& desc, const Variant& variant);
 
+// staging=window on gemm_wgmma: the input rows of a block's window, for blocks of `bm` output
+// pixels (consecutive in n, ho, wo order; the window serves the block's first pixel's image):
+// the most output rows such a block covers, the taps' rows and the bilinear row below them,
+// and `halo` more rows each side: vertical offsets in [-halo, halo + 1) stay inside.
+// Block b's window starts at input row (its first pixel's ho) * stride - pad - halo.
+int wgmma_window_rows(const LayerDesc& desc, int bm, int halo);
+
 }  // namespace deft

@@ -28,7 +28,7 @@
 // front, into shared memory.
 //
 // staging=window (WINDOW 1): the block's input window, WROWS input rows (the rows its pixels'
-// taps cover, HALO more above and below) x the full width x one chunk's channels, is copied into
+// taps cover and the bilinear row below them, HALO more above and below) x the full width x one chunk's channels, is copied into
 // shared memory (cp.async, double-buffered by chunk: chunk k + 1's window loads while chunk k's
 // taps run), and a corner inside it is read from there; a corner outside it (an offset larger
 // than the halo, or a pixel of a second image in the tile) is read from global memory as

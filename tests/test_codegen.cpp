@@ -308,13 +308,13 @@ TEST(Codegen, WgmmaWindowCompiles) {
         EXPECT_NE(src.find(fmt::format("constexpr int HALO = {};", halo)), std::string::npos);
       }
   }
-  // 64 pixels of a 14-wide image span up to 6 output rows: 5 + 3 taps + 2 x 4 halo = 16 rows.
+  // 64 pixels of a 14-wide image span up to 6 output rows: 5 + 3 taps + 1 + 2 x 4 halo = 17.
   const auto d = deft::parse_layer_desc(
       "deform_conv2d n=4 c=64 h=14 w=14 k=64 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc");
   const std::string src = deft::generate_source(
       d, deft::parse_variant("algo=gemm_wgmma tm=64 tn=64 tk=32 threads=128 staging=window halo=4"));
-  EXPECT_NE(src.find("constexpr int WROWS = 16;"), std::string::npos);
-  EXPECT_NE(src.find(fmt::format("constexpr int WIN_BYTES = {};", 16 * 14 * 64)), std::string::npos);
+  EXPECT_NE(src.find("constexpr int WROWS = 17;"), std::string::npos);
+  EXPECT_NE(src.find(fmt::format("constexpr int WIN_BYTES = {};", 17 * 14 * 64)), std::string::npos);
 }
 
 // f32 in tf32 math: the same kernel with 16-channel chunks and m64nNk8 tf32 wgmma; every tile

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <set>
 
@@ -275,6 +276,60 @@ TEST(OffsetStats, NaNCountsAsOutsideAndWrongCountsAreRejected) {
   EXPECT_FALSE(s.sigma.has_value());  // every finite offset is 0
   EXPECT_EQ(deft::offset_sigma(s), 0.125);
   EXPECT_THROW(deft::compute_offset_stats(d, off.data(), 31), deft::Error);
+}
+
+// The window statistics (staging=window): of the corner reads inside the image, those outside
+// the block's window. Zero offsets in blocks of one image read only the window; a pixel of a
+// second image in a block reads global memory whatever the halo; an offset of 2.5 rows is
+// served by halos of 2 and more (the window takes offsets in [-halo, halo + 1)) but not fully
+// by 0 or 1; more halo never serves fewer reads.
+TEST(OffsetStats, WindowFractionsFollowTheKernelsWindow) {
+  auto fractions = [](const char* text, float dy) {
+    const auto d = parse_layer_desc(text);
+    const size_t count = size_t(d.n * 2 * d.taps() * d.out_h() * d.out_w());
+    std::vector<float> off(count, 0.0f);
+    const int64_t plane = d.out_h() * d.out_w();
+    for (int64_t n = 0; n < d.n; ++n)  // nchw offsets: channel 2t is dy of tap t
+      for (int t = 0; t < d.taps(); ++t)
+        for (int64_t p = 0; p < plane; ++p) off[size_t((n * 2 * d.taps() + 2 * t) * plane + p)] = dy;
+    const deft::OffsetStats s = deft::compute_offset_stats(d, off.data(), off.size());
+    std::map<std::pair<int, int>, double> out;
+    for (const auto& w : s.window_outside) out[{w.tile_m, w.halo}] = w.outside;
+    EXPECT_EQ(out.size(), std::size(deft::kWindowTiles) * std::size(deft::kWindowHalos));
+    return out;
+  };
+  // 32 x 8 images: 64- and 128-pixel blocks hold whole rows of one image.
+  const char* one_image = "deform_conv2d n=2 c=1 h=32 w=8 k=1 r=3 s=3 pad=1";
+  for (const auto& [key, f] : fractions(one_image, 0.0f)) EXPECT_EQ(f, 0.0) << key.first << "/" << key.second;
+  const auto shifted = fractions(one_image, 2.5f);
+  for (int tm : deft::kWindowTiles) {
+    EXPECT_GT(shifted.at({tm, 0}), 0.0) << tm;
+    EXPECT_GT(shifted.at({tm, 1}), 0.0) << tm;
+    EXPECT_EQ(shifted.at({tm, 2}), 0.0) << tm;
+    EXPECT_EQ(shifted.at({tm, 4}), 0.0) << tm;
+    EXPECT_EQ(shifted.at({tm, 8}), 0.0) << tm;
+    double last = 1.0;
+    for (int halo : deft::kWindowHalos) {
+      EXPECT_LE(shifted.at({tm, halo}), last) << tm << "/" << halo;
+      last = shifted.at({tm, halo});
+    }
+  }
+  // 6 x 6 images (36 px): the first 64-pixel block holds image 0 and 28 pixels of image 1,
+  // whose reads go to global memory; with zero offsets every in-image pixel reads its own
+  // (y, x) corner and, inside the image, its right, lower and lower-right neighbours.
+  const auto crossing = fractions("deform_conv2d n=2 c=1 h=6 w=6 k=1 r=1 s=1", 0.0f);
+  auto reads = [](int p) {  // corner reads of pixel p (0..35) of a 6 x 6 image, offsets zero
+    const int y = p / 6, x = p % 6;
+    return 1 + (x + 1 < 6) + (y + 1 < 6) + (x + 1 < 6 && y + 1 < 6);
+  };
+  int total = 0, second = 0;
+  for (int p = 0; p < 36; ++p) total += 2 * reads(p);
+  for (int p = 0; p < 28; ++p) second += reads(p);
+  for (int halo : deft::kWindowHalos) {
+    EXPECT_NEAR(crossing.at({64, halo}), double(second) / total, 1e-12) << halo;
+    // the one 128-pixel block starts in image 0: all of image 1 reads global memory
+    EXPECT_NEAR(crossing.at({128, halo}), 0.5, 1e-12) << halo;
+  }
 }
 
 TEST(OffsetStats, GaussianOffsetsGiveTheirSigmaAndBucket) {

@@ -22,8 +22,10 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <cmath>
 #include <functional>
 #include <map>
+#include <random>
 #include <sstream>
 #include <cstdlib>
 #include <ctime>
@@ -846,6 +848,50 @@ int arch_of_fingerprint(const std::string& fp) {
 }
 
 // deft inspect: the tuning records of a layer, with every candidate's timing.
+// deft stats: the offset statistics the tuner reads, of a calibration file (float32 offsets in
+// the layer's layout) or of synthetic offsets ~ N(0, sigma^2).
+int run_stats(const std::string& text, const std::string& file, double sigma, uint64_t seed) {
+  const deft::LayerDesc d = deft::parse_layer_desc(text);
+  deft::validate(d);
+  deft::OffsetStats s;
+  if (!file.empty()) {
+    s = deft::offset_stats_from_file(d, file);
+  } else {
+    if (!(sigma >= 0) || !std::isfinite(sigma))
+      throw deft::Error(fmt::format("--sigma {} must be finite and not negative", sigma));
+    const deft::TensorShapes shapes = deft::tensor_shapes(d);
+    size_t count = 1;
+    for (int64_t e : shapes.offset) count *= size_t(e);
+    std::vector<float> off(count);
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.0f, float(sigma));
+    for (float& v : off) v = sigma > 0 ? normal(rng) : 0.0f;
+    s = deft::compute_offset_stats(d, off.data(), off.size());
+  }
+  fmt::print("layer:            {}\n", deft::to_string(d));
+  fmt::print("offsets:          {}\n", file.empty() ? fmt::format("N(0, {}^2) px, seed {}", sigma, seed)
+                                                    : file);
+  fmt::print("sampling points:  {}\n", s.samples);
+  fmt::print("|dy| p50 p90 p99 max: {:.3f} {:.3f} {:.3f} {:.3f}\n", s.abs_dy.p50, s.abs_dy.p90,
+             s.abs_dy.p99, s.abs_dy.max);
+  fmt::print("|dx| p50 p90 p99 max: {:.3f} {:.3f} {:.3f} {:.3f}\n", s.abs_dx.p50, s.abs_dx.p90,
+             s.abs_dx.p99, s.abs_dx.max);
+  fmt::print("outside the image: {:.4f} of the sampling points\n", s.outside_fraction);
+  fmt::print("sigma:            {:.3f} px (bucket {})\n", deft::offset_sigma(s),
+             deft::stats_bucket(deft::offset_sigma(s)));
+  fmt::print("corner reads outside the staging=window input window (gemm_wgmma), by halo:\n");
+  fmt::print("  {:>7}", "tile");
+  for (int h : deft::kWindowHalos) fmt::print(" {:>7}", fmt::format("halo={}", h));
+  fmt::print("\n");
+  for (int tm : deft::kWindowTiles) {
+    fmt::print("  {:>7}", fmt::format("tm={}", tm));
+    for (const auto& w : s.window_outside)
+      if (w.tile_m == tm) fmt::print(" {:>7.4f}", w.outside);
+    fmt::print("\n");
+  }
+  return 0;
+}
+
 int run_inspect(const std::string& text, const std::string& db_arg) {
   const deft::LayerDesc d = deft::parse_layer_desc(text);
   const std::string path = database_path(db_arg);
@@ -985,6 +1031,19 @@ int main(int argc, char** argv) {
   inspect->add_option("--db", inspect_db, db_help);
   inspect->fallthrough();
 
+  std::string stats_desc, stats_file;
+  double stats_sigma = 2.0;
+  uint64_t stats_seed = 1;
+  CLI::App* stats = app.add_subcommand(
+      "stats", "Offset statistics of a calibration file or of N(0, sigma^2) offsets (what the "
+               "tuner reads, with the window statistics of staging=window)");
+  stats->add_option("desc", stats_desc, "Layer description")->required();
+  stats->add_option("file", stats_file, "float32 offsets in the layer's layout (default: synthetic)");
+  stats->add_option("--sigma", stats_sigma, "Synthetic offsets' standard deviation, px")
+      ->capture_default_str();
+  stats->add_option("--seed", stats_seed, "Synthetic offsets' seed")->capture_default_str();
+  stats->fallthrough();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -1005,6 +1064,7 @@ int main(int argc, char** argv) {
       return run_tune(ta);
     }
     if (inspect->parsed()) return run_inspect(inspect_desc, inspect_db);
+    if (stats->parsed()) return run_stats(stats_desc, stats_file, stats_sigma, stats_seed);
     std::fputs(app.help().c_str(), stderr);
     return 2;
   } catch (const std::exception& e) {

@@ -12,6 +12,7 @@
 
 #include <fmt/format.h>
 
+#include "compiler/plan.hpp"
 #include "deft/tuning.hpp"
 
 namespace deft {
@@ -80,6 +81,15 @@ OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_
   ady.reserve(points);
   adx.reserve(points);
   int64_t outside = 0;
+  // Window statistics: per (tile, halo) the window rows, and counts of corner reads outside.
+  struct Win {
+    int tile_m, halo, rows;
+    int64_t outside = 0;
+  };
+  std::vector<Win> wins;
+  for (int tm : kWindowTiles)
+    for (int halo : kWindowHalos) wins.push_back({tm, halo, wgmma_window_rows(d, tm, halo)});
+  int64_t corner_reads = 0;
   double sum = 0, sumsq = 0;
   int64_t finite = 0;
   auto moments = [&](double v) {
@@ -107,6 +117,20 @@ OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_
             // padding); written as not-inside so that NaN positions count as outside.
             const bool inside = y > -1 && y < double(d.h) && x > -1 && x < double(d.w);
             outside += !inside;
+            if (!inside) continue;
+            // The corners inside the image, and for each window whether their rows are in it.
+            const int64_t y0 = int64_t(std::floor(y)), x0 = int64_t(std::floor(x));
+            const int64_t m = (n * HO + ho) * WO + wo;
+            for (int64_t cy = y0; cy <= y0 + 1; ++cy)
+              for (int64_t cx = x0; cx <= x0 + 1; ++cx) {
+                if (cy < 0 || cy >= d.h || cx < 0 || cx >= d.w) continue;
+                ++corner_reads;
+                for (Win& w : wins) {
+                  const int64_t m0 = m / w.tile_m * w.tile_m, nb = m0 / (HO * WO);
+                  const int64_t wy0 = (m0 - nb * HO * WO) / WO * d.stride_h - d.pad_h - w.halo;
+                  w.outside += nb != n || cy < wy0 || cy >= wy0 + w.rows;
+                }
+              }
           }
       }
   std::sort(ady.begin(), ady.end());
@@ -116,6 +140,9 @@ OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_
   s.abs_dy = sorted_percentiles(ady);
   s.abs_dx = sorted_percentiles(adx);
   s.outside_fraction = points ? double(outside) / double(points) : 0.0;
+  for (const Win& w : wins)
+    s.window_outside.push_back(
+        {w.tile_m, w.halo, corner_reads ? double(w.outside) / double(corner_reads) : 0.0});
   // sigma: the standard deviation of all finite offset values, dy and dx together (as the
   // Python exporter computes it). When it is 0 (all offsets equal, e.g. an untrained offset
   // convolution's zeros) it stays unset and offset_sigma() falls back to the medians.

@@ -21,12 +21,27 @@ struct Percentiles {
 
 // Statistics of a layer's offsets over a calibration batch. One sample is one sampling point
 // (image, offset group, tap, output pixel) with its (dy, dx).
+// How well the input window of the wgmma kernel's staging=window variant (plan:
+// wgmma_window_rows) serves a layer's offsets: of the corner reads of sampling points inside
+// the image, the fraction that falls outside the window of the point's block of `tile_m`
+// pixels with `halo` rows of halo (those read global memory), a pixel of a second image in the
+// block counting as outside.
+struct WindowFraction {
+  int tile_m = 0, halo = 0;
+  double outside = 0;
+};
+
 struct OffsetStats {
   int64_t samples = 0;
   Percentiles abs_dy, abs_dx;     // of the finite |dy| and |dx|, in pixels
   double outside_fraction = 0;    // sampling points outside (-1, h) x (-1, w), or NaN
   std::optional<double> sigma;    // offset standard deviation in px, when known
+  // From calibration offsets (compute_offset_stats) only: per tile_m in kWindowTiles and halo in
+  // kWindowHalos, in that order. Empty for statistics read from a model file.
+  std::vector<WindowFraction> window_outside;
 };
+inline constexpr int kWindowTiles[] = {64, 128};
+inline constexpr int kWindowHalos[] = {0, 1, 2, 4, 8};
 
 // For offsets ~ N(0, s^2) the median of |d| is 0.6745 s.
 inline constexpr double kMedianAbsOverSigma = 0.6744897501960817;
