@@ -283,6 +283,24 @@ TEST(OffsetStats, NaNCountsAsOutsideAndWrongCountsAreRejected) {
 // second image in a block reads global memory whatever the halo; an offset of 2.5 rows is
 // served by halos of 2 and more (the window takes offsets in [-halo, halo + 1)) but not fully
 // by 0 or 1; more halo never serves fewer reads.
+// The tuner stops timing a candidate early when more runs cannot change its answer: not before
+// kMinTimedRuns runs; then when it cannot win (fastest run >= 1.25 x the best median), or when
+// its median has settled (that of all runs vs that of the first two thirds).
+TEST(TuneTiming, StopsWhenMoreRunsCannotChangeTheAnswer) {
+  EXPECT_FALSE(deft::timing_settled(std::vector<double>(9, 100.0), 0));
+  EXPECT_FALSE(deft::timing_settled(std::vector<double>(9, 500.0), 100.0));
+  EXPECT_TRUE(deft::timing_settled(std::vector<double>(10, 100.0), 0));
+  EXPECT_TRUE(deft::timing_settled(std::vector<double>(10, 130.0), 100.0));  // cannot win
+  // The first six runs' median is 120, all ten runs' 100: still moving.
+  const std::vector<double> moving = {100, 100, 100, 120, 120, 120, 100, 100, 100, 100};
+  EXPECT_FALSE(deft::timing_settled(moving, 0));
+  EXPECT_FALSE(deft::timing_settled(moving, 90.0));  // its fastest run (100) could still win
+  EXPECT_TRUE(deft::timing_settled(moving, 70.0));   // 100 >= 1.25 x 70
+  std::vector<double> settled = moving;
+  settled.insert(settled.end(), {100, 100, 100, 100, 100});  // the medians agree again
+  EXPECT_TRUE(deft::timing_settled(settled, 0));
+}
+
 TEST(OffsetStats, WindowFractionsFollowTheKernelsWindow) {
   auto fractions = [](const char* text, float dy) {
     const auto d = parse_layer_desc(text);

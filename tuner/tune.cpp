@@ -189,6 +189,19 @@ CandidateBudget::CandidateBudget(double layer_seconds, double max_seconds_per_ca
   timing_seconds_ = std::max(timing_seconds_, kMinCandidateSeconds);
 }
 
+bool timing_settled(std::vector<double> times, double best_us) {
+  if (times.size() < kMinTimedRuns) return false;
+  if (best_us > 0 && *std::min_element(times.begin(), times.end()) >= kCannotWin * best_us)
+    return true;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double all = median(times);
+  const double early = median(std::vector<double>(times.begin(), times.begin() + times.size() * 2 / 3));
+  return std::fabs(all - early) <= kSettled * all;
+}
+
 bool CandidateBudget::may_start(size_t already_tried, double elapsed_seconds) const {
   return already_tried == 0 || layer_seconds_ <= 0 || elapsed_seconds < layer_seconds_;
 }
@@ -294,6 +307,7 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
   driver::check(api.event_create(&stop, 0), "cuEventCreate");
 
   std::vector<double> reference;
+  double best_us = 0;  // the best median so far (0: none yet)
   for (size_t i = 0; i < space.size(); ++i) {
     if (!budget.may_start(i, seconds_since(started))) {
       spdlog::info("tune {}: the layer's budget of {:.2f} s is used after {} of {} candidates",
@@ -322,7 +336,8 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
         result.candidates.push_back(c);
         continue;
       }
-      // Timing: 3 warm-up runs, then runs until the budget or 100 runs; median.
+      // Timing: 3 warm-up runs, then runs until the budget, 100 runs, or the point where more
+      // runs cannot change the answer (timing_settled); median.
       for (int w = 0; w < 3; ++w) kernels[i].forward(args, nullptr);
       std::vector<double> times;
       const auto t0 = std::chrono::steady_clock::now();
@@ -337,10 +352,13 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
         times.push_back(ms * 1000.0);
         const double spent =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        if (times.size() >= 10 && spent > budget.timing_seconds()) break;
+        if (times.size() >= kMinTimedRuns && spent > budget.timing_seconds()) break;
+        if (timing_settled(times, best_us)) break;
       }
       std::sort(times.begin(), times.end());
       c.median_us = times[times.size() / 2];
+      c.timed_runs = int(times.size());
+      if (best_us <= 0 || c.median_us < best_us) best_us = c.median_us;
     } catch (const std::exception& e) {
       c.error = e.what();
       c.median_us = -1;

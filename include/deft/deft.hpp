@@ -170,6 +170,7 @@ struct TuneCandidate {
   Variant variant;
   double median_us = -1;  // < 0: failed (error says why)
   double rel_err = -1;    // against the default variant's output
+  int timed_runs = 0;     // runs behind the median (fewer when more could not change the answer)
   std::string error;
 };
 
@@ -182,7 +183,8 @@ struct TuneResult {
 };
 
 // Compiles every candidate (in parallel), checks each against the default variant's output on
-// random inputs, times the survivors (median of CUDA events, L2 flushed between runs), and
+// random inputs, times the survivors (median of CUDA events, L2 flushed between runs, stopping
+// a candidate's runs early where more cannot change the answer: timing_settled), and
 // writes a tuning record that compile() then uses. Needs a GPU. Never called implicitly.
 TuneResult tune(const LayerDesc& desc, const TuneOptions& options = {});
 

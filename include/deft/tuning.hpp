@@ -121,6 +121,15 @@ class CandidateBudget {
   double layer_seconds_, timing_seconds_;
 };
 
+// When a candidate's timing may stop before its window runs out, because more runs would not
+// change the tuner's answer: after kMinTimedRuns runs, once the candidate cannot win (its
+// fastest run is kCannotWin times the best median so far, or slower) or once its median has
+// settled (the median of all runs within kSettled of the median of the first two thirds).
+// `times` in any order; best_us <= 0: no best yet (only settling counts).
+inline constexpr size_t kMinTimedRuns = 10;
+inline constexpr double kCannotWin = 1.25, kSettled = 0.005;
+bool timing_settled(std::vector<double> times, double best_us);
+
 // The share of the next layer of a budgeted run: what is left of the budget over the layers
 // left (this one included), at least 2 * kMinCandidateSeconds, also when nothing is left.
 double layer_share(double budget_left, size_t layers_left);
