@@ -73,6 +73,41 @@ TEST(SearchSpace, Sm90AddsEveryWgmmaTile) {
   EXPECT_EQ(deft::search_space_hash(d, 0), deft::search_space_hash(d));
 }
 
+// SearchOptions::window adds staging=window variants of three wgmma tiles on sm_90, with the
+// halos of the bucket's sigma (ceil of the p50, p90, p99 of |dy|); without it the space and its
+// hash are those of search_space(desc, arch); other architectures get no window variants.
+TEST(SearchSpace, WindowVariantsFollowTheBucketsSigma) {
+  EXPECT_EQ(deft::window_halos(0.5), (std::vector<int>{1, 2}));
+  EXPECT_EQ(deft::window_halos(2.0), (std::vector<int>{2, 4, 6}));
+  EXPECT_EQ(deft::window_halos(3.0), (std::vector<int>{3, 7, 11}));  // bucket 4
+  EXPECT_EQ(deft::window_halos(8.0), (std::vector<int>{6, 14, 16}));  // at most 16
+  const auto d = parse_layer_desc(kDense);
+  EXPECT_EQ(deft::search_space(d, deft::SearchOptions{90, false, 2.0}), deft::search_space(d, 90));
+  EXPECT_EQ(deft::search_space_hash(d, deft::SearchOptions{90, false, 8.0}),
+            deft::search_space_hash(d, 90));
+  for (double sigma : {0.5, 2.0}) {
+    const auto space = deft::search_space(d, deft::SearchOptions{90, true, sigma});
+    EXPECT_EQ(space.front(), deft::default_variant(d, 90));
+    std::set<std::string> seen;
+    std::set<int> halos;
+    int windows = 0;
+    for (const auto& v : space) {
+      EXPECT_TRUE(seen.insert(deft::to_string(v)).second) << deft::to_string(v);
+      EXPECT_NO_THROW(deft::validate(d, v)) << deft::to_string(v);
+      if (v.staging != deft::Staging::window) continue;
+      ++windows;
+      halos.insert(v.halo);
+      EXPECT_EQ(v.algo, deft::Algo::gemm_wgmma);
+    }
+    const auto want = deft::window_halos(sigma);
+    EXPECT_EQ(halos, std::set<int>(want.begin(), want.end())) << sigma;
+    EXPECT_GE(windows, int(want.size())) << sigma;
+    EXPECT_NE(deft::search_space_hash(d, deft::SearchOptions{90, true, sigma}),
+              deft::search_space_hash(d, 90));
+  }
+  EXPECT_EQ(deft::search_space(d, deft::SearchOptions{80, true, 2.0}), deft::search_space(d, 80));
+}
+
 TEST(SearchSpace, HashIsStableAndFollowsTheSpace) {
   auto a = parse_layer_desc(kDense), b = parse_layer_desc(kDepthwise);
   EXPECT_EQ(deft::search_space_hash(a), deft::search_space_hash(a));
@@ -139,6 +174,32 @@ TEST_F(Policy, RecordsForAnotherKeyAreIgnored) {
   deft::CompileOptions bucket8;
   bucket8.stats_bucket = "v1:sigma~8";
   EXPECT_EQ(choose(bucket8), other_);  // ... but the bucket it was tuned for finds it
+}
+
+// A record of the space with window variants (deft tune --window) is found like a plain one and,
+// where both exist, preferred; a bucket's space holds the halos of that bucket's sigma.
+TEST_F(Policy, AWindowSpaceRecordIsFoundAndPreferred) {
+  const deft::tuner::DeviceKey h200{"Test GPU|cc9.0|sm132", "13000", 90};
+  deft::Variant window_winner;
+  for (const auto& v : deft::search_space(desc_, deft::SearchOptions{90, true, 2.0}))
+    if (v.staging == deft::Staging::window) window_winner = v;
+  ASSERT_EQ(window_winner.staging, deft::Staging::window);
+  deft::CompileOptions o;
+  o.arch = 90;
+  auto pick = [&] { return deft::tuner::choose_variant(desc_, o, db_.get(), &h200); };
+  EXPECT_EQ(pick(), deft::default_variant(desc_, 90));
+  put(deft::tuner::record_key(desc_, "v1:sigma~2", h200, false), other_);
+  EXPECT_EQ(pick(), other_);
+  put(deft::tuner::record_key(desc_, "v1:sigma~2", h200, true), window_winner);
+  EXPECT_EQ(pick(), window_winner);
+  // The window record of bucket 2 is not one of bucket 8 (whose space has other halos).
+  o.stats_bucket = "v1:sigma~8";
+  EXPECT_EQ(pick(), deft::default_variant(desc_, 90));
+  EXPECT_NE(deft::tuner::record_key(desc_, "v1:sigma~8", h200, true).search_space,
+            deft::tuner::record_key(desc_, "v1:sigma~2", h200, true).search_space);
+  EXPECT_EQ(deft::tuner::sigma_of_bucket("v1:sigma~0.5"), 0.5);
+  EXPECT_EQ(deft::tuner::sigma_of_bucket("v2:other"), std::nullopt);
+  EXPECT_EQ(deft::tuner::sigma_of_bucket("v1:sigma~2x"), std::nullopt);
 }
 
 TEST_F(Policy, AnUnusableWinnerFallsBackToTheDefault) {

@@ -417,6 +417,7 @@ struct TuneArgs {
   int worker_device = -1;  // >= 0: this process is a worker
   std::string worker_layers;
   bool simulate = false;
+  bool window = false;  // also the staging=window variants (sm_90)
   int verbosity = 0;
 };
 
@@ -504,6 +505,7 @@ EntryOutcome tune_entry(const TuneArgs& a, const deft::TuneEntry& e, double laye
   try {
     deft::TuneOptions o;
     o.offset_sigma = e.sigma;
+    o.window = a.window;
     o.max_candidates = a.max_candidates;
     o.seconds_per_candidate = a.seconds;
     if (!a.db.empty()) o.cache_path = a.db;
@@ -515,7 +517,8 @@ EntryOutcome tune_entry(const TuneArgs& a, const deft::TuneEntry& e, double laye
     out.tuned_us = r.winner_us;
     out.variant = deft::to_string(r.winner);
     out.tried = int(r.candidates.size());
-    out.space = int(deft::search_space(e.desc, default_arch()).size());
+    out.space = int(
+        deft::search_space(e.desc, deft::SearchOptions{default_arch(), a.window, e.sigma}).size());
     for (const auto& c : r.candidates)
       if (c.median_us < 0 &&
           std::find(out.failures.begin(), out.failures.end(), c.error) == out.failures.end())
@@ -673,6 +676,7 @@ std::vector<std::string> worker_argv(const TuneArgs& a, int device, const std::v
   if (!a.calibration.empty()) v.insert(v.end(), {"--calibration", a.calibration});
   if (a.budget > 0) v.insert(v.end(), {"--budget", fmt::format("{}", a.budget)});
   if (a.simulate) v.push_back("--simulate");
+  if (a.window) v.push_back("--window");
   for (int i = 0; i < a.verbosity; ++i) v.push_back("-v");
   return v;
 }
@@ -892,6 +896,17 @@ int run_stats(const std::string& text, const std::string& file, double sigma, ui
   return 0;
 }
 
+// Whether record r was made over the search space deft has today for its device and bucket
+// (with or without the window variants of deft tune --window).
+bool current_space(const deft::LayerDesc& d, const deft::cache::TuningRecord& r) {
+  const double sigma = deft::tuner::sigma_of_bucket(r.stats_bucket).value_or(2.0);
+  for (bool window : {false, true})
+    if (r.search_space ==
+        deft::search_space_hash(d, deft::SearchOptions{arch_of_fingerprint(r.device), window, sigma}))
+      return true;
+  return false;
+}
+
 int run_inspect(const std::string& text, const std::string& db_arg) {
   const deft::LayerDesc d = deft::parse_layer_desc(text);
   const std::string path = database_path(db_arg);
@@ -914,9 +929,7 @@ int run_inspect(const std::string& text, const std::string& db_arg) {
     fmt::print("\nrecord{} {}  bucket {}  device {}  driver {}  nvrtc {}  deft {}  space {}{}\n",
                source, r.created_at, r.stats_bucket, r.device, r.driver_version, r.nvrtc_version,
                r.deft_version, r.search_space,
-               r.search_space == deft::search_space_hash(d, arch_of_fingerprint(r.device))
-                   ? ""
-                   : " (stale: other search space)");
+               current_space(d, r) ? "" : " (stale: other search space)");
     fmt::print("  winner {:.1f} us (default {:.1f} us): {}\n", r.winner_us, r.default_us, r.winner);
     for (const auto& c : r.candidates)
       fmt::print("  {:>10}  {}{}\n",
@@ -1004,6 +1017,9 @@ int main(int argc, char** argv) {
                    "model layers without \"stats\" when no --calibration)")
       ->capture_default_str();
   tune->add_option("--max-candidates", ta.max_candidates, "Try at most this many variants (0: all)");
+  tune->add_flag("--window", ta.window,
+                 "Also try the staging=window variants of the sm_90 wgmma kernel, with halos from "
+                 "the layer's offset statistics (experimental: not yet run on a GPU)");
   tune->add_option("--seconds", ta.seconds, "Timing budget per variant (at most)")
       ->capture_default_str();
   tune->add_option("--calibration", ta.calibration,

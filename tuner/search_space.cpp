@@ -10,14 +10,33 @@
 
 namespace deft {
 
-std::string stats_bucket(double offset_sigma) {
+double bucket_sigma(double offset_sigma) {
   if (!(offset_sigma > 0) || !std::isfinite(offset_sigma))
     throw Error(fmt::format("offset sigma {} must be positive and finite", offset_sigma));
   const int e = std::clamp(static_cast<int>(std::lround(std::log2(offset_sigma))), -3, 6);
-  return fmt::format("v1:sigma~{}", std::ldexp(1.0, e));
+  return std::ldexp(1.0, e);
+}
+
+std::string stats_bucket(double offset_sigma) {
+  return fmt::format("v1:sigma~{}", bucket_sigma(offset_sigma));
+}
+
+std::vector<int> window_halos(double offset_sigma) {
+  const double s = bucket_sigma(offset_sigma);
+  std::vector<int> out;
+  for (double q : {0.6744897501960817, 1.6448536269514722, 2.5758293035489004}) {
+    const int h = std::min(16, int(std::ceil(q * s)));
+    if (std::find(out.begin(), out.end(), h) == out.end()) out.push_back(h);
+  }
+  return out;
 }
 
 std::vector<Variant> search_space(const LayerDesc& d, int arch) {
+  return search_space(d, SearchOptions{arch, false, 2.0});
+}
+
+std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) {
+  const int arch = opt.arch;
   validate(d);
   std::vector<Variant> out;
   std::set<std::string> seen;
@@ -41,6 +60,14 @@ std::vector<Variant> search_space(const LayerDesc& d, int arch) {
         v.tile_m = tm, v.tile_n = tn, v.threads = 2 * tm;
         add(v);
       }
+    if (opt.window)
+      for (auto [tm, tn] : {std::pair{def.tile_m, def.tile_n}, {64, 128}, {128, 64}})
+        for (int halo : window_halos(opt.offset_sigma)) {
+          Variant v = def;
+          v.tile_m = tm, v.tile_n = tn, v.threads = 2 * tm;
+          v.staging = Staging::window, v.halo = halo;
+          add(v);
+        }
   }
   if (def.algo == Algo::depthwise) {
     const int vmax = 16 / dtype_size(d.dtype);
@@ -91,8 +118,12 @@ std::vector<Variant> search_space(const LayerDesc& d, int arch) {
 }
 
 std::string search_space_hash(const LayerDesc& d, int arch) {
+  return search_space_hash(d, SearchOptions{arch, false, 2.0});
+}
+
+std::string search_space_hash(const LayerDesc& d, const SearchOptions& opt) {
   std::string all = "deft-search-space-v1";
-  for (const Variant& v : search_space(d, arch)) all += "\n" + to_string(v);
+  for (const Variant& v : search_space(d, opt)) all += "\n" + to_string(v);
   return cache::sha256_hex(all).substr(0, 16);
 }
 

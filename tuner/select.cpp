@@ -12,8 +12,21 @@
 
 namespace deft::tuner {
 
+std::optional<double> sigma_of_bucket(const std::string& bucket) {
+  const std::string prefix = "v1:sigma~";
+  if (bucket.compare(0, prefix.size(), prefix) != 0) return std::nullopt;
+  try {
+    size_t used = 0;
+    const double s = std::stod(bucket.substr(prefix.size()), &used);
+    if (used != bucket.size() - prefix.size() || !(s > 0)) return std::nullopt;
+    return s;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
 cache::TuningRecord record_key(const LayerDesc& desc, const std::string& stats_bucket,
-                               const DeviceKey& device) {
+                               const DeviceKey& device, bool window) {
   cache::TuningRecord r;
   r.desc = to_string(desc);
   r.stats_bucket = stats_bucket;
@@ -21,7 +34,8 @@ cache::TuningRecord record_key(const LayerDesc& desc, const std::string& stats_b
   r.driver_version = device.driver_version;
   r.nvrtc_version = nvrtc::version();
   r.deft_version = version();
-  r.search_space = search_space_hash(desc, device.arch);
+  const double sigma = sigma_of_bucket(stats_bucket).value_or(2.0);
+  r.search_space = search_space_hash(desc, SearchOptions{device.arch, window, sigma});
   return r;
 }
 
@@ -75,16 +89,19 @@ Variant choose_variant(const LayerDesc& desc, const CompileOptions& options, cac
   if (options.variant) return *options.variant;
   const int arch = options.arch.value_or(0);
   if (!options.use_tuning_records || !device) return default_variant(desc, arch);
-  const cache::TuningRecord key = record_key(desc, options.stats_bucket, *device);
-  // The user's database first: its records take precedence over the shipped ones.
-  if (db) {
-    if (auto rec = db->find_tuning_record(key))
-      if (auto v = usable_winner(desc, *rec, db->path())) return *v;
-  }
+  // The user's database first: its records take precedence over the shipped ones. In each, a
+  // record of the space with window variants (deft tune --window) before one of the plain space.
+  const cache::TuningRecord keys[] = {record_key(desc, options.stats_bucket, *device, true),
+                                      record_key(desc, options.stats_bucket, *device, false)};
+  if (db)
+    for (const auto& key : keys)
+      if (auto rec = db->find_tuning_record(key))
+        if (auto v = usable_winner(desc, *rec, db->path())) return *v;
   if (auto shipped = shipped_database()) {
     try {
-      if (auto rec = shipped->find_tuning_record(key))
-        if (auto v = usable_winner(desc, *rec, "shipped " + shipped->path())) return *v;
+      for (const auto& key : keys)
+        if (auto rec = shipped->find_tuning_record(key))
+          if (auto v = usable_winner(desc, *rec, "shipped " + shipped->path())) return *v;
     } catch (const Error& e) {
       warn_once(shipped->path() + "#read", std::string("shipped tuning records: ") + e.what());
     }

@@ -19,9 +19,13 @@ struct DeviceKey {
 };
 
 // A tuning record with every identity field filled (desc, bucket, device, driver, NVRTC and
-// deft versions, search-space hash); the result fields are empty.
+// deft versions, search-space hash: that of the space with window variants when `window`, for
+// the bucket's sigma); the result fields are empty.
 cache::TuningRecord record_key(const LayerDesc& desc, const std::string& stats_bucket,
-                               const DeviceKey& device);
+                               const DeviceKey& device, bool window = false);
+
+// The sigma a bucket name ("v1:sigma~0.5") stands for; nullopt for a name of another form.
+std::optional<double> sigma_of_bucket(const std::string& stats_bucket);
 
 // The shipped database, opened read-only once per path per process; nullptr when there is none
 // or it is unusable (warned once).

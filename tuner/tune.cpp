@@ -154,7 +154,7 @@ void write_record(const LayerDesc& desc, const TuneResult& result, const TuneOpt
   if (!opt.write_record) return;
   const std::string path = resolve_cache_path(opt.cache_path);
   if (path.empty()) return;
-  cache::TuningRecord rec = tuner::record_key(desc, result.stats_bucket, device);
+  cache::TuningRecord rec = tuner::record_key(desc, result.stats_bucket, device, opt.window);
   rec.winner = to_string(result.winner);
   rec.winner_us = result.winner_us;
   rec.default_us = result.default_us;
@@ -241,7 +241,8 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
   result.stats_bucket = stats_bucket(opt.offset_sigma);
   result.device = dinfo.fingerprint();
   result.arch = dinfo.arch();
-  std::vector<Variant> space = search_space(desc, result.arch);
+  std::vector<Variant> space =
+      search_space(desc, SearchOptions{result.arch, opt.window, opt.offset_sigma});
   if (opt.max_candidates > 0 && int(space.size()) > opt.max_candidates)
     space.resize(opt.max_candidates);
 
@@ -389,7 +390,7 @@ TuneResult simulate_tune(const LayerDesc& desc, const TuneOptions& opt, const Tu
   result.desc = to_string(desc);
   result.stats_bucket = stats_bucket(opt.offset_sigma);
   result.device = "simulated|cc0.0|sm0";
-  std::vector<Variant> space = search_space(desc);
+  std::vector<Variant> space = search_space(desc, SearchOptions{0, opt.window, opt.offset_sigma});
   if (opt.max_candidates > 0 && int(space.size()) > opt.max_candidates)
     space.resize(opt.max_candidates);
   const CandidateBudget budget(limits.layer_seconds, opt.seconds_per_candidate, space.size());

@@ -157,11 +157,31 @@ std::vector<Variant> search_space(const LayerDesc& desc, int arch = 0);
 // A hash of search_space(desc, arch), part of a tuning record's key.
 std::string search_space_hash(const LayerDesc& desc, int arch = 0);
 
+// The space with what else it may depend on. window (sm_90): also staging=window variants of
+// the wgmma tiles (the default's, 64 x 128, 128 x 64), with the halos window_halos() gives for
+// the statistics bucket of offset_sigma, so that every layer of one bucket has one space.
+// Off by default: the window kernel has not yet passed its GPU tests.
+struct SearchOptions {
+  int arch = 0;
+  bool window = false;
+  double offset_sigma = 2.0;
+};
+std::vector<Variant> search_space(const LayerDesc& desc, const SearchOptions& options);
+std::string search_space_hash(const LayerDesc& desc, const SearchOptions& options);
+// Halos for offsets ~ N(0, sigma^2), sigma rounded to its bucket: the window serves vertical
+// offsets in [-halo, halo + 1), so ceil of the p50, p90 and p99 of |dy| (0.674, 1.645 and 2.576
+// sigma), at most 16, without repeats. The p99 halo serves nearly every read; the smaller ones
+// stay in the space because a smaller window (more blocks per SM) may win anyway.
+std::vector<int> window_halos(double offset_sigma);
+// The sigma a statistics bucket stands for (2^k, as stats_bucket rounds it).
+double bucket_sigma(double offset_sigma);
+
 struct TuneOptions {
   double offset_sigma = 2.0;      // synthetic calibration batch: offsets ~ N(0, sigma^2) px
   std::optional<std::string> cache_path;  // database, as in CompileOptions
   int max_candidates = 0;         // 0: the whole search space
   double seconds_per_candidate = 0.25;    // timing budget per candidate (after warm-up)
+  bool window = false;            // search the staging=window variants too (SearchOptions)
   bool write_record = true;
   uint64_t seed = 1;
 };
