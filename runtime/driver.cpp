@@ -155,11 +155,11 @@ CUmemoryPool pool_for(const Api& a, CUdevice dev) {
     cuuint64_t keep = ~cuuint64_t{0};
     if (a.cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &keep) != CUDA_SUCCESS)
       spdlog::warn("workspace pool of device {}: the release threshold could not be set; unused "
-                "workspace memory goes back to the driver at each synchronisation", int(dev));
+                   "workspace memory goes back to the driver at each synchronisation", int(dev));
   } else {
     pool = nullptr;
-    spdlog::warn("workspace pool of device {}: cuMemPoolCreate failed; using the device's default "
-              "pool", int(dev));
+    spdlog::warn("workspace pool of device {}: cuMemPoolCreate failed; using the device's "
+                 "default pool", int(dev));
   }
   ps.by_device.emplace(dev, pool);
   return pool;

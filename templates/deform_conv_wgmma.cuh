@@ -27,10 +27,10 @@
 // hits, docs/perf-notes.md round 5); the sampling points of every tap are computed once, up
 // front, into shared memory.
 //
-// staging=window (WINDOW 1): the block's input window, WROWS input rows (the rows its pixels'
-// taps cover and the bilinear row below them, HALO more above and below) x the full width x one chunk's channels, is copied into
-// shared memory (cp.async, double-buffered by chunk: chunk k + 1's window loads while chunk k's
-// taps run), and a corner inside it is read from there; a corner outside it (an offset larger
+// staging=window (WINDOW 1): the block's input window — WROWS input rows (the rows its pixels'
+// taps cover and the bilinear row below them, HALO more above and below) x the full width x one
+// chunk's channels — is copied into shared memory (cp.async, double-buffered by chunk: chunk
+// k + 1's window loads while chunk k's taps run), and a corner inside it is read from there; a corner outside it (an offset larger
 // than the halo, or a pixel of a second image in the tile) is read from global memory as
 // without the window. The point table marks window corners with a negative offset:
 // -1 - (window pixel index). Corners outside the image (weight 0) read window pixel 0.
