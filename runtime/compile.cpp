@@ -95,6 +95,15 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   info.kernel_name = plan.kernel_name;
   info.arch = arch;
   info.dynamic_shared_bytes = plan.smem_bytes;
+  if (plan.wgmma) {
+    const int64_t stage = int64_t(variant.tile_n) * 64;
+    info.shared_layout = fmt::format("sampling points {} + weight ring {} x {} + mbarriers 64",
+                                     plan.pts_bytes, plan.nstage, stage);
+    if (plan.window)
+      info.shared_layout += fmt::format(" + input window 2 x {} ({} rows x {} px x 64 B)",
+                                        plan.win_bytes, plan.wrows, desc.w);
+    info.shared_layout += "; the epilogue tile reuses it";
+  }
   info.workspace_bytes =
       desc.pass == Pass::forward ? plan.forward_workspace() : plan.workspace_bytes;
   cache::CubinKey key;

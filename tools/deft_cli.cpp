@@ -219,6 +219,7 @@ std::string resource_summary(const deft::LayerDesc& desc, const deft::Variant& v
                                     bytes_or_unknown(shared)));
   }
   // From the plan: shared memory the launch adds to the static figure above, scratch per call.
+  if (!info.shared_layout.empty()) row("smem layout", info.shared_layout);
   row("dynamic smem", fmt::format("{} bytes (set at launch)", info.dynamic_shared_bytes));
   if (info.workspace_bytes > 0) row("workspace", fmt::format("{} bytes per call", info.workspace_bytes));
   row("cubin size", fmt::format("{} bytes", info.cubin.size()));

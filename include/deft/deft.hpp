@@ -97,6 +97,7 @@ struct CompileInfo {
   int arch = 0;
   double compile_seconds = 0;
   int dynamic_shared_bytes = 0;   // the main kernel's dynamic shared memory, set at launch
+  std::string shared_layout;      // gemm_wgmma: what that memory holds ("" for other kernels)
   int64_t workspace_bytes = 0;    // forward: the pre-passes' scratch (transposed input, packed weight)
 };
 
