@@ -5,7 +5,8 @@
 # Usage (on the device, from the repo root): bash scripts/device_session.sh STEP...
 #   STEP: build | wgmma (the wgmma GPU tests) | sweep (wgmma tiles) | tests (ctest + pytest)
 #         | gputests (GPU tests only) | pytest | bench (forward) | bwd (bench_backward.py) | ncu
-#         | train (examples/train_resnet_dcn.py, batch 128 and 32)
+#         | train (examples/train_resnet_dcn.py, batch 128 and 32) | window (the staging=window
+#         sweep at sigma 0.5, 2, 8) | profile (scripts/profile_train.py --cpu, both ops)
 #   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | window), SWEEP_SIGMAS
 #   (sweep), NCU_VARIANT (ncu)
 set -uo pipefail
@@ -51,6 +52,14 @@ for step in "$@"; do
       for b in 128 32; do
         python3 examples/train_resnet_dcn.py --batch $b --json "$LOGS/train$b.json" > "$LOGS/train-b$b.log" 2>&1
         stamp "train batch $b rc=$?"; tail -8 "$LOGS/train-b$b.log"
+      done ;;
+    window)  # the staging=window sweep at three offset spreads (issue 5's decision)
+      SWEEP_FAMILY=window SWEEP_SIGMAS=0.5,2,8 SWEEP_CASES=${SWEEP_CASES:-dense512,resnet_res4,deft_64} \
+        SWEEP_DTYPES=${SWEEP_DTYPES:-fp16} bash "$0" sweep; cp "$LOGS/sweep.log" "$LOGS/sweep-window.log" ;;
+    profile)  # where a batch-128 training step's time goes, GPU and host, for both ops
+      for op in deft torchvision; do
+        timeout 150 python3 scripts/profile_train.py --op $op --cpu > "$LOGS/profile-train-$op.txt" 2>&1
+        stamp "profile $op rc=$?"; grep "===" "$LOGS/profile-train-$op.txt"
       done ;;
     pytest)  # the Python package's tests alone
       python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Where a training step of examples/train_resnet_dcn.py spends its GPU time: the top CUDA
-kernels (torch.profiler) over two windows, early steps and later ones.
-Usage (on the device, from the repo root): python3 scripts/profile_train.py [--op deft] [--batch 128]"""
-import argparse, os, sys
+"""Where a training step of examples/train_resnet_dcn.py spends its time: the top CUDA kernels
+(torch.profiler) over two windows, early steps and later ones; with --cpu also the host side
+(CPU activities: the ops by their own CPU time, and the GPU-idle question: wall time of the two
+steps against their CUDA kernel time).
+Usage (on the device, from the repo root):
+  python3 scripts/profile_train.py [--op deft|torchvision] [--batch 128] [--cpu]"""
+import argparse, os, sys, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--op", default="deft", choices=["deft", "torchvision"])
 p.add_argument("--batch", type=int, default=128)
 p.add_argument("--steps", type=int, default=14)
+p.add_argument("--cpu", action="store_true", help="also profile the host (CPU activities)")
 a = p.parse_args()
 
 ns = argparse.Namespace(seed=0, classes=10, batch=a.batch, size=128, batches=8, channels_last=False,
@@ -40,10 +44,21 @@ while i < a.steps:
     if w is None:
         step(i); i += 1; continue
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    if a.cpu:
+        acts.append(torch.profiler.ProfilerActivity.CPU)
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
         for j in range(w[0], w[1]):
             step(j)
         torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
     i = w[1]
-    print(f"=== {a.op}, batch {a.batch}, {windows[w]} (2 steps), scale {scaler.get_scale()}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    avg = prof.key_averages()
+    cuda_ms = sum(e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total
+                  for e in avg) / 1e3
+    print(f"=== {a.op}, batch {a.batch}, {windows[w]} (2 steps), scale {scaler.get_scale()}: "
+          f"wall {wall_ms:.1f} ms (under the profiler), CUDA kernels {cuda_ms:.1f} ms")
+    print(avg.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    if a.cpu:
+        print(avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
