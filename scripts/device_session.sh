@@ -7,6 +7,7 @@
 #         | gputests (GPU tests only) | pytest | bench (forward) | bwd (bench_backward.py) | ncu
 #         | train (examples/train_resnet_dcn.py, batch 128 and 32) | window (the staging=window
 #         sweep at sigma 0.5, 2, 8) | profile (scripts/profile_train.py --cpu, both ops)
+#         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | window), SWEEP_SIGMAS
 #   (sweep), NCU_VARIANT (ncu)
 set -uo pipefail
@@ -56,6 +57,9 @@ for step in "$@"; do
     window)  # the staging=window sweep at three offset spreads (issue 5's decision)
       SWEEP_FAMILY=window SWEEP_SIGMAS=0.5,2,8 SWEEP_CASES=${SWEEP_CASES:-dense512,resnet_res4,deft_64} \
         SWEEP_DTYPES=${SWEEP_DTYPES:-fp16} bash "$0" sweep; cp "$LOGS/sweep.log" "$LOGS/sweep-window.log" ;;
+    decision)  # issue 5: deft tune --window at sigma 0.5 and 8, each pick timed on both spreads
+      timeout 400 python3 scripts/stats_decision.py --cases "${DECISION_CASES:-dense512,resnet_res4}" \
+        > "$LOGS/stats-decision.log" 2>&1; stamp "stats decision rc=$?"; cat "$LOGS/stats-decision.log" | tail -20 ;;
     profile)  # where a batch-128 training step's time goes, GPU and host, for both ops
       for op in deft torchvision; do
         timeout 150 python3 scripts/profile_train.py --op $op --cpu > "$LOGS/profile-train-$op.txt" 2>&1

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Do offset statistics change the tuner's decision? (issue 5) For each case, `deft tune --window`
+once per offset spread sigma (each run its own statistics bucket), then each sigma's pick timed
+on the offsets of every sigma, in one process; prints a markdown table: a pick should win on
+its own distribution.
+
+On the GPU machine, from the repo root:
+  python3 scripts/stats_decision.py [--cases dense512,resnet_res4] [--sigmas 0.5,8]
+      [--layout nhwc] [--dtype fp16] [--cli build/tools/deft] [--lib build/libdeft.so]
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch  # noqa: E402
+from deft_ctypes import DeftLibrary  # noqa: E402
+from sweep import time_us  # noqa: E402
+
+
+def case_desc(c, dtype, layout):
+    return (f"deform_conv2d n={c['n']} c={c['c']} h={c['h']} w={c['w']} k={c['k']} "
+            f"r={c.get('r', 3)} s={c.get('s', 3)} stride={c.get('stride', 1)} pad={c.get('pad', 1)} "
+            f"groups={c.get('groups', 1)} offset_groups={c.get('offset_groups', 1)} mask=1 "
+            f"dtype={'f16' if dtype == 'fp16' else 'f32'}{' math=tf32' if dtype == 'fp32_tf32' else ''} "
+            f"layout={layout}")
+
+
+def tuned_winners(cli, desc, sigmas, db, seconds):
+    """{sigma: winner variant text} from one `deft tune --window` run per sigma."""
+    out = {}
+    for s in sigmas:
+        r = subprocess.run([cli, "tune", desc, "--window", "--sigma", str(s), "--db", db,
+                            "--seconds", str(seconds)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"deft tune --sigma {s} failed:\n{r.stdout}\n{r.stderr}")
+        dump = db + ".jsonl"
+        subprocess.run([cli, "cache", "export", dump, "--db", db], check=True, capture_output=True)
+        # deft's bucket of sigma (stats_bucket): the nearest power of two, 2^-3 .. 2^6
+        want = f"v1:sigma~{2.0 ** min(6, max(-3, round(math.log2(s)))):g}"
+        for line in open(dump).read().splitlines()[1:]:
+            rec = json.loads(line)
+            if rec["stats_bucket"] == want:
+                out[s] = rec["winner"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cli", default="build/tools/deft")
+    ap.add_argument("--lib", default="build/libdeft.so")
+    ap.add_argument("--shapes", default="bench/shapes.json")
+    ap.add_argument("--cases", default="dense512,resnet_res4")
+    ap.add_argument("--sigmas", default="0.5,8")
+    ap.add_argument("--layout", default="nhwc")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--seconds", type=float, default=0.1, help="deft tune --seconds")
+    a = ap.parse_args()
+    sigmas = [float(s) for s in a.sigmas.split(",")]
+    lib = DeftLibrary(a.lib)
+    cases = {c["name"]: c for c in json.load(open(a.shapes))["cases"]}
+    tdt = torch.half if a.dtype == "fp16" else torch.float32
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.cases.split(","):
+            c = cases[name]
+            desc = lib.canonical(case_desc(c, a.dtype, a.layout))
+            picks = tuned_winners(a.cli, desc, sigmas, os.path.join(tmp, name + ".db"), a.seconds)
+            n, ci, k, h, w = c["n"], c["c"], c["k"], c["h"], c["w"]
+            r, st, pad = c.get("r", 3), c.get("stride", 1), c.get("pad", 1)
+            g, og = c.get("groups", 1), c.get("offset_groups", 1)
+            ho, wo = (h + 2 * pad - r) // st + 1, (w + 2 * pad - r) // st + 1
+            torch.manual_seed(0)
+            x = torch.rand(n, ci, h, w, device="cuda", dtype=tdt) * 2 - 1
+            wt = (torch.rand(k, ci // g, r, r, device="cuda", dtype=tdt) * 2 - 1) / (ci // g * r * r) ** 0.5
+            m = torch.rand(n, og * r * r, ho, wo, device="cuda", dtype=tdt)
+            nhwc = a.layout == "nhwc"
+            cl = (lambda t: t.permute(0, 2, 3, 1).contiguous()) if nhwc else (lambda t: t)
+            out = torch.empty((n, ho, wo, k) if nhwc else (n, k, ho, wo), device="cuda", dtype=tdt)
+            kernels = {s: lib.compile(desc, picks[s], "") for s in sigmas}
+            X, M, W = cl(x), cl(m), cl(wt)
+            for dist in sigmas:
+                off = cl((torch.randn(n, 2 * og * r * r, ho, wo, device="cuda") * dist).to(tdt))
+                times = {s: time_us(lambda kk=kernels[s]: kk.forward(X, off, M, W, None, out))
+                         for s in sigmas}
+                rows.append((name, dist, times, picks))
+    print(f"| case ({a.layout}, {a.dtype}) | offsets σ | " +
+          " | ".join(f"pick for σ={s} (µs)" for s in sigmas) + " | own pick's margin |")
+    print("|---|--:|" + "--:|" * len(sigmas) + "--:|")
+    for name, dist, times, picks in rows:
+        own = times[dist]
+        best_other = min(t for s, t in times.items() if s != dist)
+        print(f"| {name} | {dist:g} | " + " | ".join(f"{times[s]:.1f}" for s in sigmas) +
+              f" | {best_other / own:.2f}× |")
+    print()
+    for name in dict.fromkeys(r[0] for r in rows):
+        picks = next(r[3] for r in rows if r[0] == name)
+        for s in sigmas:
+            print(f"{name} σ={s:g}: {picks[s]}")
+
+
+if __name__ == "__main__":
+    main()
