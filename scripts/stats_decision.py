@@ -20,15 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from deft_ctypes import DeftLibrary  # noqa: E402
-from sweep import time_us  # noqa: E402
-
-
-def case_desc(c, dtype, layout):
-    return (f"deform_conv2d n={c['n']} c={c['c']} h={c['h']} w={c['w']} k={c['k']} "
-            f"r={c.get('r', 3)} s={c.get('s', 3)} stride={c.get('stride', 1)} pad={c.get('pad', 1)} "
-            f"groups={c.get('groups', 1)} offset_groups={c.get('offset_groups', 1)} mask=1 "
-            f"dtype={'f16' if dtype == 'fp16' else 'f32'}{' math=tf32' if dtype == 'fp32_tf32' else ''} "
-            f"layout={layout}")
+from sweep import case_desc, case_geometry, time_us  # noqa: E402
 
 
 def tuned_winners(cli, desc, sigmas, db, seconds):
@@ -71,21 +63,18 @@ def main():
             c = cases[name]
             desc = lib.canonical(case_desc(c, a.dtype, a.layout))
             picks = tuned_winners(a.cli, desc, sigmas, os.path.join(tmp, name + ".db"), a.seconds)
-            n, ci, k, h, w = c["n"], c["c"], c["k"], c["h"], c["w"]
-            r, st, pad = c.get("r", 3), c.get("stride", 1), c.get("pad", 1)
-            g, og = c.get("groups", 1), c.get("offset_groups", 1)
-            ho, wo = (h + 2 * pad - r) // st + 1, (w + 2 * pad - r) // st + 1
+            n, ci, k, h, w, r, s_, st, pad, g, og, ho, wo = case_geometry(c)
             torch.manual_seed(0)
             x = torch.rand(n, ci, h, w, device="cuda", dtype=tdt) * 2 - 1
-            wt = (torch.rand(k, ci // g, r, r, device="cuda", dtype=tdt) * 2 - 1) / (ci // g * r * r) ** 0.5
-            m = torch.rand(n, og * r * r, ho, wo, device="cuda", dtype=tdt)
+            wt = (torch.rand(k, ci // g, r, s_, device="cuda", dtype=tdt) * 2 - 1) / (ci // g * r * s_) ** 0.5
+            m = torch.rand(n, og * r * s_, ho, wo, device="cuda", dtype=tdt)
             nhwc = a.layout == "nhwc"
             cl = (lambda t: t.permute(0, 2, 3, 1).contiguous()) if nhwc else (lambda t: t)
             out = torch.empty((n, ho, wo, k) if nhwc else (n, k, ho, wo), device="cuda", dtype=tdt)
             kernels = {s: lib.compile(desc, picks[s], "") for s in sigmas}
             X, M, W = cl(x), cl(m), cl(wt)
             for dist in sigmas:
-                off = cl((torch.randn(n, 2 * og * r * r, ho, wo, device="cuda") * dist).to(tdt))
+                off = cl((torch.randn(n, 2 * og * r * s_, ho, wo, device="cuda") * dist).to(tdt))
                 times = {s: time_us(lambda kk=kernels[s]: kk.forward(X, off, M, W, None, out))
                          for s in sigmas}
                 rows.append((name, dist, times, picks))

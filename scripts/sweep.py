@@ -63,6 +63,25 @@ VARIANTS = {
 }
 
 
+def case_geometry(c):
+    """n, c, k, h, w, r, s, stride, pad, groups, offset_groups, ho, wo of a bench/shapes.json case."""
+    n, ci, k, h, w = c["n"], c["c"], c["k"], c["h"], c["w"]
+    r, s_, st, pad = c.get("r", 3), c.get("s", 3), c.get("stride", 1), c.get("pad", 1)
+    g, og = c.get("groups", 1), c.get("offset_groups", 1)
+    ho = (h + 2 * pad - (r - 1) - 1) // st + 1
+    wo = (w + 2 * pad - (s_ - 1) - 1) // st + 1
+    return n, ci, k, h, w, r, s_, st, pad, g, og, ho, wo
+
+
+def case_desc(c, dt, layout):
+    """deft's description of a case in dtype dt (fp16, fp32_tf32, fp32) and layout."""
+    n, ci, k, h, w, r, s_, st, pad, g, og, _, _ = case_geometry(c)
+    return (f"deform_conv2d n={n} c={ci} h={h} w={w} k={k} r={r} s={s_} stride={st} "
+            f"pad={pad} groups={g} offset_groups={og} mask=1 "
+            f"dtype={'f16' if dt == 'fp16' else 'f32'}"
+            f"{' math=tf32' if dt == 'fp32_tf32' else ''} layout={layout}")
+
+
 def time_us(fn, reps=15, batch=20):
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(3):
@@ -97,11 +116,7 @@ def main():
     dev = "cuda"
     for name in a.cases.split(","):
         c = cases[name]
-        n, ci, k, h, w = c["n"], c["c"], c["k"], c["h"], c["w"]
-        r, s_, st, pad = c.get("r", 3), c.get("s", 3), c.get("stride", 1), c.get("pad", 1)
-        g, og = c.get("groups", 1), c.get("offset_groups", 1)
-        ho = (h + 2 * pad - (r - 1) - 1) // st + 1
-        wo = (w + 2 * pad - (s_ - 1) - 1) // st + 1
+        n, ci, k, h, w, r, s_, st, pad, g, og, ho, wo = case_geometry(c)
         for dt in a.dtypes.split(","):
             tdt = torch.half if dt == "fp16" else torch.float32
             torch.backends.cudnn.allow_tf32 = dt == "fp32_tf32"
@@ -121,10 +136,7 @@ def main():
                         xc, wc = x, wt
                         out = torch.empty(n, k, ho, wo, device=dev, dtype=tdt)
                     cud = time_us(lambda: torch.nn.functional.conv2d(xc, wc, None, st, pad, 1, g))
-                    desc = (f"deform_conv2d n={n} c={ci} h={h} w={w} k={k} r={r} s={s_} stride={st} "
-                            f"pad={pad} groups={g} offset_groups={og} mask=1 "
-                            f"dtype={'f16' if dt == 'fp16' else 'f32'}"
-                            f"{' math=tf32' if dt == 'fp32_tf32' else ''} layout={layout}")
+                    desc = case_desc(c, dt, layout)
                     ref = None
                     fam = "dw" if g == ci and k == ci else (a.family or ("gemm" if dt != "fp32" else "simt"))
                     vs = [None]

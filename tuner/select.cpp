@@ -91,8 +91,11 @@ Variant choose_variant(const LayerDesc& desc, const CompileOptions& options, cac
   if (!options.use_tuning_records || !device) return default_variant(desc, arch);
   // The user's database first: its records take precedence over the shipped ones. In each, a
   // record of the space with window variants (deft tune --window) before one of the plain space.
-  const cache::TuningRecord keys[] = {record_key(desc, options.stats_bucket, *device, true),
-                                      record_key(desc, options.stats_bucket, *device, false)};
+  // (Where the window variants do not apply, e.g. off sm_90, both keys are one: looked up once.)
+  std::vector<cache::TuningRecord> keys = {record_key(desc, options.stats_bucket, *device, true)};
+  if (auto plain = record_key(desc, options.stats_bucket, *device, false);
+      plain.search_space != keys[0].search_space)
+    keys.push_back(std::move(plain));
   if (db)
     for (const auto& key : keys)
       if (auto rec = db->find_tuning_record(key))

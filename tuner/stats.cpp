@@ -104,6 +104,7 @@ OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_
         const int64_t i = t / d.s, j = t % d.s;
         for (int64_t ho = 0; ho < HO; ++ho)
           for (int64_t wo = 0; wo < WO; ++wo) {
+            const int64_t pixel = (n * HO + ho) * WO + wo;  // its row m of the implicit GEMM
             const double dy = offsets[index(n, g * 2 * T + 2 * t, ho, wo)];
             const double dx = offsets[index(n, g * 2 * T + 2 * t + 1, ho, wo)];
             // Non-finite values have no place in an order statistic; they count as outside.
@@ -120,17 +121,17 @@ OffsetStats compute_offset_stats(const LayerDesc& d, const float* offsets, size_
             if (!inside) continue;
             // The corners inside the image, and for each window whether their rows are in it.
             const int64_t y0 = int64_t(std::floor(y)), x0 = int64_t(std::floor(x));
-            const int64_t m = (n * HO + ho) * WO + wo;
+            int64_t rows[2], cols = 0, nrows = 0;  // in-image corner rows; corners per row
             for (int64_t cy = y0; cy <= y0 + 1; ++cy)
-              for (int64_t cx = x0; cx <= x0 + 1; ++cx) {
-                if (cy < 0 || cy >= d.h || cx < 0 || cx >= d.w) continue;
-                ++corner_reads;
-                for (Win& w : wins) {
-                  const int64_t m0 = m / w.tile_m * w.tile_m, nb = m0 / (HO * WO);
-                  const int64_t wy0 = (m0 - nb * HO * WO) / WO * d.stride_h - d.pad_h - w.halo;
-                  w.outside += nb != n || cy < wy0 || cy >= wy0 + w.rows;
-                }
-              }
+              if (cy >= 0 && cy < d.h) rows[nrows++] = cy;
+            for (int64_t cx = x0; cx <= x0 + 1; ++cx) cols += cx >= 0 && cx < d.w;
+            corner_reads += nrows * cols;
+            for (Win& w : wins) {
+              const int64_t m0 = pixel / w.tile_m * w.tile_m, nb = m0 / (HO * WO);
+              const int64_t wy0 = (m0 - nb * HO * WO) / WO * d.stride_h - d.pad_h - w.halo;
+              for (int64_t r = 0; r < nrows; ++r)
+                w.outside += (nb != n || rows[r] < wy0 || rows[r] >= wy0 + w.rows) ? cols : 0;
+            }
           }
       }
   std::sort(ady.begin(), ady.end());
