@@ -15,6 +15,7 @@ the cache, and cuDNN's autotuning) are left out of the median.
     python3 examples/train_resnet_dcn.py                       # both ops, 50 steps
     python3 examples/train_resnet_dcn.py --op deft --steps 100 --json /tmp/dcn.json
     python3 examples/train_resnet_dcn.py --no-amp              # float32
+    python3 examples/train_resnet_dcn.py --graphs              # model as CUDA graphs
 
 Needs a CUDA device, torch and torchvision, and deft's Python package (installed, or this
 source tree's python/ with libdeft built in build/).
@@ -112,6 +113,14 @@ def train(op, init_state, batches, args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     scaler = grad_scaler(args.amp, args.init_scale)
+    if args.graphs:
+        # The model's forward and backward each become one CUDA graph
+        # (torch.cuda.make_graphed_callables; its warm-up runs also compile deft's kernels), so
+        # the host launches a step's network with two calls and the step costs what the GPU
+        # does. The optimizer and the GradScaler stay eager. Autocast's weight cache must be off
+        # around graphs.
+        with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp, cache_enabled=False):
+            model = torch.cuda.make_graphed_callables(model, (batches[0][0],))
     events = []
     losses = []
     torch.cuda.synchronize()
@@ -122,7 +131,8 @@ def train(op, init_state, batches, args) -> dict:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp):
+        with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp,
+                            cache_enabled=not args.graphs):
             loss = F.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -168,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--init-scale", type=float, default=2.0 ** 10, help="GradScaler's first scale")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last model and images (deft runs its NHWC kernels)")
+    p.add_argument("--graphs", action="store_true",
+                   help="run the model's forward and backward as CUDA graphs (both ops), so "
+                        "that the step time is the GPU's, not the host's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write a JSON summary here")
     args = p.parse_args(argv)
@@ -227,7 +240,8 @@ def main(argv=None) -> int:
 
     print(f"\nResNet-18 with DCNv2 in layer2+layer3, batch {args.batch}, "
           f"{args.size}x{args.size}, {'fp16 autocast' if args.amp else 'float32'}"
-          f"{', channels-last' if args.channels_last else ''}, {args.steps} steps "
+          f"{', channels-last' if args.channels_last else ''}"
+          f"{', CUDA graphs' if args.graphs else ', eager'}, {args.steps} steps "
           f"(median over steps {args.warmup + 1}-{args.steps}), {summary['device']}")
     print(f"{'op':<18} {'median step ms':>15} {'mean step ms':>13} {'first step s':>13} "
           f"{'loss first':>11} {'loss last':>10}")

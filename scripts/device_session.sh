@@ -8,6 +8,8 @@
 #         | train (examples/train_resnet_dcn.py, batch 128 and 32) | window (the staging=window
 #         sweep at sigma 0.5, 2, 8) | profile (scripts/profile_train.py --cpu, both ops)
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
+#         | host (scripts/host_overhead.py: the Python op's host time per call)
+#         | graphs (the training example with --graphs)
 #   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | window), SWEEP_SIGMAS
 #   (sweep), NCU_VARIANT (ncu)
 set -uo pipefail
@@ -54,6 +56,12 @@ for step in "$@"; do
         python3 examples/train_resnet_dcn.py --batch $b --json "$LOGS/train$b.json" > "$LOGS/train-b$b.log" 2>&1
         stamp "train batch $b rc=$?"; tail -8 "$LOGS/train-b$b.log"
       done ;;
+    graphs)  # the training example with the model as CUDA graphs (both ops), batch 128 and 32
+      for b in 128 32; do
+        python3 examples/train_resnet_dcn.py --graphs --batch $b --json "$LOGS/train-graphs$b.json" \
+          > "$LOGS/train-graphs-b$b.log" 2>&1
+        stamp "train --graphs batch $b rc=$?"; tail -8 "$LOGS/train-graphs-b$b.log"
+      done ;;
     window)  # the staging=window sweep at three offset spreads (issue 5's decision)
       SWEEP_FAMILY=window SWEEP_SIGMAS=0.5,2,8 SWEEP_CASES=${SWEEP_CASES:-dense512,resnet_res4,deft_64} \
         SWEEP_DTYPES=${SWEEP_DTYPES:-fp16} bash "$0" sweep; cp "$LOGS/sweep.log" "$LOGS/sweep-window.log" ;;
@@ -65,6 +73,9 @@ for step in "$@"; do
         timeout 150 python3 scripts/profile_train.py --op $op --cpu > "$LOGS/profile-train-$op.txt" 2>&1
         stamp "profile $op rc=$?"; grep "===" "$LOGS/profile-train-$op.txt"
       done ;;
+    host)  # host time per call of each layer of the Python op's stack (scripts/host_overhead.py)
+      timeout 200 python3 scripts/host_overhead.py --profile > "$LOGS/host-overhead.txt" 2>&1
+      stamp "host overhead rc=$?"; head -20 "$LOGS/host-overhead.txt" ;;
     pytest)  # the Python package's tests alone
       python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
       stamp "pytest rc=$r"; tail -4 "$LOGS/pytest.log"; [ $r -eq 0 ] || rc=1 ;;

@@ -4,9 +4,13 @@ deft's JIT-compiled kernels through the C API (no link to libtorch).
 Registered as the torch custom op ``deft::deform_conv2d`` with a fake (meta) implementation,
 an autocast rule and autograd: the gradients come from the custom op
 ``deft::deform_conv2d_backward`` (also with a fake implementation), so the op traces under
-torch.compile without graph breaks for training as well as inference. Only the gradients that
-autograd asks for are computed. Under ``torch.use_deterministic_algorithms(True)`` the backward
-pass is bitwise reproducible.
+torch.compile without graph breaks for training as well as inference. Called eagerly (nothing
+tracing, no tensor subclass or mode active), deform_conv2d() skips the dispatcher and runs the
+same forward and backward through an autograd.Function, which costs less host time per call;
+the two routes give bitwise the same results. Only the gradients that autograd asks for are
+computed. Under ``torch.use_deterministic_algorithms(True)`` the backward pass is bitwise
+reproducible. The gradients are not themselves differentiable (no double backward): that
+raises an error.
 """
 from __future__ import annotations
 
@@ -28,6 +32,33 @@ _kernels_lock = threading.Lock()
 _cache_path: Optional[str] = None
 # Per-thread hook for deft.export_layers: an object with record(geometry, desc, offset).
 _tls = threading.local()
+
+# The current stream of a device as a cudaStream_t integer, without building a torch.cuda.Stream
+# object (the call torch's own generated kernels use); torch.cuda.current_stream() where absent.
+try:
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # pragma: no cover - a torch without it
+    def _raw_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+class _NoGuard:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_GUARD = _NoGuard()
+
+
+def _on_device(device: torch.device):
+    """A device guard for ``device``: none where it is the current device already (the common
+    case; torch.cuda.device() costs microseconds per call)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
 def _set_cache_path(path: Optional[str]) -> None:
@@ -101,15 +132,50 @@ class _Geometry:
         if bias is not None and tuple(bias.shape) != (self.k,):
             raise ValueError(f"deform_conv2d: bias has shape {tuple(bias.shape)}, expected "
                              f"({self.k},)")
-        # channels-last input (and not also plainly contiguous, as 1x1 images are): nhwc kernels
-        self.nhwc = (input.is_contiguous(memory_format=torch.channels_last)
-                     and not input.is_contiguous())
+        self.nhwc = _is_nhwc(input)
 
     def out_size_stride(self):
         size = (self.n, self.k, self.ho, self.wo)
         if self.nhwc:
             return size, (self.ho * self.wo * self.k, 1, self.wo * self.k, self.k)
         return size, (self.k * self.ho * self.wo, self.ho * self.wo, self.wo, 1)
+
+
+def _is_nhwc(input: Tensor) -> bool:
+    # channels-last input (and not also plainly contiguous, as 1x1 images are): nhwc kernels
+    return input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+
+
+# (shapes, stride, padding, dilation, layout, dtype, tf32) -> (geometry, description, output size
+# and strides): a layer called again (every training step) skips the checks and the formatting.
+_plans: Dict[tuple, tuple] = {}
+_PLANS_MAX = 4096
+
+
+def _plan(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
+          mask: Optional[Tensor], stride, padding, dilation,
+          backward_bias: Optional[bool] = None):
+    """The checked geometry of a call, its description and output size and strides; raises
+    ValueError for shapes that do not fit together (see _Geometry). The backward pass has no
+    bias tensor: it passes ``backward_bias`` (whether the forward had one) instead."""
+    dtype = input.dtype
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    if backward_bias is None:
+        has_bias, bias_key = bias is not None, None if bias is None else bias.shape
+    else:
+        has_bias, bias_key = backward_bias, ("backward", backward_bias)
+    key = (input.shape, offset.shape, weight.shape, bias_key,
+           None if mask is None else mask.shape, tuple(stride), tuple(padding), tuple(dilation),
+           _is_nhwc(input), dtype, tf32)
+    hit = _plans.get(key)
+    if hit is None:
+        g = _Geometry(input, offset, weight, bias, mask, stride, padding, dilation)
+        size, stride_out = g.out_size_stride()
+        hit = (g, _describe(g, dtype, mask is not None, has_bias), size, stride_out)
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+        _plans[key] = hit
+    return hit
 
 
 def _describe(g: _Geometry, dtype: torch.dtype, has_mask: bool, has_bias: bool) -> str:
@@ -175,22 +241,31 @@ def _operands(g: _Geometry, input: Tensor, offset: Tensor, weight: Tensor,
             None if mask is None else mask.contiguous(), _aligned(weight.contiguous()))
 
 
+def _check_dtypes(dtype: torch.dtype, **tensors: Optional[Tensor]) -> None:
+    """Every tensor in ``dtype`` (the op's guard: under autocast a float64 tensor is not cast,
+    and a mix would reach a kernel compiled for one dtype)."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"deform_conv2d: {name} is {t.dtype} but input is {dtype}; all "
+                            f"tensors must have one dtype")
+
+
 def _forward(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
              mask: Optional[Tensor], stride: List[int], padding: List[int],
              dilation: List[int]) -> Tensor:
     _check_devices(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    g = _Geometry(input, offset, weight, bias, mask, stride, padding, dilation)
-    size, stride_out = g.out_size_stride()
+    _check_dtypes(input.dtype, offset=offset, weight=weight, bias=bias, mask=mask)
+    g, desc, size, stride_out = _plan(input, offset, weight, bias, mask, stride, padding,
+                                      dilation)
     out = torch.empty_strided(size, stride_out, dtype=input.dtype, device=input.device)
-    desc = _describe(g, input.dtype, mask is not None, bias is not None)
     if g.n != 0 and g.k != 0:
-        with torch.cuda.device(input.device):
+        device = input.device
+        with _on_device(device):
             x, off, msk, wt = _operands(g, input, offset, weight, mask)
             y = out.permute(0, 2, 3, 1) if g.nhwc else out
             b = None if bias is None else bias.contiguous()
-            kern = _kernel(desc, input.device)
-            kern.forward(x, off, msk, wt, b, y,
-                         torch.cuda.current_stream(input.device).cuda_stream)
+            kern = _kernel(desc, device)
+            kern.forward(x, off, msk, wt, b, y, _raw_stream(device.index))
     recorder = getattr(_tls, "recorder", None)
     if recorder is not None:
         recorder.record(g, desc, offset)
@@ -250,22 +325,22 @@ def _backward_geometry(grad_output: Tensor, input: Tensor, offset: Tensor, weigh
     return g
 
 
-@torch.library.custom_op("deft::deform_conv2d_backward", mutates_args=())
-def _deform_conv2d_backward_op(grad_output: Tensor, input: Tensor, offset: Tensor,
-                               weight: Tensor, mask: Optional[Tensor], stride: List[int],
-                               padding: List[int], dilation: List[int], has_bias: bool,
-                               need_input: bool, need_offset: bool, need_weight: bool,
-                               need_bias: bool, need_mask: bool
-                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of deft::deform_conv2d for (input, offset, weight, bias, mask). ``has_bias``:
-    the forward had a bias (it selects the same compiled kernel). A gradient whose need_* is
-    False comes back as an empty [0] tensor and is not computed."""
+def _backward_impl(grad_output: Tensor, input: Tensor, offset: Tensor, weight: Tensor,
+                   mask: Optional[Tensor], stride: List[int], padding: List[int],
+                   dilation: List[int], has_bias: bool, need_input: bool, need_offset: bool,
+                   need_weight: bool, need_bias: bool, need_mask: bool):
+    """The gradients (input, offset, weight, bias, mask) of _forward; see the backward op."""
     _check_devices(grad_output=grad_output, input=input, offset=offset, weight=weight,
                    mask=mask)
-    g = _backward_geometry(grad_output, input, offset, weight, mask, stride, padding, dilation)
+    dtype, device = input.dtype, input.device
+    _check_dtypes(dtype, offset=offset, weight=weight, mask=mask)
+    g, desc, _, _ = _plan(input, offset, weight, None, mask, stride, padding, dilation,
+                          backward_bias=has_bias)
+    if tuple(grad_output.shape) != (g.n, g.k, g.ho, g.wo):
+        raise ValueError(f"deform_conv2d backward: grad_output has shape "
+                         f"{tuple(grad_output.shape)}, expected {(g.n, g.k, g.ho, g.wo)}")
     need_bias = need_bias and has_bias
     need_mask = need_mask and mask is not None
-    dtype, device = input.dtype, input.device
     grads = _grad_buffers(
         g, need_input, need_offset, need_weight, need_bias, need_mask,
         lambda size, st: torch.empty_strided(size, st, dtype=dtype, device=device))
@@ -280,17 +355,30 @@ def _deform_conv2d_backward_op(grad_output: Tensor, input: Tensor, offset: Tenso
         return grads
     if grad_output.dtype != dtype:
         grad_output = grad_output.to(dtype)
-    with torch.cuda.device(device):
+    with _on_device(device):
         x, off, msk, wt = _operands(g, input, offset, weight, mask)
         gy = _channels_last(grad_output) if g.nhwc else grad_output.contiguous()
-        kern = _kernel(_describe(g, dtype, mask is not None, has_bias), device)
+        kern = _kernel(desc, device)
         deterministic = 1 if torch.are_deterministic_algorithms_enabled() else 0
         kern.backward(x, off, msk, wt, gy,
                       gi if need_input else None, goff if need_offset else None,
                       gm if need_mask else None, gw if need_weight else None,
-                      gb if need_bias else None, deterministic,
-                      torch.cuda.current_stream(device).cuda_stream)
+                      gb if need_bias else None, deterministic, _raw_stream(device.index))
     return grads
+
+
+@torch.library.custom_op("deft::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward_op(grad_output: Tensor, input: Tensor, offset: Tensor,
+                               weight: Tensor, mask: Optional[Tensor], stride: List[int],
+                               padding: List[int], dilation: List[int], has_bias: bool,
+                               need_input: bool, need_offset: bool, need_weight: bool,
+                               need_bias: bool, need_mask: bool
+                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of deft::deform_conv2d for (input, offset, weight, bias, mask). ``has_bias``:
+    the forward had a bias (it selects the same compiled kernel). A gradient whose need_* is
+    False comes back as an empty [0] tensor and is not computed."""
+    return _backward_impl(grad_output, input, offset, weight, mask, stride, padding, dilation,
+                          has_bias, need_input, need_offset, need_weight, need_bias, need_mask)
 
 
 @_deform_conv2d_backward_op.register_fake
@@ -342,6 +430,88 @@ def _autocast_on() -> bool:
         return torch.is_autocast_enabled()
 
 
+# --- eager path -----------------------------------------------------------------------------------
+# Called eagerly (not traced by torch.compile, no tensor subclass or mode in play), the op runs
+# through the autograd.Function below instead of the custom ops: the same _forward and
+# _backward_impl, without the dispatcher's round trips into Python (the custom op with its
+# autograd and autocast rules costs tens of microseconds of host time per call, and a training
+# step of a small layer is host-bound). Anything else takes the custom ops, which torch.compile,
+# FakeTensor, torch.func and __torch_function__/__torch_dispatch__ modes understand.
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+_torch_function_mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_EAGER_OK = None not in (_is_compiling, _torch_function_mode, _dispatch_modes, _functorch_active)
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _eager(tensors) -> bool:
+    if not _EAGER_OK or _is_compiling() or _torch_function_mode() or _dispatch_modes() \
+            or _functorch_active():
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
+
+
+class _DeformConv2dFunction(torch.autograd.Function):
+    """deft::deform_conv2d's forward and autograd (the same functions), called eagerly."""
+
+    @staticmethod
+    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation):
+        out = _forward(input, offset, weight, bias, mask, stride, padding, dilation)
+        ctx.save_for_backward(input, offset, weight, mask)
+        ctx.has_bias = bias is not None
+        ctx.conv = (stride, padding, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, offset, weight, mask = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n_in, n_off, n_w = bool(need[0]), bool(need[1]), bool(need[2])
+        n_b = bool(need[3]) and ctx.has_bias
+        n_m = bool(need[4]) and mask is not None
+        if not (n_in or n_off or n_w or n_b or n_m):
+            return None, None, None, None, None, None, None, None
+        stride, padding, dilation = ctx.conv
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            gi, goff, gw, gb, gm = _backward_impl(
+                grad.to(input.dtype), input, offset, weight, mask, stride, padding, dilation,
+                ctx.has_bias, n_in, n_off, n_w, n_b, n_m)
+        grads = (gi if n_in else None, goff if n_off else None, gw if n_w else None,
+                 gb if n_b else None, gm if n_m else None)
+        if create_graph:  # backward(create_graph=True): these gradients are not differentiable
+            grads = tuple(None if t is None else _NotTwice.apply(t.requires_grad_())
+                          for t in grads)
+        return grads + (None, None, None)
+
+
+class _NotTwice(torch.autograd.Function):
+    """Identity whose backward refuses: marks a gradient deft computed under create_graph=True,
+    so that differentiating it again fails loudly instead of treating it as a constant."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("deform_conv2d: deft's gradients are not differentiable themselves "
+                           "(double backward through deft is not supported)")
+
+
+def _autocast_cast(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The autocast rule of deft::deform_conv2d, for the eager path: floating-point tensors
+    other than float64 in float16."""
+    if t is None or t.dtype in (torch.float16, torch.float64):
+        return t
+    return t.to(torch.float16)
+
+
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                   stride: Union[int, Tuple[int, int]] = (1, 1),
                   padding: Union[int, Tuple[int, int]] = (0, 0),
@@ -390,7 +560,17 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     if input.dtype not in _DTYPES:
         raise TypeError(f"deform_conv2d: dtype {input.dtype} is not supported (float32, "
                         f"float16, bfloat16, float64)")
-    return torch.ops.deft.deform_conv2d(input, offset, weight, bias, mask,
-                                        list(_pair(stride, "stride")),
-                                        list(_pair(padding, "padding")),
-                                        list(_pair(dilation, "dilation")))
+    stride = list(_pair(stride, "stride"))
+    padding = list(_pair(padding, "padding"))
+    dilation = list(_pair(dilation, "dilation"))
+    if not _eager((input, offset, weight, bias, mask)):
+        return torch.ops.deft.deform_conv2d(input, offset, weight, bias, mask, stride, padding,
+                                            dilation)
+    if _autocast_on():
+        input, offset, weight, bias, mask = (_autocast_cast(t) for t in
+                                             (input, offset, weight, bias, mask))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                       (input, offset, weight, bias, mask)):
+        return _DeformConv2dFunction.apply(input, offset, weight, bias, mask, stride, padding,
+                                           dilation)
+    return _forward(input, offset, weight, bias, mask, stride, padding, dilation)

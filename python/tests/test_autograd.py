@@ -170,6 +170,57 @@ def test_deterministic_mode_is_bitwise_reproducible(dtype):
         assert max_rel(g, ref_grads[name]) <= TOL[dtype], name
 
 
+def _via_custom_op(input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
+                   mask=None):
+    """deform_conv2d through the custom op torch.compile traces (the public function runs an
+    eager autograd.Function instead when nothing is tracing)."""
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    return torch.ops.deft.deform_conv2d(input, offset, weight, bias, mask, pair(stride),
+                                        pair(padding), pair(dilation))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+def test_eager_path_and_custom_op_agree_bitwise(dtype, channels_last):
+    tensors, grad, kw = make(**CASES["groups2_og2"], dtype=dtype, seed=11)
+    was = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out_e, grads_e = run(deft.ops.deform_conv2d, tensors, grad, kw, channels_last)
+        out_c, grads_c = run(_via_custom_op, tensors, grad, kw, channels_last)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=was_warn)
+    assert "DeformConv2dFunction" in type(out_e.grad_fn).__name__  # the eager path ran
+    assert "DeformConv2dFunction" not in type(out_c.grad_fn).__name__
+    assert out_e.stride() == out_c.stride()
+    assert torch.equal(out_e, out_c)
+    for name in grads_e:
+        assert grads_e[name].stride() == grads_c[name].stride(), name
+        assert torch.equal(grads_e[name], grads_c[name]), name
+    _, ref_grads = reference(tensors, grad, kw)
+    for name, g in grads_e.items():
+        assert max_rel(g, ref_grads[name]) <= TOL[dtype], name
+
+
+def test_double_backward_is_refused():
+    # The backward kernels are not themselves differentiable: a second derivative must fail
+    # loudly, not come back as zero.
+    # (grad input depends on the weight: d(grad input)/d(weight) is not zero.)
+    tensors, grad, kw = make(**CASES["dcnv2"], dtype=torch.float64, seed=12)
+    x = tensors["input"].clone().requires_grad_(True)
+    wt = tensors["weight"].clone().requires_grad_(True)
+    out = deft.ops.deform_conv2d(x, tensors["offset"], wt, tensors["bias"],
+                                 mask=tensors["mask"], **kw)
+    gx, gw = torch.autograd.grad(out, (x, wt), grad, create_graph=True)
+    assert gx.requires_grad
+    _, ref_grads = reference(tensors, grad, kw)
+    assert max_rel(gx, ref_grads["input"]) <= TOL[torch.float64]  # still the right values
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gx.square().sum(), wt)
+
+
 def test_gradcheck_float64():
     g = torch.Generator(device="cuda").manual_seed(5)
     n, c, k, h, w = 1, 2, 2, 4, 4

@@ -112,6 +112,19 @@ def test_autocast_runs_in_half():
     assert rel_err(y, reference(x, off, wt, b, m, kw)) < 1e-2
 
 
+def test_autocast_leaves_float64_alone_and_refuses_the_mix():
+    # autocast casts float32 to float16 but not float64: a float64 input with float32 offsets
+    # would reach one kernel with two dtypes. It is an error naming the tensor.
+    x, off, wt, b, m, kw = make(2, 16, 16, 10, 10)
+    with torch.autocast("cuda", dtype=torch.float16):
+        with pytest.raises(TypeError, match="offset is torch.float16 but input is torch.float64"):
+            deft.ops.deform_conv2d(x.double(), off, wt, b, mask=m, **kw)
+        y = deft.ops.deform_conv2d(x.double(), off.double(), wt.double(), b.double(),
+                                   mask=m.double(), **kw)
+    assert y.dtype == torch.float64
+    assert rel_err(y, reference(x, off, wt, b, m, kw)) < 1e-5
+
+
 def test_runs_on_the_current_stream():
     x, off, wt, b, m, kw = make(2, 16, 16, 10, 10)
     s = torch.cuda.Stream()
