@@ -485,17 +485,19 @@ class _DeformConv2dFunction(torch.autograd.Function):
         grads = (gi if n_in else None, goff if n_off else None, gw if n_w else None,
                  gb if n_b else None, gm if n_m else None)
         if create_graph:  # backward(create_graph=True): these gradients are not differentiable
-            grads = tuple(None if t is None else _NotTwice.apply(t.requires_grad_())
-                          for t in grads)
+            deps = tuple(t for t in (grad, input, offset, weight, mask) if t is not None)
+            grads = tuple(None if t is None else _NotTwice.apply(t, *deps) for t in grads)
         return grads + (None, None, None)
 
 
 class _NotTwice(torch.autograd.Function):
-    """Identity whose backward refuses: marks a gradient deft computed under create_graph=True,
-    so that differentiating it again fails loudly instead of treating it as a constant."""
+    """Identity on its first argument whose backward refuses: marks a gradient deft computed
+    under create_graph=True as depending on what it does depend on (the incoming gradient and
+    the forward's tensors, ``deps``), so that differentiating it again fails loudly instead of
+    passing it as a constant."""
 
     @staticmethod
-    def forward(ctx, t):
+    def forward(ctx, t, *deps):
         return t.view_as(t)
 
     @staticmethod

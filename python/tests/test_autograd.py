@@ -219,6 +219,8 @@ def test_double_backward_is_refused():
     assert max_rel(gx, ref_grads["input"]) <= TOL[torch.float64]  # still the right values
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(gx.square().sum(), wt)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gw.square().sum().backward()
 
 
 def test_gradcheck_float64():
