@@ -436,19 +436,22 @@ def _autocast_on() -> bool:
 # _backward_impl, without the dispatcher's round trips into Python (the custom op with its
 # autograd and autocast rules costs tens of microseconds of host time per call, and a training
 # step of a small layer is host-bound). Anything else takes the custom ops, which torch.compile,
-# FakeTensor, torch.func and __torch_function__/__torch_dispatch__ modes understand.
+# torch.jit.trace, FakeTensor, torch.func and __torch_function__/__torch_dispatch__ modes
+# understand.
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
 _torch_function_mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-_EAGER_OK = None not in (_is_compiling, _torch_function_mode, _dispatch_modes, _functorch_active)
+_jit_tracing = getattr(torch._C, "_get_tracing_state", None)  # torch.jit.trace records ops only
+_EAGER_OK = None not in (_is_compiling, _torch_function_mode, _dispatch_modes, _functorch_active,
+                         _jit_tracing)
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _eager(tensors) -> bool:
     if not _EAGER_OK or _is_compiling() or _torch_function_mode() or _dispatch_modes() \
-            or _functorch_active():
+            or _functorch_active() or _jit_tracing() is not None:
         return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN:

@@ -104,6 +104,18 @@ def test_torch_compile_fullgraph():
         assert rel_err(compiled(x, off, m), (eager * 2).double()) < 1e-6
 
 
+def test_jit_trace_records_the_op():
+    # The eager route is invisible to torch.jit.trace; under tracing the custom op runs, so the
+    # traced graph holds it and replays it.
+    layer = deft.nn.DeformConv2d(16, 16, 3, padding=1).cuda()
+    x, off, _, _, m, _ = make(2, 16, 16, 10, 10, seed=3)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, (x, off, m))
+        assert "deft::deform_conv2d" in str(traced.graph)
+        x2, off2, _, _, m2, _ = make(2, 16, 16, 10, 10, seed=4)
+        assert torch.equal(traced(x2, off2, m2), layer(x2, off2, m2))
+
+
 def test_autocast_runs_in_half():
     x, off, wt, b, m, kw = make(2, 16, 16, 10, 10)
     with torch.autocast("cuda", dtype=torch.float16):
