@@ -67,8 +67,8 @@ def main():
     b = torch.rand(c, device=dev, dtype=dt, generator=g) - 0.5
     y = torch.empty(n, c, h, w, device=dev, dtype=dt)
     kw = dict(padding=(1, 1), mask=m)
-    L = [1, 1]
-    desc = dops._plan(x, off, wt, b, m, L, L, L)[1]
+    one = [1, 1]  # stride, padding and dilation
+    desc = dops._plan(x, off, wt, b, m, one, one, one)[1]
     kern = dops._kernel(desc, x.device)
     stream = torch.cuda.current_stream().cuda_stream
     ptrs = kern.pointer_args(x, off, m, wt, b, y, stream)
@@ -82,16 +82,15 @@ def main():
     gy = torch.rand(n, c, h, w, device=dev, dtype=dt, generator=g)
     leaves = [t.clone().requires_grad_(True) for t in (x, off, wt, b, m)]
     lx, loff, lwt, lb, lm = leaves
-    pair = [1, 1]
     rows = [
         ("ctypes: deft_forward, pointers ready", lambda: kern.forward_ptrs(ptrs)),
         ("DeftKernel.forward(tensors)", lambda: kern.forward(x, off, m, wt, b, y, stream)),
-        ("deft.ops._forward (checks, plan, launch)", lambda: dops._forward(x, off, wt, b, m, L, [1, 1], L)),
-        ("torch.ops.deft.deform_conv2d, no grad", lambda: torch.ops.deft.deform_conv2d(x, off, wt, b, m, pair, pair, pair)),
+        ("deft.ops._forward (checks, plan, launch)", lambda: dops._forward(x, off, wt, b, m, one, one, one)),
+        ("torch.ops.deft.deform_conv2d, no grad", lambda: torch.ops.deft.deform_conv2d(x, off, wt, b, m, one, one, one)),
         ("deft.ops.deform_conv2d, no grad", lambda: deft.ops.deform_conv2d(x, off, wt, b, **kw)),
         ("torchvision deform_conv2d, no grad", lambda: torchvision.ops.deform_conv2d(x, off, wt, b, **kw)),
         ("F.conv2d (cuDNN), no grad", lambda: F.conv2d(x, wt, b, padding=1)),
-        ("fwd+bwd torch.ops.deft (custom op)", train(lambda a, o, ww, bb, mm: torch.ops.deft.deform_conv2d(a, o, ww, bb, mm, pair, pair, pair), leaves)),
+        ("fwd+bwd torch.ops.deft (custom op)", train(lambda a, o, ww, bb, mm: torch.ops.deft.deform_conv2d(a, o, ww, bb, mm, one, one, one), leaves)),
         ("fwd+bwd deft.ops.deform_conv2d", train(lambda a, o, ww, bb, mm: deft.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm), leaves)),
         ("fwd+bwd torchvision", train(lambda a, o, ww, bb, mm: torchvision.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm), leaves)),
         ("fwd+bwd F.conv2d (cuDNN)", train(lambda a, o, ww, bb, mm: F.conv2d(a, ww, bb, padding=1), leaves)),
@@ -110,7 +109,7 @@ def main():
                 out = fn(*leaves32)
             out.float().backward(gy.float())
         return step
-    results.append(("fwd+bwd autocast, custom op", *timed(amp(lambda a, o, ww, bb, mm: torch.ops.deft.deform_conv2d(a, o, ww, bb, mm, pair, pair, pair)), args.calls // 4)))
+    results.append(("fwd+bwd autocast, custom op", *timed(amp(lambda a, o, ww, bb, mm: torch.ops.deft.deform_conv2d(a, o, ww, bb, mm, one, one, one)), args.calls // 4)))
     results.append(("fwd+bwd autocast, deft.ops.deform_conv2d", *timed(amp(lambda a, o, ww, bb, mm: deft.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm)), args.calls // 4)))
     results.append(("fwd+bwd autocast, torchvision", *timed(amp(lambda a, o, ww, bb, mm: torchvision.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm)), args.calls // 4)))
 

@@ -14,6 +14,7 @@ raises an error.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -42,15 +43,7 @@ except ImportError:  # pragma: no cover - a torch without it
         return torch.cuda.current_stream(index).cuda_stream
 
 
-class _NoGuard:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_GUARD = _NoGuard()
+_NO_GUARD = contextlib.nullcontext()
 
 
 def _on_device(device: torch.device):
@@ -171,17 +164,18 @@ def _plan(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
     if hit is None:
         g = _Geometry(input, offset, weight, bias, mask, stride, padding, dilation)
         size, stride_out = g.out_size_stride()
-        hit = (g, _describe(g, dtype, mask is not None, has_bias), size, stride_out)
+        hit = (g, _describe(g, dtype, tf32, mask is not None, has_bias), size, stride_out)
         if len(_plans) >= _PLANS_MAX:
             _plans.clear()
         _plans[key] = hit
     return hit
 
 
-def _describe(g: _Geometry, dtype: torch.dtype, has_mask: bool, has_bias: bool) -> str:
-    math = ""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        math = " math=tf32"  # torchvision's GEMM (cuBLAS) follows the same switch
+def _describe(g: _Geometry, dtype: torch.dtype, tf32: bool, has_mask: bool,
+              has_bias: bool) -> str:
+    # tf32: float32 with torch.backends.cuda.matmul.allow_tf32, the switch torchvision's GEMM
+    # (cuBLAS) follows
+    math = " math=tf32" if tf32 else ""
     return (f"deform_conv2d n={g.n} c={g.c} h={g.h} w={g.w} k={g.k} r={g.kh} s={g.kw} "
             f"stride={g.sh}x{g.sw} pad={g.ph}x{g.pw} dilation={g.dh}x{g.dw} groups={g.groups} "
             f"offset_groups={g.og} mask={int(has_mask)} dtype={_DTYPES[dtype]}{math} "
@@ -316,13 +310,10 @@ def _grad_buffers(g: _Geometry, need_input: bool, need_offset: bool, need_weight
     return tuple(out)
 
 
-def _backward_geometry(grad_output: Tensor, input: Tensor, offset: Tensor, weight: Tensor,
-                       mask: Optional[Tensor], stride, padding, dilation) -> _Geometry:
-    g = _Geometry(input, offset, weight, None, mask, stride, padding, dilation)
+def _check_grad_output(grad_output: Tensor, g: _Geometry) -> None:
     if tuple(grad_output.shape) != (g.n, g.k, g.ho, g.wo):
         raise ValueError(f"deform_conv2d backward: grad_output has shape "
                          f"{tuple(grad_output.shape)}, expected {(g.n, g.k, g.ho, g.wo)}")
-    return g
 
 
 def _backward_impl(grad_output: Tensor, input: Tensor, offset: Tensor, weight: Tensor,
@@ -336,9 +327,7 @@ def _backward_impl(grad_output: Tensor, input: Tensor, offset: Tensor, weight: T
     _check_dtypes(dtype, offset=offset, weight=weight, mask=mask)
     g, desc, _, _ = _plan(input, offset, weight, None, mask, stride, padding, dilation,
                           backward_bias=has_bias)
-    if tuple(grad_output.shape) != (g.n, g.k, g.ho, g.wo):
-        raise ValueError(f"deform_conv2d backward: grad_output has shape "
-                         f"{tuple(grad_output.shape)}, expected {(g.n, g.k, g.ho, g.wo)}")
+    _check_grad_output(grad_output, g)
     need_bias = need_bias and has_bias
     need_mask = need_mask and mask is not None
     grads = _grad_buffers(
@@ -384,7 +373,9 @@ def _deform_conv2d_backward_op(grad_output: Tensor, input: Tensor, offset: Tenso
 @_deform_conv2d_backward_op.register_fake
 def _(grad_output, input, offset, weight, mask, stride, padding, dilation, has_bias, need_input,
       need_offset, need_weight, need_bias, need_mask):
-    g = _backward_geometry(grad_output, input, offset, weight, mask, stride, padding, dilation)
+    # (uncached: under torch.compile the shapes may be symbolic)
+    g = _Geometry(input, offset, weight, None, mask, stride, padding, dilation)
+    _check_grad_output(grad_output, g)
     return _grad_buffers(g, need_input, need_offset, need_weight, need_bias and has_bias,
                          need_mask and mask is not None, input.new_empty_strided)
 
@@ -396,23 +387,25 @@ def _setup_context(ctx, inputs, output):
     ctx.conv = (list(stride), list(padding), list(dilation))
 
 
-def _backward(ctx, grad):
+def _backward_with(backward_fn, ctx, grad):
+    """The gradients of the forward's eight arguments, computed by ``backward_fn`` (the backward
+    op, or _backward_impl; same arguments) for those autograd needs."""
     input, offset, weight, mask = ctx.saved_tensors
     need = ctx.needs_input_grad  # per forward argument: input, offset, weight, bias, mask, ...
-    n_in, n_off, n_w = bool(need[0]), bool(need[1]), bool(need[2])
-    n_b = bool(need[3]) and ctx.has_bias
-    n_m = bool(need[4]) and mask is not None
-    if not (n_in or n_off or n_w or n_b or n_m):
-        return None, None, None, None, None, None, None, None
+    needs = (bool(need[0]), bool(need[1]), bool(need[2]), bool(need[3]) and ctx.has_bias,
+             bool(need[4]) and mask is not None)
+    if not any(needs):
+        return (None,) * 8
     # The kernels run in the forward's dtype (under autocast: the autocast dtype the forward
     # ran in, which is what was saved).
-    grad = grad.to(input.dtype)
     stride, padding, dilation = ctx.conv
-    gi, goff, gw, gb, gm = torch.ops.deft.deform_conv2d_backward(
-        grad, input, offset, weight, mask, stride, padding, dilation, ctx.has_bias,
-        n_in, n_off, n_w, n_b, n_m)
-    return (gi if n_in else None, goff if n_off else None, gw if n_w else None,
-            gb if n_b else None, gm if n_m else None, None, None, None)
+    grads = backward_fn(grad.to(input.dtype), input, offset, weight, mask, stride, padding,
+                        dilation, ctx.has_bias, *needs)
+    return tuple(t if n else None for t, n in zip(grads, needs)) + (None, None, None)
+
+
+def _backward(ctx, grad):
+    return _backward_with(torch.ops.deft.deform_conv2d_backward, ctx, grad)
 
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -464,33 +457,20 @@ class _DeformConv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation):
-        out = _forward(input, offset, weight, bias, mask, stride, padding, dilation)
-        ctx.save_for_backward(input, offset, weight, mask)
-        ctx.has_bias = bias is not None
-        ctx.conv = (stride, padding, dilation)
+        args = (input, offset, weight, bias, mask, stride, padding, dilation)
+        out = _forward(*args)
+        _setup_context(ctx, args, out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        input, offset, weight, mask = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        n_in, n_off, n_w = bool(need[0]), bool(need[1]), bool(need[2])
-        n_b = bool(need[3]) and ctx.has_bias
-        n_m = bool(need[4]) and mask is not None
-        if not (n_in or n_off or n_w or n_b or n_m):
-            return None, None, None, None, None, None, None, None
-        stride, padding, dilation = ctx.conv
         create_graph = torch.is_grad_enabled()
         with torch.no_grad():
-            gi, goff, gw, gb, gm = _backward_impl(
-                grad.to(input.dtype), input, offset, weight, mask, stride, padding, dilation,
-                ctx.has_bias, n_in, n_off, n_w, n_b, n_m)
-        grads = (gi if n_in else None, goff if n_off else None, gw if n_w else None,
-                 gb if n_b else None, gm if n_m else None)
+            grads = _backward_with(_backward_impl, ctx, grad)
         if create_graph:  # backward(create_graph=True): these gradients are not differentiable
-            deps = tuple(t for t in (grad, input, offset, weight, mask) if t is not None)
+            deps = (grad,) + tuple(t for t in ctx.saved_tensors if t is not None)
             grads = tuple(None if t is None else _NotTwice.apply(t, *deps) for t in grads)
-        return grads + (None, None, None)
+        return grads
 
 
 class _NotTwice(torch.autograd.Function):
