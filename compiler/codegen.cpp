@@ -118,6 +118,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("PIXB", p.bp);
     c32("CL", p.tpp);
     c32("THREADS", p.block);
+    c32("EV", p.ev);
     line(fmt::format("#define GIN_MODE {}", p.gin_mode));
   } else if (d.pass == Pass::backward_data) {
     c32("BP", p.bp);
@@ -144,6 +145,13 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
                      p.gin_mode == 0 ? "atomics into grad_input"
                      : p.gin_mode == 1 ? "f32 atomics into a workspace"
                                        : "64-bit fixed-point atomics (deterministic)"));
+  } else if (d.pass == Pass::backward_weight && v.algo == Algo::depthwise) {
+    c32("THREADS", p.block);
+    c32("VEC", p.vec);
+    c32("CH_PER_BLOCK", p.ch_per_block);
+    c32("TB", p.tb);
+    c32("SPLITS", p.splits);
+    c64("SPLIT_PIX", p.split_pix);
   } else if (d.pass == Pass::backward_weight) {
     c32("BO", p.bo);
     c32("BC", p.bc);

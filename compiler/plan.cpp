@@ -97,8 +97,64 @@ void plan_bwd_weight_vector(const LayerDesc& d, KernelPlan& p, int ssize) {
   p.smem_bytes = int(bytes);
 }
 
+// Depthwise backward_weight (templates/deform_conv_bwd_weight_dw.cuh): the depthwise
+// forward's thread layout (vec channels per thread, tn channels and tm pixels per block), tk
+// pixel steps per thread, so a block reduces tm * tk pixels (one of the splits), and
+// dw_weight_taps_per_block taps.
+void plan_bwd_weight_dw(const LayerDesc& d, const Variant& v, KernelPlan& p, int asize,
+                        int64_t m_total) {
+  p.template_name = "deform_conv_bwd_weight_dw.cuh";
+  p.kernel_name = "deft_deform_conv2d_backward_weight";
+  const int vec = v.vec, tsize = dtype_size(d.dtype);
+  if (!pow2(vec) || vec > 16) bad("vec", fmt::format("vec={} must be 1, 2, 4, 8 or 16", vec));
+  if (p.x_nhwc && vec > 1) {
+    if ((vec * tsize) % 16 != 0)
+      bad("vec", fmt::format("vec={} of {} is not a whole number of 16-byte loads", vec,
+                             to_string(d.dtype)));
+    if (d.c % vec != 0 || d.c_per_offset_group() % vec != 0)
+      bad("vec", fmt::format("vec={} must divide c={} and c/offset_groups={}", vec, d.c,
+                             d.c_per_offset_group()));
+  }
+  if (v.tile_n % vec != 0)
+    bad("tn", fmt::format("tn={} (channels per block) must be a multiple of vec={}", v.tile_n,
+                          vec));
+  const int tpc = v.tile_n / vec;
+  if (!pow2(tpc) || v.threads % tpc != 0)
+    bad("tn", fmt::format("tn/vec={} (threads per pixel) must be a power of two dividing "
+                          "threads={}", tpc, v.threads));
+  if (v.tile_m != v.threads / tpc)
+    bad("tm", fmt::format("tm={} must equal the pixels per block, threads*vec/tn={}", v.tile_m,
+                          v.threads / tpc));
+  p.vec = vec;
+  p.ch_per_block = v.tile_n;
+  p.pix_per_block = v.tile_m;
+  p.t_size = tsize;
+  p.block = unsigned(v.threads);
+  p.tb = dw_weight_taps_per_block(d, vec);
+  const int64_t red_bytes = int64_t(v.threads / std::max(tpc, 32)) * tpc * vec * asize;
+  if (red_bytes > 48 * 1024)
+    bad("threads", fmt::format("threads={} with vec={} needs {} bytes of shared memory (max "
+                               "49152)", v.threads, vec, red_bytes));
+  p.smem_bytes = 0;  // static shared memory
+  p.split_pix = int64_t(v.tile_m) * v.tile_k;
+  const int64_t splits = ceil_div(m_total, p.split_pix);
+  const int64_t w_elems = d.c * d.taps();
+  if (splits > 65535 || splits * w_elems * asize > (int64_t{256} << 20))
+    bad("tk", fmt::format("tk={} splits the {} pixels into {} ranges of {}, whose partial sums "
+                          "exceed 65535 ranges or 256 MiB; raise tk", v.tile_k, m_total, splits,
+                          p.split_pix));
+  p.splits = int(splits);
+  p.workspace_bytes = splits * w_elems * asize;
+  const int64_t gx = ceil_div(d.c, v.tile_n);
+  if (gx > 2147483647)
+    bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, ceil_div(d.taps(), p.tb),
+                         splits));
+  p.grid = {unsigned(gx), unsigned(ceil_div(d.taps(), p.tb)), unsigned(splits)};
+}
+
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
+  const bool dww = v.algo == Algo::depthwise && d.pass == Pass::backward_weight;
   p.use_tc = v.algo == Algo::gemm_tc;
   p.stage = p.acc;
   if (p.use_tc) {
@@ -111,11 +167,10 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.wk = f32 ? 8 : 16;
     p.a_pad = f32 ? 4 : 8;  // TC_PAD: keeps rows 32-byte aligned and off one bank
   }
-  if (v.algo != Algo::gemm_simt && !p.use_tc && !dw)
-    bad("algo", fmt::format("pass={} has algo=gemm_simt{}, not algo={}", to_string(d.pass),
-                            d.pass == Pass::backward_data ? " or depthwise" : "",
-                            to_string(v.algo)));
-  if (dw && (d.c_per_group() != 1 || d.k_per_group() != 1))
+  if (v.algo != Algo::gemm_simt && !p.use_tc && !dw && !dww)
+    bad("algo", fmt::format("pass={} has algo=gemm_simt, gemm_tc or depthwise, not algo={}",
+                            to_string(d.pass), to_string(v.algo)));
+  if ((dw || dww) && (d.c_per_group() != 1 || d.k_per_group() != 1))
     bad("algo", fmt::format("algo=depthwise needs groups == c == k, not groups={} c={} k={}",
                             d.groups, d.c, d.k));
   p.x_nhwc = p.w_krsc = d.layout == Layout::nhwc;  // tensors read in their own layout
@@ -155,6 +210,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (v.deterministic) p.gin_mode = 2;
     else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
     p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;
+    // channel vectors of 4 where they are contiguous and accumulate into the f32 workspace
+    p.ev = p.x_nhwc && p.gin_mode == 1 && asize == 4 && d.c_per_offset_group() % 4 == 0 ? 4 : 1;
     const int64_t gx = ceil_div(m_total, p.bp);
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
@@ -203,6 +260,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, d.taps(), d.offset_groups));
     p.grid = {unsigned(gx), unsigned(d.taps()), unsigned(d.offset_groups)};
+  } else if (dww) {
+    plan_bwd_weight_dw(d, v, p, asize, m_total);
   } else {
     p.template_name = "deform_conv_bwd_weight.cuh";
     p.kernel_name = "deft_deform_conv2d_backward_weight";
@@ -262,6 +321,12 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
 }
 
 }  // namespace
+
+int dw_weight_taps_per_block(const LayerDesc& d, int vec) {
+  // as few batches as keep taps x vec within 36 sums, the taps shared evenly among them
+  const int64_t batches = std::max<int64_t>(1, (d.taps() * std::max(vec, 1) + 35) / 36);
+  return int((d.taps() + batches - 1) / batches);
+}
 
 int wgmma_window_rows(const LayerDesc& d, int bm, int halo) {
   const int64_t pix = d.out_h() * d.out_w(), wo = d.out_w();

@@ -43,6 +43,7 @@ struct KernelPlan {
   // marks backward_weight's vector kernel (deform_conv_bwd_weight_tc.cuh)
   int nstage = 0, gv = 0, ev = 0;
   int splits = 0;                           // backward_weight: pixel ranges (grid z)
+  int tb = 0;                               // depthwise backward_weight: taps per block
   // forward on wgmma (deform_conv_wgmma.cuh): offset groups per weight group, bytes of the
   // sampling-point table, bytes per output store; the weight is packed by a pre-pass into
   // workspace_packed_bytes (after the transposed input, if any). Compiled for sm_90a.
@@ -74,6 +75,10 @@ struct KernelPlan {
 // the layer: tile sizes that don't fit the threads, shared memory over 48 KiB, tensor cores
 // for a dtype without them...
 KernelPlan make_plan(const LayerDesc& desc, const Variant& variant);
+
+// Depthwise backward_weight (templates/deform_conv_bwd_weight_dw.cuh): the taps one block
+// takes, so that a thread's sums (taps x vec channels) stay near 36 registers.
+int dw_weight_taps_per_block(const LayerDesc& desc, int vec);
 
 // staging=window on gemm_wgmma: the input rows of a block's window, for blocks of `bm` output
 // pixels (consecutive in n, ho, wo order; the window serves the block's first pixel's image):

@@ -124,6 +124,39 @@ Variant default_variant(const LayerDesc& d) {
     v.transpose = bwd_transpose;
     return v;
   }
+  if (d.pass == Pass::backward_weight && d.c_per_group() == 1 && d.k_per_group() == 1) {
+    // Depthwise: the depthwise forward's layout (templates/deform_conv_bwd_weight_dw.cuh).
+    // nhwc: 16-byte channel vectors, 8 threads per pixel; nchw: the transposed input's
+    // vectors with the lanes along pixels (grad_out stays nchw, coalesced along pixels).
+    v.algo = Algo::depthwise;
+    v.threads = 256;
+    const int vec = 16 / dtype_size(d.dtype);
+    const bool nhwc = d.layout == Layout::nhwc;
+    if (d.c % vec == 0 && d.c_per_offset_group() % vec == 0 && (nhwc || bwd_transpose)) {
+      v.transpose = !nhwc;
+      v.vec = vec;
+      v.tile_n = nhwc ? int(std::min<int64_t>(8 * vec, d.c)) : vec;
+      while (v.tile_n % vec != 0 || 256 % (v.tile_n / vec) != 0) v.tile_n -= vec;
+    } else {
+      v.vec = nhwc ? 1 : 4;  // nchw: four planes per thread, lanes along pixels
+      v.tile_n = v.vec;
+      while (nhwc && v.tile_n * 2 <= std::min<int64_t>(32, d.c)) v.tile_n *= 2;
+    }
+    v.tile_m = v.threads * v.vec / v.tile_n;
+    // pixel steps per thread: up to 16, fewer until there are 512 blocks to spread
+    const int64_t m_total = d.n * d.out_h() * d.out_w();
+    const int64_t per_split = (d.c + v.tile_n - 1) / v.tile_n *
+                              ((d.taps() + dw_weight_taps_per_block(d, v.vec) - 1) /
+                               dw_weight_taps_per_block(d, v.vec));
+    auto splits = [&](int tk) { return (m_total + int64_t(v.tile_m) * tk - 1) / (int64_t(v.tile_m) * tk); };
+    v.tile_k = 16;
+    while (v.tile_k > 1 && per_split * splits(v.tile_k) < 512) v.tile_k /= 2;
+    // and enough pixels per range to keep the partial sums within the plan's limits
+    const int64_t bytes = d.c * d.taps() * (d.dtype == DType::f64 ? 8 : 4);
+    while (v.tile_k < 256 && (splits(v.tile_k) > 65535 || splits(v.tile_k) * bytes > (int64_t{256} << 20)))
+      v.tile_k *= 2;
+    return v;
+  }
   if (d.pass == Pass::backward_weight) {
     const bool tc = tc16 && d.k_per_group() >= 16;
     v.algo = tc ? Algo::gemm_tc : Algo::gemm_simt;

@@ -417,6 +417,48 @@ class Scratch {
 
 }  // namespace
 
+// The backward kernels' vector accesses to the caller's tensors (not the transpose pre-pass's
+// copies) need those tensors aligned to the vector; every tensor needs its element size.
+// `data`, `weight`: the passes this call runs (null: not run).
+void check_backward_alignment(const LayerDesc& d, const KernelImpl* data,
+                              const KernelImpl* weight, const BackwardArgs& a) {
+  const size_t es = size_t(dtype_size(d.dtype));
+  auto at = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
+  for (auto [ptr, name] :
+       {std::pair{a.input, "input"}, {a.offset, "offset"}, {a.mask, "mask"}, {a.weight, "weight"},
+        {a.grad_output, "grad_output"}, {static_cast<const void*>(a.grad_input), "grad_input"},
+        {static_cast<const void*>(a.grad_offset), "grad_offset"},
+        {static_cast<const void*>(a.grad_mask), "grad_mask"},
+        {static_cast<const void*>(a.grad_weight), "grad_weight"},
+        {static_cast<const void*>(a.grad_bias), "grad_bias"}})
+    if (ptr && at(ptr) % es != 0)
+      throw Error(fmt::format("backward: {} at {} is not aligned to its {}-byte elements", name,
+                              ptr, es));
+  size_t in = es, w = es, g = es;
+  if (data && data->variant.algo == Algo::depthwise && !data->plan.transpose)
+    in = std::max(in, size_t(data->plan.ev) * es);  // deform_conv_bwd_data_dw.cuh
+  if (data && data->plan.nstage > 0) {  // deform_conv_bwd_data_tc.cuh
+    const KernelPlan& p = data->plan;
+    if (!p.transpose) in = std::max(in, size_t(p.ev) * es), w = std::max<size_t>(w, 16);
+    g = std::max(g, size_t(p.gv) * es);
+  }
+  if (weight && weight->plan.gv > 0) {  // deform_conv_bwd_weight_tc.cuh
+    const KernelPlan& p = weight->plan;
+    if (!p.transpose) in = std::max<size_t>(in, 16);
+    g = std::max(g, size_t(p.gv) * es);
+  }
+  if (weight && weight->variant.algo == Algo::depthwise && !weight->plan.transpose &&
+      weight->plan.x_nhwc && weight->plan.vec > 1 && (size_t(weight->plan.vec) * es) % 16 == 0)
+    in = std::max<size_t>(in, 16);  // deform_conv_bwd_weight_dw.cuh
+  for (auto [bytes, ptr, name] :
+       {std::tuple{in, a.input, "input"}, {w, a.weight, "weight"}, {g, a.grad_output, "grad_output"}})
+    if (ptr && bytes > es && at(ptr) % bytes != 0)
+      throw Error(fmt::format("backward: {} at {} is not {}-byte aligned, and the backward "
+                              "kernels access it in {}-byte vectors; pass a tensor that starts on "
+                              "a 16-byte boundary (a fresh allocation or a contiguous copy)",
+                              name, ptr, bytes, bytes));
+}
+
 void Kernel::prepare_backward(int deterministic) const {
   if (!impl_) throw Error("Kernel::prepare_backward on an empty kernel (use deft::compile)");
   if (impl_->desc.pass != Pass::forward)
@@ -445,6 +487,11 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
   const bool det = deterministic < 0 ? impl_->options.deterministic : deterministic != 0;
   auto& self = const_cast<KernelImpl&>(*impl_);
   check_device_arch(*impl_, "backward");
+  // the passes this call runs (grad bias alone runs the weight pass's bias kernel only)
+  const auto kdata = a.grad_input || a.grad_offset || a.grad_mask ? backward_kernel(self, det, 0)
+                                                                  : nullptr;
+  const auto kweight = a.grad_weight || a.grad_bias ? backward_kernel(self, det, 1) : nullptr;
+  check_backward_alignment(d, kdata.get(), a.grad_weight ? kweight.get() : nullptr, a);
   const void* offset = a.offset;
   const void* mask = a.mask;
   const void* gout = a.grad_output;
@@ -469,8 +516,8 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     }
   };
 
-  if (a.grad_input || a.grad_offset || a.grad_mask) {
-    auto k = backward_kernel(self, det, 0);
+  if (kdata) {
+    const auto& k = kdata;
     const KernelPlan& p = k->plan;
     const void* input = a.input;
     const void* weight = a.weight;
@@ -513,8 +560,8 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
              "cuLaunchKernel(deft_bwd_finish)");
     }
   }
-  if (a.grad_weight || a.grad_bias) {
-    auto k = backward_kernel(self, det, 1);
+  if (kweight) {
+    const auto& k = kweight;
     const KernelPlan& p = k->plan;
     const void* input = a.input;
     if (p.transpose && a.grad_weight) {

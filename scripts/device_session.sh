@@ -9,7 +9,7 @@
 #         sweep at sigma 0.5, 2, 8) | profile (scripts/profile_train.py --cpu, both ops)
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
-#         | graphs (the training example with --graphs)
+#         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
 #   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | window), SWEEP_SIGMAS
 #   (sweep), NCU_VARIANT (ncu)
 set -uo pipefail
@@ -76,6 +76,12 @@ for step in "$@"; do
     host)  # host time per call of each layer of the Python op's stack (scripts/host_overhead.py)
       timeout 200 python3 scripts/host_overhead.py --profile > "$LOGS/host-overhead.txt" 2>&1
       stamp "host overhead rc=$?"; head -20 "$LOGS/host-overhead.txt" ;;
+    profbwd)  # per-kernel times of forward + backward (scripts/profile_bwd.py), fp16, both layouts
+      for lay in nchw nhwc; do
+        timeout 200 python3 scripts/profile_bwd.py "${PROF_CASES:-dense512,resnet_res4,dw512,stride2}" \
+          --dtypes "${PROF_DTYPES:-fp16}" --layout $lay > "$LOGS/profile-bwd-$lay.txt" 2>&1
+        stamp "profile_bwd $lay rc=$?"; cat "$LOGS/profile-bwd-$lay.txt" | cut -c1-160 | tail -40
+      done ;;
     pytest)  # the Python package's tests alone
       python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
       stamp "pytest rc=$r"; tail -4 "$LOGS/pytest.log"; [ $r -eq 0 ] || rc=1 ;;

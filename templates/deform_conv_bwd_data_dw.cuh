@@ -7,7 +7,12 @@
 // and accumulates grad offset / grad mask partials, which the CL threads of a pixel then sum
 // in a fixed order through shared memory.
 //
-// Constants from codegen: PIXB, CL, THREADS (= PIXB * CL), GIN_MODE.
+// With EV = 4 (nhwc reads into an f32 workspace) a lane takes 4 neighbouring channels: one
+// vector load per corner and one red.global.add.v4.f32 per corner on sm_90 instead of 4
+// atomics. The grad offset / grad mask sums then run over the lane's channels in a different
+// order than with EV = 1 (each order fixed).
+//
+// Constants from codegen: PIXB, CL, THREADS (= PIXB * CL), GIN_MODE, EV.
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
@@ -39,13 +44,26 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     if (pix_ok) {
       const BwdPoint pt = deft_bwd_point(offset, mask, n, ho, wo, t, og);
       const T* image = input + n * (C * H * W);
+      if constexpr (EV == 1) {
 #pragma unroll 2
-      for (int c = og * CPOG + lane; c < (og + 1) * CPOG; c += CL) {
-        const Acc cg = Acc(deft_widen(weight[(long long)c * TAPS + t])) *
-                       Acc(deft_widen(gout[deft_gout_index(n, c, q_img)]));
-        const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
-        deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
-                         scale, nonfinite, g);
+        for (int c = og * CPOG + lane; c < (og + 1) * CPOG; c += CL) {
+          const Acc cg = Acc(deft_widen(weight[(long long)c * TAPS + t])) *
+                         Acc(deft_widen(gout[deft_gout_index(n, c, q_img)]));
+          const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
+          deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
+                           scale, nonfinite, g);
+        }
+      } else {  // nhwc: EV neighbouring channels per lane, one vector load and reduction per corner
+#pragma unroll 2
+        for (int c = og * CPOG + lane * EV; c < (og + 1) * CPOG; c += CL * EV) {
+          Acc cg[EV];
+#pragma unroll
+          for (int e = 0; e < EV; ++e)
+            cg[e] = Acc(deft_widen(weight[(long long)(c + e) * TAPS + t])) *
+                    Acc(deft_widen(gout[deft_gout_index(n, c + e, q_img)]));
+          deft_bwd_channels<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt, cg,
+                                scale, nonfinite, g);
+        }
       }
     }
 #pragma unroll

@@ -233,6 +233,10 @@ std::vector<Case> fixed_cases() {
   v.push_back({"depthwise_f32_nhwc", make(2, 32, 13, 9, 32, 3, 1, 32, 4, DType::f32, Layout::nhwc), 2.0, 4});
   v.push_back({"depthwise_f16_nchw", make(1, 16, 9, 13, 16, 5, 2, 16, 1, DType::f16, Layout::nchw), 8.0, 5});
   v.push_back({"depthwise_f64_nhwc", make(2, 8, 9, 9, 8, 3, 1, 8, 2, DType::f64, Layout::nhwc), 2.0, 6});
+  // channels that fill no 16-byte vector (scalar kernel, a part-empty channel block), and
+  // the transposed vector kernel with three offset groups
+  v.push_back({"depthwise_f16_nhwc_c12", make(2, 12, 11, 10, 12, 3, 1, 12, 1, DType::f16, Layout::nhwc), 2.0, 9});
+  v.push_back({"depthwise_bf16_nchw_og3", make(3, 24, 10, 9, 24, 3, 1, 24, 3, DType::bf16, Layout::nchw), 2.0, 10});
   v.push_back({"grouped_f64_nchw", make(1, 24, 8, 10, 36, 3, 1, 3, 2, DType::f64, Layout::nchw), 2.0, 7});
   v.push_back({"many_pixels_f32_nhwc", make(4, 16, 40, 40, 16, 3, 1, 1, 1, DType::f32, Layout::nhwc), 2.0, 8});
   return v;
@@ -396,6 +400,50 @@ TEST(GpuBackwardErrors, ClearMessages) {
   }
 }
 
+
+// The backward kernels of nhwc layers read the caller's input (and weight and grad_output) in
+// vectors: a misaligned tensor is refused with a message naming it, before any launch.
+TEST(GpuBackwardErrors, MisalignedTensorsGiveAClearError) {
+  DEFT_SKIP_WITHOUT_GPU();
+  for (const LayerDesc& d : {make(2, 64, 9, 11, 64, 3, 1, 1, 1, DType::f16, Layout::nhwc),
+                             make(2, 64, 9, 11, 64, 3, 1, 64, 1, DType::f16, Layout::nhwc)}) {
+    SCOPED_TRACE(deft::to_string(d));
+    const Tensors t = random_tensors(d, 2.0, 78);
+    const std::vector<uint8_t> x = encode(t.input, d.dtype);
+    DeviceBuffer input(x.size() + 16), offset(encode(t.offset, d.dtype)),
+        mask(encode(t.mask, d.dtype)), weight(encode(t.weight, d.dtype)),
+        gout(encode(t.gout, d.dtype));
+    DeviceBuffer gin(x.size()), gw(size_t(grad_size(d, kWeight)) * 2),
+        goff(size_t(grad_size(d, kOffset)) * 2);
+    DEFT_CUDA_CHECK(cudaMemcpy(input.get(), x.data(), x.size(), cudaMemcpyHostToDevice));
+    const deft::Kernel kernel = deft::compile(d, test_options());
+    Stream stream;
+    auto message = [&](const void* in, bool data, bool wgt) -> std::string {
+      try {
+        kernel.backward({.input = in, .offset = offset.get(), .mask = mask.get(),
+                         .weight = weight.get(), .grad_output = gout.get(),
+                         .grad_input = data ? gin.get() : nullptr,
+                         .grad_offset = data ? goff.get() : nullptr,
+                         .grad_weight = wgt ? gw.get() : nullptr},
+                        stream.cu());
+      } catch (const deft::Error& e) {
+        return e.what();
+      }
+      return "";
+    };
+    const char* base = static_cast<const char*>(input.get());
+    const std::string m2 = message(base + 2, true, true);
+    EXPECT_NE(m2.find("input at"), std::string::npos) << m2;
+    EXPECT_NE(m2.find("not 16-byte aligned"), std::string::npos) << m2;
+    // the grad-weight kernel alone reads the input in vectors too
+    EXPECT_NE(message(base + 2, false, true).find("not 16-byte aligned"), std::string::npos);
+    EXPECT_NE(message(base + 1, true, true).find("not aligned to its 2-byte elements"),
+              std::string::npos);
+    EXPECT_EQ(message(base, true, true), "");
+    stream.sync();
+    DEFT_CUDA_CHECK(cudaGetLastError());
+  }
+}
 
 // The defaults read nchw layers through the transpose pre-pass; these run the direct nchw
 // kernels (transpose=0) of every family: FMA, tensor cores and depthwise.

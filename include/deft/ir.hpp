@@ -149,7 +149,9 @@ struct Variant {
 // "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 vec=1 staging=gather halo=0 transpose=0"
 // Backward passes read the tile fields as: backward_data tm = output pixels per block,
 // tn = input channels per step, tk = output channels per reduction slice; backward_weight
-// tm = output channels per block, tn = input channels per block, tk = pixels per slice.
+// tm = output channels per block, tn = input channels per block, tk = pixels per slice;
+// depthwise backward_weight: tn = channels per block, tm = pixels per block step
+// (threads * vec / tn), tk = pixel steps per thread (a block reduces tm * tk pixels).
 std::string to_string(const Variant&);
 Variant parse_variant(std::string_view text);
 
