@@ -193,7 +193,9 @@ Variant default_variant(const LayerDesc& d) {
       while (v.tile_n % vec != 0 || 256 % (v.tile_n / vec) != 0) v.tile_n -= vec;
     } else {
       v.vec = d.layout == Layout::nhwc ? 1 : 4;
-      v.tile_n = d.layout == Layout::nhwc ? std::min<int64_t>(32, d.c) : v.vec;
+      // nhwc: up to 32 channels per block, a power of two so the threads divide evenly
+      v.tile_n = v.vec;
+      while (d.layout == Layout::nhwc && v.tile_n * 2 <= std::min<int64_t>(32, d.c)) v.tile_n *= 2;
     }
     v.tile_m = v.threads * v.vec / v.tile_n;
     v.tile_k = 1;

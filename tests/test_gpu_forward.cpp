@@ -221,6 +221,7 @@ std::vector<GpuCase> fixed_cases() {
   d = desc(2, 64, 9, 11, 160, 3, 1, 2, 1, DType::f16, Layout::nhwc);
   v.push_back({"wide_tile_f16_nhwc", d, 2.0, 12});
   // Depthwise nchw through the transpose pre-pass (16-byte vectors), with offset groups.
+  v.push_back({"depthwise_f16_nhwc_c12", desc(2, 12, 11, 10, 12, 3, 1, 12, 1, DType::f16, Layout::nhwc), 2.0, 17});
   v.push_back({"depthwise_f32_nchw_transposed", desc(2, 32, 10, 14, 32, 3, 1, 32, 2, DType::f32, Layout::nchw), 2.0, 13});
   // Depthwise with 16-byte vectors: partial pixel blocks, bias + activation, offset groups,
   // a 5x5 kernel (several tap batches), and through the nchw transpose.
