@@ -57,8 +57,14 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--max-measure-s", type=float, default=1.5)
     ap.add_argument("--cache-path", default=None)
+    ap.add_argument("--pre-sleep-us", type=float, default=None,
+                    help="GPU sleep queued before each timed call (default 2000; 0: none)")
     args = ap.parse_args(argv)
-    args.flush_l2, args.pre_sleep_us = True, 0.0
+    # A forward + backward through autograd takes the host 0.2-0.6 ms to enqueue (more than the
+    # GPU needs for the small cases): a 2 ms GPU sleep queued before each timed call keeps the
+    # host's time out of the events, for deft, torchvision and cuDNN alike.
+    args.flush_l2 = True
+    args.pre_sleep_us = 2000.0 if args.pre_sleep_us is None else args.pre_sleep_us
 
     gpu = bench.Gpu(args)
     torch = gpu.torch
@@ -164,6 +170,7 @@ def main(argv=None):
             del t, x, off, m, w, out, gx, goff, gm, gw, xr, offr, mr, wr, xc, wc
             torch.cuda.empty_cache()
     res = {"date": datetime.date.today().isoformat(), "env": gpu.env(), "sigma": SIGMA,
+           "pre_sleep_us": args.pre_sleep_us,
            "rows": rows}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -219,7 +226,11 @@ def render(res):
            f"Measured {res['date']} on {env['device']} (torch {env['torch']}, torchvision "
            f"{env['torchvision']}, cuDNN {env['cudnn']}) by `bench/bench_backward.py`: NCHW, "
            f"offsets ~ N(0, {res['sigma']:g}²) px, mask ~ U(0,1), medians of CUDA-event "
-           "timings after warm-up, L2 flushed before each run. deft = forward + backward "
+           "timings after warm-up, L2 flushed before each run"
+           + (f", a {res.get('pre_sleep_us'):g} µs GPU sleep queued before each timed call "
+              "(keeps the host's enqueue time out of the events)"
+              if res.get("pre_sleep_us") else ", host enqueue time included")
+           + ". deft = forward + backward "
            "(grad input, offset, mask, weight) through the C API; torchvision = its op's "
            "forward + autograd backward; cuDNN = conv2d forward + backward (grad input, weight). "
            "fp32_tf32 lets cuDNN, torchvision's GEMMs and deft's tensor-core tiles use TF32; "

@@ -313,8 +313,8 @@ void launch_transpose(const KernelImpl& k, const void* src, CUdeviceptr dst, lon
                       long long rows, long long cols, CUstream stream) {
   void* args[] = {&src, &dst, &rows, &cols};
   driver::check(driver::api().cuLaunchKernel(reinterpret_cast<CUfunction>(k.transpose),
-                                             unsigned((cols + 31) / 32),
-                                             unsigned((rows + 31) / 32), unsigned(batch), 32, 8,
+                                             unsigned((cols + 63) / 64),
+                                             unsigned((rows + 63) / 64), unsigned(batch), 256, 1,
                                              1, 0, stream, args, nullptr),
                 "cuLaunchKernel(deft_transpose)");
 }
@@ -556,7 +556,13 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     if (a.grad_input && p.gin_mode != 0) {
       void* out = a.grad_input;
       void* fparams[] = {&gin, &header, &out};
-      launch(k->aux[1], {unsigned((in_elems + 255) / 256), 1, 1}, 256, 0, stream, fparams,
+      // deft_bwd_finish: 64 x 64 tiles where it transposes back to nchw, else one element per thread
+      const bool back = p.x_nhwc && d.layout == Layout::nchw;
+      const std::array<unsigned, 3> fgrid =
+          back ? std::array<unsigned, 3>{unsigned((d.h * d.w + 63) / 64), unsigned((d.c + 63) / 64),
+                                         unsigned(d.n)}
+               : std::array<unsigned, 3>{unsigned((in_elems + 255) / 256), 1, 1};
+      launch(k->aux[1], fgrid, 256, 0, stream, fparams,
              "cuLaunchKernel(deft_bwd_finish)");
     }
   }

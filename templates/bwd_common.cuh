@@ -255,28 +255,32 @@ __device__ __forceinline__ void deft_bwd_channels(const T* __restrict__ src, Gin
   }
 }
 
-// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 and 2).
+// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 and 2). The kernels
+// accumulated in the layout they read the input in (X_NHWC): an nchw layer read through the
+// transpose pre-pass gets its grad input transposed back here, in 64 x 64 tiles (grid:
+// (H*W / 64, C / 64, N) rounded up); otherwise one element per thread (grid: elements / 256).
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_finish(const GinT* __restrict__ ws, const unsigned long long* __restrict__ header,
                     T* __restrict__ gin) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= IN_ELEMS) return;
-  // The kernels accumulated in the layout they read the input in (X_NHWC); an nchw layer read
-  // through the transpose pre-pass gets its grad input transposed back here.
-  long long src = i;
-  if (X_NHWC && !NHWC) {
-    const long long n = i / (C * H * W), rem = i - n * (C * H * W);
-    const long long c = rem / (H * W), pix = rem - c * (H * W);
-    src = (n * (H * W) + pix) * C + c;
-  }
 #if GIN_MODE == 2
-  if (header[3] != 0ull) {
-    gin[i] = deft_cast<T>(Acc(__longlong_as_double(0x7ff8000000000000ll)));
-    return;
-  }
-  const double v = (double)(long long)ws[src] / deft_fixed_scale(header);
-  gin[i] = deft_cast<T>(Acc(v));
+  const bool nonfinite = header[3] != 0ull;
+  const double scale = deft_fixed_scale(header);
+  auto conv = [=](GinT v) {
+    return deft_cast<T>(nonfinite ? Acc(__longlong_as_double(0x7ff8000000000000ll))
+                                  : Acc((double)(long long)v / scale));
+  };
 #else
-  gin[i] = deft_cast<T>(Acc(ws[src]));
+  (void)header;
+  auto conv = [](GinT v) { return deft_cast<T>(Acc(v)); };
 #endif
+  if constexpr (X_NHWC && !NHWC) {
+    const long long n = blockIdx.z;
+    const GinT* s = ws + n * (C * H * W);  // [pixel][c]
+    T* d = gin + n * (C * H * W);          // [c][pixel]
+    deft_transpose_tile(s, d, H * W, C, (long long)blockIdx.x * 64, (long long)blockIdx.y * 64,
+                        deft_transpose_pairs(ws, gin, H * W, C), conv);
+  } else {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < IN_ELEMS) gin[i] = conv(ws[i]);
+  }
 }

@@ -143,3 +143,56 @@ template <int PENDING>
 __device__ __forceinline__ void deft_cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
 }
+
+// One 64 x 64 tile of a [rows][cols] matrix at src -> [cols][rows] at dst (tile origin r0, c0),
+// for a block of 256 threads, each moving 16 elements through shared memory, conv(S) -> D on
+// the way. With even rows and cols and both pointers aligned to two elements (uniform: the
+// caller decides) a thread reads and writes pairs of neighbouring elements, so that a warp's
+// access is 64 elements wide on both sides (128 bytes of f16) instead of 32.
+template <typename S, typename D, typename Conv>
+__device__ __forceinline__ void deft_transpose_tile(const S* __restrict__ src, D* __restrict__ dst,
+                                                    long long rows, long long cols, long long r0,
+                                                    long long c0, bool pairs, Conv conv) {
+  __shared__ D tile[64][65];  // odd row length: the column reads of the store phase spread over banks
+  struct __align__(2 * sizeof(S)) SPair { S a, b; };
+  struct __align__(2 * sizeof(D)) DPair { D a, b; };
+  const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
+  for (int i = ty; i < 64; i += 8) {
+    const long long r = r0 + i, c = c0 + 2 * tx;
+    if (r >= rows) break;
+    if (pairs) {
+      if (c < cols) {
+        const SPair v = *reinterpret_cast<const SPair*>(src + r * cols + c);
+        tile[i][2 * tx] = conv(v.a);
+        tile[i][2 * tx + 1] = conv(v.b);
+      }
+    } else {
+      if (c < cols) tile[i][2 * tx] = conv(src[r * cols + c]);
+      if (c + 1 < cols) tile[i][2 * tx + 1] = conv(src[r * cols + c + 1]);
+    }
+  }
+  __syncthreads();
+  for (int j = ty; j < 64; j += 8) {
+    const long long c = c0 + j, r = r0 + 2 * tx;
+    if (c >= cols) break;
+    if (pairs) {
+      if (r < rows) {
+        DPair v;
+        v.a = tile[2 * tx][j];
+        v.b = tile[2 * tx + 1][j];
+        *reinterpret_cast<DPair*>(dst + c * rows + r) = v;
+      }
+    } else {
+      if (r < rows) dst[c * rows + r] = tile[2 * tx][j];
+      if (r + 1 < rows) dst[c * rows + r + 1] = tile[2 * tx + 1][j];
+    }
+  }
+}
+
+// Whether deft_transpose_tile may move pairs: even extents, both pointers on two elements.
+template <typename S, typename D>
+__device__ __forceinline__ bool deft_transpose_pairs(const S* src, const D* dst, long long rows,
+                                                     long long cols) {
+  return ((rows | cols) & 1) == 0 && (unsigned long long)src % (2 * sizeof(S)) == 0 &&
+         (unsigned long long)dst % (2 * sizeof(D)) == 0;
+}

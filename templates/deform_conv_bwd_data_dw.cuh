@@ -5,7 +5,7 @@
 // lanes, CL warps). Per tap, each thread scatters its channels' contributions into grad input
 // (as in deform_conv_bwd_data.cuh: float atomics, or 64-bit fixed point when deterministic)
 // and accumulates grad offset / grad mask partials, which the CL threads of a pixel then sum
-// in a fixed order through shared memory.
+// in a fixed order: with shuffles where they are one warp (nhwc), else through shared memory.
 //
 // With EV = 4 (nhwc reads into an f32 workspace) a lane takes 4 neighbouring channels: one
 // vector load per corner and one red.global.add.v4.f32 per corner on sm_90 instead of 4
@@ -66,19 +66,28 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
       }
     }
+    if constexpr (X_NHWC && CL == 32) {
+      // a pixel's lanes are one warp: a butterfly in a fixed order, no barrier
 #pragma unroll
-    for (int r = 0; r < 3; ++r) Red[r][tid] = g[r];
-    __syncthreads();
-    if (lane == 0 && pix_ok) {
-      Acc s[3] = {Acc(0), Acc(0), Acc(0)};
-      for (int u = 0; u < CL; ++u) {
-        const int th = X_NHWC ? p * CL + u : u * PIXB + p;
+      for (int r = 0; r < 3; ++r)
 #pragma unroll
-        for (int r = 0; r < 3; ++r) s[r] += Red[r][th];
+        for (int o = 16; o > 0; o >>= 1) g[r] += __shfl_xor_sync(0xffffffffu, g[r], o);
+      if (lane == 0 && pix_ok) deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, g);
+    } else {
+#pragma unroll
+      for (int r = 0; r < 3; ++r) Red[r][tid] = g[r];
+      __syncthreads();
+      if (lane == 0 && pix_ok) {
+        Acc s[3] = {Acc(0), Acc(0), Acc(0)};
+        for (int u = 0; u < CL; ++u) {
+          const int th = X_NHWC ? p * CL + u : u * PIXB + p;
+#pragma unroll
+          for (int r = 0; r < 3; ++r) s[r] += Red[r][th];
+        }
+        deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, s);
       }
-      deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, s);
+      __syncthreads();
     }
-    __syncthreads();
   }
   if (nonfinite) atomicOr(&header[3], 1ull);
 }
