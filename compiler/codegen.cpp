@@ -27,7 +27,7 @@ const std::string& template_text(const std::string& name) {
 // tf32) with A from registers and B from the shared-memory descriptor, accumulating into acc;
 // the operand list is spelled out for the tile width, as inline PTX needs. tf32 takes no
 // transpose operand (B is k-major, as the packed stages are).
-std::string wgmma_wrapper(const LayerDesc& d, int bn) {
+std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b = false) {
   const bool tf32 = d.dtype == DType::f32;
   const char* ty = d.dtype == DType::bf16 ? "bf16" : tf32 ? "tf32" : "f16";
   std::string regs, outs;
@@ -44,7 +44,7 @@ std::string wgmma_wrapper(const LayerDesc& d, int bn) {
   s += fmt::format("      \"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{}, 0;\\n\"\n", a + 5);
   s += fmt::format("      \"wgmma.mma_async.sync.aligned.m64n{}k{}.f32.{}.{} \"\n", bn, tf32 ? 8 : 16, ty, ty);
   s += fmt::format("      \"{{{}}}, {{%{}, %{}, %{}, %{}}}, %{}, p, 1, 1{};\\n}}\\n\"\n", regs, a, a + 1, a + 2,
-                   a + 3, a + 4, tf32 ? "" : ", 0");
+                   a + 3, a + 4, tf32 ? "" : trans_b ? ", 1" : ", 0");
   s += "      : " + outs + "\n";
   s += "      : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(desc), \"r\"(1));\n";
   s += "}\n\n";
@@ -152,6 +152,13 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("TB", p.tb);
     c32("SPLITS", p.splits);
     c64("SPLIT_PIX", p.split_pix);
+  } else if (d.pass == Pass::backward_weight && v.algo == Algo::gemm_wgmma) {
+    c32("BO", p.bo);
+    c32("BN", p.bc);
+    c32("THREADS", p.block);
+    c32("SPLITS", p.splits);
+    c64("SPLIT_PIX", p.split_pix);
+    c32("MIN_BLOCKS", 1);
   } else if (d.pass == Pass::backward_weight) {
     c32("BO", p.bo);
     c32("BC", p.bc);
@@ -236,6 +243,9 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     line("");
   }
   if (p.wgmma) s += wgmma_wrapper(d, v.tile_n);
+  // backward_weight on wgmma: B (the sampled columns) is channel-major, read transposed
+  if (d.pass == Pass::backward_weight && v.algo == Algo::gemm_wgmma)
+    s += wgmma_wrapper(d, v.tile_n, true);
   line("// ---- templates/" + p.template_name + " ----");
   s += template_text(p.template_name);
   if (p.transpose) {

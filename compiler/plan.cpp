@@ -152,9 +152,58 @@ void plan_bwd_weight_dw(const LayerDesc& d, const Variant& v, KernelPlan& p, int
   p.grid = {unsigned(gx), unsigned(ceil_div(d.taps(), p.tb)), unsigned(splits)};
 }
 
+// backward_weight on wgmma (templates/deform_conv_bwd_weight_wgmma.cuh): tm = output channels
+// per block (64 per warpgroup, threads = 2 tm), tn = input channels per block (64 or 128, inside
+// one group and offset group), tk = 64 pixels per chunk; f16/bf16, channels-last input.
+void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, int64_t m_total) {
+  p.template_name = "deform_conv_bwd_weight_wgmma.cuh";
+  p.kernel_name = "deft_deform_conv2d_backward_weight";
+  if (d.dtype != DType::f16 && d.dtype != DType::bf16)
+    bad("algo", fmt::format("algo=gemm_wgmma for pass=backward_weight needs dtype f16 or bf16, "
+                            "not {}", to_string(d.dtype)));
+  if (!p.x_nhwc)
+    bad("transpose", "algo=gemm_wgmma reads the input channels-last: nchw layers need transpose=1");
+  if (v.tile_m != 64 && v.tile_m != 128 && v.tile_m != 256)
+    bad("tm", fmt::format("algo=gemm_wgmma has tm=64, 128 or 256 output channels (one, two or "
+                          "four warpgroups), not {}", v.tile_m));
+  if (v.tile_n != 64 && v.tile_n != 128)
+    bad("tn", fmt::format("algo=gemm_wgmma has tn=64 or 128 input channels, not {}", v.tile_n));
+  if (d.c_per_group() % v.tile_n != 0 || d.c_per_offset_group() % v.tile_n != 0)
+    bad("tn", fmt::format("tn={} must divide c/groups={} and c/offset_groups={}", v.tile_n,
+                          d.c_per_group(), d.c_per_offset_group()));
+  if (v.tile_k != 64) bad("tk", fmt::format("algo=gemm_wgmma reduces 64-pixel chunks: tk=64, not {}", v.tile_k));
+  if (v.threads != 2 * v.tile_m)
+    bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 output channels: tm={} "
+                               "needs threads={}, not {}", v.tile_m, 2 * v.tile_m, v.threads));
+  if (d.h * d.w * d.c >= (int64_t{1} << 31))
+    bad("algo", "algo=gemm_wgmma needs an image of fewer than 2^31 elements");
+  p.bo = v.tile_m;
+  p.bc = v.tile_n;
+  p.bpw = 64;
+  p.block = unsigned(v.threads);
+  p.smem_bytes = 0;  // static: two 64-pixel chunks of tn channels
+  const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);
+  const int64_t blocks = tiles * d.taps() * d.groups;
+  const int64_t slices = ceil_div(m_total, p.bpw);
+  const int64_t w_elems = d.k * d.c_per_group() * d.taps();
+  // about 512 blocks (four per SM), fewer partials than the WMMA kernel's 2048-block target:
+  // each one is a full weight-sized write and read for the reduce
+  int64_t splits = std::clamp<int64_t>(ceil_div(512, blocks), 1, slices);
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, (int64_t{256} << 20) / (w_elems * 4)));
+  splits = std::min<int64_t>(splits, 65535);
+  p.split_pix = ceil_div(slices, splits) * p.bpw;
+  p.splits = int(ceil_div(m_total, p.split_pix));
+  p.workspace_bytes = int64_t(p.splits) * w_elems * 4;
+  if (tiles > 2147483647 || int64_t(d.taps()) * d.groups > 65535)
+    bad("n", fmt::format("the launch grid {}x{}x{} is too large", tiles,
+                         int64_t(d.taps()) * d.groups, p.splits));
+  p.grid = {unsigned(tiles), unsigned(d.taps() * d.groups), unsigned(p.splits)};
+}
+
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
   const bool dww = v.algo == Algo::depthwise && d.pass == Pass::backward_weight;
+  const bool wgw = v.algo == Algo::gemm_wgmma && d.pass == Pass::backward_weight;
   p.use_tc = v.algo == Algo::gemm_tc;
   p.stage = p.acc;
   if (p.use_tc) {
@@ -167,9 +216,11 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.wk = f32 ? 8 : 16;
     p.a_pad = f32 ? 4 : 8;  // TC_PAD: keeps rows 32-byte aligned and off one bank
   }
-  if (v.algo != Algo::gemm_simt && !p.use_tc && !dw && !dww)
-    bad("algo", fmt::format("pass={} has algo=gemm_simt, gemm_tc or depthwise, not algo={}",
-                            to_string(d.pass), to_string(v.algo)));
+  if (v.algo != Algo::gemm_simt && !p.use_tc && !dw && !dww && !wgw)
+    bad("algo", fmt::format("pass={} has algo=gemm_simt, gemm_tc{} or depthwise, not algo={}",
+                            to_string(d.pass),
+                            d.pass == Pass::backward_weight ? ", gemm_wgmma" : "",
+                            to_string(v.algo)));
   if ((dw || dww) && (d.c_per_group() != 1 || d.k_per_group() != 1))
     bad("algo", fmt::format("algo=depthwise needs groups == c == k, not groups={} c={} k={}",
                             d.groups, d.c, d.k));
@@ -262,6 +313,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.grid = {unsigned(gx), unsigned(d.taps()), unsigned(d.offset_groups)};
   } else if (dww) {
     plan_bwd_weight_dw(d, v, p, asize, m_total);
+  } else if (wgw) {
+    plan_bwd_weight_wgmma(d, v, p, m_total);
   } else {
     p.template_name = "deform_conv_bwd_weight.cuh";
     p.kernel_name = "deft_deform_conv2d_backward_weight";

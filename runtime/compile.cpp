@@ -447,6 +447,10 @@ void check_backward_alignment(const LayerDesc& d, const KernelImpl* data,
     if (!p.transpose) in = std::max<size_t>(in, 16);
     g = std::max(g, size_t(p.gv) * es);
   }
+  if (weight && weight->variant.algo == Algo::gemm_wgmma) {  // deform_conv_bwd_weight_wgmma.cuh
+    if (!weight->plan.transpose) in = std::max<size_t>(in, 16);
+    if (d.layout == Layout::nchw && d.out_h() * d.out_w() % 4 == 0) g = std::max(g, 4 * es);
+  }
   if (weight && weight->variant.algo == Algo::depthwise && !weight->plan.transpose &&
       weight->plan.x_nhwc && weight->plan.vec > 1 && (size_t(weight->plan.vec) * es) % 16 == 0)
     in = std::max<size_t>(in, 16);  // deform_conv_bwd_weight_dw.cuh

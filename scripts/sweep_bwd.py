@@ -16,6 +16,9 @@ from deft_ctypes import DeftLibrary  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("cases", nargs="?", default="resnet_res4,maskrcnn_res4,dense512")
 ap.add_argument("--dtype", default="fp16")
+ap.add_argument("--family", default="tc", choices=["tc", "wgmma"],
+                help="weight-pass variants: the WMMA tiles, or the wgmma tiles (then the "
+                     "data pass is not swept, and the WMMA default is timed for comparison)")
 args = ap.parse_args()
 lib = DeftLibrary("build/libdeft.so")
 spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"))
@@ -43,6 +46,11 @@ def rel(a, b):
 V = "algo=gemm_tc tm={} tn={} tk={} threads=256 transpose=1"
 data_vs = [V.format(*p) for p in itertools.product((64, 128), (32, 64), (32, 64))]
 weight_vs = [V.format(*p) for p in itertools.product((64, 128), (32, 64), (32, 64, 128))]
+if args.family == "wgmma":
+    data_vs = []
+    weight_vs = ["algo=gemm_tc tm=128 tn=64 tk=64 threads=256 transpose=1"] + [
+        f"algo=gemm_wgmma tm={tm} tn={tn} tk=64 threads={2 * tm} transpose=1"
+        for tm in (64, 128, 256) for tn in (64, 128)]
 for case in spec["cases"]:
     if case["name"] not in args.cases.split(","):
         continue

@@ -96,6 +96,15 @@ class DeviceBuffer {
 
 // Owns one CUDA stream (a blocking one: it orders with the legacy default stream, on which
 // cudaMemcpy / cudaMemset run).
+// Compute capability of the current device as 10 * major + minor (0 without a GPU).
+inline int device_arch() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  return 10 * major + minor;
+}
+
 class Stream {
  public:
   Stream() { DEFT_CUDA_CHECK(cudaStreamCreate(&s_)); }

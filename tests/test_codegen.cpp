@@ -286,6 +286,63 @@ TEST(Codegen, WgmmaTilesCompileForSm90Only) {
           "transpose");  // transpose=1 applies to nchw layers only
 }
 
+// Grad weight on wgmma (deform_conv_bwd_weight_wgmma.cuh): the sm_90 default for f16/bf16
+// layers with 64-channel tiles; every tile compiles for sm_90a with the transposed-B wgmma in
+// the PTX (and the 64-wide tiles without spills); the rules it needs are enforced.
+TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
+  for (const char* text :
+       {"deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nchw "
+        "pass=backward_weight",
+        "deform_conv2d n=2 c=128 h=7 w=9 k=256 r=3 s=3 pad=1 mask=1 dtype=bf16 layout=nhwc "
+        "pass=backward_weight"}) {
+    const auto d = deft::parse_layer_desc(text);
+    SCOPED_TRACE(text);
+    const deft::Variant def = deft::default_variant(d, 90);
+    EXPECT_EQ(def.algo, deft::Algo::gemm_wgmma);
+    EXPECT_EQ(def.tile_m, 256);
+    EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
+    const char* ty = d.dtype == deft::DType::f16 ? "f16" : "bf16";
+    for (int tm : {64, 128, 256})
+      for (int tn : {64, 128}) {
+        deft::Variant v = def;
+        v.tile_m = tm, v.tile_n = tn, v.threads = 2 * tm;
+        SCOPED_TRACE(deft::to_string(v));
+        const deft::CompileInfo info = compile_for_sm90(d, v);
+        if (tn == 64)
+          EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+              << info.resource_report;
+        deft::CompileOptions o;
+        o.arch = 90;
+        o.variant = v;
+        o.cache_path = "";
+        const std::string ptx = deft::emit_ptx(d, o);
+        EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{}", tn, ty, ty)),
+                  std::string::npos);
+        EXPECT_NE(ptx.find(".target sm_90a"), std::string::npos);
+      }
+  }
+  auto refused = [](const std::string& text, const std::string& variant, const std::string& field) {
+    try {
+      deft::validate(deft::parse_layer_desc(text), deft::parse_variant(variant));
+      ADD_FAILURE() << "accepted " << text << " / " << variant;
+    } catch (const deft::DescError& e) {
+      EXPECT_EQ(e.field(), field) << text << ": " << e.what();
+    }
+  };
+  const std::string base = "deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 ";
+  const std::string v = "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=1";
+  refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight", v, "algo");
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=0", "transpose");
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=128 transpose=1", "threads");
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=32 threads=256 transpose=1", "tk");
+  refused("deform_conv2d n=2 c=96 h=9 w=10 k=256 r=3 s=3 pad=1 offset_groups=3 mask=1 dtype=f16 "
+          "layout=nchw pass=backward_weight", v, "tn");  // 32 channels per offset group
+  refused(base + "dtype=f16 layout=nchw pass=backward_data", v, "algo");
+}
+
 // staging=window on wgmma: window tiles up to 128 wide compile for sm_90a without spills, in
 // f16 and tf32; the window's rows follow the tile's pixel span and the halo.
 TEST(Codegen, WgmmaWindowCompiles) {

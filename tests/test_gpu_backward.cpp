@@ -401,6 +401,47 @@ TEST(GpuBackwardErrors, ClearMessages) {
 }
 
 
+// Grad weight on Hopper's wgmma (deform_conv_bwd_weight_wgmma.cuh): every tile a layer takes,
+// on layers with output channels that fill no tile (k/groups = 80), two groups and two offset
+// groups, nhwc, and nchw with and without 4-pixel grad_out vectors (h*w = 90 vs 49); sigma 8 on
+// one of them for corners far outside the image. The default picks it on sm_90.
+TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  struct W {
+    LayerDesc d;
+    double sigma;
+  };
+  const W layers[] = {
+      {make(2, 128, 9, 10, 80, 3, 1, 1, 2, DType::f16, Layout::nchw), 2.0},
+      {make(2, 128, 7, 9, 256, 3, 1, 1, 1, DType::bf16, Layout::nhwc), 2.0},
+      {make(2, 256, 12, 12, 128, 3, 1, 2, 2, DType::f16, Layout::nchw), 8.0},
+      {make(3, 64, 7, 7, 64, 3, 1, 1, 1, DType::bf16, Layout::nchw), 2.0},
+  };
+  for (const W& w : layers) {
+    LayerDesc wd = w.d;
+    wd.pass = deft::Pass::backward_weight;
+    EXPECT_EQ(deft::default_variant(wd, 90).algo, deft::Algo::gemm_wgmma) << deft::to_string(wd);
+    const Tensors t = random_tensors(w.d, w.sigma, 321);
+    for (int tm : {64, 128, 256})
+      for (int tn : {64, 128}) {
+        deft::Variant v;
+        v.algo = deft::Algo::gemm_wgmma;
+        v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = 2 * tm;
+        v.transpose = w.d.layout == Layout::nchw;
+        try {
+          deft::validate(wd, v);
+        } catch (const deft::DescError&) {
+          continue;  // a channel tile wider than the layer's groups
+        }
+        SCOPED_TRACE(deft::to_string(v));
+        deft::CompileOptions o = test_options();
+        o.backward_weight_variant = v;
+        check_backward(w.d, t, 0, o);
+      }
+  }
+}
+
 // The backward kernels of nhwc layers read the caller's input (and weight and grad_output) in
 // vectors: a misaligned tensor is refused with a message naming it, before any launch.
 TEST(GpuBackwardErrors, MisalignedTensorsGiveAClearError) {

@@ -414,15 +414,6 @@ TEST(GpuForwardEdge, AllOffsetsNaNGiveActivatedBias) {
 
 // ---- (d) the Hopper wgmma kernel ------------------------------------------------------------
 
-// Compute capability of the current device as 10 * major + minor (0 without a GPU).
-int device_arch() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  return 10 * major + minor;
-}
-
 // Layers for algo=gemm_wgmma: partial pixel tiles, output channels that do not fill a tile,
 // a partial 32-channel chunk (c/groups = 40), groups and offset groups (two offset groups in
 // one weight group, and one offset group across two weight groups), strides, dilation, a 1x1
