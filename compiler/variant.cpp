@@ -232,26 +232,10 @@ Variant default_variant(const LayerDesc& d, int arch) {
   // wgmma exists on sm_90 (Hopper) alone. Only for the layers the tensor-core GEMM would take
   // (f16, bf16, f32 in tf32 math), with whole chunks (32 channels, 16 for tf32) or at least 64
   // channels per group (less would leave most of each chunk's k slots zero).
-  if (arch == 90 && d.pass == Pass::backward_weight && base.algo == Algo::gemm_tc &&
-      (d.dtype == DType::f16 || d.dtype == DType::bf16) &&
-      (d.layout == Layout::nhwc || base.transpose)) {
-    // grad weight on wgmma (templates/deform_conv_bwd_weight_wgmma.cuh): output-channel tiles
-    // as wide as the group allows up to four warpgroups (each tile re-gathers the columns),
-    // 64 input channels (the narrower accumulator leaves registers for the gathers).
-    for (int tm : {256, 128, 64}) {
-      if (tm > 64 && tm / 2 >= d.k_per_group()) continue;
-      Variant v;
-      v.algo = Algo::gemm_wgmma;
-      v.tile_m = tm, v.tile_n = 64, v.tile_k = 64, v.threads = 2 * tm, v.vec = 1;
-      v.transpose = base.transpose;
-      try {
-        validate(d, v);
-        return v;
-      } catch (const Error&) {
-      }
-    }
-    return base;
-  }
+  // Grad weight stays on the WMMA kernel on sm_90 too: the wgmma one
+  // (templates/deform_conv_bwd_weight_wgmma.cuh, algo=gemm_wgmma) is correct on every tile but
+  // not faster end to end (docs/perf-notes.md round B7): opt in through
+  // CompileOptions::backward_weight_variant.
   const int chunk = 64 / dtype_size(d.dtype);
   if (arch != 90 || d.pass != Pass::forward || base.algo != Algo::gemm_tc ||
       (d.c_per_group() % chunk != 0 && d.c_per_group() < 64))

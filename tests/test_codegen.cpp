@@ -286,8 +286,8 @@ TEST(Codegen, WgmmaTilesCompileForSm90Only) {
           "transpose");  // transpose=1 applies to nchw layers only
 }
 
-// Grad weight on wgmma (deform_conv_bwd_weight_wgmma.cuh): the sm_90 default for f16/bf16
-// layers with 64-channel tiles; every tile compiles for sm_90a with the transposed-B wgmma in
+// Grad weight on wgmma (deform_conv_bwd_weight_wgmma.cuh, opt-in: not the default, see
+// docs/perf-notes.md round B7): every tile compiles for sm_90a with the transposed-B wgmma in
 // the PTX (and the 64-wide tiles without spills); the rules it needs are enforced.
 TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
   for (const char* text :
@@ -297,10 +297,11 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
         "pass=backward_weight"}) {
     const auto d = deft::parse_layer_desc(text);
     SCOPED_TRACE(text);
-    const deft::Variant def = deft::default_variant(d, 90);
-    EXPECT_EQ(def.algo, deft::Algo::gemm_wgmma);
-    EXPECT_EQ(def.tile_m, 256);
-    EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
+    EXPECT_EQ(deft::default_variant(d, 90).algo, deft::Algo::gemm_tc);
+    deft::Variant def;
+    def.algo = deft::Algo::gemm_wgmma;
+    def.tile_k = 64;
+    def.transpose = d.layout == deft::Layout::nchw;
     const char* ty = d.dtype == deft::DType::f16 ? "f16" : "bf16";
     for (int tm : {64, 128, 256})
       for (int tn : {64, 128}) {
