@@ -97,14 +97,10 @@ void plan_bwd_weight_vector(const LayerDesc& d, KernelPlan& p, int ssize) {
   p.smem_bytes = int(bytes);
 }
 
-// Depthwise backward_weight (templates/deform_conv_bwd_weight_dw.cuh): the depthwise
-// forward's thread layout (vec channels per thread, tn channels and tm pixels per block), tk
-// pixel steps per thread, so a block reduces tm * tk pixels (one of the splits), and
-// dw_weight_taps_per_block taps.
-void plan_bwd_weight_dw(const LayerDesc& d, const Variant& v, KernelPlan& p, int asize,
-                        int64_t m_total) {
-  p.template_name = "deform_conv_bwd_weight_dw.cuh";
-  p.kernel_name = "deft_deform_conv2d_backward_weight";
+// The depthwise kernels' channel vectors (deform_conv_depthwise.cuh and
+// deform_conv_bwd_weight_dw.cuh): vec a power of two up to 16; read channels-last, whole
+// 16-byte loads inside c and the offset groups; tn (channels per block) whole vectors.
+void check_depthwise_vec(const LayerDesc& d, const Variant& v, const KernelPlan& p) {
   const int vec = v.vec, tsize = dtype_size(d.dtype);
   if (!pow2(vec) || vec > 16) bad("vec", fmt::format("vec={} must be 1, 2, 4, 8 or 16", vec));
   if (p.x_nhwc && vec > 1) {
@@ -118,6 +114,18 @@ void plan_bwd_weight_dw(const LayerDesc& d, const Variant& v, KernelPlan& p, int
   if (v.tile_n % vec != 0)
     bad("tn", fmt::format("tn={} (channels per block) must be a multiple of vec={}", v.tile_n,
                           vec));
+}
+
+// Depthwise backward_weight (templates/deform_conv_bwd_weight_dw.cuh): the depthwise
+// forward's thread layout (vec channels per thread, tn channels and tm pixels per block), tk
+// pixel steps per thread, so a block reduces tm * tk pixels (one of the splits), and
+// dw_weight_taps_per_block taps.
+void plan_bwd_weight_dw(const LayerDesc& d, const Variant& v, KernelPlan& p, int asize,
+                        int64_t m_total) {
+  p.template_name = "deform_conv_bwd_weight_dw.cuh";
+  p.kernel_name = "deft_deform_conv2d_backward_weight";
+  check_depthwise_vec(d, v, p);
+  const int vec = v.vec, tsize = dtype_size(d.dtype);
   const int tpc = v.tile_n / vec;
   if (!pow2(tpc) || v.threads % tpc != 0)
     bad("tn", fmt::format("tn/vec={} (threads per pixel) must be a power of two dividing "
@@ -637,19 +645,8 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       if (d.c_per_group() != 1 || d.k_per_group() != 1)
         bad("algo", fmt::format("algo=depthwise needs groups == c == k, not groups={} c={} k={}",
                                 d.groups, d.c, d.k));
+      check_depthwise_vec(d, v, p);
       const int vec = v.vec, tsize = dtype_size(d.dtype);
-      if (!pow2(vec) || vec > 16) bad("vec", fmt::format("vec={} must be 1, 2, 4, 8 or 16", vec));
-      if (p.x_nhwc && vec > 1) {
-        if ((vec * tsize) % 16 != 0)
-          bad("vec", fmt::format("vec={} of {} is not a whole number of 16-byte loads", vec,
-                                 to_string(d.dtype)));
-        if (d.c % vec != 0 || d.c_per_offset_group() % vec != 0)
-          bad("vec", fmt::format("vec={} must divide c={} and c/offset_groups={}", vec, d.c,
-                                 d.c_per_offset_group()));
-      }
-      if (v.tile_n % vec != 0)
-        bad("tn", fmt::format("tn={} (channels per block) must be a multiple of vec={}",
-                              v.tile_n, vec));
       const int tpc = v.tile_n / vec;
       if (v.threads % tpc != 0)
         bad("tn", fmt::format("threads={} must be a multiple of tn/vec={}", v.threads, tpc));
