@@ -196,3 +196,40 @@ __device__ __forceinline__ bool deft_transpose_pairs(const S* src, const D* dst,
   return ((rows | cols) & 1) == 0 && (unsigned long long)src % (2 * sizeof(S)) == 0 &&
          (unsigned long long)dst % (2 * sizeof(D)) == 0;
 }
+
+// Eight channels of one bilinear sample (16-bit elements) from its four corners' 16-byte
+// vectors and weights w0..w3: f16 in packed half2 arithmetic (HALF2_COMBINE), else in f32,
+// rounded to T. A template so that layers of other element sizes never instantiate it.
+template <int Unused = 0>
+__device__ __forceinline__ uint4 deft_combine8(const uint4 (&c)[4], float w0, float w1, float w2,
+                                               float w3) {
+  static_assert(Unused != 0 || sizeof(T) == 2, "8 channels of 16-bit elements");
+  uint4 out;
+#if HALF2_COMBINE
+  const __half2* x0 = reinterpret_cast<const __half2*>(&c[0]);
+  const __half2* x1 = reinterpret_cast<const __half2*>(&c[1]);
+  const __half2* x2 = reinterpret_cast<const __half2*>(&c[2]);
+  const __half2* x3 = reinterpret_cast<const __half2*>(&c[3]);
+  const __half2 h0 = __float2half2_rn(w0), h1 = __float2half2_rn(w1);
+  const __half2 h2 = __float2half2_rn(w2), h3 = __float2half2_rn(w3);
+  __half2* o = reinterpret_cast<__half2*>(&out);
+#pragma unroll
+  for (int e = 0; e < 4; ++e)
+    o[e] = __hfma2(h3, x3[e], __hfma2(h2, x2[e], __hfma2(h1, x1[e], __hmul2(h0, x0[e]))));
+#else
+  const float ws[4] = {w0, w1, w2, w3};
+  float acc[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const T* x = reinterpret_cast<const T*>(&c[q]);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] = fmaf(ws[q], deft_widen(x[e]), acc[e]);
+  }
+  T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) o[e] = deft_from<T>(acc[e]);
+#endif
+  return out;
+}

@@ -58,37 +58,6 @@ __device__ __forceinline__ int deft_slot_pixel(int s) {
   return 4 * ((s % 8) / 2) + 2 * (s / 8) + s % 2;
 }
 
-// 8 channels of one sample: sum over the four corners of weight * corner vector.
-__device__ __forceinline__ uint4 deft_bw_combine(const uint4 (&c)[4], const float (&w)[4]) {
-  uint4 out;
-#if HALF2_COMBINE
-  const __half2 w0 = __float2half2_rn(w[0]), w1 = __float2half2_rn(w[1]);
-  const __half2 w2 = __float2half2_rn(w[2]), w3 = __float2half2_rn(w[3]);
-  const __half2* x0 = reinterpret_cast<const __half2*>(&c[0]);
-  const __half2* x1 = reinterpret_cast<const __half2*>(&c[1]);
-  const __half2* x2 = reinterpret_cast<const __half2*>(&c[2]);
-  const __half2* x3 = reinterpret_cast<const __half2*>(&c[3]);
-  __half2* o = reinterpret_cast<__half2*>(&out);
-#pragma unroll
-  for (int e = 0; e < 4; ++e)
-    o[e] = __hfma2(w3, x3[e], __hfma2(w2, x2[e], __hfma2(w1, x1[e], __hmul2(w0, x0[e]))));
-#else
-  float acc[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const T* x = reinterpret_cast<const T*>(&c[q]);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = fmaf(w[q], deft_widen(x[e]), acc[e]);
-  }
-  T* o = reinterpret_cast<T*>(&out);
-#pragma unroll
-  for (int e = 0; e < 8; ++e) o[e] = deft_from<T>(acc[e]);
-#endif
-  return out;
-}
-
 __device__ __forceinline__ unsigned short deft_bits(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ unsigned short deft_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 __device__ __forceinline__ unsigned deft_pack2(T lo, T hi) {
@@ -146,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #pragma unroll
       for (int j = 0; j < VPT; ++j) {
         const int v = vbase + 4 * VGROUPS * j;
-        *reinterpret_cast<uint4*>(row + v * 128) = deft_bw_combine(raw[j], w);
+        *reinterpret_cast<uint4*>(row + v * 128) = deft_combine8(raw[j], w[0], w[1], w[2], w[3]);
       }
     }
   };

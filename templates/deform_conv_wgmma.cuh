@@ -153,35 +153,8 @@ __device__ __forceinline__ uint4 deft_combine(const uint4 (&c)[4], const float4&
   out.z = deft_tf32_bits(fmaf(w.w, x[3].z, fmaf(w.z, x[2].z, fmaf(w.y, x[1].z, w.x * x[0].z))));
   out.w = deft_tf32_bits(fmaf(w.w, x[3].w, fmaf(w.z, x[2].w, fmaf(w.y, x[1].w, w.x * x[0].w))));
   return out;
-#elif HALF2_COMBINE
-  const __half2* x0 = reinterpret_cast<const __half2*>(&c[0]);
-  const __half2* x1 = reinterpret_cast<const __half2*>(&c[1]);
-  const __half2* x2 = reinterpret_cast<const __half2*>(&c[2]);
-  const __half2* x3 = reinterpret_cast<const __half2*>(&c[3]);
-  const __half2 w0 = __float2half2_rn(w.x), w1 = __float2half2_rn(w.y);
-  const __half2 w2 = __float2half2_rn(w.z), w3 = __float2half2_rn(w.w);
-  uint4 out;
-  __half2* o = reinterpret_cast<__half2*>(&out);
-#pragma unroll
-  for (int e = 0; e < 4; ++e)
-    o[e] = __hfma2(w3, x3[e], __hfma2(w2, x2[e], __hfma2(w1, x1[e], __hmul2(w0, x0[e]))));
-  return out;
 #else
-  const float ws[4] = {w.x, w.y, w.z, w.w};
-  float acc[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const T* x = reinterpret_cast<const T*>(&c[q]);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = fmaf(ws[q], deft_widen(x[e]), acc[e]);
-  }
-  uint4 out;
-  T* o = reinterpret_cast<T*>(&out);
-#pragma unroll
-  for (int e = 0; e < 8; ++e) o[e] = deft_from<T>(acc[e]);
-  return out;
+  return deft_combine8(c, w.x, w.y, w.z, w.w);
 #endif
 }
 

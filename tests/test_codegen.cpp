@@ -225,6 +225,17 @@ TEST(Codegen, DefaultVariantPlansEveryDescription) {
 // sm_90a without spills and with the wgmma instructions in the PTX; other architectures get a
 // clear error; layers it cannot run are refused with the rule they break.
 
+// The PTX of layer d with variant v for sm_90 (uncached), which must target sm_90a.
+std::string sm90a_ptx(const deft::LayerDesc& d, const deft::Variant& v) {
+  deft::CompileOptions o;
+  o.arch = 90;
+  o.variant = v;
+  o.cache_path = "";
+  std::string ptx = deft::emit_ptx(d, o);
+  EXPECT_NE(ptx.find(".target sm_90a"), std::string::npos);
+  return ptx;
+}
+
 // Compiles every wgmma tile of layer d for sm_90a (tk: the dtype's chunk; transpose for nchw);
 // expects no spills and `mma` (the wgmma instruction for tile width N, "{}" standing for N) in
 // the PTX, and calls more(options) for further checks of each tile.
@@ -239,13 +250,12 @@ void expect_wgmma_tiles(const deft::LayerDesc& d, const char* mma, More&& more) 
       const deft::CompileInfo info = compile_for_sm90(d, v);
       EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
           << info.resource_report;
+      const std::string ptx = sm90a_ptx(d, v);
+      EXPECT_NE(ptx.find(fmt::format(fmt::runtime(mma), tn)), std::string::npos) << mma;
       deft::CompileOptions o;
       o.arch = 90;
       o.variant = v;
       o.cache_path = "";
-      const std::string ptx = deft::emit_ptx(d, o);
-      EXPECT_NE(ptx.find(fmt::format(fmt::runtime(mma), tn)), std::string::npos) << mma;
-      EXPECT_NE(ptx.find(".target sm_90a"), std::string::npos);
       more(o, ptx);
     }
 }
@@ -312,14 +322,9 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
         if (tn == 64)
           EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
               << info.resource_report;
-        deft::CompileOptions o;
-        o.arch = 90;
-        o.variant = v;
-        o.cache_path = "";
-        const std::string ptx = deft::emit_ptx(d, o);
+        const std::string ptx = sm90a_ptx(d, v);
         EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{}", tn, ty, ty)),
                   std::string::npos);
-        EXPECT_NE(ptx.find(".target sm_90a"), std::string::npos);
       }
   }
   auto refused = [](const std::string& text, const std::string& variant, const std::string& field) {
