@@ -233,3 +233,25 @@ __device__ __forceinline__ uint4 deft_combine8(const uint4 (&c)[4], float w0, fl
 #endif
   return out;
 }
+
+// The VEC_ channels at each corner of a sampling point, as whole 16-byte loads (VEC_ elements
+// fill one or more): deft_load_corners(base, p, x) puts corner q, read at base + p.off[q], in
+// x[q] (.u the 16-byte words, .t the elements).
+template <int VEC_>
+struct DeftCornerVec {
+  static constexpr int CHUNKS = VEC_ * int(sizeof(T)) / 16 > 0 ? VEC_ * int(sizeof(T)) / 16 : 1;
+  union {
+    uint4 u[CHUNKS];
+    T t[VEC_];
+  };
+};
+template <int VEC_>
+__device__ __forceinline__ void deft_load_corners(const T* __restrict__ base, const SamplePoint& p,
+                                                  DeftCornerVec<VEC_> (&x)[4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint4* src = reinterpret_cast<const uint4*>(base + p.off[q]);
+#pragma unroll
+    for (int u = 0; u < DeftCornerVec<VEC_>::CHUNKS; ++u) x[q].u[u] = __ldg(src + u);
+  }
+}

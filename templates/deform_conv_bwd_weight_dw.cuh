@@ -63,18 +63,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
       if (tap >= TAPS) break;
       SamplePoint p = deft_point_from(pin[b], ho, wo, tap);
       if constexpr (X_NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0) {
-        constexpr int CHUNKS = VEC * sizeof(T) / 16 > 0 ? VEC * sizeof(T) / 16 : 1;
-        union Vec {
-          uint4 u[CHUNKS];
-          T t[VEC];
-        };
-        Vec x[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint4* src = reinterpret_cast<const uint4*>(image + c_base + p.off[q]);
-#pragma unroll
-          for (int u = 0; u < CHUNKS; ++u) x[q].u[u] = __ldg(src + u);
-        }
+        DeftCornerVec<VEC> x[4];
+        deft_load_corners(image + c_base, p, x);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           Acc s = Acc(0);
