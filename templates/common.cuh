@@ -255,3 +255,18 @@ __device__ __forceinline__ void deft_load_corners(const T* __restrict__ base, co
     for (int u = 0; u < DeftCornerVec<VEC_>::CHUNKS; ++u) x[q].u[u] = __ldg(src + u);
   }
 }
+
+// Depthwise kernels, one channel at a time: the sample of channel c at output pixel (n, ho, wo),
+// tap `tap`, given the sampling point p of offset group og; p and og move to c's offset group
+// first when c lies in another one. image: the input image's start.
+__device__ __forceinline__ Acc deft_sample_channel(const T* __restrict__ offset,
+                                                   const T* __restrict__ mask,
+                                                   const T* __restrict__ image, long long n,
+                                                   int ho, int wo, int tap, int c, int& og,
+                                                   SamplePoint& p) {
+  if (c / CPOG != og) {  // channels of another offset group: new sampling point
+    og = c / CPOG;
+    p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
+  }
+  return deft_sample(X_NHWC ? image + c : image + c * ((long long)H * W), p);
+}

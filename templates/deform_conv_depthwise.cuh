@@ -83,15 +83,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     } else {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        if (e < nvec) {
-          const int c = c_base + e;
-          if (c / CPOG != og) {  // channels of another offset group: new sampling point
-            og = c / CPOG;
-            p = deft_sample_point(offset, mask, n, ho, wo, tap, og);
-          }
-          const T* base = X_NHWC ? image + c : image + c * ((long long)H * W);
-          acc[e] += Acc(deft_widen(weight[(long long)c * (R * S) + tap])) * deft_sample(base, p);
-        }
+        if (e < nvec)
+          acc[e] += Acc(deft_widen(weight[(long long)(c_base + e) * (R * S) + tap])) *
+                    deft_sample_channel(offset, mask, image, n, ho, wo, tap, c_base + e, og, p);
       }
     }
   }
