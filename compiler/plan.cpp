@@ -70,6 +70,9 @@ void plan_bwd_data_resident(const LayerDesc& d, KernelPlan& p, int ssize, int as
       // form, and with scalar channels the lanes of a pixel hit one sector per instruction.
       p.ev = p.gin_mode != 2 && d.c % 4 == 0 && p.bc % (4 * p.tpp) == 0 ? 4 : 1;
       p.smem_bytes = int(bytes);
+      // epilogue corner vectors of the input, 16-byte weight copies, grad_out copy vectors
+      if (!p.transpose) p.align_input = p.ev * dtype_size(d.dtype), p.align_weight = 16;
+      p.align_gout = gv * dtype_size(d.dtype);
       return;
     }
   }
@@ -95,6 +98,8 @@ void plan_bwd_weight_vector(const LayerDesc& d, KernelPlan& p, int ssize) {
   p.template_name = "deform_conv_bwd_weight_tc.cuh";
   p.gv = gv;
   p.smem_bytes = int(bytes);
+  if (!p.transpose) p.align_input = 16;  // 16-byte corner gathers
+  p.align_gout = gv * dtype_size(d.dtype);  // grad_out copy vectors
 }
 
 // The depthwise kernels' channel vectors (deform_conv_depthwise.cuh and
@@ -139,6 +144,7 @@ void plan_bwd_weight_dw(const LayerDesc& d, const Variant& v, KernelPlan& p, int
   p.t_size = tsize;
   p.block = unsigned(v.threads);
   p.tb = dw_weight_taps_per_block(d, vec);
+  if (p.x_nhwc && !p.transpose && vec > 1) p.align_input = 16;  // 16-byte corner vectors
   const int64_t red_bytes = int64_t(v.threads / std::max(tpc, 32)) * tpc * vec * asize;
   if (red_bytes > 48 * 1024)
     bad("threads", fmt::format("threads={} with vec={} needs {} bytes of shared memory (max "
@@ -188,6 +194,9 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
   p.bo = v.tile_m;
   p.bc = v.tile_n;
   p.bpw = 64;
+  if (!p.transpose) p.align_input = 16;  // 16-byte corner gathers
+  // 8-byte grad_out loads of four pixels (nchw, whole groups of four per image)
+  if (d.layout == Layout::nchw && d.out_h() * d.out_w() % 4 == 0) p.align_gout = 8;
   p.block = unsigned(v.threads);
   p.smem_bytes = 0;  // static: two 64-pixel chunks of tn channels
   const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);
@@ -271,6 +280,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;
     // channel vectors of 4 where they are contiguous and accumulate into the f32 workspace
     p.ev = p.x_nhwc && p.gin_mode == 1 && asize == 4 && d.c_per_offset_group() % 4 == 0 ? 4 : 1;
+    if (!p.transpose) p.align_input = p.ev * dtype_size(d.dtype);  // corner vectors
     const int64_t gx = ceil_div(m_total, p.bp);
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
@@ -665,6 +675,13 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       break;
     }
   }
+  // 16-byte gathers of the input (A tile vectors, wgmma, depthwise vectors) and weight loads,
+  // unless they read the transpose pre-pass's copies; wgmma stores out_store bytes at a time.
+  const bool depthwise_vec = v.algo == Algo::depthwise && p.x_nhwc && p.vec > 1 &&
+                             (p.vec * dtype_size(d.dtype)) % 16 == 0;
+  if (!p.transpose && (p.vec_a || p.wgmma || depthwise_vec)) p.align_input = 16;
+  if (!p.transpose && !p.wgmma && p.vec_b) p.align_weight = 16;
+  if (p.wgmma) p.align_output = p.out_store;
   p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
   return p;
 }

@@ -69,6 +69,9 @@ struct KernelPlan {
   int64_t split_pix = 0;
   // backward: workspace bytes (grad-input accumulator incl. a 32-byte header / weight partials)
   int64_t workspace_bytes = 0;
+  // Bytes the kernel's vector accesses need the caller's tensors aligned to (1: no more than
+  // their elements); the transpose pre-pass's copies do not count. gout: grad_output.
+  int align_input = 1, align_weight = 1, align_gout = 1, align_output = 1;
 };
 
 // Derives the plan. Throws DescError (field of the variant text) when the variant can't run

@@ -279,33 +279,35 @@ void check_device_arch(const KernelImpl& k, const char* what) {
                             k.info.arch, arch));
 }
 
-// The tensors a forward kernel reads or writes in 16-byte vectors must start on a 16-byte
-// boundary (a misaligned vector access would kill the CUDA context); every tensor on its
-// element size. Inputs read through the transpose pre-pass's workspace are exempt.
+// Every tensor of a call (`all`: pointer, name; null ones skipped) must start on its element
+// size, and the ones the kernels access in vectors (`vec`: bytes from the plans'
+// align_* fields, pointer, name) on the vector: a misaligned vector access would kill the CUDA
+// context. `pass`: "forward" or "backward", `who`: the kernels, for the message.
+void check_alignment(const char* pass, const std::string& who, size_t es,
+                     std::initializer_list<std::pair<const void*, const char*>> all,
+                     std::initializer_list<std::tuple<size_t, const void*, const char*>> vec) {
+  auto at = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
+  for (auto [ptr, name] : all)
+    if (ptr && at(ptr) % es != 0)
+      throw Error(fmt::format("{}: {} at {} is not aligned to its {}-byte elements", pass, name,
+                              ptr, es));
+  for (auto [bytes, ptr, name] : vec)
+    if (ptr && bytes > es && at(ptr) % bytes != 0)
+      throw Error(fmt::format("{}: {} at {} is not {}-byte aligned, and {} access it in {}-byte "
+                              "vectors; pass a tensor that starts on a 16-byte boundary (a fresh "
+                              "allocation or a contiguous copy)",
+                              pass, name, ptr, bytes, who, bytes));
+}
+
 void check_forward_alignment(const KernelImpl& k, const ForwardArgs& a) {
   const KernelPlan& p = k.plan;
-  const LayerDesc& d = k.desc;
-  const size_t es = size_t(dtype_size(d.dtype));
-  auto at = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
-  for (auto [ptr, name] : {std::pair{a.input, "input"}, {a.offset, "offset"}, {a.mask, "mask"},
-                           {a.weight, "weight"}, {a.bias, "bias"},
-                           {static_cast<const void*>(a.output), "output"}})
-    if (ptr && at(ptr) % es != 0)
-      throw Error(fmt::format("forward: {} at {} is not aligned to its {}-byte elements", name,
-                              ptr, es));
-  const bool depthwise_vec = k.variant.algo == Algo::depthwise && p.x_nhwc && p.vec > 1 &&
-                             (size_t(p.vec) * es) % 16 == 0;
-  const bool vec_input = !p.transpose && (p.vec_a || p.wgmma || depthwise_vec);
-  const bool vec_weight = !p.transpose && !p.wgmma && p.vec_b;
-  const size_t out_bytes = p.wgmma ? size_t(p.out_store) : es;
-  for (auto [bytes, ptr, name] : {std::tuple{vec_input ? 16 : es, a.input, "input"},
-                                  {vec_weight ? 16 : es, a.weight, "weight"},
-                                  {out_bytes, static_cast<const void*>(a.output), "output"}})
-    if (bytes > es && at(ptr) % bytes != 0)
-      throw Error(fmt::format("forward: {} at {} is not {}-byte aligned, and the {} kernel "
-                              "accesses it in {}-byte vectors; pass a tensor that starts on a "
-                              "16-byte boundary (a fresh allocation or a contiguous copy)",
-                              name, ptr, bytes, to_string(k.variant.algo), bytes));
+  check_alignment("forward", fmt::format("the {} kernel's loads and stores", to_string(k.variant.algo)),
+                  size_t(dtype_size(k.desc.dtype)),
+                  {{a.input, "input"}, {a.offset, "offset"}, {a.mask, "mask"},
+                   {a.weight, "weight"}, {a.bias, "bias"}, {a.output, "output"}},
+                  {{size_t(p.align_input), a.input, "input"},
+                   {size_t(p.align_weight), a.weight, "weight"},
+                   {size_t(p.align_output), a.output, "output"}});
 }
 
 // deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.
@@ -417,50 +419,22 @@ class Scratch {
 
 }  // namespace
 
-// The backward kernels' vector accesses to the caller's tensors (not the transpose pre-pass's
-// copies) need those tensors aligned to the vector; every tensor needs its element size.
-// `data`, `weight`: the passes this call runs (null: not run).
-void check_backward_alignment(const LayerDesc& d, const KernelImpl* data,
-                              const KernelImpl* weight, const BackwardArgs& a) {
-  const size_t es = size_t(dtype_size(d.dtype));
-  auto at = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
-  for (auto [ptr, name] :
-       {std::pair{a.input, "input"}, {a.offset, "offset"}, {a.mask, "mask"}, {a.weight, "weight"},
-        {a.grad_output, "grad_output"}, {static_cast<const void*>(a.grad_input), "grad_input"},
-        {static_cast<const void*>(a.grad_offset), "grad_offset"},
-        {static_cast<const void*>(a.grad_mask), "grad_mask"},
-        {static_cast<const void*>(a.grad_weight), "grad_weight"},
-        {static_cast<const void*>(a.grad_bias), "grad_bias"}})
-    if (ptr && at(ptr) % es != 0)
-      throw Error(fmt::format("backward: {} at {} is not aligned to its {}-byte elements", name,
-                              ptr, es));
-  size_t in = es, w = es, g = es;
-  if (data && data->variant.algo == Algo::depthwise && !data->plan.transpose)
-    in = std::max(in, size_t(data->plan.ev) * es);  // deform_conv_bwd_data_dw.cuh
-  if (data && data->plan.nstage > 0) {  // deform_conv_bwd_data_tc.cuh
-    const KernelPlan& p = data->plan;
-    if (!p.transpose) in = std::max(in, size_t(p.ev) * es), w = std::max<size_t>(w, 16);
-    g = std::max(g, size_t(p.gv) * es);
-  }
-  if (weight && weight->plan.gv > 0) {  // deform_conv_bwd_weight_tc.cuh
-    const KernelPlan& p = weight->plan;
-    if (!p.transpose) in = std::max<size_t>(in, 16);
-    g = std::max(g, size_t(p.gv) * es);
-  }
-  if (weight && weight->variant.algo == Algo::gemm_wgmma) {  // deform_conv_bwd_weight_wgmma.cuh
-    if (!weight->plan.transpose) in = std::max<size_t>(in, 16);
-    if (d.layout == Layout::nchw && d.out_h() * d.out_w() % 4 == 0) g = std::max(g, 4 * es);
-  }
-  if (weight && weight->variant.algo == Algo::depthwise && !weight->plan.transpose &&
-      weight->plan.x_nhwc && weight->plan.vec > 1 && (size_t(weight->plan.vec) * es) % 16 == 0)
-    in = std::max<size_t>(in, 16);  // deform_conv_bwd_weight_dw.cuh
-  for (auto [bytes, ptr, name] :
-       {std::tuple{in, a.input, "input"}, {w, a.weight, "weight"}, {g, a.grad_output, "grad_output"}})
-    if (ptr && bytes > es && at(ptr) % bytes != 0)
-      throw Error(fmt::format("backward: {} at {} is not {}-byte aligned, and the backward "
-                              "kernels access it in {}-byte vectors; pass a tensor that starts on "
-                              "a 16-byte boundary (a fresh allocation or a contiguous copy)",
-                              name, ptr, bytes, bytes));
+// The backward passes this call runs (`data`, `weight`; null: not run) against the caller's
+// tensors: check_alignment with the larger of the two plans' needs.
+static void check_backward_alignment(const LayerDesc& d, const KernelImpl* data,
+                                     const KernelImpl* weight, const BackwardArgs& a) {
+  auto need = [&](int KernelPlan::*f) {
+    return size_t(std::max(data ? data->plan.*f : 1, weight ? weight->plan.*f : 1));
+  };
+  check_alignment("backward", "the backward kernels", size_t(dtype_size(d.dtype)),
+                  {{a.input, "input"}, {a.offset, "offset"}, {a.mask, "mask"},
+                   {a.weight, "weight"}, {a.grad_output, "grad_output"},
+                   {a.grad_input, "grad_input"}, {a.grad_offset, "grad_offset"},
+                   {a.grad_mask, "grad_mask"}, {a.grad_weight, "grad_weight"},
+                   {a.grad_bias, "grad_bias"}},
+                  {{need(&KernelPlan::align_input), a.input, "input"},
+                   {need(&KernelPlan::align_weight), a.weight, "weight"},
+                   {need(&KernelPlan::align_gout), a.grad_output, "grad_output"}});
 }
 
 void Kernel::prepare_backward(int deterministic) const {

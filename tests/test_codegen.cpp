@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "compiler/plan.hpp"
 #include "deft/deft.hpp"
 #include "deft/deft_c.h"
 
@@ -294,6 +295,41 @@ TEST(Codegen, WgmmaTilesCompileForSm90Only) {
           "layout=nchw", "tk");  // tf32 reduces 16-channel chunks
   refused("deform_conv2d n=2 c=64 h=13 w=17 k=96 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc",
           "transpose");  // transpose=1 applies to nchw layers only
+}
+
+// What the kernels' vector accesses need of the caller's tensors (KernelPlan::align_*, which
+// the runtime checks before a launch): 16-byte gathers where the kernel reads the caller's
+// input channels-last, nothing for the transpose pre-pass's copies, grad_out copy vectors.
+TEST(Codegen, PlansNameTheAlignmentTheirVectorsNeed) {
+  struct A {
+    const char* variant;  // "" the default (sm_90 for the forward)
+    int input, weight, gout, output;
+  };
+  const std::string dense = "deform_conv2d n=2 c=64 h=12 w=12 k=64 r=3 s=3 pad=1 mask=1 dtype=f16 ";
+  const std::string dw = "deform_conv2d n=2 c=64 h=12 w=12 k=64 groups=64 r=3 s=3 pad=1 mask=1 dtype=f16 ";
+  const std::vector<std::pair<std::string, A>> cases = {
+      {dense + "layout=nhwc", {"", 16, 1, 1, 16}},           // wgmma, 16-byte stores
+      {dense + "layout=nchw", {"", 1, 1, 1, 16}},            // transposed input
+      {dense + "layout=nhwc pass=backward_data", {"", 8, 16, 16, 1}},  // 4-channel epilogue
+      {dense + "layout=nchw pass=backward_data", {"", 1, 1, 16, 1}},
+      {dense + "layout=nhwc pass=backward_weight", {"", 16, 1, 16, 1}},
+      {dense + "layout=nchw pass=backward_weight",
+       {"algo=gemm_wgmma tm=64 tn=64 tk=64 threads=128 transpose=1", 1, 1, 8, 1}},
+      {dw + "layout=nhwc", {"", 16, 1, 1, 1}},
+      {dw + "layout=nhwc pass=backward_data", {"", 8, 1, 1, 1}},
+      {dw + "layout=nhwc pass=backward_weight", {"", 16, 1, 1, 1}},
+      {dw + "layout=nchw pass=backward_weight", {"", 1, 1, 1, 1}},
+  };
+  for (const auto& [text, a] : cases) {
+    const deft::LayerDesc d = deft::parse_layer_desc(text);
+    const deft::Variant v = *a.variant ? deft::parse_variant(a.variant) : deft::default_variant(d, 90);
+    SCOPED_TRACE(text + " / " + deft::to_string(v));
+    const deft::KernelPlan p = deft::make_plan(d, v);
+    EXPECT_EQ(p.align_input, a.input);
+    EXPECT_EQ(p.align_weight, a.weight);
+    EXPECT_EQ(p.align_gout, a.gout);
+    EXPECT_EQ(p.align_output, a.output);
+  }
 }
 
 // Grad weight on wgmma (deform_conv_bwd_weight_wgmma.cuh, opt-in: not the default, see
