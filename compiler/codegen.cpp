@@ -242,10 +242,14 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     s += template_text(common);
     line("");
   }
-  if (p.wgmma) s += wgmma_wrapper(d, v.tile_n);
-  // backward_weight on wgmma: B (the sampled columns) is channel-major, read transposed
-  if (d.pass == Pass::backward_weight && v.algo == Algo::gemm_wgmma)
-    s += wgmma_wrapper(d, v.tile_n, true);
+  // the wgmma kernels: the instruction for this tile width (backward_weight reads its B, the
+  // sampled columns, channel-major: transposed) and their shared helpers
+  if (v.algo == Algo::gemm_wgmma) {
+    s += wgmma_wrapper(d, v.tile_n, d.pass == Pass::backward_weight);
+    line("// ---- templates/wgmma_common.cuh ----");
+    s += template_text("wgmma_common.cuh");
+    line("");
+  }
   line("// ---- templates/" + p.template_name + " ----");
   s += template_text(p.template_name);
   if (p.transpose) {

@@ -36,23 +36,6 @@ static_assert(VPT * 4 * VGROUPS == NV && PASSES * WARPS * 8 >= KP, "gather layou
 static_assert(SPLIT_PIX % KP == 0, "whole chunks per split");
 static_assert(CG % BN == 0 && CPOG % BN == 0, "a channel tile inside one group and offset group");
 
-__device__ __forceinline__ void deft_wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void deft_wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void deft_wgmma_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-
-// Descriptor of k step h (16 pixels: two core rows of 8) of a chunk buffer at byte address b.
-__device__ __forceinline__ unsigned long long deft_bw_desc(unsigned b, int h) {
-  const unsigned long long addr = b + unsigned(h) * 2u * (BN * 16u);
-  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BN * 16) >> 4) << 16) |
-         ((unsigned long long)(128 >> 4) << 32);
-}
-
 // Pixel (0 .. 15) of k slot s inside a k step: slot 8b + 2a + c holds pixel 4a + 2b + c.
 __device__ __forceinline__ int deft_slot_pixel(int s) {
   return 4 * ((s % 8) / 2) + 2 * (s / 8) + s % 2;
@@ -173,10 +156,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     const unsigned b = buf_addr + (i % 2) * CHUNK_BYTES;
     deft_wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) deft_wgmma_kstep(acc, a[ks], deft_bw_desc(b, ks));
+    for (int ks = 0; ks < 4; ++ks) deft_wgmma_kstep(acc, a[ks], deft_b_desc(b, ks));
     deft_wgmma_commit();
     if (i + 1 < chunks) gather(i + 1, (i + 1) % 2);
-    deft_wgmma_wait0();
+    deft_wgmma_wait<0>();
     if (i + 1 < chunks) load_a(i + 1);
   }
 

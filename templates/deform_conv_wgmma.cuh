@@ -124,25 +124,6 @@ __device__ __forceinline__ void deft_mbar_wait(unsigned bar, unsigned parity) {
       "@!done bra DEFT_WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
 
-__device__ __forceinline__ void deft_wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void deft_wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int PENDING>
-__device__ __forceinline__ void deft_wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
-}
-
-// Shared-memory matrix descriptor of k step `h` of a B stage at byte address `stage` (a k step
-// is 32 bytes of k: two core columns).
-__device__ __forceinline__ unsigned long long deft_b_desc(unsigned stage, int h) {
-  const unsigned long long addr = stage + unsigned(h) * 2u * (BN * 16u);
-  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BN * 16) >> 4) << 16) |
-         ((unsigned long long)(128 >> 4) << 32);
-}
-
 // VEC channels of one sampled row as four A-fragment words (packed pairs, or tf32 values).
 __device__ __forceinline__ uint4 deft_combine(const uint4 (&c)[4], const float4& w) {
 #if TF32
