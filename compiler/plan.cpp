@@ -102,6 +102,27 @@ void plan_bwd_weight_vector(const LayerDesc& d, KernelPlan& p, int ssize) {
   p.align_gout = gv * dtype_size(d.dtype);  // grad_out copy vectors
 }
 
+// The backward_weight GEMM kernels' grid (BO x BC tiles of each tap and group, times the pixel
+// ranges) and split partials: ranges of whole bpw-pixel slices, as many as bring the blocks to
+// about `target_blocks`, within 65535 ranges and 256 MiB of partials (asize bytes each).
+void plan_weight_splits(const LayerDesc& d, KernelPlan& p, int64_t m_total, int64_t target_blocks,
+                        int asize) {
+  const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);
+  const int64_t blocks = tiles * d.taps() * d.groups;
+  const int64_t slices = ceil_div(m_total, p.bpw);
+  const int64_t w_elems = d.k * d.c_per_group() * d.taps();
+  int64_t splits = std::clamp<int64_t>(ceil_div(target_blocks, blocks), 1, slices);
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, (int64_t{256} << 20) / (w_elems * asize)));
+  splits = std::min<int64_t>(splits, 65535);
+  p.split_pix = ceil_div(slices, splits) * p.bpw;
+  p.splits = int(ceil_div(m_total, p.split_pix));
+  p.workspace_bytes = int64_t(p.splits) * w_elems * asize;
+  if (tiles > 2147483647 || int64_t(d.taps()) * d.groups > 65535)
+    bad("n", fmt::format("the launch grid {}x{}x{} is too large", tiles,
+                         int64_t(d.taps()) * d.groups, p.splits));
+  p.grid = {unsigned(tiles), unsigned(d.taps() * d.groups), unsigned(p.splits)};
+}
+
 // The depthwise kernels' channel vectors (deform_conv_depthwise.cuh and
 // deform_conv_bwd_weight_dw.cuh): vec a power of two up to 16; read channels-last, whole
 // 16-byte loads inside c and the offset groups; tn (channels per block) whole vectors.
@@ -199,22 +220,9 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
   if (d.layout == Layout::nchw && d.out_h() * d.out_w() % 4 == 0) p.align_gout = 8;
   p.block = unsigned(v.threads);
   p.smem_bytes = 0;  // static: two 64-pixel chunks of tn channels
-  const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);
-  const int64_t blocks = tiles * d.taps() * d.groups;
-  const int64_t slices = ceil_div(m_total, p.bpw);
-  const int64_t w_elems = d.k * d.c_per_group() * d.taps();
   // about 512 blocks (four per SM), fewer partials than the WMMA kernel's 2048-block target:
   // each one is a full weight-sized write and read for the reduce
-  int64_t splits = std::clamp<int64_t>(ceil_div(512, blocks), 1, slices);
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, (int64_t{256} << 20) / (w_elems * 4)));
-  splits = std::min<int64_t>(splits, 65535);
-  p.split_pix = ceil_div(slices, splits) * p.bpw;
-  p.splits = int(ceil_div(m_total, p.split_pix));
-  p.workspace_bytes = int64_t(p.splits) * w_elems * 4;
-  if (tiles > 2147483647 || int64_t(d.taps()) * d.groups > 65535)
-    bad("n", fmt::format("the launch grid {}x{}x{} is too large", tiles,
-                         int64_t(d.taps()) * d.groups, p.splits));
-  p.grid = {unsigned(tiles), unsigned(d.taps() * d.groups), unsigned(p.splits)};
+  plan_weight_splits(d, p, m_total, 512, 4);
 }
 
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
@@ -373,21 +381,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     }
     if (p.smem_bytes > 113 * 1024)
       bad("tk", fmt::format("the tiles need {} bytes of shared memory (max 115712)", p.smem_bytes));
-    const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);
-    const int64_t blocks = tiles * d.taps() * d.groups;
-    const int64_t slices = ceil_div(m_total, p.bpw);
-    const int64_t w_elems = d.k * d.c_per_group() * d.taps();
-    int64_t splits = std::clamp<int64_t>(ceil_div(2048, blocks), 1, slices);
-    // keep the partials under 256 MiB
-    splits = std::max<int64_t>(1, std::min<int64_t>(splits, (int64_t{256} << 20) / (w_elems * asize)));
-    splits = std::min<int64_t>(splits, 65535);
-    p.split_pix = ceil_div(slices, splits) * p.bpw;
-    p.splits = int(ceil_div(m_total, p.split_pix));
-    p.workspace_bytes = int64_t(p.splits) * w_elems * asize;
-    if (tiles > 2147483647 || int64_t(d.taps()) * d.groups > 65535)
-      bad("n", fmt::format("the launch grid {}x{}x{} is too large", tiles,
-                           int64_t(d.taps()) * d.groups, p.splits));
-    p.grid = {unsigned(tiles), unsigned(d.taps() * d.groups), unsigned(p.splits)};
+    plan_weight_splits(d, p, m_total, 2048, asize);
   }
 }
 
