@@ -87,6 +87,35 @@ Variant parse_variant(std::string_view text) {
 
 void validate(const LayerDesc& d, const Variant& v) { (void)make_plan(d, v); }
 
+namespace {
+
+// The depthwise kernels' channel layout (deform_conv_depthwise.cuh, deform_conv_bwd_weight_dw.cuh):
+// 16-byte channel vectors where the channels allow them — nchw layers then read the transpose
+// pre-pass's copy (the vector kernel beats plane gathers by ~2.5x, docs/perf-notes.md round 2)
+// — with 8 threads per pixel, or one where `pixel_lanes` (the grad-weight kernel of an nchw
+// layer: its grad_out stays nchw, coalesced along the pixels); else single channels in nhwc
+// (a power-of-two tile of up to 32, so the threads divide evenly) or four planes in nchw.
+void depthwise_channels(const LayerDesc& d, bool pixel_lanes, Variant& v) {
+  v.algo = Algo::depthwise;
+  v.threads = 256;
+  const int vec = 16 / dtype_size(d.dtype);
+  const bool nhwc = d.layout == Layout::nhwc;
+  if (d.c % vec == 0 && d.c_per_offset_group() % vec == 0 &&
+      (nhwc || (d.n <= 65535 && d.k <= 65535))) {
+    v.transpose = !nhwc;
+    v.vec = vec;
+    v.tile_n = nhwc || !pixel_lanes ? int(std::min<int64_t>(8 * vec, d.c)) : vec;
+    while (v.tile_n % vec != 0 || 256 % (v.tile_n / vec) != 0) v.tile_n -= vec;
+  } else {
+    v.vec = nhwc ? 1 : 4;
+    v.tile_n = v.vec;
+    while (nhwc && v.tile_n * 2 <= std::min<int64_t>(32, d.c)) v.tile_n *= 2;
+  }
+  v.tile_m = v.threads * v.vec / v.tile_n;
+}
+
+}  // namespace
+
 Variant default_variant(const LayerDesc& d) {
   Variant v;
   // nchw: read a channels-last copy (and accumulate grad input channels-last): the gathers
@@ -128,33 +157,24 @@ Variant default_variant(const LayerDesc& d) {
     // Depthwise: the depthwise forward's layout (templates/deform_conv_bwd_weight_dw.cuh).
     // nhwc: 16-byte channel vectors, 8 threads per pixel; nchw: the transposed input's
     // vectors with the lanes along pixels (grad_out stays nchw, coalesced along pixels).
-    v.algo = Algo::depthwise;
-    v.threads = 256;
-    const int vec = 16 / dtype_size(d.dtype);
-    const bool nhwc = d.layout == Layout::nhwc;
-    if (d.c % vec == 0 && d.c_per_offset_group() % vec == 0 && (nhwc || bwd_transpose)) {
-      v.transpose = !nhwc;
-      v.vec = vec;
-      v.tile_n = nhwc ? int(std::min<int64_t>(8 * vec, d.c)) : vec;
-      while (v.tile_n % vec != 0 || 256 % (v.tile_n / vec) != 0) v.tile_n -= vec;
-    } else {
-      v.vec = nhwc ? 1 : 4;  // nchw: four planes per thread, lanes along pixels
-      v.tile_n = v.vec;
-      while (nhwc && v.tile_n * 2 <= std::min<int64_t>(32, d.c)) v.tile_n *= 2;
-    }
-    v.tile_m = v.threads * v.vec / v.tile_n;
+    depthwise_channels(d, true, v);
     // pixel steps per thread: up to 16, fewer until there are 512 blocks to spread
     const int64_t m_total = d.n * d.out_h() * d.out_w();
-    const int64_t per_split = (d.c + v.tile_n - 1) / v.tile_n *
-                              ((d.taps() + dw_weight_taps_per_block(d, v.vec) - 1) /
-                               dw_weight_taps_per_block(d, v.vec));
-    auto splits = [&](int tk) { return (m_total + int64_t(v.tile_m) * tk - 1) / (int64_t(v.tile_m) * tk); };
+    const int tb = dw_weight_taps_per_block(d, v.vec);
+    const int64_t per_split = (d.c + v.tile_n - 1) / v.tile_n * ((d.taps() + tb - 1) / tb);
+    const int64_t pix = v.tile_m;
     v.tile_k = 16;
-    while (v.tile_k > 1 && per_split * splits(v.tile_k) < 512) v.tile_k /= 2;
-    // and enough pixels per range to keep the partial sums within the plan's limits
-    const int64_t bytes = d.c * d.taps() * (d.dtype == DType::f64 ? 8 : 4);
-    while (v.tile_k < 256 && (splits(v.tile_k) > 65535 || splits(v.tile_k) * bytes > (int64_t{256} << 20)))
-      v.tile_k *= 2;
+    while (v.tile_k > 1 && per_split * ((m_total + pix * v.tile_k - 1) / (pix * v.tile_k)) < 512)
+      v.tile_k /= 2;
+    // and enough pixels per range for the plan's limits on the partial sums (it says which)
+    for (; v.tile_k < 256; v.tile_k *= 2) {
+      try {
+        validate(d, v);
+        break;
+      } catch (const DescError& e) {
+        if (e.field() != "tk") break;
+      }
+    }
     return v;
   }
   if (d.pass == Pass::backward_weight) {
@@ -180,24 +200,7 @@ Variant default_variant(const LayerDesc& d) {
   }
   if (d.c_per_group() == 1 && d.k_per_group() == 1) {
     // Depthwise: one pixel x vec channels per thread; 16-byte vectors in nhwc.
-    v.algo = Algo::depthwise;
-    v.threads = 256;
-    const int vec = 16 / dtype_size(d.dtype);
-    if (d.c % vec == 0 && d.c_per_offset_group() % vec == 0 &&
-        (d.layout == Layout::nhwc || (d.n <= 65535 && d.k <= 65535))) {
-      // nchw: transposed to nhwc first; the vector kernel beats plane gathers by ~2.5x
-      // (docs/perf-notes.md, round 2)
-      v.transpose = d.layout == Layout::nchw;
-      v.vec = vec;
-      v.tile_n = std::min<int64_t>(8 * vec, d.c);  // 8 threads per pixel, 32 pixels per block
-      while (v.tile_n % vec != 0 || 256 % (v.tile_n / vec) != 0) v.tile_n -= vec;
-    } else {
-      v.vec = d.layout == Layout::nhwc ? 1 : 4;
-      // nhwc: up to 32 channels per block, a power of two so the threads divide evenly
-      v.tile_n = v.vec;
-      while (d.layout == Layout::nhwc && v.tile_n * 2 <= std::min<int64_t>(32, d.c)) v.tile_n *= 2;
-    }
-    v.tile_m = v.threads * v.vec / v.tile_n;
+    depthwise_channels(d, false, v);
     v.tile_k = 1;
     return v;
   }
