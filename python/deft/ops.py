@@ -410,10 +410,11 @@ def _backward(ctx, grad):
 
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
+# Under autocast the op runs in float16 (the custom op's rule below, and _autocast_cast on the
+# eager path). The backward op has no rule: it runs in the dtype the forward ran in.
+_AUTOCAST_DTYPE = torch.float16
 if hasattr(torch.library, "register_autocast"):
-    # Under autocast, run in the autocast dtype like convolutions do. The backward op has no
-    # rule: it runs in the dtype the forward ran in.
-    torch.library.register_autocast("deft::deform_conv2d", "cuda", torch.float16)
+    torch.library.register_autocast("deft::deform_conv2d", "cuda", _AUTOCAST_DTYPE)
 
 
 def _autocast_on() -> bool:
@@ -491,10 +492,10 @@ class _NotTwice(torch.autograd.Function):
 
 def _autocast_cast(t: Optional[Tensor]) -> Optional[Tensor]:
     """The autocast rule of deft::deform_conv2d, for the eager path: floating-point tensors
-    other than float64 in float16."""
-    if t is None or t.dtype in (torch.float16, torch.float64):
+    other than float64 in _AUTOCAST_DTYPE."""
+    if t is None or t.dtype in (_AUTOCAST_DTYPE, torch.float64):
         return t
-    return t.to(torch.float16)
+    return t.to(_AUTOCAST_DTYPE)
 
 
 def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
