@@ -51,6 +51,32 @@ std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b = false) {
   return s;
 }
 
+// deft_wgmma_ss(acc, a_desc, b_desc): one wgmma.mma_async m64nBNk16 (f16, bf16) or m64nBNk8
+// (f32 in tf32) with both operands from shared-memory descriptors, both k-major (the
+// warp-specialised forward, where producer warps write A into shared memory).
+std::string wgmma_ss_wrapper(const LayerDesc& d, int bn) {
+  const bool tf32 = d.dtype == DType::f32;
+  const char* ty = d.dtype == DType::bf16 ? "bf16" : tf32 ? "tf32" : "f16";
+  std::string regs, outs;
+  for (int i = 0; i < bn / 2; ++i) {
+    regs += fmt::format("{}%{}", i ? ", " : "", i);
+    outs += fmt::format("{}\"+f\"(d[{}])", i ? ", " : "", i);
+  }
+  const int a = bn / 2;
+  std::string s;
+  s += "// wgmma with A and B in shared memory, for this consumer width (generated)\n";
+  s += fmt::format("__device__ __forceinline__ void deft_wgmma_ss(float (&d)[{}], unsigned long long da,\n", bn / 2);
+  s += "                                              unsigned long long db) {\n";
+  s += "  asm volatile(\n";
+  s += fmt::format("      \"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{}, 0;\\n\"\n", a + 2);
+  s += fmt::format("      \"wgmma.mma_async.sync.aligned.m64n{}k{}.f32.{}.{} \"\n", bn, tf32 ? 8 : 16, ty, ty);
+  s += fmt::format("      \"{{{}}}, %{}, %{}, p, 1, 1{};\\n}}\\n\"\n", regs, a, a + 1, tf32 ? "" : ", 0, 0");
+  s += "      : " + outs + "\n";
+  s += "      : \"l\"(da), \"l\"(db), \"r\"(1));\n";
+  s += "}\n\n";
+  return s;
+}
+
 }  // namespace
 
 std::string generate_source(const LayerDesc& d, const Variant& v) {
@@ -188,9 +214,17 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("KCH", (d.c_per_group() + p.wgmma_chunk - 1) / p.wgmma_chunk);
     c32("NOG", p.nog);
     c32("PTS_BYTES", p.pts_bytes);
-    c32("MIN_BLOCKS", 1);
+    c32("MIN_BLOCKS", p.min_blocks);
     c32("OUT_STORE", p.out_store);  // bytes per output store
     line(fmt::format("#define TF32 {}", d.dtype == DType::f32 ? 1 : 0));
+    line(fmt::format("#define WS {}  // warp-specialised: producer warpgroups sample A", p.ws_producers > 0 ? 1 : 0));
+    if (p.ws_producers > 0) {
+      c32("PRODUCERS", p.ws_producers);
+      c32("CONSUMERS", p.ws_consumers);
+      c32("CM", p.ws_cm);
+      c32("BNW", p.ws_bnw);
+      c32("ROW_BYTES", p.ws_row_bytes);
+    }
     line(fmt::format("#define WINDOW {}", p.window ? 1 : 0));
     if (p.window) {
       c32("HALO", v.halo);
@@ -245,7 +279,10 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   // the wgmma kernels: the instruction for this tile width (backward_weight reads its B, the
   // sampled columns, channel-major: transposed) and their shared helpers
   if (v.algo == Algo::gemm_wgmma) {
-    s += wgmma_wrapper(d, v.tile_n, d.pass == Pass::backward_weight);
+    if (p.ws_producers > 0)
+      s += wgmma_ss_wrapper(d, p.ws_bnw);
+    else
+      s += wgmma_wrapper(d, v.tile_n, d.pass == Pass::backward_weight);
     line("// ---- templates/wgmma_common.cuh ----");
     s += template_text("wgmma_common.cuh");
     line("");

@@ -417,6 +417,9 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   }
   if (v.stages != 0 && v.algo != Algo::gemm_wgmma)
     bad("stages", fmt::format("stages={} applies to algo=gemm_wgmma only", v.stages));
+  if (v.producers != 0 && (v.algo != Algo::gemm_wgmma || d.pass != Pass::forward))
+    bad("producers", fmt::format("producers={} applies to the forward pass of algo=gemm_wgmma only",
+                                 v.producers));
   if (d.pass != Pass::forward) {
     if (v.staging != Staging::gather)
       throw NotImplemented("not implemented: staging=window has no kernel yet");
@@ -564,16 +567,40 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         bad("algo", fmt::format("algo=gemm_wgmma needs c/groups={} and c/offset_groups={} to be "
                                 "multiples of {} (16-byte channel vectors of {})",
                                 d.c_per_group(), d.c_per_offset_group(), vec, to_string(d.dtype)));
+      const bool ws = v.producers != 0;
       if (v.tile_m != 64 && v.tile_m != 128)
         bad("tm", fmt::format("algo=gemm_wgmma has tm=64 or 128 (one or two warpgroups), not {}", v.tile_m));
-      if (v.tile_n != 64 && v.tile_n != 128 && v.tile_n != 256)
-        bad("tn", fmt::format("algo=gemm_wgmma has tn=64, 128 or 256, not {}", v.tile_n));
+      if (v.tile_n != 64 && v.tile_n != 128 && v.tile_n != 256 && !(ws && v.tile_n == 512))
+        bad("tn", fmt::format("algo=gemm_wgmma has tn=64, 128 or 256{}, not {}",
+                              ws ? " or 512" : " (512 with producers)", v.tile_n));
       if (v.tile_k != p.wgmma_chunk)
         bad("tk", fmt::format("algo=gemm_wgmma reduces {}-channel chunks for {}: tk={}, not {}",
                               p.wgmma_chunk, to_string(d.dtype), p.wgmma_chunk, v.tile_k));
-      if (v.threads != 2 * v.tile_m)
+      if (ws) {
+        if (v.producers < 1 || v.producers > 2)
+          bad("producers", fmt::format("producers={} must be 1 or 2 (warpgroups)", v.producers));
+        if (v.staging != Staging::gather)
+          bad("staging", "staging=window has no warp-specialised form: producers=0");
+        p.ws_producers = v.producers;
+        p.ws_cm = v.tile_m / 64;
+        const int cn = v.tile_n > 256 ? v.tile_n / 256 : 1;
+        p.ws_consumers = p.ws_cm * cn;
+        p.ws_bnw = v.tile_n / cn;
+        // two 64 x 256 accumulators (128 registers a thread each) fill the register file
+        if (p.ws_consumers > 2)
+          bad("tn", fmt::format("tm={} tn={} needs {} consumer warpgroups of 64 x 256 (max 2)",
+                                v.tile_m, v.tile_n, p.ws_consumers));
+        const int want = 128 * (v.producers + p.ws_consumers);
+        if (v.threads != want)
+          bad("threads", fmt::format("algo=gemm_wgmma tm={} tn={} producers={} runs {} consumer "
+                                     "and {} producer warpgroups: threads={}, not {}", v.tile_m,
+                                     v.tile_n, v.producers, p.ws_consumers, v.producers, want,
+                                     v.threads));
+        p.ws_row_bytes = (v.tile_m * 4 + 127) / 128 * 128;
+      } else if (v.threads != 2 * v.tile_m) {
         bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 rows: tm={} needs "
                                    "threads={}, not {}", v.tile_m, 2 * v.tile_m, v.threads));
+      }
       if (d.h * d.w * d.c >= (int64_t{1} << 31))
         bad("algo", "algo=gemm_wgmma needs an image of fewer than 2^31 elements");
       const int bm = v.tile_m, bn = v.tile_n;
@@ -597,10 +624,38 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       }
       const int64_t epi = (d.layout == Layout::nhwc ? int64_t(bm) * (bn + 8) : int64_t(bn) * (bm + 8)) * esize;
       constexpr int64_t kMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block
-      if (v.stages != 0 && (v.stages < 2 || v.stages > 4))
+      if (ws) {
+        // The ring: per slot an A stage (bm rows x 64 bytes) and a B stage (bn x 64 bytes), and
+        // two mbarriers; before it the points and the rows' image table. Two blocks per SM where
+        // the accumulators (bnw / 2 registers a thread) and a 4-deep ring allow them, else one
+        // with the deepest ring up to 8 that fits.
+        if (v.stages != 0 && (v.stages < 2 || v.stages > 8))
+          bad("stages", fmt::format("algo=gemm_wgmma producers={} has a ring of stages=2 to 8, not {}",
+                                    v.producers, v.stages));
+        auto ws_bytes = [&](int ns) {
+          return p.pts_bytes + p.ws_row_bytes + int64_t(ns) * (bm + bn) * 64 + 16 * ns;
+        };
+        const bool two = 65536 / (2 * v.threads) >= p.ws_bnw / 2 + 48 &&
+                         2 * (std::max(ws_bytes(v.stages ? v.stages : 4), epi) + 1024) <= 228 * 1024;
+        p.min_blocks = two ? 2 : 1;
+        const int64_t limit = two ? 228 * 1024 / 2 - 1024 : kMaxSmem;
+        p.nstage = 0;
+        for (int ns = 8; ns >= 2; --ns)
+          if ((v.stages == 0 || ns == v.stages) && ws_bytes(ns) <= limit) {
+            p.nstage = ns;
+            break;
+          }
+        if (p.nstage == 0)
+          bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows and a "
+                                "2-stage ring need {} bytes of shared memory (max {})", d.taps(),
+                                nog, bm, ws_bytes(2), limit));
+        p.smem_bytes = int(std::max<int64_t>(ws_bytes(p.nstage), epi));
+      }
+      if (!ws && v.stages != 0 && (v.stages < 2 || v.stages > 4))
         bad("stages", fmt::format("algo=gemm_wgmma has a weight ring of stages=2, 3 or 4, not {}", v.stages));
       // points, the ring, its mbarriers (64 bytes kept) and the two window buffers
       auto main_bytes = [&](int ns) { return p.pts_bytes + int64_t(ns) * bn * 64 + 64 + 2 * p.win_bytes; };
+      if (!ws) {
       p.nstage = 0;
       // A window variant takes the deepest ring that still leaves two blocks per SM (228 KiB,
       // 1 KiB each for the driver), where one exists.
@@ -625,6 +680,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows need {} "
                               "bytes of shared memory (max {})", d.taps(), nog, bm, p.pts_bytes, kMaxSmem));
       p.smem_bytes = int(std::max<int64_t>(main_bytes(p.nstage), epi));
+      }
       // Output stores as wide as they can be (16, 8 or 4 bytes) while staying inside one
       // group's channels (nhwc) or one image's pixels (nchw).
       const int64_t fast = d.layout == Layout::nhwc ? d.k_per_group() : d.out_h() * d.out_w();

@@ -55,6 +55,11 @@ struct KernelPlan {
   int wrows = 0;
   int64_t win_bytes = 0;
   int nog = 0, pts_bytes = 0;
+  // warp-specialised wgmma forward (variant producers > 0): producer and consumer warpgroups,
+  // consumer warpgroups along the rows, output channels per consumer, bytes of the rows' image
+  // table; blocks per SM the kernel is compiled for
+  int ws_producers = 0, ws_consumers = 0, ws_cm = 0, ws_bnw = 0, ws_row_bytes = 0;
+  int min_blocks = 1;
   int out_store = 0;
   int64_t workspace_packed_bytes = 0;
 

@@ -24,11 +24,12 @@ std::string_view to_string(Staging s) {
 }
 
 std::string to_string(const Variant& v) {
-  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}",
+  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}",
                      to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
                      to_string(v.staging), v.halo, v.transpose ? 1 : 0,
                      v.deterministic ? " det=1" : "",
-                     v.stages ? fmt::format(" stages={}", v.stages) : std::string());
+                     v.stages ? fmt::format(" stages={}", v.stages) : std::string(),
+                     v.producers ? fmt::format(" producers={}", v.producers) : std::string());
 }
 
 Variant parse_variant(std::string_view text) {
@@ -70,6 +71,7 @@ Variant parse_variant(std::string_view text) {
     else if (key == "vec") as_int(v.vec);
     else if (key == "halo") as_int(v.halo);
     else if (key == "stages") as_int(v.stages);
+    else if (key == "producers") as_int(v.producers);
     else if (key == "transpose") {
       if (val == "1") v.transpose = true;
       else if (val == "0") v.transpose = false;

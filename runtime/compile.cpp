@@ -97,8 +97,15 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   info.dynamic_shared_bytes = plan.smem_bytes;
   if (plan.wgmma) {
     const int64_t stage = int64_t(variant.tile_n) * 64;
-    info.shared_layout = fmt::format("sampling points {} + weight ring {} x {} + mbarriers 64",
-                                     plan.pts_bytes, plan.nstage, stage);
+    if (plan.ws_producers > 0)
+      info.shared_layout = fmt::format(
+          "sampling points {} + row images {} + ring {} x (A {} + weight {}) + mbarriers {}; "
+          "{} producer and {} consumer warpgroups, {} block(s) per SM",
+          plan.pts_bytes, plan.ws_row_bytes, plan.nstage, int64_t(variant.tile_m) * 64, stage,
+          16 * plan.nstage, plan.ws_producers, plan.ws_consumers, plan.min_blocks);
+    else
+      info.shared_layout = fmt::format("sampling points {} + weight ring {} x {} + mbarriers 64",
+                                       plan.pts_bytes, plan.nstage, stage);
     if (plan.window)
       info.shared_layout += fmt::format(" + input window 2 x {} ({} rows x {} px x 64 B)",
                                         plan.win_bytes, plan.wrows, desc.w);

@@ -11,8 +11,8 @@
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
 #         | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family wgmma)
-#   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | window), SWEEP_SIGMAS
-#   (sweep), NCU_VARIANT (ncu), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
+#   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window), SWEEP_SIGMAS,
+#   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
 cp BENCHMARKS.md "$LOGS/BENCHMARKS.md"  # both benchmarks rewrite their sections of this copy
@@ -31,7 +31,7 @@ for step in "$@"; do
       stamp "wgmma tests rc=$r"; [ $r -eq 0 ] || rc=1
       grep -E "Failure|error|Expected|Which is|relative|not finite|FAILED|PASSED" "$LOGS/wgmma.log" | head -40 ;;
     sweep)
-      python3 scripts/sweep.py --lib build/libdeft.so --family "${SWEEP_FAMILY:-wgmma}" \
+      timeout "${SWEEP_TIMEOUT:-300}" python3 scripts/sweep.py --lib build/libdeft.so --family "${SWEEP_FAMILY:-wgmma}" \
         --dtypes "${SWEEP_DTYPES:-fp16}" --sigmas "${SWEEP_SIGMAS:-2}" \
         --cases "${SWEEP_CASES:-resnet_res4,maskrcnn_res4,dense512,deft_64,stride2}" \
         --layouts nhwc,nchw > "$LOGS/sweep.log" 2>&1; stamp "sweep rc=$?"
@@ -91,7 +91,8 @@ for step in "$@"; do
       python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
       stamp "pytest rc=$r"; tail -4 "$LOGS/pytest.log"; [ $r -eq 0 ] || rc=1 ;;
     gputests)  # the GPU tests alone (one process), no CPU tests, no pytest
-      build/tests/deft_tests --gtest_filter="${GPU_FILTER:-*Gpu*:*GPU*}" --gtest_brief=1 > "$LOGS/gpu_tests.log" 2>&1; r=$?
+      timeout "${GPU_TIMEOUT:-450}" build/tests/deft_tests --gtest_filter="${GPU_FILTER:-*Gpu*:*GPU*}" \
+        > "$LOGS/gpu_tests.log" 2>&1; r=$?
       stamp "gpu tests rc=$r, skipped: $(grep -cE '^\[  SKIPPED' "$LOGS/gpu_tests.log")"; [ $r -eq 0 ] || rc=1
       grep -E "Failure|Expected|FAILED" "$LOGS/gpu_tests.log" | head -20; tail -3 "$LOGS/gpu_tests.log" ;;
     ncu)  # hardware counters of the default forward kernel on dense512 and resnet_res4 (fp16 nhwc)

@@ -34,6 +34,21 @@ VARIANTS = {
         "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=128 transpose={t} stages=2",
         "algo=gemm_wgmma tm=128 tn=64 tk={tk} threads=256 transpose={t} stages=2",
     ],
+    # the warp-specialised wgmma kernel (producer warpgroups sample A into shared memory); the
+    # first line is the register-A kernel's usual tile for comparison
+    "ws": [
+        "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=128 transpose={t}",
+        "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=256 transpose={t} producers=1",
+        "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=384 transpose={t} producers=2",
+        "algo=gemm_wgmma tm=64 tn=512 tk={tk} threads=384 transpose={t} producers=1",
+        "algo=gemm_wgmma tm=128 tn=256 tk={tk} threads=384 transpose={t} producers=1",
+        "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=256 transpose={t} producers=1",
+        "algo=gemm_wgmma tm=64 tn=128 tk={tk} threads=384 transpose={t} producers=2",
+        "algo=gemm_wgmma tm=128 tn=128 tk={tk} threads=512 transpose={t} producers=2",
+        "algo=gemm_wgmma tm=128 tn=128 tk={tk} threads=384 transpose={t} producers=1",
+        "algo=gemm_wgmma tm=64 tn=64 tk={tk} threads=256 transpose={t} producers=1",
+        "algo=gemm_wgmma tm=128 tn=64 tk={tk} threads=384 transpose={t} producers=1",
+    ],
     # the wgmma kernel with the block's input window in shared memory (staging=window, halo r)
     "window": [
         "algo=gemm_wgmma tm=64 tn=256 tk={tk} threads=128 transpose={t}",
@@ -106,7 +121,7 @@ def main():
     ap.add_argument("--dtypes", default="fp16,fp32_tf32")
     ap.add_argument("--layouts", default="nchw,nhwc")
     ap.add_argument("--family", default="", help="variant family for the dense cases "
-                    "(gemm, wgmma, window, simt); default: gemm, simt for strict fp32")
+                    "(gemm, wgmma, ws, window, simt); default: gemm, simt for strict fp32")
     ap.add_argument("--sigmas", default="2", help="offset standard deviations (px), comma-separated")
     a = ap.parse_args()
     lib = DeftLibrary(a.lib)

@@ -35,6 +35,20 @@
 // without the window. The point table marks window corners with a negative offset:
 // -1 - (window pixel index). Corners outside the image (weight 0) read window pixel 0.
 //
+// Warp-specialised form (WS 1, variant producers=P): the sampling moves out of the MMA warps.
+// P producer warpgroups sample A into shared memory and CONSUMERS warpgroups only issue
+// wgmmas, A and B both from shared-memory descriptors, so that the tensor cores do not wait on
+// each stage's gathers (docs/perf-notes.md round 13). A ring of NSTAGE slots, each an A stage
+// (BM rows x 64 bytes of channels, core-matrix layout, channels in their own order) and a B
+// stage (the packed weight, as above but unpermuted); per slot a "full" mbarrier (the B bulk
+// copy's bytes plus one arrival from the producer warp that wrote A) and an "empty" one (one
+// arrival per consumer warp once its wgmmas of the slot retired). Producer warp w fills stages
+// w, w + 4P, ...: lane 4 r + q samples vector q (VEC channels) of rows r, r + 8, ... of the
+// stage, 4 corner loads each, combines them and stores the 16 bytes into the A stage; then a
+// proxy fence (generic stores -> wgmma's async-proxy reads) and the arrival. Consumers: CM
+// warpgroups along the rows (BM / 64) times BN / BNW along the output channels, each a
+// 64 x BNW accumulator; one wgmma group stays in flight while the next stage's is issued.
+//
 // Constants from codegen: BM (64 per warpgroup), BN, THREADS, NSTAGE, KCH (chunks per group),
 // NOG (offset groups a group's channels touch), PTS_BYTES, MIN_BLOCKS,
 // OUT_STORE (bytes per output store: 16, 8, 4 or one element), TF32, WINDOW with HALO, WROWS
@@ -49,7 +63,7 @@ constexpr int STAGE_ELEMS = BN * CHUNK;      // one packed weight stage
 constexpr int STAGE_BYTES = STAGE_ELEMS * int(sizeof(T));
 constexpr int NT = (KG + BN - 1) / BN;       // output-channel tiles per group
 constexpr long long PACKED_ELEMS = (long long)G * NT * NUM_STAGES * STAGE_ELEMS;
-static_assert(THREADS == BM * 2, "one warpgroup (128 threads) per 64 rows");
+static_assert(WS || THREADS == BM * 2, "one warpgroup (128 threads) per 64 rows");
 static_assert(STAGE_BYTES % 16 == 0, "bulk copies move whole 16-byte units");
 static_assert(CG % VEC == 0 && CPOG % VEC == 0, "16-byte channel vectors inside groups");
 static_assert(TF32 == (sizeof(T) == 4), "32-bit elements run in tf32");
@@ -60,7 +74,9 @@ static_assert(!WINDOW || TAPS >= 3, "a window loads one chunk ahead: three taps 
 //   k16 (16-bit): t = (i % 8) / 2, word 2h + i / 8, e = 2 word + i % 2
 //   k8 (tf32):    t = i % 4,       word 2h + i / 4, e = word
 __device__ __forceinline__ int deft_slot_channel(int j) {
-  if constexpr (TF32) {
+  if constexpr (WS) {  // A from shared memory: no fragment order, channels in their own order
+    return j;
+  } else if constexpr (TF32) {
     const int h = j / 8, i = j % 8;
     return 4 * (i % 4) + 2 * h + i / 4;
   } else {
@@ -139,6 +155,7 @@ __device__ __forceinline__ uint4 deft_combine(const uint4 (&c)[4], const float4&
 #endif
 }
 
+#if !WS
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ packed,
@@ -369,3 +386,199 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     else *dst = *src;
   }
 }
+#endif  // !WS
+
+#if WS
+// ---- warp-specialised form: producer warpgroups sample, consumer warpgroups multiply ----
+// Constants from codegen: PRODUCERS, CONSUMERS, CM (consumer warpgroups along the rows), BNW
+// (output channels per consumer), ROW_BYTES (the rows' image table), and deft_wgmma_ss() for BNW.
+constexpr int A_STAGE_BYTES = BM * 64;         // BM rows x 64 bytes of channels
+constexpr int PROD_WARPS = 4 * PRODUCERS;      // producer warps
+constexpr int ITEMS = BM / 8;                  // (row, vector) items per producer lane per stage
+constexpr int BATCH = ITEMS < 4 ? ITEMS : 4;   // items whose corner loads are issued together
+static_assert(THREADS == 128 * (PRODUCERS + CONSUMERS), "warpgroups: producers + consumers");
+static_assert(CM * 64 == BM && CONSUMERS % CM == 0 && (CONSUMERS / CM) * BNW == BN, "consumer grid");
+static_assert(ITEMS % BATCH == 0, "whole batches");
+
+// Descriptor of k step h of consumer row block cm of an A stage at byte address a: core matrices
+// of 8 rows x 16 bytes, 128 bytes apart along the rows (SBO), BM * 16 bytes along k (LBO).
+__device__ __forceinline__ unsigned long long deft_a_desc(unsigned a, int cm, int h) {
+  const unsigned long long addr = a + unsigned(cm) * 1024u + unsigned(h) * 2u * (BM * 16u);
+  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BM * 16) >> 4) << 16) |
+         ((unsigned long long)(128 >> 4) << 32);
+}
+__device__ __forceinline__ void deft_mbar_init_count(unsigned bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void deft_mbar_arrive(unsigned bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+// Spins until the phase of parity `parity` of the mbarrier at `bar` has completed.
+__device__ __forceinline__ void deft_mbar_spin(unsigned bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+// Barrier 1 among the consumer warpgroups only (the producers may have left).
+__device__ __forceinline__ void deft_consumer_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS * 128) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
+                const T* __restrict__ mask, const T* __restrict__ packed,
+                const T* __restrict__ bias, T* __restrict__ out) {
+  extern __shared__ __align__(128) unsigned char smem[];  // plan.smem_bytes, set at launch
+  int4* pts_off = reinterpret_cast<int4*>(smem);          // [NOG][TAPS][BM]
+  float4* pts_w = reinterpret_cast<float4*>(smem + PTS_BYTES / 2);
+  int* row_img = reinterpret_cast<int*>(smem + PTS_BYTES);  // image of each row
+  unsigned char* a_ring = smem + PTS_BYTES + ROW_BYTES;      // NSTAGE A stages
+  unsigned char* b_ring = a_ring + NSTAGE * A_STAGE_BYTES;   // NSTAGE B stages
+  const unsigned a_addr = (unsigned)__cvta_generic_to_shared(a_ring);
+  const unsigned b_addr = (unsigned)__cvta_generic_to_shared(b_ring);
+  const unsigned full = b_addr + NSTAGE * STAGE_BYTES;       // NSTAGE mbarriers, then
+  const unsigned empty = full + 8 * NSTAGE;                  // NSTAGE more
+
+  const int tid = threadIdx.x;
+  const long long m0 = (long long)blockIdx.x * BM;
+  const int nt = blockIdx.y, n0 = nt * BN;
+  const int g = blockIdx.z;
+  const T* bsrc = packed + ((long long)g * NT + nt) * NUM_STAGES * STAGE_ELEMS;
+
+  if (tid == 0) {
+    for (int i = 0; i < NSTAGE; ++i) {
+      deft_mbar_init_count(full + 8 * i, 2);              // the B copy's arrival + the producer's
+      deft_mbar_init_count(empty + 8 * i, 4 * CONSUMERS);  // one per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
+  }
+  // Sampling points of every (offset group, tap, row) of the block, once; each row's image.
+  const int og0 = deft_og_first(g);
+  for (int i = tid; i < NOG * TAPS * BM; i += THREADS) {
+    const int row = i % BM, tap = (i / BM) % TAPS, ogl = i / (BM * TAPS);
+    const long long m = m0 + row;
+    SamplePoint p;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) p.off[q] = 0, p.w[q] = 0.f;
+    if (m < M_TOTAL && og0 + ogl < OG) {
+      const long long n = m / (HO * WO);
+      const int rem = int(m - n * (HO * WO));
+      p = deft_sample_point(offset, mask, n, rem / WO, rem % WO, tap, og0 + ogl);
+    }
+    pts_off[i] = make_int4(p.off[0], p.off[1], p.off[2], p.off[3]);
+    pts_w[i] = make_float4(p.w[0], p.w[1], p.w[2], p.w[3]);
+  }
+  for (int row = tid; row < BM; row += THREADS)
+    row_img[row] = m0 + row < M_TOTAL ? int((m0 + row) / (HO * WO)) : 0;
+  __syncthreads();  // points and barriers visible
+
+  const int warp = tid / 32, lane = tid % 32;
+  if (warp >= 4 * CONSUMERS) {
+    // ---- producer warp pw: stages pw, pw + PROD_WARPS, ...
+    const int pw = warp - 4 * CONSUMERS, q = lane % 4, r8 = lane / 4;
+    for (int s = pw; s < NUM_STAGES; s += PROD_WARPS) {
+      const int slot = s % NSTAGE, round = s / NSTAGE;
+      if (round > 0) deft_mbar_spin(empty + 8 * slot, (round - 1) & 1);  // the slot is free
+      if (lane == 0) deft_bulk_load(b_addr + slot * STAGE_BYTES, bsrc + (long long)s * STAGE_ELEMS,
+                                    full + 8 * slot);
+      const int chunk = s / TAPS, tap = s % TAPS;
+      const int cl = chunk * CHUNK + VEC * q;
+      unsigned char* dst = a_ring + slot * A_STAGE_BYTES + q * (BM * 16) + r8 * 16;
+      if (cl < CG) {
+        const int pbase = (((g * CG + cl) / CPOG - og0) * TAPS + tap) * BM + r8;
+        const T* chan = input + (long long)g * CG + cl;
+#pragma unroll
+        for (int b = 0; b < ITEMS; b += BATCH) {
+          uint4 c[BATCH][4];
+          float4 w[BATCH];
+#pragma unroll
+          for (int i = 0; i < BATCH; ++i) {
+            const int row = 8 * (b + i);  // + r8, in pbase and below
+            const int4 off = pts_off[pbase + row];
+            w[i] = pts_w[pbase + row];
+            const T* base = chan + (long long)row_img[r8 + row] * (H * W * C);
+            c[i][0] = __ldg(reinterpret_cast<const uint4*>(base + off.x));
+            c[i][1] = __ldg(reinterpret_cast<const uint4*>(base + off.y));
+            c[i][2] = __ldg(reinterpret_cast<const uint4*>(base + off.z));
+            c[i][3] = __ldg(reinterpret_cast<const uint4*>(base + off.w));
+          }
+#pragma unroll
+          for (int i = 0; i < BATCH; ++i)
+            *reinterpret_cast<uint4*>(dst + (b + i) * 128) = deft_combine(c[i], w[i]);
+        }
+      } else {  // channels past the group: zero samples
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) *reinterpret_cast<uint4*>(dst + i * 128) = make_uint4(0, 0, 0, 0);
+      }
+      // this lane's A stores visible to the wgmmas (async proxy), then the warp's arrival
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncwarp();
+      if (lane == 0) deft_mbar_arrive(full + 8 * slot);
+    }
+    return;
+  }
+
+  // ---- consumer warpgroup cw: rows 64 cm .. 64 cm + 63, output channels BNW cn .. of the tile
+  const int cw = warp / 4, cm = cw % CM, cn = cw / CM;
+  float acc[BNW / 2];
+#pragma unroll
+  for (int i = 0; i < BNW / 2; ++i) acc[i] = 0.f;
+  for (int s = 0; s < NUM_STAGES; ++s) {
+    const int slot = s % NSTAGE;
+    deft_mbar_spin(full + 8 * slot, (s / NSTAGE) & 1);  // A written, B landed
+    const unsigned a = a_addr + slot * A_STAGE_BYTES;
+    const unsigned b = b_addr + slot * STAGE_BYTES + cn * BNW * 16;
+    deft_wgmma_fence();
+    deft_wgmma_ss(acc, deft_a_desc(a, cm, 0), deft_b_desc(b, 0));
+    deft_wgmma_ss(acc, deft_a_desc(a, cm, 1), deft_b_desc(b, 1));
+    deft_wgmma_commit();
+    deft_wgmma_wait<1>();  // stage s - 1's wgmmas retired: its slot may be refilled
+    if (s > 0) {
+      __syncwarp();
+      if (lane == 0) deft_mbar_arrive(empty + 8 * ((s - 1) % NSTAGE));
+    }
+  }
+  deft_wgmma_wait<0>();
+  deft_consumer_sync();  // every consumer done with the ring: the epilogue tile reuses it
+
+  // Epilogue: bias and activation in f32, staged through shared memory for coalesced stores.
+  // Accumulator i of this thread: column BNW cn + 8 (i / 4) + 2 t + i % 2,
+  // row 64 cm + 16 (warp % 4) + lane / 4 + 8 ((i / 2) % 2).
+  T* cs = reinterpret_cast<T*>(smem);
+  constexpr int CS_LD = NHWC ? BN + 8 : BM + 8;
+  const int t = lane % 4, row0 = 64 * cm + 16 * (warp % 4) + lane / 4;
+#pragma unroll
+  for (int i = 0; i < BNW / 2; ++i) {
+    const int col = BNW * cn + 8 * (i / 4) + 2 * t + i % 2, row = row0 + 8 * ((i / 2) % 2);
+    float v = acc[i];
+    if (HAS_BIAS && n0 + col < KG) v += deft_widen(bias[(long long)g * KG + n0 + col]);
+    v = deft_activate(v);
+    cs[NHWC ? row * CS_LD + col : col * CS_LD + row] = deft_from<T>(v);
+  }
+  deft_consumer_sync();
+  constexpr int V = OUT_STORE / int(sizeof(T));  // elements per store
+  constexpr int ROW_V = NHWC ? BN / V : BM / V;  // vectors along the fast dimension
+  for (int idx = tid; idx < (BM * BN) / V; idx += CONSUMERS * 128) {
+    const int fast = (idx % ROW_V) * V, slow = idx / ROW_V;
+    const int row = NHWC ? slow : fast, col = NHWC ? fast : slow;
+    const long long m = m0 + row;
+    if (m >= M_TOTAL || n0 + col >= KG) continue;
+    T* dst;
+    if constexpr (NHWC) {
+      dst = out + m * K + (long long)g * KG + n0 + col;
+    } else {
+      const long long n = m / (HO * WO), pix = m - n * (HO * WO);
+      dst = out + (n * K + (long long)g * KG + n0 + col) * (HO * WO) + pix;
+    }
+    const T* src = cs + slow * CS_LD + fast;
+    if constexpr (OUT_STORE == 16) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    else if constexpr (OUT_STORE == 8) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+    else if constexpr (OUT_STORE == 4) *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(src);
+    else *dst = *src;
+  }
+}
+#endif  // WS

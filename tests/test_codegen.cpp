@@ -3,6 +3,8 @@
 // source bakes the layer in.
 #include <gtest/gtest.h>
 
+#include <array>
+
 #include <regex>
 
 #include <fmt/format.h>
@@ -383,6 +385,58 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
   refused("deform_conv2d n=2 c=96 h=9 w=10 k=256 r=3 s=3 pad=1 offset_groups=3 mask=1 dtype=f16 "
           "layout=nchw pass=backward_weight", v, "tn");  // 32 channels per offset group
   refused(base + "dtype=f16 layout=nchw pass=backward_data", v, "algo");
+}
+
+// The warp-specialised wgmma forward (producers=1 or 2): every consumer grid compiles for
+// sm_90a without spills, in f16 and tf32, with the shared-memory-A wgmma for the consumer's
+// width in the PTX; a ring slot holds an A and a B stage; tiles that need more than two
+// consumer warpgroups, the wrong thread count, a window or another pass are refused.
+TEST(Codegen, WgmmaWarpSpecialisedCompiles) {
+  for (const char* dt : {"dtype=f16", "dtype=f32 math=tf32"}) {
+    const auto d = deft::parse_layer_desc(fmt::format(
+        "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 mask=1 {} layout=nhwc", dt));
+    const int tk = 64 / deft::dtype_size(d.dtype);
+    for (auto [tm, tn, prod] : {std::array{64, 64, 1}, {64, 128, 1}, {64, 256, 1}, {64, 256, 2},
+                                {64, 512, 1}, {128, 128, 2}, {128, 256, 1}}) {
+      const int consumers = tm / 64 * std::max(1, tn / 256);
+      const deft::Variant v = deft::parse_variant(fmt::format(
+          "algo=gemm_wgmma tm={} tn={} tk={} threads={} producers={}", tm, tn, tk,
+          128 * (prod + consumers), prod));
+      SCOPED_TRACE(deft::to_string(v));
+      EXPECT_EQ(deft::parse_variant(deft::to_string(v)), v);
+      const deft::CompileInfo info = compile_for_sm90(d, v);
+      EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+          << info.resource_report;
+      EXPECT_NE(info.shared_layout.find(fmt::format("{} producer and {} consumer", prod, consumers)),
+                std::string::npos) << info.shared_layout;
+      const std::string ptx = sm90a_ptx(d, v);
+      const std::string mma = fmt::format("wgmma.mma_async.sync.aligned.m64n{}k{}.f32.{}",
+                                          tn / std::max(1, tn / 256), tk == 32 ? 16 : 8,
+                                          tk == 32 ? "f16.f16" : "tf32.tf32");
+      EXPECT_NE(ptx.find(mma), std::string::npos) << mma;
+      EXPECT_NE(ptx.find("fence.proxy.async.shared::cta"), std::string::npos);
+    }
+  }
+  const auto d = deft::parse_layer_desc(
+      "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc");
+  auto refused = [&](const std::string& variant, const std::string& field, const std::string& desc = "") {
+    try {
+      deft::validate(desc.empty() ? d : deft::parse_layer_desc(desc), deft::parse_variant(variant));
+      ADD_FAILURE() << "accepted " << variant;
+    } catch (const deft::DescError& e) {
+      EXPECT_EQ(e.field(), field) << variant << ": " << e.what();
+    }
+  };
+  refused("algo=gemm_wgmma tm=128 tn=512 tk=32 threads=768 producers=1", "tn");  // 4 consumers
+  refused("algo=gemm_wgmma tm=64 tn=512 tk=32 threads=128", "tn");  // 512 needs producers
+  refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=128 producers=1", "threads");
+  refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=640 producers=3", "producers");
+  refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 staging=window halo=1", "staging");
+  refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 stages=9", "stages");
+  refused("algo=gemm_tc tm=64 tn=64 tk=32 threads=256 producers=1", "producers");
+  refused("algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 producers=1", "producers",
+          "deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc "
+          "pass=backward_weight");
 }
 
 // staging=window on wgmma: window tiles up to 128 wide compile for sm_90a without spills, in

@@ -492,6 +492,24 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
       options.variant = v;
       check_forward(c.desc, t, options);
     }
+  // The warp-specialised form (producer warpgroups sample A into shared memory): every
+  // consumer grid (one or two consumer warpgroups, along the rows or the output channels,
+  // tn = 512 included), one and two producer warpgroups, a 2-deep ring (each slot refilled
+  // many times) and the plan's own depth.
+  for (auto [tm, tn, producers, stages] :
+       {std::array{64, 256, 1, 0}, {64, 128, 1, 0}, {64, 64, 2, 0}, {128, 64, 1, 0},
+        {128, 128, 2, 0}, {128, 256, 1, 0}, {64, 512, 1, 0}, {64, 256, 2, 2}, {128, 128, 1, 3}}) {
+    deft::Variant v;
+    v.algo = deft::Algo::gemm_wgmma;
+    v.tile_m = tm, v.tile_n = tn, v.tile_k = 64 / deft::dtype_size(c.desc.dtype);
+    v.producers = producers, v.stages = stages;
+    v.threads = 128 * (producers + tm / 64 * std::max(1, tn / 256));
+    v.transpose = c.desc.layout == Layout::nchw;
+    SCOPED_TRACE("variant " + deft::to_string(v));
+    deft::CompileOptions options = test_options();
+    options.variant = v;
+    check_forward(c.desc, t, options);
+  }
   // On sm_90 the heuristic itself picks the wgmma kernel for these layers (where whole
   // chunks, or at least 64 channels, fill the reduction).
   const int64_t cg = c.desc.c_per_group();
@@ -514,6 +532,10 @@ TEST(GpuForwardWgmmaEdge, NonFiniteAndHugeOffsetsSampleZero) {
       deft::CompileOptions options = test_options();
       options.variant = deft::default_variant(d, 90);
       ASSERT_EQ(options.variant->algo, deft::Algo::gemm_wgmma);
+      check_forward(d, t, options);
+      options.variant->producers = 1;  // the warp-specialised form
+      options.variant->tile_m = 64, options.variant->tile_n = 64, options.variant->threads = 256;
+      SCOPED_TRACE("variant " + deft::to_string(*options.variant));
       check_forward(d, t, options);
     }
 }

@@ -142,6 +142,11 @@ struct Variant {
   // gemm_wgmma: depth of the weight ring in shared memory, 2 to 4 (printed as stages=N only
   // when set; 0 = the plan's choice). Fewer stages leave more of the SM's 256 KiB to L1.
   int stages = 0;
+  // gemm_wgmma forward: producer warpgroups that sample the A tile into shared memory while
+  // consumer warpgroups only issue wgmmas (printed as producers=N only when set; 0 = the
+  // warpgroups sample their own rows into the register A fragments). With producers,
+  // threads = 128 * (producers + consumers), consumers = tm / 64 * max(1, tn / 256).
+  int producers = 0;
 
   bool operator==(const Variant&) const = default;
 };
