@@ -224,6 +224,10 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("CM", p.ws_cm);
       c32("BNW", p.ws_bnw);
       c32("ROW_BYTES", p.ws_row_bytes);
+      // a producer lane keeps 8 items' corners (32 vectors) in flight where the register cap
+      // of the block's threads allows it (setmaxnreg cannot raise the consumers' cap: ptxas
+      // compiles the whole kernel to the entry count)
+      c32("MAX_BATCH", 65536 / (int(p.block) * p.min_blocks) >= 128 ? 8 : 4);
     }
     line(fmt::format("#define WINDOW {}", p.window ? 1 : 0));
     if (p.window) {

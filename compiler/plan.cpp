@@ -596,6 +596,14 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                                      "and {} producer warpgroups: threads={}, not {}", v.tile_m,
                                      v.tile_n, v.producers, p.ws_consumers, v.producers, want,
                                      v.threads));
+        // a consumer's accumulators (bnw / 2 registers) plus ~30 within the threads' share of
+        // the 64 K registers (ptxas compiles the kernel to the entry count: 512 threads leave
+        // 128, too few for a 64 x 256 accumulator)
+        if (65536 / want < p.ws_bnw / 2 + 30)
+          bad("producers", fmt::format("producers={} with {} consumer warpgroups of 64 x {} is {} "
+                                       "threads, leaving {} registers a thread: too few for the "
+                                       "accumulators", v.producers, p.ws_consumers, p.ws_bnw,
+                                       want, 65536 / want));
         p.ws_row_bytes = (v.tile_m * 4 + 127) / 128 * 128;
       } else if (v.threads != 2 * v.tile_m) {
         bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 rows: tm={} needs "
@@ -635,7 +643,8 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         auto ws_bytes = [&](int ns) {
           return p.pts_bytes + p.ws_row_bytes + int64_t(ns) * (bm + bn) * 64 + 16 * ns;
         };
-        const bool two = 65536 / (2 * v.threads) >= p.ws_bnw / 2 + 48 &&
+        // (a producer lane keeps 16 or 32 corner vectors in flight: 96 registers at least)
+        const bool two = 65536 / (2 * v.threads) >= std::max(p.ws_bnw / 2 + 48, 96) &&
                          2 * (std::max(ws_bytes(v.stages ? v.stages : 4), epi) + 1024) <= 228 * 1024;
         p.min_blocks = two ? 2 : 1;
         const int64_t limit = two ? 228 * 1024 / 2 - 1024 : kMaxSmem;

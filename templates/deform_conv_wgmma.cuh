@@ -391,11 +391,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #if WS
 // ---- warp-specialised form: producer warpgroups sample, consumer warpgroups multiply ----
 // Constants from codegen: PRODUCERS, CONSUMERS, CM (consumer warpgroups along the rows), BNW
-// (output channels per consumer), ROW_BYTES (the rows' image table), and deft_wgmma_ss() for BNW.
+// (output channels per consumer), ROW_BYTES (the rows' image table), MAX_BATCH (items a producer
+// lane loads at once), and deft_wgmma_ss() for BNW.
 constexpr int A_STAGE_BYTES = BM * 64;         // BM rows x 64 bytes of channels
 constexpr int PROD_WARPS = 4 * PRODUCERS;      // producer warps
 constexpr int ITEMS = BM / 8;                  // (row, vector) items per producer lane per stage
-constexpr int BATCH = ITEMS < 4 ? ITEMS : 4;   // items whose corner loads are issued together
+// Items whose corner loads are issued together: all 8 of a 64-row stage (32 loads in flight a
+// lane) where the block's register cap allows it, else 4.
+constexpr int BATCH = ITEMS < MAX_BATCH ? ITEMS : MAX_BATCH;
 static_assert(THREADS == 128 * (PRODUCERS + CONSUMERS), "warpgroups: producers + consumers");
 static_assert(CM * 64 == BM && CONSUMERS % CM == 0 && (CONSUMERS / CM) * BNW == BN, "consumer grid");
 static_assert(ITEMS % BATCH == 0, "whole batches");

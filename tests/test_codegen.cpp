@@ -431,6 +431,7 @@ TEST(Codegen, WgmmaWarpSpecialisedCompiles) {
   refused("algo=gemm_wgmma tm=64 tn=512 tk=32 threads=128", "tn");  // 512 needs producers
   refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=128 producers=1", "threads");
   refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=640 producers=3", "producers");
+  refused("algo=gemm_wgmma tm=64 tn=512 tk=32 threads=512 producers=2", "producers");  // 128 regs
   refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 staging=window halo=1", "staging");
   refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 stages=9", "stages");
   refused("algo=gemm_tc tm=64 tn=64 tk=32 threads=256 producers=1", "producers");
