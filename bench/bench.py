@@ -269,7 +269,9 @@ def kernel_text(variant) -> str:
     algo = f.get("algo", "?")
     if algo == "depthwise":
         return f"depthwise vec {f.get('vec', '?')}"
-    return f"{algo} {f.get('tm', '?')}×{f.get('tn', '?')}" + (" +T" if f.get("transpose") == "1" else "")
+    return (f"{algo} {f.get('tm', '?')}×{f.get('tn', '?')}"
+            + (f" P{f['producers']}" if f.get("producers", "0") != "0" else "")
+            + (" +T" if f.get("transpose") == "1" else ""))
 
 
 def md_escape(s: str) -> str:

@@ -658,6 +658,14 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
           bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows and a "
                                 "2-stage ring need {} bytes of shared memory (max {})", d.taps(),
                                 nog, bm, ws_bytes(2), limit));
+        // A producer warp waits for its slot's previous round by the phase parity of the slot's
+        // "empty" barrier, which names the round only modulo 2: no warp may run more than one
+        // round ahead, so the ring holds at least one stage per producer warp.
+        if (p.nstage < 4 * v.producers)
+          bad("stages", fmt::format("producers={} ({} producer warps) need a ring of at least {} "
+                                    "stages; {} fit{}", v.producers, 4 * v.producers,
+                                    4 * v.producers, p.nstage,
+                                    v.stages ? fmt::format(" (stages={})", v.stages) : ""));
         p.smem_bytes = int(std::max<int64_t>(ws_bytes(p.nstage), epi));
       }
       if (!ws && v.stages != 0 && (v.stages < 2 || v.stages > 4))

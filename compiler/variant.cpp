@@ -245,11 +245,30 @@ Variant default_variant(const LayerDesc& d, int arch) {
   if (arch != 90 || d.pass != Pass::forward || base.algo != Algo::gemm_tc ||
       (d.c_per_group() % chunk != 0 && d.c_per_group() < 64))
     return base;
-  // Tiles from the wgmma sweep (scripts/sweep.py --family wgmma, H200, fp16, both layouts;
-  // docs/perf-notes.md round 5): the output-channel tile as wide as the group's output
+  // Register-A tiles from the wgmma sweep (scripts/sweep.py --family wgmma, H200, fp16, both
+  // layouts; docs/perf-notes.md round 5): the output-channel tile as wide as the group's output
   // channels (64 to 256), 64 pixel rows (two blocks per SM) except with 64-wide tiles, where
   // 128 rows won. Smaller tiles when a layer cannot take these (validate refuses them).
   const int64_t kg = d.k_per_group();
+  // Groups of more than 64 output channels: the warp-specialised kernel (producer warpgroups
+  // sample A into shared memory), from its sweep (docs/perf-notes.md round 13, H200, fp16 and
+  // tf32, both layouts): 64 rows; over 256 output channels a 512-wide tile (two consumers
+  // share each sample: one gather per sample for k = 512) with one producer warpgroup, else
+  // the group's width (128 or 256) with two. 64 or fewer: the register-A kernel below won.
+  if (kg > 64) {
+    Variant v;
+    v.algo = Algo::gemm_wgmma;
+    v.tile_m = 64, v.tile_k = chunk, v.vec = 1;
+    v.tile_n = kg > 256 ? 512 : kg > 128 ? 256 : 128;
+    v.producers = kg > 256 ? 1 : 2;
+    v.threads = 128 * (v.producers + (v.tile_n > 256 ? 2 : 1));
+    v.transpose = d.layout == Layout::nchw;
+    try {
+      validate(d, v);
+      return v;
+    } catch (const Error&) {
+    }
+  }
   for (int bn : {256, 128, 64}) {
     if (bn > 64 && bn / 2 >= kg) continue;  // wider than the group's output channels
     for (int bm : {bn == 64 ? 128 : 64, bn == 64 ? 64 : 128}) {

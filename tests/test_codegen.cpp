@@ -434,6 +434,10 @@ TEST(Codegen, WgmmaWarpSpecialisedCompiles) {
   refused("algo=gemm_wgmma tm=64 tn=512 tk=32 threads=512 producers=2", "producers");  // 128 regs
   refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 staging=window halo=1", "staging");
   refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 stages=9", "stages");
+  refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 stages=3", "stages");  // < 4 warps
+  refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=384 producers=2 stages=7", "stages");
+  EXPECT_NO_THROW(deft::validate(d, deft::parse_variant(
+      "algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 stages=4")));
   refused("algo=gemm_tc tm=64 tn=64 tk=32 threads=256 producers=1", "producers");
   refused("algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 producers=1", "producers",
           "deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc "

@@ -494,11 +494,11 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
     }
   // The warp-specialised form (producer warpgroups sample A into shared memory): every
   // consumer grid (one or two consumer warpgroups, along the rows or the output channels,
-  // tn = 512 included), one and two producer warpgroups, a 2-deep ring (each slot refilled
-  // many times) and the plan's own depth.
+  // tn = 512 included), one and two producer warpgroups, the shallowest rings they take (one
+  // slot per producer warp, each slot refilled many times) and the plan's own depth.
   for (auto [tm, tn, producers, stages] :
        {std::array{64, 256, 1, 0}, {64, 128, 1, 0}, {64, 64, 2, 0}, {128, 64, 1, 0},
-        {128, 128, 2, 0}, {128, 256, 1, 0}, {64, 512, 1, 0}, {64, 256, 2, 2}, {128, 128, 1, 3}}) {
+        {128, 128, 2, 0}, {128, 256, 1, 0}, {64, 512, 1, 0}, {64, 256, 2, 8}, {64, 128, 1, 4}}) {
     deft::Variant v;
     v.algo = deft::Algo::gemm_wgmma;
     v.tile_m = tm, v.tile_n = tn, v.tile_k = 64 / deft::dtype_size(c.desc.dtype);

@@ -1,6 +1,7 @@
 // The tuner's search space per layer, its hash, and the statistics buckets.
 #include <algorithm>
 #include <cmath>
+#include <array>
 #include <set>
 
 #include <fmt/format.h>
@@ -53,18 +54,28 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
   const Variant def = default_variant(d, arch);
   add(def);
   if (def.algo == Algo::gemm_wgmma) {
-    // sm_90: every wgmma tile, then the portable tensor-core space below.
+    // sm_90: every wgmma tile of the register-A kernel, the warp-specialised tiles (producer
+    // warpgroups), then the portable tensor-core space below.
     for (int tm : {64, 128})
       for (int tn : {64, 128, 256}) {
         Variant v = def;
-        v.tile_m = tm, v.tile_n = tn, v.threads = 2 * tm;
+        v.tile_m = tm, v.tile_n = tn, v.threads = 2 * tm, v.producers = 0;
         add(v);
       }
+    for (auto [tm, tn, producers] : {std::array{64, 512, 1}, {64, 256, 2}, {64, 256, 1},
+                                     {128, 256, 1}, {64, 128, 2}, {64, 128, 1}, {128, 128, 2},
+                                     {64, 64, 1}}) {
+      Variant v = def;
+      v.tile_m = tm, v.tile_n = tn, v.producers = producers;
+      v.threads = 128 * (producers + tm / 64 * std::max(1, tn / 256));
+      add(v);
+    }
     if (opt.window)
       for (auto [tm, tn] : {std::pair{def.tile_m, def.tile_n}, {64, 128}, {128, 64}})
         for (int halo : window_halos(opt.offset_sigma)) {
           Variant v = def;
-          v.tile_m = tm, v.tile_n = tn, v.threads = 2 * tm;
+          v.tile_m = tm, v.tile_n = tn, v.threads = 2 * tm, v.producers = 0;
+          if (v.tile_n > 256) v.tile_n = 256;  // the register-A kernel's widest tile
           v.staging = Staging::window, v.halo = halo;
           add(v);
         }
