@@ -115,8 +115,9 @@ enum class Algo {
   gemm_simt,     // implicit GEMM, bilinear samples gathered into the A tile, CUDA-core FMA
   gemm_tc,       // the same with the tile product on tensor cores (f16, bf16, tf32)
   depthwise,     // groups == c == k: per (pixel, channel) accumulation, no GEMM
-  gemm_wgmma,    // forward on Hopper warpgroup tensor cores (sm_90 only; f16, bf16; channels-last
-                 // input or transpose=1): samples straight into the register A fragments
+  gemm_wgmma,    // Hopper warpgroup tensor cores (sm_90 only; f16, bf16, tf32; channels-last
+                 // input or transpose=1): forward sampling into the register A fragments, or
+                 // with producers > 0 into shared memory; also backward_weight (opt-in)
 };
 enum class Staging {
   gather,  // each sample's four corners read straight from global memory
@@ -140,7 +141,8 @@ struct Variant {
   // Backward passes: bitwise-reproducible accumulation (printed as det=1 only when set).
   bool deterministic = false;
   // gemm_wgmma: depth of the weight ring in shared memory, 2 to 4 (printed as stages=N only
-  // when set; 0 = the plan's choice). Fewer stages leave more of the SM's 256 KiB to L1.
+  // when set; 0 = the plan's choice). Fewer stages leave more of the SM's 256 KiB to L1. With
+  // producers: the depth of the A + weight ring, 2 to 8, at least 4 * producers.
   int stages = 0;
   // gemm_wgmma forward: producer warpgroups that sample the A tile into shared memory while
   // consumer warpgroups only issue wgmmas (printed as producers=N only when set; 0 = the
