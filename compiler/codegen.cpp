@@ -27,14 +27,24 @@ const std::string& template_text(const std::string& name) {
 // tf32) with A from registers and B from the shared-memory descriptor, accumulating into acc;
 // the operand list is spelled out for the tile width, as inline PTX needs. tf32 takes no
 // transpose operand (B is k-major, as the packed stages are).
+// The accumulator operands of an m64nBN wgmma: "%0, ..., %(BN/2 - 1)" in the instruction and
+// "+f"(d[i]) in the asm statement's outputs.
+struct AccOperands {
+  std::string regs, outs;
+};
+AccOperands acc_operands(int bn) {
+  AccOperands o;
+  for (int i = 0; i < bn / 2; ++i) {
+    o.regs += fmt::format("{}%{}", i ? ", " : "", i);
+    o.outs += fmt::format("{}\"+f\"(d[{}])", i ? ", " : "", i);
+  }
+  return o;
+}
+
 std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b = false) {
   const bool tf32 = d.dtype == DType::f32;
   const char* ty = d.dtype == DType::bf16 ? "bf16" : tf32 ? "tf32" : "f16";
-  std::string regs, outs;
-  for (int i = 0; i < bn / 2; ++i) {
-    regs += fmt::format("{}%{}", i ? ", " : "", i);
-    outs += fmt::format("{}\"+f\"(d[{}])", i ? ", " : "", i);
-  }
+  const auto [regs, outs] = acc_operands(bn);
   const int a = bn / 2;
   std::string s;
   s += "// wgmma for this tile width (generated)\n";
@@ -57,11 +67,7 @@ std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b = false) {
 std::string wgmma_ss_wrapper(const LayerDesc& d, int bn) {
   const bool tf32 = d.dtype == DType::f32;
   const char* ty = d.dtype == DType::bf16 ? "bf16" : tf32 ? "tf32" : "f16";
-  std::string regs, outs;
-  for (int i = 0; i < bn / 2; ++i) {
-    regs += fmt::format("{}%{}", i ? ", " : "", i);
-    outs += fmt::format("{}\"+f\"(d[{}])", i ? ", " : "", i);
-  }
+  const auto [regs, outs] = acc_operands(bn);
   const int a = bn / 2;
   std::string s;
   s += "// wgmma with A and B in shared memory, for this consumer width (generated)\n";

@@ -155,6 +155,90 @@ __device__ __forceinline__ uint4 deft_combine(const uint4 (&c)[4], const float4&
 #endif
 }
 
+// Sampling points of every (offset group, tap, row) of the block of rows m0 .. m0 + BM - 1,
+// weight group offset groups og0 .. og0 + NOG - 1, computed by thread tid of THREADS; rows past
+// the tensor and offset groups past OG get zero weights. staging=window (WINDOW): corners inside
+// the window (image nb, input rows wy0 .. wy0 + WROWS - 1) become -1 - (window pixel index).
+__device__ __forceinline__ void deft_fill_points(int4* pts_off, float4* pts_w,
+                                                 const T* __restrict__ offset,
+                                                 const T* __restrict__ mask, long long m0,
+                                                 int og0, int tid, long long nb, int wy0) {
+  (void)nb, (void)wy0;
+  for (int i = tid; i < NOG * TAPS * BM; i += THREADS) {
+    const int row = i % BM, tap = (i / BM) % TAPS, ogl = i / (BM * TAPS);
+    const long long m = m0 + row;
+    SamplePoint p;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) p.off[q] = 0, p.w[q] = 0.f;
+    if (m < M_TOTAL && og0 + ogl < OG) {
+      const long long n = m / (HO * WO);
+      const int rem = int(m - n * (HO * WO));
+      const int ho = rem / WO, wo = rem % WO;
+      p = deft_sample_point(offset, mask, n, ho, wo, tap, og0 + ogl);
+#if WINDOW
+      if (n == nb) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          if (p.off[q] == 0 && p.w[q] == 0.f) {
+            p.off[q] = -1;  // a corner outside the image: window pixel 0, not global memory
+          } else {
+            const int pix = int(p.off[q] / C), y = pix / int(W);
+            if (y >= wy0 && y < wy0 + WROWS) p.off[q] = -1 - (pix - wy0 * int(W));
+          }
+        }
+      }
+#endif
+    }
+    pts_off[i] = make_int4(p.off[0], p.off[1], p.off[2], p.off[3]);
+    pts_w[i] = make_float4(p.w[0], p.w[1], p.w[2], p.w[3]);
+  }
+}
+
+// Epilogue: bias and activation in f32, staged through a shared-memory tile for coalesced
+// stores. nhwc: cs[row][col], stored along the channels; nchw: cs[col][row], along the pixels.
+constexpr int CS_LD = NHWC ? BN + 8 : BM + 8;
+
+// One warpgroup's accumulators into the tile: accumulator i of this thread (lane 4 g + t) is
+// column col0 + 8 (i / 4) + 2 t + i % 2, row row0 + 8 ((i / 2) % 2).
+template <int NACC>
+__device__ __forceinline__ void deft_stage_acc(T* cs, const float (&acc)[NACC], int row0, int col0,
+                                               int t, int n0, int g, const T* __restrict__ bias) {
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) {
+    const int col = col0 + 8 * (i / 4) + 2 * t + i % 2, row = row0 + 8 * ((i / 2) % 2);
+    float v = acc[i];
+    if (HAS_BIAS && n0 + col < KG) v += deft_widen(bias[(long long)g * KG + n0 + col]);
+    v = deft_activate(v);
+    cs[NHWC ? row * CS_LD + col : col * CS_LD + row] = deft_from<T>(v);
+  }
+}
+
+// The BM x BN tile to the output (rows m0 .., output channels n0 .. of group g), OUT_STORE
+// bytes a store, by thread tid of nthreads.
+__device__ __forceinline__ void deft_store_tile(const T* cs, T* __restrict__ out, long long m0,
+                                                int n0, int g, int tid, int nthreads) {
+  constexpr int V = OUT_STORE / int(sizeof(T));  // elements per store
+  constexpr int ROW_V = NHWC ? BN / V : BM / V;  // vectors along the fast dimension
+  for (int idx = tid; idx < (BM * BN) / V; idx += nthreads) {
+    const int fast = (idx % ROW_V) * V, slow = idx / ROW_V;
+    const int row = NHWC ? slow : fast, col = NHWC ? fast : slow;
+    const long long m = m0 + row;
+    if (m >= M_TOTAL || n0 + col >= KG) continue;
+    T* dst;
+    if constexpr (NHWC) {
+      dst = out + m * K + (long long)g * KG + n0 + col;
+    } else {
+      const long long n = m / (HO * WO), pix = m - n * (HO * WO);
+      dst = out + (n * K + (long long)g * KG + n0 + col) * (HO * WO) + pix;
+    }
+    const T* src = cs + slow * CS_LD + fast;
+    if constexpr (OUT_STORE == 16) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    else if constexpr (OUT_STORE == 8) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+    else if constexpr (OUT_STORE == 4) *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(src);
+    else *dst = *src;
+  }
+}
+
 #if !WS
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
@@ -213,34 +297,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
   // Sampling points of every (offset group, tap, row) of the block, once.
   const int og0 = deft_og_first(g);
-  for (int i = tid; i < NOG * TAPS * BM; i += THREADS) {
-    const int row = i % BM, tap = (i / BM) % TAPS, ogl = i / (BM * TAPS);
-    const long long m = m0 + row;
-    SamplePoint p;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) p.off[q] = 0, p.w[q] = 0.f;
-    if (m < M_TOTAL && og0 + ogl < OG) {
-      const long long n = m / (HO * WO);
-      const int rem = int(m - n * (HO * WO));
-      const int ho = rem / WO, wo = rem % WO;
-      p = deft_sample_point(offset, mask, n, ho, wo, tap, og0 + ogl);
 #if WINDOW
-      if (n == nb) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          if (p.off[q] == 0 && p.w[q] == 0.f) {
-            p.off[q] = -1;  // a corner outside the image: window pixel 0, not global memory
-          } else {
-            const int pix = int(p.off[q] / C), y = pix / int(W);
-            if (y >= wy0 && y < wy0 + WROWS) p.off[q] = -1 - (pix - wy0 * int(W));
-          }
-        }
-      }
+  deft_fill_points(pts_off, pts_w, offset, mask, m0, og0, tid, nb, wy0);
+#else
+  deft_fill_points(pts_off, pts_w, offset, mask, m0, og0, tid, 0, 0);
 #endif
-    }
-    pts_off[i] = make_int4(p.off[0], p.off[1], p.off[2], p.off[3]);
-    pts_w[i] = make_float4(p.w[0], p.w[1], p.w[2], p.w[3]);
-  }
 
   // This thread's two rows and its 8 channels of each chunk.
   const int warp = tid / 32, lane = tid % 32;
@@ -351,40 +412,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   __syncthreads();  // every copy was waited for; the ring and the points are free: the
                     // epilogue tile reuses them
 
-  // Epilogue: bias and activation in f32, staged through shared memory for coalesced stores.
-  // Accumulator i of this thread: column 8 (i / 4) + 2 t + i % 2, row row0 + 8 ((i / 2) % 2).
   T* cs = reinterpret_cast<T*>(smem);
-  // nhwc: [row][col], stored along the channels; nchw: [col][row], stored along the pixels.
-  constexpr int CS_LD = NHWC ? BN + 8 : BM + 8;
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) {
-    const int col = 8 * (i / 4) + 2 * t + i % 2, row = row0 + 8 * ((i / 2) % 2);
-    float v = acc[i];
-    if (HAS_BIAS && n0 + col < KG) v += deft_widen(bias[(long long)g * KG + n0 + col]);
-    v = deft_activate(v);
-    cs[NHWC ? row * CS_LD + col : col * CS_LD + row] = deft_from<T>(v);
-  }
+  deft_stage_acc(cs, acc, row0, 0, t, n0, g, bias);
   __syncthreads();
-  constexpr int V = OUT_STORE / int(sizeof(T));  // elements per store
-  constexpr int ROW_V = NHWC ? BN / V : BM / V;  // vectors along the fast dimension
-  for (int idx = tid; idx < (BM * BN) / V; idx += THREADS) {
-    const int fast = (idx % ROW_V) * V, slow = idx / ROW_V;
-    const int row = NHWC ? slow : fast, col = NHWC ? fast : slow;
-    const long long m = m0 + row;
-    if (m >= M_TOTAL || n0 + col >= KG) continue;
-    T* dst;
-    if constexpr (NHWC) {
-      dst = out + m * K + (long long)g * KG + n0 + col;
-    } else {
-      const long long n = m / (HO * WO), pix = m - n * (HO * WO);
-      dst = out + (n * K + (long long)g * KG + n0 + col) * (HO * WO) + pix;
-    }
-    const T* src = cs + slow * CS_LD + fast;
-    if constexpr (OUT_STORE == 16) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-    else if constexpr (OUT_STORE == 8) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
-    else if constexpr (OUT_STORE == 4) *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(src);
-    else *dst = *src;
-  }
+  deft_store_tile(cs, out, m0, n0, g, tid, THREADS);
 }
 #endif  // !WS
 
@@ -461,20 +492,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   }
   // Sampling points of every (offset group, tap, row) of the block, once; each row's image.
   const int og0 = deft_og_first(g);
-  for (int i = tid; i < NOG * TAPS * BM; i += THREADS) {
-    const int row = i % BM, tap = (i / BM) % TAPS, ogl = i / (BM * TAPS);
-    const long long m = m0 + row;
-    SamplePoint p;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) p.off[q] = 0, p.w[q] = 0.f;
-    if (m < M_TOTAL && og0 + ogl < OG) {
-      const long long n = m / (HO * WO);
-      const int rem = int(m - n * (HO * WO));
-      p = deft_sample_point(offset, mask, n, rem / WO, rem % WO, tap, og0 + ogl);
-    }
-    pts_off[i] = make_int4(p.off[0], p.off[1], p.off[2], p.off[3]);
-    pts_w[i] = make_float4(p.w[0], p.w[1], p.w[2], p.w[3]);
-  }
+  deft_fill_points(pts_off, pts_w, offset, mask, m0, og0, tid, 0, 0);
   for (int row = tid; row < BM; row += THREADS)
     row_img[row] = m0 + row < M_TOTAL ? int((m0 + row) / (HO * WO)) : 0;
   __syncthreads();  // points and barriers visible
@@ -548,40 +566,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   deft_wgmma_wait<0>();
   deft_consumer_sync();  // every consumer done with the ring: the epilogue tile reuses it
 
-  // Epilogue: bias and activation in f32, staged through shared memory for coalesced stores.
-  // Accumulator i of this thread: column BNW cn + 8 (i / 4) + 2 t + i % 2,
-  // row 64 cm + 16 (warp % 4) + lane / 4 + 8 ((i / 2) % 2).
   T* cs = reinterpret_cast<T*>(smem);
-  constexpr int CS_LD = NHWC ? BN + 8 : BM + 8;
-  const int t = lane % 4, row0 = 64 * cm + 16 * (warp % 4) + lane / 4;
-#pragma unroll
-  for (int i = 0; i < BNW / 2; ++i) {
-    const int col = BNW * cn + 8 * (i / 4) + 2 * t + i % 2, row = row0 + 8 * ((i / 2) % 2);
-    float v = acc[i];
-    if (HAS_BIAS && n0 + col < KG) v += deft_widen(bias[(long long)g * KG + n0 + col]);
-    v = deft_activate(v);
-    cs[NHWC ? row * CS_LD + col : col * CS_LD + row] = deft_from<T>(v);
-  }
+  deft_stage_acc(cs, acc, 64 * cm + 16 * (warp % 4) + lane / 4, BNW * cn, lane % 4, n0, g, bias);
   deft_consumer_sync();
-  constexpr int V = OUT_STORE / int(sizeof(T));  // elements per store
-  constexpr int ROW_V = NHWC ? BN / V : BM / V;  // vectors along the fast dimension
-  for (int idx = tid; idx < (BM * BN) / V; idx += CONSUMERS * 128) {
-    const int fast = (idx % ROW_V) * V, slow = idx / ROW_V;
-    const int row = NHWC ? slow : fast, col = NHWC ? fast : slow;
-    const long long m = m0 + row;
-    if (m >= M_TOTAL || n0 + col >= KG) continue;
-    T* dst;
-    if constexpr (NHWC) {
-      dst = out + m * K + (long long)g * KG + n0 + col;
-    } else {
-      const long long n = m / (HO * WO), pix = m - n * (HO * WO);
-      dst = out + (n * K + (long long)g * KG + n0 + col) * (HO * WO) + pix;
-    }
-    const T* src = cs + slow * CS_LD + fast;
-    if constexpr (OUT_STORE == 16) *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-    else if constexpr (OUT_STORE == 8) *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
-    else if constexpr (OUT_STORE == 4) *reinterpret_cast<unsigned*>(dst) = *reinterpret_cast<const unsigned*>(src);
-    else *dst = *src;
-  }
+  deft_store_tile(cs, out, m0, n0, g, tid, CONSUMERS * 128);
 }
 #endif  // WS
