@@ -189,6 +189,54 @@ __device__ __forceinline__ void deft_transpose_tile(const S* __restrict__ src, D
   }
 }
 
+// deft_transpose_tile with 16-byte accesses on both sides, for 2- and 4-byte elements: a thread
+// moves whole vectors of V = 16 / sizeof(E) elements (a warp: 512 bytes a side), the tile in
+// shared memory as 32-bit words with an odd row length (33 or 65 words) so that the column
+// reads of the store phase conflict at most 2-way. Needs rows and cols multiples of V and both
+// pointers on 16 bytes (deft_transpose_vec16); a block of 256 threads, tile origin r0, c0.
+template <typename E>
+__device__ __forceinline__ void deft_transpose_tile16(const E* __restrict__ src, E* __restrict__ dst,
+                                                      long long rows, long long cols, long long r0,
+                                                      long long c0) {
+  static_assert(sizeof(E) == 2 || sizeof(E) == 4, "2- or 4-byte elements");
+  constexpr int V = 16 / int(sizeof(E));           // elements per vector
+  constexpr int VPR = 64 / V;                      // vectors per tile row
+  constexpr int LDW = 64 * int(sizeof(E)) / 4 + 1;  // words per tile row
+  constexpr int LDE = LDW * 4 / int(sizeof(E));     // elements per tile row
+  __shared__ unsigned tile[64 * LDW];
+  for (int i = threadIdx.x; i < 64 * VPR; i += 256) {  // tile row r: columns c0 + V v ..
+    const int r = i / VPR, v = i % VPR;
+    const long long gr = r0 + r, gc = c0 + v * V;
+    if (gr < rows && gc < cols) {
+      const uint4 x = *reinterpret_cast<const uint4*>(src + gr * cols + gc);
+      unsigned* t = tile + r * LDW + v * 4;
+      t[0] = x.x, t[1] = x.y, t[2] = x.z, t[3] = x.w;
+    }
+  }
+  __syncthreads();
+  const E* te = reinterpret_cast<const E*>(tile);
+  for (int i = threadIdx.x; i < 64 * VPR; i += 256) {  // output row c: input rows r0 + V v ..
+    const int c = i / VPR, v = i % VPR;
+    const long long gc = c0 + c, gr = r0 + v * V;
+    if (gc < cols && gr < rows) {
+      uint4 x;
+      E* xe = reinterpret_cast<E*>(&x);
+#pragma unroll
+      for (int e = 0; e < V; ++e) xe[e] = te[(v * V + e) * LDE + c];
+      *reinterpret_cast<uint4*>(dst + gc * rows + gr) = x;
+    }
+  }
+}
+
+// Whether deft_transpose_tile16 may move a [rows][cols] matrix (uniform: the caller decides).
+template <typename E>
+__device__ __forceinline__ bool deft_transpose_vec16(const E* src, const E* dst, long long rows,
+                                                     long long cols) {
+  constexpr int V = 16 / int(sizeof(E));
+  return (sizeof(E) == 2 || sizeof(E) == 4) && rows % V == 0 && cols % V == 0 &&
+         (unsigned long long)src % 16 == 0 && (unsigned long long)dst % 16 == 0;
+}
+
 // Whether deft_transpose_tile may move pairs: even extents, both pointers on two elements.
 template <typename S, typename D>
 __device__ __forceinline__ bool deft_transpose_pairs(const S* src, const D* dst, long long rows,

@@ -230,6 +230,12 @@ std::vector<GpuCase> fixed_cases() {
   v.push_back({"depthwise_vec_f16_nhwc", d, 2.0, 14});
   v.push_back({"depthwise_vec_f32_nhwc_og2", desc(2, 128, 11, 5, 128, 3, 1, 128, 2, DType::f32, Layout::nhwc), 8.0, 15});
   v.push_back({"depthwise_vec_f16_nchw_og2", desc(2, 128, 7, 9, 128, 5, 2, 128, 2, DType::f16, Layout::nchw), 2.0, 16});
+  // The nchw transpose pre-pass with 16-byte vectors on both sides, partial 64 x 64 tiles
+  // along the channels (40, 24) and the pixels (168, 60).
+  v.push_back({"transpose16_partial_f16_nchw", desc(2, 40, 12, 14, 24, 3, 1, 1, 1, DType::f16, Layout::nchw), 2.0, 18});
+  d = desc(3, 24, 6, 10, 28, 3, 1, 1, 1, DType::f32, Layout::nchw);
+  d.math = MathMode::tf32;
+  v.push_back({"transpose16_partial_tf32_nchw", d, 2.0, 19});
   v.push_back({"odd_channels_f32_nhwc", desc(3, 3, 11, 13, 5, 3, 1, 1, 1, DType::f32, Layout::nhwc), 2.0, 8});
   v.push_back({"odd_channels_f16_nhwc", desc(1, 6, 11, 13, 10, 3, 0, 2, 2, DType::f16, Layout::nhwc), 2.0, 9});
   d = desc(2, 8, 15, 15, 12, 1, 0, 1, 1, DType::bf16, Layout::nchw);
