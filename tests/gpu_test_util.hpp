@@ -9,13 +9,16 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <future>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -232,6 +235,31 @@ inline double relative_error(const std::vector<double>& out, const std::vector<d
     norm += ref[i] * ref[i];
   }
   return norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
+}
+
+// Compiles the variants of one layer on up to 16 threads at once (deft::compile is thread-safe
+// and keeps each kernel in its in-process memo, so the test's later compile of the same
+// (layer, variant, options) returns it without NVRTC). Compile errors surface in the later
+// compile, where the test reports them with the variant.
+inline std::vector<deft::Kernel> compile_in_parallel(const deft::LayerDesc& desc,
+                                                     const std::vector<deft::Variant>& variants,
+                                                     const deft::CompileOptions& options) {
+  std::vector<deft::Kernel> out(variants.size());
+  const size_t workers = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  for (size_t first = 0; first < variants.size(); first += workers) {
+    std::vector<std::future<void>> batch;
+    for (size_t i = first; i < std::min(variants.size(), first + workers); ++i)
+      batch.push_back(std::async(std::launch::async, [&, i] {
+        deft::CompileOptions o = options;
+        o.variant = variants[i];
+        try {
+          out[i] = deft::compile(desc, o);
+        } catch (const std::exception&) {
+        }
+      }));
+    for (auto& f : batch) f.wait();
+  }
+  return out;
 }
 
 }  // namespace deft::test

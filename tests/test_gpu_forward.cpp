@@ -472,6 +472,7 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
   const GpuCase& c = GetParam();
   SCOPED_TRACE("case " + c.name + " sigma=" + std::to_string(c.sigma));
   const HostTensors t = random_tensors(c.desc, c.sigma, c.seed);
+  std::vector<deft::Variant> variants;
   for (int tm : {128, 64})
     for (int tn : {256, 128, 64}) {
       deft::Variant v;
@@ -479,10 +480,7 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
       v.tile_m = tm, v.tile_n = tn, v.tile_k = 64 / deft::dtype_size(c.desc.dtype);
       v.threads = 2 * tm;
       v.transpose = c.desc.layout == Layout::nchw;
-      SCOPED_TRACE("variant " + deft::to_string(v));
-      deft::CompileOptions options = test_options();
-      options.variant = v;
-      check_forward(c.desc, t, options);
+      variants.push_back(v);
       // staging=window on two tiles, with no halo and with a 3-pixel halo (sigma 2 and 8 put
       // corners both inside and outside the window); skipped where a layer cannot take it
       // (a 1x1 kernel).
@@ -494,9 +492,7 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
       } catch (const deft::DescError&) {
         continue;
       }
-      SCOPED_TRACE("variant " + deft::to_string(v));
-      options.variant = v;
-      check_forward(c.desc, t, options);
+      variants.push_back(v);
     }
   // The warp-specialised form (producer warpgroups sample A into shared memory): every
   // consumer grid (one or two consumer warpgroups, along the rows or the output channels,
@@ -514,19 +510,25 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
     v.producers = producers, v.stages = stages;
     v.threads = 128 * (producers + tm / 64 * std::max(1, tn / 256));
     v.transpose = c.desc.layout == Layout::nchw;
-    SCOPED_TRACE("variant " + deft::to_string(v));
     try {
       deft::validate(c.desc, v);
     } catch (const deft::DescError& e) {
-      EXPECT_TRUE(e.field() == "stages" || e.field() == "tm") << e.what();
+      EXPECT_TRUE(e.field() == "stages" || e.field() == "tm") << deft::to_string(v) << ": " << e.what();
       continue;
     }
     ++ws_tiles;
+    variants.push_back(v);
+  }
+  EXPECT_GE(ws_tiles, 8);
+  // NVRTC for all of them at once (the run below finds them in deft's in-process cache), then
+  // each against the reference.
+  const std::vector<deft::Kernel> compiled = compile_in_parallel(c.desc, variants, test_options());
+  for (const deft::Variant& v : variants) {
+    SCOPED_TRACE("variant " + deft::to_string(v));
     deft::CompileOptions options = test_options();
     options.variant = v;
     check_forward(c.desc, t, options);
   }
-  EXPECT_GE(ws_tiles, 8);
   // On sm_90 the heuristic itself picks the wgmma kernel for these layers (where whole
   // chunks, or at least 64 channels, fill the reduction).
   const int64_t cg = c.desc.c_per_group();
