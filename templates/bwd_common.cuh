@@ -137,6 +137,46 @@ __device__ __forceinline__ BwdPoint deft_bwd_point(const T* __restrict__ offset,
   return p;
 }
 
+// Output pixel m of the backward_data kernels: its image and position (zeros past the tensor),
+// and its sampling point for tap t, offset group og (no valid corner past the tensor).
+struct BwdPixel {
+  bool ok;  // m < M_TOTAL
+  long long n;
+  int ho, wo;
+};
+__device__ __forceinline__ BwdPixel deft_bwd_pixel(long long m) {
+  BwdPixel px{m < M_TOTAL, 0, 0, 0};
+  if (px.ok) {
+    px.n = m / (HO * WO);
+    const int rem = int(m - px.n * (HO * WO));
+    px.ho = rem / WO;
+    px.wo = rem % WO;
+  }
+  return px;
+}
+__device__ __forceinline__ BwdPoint deft_bwd_pixel_point(const T* __restrict__ offset,
+                                                         const T* __restrict__ mask,
+                                                         const BwdPixel& px, int t, int og) {
+  BwdPoint pt;
+  if (px.ok) pt = deft_bwd_point(offset, mask, px.n, px.ho, px.wo, t, og);
+  else pt.valid = 0, pt.mod = Acc(0);
+  return pt;
+}
+
+// The fixed-order sum s[r] = sum over u < parts of red[r * THREADS + th(u)] (r: grad dy, dx,
+// mask) of one pixel's partial point gradients, red[3][THREADS] in shared memory.
+template <class Th>
+__device__ __forceinline__ void deft_sum_point_partials(const Acc* red, int parts, Th th,
+                                                        Acc (&s)[3]) {
+#pragma unroll
+  for (int r = 0; r < 3; ++r) s[r] = Acc(0);
+  for (int u = 0; u < parts; ++u) {
+    const int i = th(u);
+#pragma unroll
+    for (int r = 0; r < 3; ++r) s[r] += red[r * THREADS + i];
+  }
+}
+
 // Writes the grad offset (dy, dx) and grad mask sums s[0..2] of output pixel m (n, ho, wo),
 // tap t, offset group og; either pointer may be null.
 __device__ __forceinline__ void deft_write_point_grads(T* __restrict__ goffset,

@@ -5,6 +5,28 @@ constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr int TAPS = R * S;
 constexpr long long W_ELEMS = (long long)K * CG * TAPS;
 
+// A backward_weight block's share: output channels o0 .. o0 + BO_ - 1 (grid x: tile of BO_,
+// then of BC_ input channels), input channels cl0 .. of group g (c0 = g CG + cl0 in the input),
+// tap t and offset group og (grid y), pixels [p_begin, p_end) (grid z: split SPLIT_PIX).
+struct WeightTile {
+  int o0, cl0, t, g, og;
+  long long c0, p_begin, p_end;
+};
+template <int BO_, int BC_>
+__device__ __forceinline__ WeightTile deft_weight_tile() {
+  constexpr int OT_ = (KG + BO_ - 1) / BO_;
+  WeightTile w;
+  w.o0 = int(blockIdx.x % OT_) * BO_;
+  w.cl0 = int(blockIdx.x / OT_) * BC_;
+  w.t = blockIdx.y % TAPS;
+  w.g = blockIdx.y / TAPS;
+  w.c0 = (long long)w.g * CG + w.cl0;
+  w.og = int(w.c0 / CPOG);
+  w.p_begin = (long long)blockIdx.z * SPLIT_PIX;
+  w.p_end = w.p_begin + SPLIT_PIX < M_TOTAL ? w.p_begin + SPLIT_PIX : M_TOTAL;
+  return w;
+}
+
 __device__ __forceinline__ long long deft_gout_index(long long n, long long k, long long q) {
   return NHWC ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;
 }

@@ -60,18 +60,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int ep = X_NHWC ? tid / TPP : tid % BP;
   const int esub = X_NHWC ? tid % TPP : tid / BP;
   const long long m = m0 + ep;
-  const bool pix_ok = m < M_TOTAL;
-  long long n = 0;
-  int ho = 0, wo = 0;
-  if (pix_ok) {
-    n = m / (HO * WO);
-    const int rem = int(m - n * (HO * WO));
-    ho = rem / WO;
-    wo = rem % WO;
-  }
-  BwdPoint pt;
-  if (pix_ok) pt = deft_bwd_point(offset, mask, n, ho, wo, t, og);
-  else pt.valid = 0, pt.mod = Acc(0);
+  const BwdPixel px = deft_bwd_pixel(m);
+  const bool pix_ok = px.ok;
+  const long long n = px.n;
+  const int ho = px.ho, wo = px.wo;
+  const BwdPoint pt = deft_bwd_pixel_point(offset, mask, px, t, og);
   const T* image = input + n * (C * H * W);
 
   const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
@@ -182,12 +175,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   for (int r = 0; r < 3; ++r) Red[r][tid] = pg[r];
   __syncthreads();
   if (esub == 0 && pix_ok) {
-    Acc s[3] = {Acc(0), Acc(0), Acc(0)};
-    for (int u = 0; u < TPP; ++u) {
-      const int th = X_NHWC ? ep * TPP + u : u * BP + ep;
-#pragma unroll
-      for (int r = 0; r < 3; ++r) s[r] += Red[r][th];
-    }
+    Acc s[3];
+    deft_sum_point_partials(&Red[0][0], TPP,
+                            [&](int u) { return X_NHWC ? ep * TPP + u : u * BP + ep; }, s);
     deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, s);
   }
 }

@@ -25,15 +25,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int lane = X_NHWC ? tid % CL : tid / PIXB;
   const int og = blockIdx.y;
   const long long m = (long long)blockIdx.x * PIXB + p;
-  const bool pix_ok = m < M_TOTAL;
-  long long n = 0;
-  int ho = 0, wo = 0;
-  if (pix_ok) {
-    n = m / (HO * WO);
-    const int rem = int(m - n * (HO * WO));
-    ho = rem / WO;
-    wo = rem % WO;
-  }
+  const BwdPixel px = deft_bwd_pixel(m);
+  const bool pix_ok = px.ok;
+  const long long n = px.n;
+  const int ho = px.ho, wo = px.wo;
   const long long q_img = (long long)ho * WO + wo;
   const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
   bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
@@ -78,12 +73,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       for (int r = 0; r < 3; ++r) Red[r][tid] = g[r];
       __syncthreads();
       if (lane == 0 && pix_ok) {
-        Acc s[3] = {Acc(0), Acc(0), Acc(0)};
-        for (int u = 0; u < CL; ++u) {
-          const int th = X_NHWC ? p * CL + u : u * PIXB + p;
-#pragma unroll
-          for (int r = 0; r < 3; ++r) s[r] += Red[r][th];
-        }
+        Acc s[3];
+        deft_sum_point_partials(&Red[0][0], CL,
+                                [&](int u) { return X_NHWC ? p * CL + u : u * PIXB + p; }, s);
         deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, s);
       }
       __syncthreads();

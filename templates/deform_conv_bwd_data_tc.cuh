@@ -104,18 +104,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int ep = tid / TPP;
   const int esub = tid % TPP;
   const long long m = m0 + ep;
-  const bool pix_ok = m < M_TOTAL;
-  long long n = 0;
-  int ho = 0, wo = 0;
-  if (pix_ok) {
-    n = m / (HO * WO);
-    const int rem = int(m - n * (HO * WO));
-    ho = rem / WO;
-    wo = rem % WO;
-  }
-  BwdPoint pt;
-  if (pix_ok) pt = deft_bwd_point(offset, mask, n, ho, wo, t, og);
-  else pt.valid = 0, pt.mod = Acc(0);
+  const BwdPixel px = deft_bwd_pixel(m);
+  const bool pix_ok = px.ok;
+  const long long n = px.n;
+  const int ho = px.ho, wo = px.wo;
+  const BwdPoint pt = deft_bwd_pixel_point(offset, mask, px, t, og);
   const T* image = input + n * (C * H * W);
   GinT* gimage = gin ? gin + n * (C * H * W) : nullptr;
   const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
@@ -189,10 +182,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   for (int r = 0; r < 3; ++r) Red[r * THREADS + tid] = pg[r];
   __syncthreads();
   if (esub == 0 && pix_ok) {
-    Acc sum[3] = {Acc(0), Acc(0), Acc(0)};
-    for (int u = 0; u < TPP; ++u)
-#pragma unroll
-      for (int r = 0; r < 3; ++r) sum[r] += Red[r * THREADS + ep * TPP + u];
+    Acc sum[3];
+    deft_sum_point_partials(Red, TPP, [&](int u) { return ep * TPP + u; }, sum);
     deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, sum);
   }
 }

@@ -55,14 +55,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
-  constexpr int OT = (KG + BO - 1) / BO;
-  const int ot = blockIdx.x % OT, ct = blockIdx.x / OT;
-  const int o0 = ot * BO, cl0 = ct * BC;
-  const int t = blockIdx.y % TAPS, g = blockIdx.y / TAPS;
-  const long long c0 = (long long)g * CG + cl0;
-  const int og = int(c0 / CPOG);
-  const long long p_begin = (long long)blockIdx.z * SPLIT_PIX;
-  const long long p_end = p_begin + SPLIT_PIX < M_TOTAL ? p_begin + SPLIT_PIX : M_TOTAL;
+  const WeightTile wt = deft_weight_tile<BO, BC>();
+  const int o0 = wt.o0, cl0 = wt.cl0, t = wt.t, g = wt.g, og = wt.og;
+  const long long c0 = wt.c0, p_begin = wt.p_begin, p_end = wt.p_end;
 
   auto load_gout = [&](long long p0, Stage* dst) {
     if (NHWC) {

@@ -28,7 +28,6 @@ constexpr int PASSES = WARPS >= 8 ? 1 : 8 / WARPS;  // pixel passes of the gathe
 constexpr int VGROUPS = WARPS >= 8 ? WARPS / 8 : 1;  // warps sharing a pixel's vectors
 constexpr int VPT = NV / (4 * VGROUPS);              // vectors per thread per pass
 constexpr int CHUNK_BYTES = KP * BN * 2;
-constexpr int OT = (KG + BO - 1) / BO;
 constexpr bool GOUT_VEC = !NHWC && (HO * WO) % 4 == 0;  // 8-byte grad_out loads (4 pixels)
 static_assert(sizeof(T) == 2, "16-bit elements");
 static_assert(THREADS == 2 * BO && BO % 64 == 0, "one warpgroup per 64 output channels");
@@ -55,13 +54,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   const unsigned buf_addr = (unsigned)__cvta_generic_to_shared(bufs);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int ot = blockIdx.x % OT, ct = blockIdx.x / OT;
-  const int o0 = ot * BO, cl0 = ct * BN;
-  const int t = blockIdx.y % TAPS, g = blockIdx.y / TAPS;
-  const long long c0 = (long long)g * CG + cl0;
-  const int og = int(c0 / CPOG);
-  const long long p_begin = (long long)blockIdx.z * SPLIT_PIX;
-  const long long p_end = p_begin + SPLIT_PIX < M_TOTAL ? p_begin + SPLIT_PIX : M_TOTAL;
+  const WeightTile wt = deft_weight_tile<BO, BN>();
+  const int o0 = wt.o0, cl0 = wt.cl0, t = wt.t, g = wt.g, og = wt.og;
+  const long long c0 = wt.c0, p_begin = wt.p_begin, p_end = wt.p_end;
   const int chunks = int((p_end - p_begin + KP - 1) / KP);
 
   // Gather layout: k row (slot order) r = (warp % 8) * 8 + lane % 8 (+ 32 per pass), vectors
