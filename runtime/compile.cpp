@@ -380,11 +380,18 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
 
 namespace {
 
-// The backward pass kernel `which` (0 data, 1 weight) of a forward kernel, compiled on first use.
-std::shared_ptr<KernelImpl> backward_kernel(KernelImpl& fwd, bool det, int which) {
-  std::lock_guard<std::mutex> lock(fwd.backward_mu);
-  auto& slot = fwd.backward[det ? 1 : 0][which];
-  if (!slot) {
+// The backward pass kernels (0 data, 1 weight) of a forward kernel that `want` names, compiled
+// on first use; two missing ones compile at once, on two threads (deft::compile is thread-safe
+// and shares a compile in flight through its memo), which halves a layer's first backward.
+std::array<std::shared_ptr<KernelImpl>, 2> backward_kernels(KernelImpl& fwd, bool det,
+                                                            std::array<bool, 2> want) {
+  std::array<std::shared_ptr<KernelImpl>, 2> out;
+  {
+    std::lock_guard<std::mutex> lock(fwd.backward_mu);
+    for (int which = 0; which < 2; ++which)
+      if (want[which]) out[which] = fwd.backward[det ? 1 : 0][which];
+  }
+  auto build = [&fwd, det](int which) {
     LayerDesc d = fwd.desc;
     d.pass = which == 0 ? Pass::backward_data : Pass::backward_weight;
     CompileOptions o = fwd.options;
@@ -392,10 +399,21 @@ std::shared_ptr<KernelImpl> backward_kernel(KernelImpl& fwd, bool det, int which
     o.variant = which == 0 ? fwd.options.backward_data_variant : fwd.options.backward_weight_variant;
     o.backward_data_variant.reset();
     o.backward_weight_variant.reset();
-    Kernel k = compile(d, o);
-    slot = k.shared_impl();
+    return compile(d, o).shared_impl();
+  };
+  const bool both = want[0] && want[1] && !out[0] && !out[1];
+  std::future<std::shared_ptr<KernelImpl>> weight;
+  if (both) weight = std::async(std::launch::async, build, 1);
+  for (int which = 0; which < 2; ++which) {
+    if (!want[which] || out[which]) continue;
+    out[which] = both && which == 1 ? weight.get() : build(which);
   }
-  return slot;
+  std::lock_guard<std::mutex> lock(fwd.backward_mu);
+  for (int which = 0; which < 2; ++which) {
+    auto& slot = fwd.backward[det ? 1 : 0][which];
+    if (want[which] && !slot) slot = out[which];
+  }
+  return out;
 }
 
 void launch(CUkernel k, std::array<unsigned, 3> grid, unsigned block, unsigned smem,
@@ -449,9 +467,7 @@ void Kernel::prepare_backward(int deterministic) const {
   if (impl_->desc.pass != Pass::forward)
     throw Error("prepare_backward: call it on the forward kernel of the layer");
   const bool det = deterministic < 0 ? impl_->options.deterministic : deterministic != 0;
-  auto& self = const_cast<KernelImpl&>(*impl_);
-  backward_kernel(self, det, 0);
-  backward_kernel(self, det, 1);
+  backward_kernels(const_cast<KernelImpl&>(*impl_), det, {true, true});
 }
 
 void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic) const {
@@ -473,9 +489,8 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
   auto& self = const_cast<KernelImpl&>(*impl_);
   check_device_arch(*impl_, "backward");
   // the passes this call runs (grad bias alone runs the weight pass's bias kernel only)
-  const auto kdata = a.grad_input || a.grad_offset || a.grad_mask ? backward_kernel(self, det, 0)
-                                                                  : nullptr;
-  const auto kweight = a.grad_weight || a.grad_bias ? backward_kernel(self, det, 1) : nullptr;
+  const auto [kdata, kweight] = backward_kernels(
+      self, det, {a.grad_input || a.grad_offset || a.grad_mask, a.grad_weight || a.grad_bias});
   check_backward_alignment(d, kdata.get(), a.grad_weight ? kweight.get() : nullptr, a);
   const void* offset = a.offset;
   const void* mask = a.mask;
