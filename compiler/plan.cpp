@@ -666,6 +666,13 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                                     "stages; {} fit{}", v.producers, 4 * v.producers,
                                     4 * v.producers, p.nstage,
                                     v.stages ? fmt::format(" (stages={})", v.stages) : ""));
+        // The epilogue tile reuses the points and the ring, but not the mbarriers after them
+        // (memory of an mbarrier may be reused only after mbarrier.inval).
+        const int64_t barriers_at = ws_bytes(p.nstage) - 16 * p.nstage;
+        if (epi > barriers_at)
+          bad("stages", fmt::format("the epilogue tile ({} bytes) would overlap the ring's "
+                                    "mbarriers at byte {} with stages={}: take a deeper ring",
+                                    epi, barriers_at, p.nstage));
         p.smem_bytes = int(std::max<int64_t>(ws_bytes(p.nstage), epi));
       }
       if (!ws && v.stages != 0 && (v.stages < 2 || v.stages > 4))

@@ -438,6 +438,16 @@ TEST(Codegen, WgmmaWarpSpecialisedCompiles) {
   refused("algo=gemm_wgmma tm=64 tn=256 tk=32 threads=384 producers=2 stages=7", "stages");
   EXPECT_NO_THROW(deft::validate(d, deft::parse_variant(
       "algo=gemm_wgmma tm=64 tn=256 tk=32 threads=256 producers=1 stages=4")));
+  // tf32, 128 x 256, nchw: the points (36864 bytes), the rows' images (512) and a 4-deep ring
+  // (4 x 24576) end at byte 135680, before the 256 x 136 x 4-byte epilogue tile would; the
+  // plan's own ring (7 deep) is long enough
+  const auto tf32 = deft::parse_layer_desc(
+      "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+      "layout=nchw");
+  refused("algo=gemm_wgmma tm=128 tn=256 tk=16 threads=384 producers=1 stages=4 transpose=1",
+          "stages", deft::to_string(tf32));
+  EXPECT_NO_THROW(deft::validate(tf32, deft::parse_variant(
+      "algo=gemm_wgmma tm=128 tn=256 tk=16 threads=384 producers=1 transpose=1")));
   refused("algo=gemm_tc tm=64 tn=64 tk=32 threads=256 producers=1", "producers");
   refused("algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 producers=1", "producers",
           "deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc "
