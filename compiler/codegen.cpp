@@ -191,6 +191,10 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("SPLITS", p.splits);
     c64("SPLIT_PIX", p.split_pix);
     c32("MIN_BLOCKS", 1);
+    line(fmt::format("#define WS {}  // warp-specialised: producer warpgroups gather the columns",
+                     p.bww_producers > 0 ? 1 : 0));
+    c32("PRODUCERS", p.bww_producers);
+    if (p.bww_producers > 0) c32("NSTAGE", p.nstage);
   } else if (d.pass == Pass::backward_weight) {
     c32("BO", p.bo);
     c32("BC", p.bc);

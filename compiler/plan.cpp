@@ -207,14 +207,46 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
     bad("tn", fmt::format("tn={} must divide c/groups={} and c/offset_groups={}", v.tile_n,
                           d.c_per_group(), d.c_per_offset_group()));
   if (v.tile_k != 64) bad("tk", fmt::format("algo=gemm_wgmma reduces 64-pixel chunks: tk=64, not {}", v.tile_k));
-  if (v.threads != 2 * v.tile_m)
-    bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 output channels: tm={} "
-                               "needs threads={}, not {}", v.tile_m, 2 * v.tile_m, v.threads));
+  if (v.producers < 0 || v.producers > 2)
+    bad("producers", fmt::format("producers={} must be 0, 1 or 2 (warpgroups)", v.producers));
+  const int want = 2 * v.tile_m + 128 * v.producers;
+  if (v.threads != want)
+    bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 output channels{}: tm={}{} "
+                               "needs threads={}, not {}", v.producers ? " and per producer" : "",
+                               v.tile_m, v.producers ? fmt::format(" producers={}", v.producers) : "",
+                               want, v.threads));
   if (d.h * d.w * d.c >= (int64_t{1} << 31))
     bad("algo", "algo=gemm_wgmma needs an image of fewer than 2^31 elements");
   p.bo = v.tile_m;
   p.bc = v.tile_n;
   p.bpw = 64;
+  if (v.producers == 0 && v.stages != 0)
+    bad("stages", fmt::format("stages={} applies to pass=backward_weight with producers only",
+                              v.stages));
+  if (v.producers > 0) {
+    // warp-specialised: a consumer keeps tn / 2 accumulators and two 16-register A fragment
+    // sets; ptxas compiles the kernel to the threads' share of the 64 K registers
+    if (65536 / want < v.tile_n / 2 + 32 + 24)
+      bad("producers", fmt::format("tm={} tn={} producers={} is {} threads, leaving {} registers "
+                                   "a thread: too few for a consumer's accumulators and grad_out "
+                                   "fragments", v.tile_m, v.tile_n, v.producers, want,
+                                   65536 / want));
+    const int64_t chunk = 64 * int64_t(v.tile_n) * 2;
+    if (v.stages != 0 && (v.stages < std::max(2, v.producers) || v.stages > 8))
+      bad("stages", fmt::format("algo=gemm_wgmma pass=backward_weight producers={} has a ring of "
+                                "stages={} to 8, not {}", v.producers, std::max(2, v.producers),
+                                v.stages));
+    p.nstage = v.stages ? v.stages : 8;
+    while (p.nstage > 2 && p.nstage * (chunk + 16) > 227 * 1024) --p.nstage;
+    p.bww_producers = v.producers;
+    p.smem_bytes = int(p.nstage * (chunk + 16));
+    p.block = unsigned(v.threads);
+    if (!p.transpose) p.align_input = 16;
+    if (d.layout == Layout::nchw && d.out_h() * d.out_w() % 4 == 0) p.align_gout = 8;
+    // one block per SM (the ring takes most of its shared memory): about two waves of blocks
+    plan_weight_splits(d, p, m_total, 264, 4);
+    return;
+  }
   if (!p.transpose) p.align_input = 16;  // 16-byte corner gathers
   // 8-byte grad_out loads of four pixels (nchw, whole groups of four per image)
   if (d.layout == Layout::nchw && d.out_h() * d.out_w() % 4 == 0) p.align_gout = 8;
@@ -417,9 +449,9 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   }
   if (v.stages != 0 && v.algo != Algo::gemm_wgmma)
     bad("stages", fmt::format("stages={} applies to algo=gemm_wgmma only", v.stages));
-  if (v.producers != 0 && (v.algo != Algo::gemm_wgmma || d.pass != Pass::forward))
-    bad("producers", fmt::format("producers={} applies to the forward pass of algo=gemm_wgmma only",
-                                 v.producers));
+  if (v.producers != 0 && (v.algo != Algo::gemm_wgmma || d.pass == Pass::backward_data))
+    bad("producers", fmt::format("producers={} applies to algo=gemm_wgmma (forward and "
+                                 "backward_weight) only", v.producers));
   if (d.pass != Pass::forward) {
     if (v.staging != Staging::gather)
       throw NotImplemented("not implemented: staging=window has no kernel yet");

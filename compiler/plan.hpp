@@ -60,6 +60,9 @@ struct KernelPlan {
   // table; blocks per SM the kernel is compiled for
   int ws_producers = 0, ws_consumers = 0, ws_cm = 0, ws_bnw = 0, ws_row_bytes = 0;
   int min_blocks = 1;
+  // warp-specialised wgmma backward_weight (variant producers > 0): producer warpgroups; its
+  // ring depth is nstage
+  int bww_producers = 0;
   int out_store = 0;
   int64_t workspace_packed_bytes = 0;
 

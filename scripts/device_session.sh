@@ -10,7 +10,8 @@
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
-#         | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family wgmma)
+#         | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
+#           wgmma, or ws for the warp-specialised ones)
 #   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window), SWEEP_SIGMAS,
 #   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
 set -uo pipefail
@@ -85,8 +86,8 @@ for step in "$@"; do
       done ;;
     sweepbwd)  # grad-weight tiles on wgmma against the WMMA kernel (scripts/sweep_bwd.py)
       timeout 200 python3 scripts/sweep_bwd.py "${SWEEP_CASES:-dense512,resnet_res4,maskrcnn_res4,deft_64,stride2}" \
-        --family wgmma > "$LOGS/sweep-bwd-wgmma.log" 2>&1; stamp "sweep_bwd rc=$?"
-      cut -c1-150 "$LOGS/sweep-bwd-wgmma.log" ;;
+        --family "${SWEEP_FAMILY:-wgmma}" > "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}.log" 2>&1
+      stamp "sweep_bwd rc=$?"; cut -c1-150 "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}.log" ;;
     pytest)  # the Python package's tests alone
       python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
       stamp "pytest rc=$r"; tail -4 "$LOGS/pytest.log"; [ $r -eq 0 ] || rc=1 ;;

@@ -16,9 +16,10 @@ from deft_ctypes import DeftLibrary  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("cases", nargs="?", default="resnet_res4,maskrcnn_res4,dense512")
 ap.add_argument("--dtype", default="fp16")
-ap.add_argument("--family", default="tc", choices=["tc", "wgmma"],
-                help="weight-pass variants: the WMMA tiles, or the wgmma tiles (then the "
-                     "data pass is not swept, and the WMMA default is timed for comparison)")
+ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws"],
+                help="weight-pass variants: the WMMA tiles, the wgmma tiles, or the "
+                     "warp-specialised wgmma tiles (producers=P) (then the data pass is not "
+                     "swept, and the WMMA default is timed for comparison)")
 args = ap.parse_args()
 lib = DeftLibrary("build/libdeft.so")
 spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"))
@@ -51,6 +52,13 @@ if args.family == "wgmma":
     weight_vs = ["algo=gemm_tc tm=128 tn=64 tk=64 threads=256 transpose=1"] + [
         f"algo=gemm_wgmma tm={tm} tn={tn} tk=64 threads={2 * tm} transpose=1"
         for tm in (64, 128, 256) for tn in (64, 128)]
+if args.family == "ws":
+    data_vs = []
+    weight_vs = ["algo=gemm_tc tm=128 tn=64 tk=64 threads=256 transpose=1",
+                 "algo=gemm_wgmma tm=256 tn=128 tk=64 threads=512 transpose=1"] + [
+        f"algo=gemm_wgmma tm={tm} tn={tn} tk=64 threads={2 * tm + 128 * p} transpose=1 producers={p}"
+        for tm, tn, p in ((128, 128, 1), (128, 128, 2), (64, 128, 1), (64, 128, 2),
+                          (128, 64, 1), (256, 64, 1), (256, 64, 2))]
 for case in spec["cases"]:
     if case["name"] not in args.cases.split(","):
         continue

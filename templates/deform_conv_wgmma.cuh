@@ -441,22 +441,6 @@ __device__ __forceinline__ unsigned long long deft_a_desc(unsigned a, int cm, in
   return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BM * 16) >> 4) << 16) |
          ((unsigned long long)(128 >> 4) << 32);
 }
-__device__ __forceinline__ void deft_mbar_init_count(unsigned bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void deft_mbar_arrive(unsigned bar) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
-               : "memory");
-}
-// Spins until the phase of parity `parity` of the mbarrier at `bar` has completed.
-__device__ __forceinline__ void deft_mbar_spin(unsigned bar, unsigned parity) {
-  unsigned done = 0;
-  while (!done)
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-}
 // Barrier 1 among the consumer warpgroups only (the producers may have left).
 __device__ __forceinline__ void deft_consumer_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS * 128) : "memory");

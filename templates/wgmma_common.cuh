@@ -1,5 +1,6 @@
 // Shared by the wgmma kernels (deform_conv_wgmma.cuh, deform_conv_bwd_weight_wgmma.cuh): the
-// warpgroup MMA's ordering instructions and the shared-memory descriptor of their B operand.
+// warpgroup MMA's ordering instructions, the shared-memory descriptor of their B operand, and
+// the mbarriers of the warp-specialised forms' rings.
 // Constants from codegen: BN (the B tile's width, n).
 
 __device__ __forceinline__ void deft_wgmma_fence() {
@@ -22,4 +23,23 @@ __device__ __forceinline__ unsigned long long deft_b_desc(unsigned b, int h) {
   const unsigned long long addr = b + unsigned(h) * 2u * (BN * 16u);
   return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BN * 16) >> 4) << 16) |
          ((unsigned long long)(128 >> 4) << 32);
+}
+
+// mbarriers of a producer/consumer ring: initialised with the number of arrivals a phase takes,
+// arrived at, and waited on by phase parity.
+__device__ __forceinline__ void deft_mbar_init_count(unsigned bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void deft_mbar_arrive(unsigned bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar)
+               : "memory");
+}
+// Spins until the phase of parity `parity` of the mbarrier at `bar` has completed.
+__device__ __forceinline__ void deft_mbar_spin(unsigned bar, unsigned parity) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
 }

@@ -364,6 +364,24 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
         EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{}", tn, ty, ty)),
                   std::string::npos);
       }
+    // the warp-specialised form: producer warpgroups gather into a ring of dynamic shared
+    // memory (8 chunks where they fit), without spills, with the proxy fence in the PTX
+    for (auto [tm, tn, prod] : {std::array{64, 64, 1}, {128, 128, 1}, {128, 64, 2}, {256, 64, 1},
+                                {64, 128, 2}}) {
+      deft::Variant v = def;
+      v.tile_m = tm, v.tile_n = tn, v.producers = prod, v.threads = 2 * tm + 128 * prod;
+      SCOPED_TRACE(deft::to_string(v));
+      EXPECT_EQ(deft::parse_variant(deft::to_string(v)), v);
+      const deft::CompileInfo info = compile_for_sm90(d, v);
+      EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+          << info.resource_report;
+      EXPECT_EQ(info.dynamic_shared_bytes, 8 * (64 * tn * 2 + 16));
+      const std::string ptx = sm90a_ptx(d, v);
+      EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{}", tn, ty, ty)),
+                std::string::npos);
+      EXPECT_NE(ptx.find("fence.proxy.async.shared::cta"), std::string::npos);
+      EXPECT_NE(ptx.find("mbarrier.try_wait.parity"), std::string::npos);
+    }
   }
   auto refused = [](const std::string& text, const std::string& variant, const std::string& field) {
     try {
@@ -385,6 +403,17 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
   refused("deform_conv2d n=2 c=96 h=9 w=10 k=256 r=3 s=3 pad=1 offset_groups=3 mask=1 dtype=f16 "
           "layout=nchw pass=backward_weight", v, "tn");  // 32 channels per offset group
   refused(base + "dtype=f16 layout=nchw pass=backward_data", v, "algo");
+  // warp-specialised grad weight: threads count the producers; registers; ring depth
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 producers=1 transpose=1", "threads");
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=256 tn=128 tk=64 threads=640 producers=1 transpose=1", "producers");
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=512 producers=2 stages=1 transpose=1", "stages");
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 stages=4 transpose=1", "stages");
+  refused(base + "dtype=f16 layout=nchw pass=backward_data",
+          "algo=gemm_tc tm=64 tn=64 tk=32 threads=256 producers=1 transpose=1", "producers");
 }
 
 // The warp-specialised wgmma forward (producers=1 or 2): every consumer grid compiles for

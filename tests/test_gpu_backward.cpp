@@ -404,7 +404,8 @@ TEST(GpuBackwardErrors, ClearMessages) {
 // Grad weight on Hopper's wgmma (deform_conv_bwd_weight_wgmma.cuh): every tile a layer takes,
 // on layers with output channels that fill no tile (k/groups = 80), two groups and two offset
 // groups, nhwc, and nchw with and without 4-pixel grad_out vectors (h*w = 90 vs 49); sigma 8 on
-// one of them for corners far outside the image. (Opt-in: the default stays on WMMA.)
+// one of them for corners far outside the image; and the warp-specialised form on the same
+// layers. (Opt-in: the default stays on WMMA.)
 TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
   DEFT_SKIP_WITHOUT_GPU();
   if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
@@ -438,6 +439,27 @@ TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
         o.backward_weight_variant = v;
         check_backward(w.d, t, 0, o);
       }
+    // The warp-specialised form (producer warpgroups gather into a ring): one and two
+    // producer warpgroups, one to four consumers, the plan's 8-deep ring and the shallowest
+    // rings it takes (2 slots for 1 or 2 producer warpgroups: every slot refilled many times).
+    for (auto [tm, tn, prod, stages] : {std::array{128, 128, 1, 0}, {64, 64, 1, 2}, {128, 64, 2, 2},
+                                        {256, 64, 1, 0}, {64, 128, 2, 3}}) {
+      deft::Variant v;
+      v.algo = deft::Algo::gemm_wgmma;
+      v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = 2 * tm + 128 * prod;
+      v.producers = prod, v.stages = stages;
+      v.transpose = w.d.layout == Layout::nchw;
+      try {
+        deft::validate(wd, v);
+      } catch (const deft::DescError& e) {
+        EXPECT_EQ(e.field(), "tn") << e.what();  // only a channel tile wider than the groups
+        continue;
+      }
+      SCOPED_TRACE(deft::to_string(v));
+      deft::CompileOptions o = test_options();
+      o.backward_weight_variant = v;
+      check_backward(w.d, t, 0, o);
+    }
   }
 }
 

@@ -148,6 +148,8 @@ struct Variant {
   // consumer warpgroups only issue wgmmas (printed as producers=N only when set; 0 = the
   // warpgroups sample their own rows into the register A fragments). With producers,
   // threads = 128 * (producers + consumers), consumers = tm / 64 * max(1, tn / 256).
+  // gemm_wgmma backward_weight (opt-in): producer warpgroups gather the sampled columns into a
+  // ring, threads = 2 * tm + 128 * producers.
   int producers = 0;
 
   bool operator==(const Variant&) const = default;
