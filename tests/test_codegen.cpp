@@ -480,7 +480,7 @@ TEST(Codegen, WgmmaWarpSpecialisedCompiles) {
   refused("algo=gemm_tc tm=64 tn=64 tk=32 threads=256 producers=1", "producers");
   refused("algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 producers=1", "producers",
           "deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc "
-          "pass=backward_weight");
+          "pass=backward_data");
 }
 
 // staging=window on wgmma: window tiles up to 128 wide compile for sm_90a without spills, in
