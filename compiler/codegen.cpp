@@ -23,10 +23,6 @@ const std::string& template_text(const std::string& name) {
   return it->second;
 }
 
-// deft_wgmma_kstep(acc, a, desc): one wgmma.mma_async m64nBNk16 (f16, bf16) or m64nBNk8 (f32 in
-// tf32) with A from registers and B from the shared-memory descriptor, accumulating into acc;
-// the operand list is spelled out for the tile width, as inline PTX needs. tf32 takes no
-// transpose operand (B is k-major, as the packed stages are).
 // The accumulator operands of an m64nBN wgmma: "%0, ..., %(BN/2 - 1)" in the instruction and
 // "+f"(d[i]) in the asm statement's outputs.
 struct AccOperands {
@@ -41,44 +37,39 @@ AccOperands acc_operands(int bn) {
   return o;
 }
 
-std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b = false) {
+// One wgmma.mma_async m64nBNk16 (f16, bf16) or m64nBNk8 (f32 in tf32) accumulating into acc,
+// the operand list spelled out for the width, as inline PTX needs; B from a shared-memory
+// descriptor, A either from registers (deft_wgmma_kstep(acc, a, desc): the register-A kernels)
+// or from a second descriptor (deft_wgmma_ss(acc, da, db): the warp-specialised forward, where
+// producer warps write A into shared memory; both k-major). tf32 takes no transpose operands
+// (B is k-major, as the packed stages are); trans_b: B read transposed (backward_weight's
+// sampled columns, channel-major).
+std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b, bool a_smem) {
   const bool tf32 = d.dtype == DType::f32;
   const char* ty = d.dtype == DType::bf16 ? "bf16" : tf32 ? "tf32" : "f16";
   const auto [regs, outs] = acc_operands(bn);
-  const int a = bn / 2;
+  const int a = bn / 2;  // the first input operand
   std::string s;
-  s += "// wgmma for this tile width (generated)\n";
-  s += fmt::format("__device__ __forceinline__ void deft_wgmma_kstep(float (&d)[{}], const unsigned (&a)[4],\n", bn / 2);
-  s += "                                                 unsigned long long desc) {\n";
+  if (a_smem) {
+    s += "// wgmma with A and B in shared memory, for this consumer width (generated)\n";
+    s += fmt::format("__device__ __forceinline__ void deft_wgmma_ss(float (&d)[{}], unsigned long long da,\n", bn / 2);
+    s += "                                              unsigned long long db) {\n";
+  } else {
+    s += "// wgmma for this tile width (generated)\n";
+    s += fmt::format("__device__ __forceinline__ void deft_wgmma_kstep(float (&d)[{}], const unsigned (&a)[4],\n", bn / 2);
+    s += "                                                 unsigned long long desc) {\n";
+  }
   s += "  asm volatile(\n";
-  s += fmt::format("      \"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{}, 0;\\n\"\n", a + 5);
+  s += fmt::format("      \"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{}, 0;\\n\"\n", a + (a_smem ? 2 : 5));
   s += fmt::format("      \"wgmma.mma_async.sync.aligned.m64n{}k{}.f32.{}.{} \"\n", bn, tf32 ? 8 : 16, ty, ty);
-  s += fmt::format("      \"{{{}}}, {{%{}, %{}, %{}, %{}}}, %{}, p, 1, 1{};\\n}}\\n\"\n", regs, a, a + 1, a + 2,
-                   a + 3, a + 4, tf32 ? "" : trans_b ? ", 1" : ", 0");
+  const std::string operands =
+      a_smem ? fmt::format("%{}, %{}", a, a + 1)
+             : fmt::format("{{%{}, %{}, %{}, %{}}}, %{}", a, a + 1, a + 2, a + 3, a + 4);
+  const char* tail = tf32 ? "" : a_smem ? ", 0, 0" : trans_b ? ", 1" : ", 0";
+  s += fmt::format("      \"{{{}}}, {}, p, 1, 1{};\\n}}\\n\"\n", regs, operands, tail);
   s += "      : " + outs + "\n";
-  s += "      : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(desc), \"r\"(1));\n";
-  s += "}\n\n";
-  return s;
-}
-
-// deft_wgmma_ss(acc, a_desc, b_desc): one wgmma.mma_async m64nBNk16 (f16, bf16) or m64nBNk8
-// (f32 in tf32) with both operands from shared-memory descriptors, both k-major (the
-// warp-specialised forward, where producer warps write A into shared memory).
-std::string wgmma_ss_wrapper(const LayerDesc& d, int bn) {
-  const bool tf32 = d.dtype == DType::f32;
-  const char* ty = d.dtype == DType::bf16 ? "bf16" : tf32 ? "tf32" : "f16";
-  const auto [regs, outs] = acc_operands(bn);
-  const int a = bn / 2;
-  std::string s;
-  s += "// wgmma with A and B in shared memory, for this consumer width (generated)\n";
-  s += fmt::format("__device__ __forceinline__ void deft_wgmma_ss(float (&d)[{}], unsigned long long da,\n", bn / 2);
-  s += "                                              unsigned long long db) {\n";
-  s += "  asm volatile(\n";
-  s += fmt::format("      \"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{}, 0;\\n\"\n", a + 2);
-  s += fmt::format("      \"wgmma.mma_async.sync.aligned.m64n{}k{}.f32.{}.{} \"\n", bn, tf32 ? 8 : 16, ty, ty);
-  s += fmt::format("      \"{{{}}}, %{}, %{}, p, 1, 1{};\\n}}\\n\"\n", regs, a, a + 1, tf32 ? "" : ", 0, 0");
-  s += "      : " + outs + "\n";
-  s += "      : \"l\"(da), \"l\"(db), \"r\"(1));\n";
+  s += a_smem ? "      : \"l\"(da), \"l\"(db), \"r\"(1));\n"
+              : "      : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(desc), \"r\"(1));\n";
   s += "}\n\n";
   return s;
 }
@@ -293,10 +284,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   // the wgmma kernels: the instruction for this tile width (backward_weight reads its B, the
   // sampled columns, channel-major: transposed) and their shared helpers
   if (v.algo == Algo::gemm_wgmma) {
-    if (p.ws_producers > 0)
-      s += wgmma_ss_wrapper(d, p.ws_bnw);
-    else
-      s += wgmma_wrapper(d, v.tile_n, d.pass == Pass::backward_weight);
+    s += p.ws_producers > 0 ? wgmma_wrapper(d, p.ws_bnw, false, true)
+                            : wgmma_wrapper(d, v.tile_n, d.pass == Pass::backward_weight, false);
     line("// ---- templates/wgmma_common.cuh ----");
     s += template_text("wgmma_common.cuh");
     line("");

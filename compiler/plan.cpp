@@ -209,7 +209,7 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
   if (v.tile_k != 64) bad("tk", fmt::format("algo=gemm_wgmma reduces 64-pixel chunks: tk=64, not {}", v.tile_k));
   if (v.producers < 0 || v.producers > 2)
     bad("producers", fmt::format("producers={} must be 0, 1 or 2 (warpgroups)", v.producers));
-  const int want = 2 * v.tile_m + 128 * v.producers;
+  const int want = wgmma_threads(Pass::backward_weight, v.tile_m, v.tile_n, v.producers);
   if (v.threads != want)
     bad("threads", fmt::format("algo=gemm_wgmma runs a warpgroup per 64 output channels{}: tm={}{} "
                                "needs threads={}, not {}", v.producers ? " and per producer" : "",
@@ -220,41 +220,37 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
   p.bo = v.tile_m;
   p.bc = v.tile_n;
   p.bpw = 64;
-  if (v.producers == 0 && v.stages != 0)
-    bad("stages", fmt::format("stages={} applies to pass=backward_weight with producers only",
-                              v.stages));
-  if (v.producers > 0) {
-    // warp-specialised: a consumer keeps tn / 2 accumulators and two 16-register A fragment
-    // sets; ptxas compiles the kernel to the threads' share of the 64 K registers
-    if (65536 / want < v.tile_n / 2 + 32 + 24)
-      bad("producers", fmt::format("tm={} tn={} producers={} is {} threads, leaving {} registers "
-                                   "a thread: too few for a consumer's accumulators and grad_out "
-                                   "fragments", v.tile_m, v.tile_n, v.producers, want,
-                                   65536 / want));
-    const int64_t chunk = 64 * int64_t(v.tile_n) * 2;
-    if (v.stages != 0 && (v.stages < std::max(2, v.producers) || v.stages > 8))
-      bad("stages", fmt::format("algo=gemm_wgmma pass=backward_weight producers={} has a ring of "
-                                "stages={} to 8, not {}", v.producers, std::max(2, v.producers),
-                                v.stages));
-    p.nstage = v.stages ? v.stages : 8;
-    while (p.nstage > 2 && p.nstage * (chunk + 16) > 227 * 1024) --p.nstage;
-    p.bww_producers = v.producers;
-    p.smem_bytes = int(p.nstage * (chunk + 16));
-    p.block = unsigned(v.threads);
-    if (!p.transpose) p.align_input = 16;
-    if (d.layout == Layout::nchw && d.out_h() * d.out_w() % 4 == 0) p.align_gout = 8;
-    // one block per SM (the ring takes most of its shared memory): about two waves of blocks
-    plan_weight_splits(d, p, m_total, 264, 4);
-    return;
-  }
+  p.block = unsigned(v.threads);
   if (!p.transpose) p.align_input = 16;  // 16-byte corner gathers
   // 8-byte grad_out loads of four pixels (nchw, whole groups of four per image)
   if (d.layout == Layout::nchw && d.out_h() * d.out_w() % 4 == 0) p.align_gout = 8;
-  p.block = unsigned(v.threads);
-  p.smem_bytes = 0;  // static: two 64-pixel chunks of tn channels
-  // about 512 blocks (four per SM), fewer partials than the WMMA kernel's 2048-block target:
-  // each one is a full weight-sized write and read for the reduce
-  plan_weight_splits(d, p, m_total, 512, 4);
+  if (v.producers == 0) {
+    if (v.stages != 0)
+      bad("stages", fmt::format("stages={} applies to pass=backward_weight with producers only",
+                                v.stages));
+    p.smem_bytes = 0;  // static: two 64-pixel chunks of tn channels
+    // about 512 blocks (four per SM), fewer partials than the WMMA kernel's 2048-block target:
+    // each one is a full weight-sized write and read for the reduce
+    plan_weight_splits(d, p, m_total, 512, 4);
+    return;
+  }
+  // warp-specialised: a consumer keeps tn / 2 accumulators and two 16-register A fragment sets;
+  // ptxas compiles the kernel to the threads' share of the 64 K registers
+  if (65536 / want < v.tile_n / 2 + 32 + 24)
+    bad("producers", fmt::format("tm={} tn={} producers={} is {} threads, leaving {} registers "
+                                 "a thread: too few for a consumer's accumulators and grad_out "
+                                 "fragments", v.tile_m, v.tile_n, v.producers, want, 65536 / want));
+  if (v.stages != 0 && (v.stages < std::max(2, v.producers) || v.stages > 8))
+    bad("stages", fmt::format("algo=gemm_wgmma pass=backward_weight producers={} has a ring of "
+                              "stages={} to 8, not {}", v.producers, std::max(2, v.producers),
+                              v.stages));
+  const int64_t chunk = 64 * int64_t(v.tile_n) * 2;
+  p.nstage = v.stages ? v.stages : 8;
+  while (p.nstage > 2 && p.nstage * (chunk + 16) > 227 * 1024) --p.nstage;
+  p.bww_producers = v.producers;
+  p.smem_bytes = int(p.nstage * (chunk + 16));  // the ring and its mbarriers, dynamic
+  // one block per SM (the ring takes most of its shared memory): about two waves of blocks
+  plan_weight_splits(d, p, m_total, 264, 4);
 }
 
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
@@ -418,6 +414,11 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
 }
 
 }  // namespace
+
+int wgmma_threads(Pass pass, int tm, int tn, int producers) {
+  const int consumers = tm / 64 * (pass == Pass::forward ? std::max(1, tn / 256) : 1);
+  return 128 * (consumers + producers);
+}
 
 int dw_weight_taps_per_block(const LayerDesc& d, int vec) {
   // as few batches as keep taps x vec within 36 sums, the taps shared evenly among them
@@ -622,7 +623,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
         if (p.ws_consumers > 2)
           bad("tn", fmt::format("tm={} tn={} needs {} consumer warpgroups of 64 x 256 (max 2)",
                                 v.tile_m, v.tile_n, p.ws_consumers));
-        const int want = 128 * (v.producers + p.ws_consumers);
+        const int want = wgmma_threads(Pass::forward, v.tile_m, v.tile_n, v.producers);
         if (v.threads != want)
           bad("threads", fmt::format("algo=gemm_wgmma tm={} tn={} producers={} runs {} consumer "
                                      "and {} producer warpgroups: threads={}, not {}", v.tile_m,
@@ -666,38 +667,35 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       constexpr int64_t kMaxSmem = 227 * 1024;  // sm_90's dynamic shared memory per block
       if (ws) {
         // The ring: per slot an A stage (bm rows x 64 bytes) and a B stage (bn x 64 bytes), and
-        // two mbarriers; before it the points and the rows' image table. Two blocks per SM where
-        // the accumulators (bnw / 2 registers a thread) and a 4-deep ring allow them, else one
-        // with the deepest ring up to 8 that fits.
-        if (v.stages != 0 && (v.stages < 2 || v.stages > 8))
-          bad("stages", fmt::format("algo=gemm_wgmma producers={} has a ring of stages=2 to 8, not {}",
-                                    v.producers, v.stages));
+        // two mbarriers; before it the points and the rows' image table. A producer warp waits
+        // for its slot's previous round by the phase parity of the slot's "empty" barrier, which
+        // names the round only modulo 2: no warp may run more than one round ahead, so the ring
+        // holds at least one slot per producer warp. Two blocks per SM where the accumulators
+        // (bnw / 2 registers a thread) and the shallowest ring allow them, else one with the
+        // deepest ring up to 8 that fits.
+        const int min_ns = 4 * v.producers;
+        if (v.stages != 0 && (v.stages < min_ns || v.stages > 8))
+          bad("stages", fmt::format("algo=gemm_wgmma producers={} ({} producer warps) has a ring of "
+                                    "stages={} to 8, not {}", v.producers, min_ns, min_ns, v.stages));
         auto ws_bytes = [&](int ns) {
           return p.pts_bytes + p.ws_row_bytes + int64_t(ns) * (bm + bn) * 64 + 16 * ns;
         };
         // (a producer lane keeps 16 or 32 corner vectors in flight: 96 registers at least)
         const bool two = 65536 / (2 * v.threads) >= std::max(p.ws_bnw / 2 + 48, 96) &&
-                         2 * (std::max(ws_bytes(v.stages ? v.stages : 4), epi) + 1024) <= 228 * 1024;
+                         2 * (std::max(ws_bytes(v.stages ? v.stages : min_ns), epi) + 1024) <= 228 * 1024;
         p.min_blocks = two ? 2 : 1;
         const int64_t limit = two ? 228 * 1024 / 2 - 1024 : kMaxSmem;
         p.nstage = 0;
-        for (int ns = 8; ns >= 2; --ns)
+        for (int ns = 8; ns >= min_ns; --ns)
           if ((v.stages == 0 || ns == v.stages) && ws_bytes(ns) <= limit) {
             p.nstage = ns;
             break;
           }
         if (p.nstage == 0)
           bad("tm", fmt::format("the sampling points of {} taps x {} offset groups x {} rows and a "
-                                "2-stage ring need {} bytes of shared memory (max {})", d.taps(),
-                                nog, bm, ws_bytes(2), limit));
-        // A producer warp waits for its slot's previous round by the phase parity of the slot's
-        // "empty" barrier, which names the round only modulo 2: no warp may run more than one
-        // round ahead, so the ring holds at least one stage per producer warp.
-        if (p.nstage < 4 * v.producers)
-          bad("stages", fmt::format("producers={} ({} producer warps) need a ring of at least {} "
-                                    "stages; {} fit{}", v.producers, 4 * v.producers,
-                                    4 * v.producers, p.nstage,
-                                    v.stages ? fmt::format(" (stages={})", v.stages) : ""));
+                                "{}-stage ring (one slot per producer warp) need {} bytes of shared "
+                                "memory (max {})", d.taps(), nog, bm, v.stages ? v.stages : min_ns,
+                                ws_bytes(v.stages ? v.stages : min_ns), limit));
         // The epilogue tile reuses the points and the ring, but not the mbarriers after them
         // (memory of an mbarrier may be reused only after mbarrier.inval).
         const int64_t barriers_at = ws_bytes(p.nstage) - 16 * p.nstage;

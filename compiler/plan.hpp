@@ -87,6 +87,11 @@ struct KernelPlan {
 // for a dtype without them...
 KernelPlan make_plan(const LayerDesc& desc, const Variant& variant);
 
+// The threads an algo=gemm_wgmma variant runs: 128 for each consumer warpgroup (forward:
+// tm / 64 x max(1, tn / 256), 64 x min(tn, 256) each; backward_weight: tm / 64) and for each of
+// its `producers` warpgroups (templates/deform_conv_wgmma.cuh, deform_conv_bwd_weight_wgmma.cuh).
+int wgmma_threads(Pass pass, int tm, int tn, int producers);
+
 // Depthwise backward_weight (templates/deform_conv_bwd_weight_dw.cuh): the taps one block
 // takes, so that a thread's sums (taps x vec channels) stay near 36 registers.
 int dw_weight_taps_per_block(const LayerDesc& desc, int vec);

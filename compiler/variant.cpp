@@ -261,7 +261,7 @@ Variant default_variant(const LayerDesc& d, int arch) {
     v.tile_m = 64, v.tile_k = chunk, v.vec = 1;
     v.tile_n = kg > 256 ? 512 : kg > 128 ? 256 : 128;
     v.producers = kg > 256 ? 1 : 2;
-    v.threads = 128 * (v.producers + (v.tile_n > 256 ? 2 : 1));
+    v.threads = wgmma_threads(Pass::forward, v.tile_m, v.tile_n, v.producers);
     v.transpose = d.layout == Layout::nchw;
     try {
       validate(d, v);

@@ -163,20 +163,6 @@ __device__ __forceinline__ BwdPoint deft_bwd_pixel_point(const T* __restrict__ o
   return pt;
 }
 
-// The fixed-order sum s[r] = sum over u < parts of red[r * THREADS + th(u)] (r: grad dy, dx,
-// mask) of one pixel's partial point gradients, red[3][THREADS] in shared memory.
-template <class Th>
-__device__ __forceinline__ void deft_sum_point_partials(const Acc* red, int parts, Th th,
-                                                        Acc (&s)[3]) {
-#pragma unroll
-  for (int r = 0; r < 3; ++r) s[r] = Acc(0);
-  for (int u = 0; u < parts; ++u) {
-    const int i = th(u);
-#pragma unroll
-    for (int r = 0; r < 3; ++r) s[r] += red[r * THREADS + i];
-  }
-}
-
 // Writes the grad offset (dy, dx) and grad mask sums s[0..2] of output pixel m (n, ho, wo),
 // tap t, offset group og; either pointer may be null.
 __device__ __forceinline__ void deft_write_point_grads(T* __restrict__ goffset,
@@ -199,6 +185,29 @@ __device__ __forceinline__ void deft_write_point_grads(T* __restrict__ goffset,
     const long long m_idx = NHWC ? m * (OG * TAPS) + og * TAPS + t
                                  : ((n * (OG * TAPS) + og * TAPS + t) * HO + ho) * WO + wo;
     gmask[m_idx] = deft_cast<T>(s[2]);
+  }
+}
+
+// The point gradients (grad dy, dx, mask) of the block's pixels from the partial sums pg of
+// every thread: each thread's go to red[3][THREADS] (shared memory), and after a block barrier
+// the pixel's leader (lead && px.ok) adds its `parts` partials, those of threads th(0) ..
+// th(parts - 1), in that fixed order and writes them. Every thread of the block calls it.
+template <class Th>
+__device__ __forceinline__ void deft_reduce_point_grads(Acc* red, const Acc (&pg)[3], bool lead,
+                                                        int parts, Th th, T* __restrict__ goffset,
+                                                        T* __restrict__ gmask, long long m,
+                                                        const BwdPixel& px, int t, int og) {
+#pragma unroll
+  for (int r = 0; r < 3; ++r) red[r * THREADS + threadIdx.x] = pg[r];
+  __syncthreads();
+  if (lead && px.ok) {
+    Acc s[3] = {Acc(0), Acc(0), Acc(0)};
+    for (int u = 0; u < parts; ++u) {
+      const int i = th(u);
+#pragma unroll
+      for (int r = 0; r < 3; ++r) s[r] += red[r * THREADS + i];
+    }
+    deft_write_point_grads(goffset, gmask, m, px.n, px.ho, px.wo, t, og, s);
   }
 }
 

@@ -171,14 +171,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   if (nonfinite) atomicOr(&header[3], 1ull);
 
   // Sum the TPP partial results of each pixel in a fixed order.
-#pragma unroll
-  for (int r = 0; r < 3; ++r) Red[r][tid] = pg[r];
-  __syncthreads();
-  if (esub == 0 && pix_ok) {
-    Acc s[3];
-    deft_sum_point_partials(&Red[0][0], TPP,
-                            [&](int u) { return X_NHWC ? ep * TPP + u : u * BP + ep; }, s);
-    deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, s);
-  }
+  deft_reduce_point_grads(&Red[0][0], pg, esub == 0, TPP,
+                          [&](int u) { return X_NHWC ? ep * TPP + u : u * BP + ep; }, goffset,
+                          gmask, m, px, t, og);
 }
 

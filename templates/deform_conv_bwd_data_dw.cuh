@@ -69,16 +69,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         for (int o = 16; o > 0; o >>= 1) g[r] += __shfl_xor_sync(0xffffffffu, g[r], o);
       if (lane == 0 && pix_ok) deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, g);
     } else {
-#pragma unroll
-      for (int r = 0; r < 3; ++r) Red[r][tid] = g[r];
-      __syncthreads();
-      if (lane == 0 && pix_ok) {
-        Acc s[3];
-        deft_sum_point_partials(&Red[0][0], CL,
-                                [&](int u) { return X_NHWC ? p * CL + u : u * PIXB + p; }, s);
-        deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, s);
-      }
-      __syncthreads();
+      deft_reduce_point_grads(&Red[0][0], g, lane == 0, CL,
+                              [&](int u) { return X_NHWC ? p * CL + u : u * PIXB + p; }, goffset,
+                              gmask, m, px, t, og);
+      __syncthreads();  // Red is rewritten for the next tap
     }
   }
   if (nonfinite) atomicOr(&header[3], 1ull);

@@ -178,12 +178,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   if (nonfinite) atomicOr(&header[3], 1ull);
 
   // Sum the TPP partial results of each pixel in a fixed order.
-#pragma unroll
-  for (int r = 0; r < 3; ++r) Red[r * THREADS + tid] = pg[r];
-  __syncthreads();
-  if (esub == 0 && pix_ok) {
-    Acc sum[3];
-    deft_sum_point_partials(Red, TPP, [&](int u) { return ep * TPP + u; }, sum);
-    deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, sum);
-  }
+  deft_reduce_point_grads(Red, pg, esub == 0, TPP, [&](int u) { return ep * TPP + u; }, goffset,
+                          gmask, m, px, t, og);
 }

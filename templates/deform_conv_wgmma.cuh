@@ -120,24 +120,14 @@ extern "C" __global__ void __launch_bounds__(256)
   packed[i] = v;
 }
 
-// mbarrier of one ring stage: thread 0 arms it with the stage's byte count and starts the bulk
-// copy; every thread waits on its phase parity.
-__device__ __forceinline__ void deft_mbar_init(unsigned bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory");
-}
+// One ring stage's weight: arms the stage's mbarrier with its byte count (one arrival) and
+// starts the bulk copy that completes on it.
 __device__ __forceinline__ void deft_bulk_load(unsigned dst, const void* src, unsigned bar) {
   asm volatile(
       "{\n.reg .b64 state;\n"
       "mbarrier.arrive.expect_tx.shared::cta.b64 state, [%2], %3;\n"
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %3, [%2];\n}\n"
       ::"r"(dst), "l"(src), "r"(bar), "n"(STAGE_BYTES) : "memory");
-}
-__device__ __forceinline__ void deft_mbar_wait(unsigned bar, unsigned parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "DEFT_WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra DEFT_WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
 
 // VEC channels of one sampled row as four A-fragment words (packed pairs, or tf32 values).
@@ -267,7 +257,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   };
   if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < NSTAGE; ++i) deft_mbar_init(bar_addr + 8 * i);
+    for (int i = 0; i < NSTAGE; ++i) deft_mbar_init_count(bar_addr + 8 * i, 1);
     // the initialised barriers visible to the async proxy before the first copy completes
     asm volatile("fence.mbarrier_init.release.cluster;\nfence.proxy.async.shared::cta;\n" ::: "memory");
 #pragma unroll
@@ -388,7 +378,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     // stage) must have landed, for every thread after the barrier.
     if ((s + 2) % TAPS == 0 && s + 2 >= TAPS && s + 2 < NUM_STAGES) deft_cp_wait<0>();
 #endif
-    deft_mbar_wait(bar_addr + 8 * (s % NSTAGE), (s / NSTAGE) & 1);  // stage s landed
+    deft_mbar_spin(bar_addr + 8 * (s % NSTAGE), (s / NSTAGE) & 1);  // stage s landed
     __syncthreads();  // every wgmma of stage s - 1 is done: its ring slot may be refilled
     if (tid == 0 && s + NSTAGE - 1 < NUM_STAGES) load_b(s + NSTAGE - 1);
 #if WINDOW

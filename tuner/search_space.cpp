@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "cache/cache.hpp"
+#include "compiler/plan.hpp"
 #include "deft/deft.hpp"
 
 namespace deft {
@@ -67,7 +68,7 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
                                      {64, 64, 1}}) {
       Variant v = def;
       v.tile_m = tm, v.tile_n = tn, v.producers = producers;
-      v.threads = 128 * (producers + tm / 64 * std::max(1, tn / 256));
+      v.threads = wgmma_threads(Pass::forward, tm, tn, producers);
       add(v);
     }
     if (opt.window)
