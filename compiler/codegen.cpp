@@ -44,7 +44,11 @@ AccOperands acc_operands(int bn) {
 // producer warps write A into shared memory; both k-major). tf32 takes no transpose operands
 // (B is k-major, as the packed stages are); trans_b: B read transposed (backward_weight's
 // sampled columns, channel-major).
-std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b, bool a_smem) {
+// The wgmma wrapper for an accumulator of bn columns: A from registers (deft_wgmma_kstep) or
+// from shared memory (deft_wgmma_ss); trans_a / trans_b set the transpose bits of 16-bit
+// operands read from shared memory (MN-major), trans_a only with a_smem.
+std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b, bool a_smem,
+                          bool trans_a = false) {
   const bool tf32 = d.dtype == DType::f32;
   const char* ty = d.dtype == DType::bf16 ? "bf16" : tf32 ? "tf32" : "f16";
   const auto [regs, outs] = acc_operands(bn);
@@ -65,7 +69,9 @@ std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b, bool a_smem)
   const std::string operands =
       a_smem ? fmt::format("%{}, %{}", a, a + 1)
              : fmt::format("{{%{}, %{}, %{}, %{}}}, %{}", a, a + 1, a + 2, a + 3, a + 4);
-  const char* tail = tf32 ? "" : a_smem ? ", 0, 0" : trans_b ? ", 1" : ", 0";
+  const std::string tail = tf32     ? ""
+                           : a_smem ? fmt::format(", {}, {}", int(trans_a), int(trans_b))
+                                    : fmt::format(", {}", int(trans_b));
   s += fmt::format("      \"{{{}}}, {}, p, 1, 1{};\\n}}\\n\"\n", regs, operands, tail);
   s += "      : " + outs + "\n";
   s += a_smem ? "      : \"l\"(da), \"l\"(db), \"r\"(1));\n"
@@ -182,10 +188,18 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("SPLITS", p.splits);
     c64("SPLIT_PIX", p.split_pix);
     c32("MIN_BLOCKS", 1);
+    line("#define PARTIAL_TAP_MAJOR 1  // split partials [split][tap][k][c]: whole channel rows");
     line(fmt::format("#define WS {}  // warp-specialised: producer warpgroups gather the columns",
                      p.bww_producers > 0 ? 1 : 0));
     c32("PRODUCERS", p.bww_producers);
-    if (p.bww_producers > 0) c32("NSTAGE", p.nstage);
+    if (p.bww_producers > 0) {
+      c32("NSTAGE", p.nstage);
+      // a producer lane keeps all of a chunk's corner loads in flight (8 items x 4 corners
+      // with tn = 128) where the block's register cap allows it (168 a thread at 384 threads),
+      // else batches of 4 items (128 at 512) or 2 (96 at 640): more spill
+      const int cap = 65536 / int(p.block);
+      c32("MAX_BATCH", cap >= 160 ? 8 : cap >= 128 ? 4 : 2);
+    }
   } else if (d.pass == Pass::backward_weight) {
     c32("BO", p.bo);
     c32("BC", p.bc);
@@ -284,8 +298,11 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   // the wgmma kernels: the instruction for this tile width (backward_weight reads its B, the
   // sampled columns, channel-major: transposed) and their shared helpers
   if (v.algo == Algo::gemm_wgmma) {
-    s += p.ws_producers > 0 ? wgmma_wrapper(d, p.ws_bnw, false, true)
-                            : wgmma_wrapper(d, v.tile_n, d.pass == Pass::backward_weight, false);
+    // the warp-specialised grad weight: A (grad_out) from shared memory too, channel-major
+    // (transposed) for nhwc
+    s += p.ws_producers > 0    ? wgmma_wrapper(d, p.ws_bnw, false, true)
+         : p.bww_producers > 0 ? wgmma_wrapper(d, v.tile_n, true, true, d.layout == Layout::nhwc)
+                               : wgmma_wrapper(d, v.tile_n, d.pass == Pass::backward_weight, false);
     line("// ---- templates/wgmma_common.cuh ----");
     s += template_text("wgmma_common.cuh");
     line("");

@@ -105,13 +105,28 @@ void plan_bwd_weight_vector(const LayerDesc& d, KernelPlan& p, int ssize) {
 // The backward_weight GEMM kernels' grid (BO x BC tiles of each tap and group, times the pixel
 // ranges) and split partials: ranges of whole bpw-pixel slices, as many as bring the blocks to
 // about `target_blocks`, within 65535 ranges and 256 MiB of partials (asize bytes each).
+// With `sms` (> 0: blocks that run at once, one per SM) the split count is the one in
+// [s, 2 s] (s from the target) that takes the fewest waves x slices per block: 36 tiles x 8
+// splits = 288 blocks are 2.2 waves of 132, so three of 13 slices, while 11 splits are
+// exactly three waves of 9 slices.
 void plan_weight_splits(const LayerDesc& d, KernelPlan& p, int64_t m_total, int64_t target_blocks,
-                        int asize) {
+                        int asize, int64_t sms = 0) {
   const int64_t tiles = ceil_div(d.k_per_group(), p.bo) * (d.c_per_group() / p.bc);
   const int64_t blocks = tiles * d.taps() * d.groups;
   const int64_t slices = ceil_div(m_total, p.bpw);
   const int64_t w_elems = d.k * d.c_per_group() * d.taps();
   int64_t splits = std::clamp<int64_t>(ceil_div(target_blocks, blocks), 1, slices);
+  if (sms > 0) {
+    // time ~ waves x slices per block (the ranges are whole slices, the last one shorter)
+    auto cost = [&](int64_t s) {
+      const int64_t per = ceil_div(slices, s);
+      return double(ceil_div(blocks * ceil_div(slices, per), sms)) * double(per);
+    };
+    int64_t best = splits;
+    for (int64_t s = splits + 1; s <= 2 * splits && s <= slices; ++s)
+      if (cost(s) < cost(best) * 0.99) best = s;
+    splits = best;
+  }
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, (int64_t{256} << 20) / (w_elems * asize)));
   splits = std::min<int64_t>(splits, 65535);
   p.split_pix = ceil_div(slices, splits) * p.bpw;
@@ -234,23 +249,37 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
     plan_weight_splits(d, p, m_total, 512, 4);
     return;
   }
-  // warp-specialised: a consumer keeps tn / 2 accumulators and two 16-register A fragment sets;
-  // ptxas compiles the kernel to the threads' share of the 64 K registers
-  if (65536 / want < v.tile_n / 2 + 32 + 24)
+  // warp-specialised: a consumer keeps tn / 2 accumulators (A and B come from shared memory),
+  // a producer lane two items' corners and their addresses; ptxas compiles the kernel to the
+  // threads' share of the 64 K registers
+  if (65536 / want < v.tile_n / 2 + 36)
     bad("producers", fmt::format("tm={} tn={} producers={} is {} threads, leaving {} registers "
-                                 "a thread: too few for a consumer's accumulators and grad_out "
-                                 "fragments", v.tile_m, v.tile_n, v.producers, want, 65536 / want));
+                                 "a thread: too few for a consumer's accumulators and its "
+                                 "addresses", v.tile_m, v.tile_n, v.producers, want, 65536 / want));
   if (v.stages != 0 && (v.stages < std::max(2, v.producers) || v.stages > 8))
     bad("stages", fmt::format("algo=gemm_wgmma pass=backward_weight producers={} has a ring of "
                               "stages={} to 8, not {}", v.producers, std::max(2, v.producers),
                               v.stages));
   const int64_t chunk = 64 * int64_t(v.tile_n) * 2;
+  // each producer warpgroup's two tables of 64 sampling points (32-byte point, 4-byte image),
+  // each consumer's four grad_out stages (64 channels x 64 pixels)
+  const int64_t tables = int64_t(v.producers) * 2 * 64 * (32 + 4);
+  const int64_t a_stages = int64_t(v.tile_m / 64) * 4 * 64 * 64 * 2;
   p.nstage = v.stages ? v.stages : 8;
-  while (p.nstage > 2 && p.nstage * (chunk + 16) > 227 * 1024) --p.nstage;
+  while (p.nstage > 2 && p.nstage * (chunk + 16) + tables + a_stages > 227 * 1024) --p.nstage;
+  if (p.nstage * (chunk + 16) + tables + a_stages > 227 * 1024)
+    bad("stages", fmt::format("tm={} tn={} producers={} with a ring of {} needs more than 227 KiB "
+                              "of shared memory", v.tile_m, v.tile_n, v.producers, p.nstage));
   p.bww_producers = v.producers;
-  p.smem_bytes = int(p.nstage * (chunk + 16));  // the ring and its mbarriers, dynamic
-  // one block per SM (the ring takes most of its shared memory): about two waves of blocks
-  plan_weight_splits(d, p, m_total, 264, 4);
+  p.smem_bytes = int(p.nstage * (chunk + 16) + tables + a_stages);  // all dynamic
+  // grad_out copies: 16 bytes (8 pixels of a plane, or 8 channels), 8 bytes (4 pixels) or one
+  // element (templates/deform_conv_bwd_weight_wgmma.cuh, GOUT16 / GOUT8)
+  const int64_t hw = d.out_h() * d.out_w();
+  const bool g16 = d.layout == Layout::nhwc ? d.k % 8 == 0 && d.k_per_group() % 8 == 0 : hw % 8 == 0;
+  p.align_gout = g16 ? 16 : (d.layout == Layout::nchw && hw % 4 == 0 ? 8 : 2);
+  // one block per SM (the ring takes most of its shared memory): about two waves of blocks,
+  // whole waves of the 132 SMs of an H100 SXM or H200 (the plan does not know the device)
+  plan_weight_splits(d, p, m_total, 264, 4, 132);
 }
 
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {

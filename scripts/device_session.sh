@@ -10,7 +10,7 @@
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
-#         | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
+#         | ncubwd (ncu of one grad-weight kernel) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window), SWEEP_SIGMAS,
 #   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
@@ -107,6 +107,20 @@ for step in "$@"; do
       done
       stamp "ncu done"
       grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|L1/TEX Cache Throughput|L2 Cache Throughput|DRAM Throughput|Shared Memory Configuration Size|Dynamic Shared Memory Per Block" "$LOGS/ncu.txt" | head -60 ;;
+    ncubwd)  # hardware counters of one grad-weight kernel (NCU_CASES, NCU_VARIANT: weight variant)
+      for cs in ${NCU_CASES:-dense512 resnet_res4}; do
+        timeout 150 ncu --clock-control none --kernel-name deft_deform_conv2d_backward_weight \
+          --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+          --section SourceCounters --section MemoryWorkloadAnalysis_Tables \
+          --import-source no -o "/tmp/ncu-bwd-$cs" -f \
+          python3 scripts/profile_one_bwd.py $cs fp16 ${NCU_VARIANT:+"$NCU_VARIANT"} > "$LOGS/ncu-bwd-run-$cs.txt" 2>&1
+        stamp "ncu bwd $cs rc=$?"
+        ncu -i "/tmp/ncu-bwd-$cs.ncu-rep" > "$LOGS/ncu-bwd-$cs.txt" 2>&1
+        # per-SASS-instruction stall samples: which warps (producer or consumer code) wait where
+        ncu -i "/tmp/ncu-bwd-$cs.ncu-rep" --page source --print-source sass --csv > "$LOGS/ncu-bwd-sass-$cs.csv" 2>&1
+        grep -E "Duration|Throughput|Hit Rate|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|Eligible|No Eligible|Active Warps" "$LOGS/ncu-bwd-$cs.txt" | head -40
+      done ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
   pack

@@ -58,7 +58,7 @@ if args.family == "ws":
                  "algo=gemm_wgmma tm=256 tn=128 tk=64 threads=512 transpose=1"] + [
         f"algo=gemm_wgmma tm={tm} tn={tn} tk=64 threads={2 * tm + 128 * p} transpose=1 producers={p}"
         for tm, tn, p in ((128, 128, 1), (128, 128, 2), (64, 128, 1), (64, 128, 2),
-                          (128, 64, 1), (256, 64, 1), (256, 64, 2))]
+                          (128, 64, 1), (256, 64, 1), (256, 64, 2), (256, 128, 1))]
 for case in spec["cases"]:
     if case["name"] not in args.cases.split(","):
         continue

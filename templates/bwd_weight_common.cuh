@@ -31,16 +31,31 @@ __device__ __forceinline__ long long deft_gout_index(long long n, long long k, l
   return NHWC ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;
 }
 
+// The partials' layout: [split][k][cl][t] (the weight's nchw order), or with
+// PARTIAL_TAP_MAJOR [split][t][k][cl], where a block of one tap writes whole rows of channels
+// (the wgmma kernels).
+#ifndef PARTIAL_TAP_MAJOR
+#define PARTIAL_TAP_MAJOR 0
+#endif
+
 // grad_weight = the SPLITS partials summed in order, in the weight's layout and dtype.
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_weight_reduce(const Acc* __restrict__ partial, T* __restrict__ gweight) {
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // [k][cl][t]
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // the partials' order
   if (i >= W_ELEMS) return;
   Acc s = Acc(0);
   for (int z = 0; z < SPLITS; ++z) s += partial[(long long)z * W_ELEMS + i];
-  const long long t = i % TAPS, kc = i / TAPS;
-  const long long cl = kc % CG, k = kc / CG;
-  gweight[W_KRSC ? (k * TAPS + t) * CG + cl : i] = deft_cast<T>(s);
+  long long t, cl, k;
+  if (PARTIAL_TAP_MAJOR) {
+    t = i / ((long long)K * CG);
+    const long long kc = i - t * ((long long)K * CG);
+    cl = kc % CG, k = kc / CG;
+  } else {
+    t = i % TAPS;
+    const long long kc = i / TAPS;
+    cl = kc % CG, k = kc / CG;
+  }
+  gweight[W_KRSC ? (k * TAPS + t) * CG + cl : (k * CG + cl) * TAPS + t] = deft_cast<T>(s);
 }
 
 // grad_bias[k] = sum over (n, pixel) of grad_out: one block per k, a fixed-order tree.

@@ -17,16 +17,17 @@
 // (2t, 2t+1, 2t+8, 2t+9) are four neighbouring pixels (4t .. 4t+3): one 8-byte load per row
 // for an nchw grad_out. No atomics: the result is the same every run.
 //
-// Warp-specialised form (WS 1, variant producers=P; opt-in, docs/perf-notes.md round B8): P
-// producer warpgroups gather whole chunks into a ring of NSTAGE shared-memory stages (warpgroup
-// w fills chunks w, w + P, ...), and the BO / 64 consumer warpgroups only load their grad_out
-// fragments (the next chunk's while the current chunk's wgmmas run) and issue the wgmmas. Per
-// slot a "full" mbarrier (one arrival per producer warp, after its proxy fence) and an "empty"
-// one (one per consumer warp, once its wgmmas of the slot retired).
+// Warp-specialised form (WS 1, variant producers=P; opt-in, docs/perf-notes.md rounds B8, B9):
+// P producer warpgroups gather whole chunks into a ring of NSTAGE shared-memory stages
+// (warpgroup w fills chunks w, w + P, ...; each keeps its next chunk's sampling points in
+// flight, see below), and the BO / 64 consumer warpgroups only load their grad_out fragments
+// (the next chunk's while the current chunk's wgmmas run) and issue the wgmmas. Per slot a
+// "full" mbarrier (one arrival per producer warp, after its proxy fence) and an "empty" one
+// (one per consumer warp, once its wgmmas of the slot retired).
 //
 // Constants from codegen: BO (64 per warpgroup), BN (64 or 128), THREADS (2 * BO + 128 *
 // PRODUCERS), SPLITS, SPLIT_PIX (a multiple of 64), MIN_BLOCKS, WS, PRODUCERS (0 without WS),
-// NSTAGE (WS), and deft_wgmma_kstep() for BN with B transposed.
+// NSTAGE and MAX_BATCH (WS), and deft_wgmma_kstep() for BN with B transposed.
 
 constexpr int KP = 64;                       // pixels per chunk
 constexpr int VEC = 8;                       // channels per 16-byte vector
@@ -135,16 +136,20 @@ __device__ __forceinline__ void deft_load_gout_frag(const T* __restrict__ gout, 
   }
 }
 
-// This block's partial sums: accumulator e of this thread is row orow + 8 ((e / 2) % 2), column
-// 8 (e / 4) + 2 tq + e % 2.
+// This block's partial sums, tap-major (PARTIAL_TAP_MAJOR: [split][t][k][cl]): accumulator e
+// of this thread is row orow + 8 ((e / 2) % 2), column 8 (e / 4) + 2 tq + e % 2, so that pairs
+// e, e + 1 are neighbouring channels: one 8-byte store, four threads a 32-byte sector.
 __device__ __forceinline__ void deft_store_weight_partial(Acc* __restrict__ partial,
                                                           const float (&acc)[BN / 2], int g,
                                                           int orow, int cl0, int t, int tq) {
-  Acc* dst = partial + (long long)blockIdx.z * W_ELEMS;
+  static_assert(PARTIAL_TAP_MAJOR, "the wgmma kernels write tap-major partials");
+  Acc* dst = partial + (long long)blockIdx.z * W_ELEMS + (long long)t * K * CG;
 #pragma unroll
-  for (int e = 0; e < BN / 2; ++e) {
-    const int o = orow + 8 * ((e / 2) % 2), col = 8 * (e / 4) + 2 * tq + e % 2;
-    if (o < KG) dst[(((long long)g * KG + o) * CG + cl0 + col) * TAPS + t] = acc[e];
+  for (int e = 0; e < BN / 2; e += 2) {
+    const int o = orow + 8 * ((e / 2) % 2), col = 8 * (e / 4) + 2 * tq;
+    if (o < KG)
+      *reinterpret_cast<float2*>(dst + ((long long)g * KG + o) * CG + cl0 + col) =
+          make_float2(acc[e], acc[e + 1]);
   }
 }
 
@@ -203,14 +208,125 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #endif  // !WS
 
 #if WS
+// Producer side (docs/perf-notes.md round B9): per producer warpgroup a double-buffered table of
+// one chunk's KP sampling points (corner offsets, weights, image). Lanes 0 .. KP - 1 of the
+// warpgroup own one row each: they issue the offset and mask loads of the warpgroup's next
+// chunk before this chunk's corner loads and turn them into points after its stores, so that a
+// chunk costs one dependent round trip. Item it (0 .. ITEMS - 1) of a lane: core block
+// pwarp + 4 (it % 2) of the chunk (rows 8 of them, lane % 8 of it), vector lane / 8 + 4 (it / 2);
+// 8 lanes of a store phase write one core's 128 bytes, a warp's four phases 512 contiguous.
+constexpr int ITEMS = KP * NV / 128;  // (row, vector) items per producer lane per chunk
+constexpr int BATCH = ITEMS < MAX_BATCH ? ITEMS : MAX_BATCH;
+static_assert(ITEMS % 2 == 0 && ITEMS % BATCH == 0, "whole batches of the two core blocks");
+static_assert(sizeof(Off) == 4, "32-bit corner offsets in the point table");
+struct ChunkPoint {
+  int4 off;
+  float4 w;
+};
+// Barrier id among one warpgroup's 128 threads: 1 + pg for producer warpgroup pg,
+// 1 + PRODUCERS + wg for consumer warpgroup wg.
+__device__ __forceinline__ void deft_warpgroup_sync(int id) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
+}
+
+// Consumer side: grad_out goes through shared memory as well, AST stages of each consumer's
+// 64 output channels x KP pixels, copied with cp.async AST - 1 chunks ahead (round B9: the
+// register fragments, one chunk ahead, left the consumers waiting on their loads). An A stage
+// holds core (ob, kb) — output channels 8 ob .., pixels 8 kb .. — at kb * 1024 + ob * 128:
+// nchw, a core row is 8 pixels of one channel (K-major); nhwc, 8 channels of one pixel
+// (MN-major, the wgmma's transpose bit for A). The same descriptor serves both.
+constexpr int AST = 4;                        // A stages per consumer warpgroup
+constexpr int A_STAGE_BYTES = 64 * KP * 2;
+// whole 16- or 8-byte copies: nchw, 8 (4) pixels of a plane never cross an image (chunks start
+// at multiples of 64 pixels); nhwc, 8 channels inside the group
+constexpr bool GOUT16 = NHWC ? K % 8 == 0 && KG % 8 == 0 : (HO * WO) % 8 == 0;
+constexpr bool GOUT8 = !NHWC && (HO * WO) % 4 == 0;
+
+__device__ __forceinline__ unsigned long long deft_ga_desc(unsigned a, int h) {
+  const unsigned long long addr = a + unsigned(h) * 2u * 1024u;
+  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)(1024 >> 4) << 16) |
+         ((unsigned long long)(128 >> 4) << 32);
+}
+
+// This thread's four 16-byte pieces of the grad_out chunk of pixels p0 .. (p_end excluded),
+// output channels oc0 .. oc0 + 63 of group g (zero past KG or p_end), into the A stage st.
+// Piece j of lane l of warp wq: in-core row l % 8, middle index l / 8 + 4 (j % 2), outer
+// wq * 2 + j / 2; nchw: row = channel, middle = pixel core, outer = channel core; nhwc: row =
+// pixel, middle = channel core, outer = pixel core. A warp's piece writes are 512 conflict-free
+// bytes and its reads 16 full sectors.
+__device__ __forceinline__ void deft_copy_gout(const T* __restrict__ gout, unsigned char* st,
+                                               long long p0, long long p_end, int oc0, int g,
+                                               int wq, int lane) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int inner = lane % 8, mid = lane / 8 + 4 * (j % 2), outer = wq * 2 + j / 2;
+    if (!NHWC) {
+      const int o = oc0 + outer * 8 + inner;
+      const long long m = p0 + 8 * mid;
+      unsigned char* dst = st + mid * 1024 + outer * 128 + inner * 16;
+      const long long n = m / (HO * WO), q = m - n * (HO * WO);
+      const T* src = gout + (n * K + (long long)g * KG + o) * (HO * WO) + q;
+      if (GOUT16) {
+        const bool ok = o < KG && m + 7 < p_end;
+        deft_cp_async<16>(dst, ok ? src : gout, ok);
+        continue;
+      }
+      if (GOUT8) {  // each half in its own image: h*w is a multiple of 4, not of 8
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const long long mh = m + 4 * h, nh = mh / (HO * WO);
+          const bool ok = o < KG && mh + 3 < p_end;
+          const T* srch = gout + (nh * K + (long long)g * KG + o) * (HO * WO) + (mh - nh * (HO * WO));
+          deft_cp_async<8>(dst + 8 * h, ok ? srch : gout, ok);
+        }
+        continue;
+      }
+      T v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const long long mm = m + e;
+        v[e] = deft_from<T>(0.f);
+        if (o < KG && mm < p_end) {
+          const long long nn = mm / (HO * WO);
+          v[e] = gout[deft_gout_index(nn, (long long)g * KG + o, mm - nn * (HO * WO))];
+        }
+      }
+      *reinterpret_cast<uint4*>(dst) = make_uint4(deft_pack2(v[0], v[1]), deft_pack2(v[2], v[3]),
+                                                  deft_pack2(v[4], v[5]), deft_pack2(v[6], v[7]));
+    } else {
+      const long long m = p0 + outer * 8 + inner;
+      const int o = oc0 + 8 * mid;
+      unsigned char* dst = st + outer * 1024 + mid * 128 + inner * 16;
+      if (GOUT16) {
+        const bool ok = m < p_end && o < KG;
+        deft_cp_async<16>(dst, ok ? gout + m * K + (long long)g * KG + o : gout, ok);
+        continue;
+      }
+      T v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        v[e] = deft_from<T>(0.f);
+        if (m < p_end && o + e < KG) v[e] = gout[m * K + (long long)g * KG + o + e];
+      }
+      *reinterpret_cast<uint4*>(dst) = make_uint4(deft_pack2(v[0], v[1]), deft_pack2(v[2], v[3]),
+                                                  deft_pack2(v[4], v[5]), deft_pack2(v[6], v[7]));
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ gout,
                 Acc* __restrict__ partial) {
   constexpr int CONSUMERS = BO / 64;
-  extern __shared__ __align__(128) unsigned char ring[];  // NSTAGE chunks, 2 NSTAGE mbarriers
+  // NSTAGE chunks, 2 NSTAGE mbarriers, PRODUCERS x 2 point tables (ChunkPoint, image), then
+  // CONSUMERS x AST grad_out stages
+  extern __shared__ __align__(128) unsigned char ring[];
   const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
   const unsigned full = ring_addr + NSTAGE * CHUNK_BYTES, empty = full + 8 * NSTAGE;
+  ChunkPoint* tables = reinterpret_cast<ChunkPoint*>(ring + NSTAGE * (CHUNK_BYTES + 16));
+  int* table_img = reinterpret_cast<int*>(tables + PRODUCERS * 2 * KP);
+  unsigned char* a_stages = reinterpret_cast<unsigned char*>(table_img + PRODUCERS * 2 * KP);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const WeightTile wt = deft_weight_tile<BO, BN>();
@@ -230,15 +346,79 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   if (warp >= 4 * CONSUMERS) {
     // ---- producer warpgroup pg: chunks pg, pg + PRODUCERS, ... A warpgroup runs at most one
     // round of the ring ahead (NSTAGE >= PRODUCERS), so the parity names the right phase.
-    const int pg = warp / 4 - CONSUMERS;
-    for (int i = pg; i < chunks; i += PRODUCERS) {
+    const int pg = warp / 4 - CONSUMERS, pwarp = warp % 4, ptid = tid % 128;
+    ChunkPoint* tab = tables + pg * 2 * KP;
+    int* tab_img = table_img + pg * 2 * KP;
+    // this lane's row of the point table (lanes ptid < KP): k slot ptid = pixel ptid of the
+    // chunk (A and B both come from shared memory here: no fragment order to follow)
+    const int prow = ptid;
+    PointInput pin;
+    int pn = 0, pho = 0, pwo = 0;
+    bool pvalid = false;
+    auto load_point = [&](int chunk) {  // issues the row's offset and mask loads
+      const long long m = p_begin + (long long)chunk * KP + prow;
+      pvalid = m < p_end;
+      if (pvalid) {
+        const long long n = m / (HO * WO);
+        const int rem = int(m - n * (HO * WO));
+        pn = int(n), pho = rem / WO, pwo = rem % WO;
+        pin = deft_point_input(offset, mask, n, pho, pwo, t, og);
+      }
+    };
+    auto store_point = [&](int buf) {  // the row's point, zero weights past the range
+      ChunkPoint cp;
+      cp.off = make_int4(0, 0, 0, 0);
+      cp.w = make_float4(0.f, 0.f, 0.f, 0.f);
+      int n = 0;
+      if (pvalid) {
+        const SamplePoint sp = deft_point_from(pin, pho, pwo, t);
+        cp.off = make_int4(sp.off[0], sp.off[1], sp.off[2], sp.off[3]);
+        cp.w = make_float4(sp.w[0], sp.w[1], sp.w[2], sp.w[3]);
+        n = pn;
+      }
+      tab[buf * KP + ptid] = cp;
+      tab_img[buf * KP + ptid] = n;
+    };
+    if (ptid < KP && pg < chunks) {
+      load_point(pg);
+      store_point(0);
+    }
+    const int r8 = lane % 8, vq = lane / 8;
+    int buf = 0;
+    for (int i = pg; i < chunks; i += PRODUCERS, buf ^= 1) {
       const int slot = i % NSTAGE, round = i / NSTAGE;
-      if (round > 0) deft_mbar_spin(empty + 8 * slot, (round - 1) & 1);
-      deft_gather_columns<4>(input, offset, mask, ring + slot * CHUNK_BYTES,
-                             p_begin + (long long)i * KP, p_end, t, og, c0, warp % 4, lane);
+      deft_warpgroup_sync(1 + pg);  // table buf written; every lane done reading table buf ^ 1
+      const int next = i + PRODUCERS;
+      if (ptid < KP && next < chunks) load_point(next);
+      unsigned char* dst = ring + slot * CHUNK_BYTES;
+#pragma unroll
+      for (int b = 0; b < ITEMS; b += BATCH) {
+        uint4 c[BATCH][4];  // the weights are read again at the combine: fewer live registers
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+          const int it = b + j, r = (pwarp + 4 * (it % 2)) * 8 + r8, v = vq + 4 * (it / 2);
+          const int4 off = tab[buf * KP + r].off;
+          const T* base = input + (long long)tab_img[buf * KP + r] * ((long long)H * W * C) + c0 +
+                          VEC * v;
+          c[j][0] = __ldg(reinterpret_cast<const uint4*>(base + off.x));
+          c[j][1] = __ldg(reinterpret_cast<const uint4*>(base + off.y));
+          c[j][2] = __ldg(reinterpret_cast<const uint4*>(base + off.z));
+          c[j][3] = __ldg(reinterpret_cast<const uint4*>(base + off.w));
+        }
+        // the slot is free once the consumers retired its previous round (loads in flight)
+        if (b == 0 && round > 0) deft_mbar_spin(empty + 8 * slot, (round - 1) & 1);
+#pragma unroll
+        for (int j = 0; j < BATCH; ++j) {
+          const int it = b + j, r = (pwarp + 4 * (it % 2)) * 8 + r8, v = vq + 4 * (it / 2);
+          const float4 w = tab[buf * KP + r].w;
+          *reinterpret_cast<uint4*>(dst + (r / 8) * (BN * 16) + r8 * 16 + v * 128) =
+              deft_combine8(c[j], w.x, w.y, w.z, w.w);
+        }
+      }
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the wgmmas
       __syncwarp();
       if (lane == 0) deft_mbar_arrive(full + 8 * slot);
+      if (ptid < KP && next < chunks) store_point(buf ^ 1);
     }
     return;
   }
@@ -246,32 +426,40 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   // ---- consumer warpgroup wg: output channels o0 + 64 wg ..
   const int wg = warp / 4, gq = lane / 4, tq = lane % 4;
   const int orow = o0 + wg * 64 + (warp % 4) * 16 + gq;
-  unsigned a[2][4][4];  // [chunk parity][k step][word]
+  unsigned char* my_a = a_stages + wg * (AST * A_STAGE_BYTES);
+  const unsigned my_a_addr = (unsigned)__cvta_generic_to_shared(my_a);
+  auto load_a = [&](int chunk) {
+    deft_copy_gout(gout, my_a + (chunk % AST) * A_STAGE_BYTES, p_begin + (long long)chunk * KP,
+                   p_end, o0 + wg * 64, g, warp % 4, lane);
+  };
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-  if (chunks > 0) deft_load_gout_frag(gout, a[0], p_begin, p_end, g, orow, tq);
+#pragma unroll
+  for (int c = 0; c < AST - 1; ++c) {
+    if (c < chunks) load_a(c);
+    deft_cp_commit();  // one group per chunk, empty ones too: the wait counts stay uniform
+  }
 #pragma unroll 1
-  for (int i = 0; i < chunks; i += 2) {
-    // two chunks a step, so that each one's A fragment set is named at compile time
+  for (int c = 0; c < chunks; ++c) {
+    deft_cp_wait<AST - 2>();  // this thread's pieces of chunk c landed
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the wgmmas
+    // the warpgroup's pieces of chunk c; every warp's wgmmas of chunk c - 1 retired, so its
+    // A stage, (c + AST - 1) % AST, is free
+    deft_warpgroup_sync(1 + PRODUCERS + wg);
+    if (c + AST - 1 < chunks) load_a(c + AST - 1);
+    deft_cp_commit();
+    const int slot = c % NSTAGE;
+    deft_mbar_spin(full + 8 * slot, (c / NSTAGE) & 1);  // the chunk's columns landed
+    const unsigned a = my_a_addr + (c % AST) * A_STAGE_BYTES;
+    const unsigned b = ring_addr + slot * CHUNK_BYTES;
+    deft_wgmma_fence();
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int c = i + h;
-      if (c >= chunks) break;
-      const int slot = c % NSTAGE;
-      deft_mbar_spin(full + 8 * slot, (c / NSTAGE) & 1);  // the chunk's columns landed
-      const unsigned b = ring_addr + slot * CHUNK_BYTES;
-      deft_wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) deft_wgmma_kstep(acc, a[h][ks], deft_b_desc(b, ks));
-      deft_wgmma_commit();
-      // the next chunk's grad_out while the tensor cores work (the other fragment set)
-      if (c + 1 < chunks)
-        deft_load_gout_frag(gout, a[1 - h], p_begin + (long long)(c + 1) * KP, p_end, g, orow, tq);
-      deft_wgmma_wait<0>();
-      __syncwarp();
-      if (lane == 0) deft_mbar_arrive(empty + 8 * slot);  // this warp is done with the slot
-    }
+    for (int ks = 0; ks < 4; ++ks) deft_wgmma_ss(acc, deft_ga_desc(a, ks), deft_b_desc(b, ks));
+    deft_wgmma_commit();
+    deft_wgmma_wait<0>();
+    __syncwarp();
+    if (lane == 0) deft_mbar_arrive(empty + 8 * slot);  // this warp is done with the slot
   }
   deft_store_weight_partial(partial, acc, g, orow, cl0, t, tq);
 }

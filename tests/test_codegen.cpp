@@ -345,7 +345,14 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
         "pass=backward_weight"}) {
     const auto d = deft::parse_layer_desc(text);
     SCOPED_TRACE(text);
-    EXPECT_EQ(deft::default_variant(d, 90).algo, deft::Algo::gemm_tc);
+    // the sm_90 default: the warp-specialised kernel, 256 x 64 with two producer warpgroups
+    // for these 256 output channels
+    const deft::Variant dv = deft::default_variant(d, 90);
+    EXPECT_EQ(dv.algo, deft::Algo::gemm_wgmma);
+    EXPECT_EQ(dv.tile_m, 256);
+    EXPECT_EQ(dv.tile_n, 64);
+    EXPECT_EQ(dv.producers, 2);
+    EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);  // no wgmma before sm_90
     deft::Variant def;
     def.algo = deft::Algo::gemm_wgmma;
     def.tile_k = 64;
@@ -367,7 +374,7 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
     // the warp-specialised form: producer warpgroups gather into a ring of dynamic shared
     // memory (8 chunks where they fit), without spills, with the proxy fence in the PTX
     for (auto [tm, tn, prod] : {std::array{64, 64, 1}, {128, 128, 1}, {128, 64, 2}, {256, 64, 1},
-                                {64, 128, 2}}) {
+                                {64, 128, 2}, {256, 64, 2}, {256, 128, 1}}) {
       deft::Variant v = def;
       v.tile_m = tm, v.tile_n = tn, v.producers = prod, v.threads = 2 * tm + 128 * prod;
       SCOPED_TRACE(deft::to_string(v));
@@ -375,13 +382,31 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
       const deft::CompileInfo info = compile_for_sm90(d, v);
       EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
           << info.resource_report;
-      EXPECT_EQ(info.dynamic_shared_bytes, 8 * (64 * tn * 2 + 16));
       const std::string ptx = sm90a_ptx(d, v);
+      // the ring's slots and mbarriers (8 where they fit), each producer warpgroup's two
+      // point tables, each consumer's four grad_out stages
+      const int fixed = prod * 2 * 64 * 36 + tm / 64 * 4 * 64 * 64 * 2;
+      const int slots = std::min(8, (227 * 1024 - fixed) / (64 * tn * 2 + 16));
+      EXPECT_EQ(info.dynamic_shared_bytes, slots * (64 * tn * 2 + 16) + fixed);
+      EXPECT_NE(ptx.find("cp.async"), std::string::npos);  // the grad_out copies
       EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{}", tn, ty, ty)),
                 std::string::npos);
       EXPECT_NE(ptx.find("fence.proxy.async.shared::cta"), std::string::npos);
       EXPECT_NE(ptx.find("mbarrier.try_wait.parity"), std::string::npos);
     }
+  }
+  // the warp-specialised grid: whole waves of 132 SMs where a few more splits make them so
+  // (36 tiles x 8 splits = 288 blocks, 2.2 waves, become 36 x 11 = 396, three)
+  {
+    const auto d = deft::parse_layer_desc(
+        "deform_conv2d n=32 c=256 h=14 w=14 k=256 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nchw "
+        "pass=backward_weight");
+    const deft::KernelPlan p = deft::make_plan(d, deft::parse_variant(
+        "algo=gemm_wgmma tm=256 tn=64 tk=64 threads=640 producers=1 transpose=1"));
+    EXPECT_EQ(p.grid[0] * p.grid[1], 36u);
+    EXPECT_EQ(p.grid[2], 11u);
+    EXPECT_EQ(p.split_pix, 9 * 64);  // 98 slices of 64 pixels, 9 a block
+    EXPECT_EQ(p.workspace_bytes, 11 * int64_t{256} * 256 * 9 * 4);
   }
   auto refused = [](const std::string& text, const std::string& variant, const std::string& field) {
     try {
@@ -407,7 +432,7 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 producers=1 transpose=1", "threads");
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
-          "algo=gemm_wgmma tm=256 tn=128 tk=64 threads=640 producers=1 transpose=1", "producers");
+          "algo=gemm_wgmma tm=256 tn=128 tk=64 threads=768 producers=2 transpose=1", "producers");
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=512 producers=2 stages=1 transpose=1", "stages");
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",

@@ -402,10 +402,10 @@ TEST(GpuBackwardErrors, ClearMessages) {
 
 
 // Grad weight on Hopper's wgmma (deform_conv_bwd_weight_wgmma.cuh): every tile a layer takes,
-// on layers with output channels that fill no tile (k/groups = 80), two groups and two offset
-// groups, nhwc, and nchw with and without 4-pixel grad_out vectors (h*w = 90 vs 49); sigma 8 on
-// one of them for corners far outside the image; and the warp-specialised form on the same
-// layers. (Opt-in: the default stays on WMMA.)
+// on layers with output channels that fill no tile (k/groups = 80, 76), two groups and two
+// offset groups, nhwc, and nchw with each of the grad_out copy widths (h*w = 144: 16 bytes,
+// 60: 8 bytes, 90 and 49: elements; nhwc k = 256: 16 bytes, 76: elements); sigma 8 on one of
+// them for corners far outside the image; and the warp-specialised form on the same layers.
 TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
   DEFT_SKIP_WITHOUT_GPU();
   if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
@@ -418,6 +418,8 @@ TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
       {make(2, 128, 7, 9, 256, 3, 1, 1, 1, DType::bf16, Layout::nhwc), 2.0},
       {make(2, 256, 12, 12, 128, 3, 1, 2, 2, DType::f16, Layout::nchw), 8.0},
       {make(3, 64, 7, 7, 64, 3, 1, 1, 1, DType::bf16, Layout::nchw), 2.0},
+      {make(3, 128, 6, 10, 128, 3, 1, 1, 1, DType::f16, Layout::nchw), 2.0},
+      {make(2, 64, 8, 9, 76, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2.0},
   };
   for (const W& w : layers) {
     LayerDesc wd = w.d;
@@ -439,11 +441,13 @@ TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
         o.backward_weight_variant = v;
         check_backward(w.d, t, 0, o);
       }
-    // The warp-specialised form (producer warpgroups gather into a ring): one and two
-    // producer warpgroups, one to four consumers, the plan's 8-deep ring and the shallowest
-    // rings it takes (2 slots for 1 or 2 producer warpgroups: every slot refilled many times).
+    // The warp-specialised form (producer warpgroups gather into a ring, consumers copy
+    // grad_out into their own stages): one and two producer warpgroups, one to four consumers,
+    // the plan's ring and the shallowest rings it takes (2 slots for 1 or 2 producer
+    // warpgroups: every slot refilled many times).
     for (auto [tm, tn, prod, stages] : {std::array{128, 128, 1, 0}, {64, 64, 1, 2}, {128, 64, 2, 2},
-                                        {256, 64, 1, 0}, {64, 128, 2, 3}}) {
+                                        {256, 64, 1, 0}, {64, 128, 2, 3}, {256, 64, 2, 0},
+                                        {256, 128, 1, 0}}) {
       deft::Variant v;
       v.algo = deft::Algo::gemm_wgmma;
       v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = 2 * tm + 128 * prod;

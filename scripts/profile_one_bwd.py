@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""Runs one bench case's grad-weight pass (NCHW) a few times with a given weight variant, for
+ncu: profile_one_bwd.py CASE [DTYPE] [WEIGHT_VARIANT]"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import torch  # noqa: E402
+import bench  # noqa: E402
+from deft_ctypes import DeftLibrary  # noqa: E402
+
+name = sys.argv[1]
+dtype = sys.argv[2] if len(sys.argv) > 2 else "fp16"
+variant = sys.argv[3] if len(sys.argv) > 3 else None
+spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"))
+c = next(x for x in spec["cases"] if x["name"] == name)
+tdt = torch.half if dtype == "fp16" else torch.float
+lib = DeftLibrary("build/libdeft.so")
+g = torch.Generator(device="cuda").manual_seed(3)
+x = torch.rand(c["n"], c["c"], c["h"], c["w"], device="cuda", generator=g).to(tdt)
+w = ((torch.rand(c["k"], c["c"] // c["groups"], 3, 3, device="cuda", generator=g) - .5) / 30).to(tdt)
+off = (torch.randn(c["n"], 18, c["ho"], c["wo"], device="cuda", generator=g) * 2).to(tdt)
+m = torch.rand(c["n"], 9, c["ho"], c["wo"], device="cuda", generator=g).to(tdt)
+gout = (torch.rand(c["n"], c["k"], c["ho"], c["wo"], device="cuda", generator=g) - .5).to(tdt)
+k = lib.compile_ex(bench.deft_desc(c, "nchw", dtype), None, None, None, variant)
+gw = torch.empty_like(w)
+for _ in range(4):
+    k.backward(x, off, m, w, gout, None, None, None, gw, None, 0)
+torch.cuda.synchronize()
+print("weight variant:", variant or "default")
