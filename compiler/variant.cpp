@@ -239,9 +239,10 @@ Variant default_variant(const LayerDesc& d, int arch) {
   // channels per group (less would leave most of each chunk's k slots zero).
   // Grad weight, f16 and bf16, on sm_90: the warp-specialised wgmma kernel
   // (templates/deform_conv_bwd_weight_wgmma.cuh) where 64-channel tiles fit the groups and
-  // offset groups, from the sweep of docs/perf-notes.md round B9 (H200, fp16 nchw):
+  // offset groups, from the sweep of docs/perf-notes.md round B10 (H200, fp16 nchw):
   // 256 x 128 with one producer warpgroup for 512 output channels a group, 256 x 64 with two
-  // above 128, 128 x 64 with one below. Else (and where the plan refuses it) the WMMA kernel.
+  // above 128; up to 128, 128 x 128 with two where 128 channels fit, else 128 x 64 with one.
+  // Else (and where the plan refuses it) the WMMA kernel.
   if (arch == 90 && d.pass == Pass::backward_weight && base.algo == Algo::gemm_tc &&
       (d.dtype == DType::f16 || d.dtype == DType::bf16)) {
     const int64_t kg = d.k_per_group(), cg = d.c_per_group(), cpog = d.c_per_offset_group();
@@ -249,10 +250,10 @@ Variant default_variant(const LayerDesc& d, int arch) {
     v.algo = Algo::gemm_wgmma;
     v.tile_k = 64;
     v.transpose = d.layout == Layout::nchw;
-    const bool wide = kg >= 512 && cg % 128 == 0 && cpog % 128 == 0;
+    const bool fit128 = cg % 128 == 0 && cpog % 128 == 0;
     v.tile_m = kg > 128 ? 256 : 128;
-    v.tile_n = wide ? 128 : 64;
-    v.producers = wide || kg <= 128 ? 1 : 2;
+    v.tile_n = fit128 && (kg >= 512 || kg <= 128) ? 128 : 64;
+    v.producers = kg >= 512 && fit128 ? 1 : kg <= 128 && !fit128 ? 1 : 2;
     v.threads = wgmma_threads(Pass::backward_weight, v.tile_m, v.tile_n, v.producers);
     try {
       validate(d, v);
