@@ -194,8 +194,11 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("PRODUCERS", p.bww_producers);
     if (p.bww_producers > 0) {
       c32("NSTAGE", p.nstage);
-      c32("AST", p.bww_ast);        // grad_out stages a consumer warpgroup
-      c32("SITEMS", p.bww_sitems);  // items a producer lane stages per round of corner copies
+      // a producer lane keeps all of a chunk's corner loads in flight (8 items x 4 corners
+      // with tn = 128) where the block's register cap allows it (168 a thread at 384 threads),
+      // else batches of 4 items (128 at 512) or 2 (96 at 640): more spill
+      const int cap = 65536 / int(p.block);
+      c32("MAX_BATCH", cap >= 160 ? 8 : cap >= 128 ? 4 : 2);
     }
   } else if (d.pass == Pass::backward_weight) {
     c32("BO", p.bo);

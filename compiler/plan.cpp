@@ -261,34 +261,17 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
                               "stages={} to 8, not {}", v.producers, std::max(2, v.producers),
                               v.stages));
   const int64_t chunk = 64 * int64_t(v.tile_n) * 2;
-  // Shared memory, all dynamic: the ring (chunk + two 8-byte mbarriers a slot), each producer
-  // warpgroup's two tables of 64 sampling points (32-byte point, 4-byte image), each
-  // consumer's AST grad_out stages (64 channels x 64 pixels), each producer warpgroup's corner
-  // staging (SITEMS items x 4 corners x 16 bytes a lane). Preferred: a whole chunk's corners
-  // staged at once and 4 grad_out stages; then 3 stages; then half the corners a round, and so
-  // on, the first that leaves a ring of at least 3 slots (or the one asked for).
-  constexpr int64_t kSmem = 227 * 1024;
-  const int items = 64 * (v.tile_n / 8) / 128;  // (pixel, 8-channel vector) items a lane
+  // each producer warpgroup's two tables of 64 sampling points (32-byte point, 4-byte image),
+  // each consumer's four grad_out stages (64 channels x 64 pixels)
   const int64_t tables = int64_t(v.producers) * 2 * 64 * (32 + 4);
-  const int min_ring = v.stages ? v.stages : std::max(3, v.producers);
-  bool fits = false;
-  for (int sitems = items; sitems >= 1 && !fits; sitems /= 2)
-    for (int ast : {4, 3}) {
-      const int64_t fixed = tables + int64_t(v.tile_m / 64) * ast * 64 * 64 * 2 +
-                            int64_t(v.producers) * sitems * 4 * 128 * 16;
-      const int64_t ring = v.stages ? v.stages : std::min<int64_t>(8, (kSmem - fixed) / (chunk + 16));
-      if (ring >= min_ring && ring * (chunk + 16) + fixed <= kSmem) {
-        p.nstage = int(ring), p.bww_ast = ast, p.bww_sitems = sitems;
-        p.smem_bytes = int(ring * (chunk + 16) + fixed);
-        fits = true;
-        break;
-      }
-    }
-  if (!fits)
-    bad("stages", fmt::format("tm={} tn={} producers={} with a ring of {} slots needs more than "
-                              "227 KiB of shared memory", v.tile_m, v.tile_n, v.producers,
-                              min_ring));
+  const int64_t a_stages = int64_t(v.tile_m / 64) * 4 * 64 * 64 * 2;
+  p.nstage = v.stages ? v.stages : 8;
+  while (p.nstage > 2 && p.nstage * (chunk + 16) + tables + a_stages > 227 * 1024) --p.nstage;
+  if (p.nstage * (chunk + 16) + tables + a_stages > 227 * 1024)
+    bad("stages", fmt::format("tm={} tn={} producers={} with a ring of {} needs more than 227 KiB "
+                              "of shared memory", v.tile_m, v.tile_n, v.producers, p.nstage));
   p.bww_producers = v.producers;
+  p.smem_bytes = int(p.nstage * (chunk + 16) + tables + a_stages);  // all dynamic
   // grad_out copies: 16 bytes (8 pixels of a plane, or 8 channels), 8 bytes (4 pixels) or one
   // element (templates/deform_conv_bwd_weight_wgmma.cuh, GOUT16 / GOUT8)
   const int64_t hw = d.out_h() * d.out_w();

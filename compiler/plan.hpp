@@ -63,7 +63,6 @@ struct KernelPlan {
   // warp-specialised wgmma backward_weight (variant producers > 0): producer warpgroups; its
   // ring depth is nstage
   int bww_producers = 0;
-  int bww_ast = 0, bww_sitems = 0;  // warp-specialised grad weight: grad_out stages, staged items
   int out_store = 0;
   int64_t workspace_packed_bytes = 0;
 

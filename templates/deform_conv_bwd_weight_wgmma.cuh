@@ -27,7 +27,7 @@
 //
 // Constants from codegen: BO (64 per warpgroup), BN (64 or 128), THREADS (2 * BO + 128 *
 // PRODUCERS), SPLITS, SPLIT_PIX (a multiple of 64), MIN_BLOCKS, WS, PRODUCERS (0 without WS),
-// NSTAGE, AST and SITEMS (WS), and deft_wgmma_kstep() for BN with B transposed.
+// NSTAGE and MAX_BATCH (WS), and deft_wgmma_kstep() for BN with B transposed.
 
 constexpr int KP = 64;                       // pixels per chunk
 constexpr int VEC = 8;                       // channels per 16-byte vector
@@ -215,19 +215,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 // chunk costs one dependent round trip. Item it (0 .. ITEMS - 1) of a lane: core block
 // pwarp + 4 (it % 2) of the chunk (rows 8 of them, lane % 8 of it), vector lane / 8 + 4 (it / 2);
 // 8 lanes of a store phase write one core's 128 bytes, a warp's four phases 512 contiguous.
-// The corner vectors go through shared memory (round B11): a lane copies SITEMS items' four
-// corners with cp.async (L1-cached) into its own slots of the warpgroup's staging area, waits
-// for its copies, and combines from there, so that a chunk's 4 x ITEMS loads are all in flight
-// at once without holding registers (16 bytes x 4 x 8 a lane would not fit the 640-thread
-// tiles' 96). Staging slot (j, q) of lane ptid: ((j * 4 + q) * 128 + ptid) * 16 bytes, so a
-// warp's copies and reads of one slot are 512 contiguous bytes.
 constexpr int ITEMS = KP * NV / 128;  // (row, vector) items per producer lane per chunk
-static_assert(ITEMS % SITEMS == 0, "whole staging rounds");
+constexpr int BATCH = ITEMS < MAX_BATCH ? ITEMS : MAX_BATCH;
+static_assert(ITEMS % 2 == 0 && ITEMS % BATCH == 0, "whole batches of the two core blocks");
 static_assert(sizeof(Off) == 4, "32-bit corner offsets in the point table");
-constexpr int STAGING_BYTES = SITEMS * 4 * 128 * 16;  // per producer warpgroup
-__device__ __forceinline__ void deft_cp_async_ca16(unsigned dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-}
 struct ChunkPoint {
   int4 off;
   float4 w;
@@ -239,14 +230,13 @@ __device__ __forceinline__ void deft_warpgroup_sync(int id) {
 }
 
 // Consumer side: grad_out goes through shared memory as well, AST stages of each consumer's
-// 64 output channels x KP pixels, copied with cp.async AST - 1 chunks ahead (round B10: the
+// 64 output channels x KP pixels, copied with cp.async AST - 1 chunks ahead (round B9: the
 // register fragments, one chunk ahead, left the consumers waiting on their loads). An A stage
 // holds core (ob, kb) — output channels 8 ob .., pixels 8 kb .. — at kb * 1024 + ob * 128:
 // nchw, a core row is 8 pixels of one channel (K-major); nhwc, 8 channels of one pixel
 // (MN-major, the wgmma's transpose bit for A). The same descriptor serves both.
-// AST (3 or 4) from codegen: A stages per consumer warpgroup
+constexpr int AST = 4;                        // A stages per consumer warpgroup
 constexpr int A_STAGE_BYTES = 64 * KP * 2;
-static_assert(AST >= 3, "two chunks of grad_out in flight ahead");
 // whole 16- or 8-byte copies: nchw, 8 (4) pixels of a plane never cross an image (chunks start
 // at multiples of 64 pixels); nhwc, 8 channels inside the group
 constexpr bool GOUT16 = NHWC ? K % 8 == 0 && KG % 8 == 0 : (HO * WO) % 8 == 0;
@@ -329,15 +319,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                 const T* __restrict__ mask, const T* __restrict__ gout,
                 Acc* __restrict__ partial) {
   constexpr int CONSUMERS = BO / 64;
-  // NSTAGE chunks, 2 NSTAGE mbarriers, PRODUCERS x 2 point tables (ChunkPoint, image),
-  // CONSUMERS x AST grad_out stages, then PRODUCERS corner staging areas
+  // NSTAGE chunks, 2 NSTAGE mbarriers, PRODUCERS x 2 point tables (ChunkPoint, image), then
+  // CONSUMERS x AST grad_out stages
   extern __shared__ __align__(128) unsigned char ring[];
   const unsigned ring_addr = (unsigned)__cvta_generic_to_shared(ring);
   const unsigned full = ring_addr + NSTAGE * CHUNK_BYTES, empty = full + 8 * NSTAGE;
   ChunkPoint* tables = reinterpret_cast<ChunkPoint*>(ring + NSTAGE * (CHUNK_BYTES + 16));
   int* table_img = reinterpret_cast<int*>(tables + PRODUCERS * 2 * KP);
   unsigned char* a_stages = reinterpret_cast<unsigned char*>(table_img + PRODUCERS * 2 * KP);
-  unsigned char* staging = a_stages + CONSUMERS * AST * A_STAGE_BYTES;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const WeightTile wt = deft_weight_tile<BO, BN>();
@@ -395,8 +384,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       store_point(0);
     }
     const int r8 = lane % 8, vq = lane / 8;
-    const unsigned char* stg = staging + pg * STAGING_BYTES;  // this warpgroup's corner slots
-    const unsigned my_staging = (unsigned)__cvta_generic_to_shared(stg);
     int buf = 0;
     for (int i = pg; i < chunks; i += PRODUCERS, buf ^= 1) {
       const int slot = i % NSTAGE, round = i / NSTAGE;
@@ -405,32 +392,27 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       if (ptid < KP && next < chunks) load_point(next);
       unsigned char* dst = ring + slot * CHUNK_BYTES;
 #pragma unroll
-      for (int b = 0; b < ITEMS; b += SITEMS) {
+      for (int b = 0; b < ITEMS; b += BATCH) {
+        uint4 c[BATCH][4];  // the weights are read again at the combine: fewer live registers
 #pragma unroll
-        for (int j = 0; j < SITEMS; ++j) {
+        for (int j = 0; j < BATCH; ++j) {
           const int it = b + j, r = (pwarp + 4 * (it % 2)) * 8 + r8, v = vq + 4 * (it / 2);
           const int4 off = tab[buf * KP + r].off;
           const T* base = input + (long long)tab_img[buf * KP + r] * ((long long)H * W * C) + c0 +
                           VEC * v;
-          const int o[4] = {off.x, off.y, off.z, off.w};
-#pragma unroll
-          for (int q = 0; q < 4; ++q)
-            deft_cp_async_ca16(my_staging + ((j * 4 + q) * 128 + ptid) * 16, base + o[q]);
+          c[j][0] = __ldg(reinterpret_cast<const uint4*>(base + off.x));
+          c[j][1] = __ldg(reinterpret_cast<const uint4*>(base + off.y));
+          c[j][2] = __ldg(reinterpret_cast<const uint4*>(base + off.z));
+          c[j][3] = __ldg(reinterpret_cast<const uint4*>(base + off.w));
         }
-        deft_cp_commit();
-        // the slot is free once the consumers retired its previous round (copies in flight)
+        // the slot is free once the consumers retired its previous round (loads in flight)
         if (b == 0 && round > 0) deft_mbar_spin(empty + 8 * slot, (round - 1) & 1);
-        deft_cp_wait<0>();  // this lane's corners landed (only this lane reads them)
 #pragma unroll
-        for (int j = 0; j < SITEMS; ++j) {
+        for (int j = 0; j < BATCH; ++j) {
           const int it = b + j, r = (pwarp + 4 * (it % 2)) * 8 + r8, v = vq + 4 * (it / 2);
           const float4 w = tab[buf * KP + r].w;
-          uint4 c[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q)
-            c[q] = *reinterpret_cast<const uint4*>(stg + ((j * 4 + q) * 128 + ptid) * 16);
           *reinterpret_cast<uint4*>(dst + (r / 8) * (BN * 16) + r8 * 16 + v * 128) =
-              deft_combine8(c, w.x, w.y, w.z, w.w);
+              deft_combine8(c[j], w.x, w.y, w.z, w.w);
         }
       }
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the wgmmas
