@@ -117,7 +117,8 @@ enum class Algo {
   depthwise,     // groups == c == k: per (pixel, channel) accumulation, no GEMM
   gemm_wgmma,    // Hopper warpgroup tensor cores (sm_90 only; f16, bf16, tf32; channels-last
                  // input or transpose=1): forward sampling into the register A fragments, or
-                 // with producers > 0 into shared memory; also backward_weight (opt-in)
+                 // with producers > 0 into shared memory; also backward_weight (f16,
+                 // bf16; the sm_90 default there with producers)
 };
 enum class Staging {
   gather,  // each sample's four corners read straight from global memory
@@ -148,8 +149,10 @@ struct Variant {
   // consumer warpgroups only issue wgmmas (printed as producers=N only when set; 0 = the
   // warpgroups sample their own rows into the register A fragments). With producers,
   // threads = 128 * (producers + consumers), consumers = tm / 64 * max(1, tn / 256).
-  // gemm_wgmma backward_weight (opt-in): producer warpgroups gather the sampled columns into a
-  // ring, threads = 2 * tm + 128 * producers.
+  // gemm_wgmma backward_weight: producer warpgroups gather the sampled columns into a ring
+  // while tm / 64 consumers copy grad_out into shared memory and issue the wgmmas,
+  // threads = 2 * tm + 128 * producers (the sm_90 f16/bf16 default; producers=0 keeps every
+  // warp gathering and the grad_out fragments in registers).
   int producers = 0;
 
   bool operator==(const Variant&) const = default;
