@@ -100,6 +100,22 @@ __device__ __forceinline__ void deft_gather_columns(const T* __restrict__ input,
   }
 }
 
+// grad_out of channel o (of group g) at the NE pixels m .. m + NE - 1, elementwise; zero past
+// p_end or the group's KG channels.
+template <int NE>
+__device__ __forceinline__ void deft_gout_run(const T* __restrict__ gout, T (&v)[NE], long long m,
+                                              long long p_end, int g, int o) {
+#pragma unroll
+  for (int e = 0; e < NE; ++e) {
+    const long long mm = m + e;
+    v[e] = deft_from<T>(0.f);
+    if (mm < p_end && o < KG) {
+      const long long n = mm / (HO * WO);
+      v[e] = gout[deft_gout_index(n, (long long)g * KG + o, mm - n * (HO * WO))];
+    }
+  }
+}
+
 // The A (grad_out) fragment of the chunk of pixels p0 ..: rows orow, orow + 8 (output channels
 // of group g), k slots 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9 of each k step = pixels 4 tq .. 4 tq + 3
 // of the step.
@@ -121,15 +137,7 @@ __device__ __forceinline__ void deft_load_gout_frag(const T* __restrict__ gout, 
         a[ks][2 + h] = u.y;
         continue;
       }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const long long mm = m + e;
-        v[e] = deft_from<T>(0.f);
-        if (mm < p_end && o < KG) {
-          const long long n = mm / (HO * WO);
-          v[e] = gout[deft_gout_index(n, (long long)g * KG + o, mm - n * (HO * WO))];
-        }
-      }
+      deft_gout_run(gout, v, m, p_end, g, o);
       a[ks][h] = deft_pack2(v[0], v[1]);
       a[ks][2 + h] = deft_pack2(v[2], v[3]);
     }
@@ -282,15 +290,7 @@ __device__ __forceinline__ void deft_copy_gout(const T* __restrict__ gout, unsig
         continue;
       }
       T v[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const long long mm = m + e;
-        v[e] = deft_from<T>(0.f);
-        if (o < KG && mm < p_end) {
-          const long long nn = mm / (HO * WO);
-          v[e] = gout[deft_gout_index(nn, (long long)g * KG + o, mm - nn * (HO * WO))];
-        }
-      }
+      deft_gout_run(gout, v, m, p_end, g, o);
       *reinterpret_cast<uint4*>(dst) = make_uint4(deft_pack2(v[0], v[1]), deft_pack2(v[2], v[3]),
                                                   deft_pack2(v[4], v[5]), deft_pack2(v[6], v[7]));
     } else {
