@@ -584,3 +584,44 @@ TEST(Codegen, EveryTunerCandidateCompiles) {
 }
 
 }  // namespace
+
+// The sm_90 grad-weight heuristic (compiler/variant.cpp, perf notes round B10): the
+// warp-specialised wgmma tile by output channels a group, where 64-channel tiles fit; the
+// WMMA kernel elsewhere (32 channels a group, f32, sm_80) and the depthwise kernel for
+// depthwise layers. Every tile it picks passes the plan.
+TEST(Heuristic, GradWeightOnSm90) {
+  struct Want {
+    const char* layer;
+    int tm, tn, producers;  // tm = 0: not gemm_wgmma
+  };
+  const Want wants[] = {
+      {"n=16 c=512 h=32 w=32 k=512 dtype=f16", 256, 128, 1},          // dense512
+      {"n=32 c=256 h=14 w=14 k=256 dtype=f16", 256, 64, 2},           // resnet_res4
+      {"n=2 c=256 h=50 w=84 k=256 dtype=bf16 layout=nhwc", 256, 64, 2},
+      {"n=32 c=128 h=56 w=56 k=128 stride=2 dtype=f16", 128, 128, 2},  // stride2
+      {"n=8 c=64 h=64 w=64 k=64 dtype=f16", 128, 64, 1},               // deft_64
+      {"n=4 c=512 h=16 w=16 k=512 offset_groups=8 dtype=f16", 256, 64, 2},  // 64 per og
+      {"n=4 c=128 h=16 w=16 k=128 groups=4 dtype=f16", 0, 0, 0},       // 32 channels a group
+      {"n=4 c=128 h=16 w=16 k=128 dtype=f32 math=tf32", 0, 0, 0},      // tf32: WMMA
+      {"n=4 c=128 h=16 w=16 k=128 groups=128 dtype=f16", 0, 0, 0},     // depthwise
+  };
+  for (const Want& w : wants) {
+    const auto d = deft::parse_layer_desc(fmt::format(
+        "deform_conv2d {} r=3 s=3 pad=1 mask=1 pass=backward_weight", w.layer));
+    SCOPED_TRACE(deft::to_string(d));
+    const deft::Variant v = deft::default_variant(d, 90);
+    EXPECT_NO_THROW(deft::validate(d, v)) << deft::to_string(v);
+    EXPECT_EQ(deft::default_variant(d, 80), deft::default_variant(d));  // sm_90 only
+    if (w.tm == 0) {
+      EXPECT_NE(v.algo, deft::Algo::gemm_wgmma) << deft::to_string(v);
+      EXPECT_EQ(v, deft::default_variant(d));
+      continue;
+    }
+    EXPECT_EQ(v.algo, deft::Algo::gemm_wgmma);
+    EXPECT_EQ(v.tile_m, w.tm);
+    EXPECT_EQ(v.tile_n, w.tn);
+    EXPECT_EQ(v.producers, w.producers);
+    EXPECT_EQ(v.threads, 2 * w.tm + 128 * w.producers);
+    EXPECT_EQ(v.transpose, d.layout == deft::Layout::nchw);
+  }
+}
