@@ -10,10 +10,10 @@
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
-#         | ncubwd (ncu of one grad-weight kernel) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
+#         | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window), SWEEP_SIGMAS,
-#   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
+#   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
 cp BENCHMARKS.md "$LOGS/BENCHMARKS.md"  # both benchmarks rewrite their sections of this copy
@@ -107,9 +107,11 @@ for step in "$@"; do
       done
       stamp "ncu done"
       grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|L1/TEX Cache Throughput|L2 Cache Throughput|DRAM Throughput|Shared Memory Configuration Size|Dynamic Shared Memory Per Block" "$LOGS/ncu.txt" | head -60 ;;
-    ncubwd)  # hardware counters of one grad-weight kernel (NCU_CASES, NCU_VARIANT: weight variant)
+    ncubwd)  # hardware counters of one backward kernel: NCU_PASS weight (default) or data,
+      # NCU_CASES, NCU_VARIANT (that pass's variant)
       for cs in ${NCU_CASES:-dense512 resnet_res4}; do
-        timeout 150 ncu --clock-control none --kernel-name deft_deform_conv2d_backward_weight \
+        DEFT_PROFILE_PASS=${NCU_PASS:-weight} timeout 150 ncu --clock-control none \
+          --kernel-name deft_deform_conv2d_backward_${NCU_PASS:-weight} \
           --launch-skip 2 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
           --section SourceCounters --section MemoryWorkloadAnalysis_Tables \

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Runs one bench case's grad-weight pass (NCHW) a few times with a given weight variant, for
-ncu: profile_one_bwd.py CASE [DTYPE] [WEIGHT_VARIANT]"""
+ncu: profile_one_bwd.py CASE [DTYPE] [WEIGHT_VARIANT]; with DEFT_PROFILE_PASS=data the
+backward_data pass instead (grad input, offset and mask), the variant then that pass's."""
 import os
 import sys
 
@@ -22,9 +23,14 @@ w = ((torch.rand(c["k"], c["c"] // c["groups"], 3, 3, device="cuda", generator=g
 off = (torch.randn(c["n"], 18, c["ho"], c["wo"], device="cuda", generator=g) * 2).to(tdt)
 m = torch.rand(c["n"], 9, c["ho"], c["wo"], device="cuda", generator=g).to(tdt)
 gout = (torch.rand(c["n"], c["k"], c["ho"], c["wo"], device="cuda", generator=g) - .5).to(tdt)
-k = lib.compile_ex(bench.deft_desc(c, "nchw", dtype), None, None, None, variant)
-gw = torch.empty_like(w)
+data = os.environ.get("DEFT_PROFILE_PASS", "weight") == "data"
+desc = bench.deft_desc(c, "nchw", dtype)
+k = lib.compile_ex(desc, None, None, variant if data else None, None if data else variant)
+gx, goff, gm, gw = (torch.empty_like(v) for v in (x, off, m, w))
 for _ in range(4):
-    k.backward(x, off, m, w, gout, None, None, None, gw, None, 0)
+    if data:
+        k.backward(x, off, m, w, gout, gx, goff, gm, None, None, 0)
+    else:
+        k.backward(x, off, m, w, gout, None, None, None, gw, None, 0)
 torch.cuda.synchronize()
-print("weight variant:", variant or "default")
+print("data" if data else "weight", "variant:", variant or "default")
