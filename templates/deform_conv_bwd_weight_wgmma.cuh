@@ -1,33 +1,37 @@
 // deform_conv2d backward_weight on Hopper's warpgroup tensor cores (wgmma, sm_90a), f16 and
-// bf16, channels-last input (nhwc layers, or the transpose pre-pass). Same contract, grid and
-// split partials as deform_conv_bwd_weight.cuh: a block owns BO output channels x BN input
-// channels of one tap and conv group over one range of pixels, and writes its partial sums;
-// deft_bwd_weight_reduce adds the SPLITS partials in a fixed order. The GEMM
+// bf16, channels-last input (nhwc layers, or the transpose pre-pass). Same contract and grid
+// as deform_conv_bwd_weight.cuh: a block owns BO output channels x BN input channels of one
+// tap and conv group over one range of pixels, and writes its partial sums, tap-major
+// (PARTIAL_TAP_MAJOR: [split][t][k][c], whole rows of channels); deft_bwd_weight_reduce adds
+// the SPLITS partials in a fixed order. No atomics: the result is the same every run. The GEMM
 //   grad_weight[o][c] = sum over pixels p of grad_out[p][o] * col[p][c],
 //   col[p][c] = mask * bilinear sample of channel c at p's sampling point,
-// runs as wgmma.m64nBNk16 with M = output channels (one warpgroup per 64), K = pixels:
-//  - A, grad_out, goes from global memory straight into each thread's register fragment;
-//  - B, the sampled columns, is gathered by all threads as 16-byte channel vectors (8
-//    channels, one load per corner) into shared memory in the MN-major core layout (8 pixels x
-//    8 channels = 128 contiguous bytes per core; cores along the channels 128 bytes apart
-//    (SBO), along the pixels BN * 16 bytes (LBO)), read with the transpose bit;
-//  - chunks of KP = 64 pixels (four k steps) are double-buffered: chunk i + 1's gathers and
-//    A loads are issued while chunk i's wgmmas run.
-// The pixels of a k step are permuted against their k slots so that thread t's four A slots
-// (2t, 2t+1, 2t+8, 2t+9) are four neighbouring pixels (4t .. 4t+3): one 8-byte load per row
-// for an nchw grad_out. No atomics: the result is the same every run.
+// runs as wgmma.m64nBNk16 with M = output channels (one warpgroup per 64), K = pixels. B, the
+// sampled columns, is gathered as 16-byte channel vectors (8 channels, one load per corner)
+// into shared memory in the MN-major core layout (8 pixels x 8 channels = 128 contiguous
+// bytes per core; cores along the channels 128 bytes apart (SBO), along the pixels BN * 16
+// bytes (LBO)), read with the transpose bit. Two forms:
 //
-// Warp-specialised form (WS 1, variant producers=P; opt-in, docs/perf-notes.md rounds B8, B9):
-// P producer warpgroups gather whole chunks into a ring of NSTAGE shared-memory stages
-// (warpgroup w fills chunks w, w + P, ...; each keeps its next chunk's sampling points in
-// flight, see below), and the BO / 64 consumer warpgroups only load their grad_out fragments
-// (the next chunk's while the current chunk's wgmmas run) and issue the wgmmas. Per slot a
-// "full" mbarrier (one arrival per producer warp, after its proxy fence) and an "empty" one
-// (one per consumer warp, once its wgmmas of the slot retired).
+// Register form (WS 0, producers=0; opt-in): every thread gathers, and A, grad_out, goes
+// from global memory straight into each thread's register fragment; chunks of KP = 64 pixels
+// (four k steps) are double-buffered: chunk i + 1's gathers and A loads are issued while chunk
+// i's wgmmas run. The pixels of a k step are permuted against their k slots so that thread t's
+// four A slots (2t, 2t+1, 2t+8, 2t+9) are four neighbouring pixels (4t .. 4t+3): one 8-byte
+// load per row for an nchw grad_out.
+//
+// Warp-specialised form (WS 1, producers=P; the sm_90 default, docs/perf-notes.md rounds
+// B8-B10): P producer warpgroups gather whole chunks into a ring of NSTAGE shared-memory
+// stages (warpgroup w fills chunks w, w + P, ...; each keeps its next chunk's sampling points
+// in flight), and the BO / 64 consumer warpgroups copy their grad_out chunks into stages of
+// their own (cp.async, AST - 1 chunks ahead) and issue the wgmmas, A and B both from
+// descriptors, pixels in their own order. Per ring slot a "full" mbarrier (one arrival per
+// producer warp, after its proxy fence) and an "empty" one (one per consumer warp, once its
+// wgmmas of the slot retired).
 //
 // Constants from codegen: BO (64 per warpgroup), BN (64 or 128), THREADS (2 * BO + 128 *
 // PRODUCERS), SPLITS, SPLIT_PIX (a multiple of 64), MIN_BLOCKS, WS, PRODUCERS (0 without WS),
-// NSTAGE and MAX_BATCH (WS), and deft_wgmma_kstep() for BN with B transposed.
+// NSTAGE and MAX_BATCH (WS), PARTIAL_TAP_MAJOR (1), and the wgmma wrapper for BN:
+// deft_wgmma_kstep() (register A) or deft_wgmma_ss() (WS).
 
 constexpr int KP = 64;                       // pixels per chunk
 constexpr int VEC = 8;                       // channels per 16-byte vector
