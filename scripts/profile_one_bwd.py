@@ -17,12 +17,7 @@ spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", 
 c = next(x for x in spec["cases"] if x["name"] == name)
 tdt = torch.half if dtype == "fp16" else torch.float
 lib = DeftLibrary("build/libdeft.so")
-g = torch.Generator(device="cuda").manual_seed(3)
-x = torch.rand(c["n"], c["c"], c["h"], c["w"], device="cuda", generator=g).to(tdt)
-w = ((torch.rand(c["k"], c["c"] // c["groups"], 3, 3, device="cuda", generator=g) - .5) / 30).to(tdt)
-off = (torch.randn(c["n"], 18, c["ho"], c["wo"], device="cuda", generator=g) * 2).to(tdt)
-m = torch.rand(c["n"], 9, c["ho"], c["wo"], device="cuda", generator=g).to(tdt)
-gout = (torch.rand(c["n"], c["k"], c["ho"], c["wo"], device="cuda", generator=g) - .5).to(tdt)
+x, w, off, m, gout = bench.backward_inputs(c, tdt)
 data = os.environ.get("DEFT_PROFILE_PASS", "weight") == "data"
 desc = bench.deft_desc(c, "nchw", dtype)
 k = lib.compile_ex(desc, None, None, variant if data else None, None if data else variant)

@@ -63,12 +63,7 @@ for case in spec["cases"]:
     if case["name"] not in args.cases.split(","):
         continue
     c = case
-    g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.rand(c["n"], c["c"], c["h"], c["w"], device="cuda", generator=g).to(tdt)
-    w = ((torch.rand(c["k"], c["c"] // c["groups"], 3, 3, device="cuda", generator=g) - .5) / 30).to(tdt)
-    off = (torch.randn(c["n"], 18, c["ho"], c["wo"], device="cuda", generator=g) * 2).to(tdt)
-    m = torch.rand(c["n"], 9, c["ho"], c["wo"], device="cuda", generator=g).to(tdt)
-    gout = (torch.rand(c["n"], c["k"], c["ho"], c["wo"], device="cuda", generator=g) - .5).to(tdt)
+    x, w, off, m, gout = bench.backward_inputs(c, tdt)
     desc = bench.deft_desc(case, "nchw", args.dtype)
     ref = lib.compile(desc)
     bufs = [torch.empty_like(v) for v in (x, off, m, w)]
