@@ -199,6 +199,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       // else batches of 4 items (128 at 512) or 2 (96 at 640): more spill
       const int cap = 65536 / int(p.block);
       c32("MAX_BATCH", cap >= 160 ? 8 : cap >= 128 ? 4 : 2);
+      c32("GOUT_COPY", p.gout_copy);  // bytes per grad_out copy
     }
   } else if (d.pass == Pass::backward_weight) {
     c32("BO", p.bo);

@@ -272,11 +272,12 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
                               "of shared memory", v.tile_m, v.tile_n, v.producers, p.nstage));
   p.bww_producers = v.producers;
   p.smem_bytes = int(p.nstage * (chunk + 16) + tables + a_stages);  // all dynamic
-  // grad_out copies: 16 bytes (8 pixels of a plane, or 8 channels), 8 bytes (4 pixels) or one
-  // element (templates/deform_conv_bwd_weight_wgmma.cuh, GOUT16 / GOUT8)
+  // the consumers' grad_out copies (GOUT_COPY): 16 bytes (8 pixels of a plane, or 8 channels
+  // of a pixel), 8 bytes (4 pixels) or one element; grad_out aligned to match
   const int64_t hw = d.out_h() * d.out_w();
   const bool g16 = d.layout == Layout::nhwc ? d.k % 8 == 0 && d.k_per_group() % 8 == 0 : hw % 8 == 0;
-  p.align_gout = g16 ? 16 : (d.layout == Layout::nchw && hw % 4 == 0 ? 8 : 2);
+  p.gout_copy = g16 ? 16 : (d.layout == Layout::nchw && hw % 4 == 0 ? 8 : 2);
+  p.align_gout = p.gout_copy;
   // one block per SM (the ring takes most of its shared memory): about two waves of blocks,
   // whole waves of the 132 SMs of an H100 SXM or H200 (the plan does not know the device)
   plan_weight_splits(d, p, m_total, 264, 4, 132);

@@ -30,7 +30,7 @@
 //
 // Constants from codegen: BO (64 per warpgroup), BN (64 or 128), THREADS (2 * BO + 128 *
 // PRODUCERS), SPLITS, SPLIT_PIX (a multiple of 64), MIN_BLOCKS, WS, PRODUCERS (0 without WS),
-// NSTAGE and MAX_BATCH (WS), PARTIAL_TAP_MAJOR (1), and the wgmma wrapper for BN:
+// NSTAGE, MAX_BATCH and GOUT_COPY (WS), PARTIAL_TAP_MAJOR (1), and the wgmma wrapper for BN:
 // deft_wgmma_kstep() (register A) or deft_wgmma_ss() (WS).
 
 constexpr int KP = 64;                       // pixels per chunk
@@ -53,6 +53,10 @@ __device__ __forceinline__ unsigned short deft_bits(__half v) { return __half_as
 __device__ __forceinline__ unsigned short deft_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 __device__ __forceinline__ unsigned deft_pack2(T lo, T hi) {
   return (unsigned)deft_bits(lo) | ((unsigned)deft_bits(hi) << 16);
+}
+__device__ __forceinline__ uint4 deft_pack8(const T (&v)[8]) {
+  return make_uint4(deft_pack2(v[0], v[1]), deft_pack2(v[2], v[3]), deft_pack2(v[4], v[5]),
+                    deft_pack2(v[6], v[7]));
 }
 
 // Gathers the sampled columns of the KP pixels p0 .. of this block's tap t (offset group og,
@@ -249,16 +253,14 @@ __device__ __forceinline__ void deft_warpgroup_sync(int id) {
 // (MN-major, the wgmma's transpose bit for A). The same descriptor serves both.
 constexpr int AST = 4;                        // A stages per consumer warpgroup
 constexpr int A_STAGE_BYTES = 64 * KP * 2;
-// whole 16- or 8-byte copies: nchw, 8 (4) pixels of a plane never cross an image (chunks start
-// at multiples of 64 pixels); nhwc, 8 channels inside the group
-constexpr bool GOUT16 = NHWC ? K % 8 == 0 && KG % 8 == 0 : (HO * WO) % 8 == 0;
-constexpr bool GOUT8 = !NHWC && (HO * WO) % 4 == 0;
+// GOUT_COPY from codegen (the plan, which also sets grad_out's alignment from it): 16 (nchw:
+// 8 pixels of a plane, which never cross an image since chunks start at multiples of 64
+// pixels; nhwc: 8 channels inside the group), 8 (nchw: 4 pixels) or 2 (elements)
+constexpr bool GOUT16 = GOUT_COPY == 16;
+constexpr bool GOUT8 = GOUT_COPY == 8;
+static_assert(GOUT_COPY == 2 || (NHWC ? GOUT16 && K % 8 == 0 && KG % 8 == 0
+                                      : (HO * WO) % (GOUT_COPY / 2) == 0), "grad_out copies");
 
-__device__ __forceinline__ unsigned long long deft_ga_desc(unsigned a, int h) {
-  const unsigned long long addr = a + unsigned(h) * 2u * 1024u;
-  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)(1024 >> 4) << 16) |
-         ((unsigned long long)(128 >> 4) << 32);
-}
 
 // This thread's four 16-byte pieces of the grad_out chunk of pixels p0 .. (p_end excluded),
 // output channels oc0 .. oc0 + 63 of group g (zero past KG or p_end), into the A stage st.
@@ -295,8 +297,7 @@ __device__ __forceinline__ void deft_copy_gout(const T* __restrict__ gout, unsig
       }
       T v[8];
       deft_gout_run(gout, v, m, p_end, g, o);
-      *reinterpret_cast<uint4*>(dst) = make_uint4(deft_pack2(v[0], v[1]), deft_pack2(v[2], v[3]),
-                                                  deft_pack2(v[4], v[5]), deft_pack2(v[6], v[7]));
+      *reinterpret_cast<uint4*>(dst) = deft_pack8(v);
     } else {
       const long long m = p0 + outer * 8 + inner;
       const int o = oc0 + 8 * mid;
@@ -312,8 +313,7 @@ __device__ __forceinline__ void deft_copy_gout(const T* __restrict__ gout, unsig
         v[e] = deft_from<T>(0.f);
         if (m < p_end && o + e < KG) v[e] = gout[m * K + (long long)g * KG + o + e];
       }
-      *reinterpret_cast<uint4*>(dst) = make_uint4(deft_pack2(v[0], v[1]), deft_pack2(v[2], v[3]),
-                                                  deft_pack2(v[4], v[5]), deft_pack2(v[6], v[7]));
+      *reinterpret_cast<uint4*>(dst) = deft_pack8(v);
     }
   }
 }
@@ -353,14 +353,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     const int pg = warp / 4 - CONSUMERS, pwarp = warp % 4, ptid = tid % 128;
     ChunkPoint* tab = tables + pg * 2 * KP;
     int* tab_img = table_img + pg * 2 * KP;
-    // this lane's row of the point table (lanes ptid < KP): k slot ptid = pixel ptid of the
-    // chunk (A and B both come from shared memory here: no fragment order to follow)
-    const int prow = ptid;
+    // lanes ptid < KP own row ptid of the point table: k slot ptid = pixel ptid of the chunk
+    // (A and B both come from shared memory here: no fragment order to follow)
     PointInput pin;
     int pn = 0, pho = 0, pwo = 0;
     bool pvalid = false;
     auto load_point = [&](int chunk) {  // issues the row's offset and mask loads
-      const long long m = p_begin + (long long)chunk * KP + prow;
+      const long long m = p_begin + (long long)chunk * KP + ptid;
       pvalid = m < p_end;
       if (pvalid) {
         const long long n = m / (HO * WO);
@@ -459,7 +458,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     const unsigned b = ring_addr + slot * CHUNK_BYTES;
     deft_wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < 4; ++ks) deft_wgmma_ss(acc, deft_ga_desc(a, ks), deft_b_desc(b, ks));
+    for (int ks = 0; ks < 4; ++ks) deft_wgmma_ss(acc, deft_smem_desc<1024>(a, ks), deft_b_desc(b, ks));
     deft_wgmma_commit();
     deft_wgmma_wait<0>();
     __syncwarp();

@@ -427,9 +427,7 @@ static_assert(ITEMS % BATCH == 0, "whole batches");
 // Descriptor of k step h of consumer row block cm of an A stage at byte address a: core matrices
 // of 8 rows x 16 bytes, 128 bytes apart along the rows (SBO), BM * 16 bytes along k (LBO).
 __device__ __forceinline__ unsigned long long deft_a_desc(unsigned a, int cm, int h) {
-  const unsigned long long addr = a + unsigned(cm) * 1024u + unsigned(h) * 2u * (BM * 16u);
-  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BM * 16) >> 4) << 16) |
-         ((unsigned long long)(128 >> 4) << 32);
+  return deft_smem_desc<BM * 16u>(a + unsigned(cm) * 1024u, h);
 }
 // Barrier 1 among the consumer warpgroups only (the producers may have left).
 __device__ __forceinline__ void deft_consumer_sync() {

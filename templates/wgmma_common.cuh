@@ -14,15 +14,21 @@ __device__ __forceinline__ void deft_wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
 }
 
-// Descriptor of k step `h` (two core matrices along k) of a B operand at byte address `b`, no
-// swizzle: core matrices of 128 contiguous bytes, 128 bytes apart along n (SBO) and BN * 16
-// bytes along k (LBO). K-major B (the forward's packed weight: a core is 8 n-rows of 16 bytes
-// of k) and MN-major B (the backward's sampled columns, read with the transpose bit: a core is
-// 8 k-rows of 16 bytes of n) are both addressed this way.
-__device__ __forceinline__ unsigned long long deft_b_desc(unsigned b, int h) {
-  const unsigned long long addr = b + unsigned(h) * 2u * (BN * 16u);
-  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)((BN * 16) >> 4) << 16) |
+// Descriptor of k step `h` (two core matrices along k) of an operand tile at byte address
+// `a`, no swizzle: core matrices of 128 contiguous bytes, 128 bytes apart along m or n (SBO)
+// and KSTRIDE bytes along k (LBO). K-major tiles (a core is 8 m/n-rows of 16 bytes of k) and
+// MN-major ones (read with the transpose bit: a core is 8 k-rows of 16 bytes of m/n) are both
+// addressed this way.
+template <unsigned KSTRIDE>
+__device__ __forceinline__ unsigned long long deft_smem_desc(unsigned a, int h) {
+  const unsigned long long addr = a + unsigned(h) * 2u * KSTRIDE;
+  return ((addr & 0x3FFFFull) >> 4) | ((unsigned long long)(KSTRIDE >> 4) << 16) |
          ((unsigned long long)(128 >> 4) << 32);
+}
+// The B tile: BN columns, so cores BN * 16 bytes apart along k. K-major for the forward's
+// packed weight, MN-major for the backward's sampled columns.
+__device__ __forceinline__ unsigned long long deft_b_desc(unsigned b, int h) {
+  return deft_smem_desc<BN * 16u>(b, h);
 }
 
 // mbarriers of a producer/consumer ring: initialised with the number of arrivals a phase takes,
