@@ -149,6 +149,17 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("THREADS", p.block);
     c32("EV", p.ev);
     line(fmt::format("#define GIN_MODE {}", p.gin_mode));
+  } else if (d.pass == Pass::backward_data && v.algo == Algo::gemm_wgmma) {
+    c32("BP", p.bp);
+    c32("BN", p.bc);
+    c32("THREADS", p.block);
+    c32("NSTAGE", p.nstage);
+    c32("MIN_BLOCKS", p.min_blocks);
+    c32("GV", p.gv);  // grad_out elements per copy
+    c32("SMEM_BYTES", p.smem_bytes);
+    line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
+                     p.gin_mode == 1 ? "f32 vector reductions into a workspace"
+                                     : "64-bit fixed-point atomics (deterministic)"));
   } else if (d.pass == Pass::backward_data) {
     c32("BP", p.bp);
     c32("BC", p.bc);
@@ -301,8 +312,12 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   if (v.algo == Algo::gemm_wgmma) {
     // the warp-specialised grad weight: A (grad_out) from shared memory too, channel-major
     // (transposed) for nhwc
+    // backward_data: A (grad_out) and B (the weight slices, channel-major) from shared memory,
+    // A transposed for nchw
+    const bool nchw = d.layout == Layout::nchw;
     s += p.ws_producers > 0    ? wgmma_wrapper(d, p.ws_bnw, false, true)
-         : p.bww_producers > 0 ? wgmma_wrapper(d, v.tile_n, true, true, d.layout == Layout::nhwc)
+         : p.bww_producers > 0 ? wgmma_wrapper(d, v.tile_n, true, true, !nchw)
+         : d.pass == Pass::backward_data ? wgmma_wrapper(d, v.tile_n, true, true, nchw)
                                : wgmma_wrapper(d, v.tile_n, d.pass == Pass::backward_weight, false);
     line("// ---- templates/wgmma_common.cuh ----");
     s += template_text("wgmma_common.cuh");

@@ -283,10 +283,88 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
   plan_weight_splits(d, p, m_total, 264, 4, 132);
 }
 
+// backward_data on wgmma (templates/deform_conv_bwd_data_wgmma.cuh): tm = 64 output pixels per
+// block, tn = input channels per step (64 or 128, inside one offset group inside one conv
+// group), tk = 64 output channels per weight slice, threads = 128 per warpgroup (1 to 4, taking
+// turns over the channel steps); f16/bf16, channels-last input and krsc weight. The block's
+// grad_out tile (64 pixels x the group's output channels) stays in shared memory with each
+// warpgroup's weight ring.
+void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, int64_t m_total,
+                         int64_t in_elems) {
+  p.template_name = "deform_conv_bwd_data_wgmma.cuh";
+  p.kernel_name = "deft_deform_conv2d_backward_data";
+  if (d.dtype != DType::f16 && d.dtype != DType::bf16)
+    bad("algo", fmt::format("algo=gemm_wgmma for pass=backward_data needs dtype f16 or bf16, "
+                            "not {}", to_string(d.dtype)));
+  if (!p.x_nhwc)
+    bad("transpose", "algo=gemm_wgmma reads the input channels-last: nchw layers need transpose=1");
+  if (v.tile_m != 64)
+    bad("tm", fmt::format("algo=gemm_wgmma for pass=backward_data has tm=64 output pixels, not {}",
+                          v.tile_m));
+  if (v.tile_n != 64 && v.tile_n != 128)
+    bad("tn", fmt::format("algo=gemm_wgmma for pass=backward_data has tn=64 or 128 input "
+                          "channels per step, not {}", v.tile_n));
+  if (d.c_per_offset_group() % v.tile_n != 0 || d.c_per_group() % d.c_per_offset_group() != 0)
+    bad("tn", fmt::format("tn={} must divide c/offset_groups={}, and each offset group must lie "
+                          "inside one conv group (c/groups={})", v.tile_n,
+                          d.c_per_offset_group(), d.c_per_group()));
+  if (v.tile_k != 64)
+    bad("tk", fmt::format("algo=gemm_wgmma for pass=backward_data reduces 64-channel weight "
+                          "slices: tk=64, not {}", v.tile_k));
+  if (v.threads % 128 != 0 || v.threads > 512)
+    bad("threads", fmt::format("algo=gemm_wgmma for pass=backward_data runs 1 to 4 warpgroups: "
+                               "threads=128, 256, 384 or 512, not {}", v.threads));
+  if (v.stages != 0 && (v.stages < 3 || v.stages > 8))
+    bad("stages", fmt::format("algo=gemm_wgmma for pass=backward_data has a weight ring of "
+                              "stages=3 to 8, not {}", v.stages));
+  p.bp = v.tile_m;
+  p.bc = v.tile_n;
+  p.bk = 64;
+  p.block = unsigned(v.threads);
+  const int64_t kgp = ceil_div(d.k_per_group(), 64) * 64, wgs = v.threads / 128;
+  // the grad_out tile, every warpgroup's ring, the other warpgroups' point-grad sums
+  const int64_t tile = kgp * p.bp * 2, slice = 64 * int64_t(p.bc) * 2, sums = (wgs - 1) * 64 * 3 * 4;
+  p.nstage = v.stages ? v.stages : 4;
+  auto bytes = [&] { return tile + wgs * p.nstage * slice + sums; };
+  if (!v.stages)  // deeper where the tile leaves room, shallower where it does not
+    while (p.nstage > 3 && bytes() > 227 * 1024) --p.nstage;
+  if (bytes() > 227 * 1024)
+    bad("tm", fmt::format("k/groups={} with threads={} needs {} KiB of shared memory for the "
+                          "grad_out tile and {} ring(s) of {} weight slices (max 227)",
+                          d.k_per_group(), v.threads, (bytes() + 1023) / 1024, wgs, p.nstage));
+  p.smem_bytes = int(bytes());
+  // two blocks an SM where their shared memory fits (228 KiB, 1 KiB of it reserved a block)
+  // and their registers can (at most 128 a thread for 256 threads): the other block's
+  // epilogue hides this one's latency
+  p.min_blocks = 2 * (bytes() + 1024) <= 228 * 1024 && v.threads <= 256 ? 2 : 1;
+  // grad_out copies of 8 elements (16 bytes), 4 or one: 8 pixels of a plane (nchw) or 8
+  // channels of a pixel (nhwc) where the layer keeps them aligned and inside one image/group
+  const int64_t hw = d.out_h() * d.out_w();
+  const bool nhwc = d.layout == Layout::nhwc;
+  const int64_t run = nhwc ? gcd64(d.k, d.k_per_group()) : hw;
+  p.gv = run % 8 == 0 ? 8 : run % 4 == 0 ? 4 : 1;
+  p.align_gout = p.gv > 1 ? p.gv * 2 : 1;
+  // epilogue corner vectors of 4 channels
+  if (!p.transpose) p.align_input = 8;
+  // the weight: packed by the kernel's own pre-pass (deft_pack_weight) from its layout, not
+  // transposed to krsc
+  p.w_krsc = d.layout == Layout::nhwc;
+  p.workspace_weight_bytes = 0;
+  p.workspace_packed_bytes = d.groups * d.taps() * d.c_per_group() * kgp * 2;
+  p.gin_mode = v.deterministic ? 2 : 1;
+  p.ev = 4;
+  p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : 4) * in_elems;
+  const int64_t gx = ceil_div(m_total, p.bp);
+  if (gx > 2147483647 || d.offset_groups > 65535)
+    bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, d.taps(), d.offset_groups));
+  p.grid = {unsigned(gx), unsigned(d.taps()), unsigned(d.offset_groups)};
+}
+
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
   const bool dww = v.algo == Algo::depthwise && d.pass == Pass::backward_weight;
   const bool wgw = v.algo == Algo::gemm_wgmma && d.pass == Pass::backward_weight;
+  const bool wgd = v.algo == Algo::gemm_wgmma && d.pass == Pass::backward_data;
   p.use_tc = v.algo == Algo::gemm_tc;
   p.stage = p.acc;
   if (p.use_tc) {
@@ -299,11 +377,9 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.wk = f32 ? 8 : 16;
     p.a_pad = f32 ? 4 : 8;  // TC_PAD: keeps rows 32-byte aligned and off one bank
   }
-  if (v.algo != Algo::gemm_simt && !p.use_tc && !dw && !dww && !wgw)
-    bad("algo", fmt::format("pass={} has algo=gemm_simt, gemm_tc{} or depthwise, not algo={}",
-                            to_string(d.pass),
-                            d.pass == Pass::backward_weight ? ", gemm_wgmma" : "",
-                            to_string(v.algo)));
+  if (v.algo != Algo::gemm_simt && !p.use_tc && !dw && !dww && !wgw && !wgd)
+    bad("algo", fmt::format("pass={} has algo=gemm_simt, gemm_tc, gemm_wgmma or depthwise, not "
+                            "algo={}", to_string(d.pass), to_string(v.algo)));
   if ((dw || dww) && (d.c_per_group() != 1 || d.k_per_group() != 1))
     bad("algo", fmt::format("algo=depthwise needs groups == c == k, not groups={} c={} k={}",
                             d.groups, d.c, d.k));
@@ -351,6 +427,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
     p.grid = {unsigned(gx), unsigned(d.offset_groups), 1};
+  } else if (wgd) {
+    plan_bwd_data_wgmma(d, v, p, m_total, in_elems);
   } else if (d.pass == Pass::backward_data) {
     p.template_name = "deform_conv_bwd_data.cuh";
     p.kernel_name = "deft_deform_conv2d_backward_data";

@@ -37,7 +37,7 @@ class KernelImpl {
   CUlibrary library = nullptr;
   CUkernel kernel = nullptr;
   CUkernel transpose = nullptr;  // pre-pass (plan.transpose)
-  CUkernel pack = nullptr;       // deft_pack_weight (plan.wgmma)
+  CUkernel pack = nullptr;       // deft_pack_weight (plan.wgmma, or a packed backward weight)
   // backward_data: deft_bwd_bound, deft_bwd_finish; backward_weight: reduce, bias.
   CUkernel aux[2] = {nullptr, nullptr};
   // Forward kernels: what compiled them (for the backward passes, compiled on first use),
@@ -111,8 +111,16 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
                                         plan.win_bytes, plan.wrows, desc.w);
     info.shared_layout += "; the epilogue tile reuses it";
   }
-  info.workspace_bytes =
-      desc.pass == Pass::forward ? plan.forward_workspace() : plan.workspace_bytes;
+  if (desc.pass == Pass::backward_data && variant.algo == Algo::gemm_wgmma)
+    info.shared_layout = fmt::format(
+        "grad_out tile {} ({} pixels x {} output channels) + {} weight ring(s) {} x {} + "
+        "point sums {}",
+        int64_t(plan.bp) * ((desc.k_per_group() + 63) / 64 * 64) * 2, plan.bp,
+        (desc.k_per_group() + 63) / 64 * 64, plan.block / 128, plan.nstage, 64 * plan.bc * 2,
+        (plan.block / 128 - 1) * 64 * 3 * 4);
+  info.workspace_bytes = desc.pass == Pass::forward
+                             ? plan.forward_workspace()
+                             : plan.workspace_bytes + plan.workspace_packed_bytes;
   cache::CubinKey key;
   key.deft_version = version();
   key.source_hash = cache::sha256_hex(info.source);
@@ -225,7 +233,7 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
     if (impl->plan.transpose)
       driver::check(api.cuLibraryGetKernel(&impl->transpose, impl->library, "deft_transpose"),
                     "cuLibraryGetKernel(deft_transpose)");
-    if (impl->plan.wgmma)
+    if (impl->plan.wgmma || impl->plan.workspace_packed_bytes > 0)
       driver::check(api.cuLibraryGetKernel(&impl->pack, impl->library, "deft_pack_weight"),
                     "cuLibraryGetKernel(deft_pack_weight)");
     if (desc.pass != Pass::forward) {
@@ -524,7 +532,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     if (p.transpose) {
       transposed(*k);
       input = x_t;
-      weight = w_t;
+      if (p.w_krsc) weight = w_t;
     }
     Scratch ws(size_t(p.workspace_bytes), stream, true);
     CUdeviceptr header = ws.get();
@@ -550,6 +558,18 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     }
     void* goffset = a.grad_offset;
     void* gmask = a.grad_mask;
+    // the wgmma kernel reads the weight as its own pre-pass packs it (after the bound above,
+    // which reads the weight in its layout)
+    std::unique_ptr<Scratch> packed;
+    if (p.workspace_packed_bytes > 0) {
+      packed = std::make_unique<Scratch>(size_t(p.workspace_packed_bytes), stream, false);
+      CUdeviceptr dst = packed->get();
+      void* pparams[] = {&weight, &dst};
+      const int64_t elems = p.workspace_packed_bytes / dtype_size(d.dtype);
+      launch(k->pack, {unsigned((elems + 255) / 256), 1, 1}, 256, 0, stream, pparams,
+             "cuLaunchKernel(deft_pack_weight)");
+      weight = reinterpret_cast<const void*>(dst);
+    }
     void* params[] = {&input, &offset, &mask, &weight, &gout, &gin, &goffset, &gmask, &header};
     launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
            "cuLaunchKernel(backward_data)");

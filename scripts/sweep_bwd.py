@@ -16,10 +16,11 @@ from deft_ctypes import DeftLibrary  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("cases", nargs="?", default="resnet_res4,maskrcnn_res4,dense512")
 ap.add_argument("--dtype", default="fp16")
-ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws"],
-                help="weight-pass variants: the WMMA tiles, the wgmma tiles, or the "
-                     "warp-specialised wgmma tiles (producers=P) (then the data pass is not "
-                     "swept, and the WMMA default is timed for comparison)")
+ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data"],
+                help="tc: the WMMA tiles of both passes; wgmma, ws: grad-weight variants only, "
+                     "the wgmma tiles or the warp-specialised ones (producers=P), with the "
+                     "WMMA kernel timed for comparison; data: backward_data variants only, the "
+                     "wgmma tiles against the WMMA kernel, each also in deterministic mode")
 args = ap.parse_args()
 lib = DeftLibrary("build/libdeft.so")
 spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"))
@@ -59,6 +60,13 @@ if args.family == "ws":
         f"algo=gemm_wgmma tm={tm} tn={tn} tk=64 threads={2 * tm + 128 * p} transpose=1 producers={p}"
         for tm, tn, p in ((128, 128, 1), (128, 128, 2), (64, 128, 1), (64, 128, 2),
                           (128, 64, 1), (256, 64, 1), (256, 64, 2), (256, 128, 1))]
+if args.family == "data":
+    weight_vs = []
+    data_vs = ["algo=gemm_tc tm=64 tn=64 tk=32 threads=256 transpose=1"] + [
+        f"algo=gemm_wgmma tm=64 tn={tn} tk=64 threads={128 * wgs} transpose=1"
+        + (f" stages={st}" if st else "")
+        for tn, wgs, st in ((64, 1, 0), (64, 2, 0), (64, 2, 3), (64, 4, 3), (128, 1, 3),
+                            (128, 2, 3))]
 for case in spec["cases"]:
     if case["name"] not in args.cases.split(","):
         continue
@@ -83,6 +91,12 @@ for case in spec["cases"]:
                     idx = (3,)
                 ms = timed(fn)
                 err = max(rel(out[i], bufs[i]) for i in idx)
-                print(f"{c['name']:<14} {kind:<6} {ms:8.3f} ms  err {err:.1e}  {v}", flush=True)
+                det = ""
+                if args.family == "data":  # the same variant in deterministic mode
+                    dfn = lambda: k.backward(x, off, m, w, gout, out[0], out[1], out[2], None, None, 1)  # noqa
+                    dms = timed(dfn)
+                    derr = max(rel(out[i], bufs[i]) for i in idx)
+                    det = f"  det {dms:8.3f} ms ({dms / ms:4.2f}x) err {derr:.1e}"
+                print(f"{c['name']:<14} {kind:<6} {ms:8.3f} ms  err {err:.1e}{det}  {v}", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"{c['name']:<14} {kind:<6}  invalid: {str(e)[:100]}  {v}", flush=True)

@@ -243,24 +243,12 @@ __device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT
   }
 }
 
-// deft_bwd_channel for EV_ consecutive channels at once (nhwc): one vector load per corner
-// instead of EV_ scalar loads, and for a float accumulator one vector reduction
-// (red.global.add.v4.f32 on sm_90+) per corner instead of EV_ atomics. src and dst must be
-// aligned to EV_ elements. The sums into g[] run over the channels in order, as EV_ calls of
-// deft_bwd_channel would.
+// The rest of deft_bwd_channels once the corners are in v (zeros outside the image): the grad
+// mask and grad offset terms into g[0..2], and the scatter into grad input.
 template <int EV_>
-__device__ __forceinline__ void deft_bwd_channels(const T* __restrict__ src, GinT* dst,
-                                                  const BwdPoint& pt, const Acc* cg, double scale,
-                                                  bool& nonfinite, Acc* g) {
-  struct __align__(sizeof(T) * EV_) Vec { T x[EV_]; };
-  Acc v[4][EV_];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    Vec r;
-    if ((pt.valid >> q) & 1) r = *reinterpret_cast<const Vec*>(src + pt.off[q]);
-#pragma unroll
-    for (int e = 0; e < EV_; ++e) v[q][e] = (pt.valid >> q) & 1 ? Acc(deft_widen(r.x[e])) : Acc(0);
-  }
+__device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], GinT* dst,
+                                                       const BwdPoint& pt, const Acc* cg,
+                                                       double scale, bool& nonfinite, Acc* g) {
 #pragma unroll
   for (int e = 0; e < EV_; ++e) {
     const Acc val = pt.w[0] * v[0][e] + pt.w[1] * v[1][e] + pt.w[2] * v[2][e] + pt.w[3] * v[3][e];
@@ -302,6 +290,68 @@ __device__ __forceinline__ void deft_bwd_channels(const T* __restrict__ src, Gin
     }
 #endif
   }
+}
+
+// deft_bwd_channel for EV_ consecutive channels at once (nhwc): one vector load per corner
+// instead of EV_ scalar loads, and for a float accumulator one vector reduction
+// (red.global.add.v4.f32 on sm_90+) per corner instead of EV_ atomics. src and dst must be
+// aligned to EV_ elements. The sums into g[] run over the channels in order, as EV_ calls of
+// deft_bwd_channel would.
+template <int EV_>
+__device__ __forceinline__ void deft_bwd_channels(const T* __restrict__ src, GinT* dst,
+                                                  const BwdPoint& pt, const Acc* cg, double scale,
+                                                  bool& nonfinite, Acc* g) {
+  struct __align__(sizeof(T) * EV_) Vec { T x[EV_]; };
+  Acc v[4][EV_];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    Vec r;
+    if ((pt.valid >> q) & 1) r = *reinterpret_cast<const Vec*>(src + pt.off[q]);
+#pragma unroll
+    for (int e = 0; e < EV_; ++e) v[q][e] = (pt.valid >> q) & 1 ? Acc(deft_widen(r.x[e])) : Acc(0);
+  }
+  deft_bwd_channels_math<EV_>(v, dst, pt, cg, scale, nonfinite, g);
+}
+
+// The same in two steps, for a kernel that issues several points' loads before it uses any:
+// the four corner vectors of EV_ consecutive channels (read-only loads, ld.global.nc, where the
+// vector has a native type: the caller's pointer may have lost the global space on its way),
+// then deft_bwd_channels_from on them.
+template <int EV_>
+struct BwdCorners {
+  struct __align__(sizeof(T) * EV_) Vec { T x[EV_]; };
+  Vec v[4];
+};
+template <int EV_>
+__device__ __forceinline__ BwdCorners<EV_> deft_bwd_load_corners(const T* __restrict__ src,
+                                                                 const BwdPoint& pt) {
+  typedef typename BwdCorners<EV_>::Vec Vec;
+  BwdCorners<EV_> r;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (!((pt.valid >> q) & 1)) continue;
+    if constexpr (sizeof(Vec) == 8) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(src + pt.off[q]));
+      memcpy(&r.v[q], &u, 8);
+    } else if constexpr (sizeof(Vec) == 4) {
+      const unsigned u = __ldg(reinterpret_cast<const unsigned*>(src + pt.off[q]));
+      memcpy(&r.v[q], &u, 4);
+    } else {
+      r.v[q] = *reinterpret_cast<const Vec*>(src + pt.off[q]);
+    }
+  }
+  return r;
+}
+template <int EV_>
+__device__ __forceinline__ void deft_bwd_channels_from(const BwdCorners<EV_>& r, GinT* dst,
+                                                       const BwdPoint& pt, const Acc* cg,
+                                                       double scale, bool& nonfinite, Acc* g) {
+  Acc v[4][EV_];
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int e = 0; e < EV_; ++e) v[q][e] = (pt.valid >> q) & 1 ? Acc(deft_widen(r.v[q].x[e])) : Acc(0);
+  deft_bwd_channels_math<EV_>(v, dst, pt, cg, scale, nonfinite, g);
 }
 
 // Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 and 2). The kernels

@@ -14,6 +14,14 @@ __device__ __forceinline__ void deft_wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
 }
 
+// Pins the accumulator registers at this point of the program (no instruction): reads and
+// writes of them stay on their side of the wgmma wait / fence next to it.
+template <int NA>
+__device__ __forceinline__ void deft_wgmma_fence_acc(float (&d)[NA]) {
+#pragma unroll
+  for (int i = 0; i < NA; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
 // Descriptor of k step `h` (two core matrices along k) of an operand tile at byte address
 // `a`, no swizzle: core matrices of 128 contiguous bytes, 128 bytes apart along m or n (SBO)
 // and KSTRIDE bytes along k (LBO). K-major tiles (a core is 8 m/n-rows of 16 bytes of k) and

@@ -427,7 +427,7 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
           "algo=gemm_wgmma tm=128 tn=64 tk=32 threads=256 transpose=1", "tk");
   refused("deform_conv2d n=2 c=96 h=9 w=10 k=256 r=3 s=3 pad=1 offset_groups=3 mask=1 dtype=f16 "
           "layout=nchw pass=backward_weight", v, "tn");  // 32 channels per offset group
-  refused(base + "dtype=f16 layout=nchw pass=backward_data", v, "algo");
+  refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_data", v, "algo");
   // warp-specialised grad weight: threads count the producers; registers; ring depth
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 producers=1 transpose=1", "threads");
@@ -439,6 +439,86 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 stages=4 transpose=1", "stages");
   refused(base + "dtype=f16 layout=nchw pass=backward_data",
           "algo=gemm_tc tm=64 tn=64 tk=32 threads=256 producers=1 transpose=1", "producers");
+}
+
+// backward_data on wgmma (deform_conv_bwd_data_wgmma.cuh): every tile compiles for sm_90a
+// without spills, fast and deterministic, with the wgmma that reads both operands from shared
+// memory (A transposed for nchw grad_out, B transposed) and the cp.async copies in the PTX; the
+// grad_out tile and the weight ring are what the plan says; the rules it needs are enforced.
+TEST(Codegen, WgmmaBackwardDataTilesCompile) {
+  for (const char* text :
+       {"deform_conv2d n=2 c=256 h=9 w=10 k=512 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nchw "
+        "pass=backward_data",
+        "deform_conv2d n=2 c=128 h=7 w=9 k=200 r=3 s=3 pad=1 mask=1 dtype=bf16 layout=nhwc "
+        "pass=backward_data"}) {
+    const auto d = deft::parse_layer_desc(text);
+    SCOPED_TRACE(text);
+    const bool nchw = d.layout == deft::Layout::nchw;
+    const char* ty = d.dtype == deft::DType::f16 ? "f16" : "bf16";
+    const int64_t kgp = (d.k + 63) / 64 * 64;
+    for (auto [wgs, tn, stages, det] : {std::array{1, 64, 0, 0}, {2, 128, 0, 1}, {2, 128, 3, 0},
+                                        {4, 64, 3, 1}}) {
+      const deft::Variant v = deft::parse_variant(fmt::format(
+          "algo=gemm_wgmma tm=64 tn={} tk=64 threads={} transpose={}{}{}", tn, 128 * wgs,
+          nchw ? 1 : 0, stages ? fmt::format(" stages={}", stages) : "", det ? " det=1" : ""));
+      SCOPED_TRACE(deft::to_string(v));
+      EXPECT_EQ(deft::parse_variant(deft::to_string(v)), v);
+      const deft::CompileInfo info = compile_for_sm90(d, v);
+      EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+          << info.resource_report;
+      // the plan's rings: 4 slices each, or the stages asked for; the tile of 64 pixels;
+      // the point sums of every warpgroup but the first
+      const int ring = stages ? stages : 4;
+      EXPECT_EQ(info.dynamic_shared_bytes,
+                64 * kgp * 2 + wgs * ring * 64 * tn * 2 + (wgs - 1) * 64 * 3 * 4);
+      EXPECT_NE(info.shared_layout.find(fmt::format("{} weight ring(s) {} x {}", wgs, ring,
+                                                    64 * tn * 2)),
+                std::string::npos) << info.shared_layout;
+      const std::string ptx = sm90a_ptx(d, v);
+      EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{}", tn, ty, ty)),
+                std::string::npos);
+      EXPECT_NE(ptx.find(fmt::format("p, 1, 1, {}, 1;", nchw ? 1 : 0)), std::string::npos)
+          << "transpose bits";
+      // the packed weight's slices, 16 bytes a copy, and the pre-pass that packs them (the
+      // workspace counts its output: the group's channels x taps x output channels padded to 64)
+      EXPECT_NE(ptx.find("cp.async.cg.shared.global"), std::string::npos);
+      EXPECT_NE(ptx.find(".entry deft_pack_weight"), std::string::npos);
+      const deft::KernelPlan plan = deft::make_plan(d, v);
+      EXPECT_EQ(plan.workspace_packed_bytes, d.taps() * d.c * kgp * 2);
+      EXPECT_EQ(info.workspace_bytes, plan.workspace_bytes + plan.workspace_packed_bytes);
+      EXPECT_NE(ptx.find("fence.proxy.async.shared::cta"), std::string::npos);
+      // the grad-input scatter: 64-bit fixed-point atomics, or f32 vector reductions
+      EXPECT_NE(ptx.find(det ? ".add.u64" : "red.global.add.v4.f32"), std::string::npos);
+    }
+  }
+  auto refused = [](const std::string& text, const std::string& variant, const std::string& field) {
+    try {
+      deft::validate(deft::parse_layer_desc(text), deft::parse_variant(variant));
+      ADD_FAILURE() << "accepted " << text << " / " << variant;
+    } catch (const deft::DescError& e) {
+      EXPECT_EQ(e.field(), field) << text << ": " << e.what();
+    }
+  };
+  const std::string base = "deform_conv2d n=2 c=128 h=9 w=10 r=3 s=3 pad=1 mask=1 ";
+  const std::string bd = "k=256 dtype=f16 layout=nchw pass=backward_data";
+  const std::string v = "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 transpose=1";
+  refused(base + "k=256 dtype=f32 math=tf32 layout=nchw pass=backward_data", v, "algo");
+  refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 transpose=0", "transpose");
+  refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=192 transpose=1", "threads");
+  refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=640 transpose=1", "threads");
+  refused(base + bd, "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=1", "tm");
+  refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=256 transpose=1", "tk");
+  refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=2 transpose=1", "stages");
+  refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 producers=1 transpose=1",
+          "producers");
+  // 64 channels per offset group: no 128-channel step
+  refused(base + "k=256 offset_groups=2 dtype=f16 layout=nchw pass=backward_data",
+          "algo=gemm_wgmma tm=64 tn=128 tk=64 threads=256 transpose=1", "tn");
+  // an offset group across two conv groups
+  refused("deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 groups=2 dtype=f16 "
+          "layout=nchw pass=backward_data", v, "tn");
+  // 64 pixels x 2048 output channels of grad_out (256 KiB) do not fit beside the rings
+  refused(base + "k=2048 dtype=f16 layout=nchw pass=backward_data", v, "tm");
 }
 
 // The warp-specialised wgmma forward (producers=1 or 2): every consumer grid compiles for

@@ -467,6 +467,60 @@ TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
   }
 }
 
+// backward_data on Hopper's wgmma (deform_conv_bwd_data_wgmma.cuh): one to four warpgroups
+// taking turns over the channel steps (more than a layer has, too), 64- and 128-channel steps,
+// the plan's weight rings and the shallowest and the deepest, fast and deterministic; on layers whose output channels fill no 64-channel slice (k/groups = 80, 76),
+// with two groups and two offset groups, several channel steps per block, partial pixel
+// blocks, a stride-2 layer, and each grad_out copy width (nchw h*w = 144 and 64: 16 bytes,
+// 60: 8 bytes, 90 and 42: elements; nhwc k = 256: 16 bytes, 76: 8 bytes); sigma 8 on one.
+TEST(GpuBackwardWgmma, DataTilesMatchReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  struct W {
+    LayerDesc d;
+    double sigma;
+  };
+  LayerDesc strided = make(2, 64, 11, 13, 64, 3, 1, 1, 1, DType::bf16, Layout::nchw);
+  strided.stride_h = strided.stride_w = 2;
+  LayerDesc wide = make(2, 256, 8, 8, 128, 3, 1, 1, 1, DType::f16, Layout::nchw);
+  wide.dil_h = wide.dil_w = 2;
+  wide.pad_h = wide.pad_w = 2;
+  const W layers[] = {
+      {make(2, 128, 9, 10, 80, 3, 1, 1, 2, DType::f16, Layout::nchw), 2.0},
+      {make(2, 128, 7, 9, 256, 3, 1, 1, 1, DType::bf16, Layout::nhwc), 2.0},
+      {make(2, 256, 12, 12, 128, 3, 1, 2, 2, DType::f16, Layout::nchw), 8.0},
+      {make(3, 128, 6, 10, 128, 3, 1, 1, 1, DType::f16, Layout::nchw), 2.0},
+      {make(2, 64, 8, 9, 76, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2.0},
+      {strided, 2.0},
+      {wide, 2.0},
+  };
+  int ran = 0;
+  for (const W& w : layers) {
+    LayerDesc dd = w.d;
+    dd.pass = deft::Pass::backward_data;
+    const Tensors t = random_tensors(w.d, w.sigma, 654);
+    for (auto [wgs, tn, stages, det] : {std::array{1, 64, 0, 0}, {2, 64, 3, 1}, {4, 64, 6, 0},
+                                        {1, 128, 0, 0}, {2, 128, 0, 1}, {3, 128, 3, 0}}) {
+      deft::Variant v;
+      v.algo = deft::Algo::gemm_wgmma;
+      v.tile_m = 64, v.tile_n = tn, v.tile_k = 64, v.threads = 128 * wgs, v.stages = stages;
+      v.transpose = w.d.layout == Layout::nchw;
+      try {
+        deft::validate(dd, v);
+      } catch (const deft::DescError& e) {
+        EXPECT_EQ(e.field(), "tn") << e.what();  // only a channel step wider than the groups
+        continue;
+      }
+      SCOPED_TRACE(deft::to_string(v));
+      deft::CompileOptions o = test_options(det != 0);
+      o.backward_data_variant = v;
+      check_backward(w.d, t, det, o);
+      ++ran;
+    }
+  }
+  EXPECT_EQ(ran, 33);
+}
+
 // The backward kernels of nhwc layers read the caller's input (and weight and grad_output) in
 // vectors: a misaligned tensor is refused with a message naming it, before any launch.
 TEST(GpuBackwardErrors, MisalignedTensorsGiveAClearError) {

@@ -118,7 +118,8 @@ enum class Algo {
   gemm_wgmma,    // Hopper warpgroup tensor cores (sm_90 only; f16, bf16, tf32; channels-last
                  // input or transpose=1): forward sampling into the register A fragments, or
                  // with producers > 0 into shared memory; also backward_weight (f16,
-                 // bf16; the sm_90 default there with producers)
+                 // bf16; the sm_90 default there with producers) and backward_data (f16,
+                 // bf16; opt-in)
 };
 enum class Staging {
   gather,  // each sample's four corners read straight from global memory
@@ -143,7 +144,8 @@ struct Variant {
   bool deterministic = false;
   // gemm_wgmma: depth of the weight ring in shared memory, 2 to 4 (printed as stages=N only
   // when set; 0 = the plan's choice). Fewer stages leave more of the SM's 256 KiB to L1. With
-  // producers: the depth of the A + weight ring, 2 to 8, at least 4 * producers.
+  // producers: the depth of the A + weight ring, 2 to 8, at least 4 * producers. backward_data:
+  // the depth of each warpgroup's weight ring, 3 to 8.
   int stages = 0;
   // gemm_wgmma forward: producer warpgroups that sample the A tile into shared memory while
   // consumer warpgroups only issue wgmmas (printed as producers=N only when set; 0 = the

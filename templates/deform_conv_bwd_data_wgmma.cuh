@@ -1,0 +1,305 @@
+// deform_conv2d backward_data on Hopper's warpgroup tensor cores (wgmma, sm_90a), f16 and
+// bf16, channels-last input and krsc weight (nhwc layers, or the transpose pre-pass). Same
+// contract and grid as deform_conv_bwd_data_tc.cuh: one block per BP = 64 output pixels, tap
+// and offset group; grad offset and grad mask summed in the block in a fixed order (no
+// atomics); grad input scattered into the workspace by GIN_MODE (1: f32 vector reductions, 2:
+// 64-bit fixed point, deterministic). The column gradient
+//   colgrad[p][c] = sum_k grad_out[p][k] * weight[k][tap][c]      (k over c's conv group)
+// is a wgmma.m64nBNk16 chain per channel step of BN channels:
+//  - A, the block's grad_out tile (64 pixels x all KG output channels of the group, zero rows
+//    past KG), is copied into shared memory once, with cp.async, in no-swizzle core layout:
+//    K-major (cores of 8 pixels x 16 bytes of k) for nhwc grad_out, MN-major (8 k x 16 bytes
+//    of pixels, read with the transpose bit) for nchw;
+//  - the WGS warpgroups share it and take turns over the channel steps (warpgroup w: steps w,
+//    w + WGS, ...), each with a ring of its own: NSTAGE weight slices (64 output channels x BN
+//    input channels of the tap, MN-major, transpose bit) streamed with cp.async NSTAGE - 2
+//    slices ahead from the weight that deft_pack_weight laid out as the slices' images, one
+//    warpgroup barrier per slice and one wgmma group in flight across it.
+//    They run out of step: while one scatters a finished step, another's wgmmas run (a
+//    warpgroup cannot overlap its own: ptxas serialises wgmmas while other accumulators of
+//    the warp are read);
+//  - the epilogue reads the accumulators in place: no shared-memory round trip. The slice's
+//    columns are permuted (deft_col_channel) so that each lane's accumulator pairs are the
+//    channels c, c + 1, c + 2, c + 3 of its pixel, twice per 32 channels, and the four lanes
+//    of a quad (one pixel) cover 16 neighbouring channels: one 8-byte load per corner and one
+//    16-byte reduction (red.global.add.v4.f32) per corner, as in deform_conv_bwd_data_tc.cuh,
+//    with the corner loads of four such runs issued before any is used.
+//
+// Constants from codegen: BP (64), BN (64 or 128), THREADS (128 * WGS, 1 to 4 warpgroups),
+// MIN_BLOCKS (2 where two blocks' shared memory fits an SM: registers capped to match),
+// NSTAGE (>= 3), GV (grad_out elements per copy: 8, 4 or 1), SMEM_BYTES, GIN_MODE, and
+// deft_wgmma_ss (A and B from descriptors; A transposed for nchw, B transposed).
+
+constexpr int WGS = THREADS / 128;      // warpgroups, each on its own channel steps
+constexpr int KSL = (KG + 63) / 64;     // k slices of a channel step
+constexpr int KGP = KSL * 64;           // KG padded to whole slices with zero rows
+constexpr int NCS = CPOG / BN;          // channel steps of the offset group
+constexpr int A_KSTRIDE = BP * 16;      // bytes between the grad_out tile's cores along k
+constexpr int GS_BYTES = KGP * BP * 2;  // the grad_out tile
+constexpr int SLICE_BYTES = 64 * BN * 2;
+static_assert(sizeof(T) == 2, "16-bit elements");
+static_assert(BP == 64 && THREADS % 128 == 0, "64 pixels, whole warpgroups");
+static_assert(BN % 32 == 0 && CPOG % BN == 0 && CG % CPOG == 0,
+              "channel steps inside one offset group, inside one conv group");
+static_assert(NSTAGE >= 3 &&
+                  GS_BYTES + WGS * NSTAGE * SLICE_BYTES + (WGS - 1) * 64 * 3 * (int)sizeof(Acc) <=
+                      SMEM_BYTES,
+              "shared memory plan");
+static_assert(GV == 8 || GV == 4 || GV == 1, "grad_out copy width");
+
+// The channel (of the step's BN) that column n of a weight slice, and of the accumulator,
+// holds. The accumulator gives lane q of a quad the columns 8j + 2q, 8j + 2q + 1 (j = 0 ..
+// BN / 8 - 1); with this order its columns j = 4u + 2h + b hold channels 32u + 16h + 4q + 2b
+// + {0, 1}: runs of four channels, quad-interleaved.
+__device__ __forceinline__ void deft_warpgroup_bar(int id) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
+}
+
+__device__ __forceinline__ int deft_col_channel(int n) {
+  const int j = n / 8, q = (n % 8) / 2;
+  return 32 * (j / 4) + 16 * ((j % 4) / 2) + 4 * q + 2 * (j % 2) + n % 2;
+}
+
+// The weight, packed by deft_pack_weight (a pre-pass of every call) into the shared-memory image
+// of each slice: packed[g][tap][channel block cb of BN][k slice][SLICE_BYTES / 2 elements in
+// the no-swizzle core layout, columns permuted by deft_col_channel], zero rows past KG; read
+// from the weight in its own layout (kcrs, or krsc for nhwc layers). A slice is then one
+// contiguous run of 16-byte copies.
+constexpr int SLICE_ELEMS = SLICE_BYTES / 2;
+constexpr long long PACKED_ELEMS = (long long)G * TAPS * (CG / BN) * KSL * SLICE_ELEMS;
+extern "C" __global__ void __launch_bounds__(256)
+    deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= PACKED_ELEMS) return;
+  const int e = int(i % SLICE_ELEMS);
+  long long rest = i / SLICE_ELEMS;
+  const int ks = int(rest % KSL);
+  rest /= KSL;
+  const int cb = int(rest % (CG / BN));
+  rest /= CG / BN;
+  const int t = int(rest % TAPS), g = int(rest / TAPS);
+  const int core = e / 64, within = e % 64;
+  const int kc = core / (BN / 8), j = core % (BN / 8);
+  const int k = ks * 64 + kc * 8 + within / 8;
+  const int c = cb * BN + deft_col_channel(8 * j + within % 8);
+  T v = deft_from<T>(0.f);
+  if (k < KG) {
+    const long long ko = (long long)g * KG + k;
+    v = weight[W_KRSC ? (ko * TAPS + t) * CG + c : (ko * CG + c) * TAPS + t];
+  }
+  packed[i] = v;
+}
+
+// The block's grad_out tile into shared memory (tile: its base), pixels m0 .., group g. Lane
+// layout: 8 consecutive 16-byte rows of a core per 8 lanes (conflict-free stores).
+__device__ __forceinline__ void deft_copy_gout_tile(const T* __restrict__ gout, unsigned char* tile,
+                                                    long long m0, int g) {
+  constexpr int VECS = BP * KGP / 8;  // 16-byte destination rows
+  for (int e = threadIdx.x; e < VECS; e += THREADS) {
+    const int inner = e % 8, mid = (e / 8) % 4, outer = e / 32;
+    int m, k;  // tile pixel and output channel of the row's first element
+    unsigned char* dst;
+    if (NHWC) {  // row: 8 channels of one pixel
+      m = (outer % (BP / 8)) * 8 + inner;
+      k = ((outer / (BP / 8)) * 4 + mid) * 8;
+      dst = tile + ((k / 8) * (BP / 8) + m / 8) * 128 + (m % 8) * 16;
+    } else {  // row: 8 pixels of one channel plane
+      m = ((outer % (BP / 32)) * 4 + mid) * 8;
+      k = (outer / (BP / 32)) * 8 + inner;
+      dst = tile + ((k / 8) * (BP / 8) + m / 8) * 128 + (k % 8) * 16;
+    }
+    const long long mg = m0 + m;
+    // element i (0 .. 7) of the row: pixel mg + i (nchw) or channel k + i (nhwc)
+    auto src_of = [&](int i, bool& ok) -> const T* {
+      const long long mm = NHWC ? mg : mg + i;
+      const int kk = NHWC ? k + i : k;
+      ok = mm < M_TOTAL && kk < KG;
+      if (!ok) return gout;
+      const long long n = mm / (HO * WO);
+      return gout + deft_gout_index(n, (long long)g * KG + kk, mm - n * (HO * WO));
+    };
+    if constexpr (GV == 8) {
+      bool ok;
+      const T* src = src_of(0, ok);
+      deft_cp_async<16>(dst, src, ok);
+    } else if constexpr (GV == 4) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        bool ok;
+        const T* src = src_of(4 * h, ok);
+        deft_cp_async<8>(dst + 8 * h, src, ok);
+      }
+    } else {
+      unsigned short v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        bool ok;
+        const T* src = src_of(i, ok);
+        const T x = ok ? *src : deft_from<T>(0.f);
+        v[i] = *reinterpret_cast<const unsigned short*>(&x);
+      }
+      *reinterpret_cast<uint4*>(dst) =
+          make_uint4(v[0] | (unsigned(v[1]) << 16), v[2] | (unsigned(v[3]) << 16),
+                     v[4] | (unsigned(v[5]) << 16), v[6] | (unsigned(v[7]) << 16));
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
+    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
+                const T* __restrict__ mask, const T* __restrict__ weight,
+                const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
+                T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+  // the grad_out tile, each warpgroup's ring, the warpgroups' point-grad sums
+  extern __shared__ __align__(128) unsigned char smem[];  // SMEM_BYTES, set at launch
+  const unsigned gs_addr = (unsigned)__cvta_generic_to_shared(smem);
+  Acc* red = reinterpret_cast<Acc*>(smem + GS_BYTES + WGS * NSTAGE * SLICE_BYTES);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wg = warp / 4, q = lane % 4;
+  unsigned char* ring = smem + GS_BYTES + wg * (NSTAGE * SLICE_BYTES);
+  const unsigned ring_addr = gs_addr + GS_BYTES + wg * (NSTAGE * SLICE_BYTES);
+  const long long m0 = (long long)blockIdx.x * BP;
+  const int t = blockIdx.y;
+  const int og = blockIdx.z;
+  const int g = og * CPOG / CG;  // the conv group holding the whole offset group
+  const int cl_og = og * CPOG - g * CG;
+  // this warpgroup's channel steps wg, wg + WGS, ...: its slices j = 0 .. SLICES - 1 are
+  // slice j % KSL of step wg + WGS * (j / KSL)
+  const int SLICES = (NCS - wg + WGS - 1) / WGS * KSL;
+
+  // The warpgroup's slice j into its ring slot j % NSTAGE: a contiguous run of the packed
+  // weight, 16 bytes a lane and copy.
+  const T* wpack = weight + ((long long)(g * TAPS + t) * (CG / BN) + cl_og / BN) * KSL * SLICE_ELEMS;
+  auto load_w = [&](int j) {
+    const T* src = wpack + (long long)(WGS * (j / KSL) + wg) * KSL * SLICE_ELEMS +
+                   (long long)(j % KSL) * SLICE_ELEMS;
+    unsigned char* slot = ring + (j % NSTAGE) * SLICE_BYTES;
+#pragma unroll
+    for (int u = tid % 128; u < SLICE_BYTES / 16; u += 128)
+      deft_cp_async<16>(slot + u * 16, src + u * 8, true);
+  };
+  deft_copy_gout_tile(gout, smem, m0, g);  // the first cp.async group, with slice 0
+#pragma unroll
+  for (int j = 0; j < NSTAGE - 2; ++j) {
+    if (j < SLICES) load_w(j);
+    deft_cp_commit();  // one group per slice, empty ones too: the wait counts stay uniform
+  }
+
+  // The thread's two pixels: rows r and r + 8 of its warp's 16 in the accumulator (the same
+  // in every warpgroup).
+  const int r = (warp % 4) * 16 + lane / 4;
+  BwdPixel px[2];
+  BwdPoint pt[2];
+  const T* image[2];
+  GinT* gimage[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    px[h] = deft_bwd_pixel(m0 + r + 8 * h);
+    pt[h] = deft_bwd_pixel_point(offset, mask, px[h], t, og);
+    image[h] = input + px[h].n * (C * H * W);
+    gimage[h] = gin ? gin + px[h].n * (C * H * W) : nullptr;
+  }
+  const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
+  bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
+  Acc pg[2][3] = {{Acc(0), Acc(0), Acc(0)}, {Acc(0), Acc(0), Acc(0)}};  // dy, dx, mask
+
+  // The epilogue of channel step cs from the accumulators, batch bt of NB: groups gi = bt *
+  // EB .. (row h = gi / (BN / 16), 32-channel block u = gi % (BN / 16) / 2, half hh = gi % 2;
+  // four channels of one pixel a lane), first every corner load of the batch, then their use.
+  // groups a batch: 16 corner loads in flight a lane, 8 where 128 registers must do
+  constexpr int EB = 65536 / (THREADS * MIN_BLOCKS) >= 160 ? 4 : 2;
+  constexpr int NB = BN / 8 / EB;  // batches a channel step
+  float acc[BN / 2];
+  auto epilogue = [&](int cs, int bt) {
+    const int c_step = og * CPOG + cs * BN;
+    BwdCorners<4> cr[EB];
+#pragma unroll
+    for (int b = 0; b < EB; ++b) {
+      const int gi = bt * EB + b, h = gi / (BN / 16), u = gi % (BN / 16) / 2, hh = gi % 2;
+      cr[b] = deft_bwd_load_corners<4>(image[h] + c_step + 32 * u + 16 * hh + 4 * q, pt[h]);
+    }
+#pragma unroll
+    for (int b = 0; b < EB; ++b) {
+      const int gi = bt * EB + b, h = gi / (BN / 16), u = gi % (BN / 16) / 2, hh = gi % 2;
+      Acc cgv[4];
+#pragma unroll
+      for (int bb = 0; bb < 2; ++bb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) cgv[2 * bb + e] = Acc(acc[(4 * u + 2 * hh + bb) * 4 + 2 * h + e]);
+      const int c = c_step + 32 * u + 16 * hh + 4 * q;
+      deft_bwd_channels_from<4>(cr[b], gimage[h] ? gimage[h] + c : nullptr, pt[h], cgv, scale,
+                                nonfinite, pg[h]);
+    }
+  };
+
+  // the grad_out tile, from every thread: visible to the whole block once
+  deft_cp_wait<NSTAGE - 2>();
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+
+#pragma unroll 1
+  for (int j0 = 0; j0 < SLICES; j0 += KSL) {  // the warpgroup's channel steps
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+    deft_wgmma_fence_acc(acc);
+#pragma unroll 1
+    for (int s = 0; s < KSL; ++s) {
+      const int j = j0 + s;
+      deft_cp_wait<NSTAGE - 3>();  // this thread's pieces of slice j landed
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the wgmmas
+      // the warpgroup's pieces of slice j; its wgmmas of slice j - 2 retired, so that slice's
+      // slot, (j + NSTAGE - 2) % NSTAGE, is free
+      deft_warpgroup_bar(1 + wg);
+      if (j + NSTAGE - 2 < SLICES) load_w(j + NSTAGE - 2);
+      deft_cp_commit();
+      const unsigned b = ring_addr + (j % NSTAGE) * SLICE_BYTES;
+      deft_wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks)
+        deft_wgmma_ss(acc, deft_smem_desc<A_KSTRIDE>(gs_addr, s * 4 + ks), deft_b_desc(b, ks));
+      deft_wgmma_commit();
+      deft_wgmma_wait<1>();  // slice j - 1's wgmmas retired
+    }
+    // Channel step done: every (pixel, channel) of it scatters and adds to its point grads,
+    // while the other warpgroups' wgmmas keep the tensor cores busy.
+    deft_wgmma_wait<0>();
+    deft_wgmma_fence_acc(acc);
+#pragma unroll  // static accumulator indices: a dynamic one would copy them to local memory
+    for (int bt = 0; bt < NB; ++bt) epilogue(wg + WGS * (j0 / KSL), bt);
+  }
+  if (nonfinite) atomicOr(&header[3], 1ull);
+
+  // Each pixel's sums: the quad's four partials, then the warpgroups' (each summed over its
+  // own channel steps), in a fixed order; warpgroup 0's lane q = 0 writes them.
+  Acc s[2][3];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int v = 0; v < 3; ++v) {
+      Acc x = pg[h][v];
+      x += __shfl_xor_sync(0xffffffffu, x, 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
+      s[h][v] = x;
+    }
+  if (WGS > 1) {
+    if (q == 0 && wg > 0)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int v = 0; v < 3; ++v) red[((wg - 1) * 64 + r + 8 * h) * 3 + v] = s[h][v];
+    __syncthreads();
+    if (wg == 0 && q == 0)
+      for (int w = 1; w < WGS; ++w)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int v = 0; v < 3; ++v) s[h][v] += red[((w - 1) * 64 + r + 8 * h) * 3 + v];
+  }
+  if (wg == 0 && q == 0)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (px[h].ok)
+        deft_write_point_grads(goffset, gmask, m0 + r + 8 * h, px[h].n, px[h].ho, px[h].wo, t,
+                               og, s[h]);
+}
