@@ -283,12 +283,12 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
   plan_weight_splits(d, p, m_total, 264, 4, 132);
 }
 
-// backward_data on wgmma (templates/deform_conv_bwd_data_wgmma.cuh): tm = 64 output pixels per
-// block, tn = input channels per step (64 or 128, inside one offset group inside one conv
-// group), tk = 64 output channels per weight slice, threads = 128 per warpgroup (1 to 4, taking
-// turns over the channel steps); f16/bf16, channels-last input and krsc weight. The block's
-// grad_out tile (64 pixels x the group's output channels) stays in shared memory with each
-// warpgroup's weight ring.
+// backward_data on wgmma (templates/deform_conv_bwd_data_wgmma.cuh): tm = 64 or 128 output
+// pixels per block, tn = input channels per step (64 or 128, inside one offset group inside one
+// conv group), tk = 64 output channels per weight slice, threads = 128 per warpgroup (1 to 4,
+// as many for each 64-pixel half, taking turns over its channel steps); f16/bf16, channels-last
+// input. The block's grad_out tile (tm pixels x the group's output channels) stays in shared
+// memory with each warpgroup's weight ring.
 void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, int64_t m_total,
                          int64_t in_elems) {
   p.template_name = "deform_conv_bwd_data_wgmma.cuh";
@@ -298,9 +298,9 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
                             "not {}", to_string(d.dtype)));
   if (!p.x_nhwc)
     bad("transpose", "algo=gemm_wgmma reads the input channels-last: nchw layers need transpose=1");
-  if (v.tile_m != 64)
-    bad("tm", fmt::format("algo=gemm_wgmma for pass=backward_data has tm=64 output pixels, not {}",
-                          v.tile_m));
+  if (v.tile_m != 64 && v.tile_m != 128)
+    bad("tm", fmt::format("algo=gemm_wgmma for pass=backward_data has tm=64 or 128 output "
+                          "pixels, not {}", v.tile_m));
   if (v.tile_n != 64 && v.tile_n != 128)
     bad("tn", fmt::format("algo=gemm_wgmma for pass=backward_data has tn=64 or 128 input "
                           "channels per step, not {}", v.tile_n));
@@ -311,9 +311,12 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   if (v.tile_k != 64)
     bad("tk", fmt::format("algo=gemm_wgmma for pass=backward_data reduces 64-channel weight "
                           "slices: tk=64, not {}", v.tile_k));
-  if (v.threads % 128 != 0 || v.threads > 512)
-    bad("threads", fmt::format("algo=gemm_wgmma for pass=backward_data runs 1 to 4 warpgroups: "
-                               "threads=128, 256, 384 or 512, not {}", v.threads));
+  const int halves = v.tile_m / 64;
+  if (v.threads % (128 * halves) != 0 || v.threads > 512)
+    bad("threads", fmt::format("algo=gemm_wgmma for pass=backward_data runs 1 to 4 warpgroups, "
+                               "as many for each 64 pixels: tm={} takes threads={}, not {}",
+                               v.tile_m, halves == 1 ? "128, 256, 384 or 512" : "256 or 512",
+                               v.threads));
   if (v.stages != 0 && (v.stages < 3 || v.stages > 8))
     bad("stages", fmt::format("algo=gemm_wgmma for pass=backward_data has a weight ring of "
                               "stages=3 to 8, not {}", v.stages));
@@ -323,7 +326,8 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   p.block = unsigned(v.threads);
   const int64_t kgp = ceil_div(d.k_per_group(), 64) * 64, wgs = v.threads / 128;
   // the grad_out tile, every warpgroup's ring, the other warpgroups' point-grad sums
-  const int64_t tile = kgp * p.bp * 2, slice = 64 * int64_t(p.bc) * 2, sums = (wgs - 1) * 64 * 3 * 4;
+  const int64_t tile = kgp * p.bp * 2, slice = 64 * int64_t(p.bc) * 2,
+                sums = (wgs / halves - 1) * p.bp * 3 * 4;
   p.nstage = v.stages ? v.stages : 4;
   auto bytes = [&] { return tile + wgs * p.nstage * slice + sums; };
   if (!v.stages)  // deeper where the tile leaves room, shallower where it does not

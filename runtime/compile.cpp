@@ -117,7 +117,7 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
         "point sums {}",
         int64_t(plan.bp) * ((desc.k_per_group() + 63) / 64 * 64) * 2, plan.bp,
         (desc.k_per_group() + 63) / 64 * 64, plan.block / 128, plan.nstage, 64 * plan.bc * 2,
-        (plan.block / 128 - 1) * 64 * 3 * 4);
+        (plan.block / 128 / (plan.bp / 64) - 1) * plan.bp * 3 * 4);
   info.workspace_bytes = desc.pass == Pass::forward
                              ? plan.forward_workspace()
                              : plan.workspace_bytes + plan.workspace_packed_bytes;

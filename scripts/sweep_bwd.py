@@ -63,10 +63,11 @@ if args.family == "ws":
 if args.family == "data":
     weight_vs = []
     data_vs = ["algo=gemm_tc tm=64 tn=64 tk=32 threads=256 transpose=1"] + [
-        f"algo=gemm_wgmma tm=64 tn={tn} tk=64 threads={128 * wgs} transpose=1"
+        f"algo=gemm_wgmma tm={tm} tn={tn} tk=64 threads={128 * wgs} transpose=1"
         + (f" stages={st}" if st else "")
-        for tn, wgs, st in ((64, 1, 0), (64, 2, 0), (64, 2, 3), (64, 4, 3), (128, 1, 3),
-                            (128, 2, 3))]
+        for tm, tn, wgs, st in ((64, 64, 1, 0), (64, 64, 2, 0), (64, 64, 2, 3), (64, 64, 4, 3),
+                                (64, 128, 1, 3), (64, 128, 2, 3), (128, 64, 2, 0),
+                                (128, 64, 4, 3), (128, 128, 2, 3))]
 for case in spec["cases"]:
     if case["name"] not in args.cases.split(","):
         continue

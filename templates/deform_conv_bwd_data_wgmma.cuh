@@ -1,17 +1,18 @@
 // deform_conv2d backward_data on Hopper's warpgroup tensor cores (wgmma, sm_90a), f16 and
 // bf16, channels-last input and krsc weight (nhwc layers, or the transpose pre-pass). Same
-// contract and grid as deform_conv_bwd_data_tc.cuh: one block per BP = 64 output pixels, tap
-// and offset group; grad offset and grad mask summed in the block in a fixed order (no
+// contract and grid as deform_conv_bwd_data_tc.cuh: one block per BP = 64 or 128 output
+// pixels, tap and offset group; grad offset and grad mask summed in the block in a fixed order (no
 // atomics); grad input scattered into the workspace by GIN_MODE (1: f32 vector reductions, 2:
 // 64-bit fixed point, deterministic). The column gradient
 //   colgrad[p][c] = sum_k grad_out[p][k] * weight[k][tap][c]      (k over c's conv group)
 // is a wgmma.m64nBNk16 chain per channel step of BN channels:
-//  - A, the block's grad_out tile (64 pixels x all KG output channels of the group, zero rows
+//  - A, the block's grad_out tile (BP pixels x all KG output channels of the group, zero rows
 //    past KG), is copied into shared memory once, with cp.async, in no-swizzle core layout:
 //    K-major (cores of 8 pixels x 16 bytes of k) for nhwc grad_out, MN-major (8 k x 16 bytes
 //    of pixels, read with the transpose bit) for nchw;
-//  - the WGS warpgroups share it and take turns over the channel steps (warpgroup w: steps w,
-//    w + WGS, ...), each with a ring of its own: NSTAGE weight slices (64 output channels x BN
+//  - the WGS warpgroups share it: warpgroup w owns pixel half w % HALVES (64 rows each, HALVES
+//    = BP / 64) and takes turns with the others of its half (WPH = WGS / HALVES in all) over the
+//    channel steps (steps w / HALVES, w / HALVES + WPH, ...), each with a ring of its own: NSTAGE weight slices (64 output channels x BN
 //    input channels of the tap, MN-major, transpose bit) streamed with cp.async NSTAGE - 2
 //    slices ahead from the weight that deft_pack_weight laid out as the slices' images, one
 //    warpgroup barrier per slice and one wgmma group in flight across it.
@@ -25,12 +26,15 @@
 //    16-byte reduction (red.global.add.v4.f32) per corner, as in deform_conv_bwd_data_tc.cuh,
 //    with the corner loads of four such runs issued before any is used.
 //
-// Constants from codegen: BP (64), BN (64 or 128), THREADS (128 * WGS, 1 to 4 warpgroups),
+// Constants from codegen: BP (64 or 128), BN (64 or 128), THREADS (128 * WGS, 1 to 4
+// warpgroups, a multiple of BP / 64),
 // MIN_BLOCKS (2 where two blocks' shared memory fits an SM: registers capped to match),
 // NSTAGE (>= 3), GV (grad_out elements per copy: 8, 4 or 1), SMEM_BYTES, GIN_MODE, and
 // deft_wgmma_ss (A and B from descriptors; A transposed for nchw, B transposed).
 
-constexpr int WGS = THREADS / 128;      // warpgroups, each on its own channel steps
+constexpr int WGS = THREADS / 128;      // warpgroups
+constexpr int HALVES = BP / 64;         // pixel halves, 64 rows each
+constexpr int WPH = WGS / HALVES;       // warpgroups taking turns over one half's steps
 constexpr int KSL = (KG + 63) / 64;     // k slices of a channel step
 constexpr int KGP = KSL * 64;           // KG padded to whole slices with zero rows
 constexpr int NCS = CPOG / BN;          // channel steps of the offset group
@@ -38,11 +42,12 @@ constexpr int A_KSTRIDE = BP * 16;      // bytes between the grad_out tile's cor
 constexpr int GS_BYTES = KGP * BP * 2;  // the grad_out tile
 constexpr int SLICE_BYTES = 64 * BN * 2;
 static_assert(sizeof(T) == 2, "16-bit elements");
-static_assert(BP == 64 && THREADS % 128 == 0, "64 pixels, whole warpgroups");
+static_assert((BP == 64 || BP == 128) && THREADS % 128 == 0 && WGS % HALVES == 0,
+              "64 or 128 pixels, whole warpgroups, as many for each half");
 static_assert(BN % 32 == 0 && CPOG % BN == 0 && CG % CPOG == 0,
               "channel steps inside one offset group, inside one conv group");
 static_assert(NSTAGE >= 3 &&
-                  GS_BYTES + WGS * NSTAGE * SLICE_BYTES + (WGS - 1) * 64 * 3 * (int)sizeof(Acc) <=
+                  GS_BYTES + WGS * NSTAGE * SLICE_BYTES + (WPH - 1) * BP * 3 * (int)sizeof(Acc) <=
                       SMEM_BYTES,
               "shared memory plan");
 static_assert(GV == 8 || GV == 4 || GV == 1, "grad_out copy width");
@@ -157,6 +162,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wg = warp / 4, q = lane % 4;
+  const int ph = wg % HALVES, turn = wg / HALVES;  // the warpgroup's pixel half, its turn among WPH
   unsigned char* ring = smem + GS_BYTES + wg * (NSTAGE * SLICE_BYTES);
   const unsigned ring_addr = gs_addr + GS_BYTES + wg * (NSTAGE * SLICE_BYTES);
   const long long m0 = (long long)blockIdx.x * BP;
@@ -164,15 +170,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   const int og = blockIdx.z;
   const int g = og * CPOG / CG;  // the conv group holding the whole offset group
   const int cl_og = og * CPOG - g * CG;
-  // this warpgroup's channel steps wg, wg + WGS, ...: its slices j = 0 .. SLICES - 1 are
-  // slice j % KSL of step wg + WGS * (j / KSL)
-  const int SLICES = (NCS - wg + WGS - 1) / WGS * KSL;
+  // this warpgroup's channel steps turn, turn + WPH, ...: its slices j = 0 .. SLICES - 1 are
+  // slice j % KSL of step turn + WPH * (j / KSL)
+  const int SLICES = (NCS - turn + WPH - 1) / WPH * KSL;
 
   // The warpgroup's slice j into its ring slot j % NSTAGE: a contiguous run of the packed
   // weight, 16 bytes a lane and copy.
   const T* wpack = weight + ((long long)(g * TAPS + t) * (CG / BN) + cl_og / BN) * KSL * SLICE_ELEMS;
   auto load_w = [&](int j) {
-    const T* src = wpack + (long long)(WGS * (j / KSL) + wg) * KSL * SLICE_ELEMS +
+    const T* src = wpack + (long long)(WPH * (j / KSL) + turn) * KSL * SLICE_ELEMS +
                    (long long)(j % KSL) * SLICE_ELEMS;
     unsigned char* slot = ring + (j % NSTAGE) * SLICE_BYTES;
 #pragma unroll
@@ -186,9 +192,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     deft_cp_commit();  // one group per slice, empty ones too: the wait counts stay uniform
   }
 
-  // The thread's two pixels: rows r and r + 8 of its warp's 16 in the accumulator (the same
-  // in every warpgroup).
-  const int r = (warp % 4) * 16 + lane / 4;
+  // The thread's two pixels: rows r and r + 8 of the block, its warp's 16 in the accumulator
+  // of its half (the same in every warpgroup of the half).
+  const int r = ph * 64 + (warp % 4) * 16 + lane / 4;
   BwdPixel px[2];
   BwdPoint pt[2];
   const T* image[2];
@@ -233,8 +239,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     }
   };
 
-  // the grad_out tile, from every thread: visible to the whole block once
-  deft_cp_wait<NSTAGE - 2>();
+  // the grad_out tile, copied by every thread of the block: complete (the first of the
+  // NSTAGE - 2 groups committed so far) and visible to every warpgroup before any wgmma
+  deft_cp_wait<NSTAGE - 3>();
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
 
@@ -257,7 +264,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       deft_wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks)
-        deft_wgmma_ss(acc, deft_smem_desc<A_KSTRIDE>(gs_addr, s * 4 + ks), deft_b_desc(b, ks));
+        deft_wgmma_ss(acc, deft_smem_desc<A_KSTRIDE>(gs_addr + ph * 1024, s * 4 + ks),
+                      deft_b_desc(b, ks));
       deft_wgmma_commit();
       deft_wgmma_wait<1>();  // slice j - 1's wgmmas retired
     }
@@ -266,12 +274,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     deft_wgmma_wait<0>();
     deft_wgmma_fence_acc(acc);
 #pragma unroll  // static accumulator indices: a dynamic one would copy them to local memory
-    for (int bt = 0; bt < NB; ++bt) epilogue(wg + WGS * (j0 / KSL), bt);
+    for (int bt = 0; bt < NB; ++bt) epilogue(turn + WPH * (j0 / KSL), bt);
   }
   if (nonfinite) atomicOr(&header[3], 1ull);
 
   // Each pixel's sums: the quad's four partials, then the warpgroups' (each summed over its
-  // own channel steps), in a fixed order; warpgroup 0's lane q = 0 writes them.
+  // own channel steps), in a fixed order; lane q = 0 of the half's first warpgroup writes them.
   Acc s[2][3];
 #pragma unroll
   for (int h = 0; h < 2; ++h)
@@ -282,21 +290,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       x += __shfl_xor_sync(0xffffffffu, x, 2);
       s[h][v] = x;
     }
-  if (WGS > 1) {
-    if (q == 0 && wg > 0)
+  if (WPH > 1) {
+    if (q == 0 && turn > 0)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int v = 0; v < 3; ++v) red[((wg - 1) * 64 + r + 8 * h) * 3 + v] = s[h][v];
+        for (int v = 0; v < 3; ++v) red[((turn - 1) * BP + r + 8 * h) * 3 + v] = s[h][v];
     __syncthreads();
-    if (wg == 0 && q == 0)
-      for (int w = 1; w < WGS; ++w)
+    if (turn == 0 && q == 0)
+      for (int w = 1; w < WPH; ++w)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int v = 0; v < 3; ++v) s[h][v] += red[((w - 1) * 64 + r + 8 * h) * 3 + v];
+          for (int v = 0; v < 3; ++v) s[h][v] += red[((w - 1) * BP + r + 8 * h) * 3 + v];
   }
-  if (wg == 0 && q == 0)
+  if (turn == 0 && q == 0)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       if (px[h].ok)

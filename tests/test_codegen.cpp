@@ -456,21 +456,22 @@ TEST(Codegen, WgmmaBackwardDataTilesCompile) {
     const bool nchw = d.layout == deft::Layout::nchw;
     const char* ty = d.dtype == deft::DType::f16 ? "f16" : "bf16";
     const int64_t kgp = (d.k + 63) / 64 * 64;
-    for (auto [wgs, tn, stages, det] : {std::array{1, 64, 0, 0}, {2, 128, 0, 1}, {2, 128, 3, 0},
-                                        {4, 64, 3, 1}}) {
+    for (auto [tm, wgs, tn, stages, det] :
+         {std::array{64, 1, 64, 0, 0}, {64, 2, 128, 0, 1}, {64, 2, 128, 3, 0}, {64, 4, 64, 3, 1},
+          {128, 2, 64, 0, 1}, {128, 4, 64, 3, 0}}) {
       const deft::Variant v = deft::parse_variant(fmt::format(
-          "algo=gemm_wgmma tm=64 tn={} tk=64 threads={} transpose={}{}{}", tn, 128 * wgs,
+          "algo=gemm_wgmma tm={} tn={} tk=64 threads={} transpose={}{}{}", tm, tn, 128 * wgs,
           nchw ? 1 : 0, stages ? fmt::format(" stages={}", stages) : "", det ? " det=1" : ""));
       SCOPED_TRACE(deft::to_string(v));
       EXPECT_EQ(deft::parse_variant(deft::to_string(v)), v);
       const deft::CompileInfo info = compile_for_sm90(d, v);
       EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
           << info.resource_report;
-      // the plan's rings: 4 slices each, or the stages asked for; the tile of 64 pixels;
-      // the point sums of every warpgroup but the first
-      const int ring = stages ? stages : 4;
-      EXPECT_EQ(info.dynamic_shared_bytes,
-                64 * kgp * 2 + wgs * ring * 64 * tn * 2 + (wgs - 1) * 64 * 3 * 4);
+      // the plan's rings: 4 slices each (3 where 4 do not fit), or the stages asked for; the
+      // tile of tm pixels; the point sums of every warpgroup but the first of each half
+      const int64_t fixed = tm * kgp * 2 + (wgs / (tm / 64) - 1) * tm * 3 * 4;
+      const int ring = stages ? stages : fixed + wgs * 4 * 64 * tn * 2 <= 227 * 1024 ? 4 : 3;
+      EXPECT_EQ(info.dynamic_shared_bytes, fixed + wgs * ring * 64 * tn * 2);
       EXPECT_NE(info.shared_layout.find(fmt::format("{} weight ring(s) {} x {}", wgs, ring,
                                                     64 * tn * 2)),
                 std::string::npos) << info.shared_layout;
@@ -506,7 +507,8 @@ TEST(Codegen, WgmmaBackwardDataTilesCompile) {
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 transpose=0", "transpose");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=192 transpose=1", "threads");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=640 transpose=1", "threads");
-  refused(base + bd, "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=1", "tm");
+  refused(base + bd, "algo=gemm_wgmma tm=256 tn=64 tk=64 threads=512 transpose=1", "tm");
+  refused(base + bd, "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 transpose=1", "threads");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=256 transpose=1", "tk");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=2 transpose=1", "stages");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 producers=1 transpose=1",

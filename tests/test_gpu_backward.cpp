@@ -467,8 +467,9 @@ TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
   }
 }
 
-// backward_data on Hopper's wgmma (deform_conv_bwd_data_wgmma.cuh): one to four warpgroups
-// taking turns over the channel steps (more than a layer has, too), 64- and 128-channel steps,
+// backward_data on Hopper's wgmma (deform_conv_bwd_data_wgmma.cuh): 64 and 128 pixels a block,
+// one to four warpgroups taking turns over a half's channel steps (more than a layer has, too),
+// 64- and 128-channel steps,
 // the plan's weight rings and the shallowest and the deepest, fast and deterministic; on layers whose output channels fill no 64-channel slice (k/groups = 80, 76),
 // with two groups and two offset groups, several channel steps per block, partial pixel
 // blocks, a stride-2 layer, and each grad_out copy width (nchw h*w = 144 and 64: 16 bytes,
@@ -499,11 +500,13 @@ TEST(GpuBackwardWgmma, DataTilesMatchReference) {
     LayerDesc dd = w.d;
     dd.pass = deft::Pass::backward_data;
     const Tensors t = random_tensors(w.d, w.sigma, 654);
-    for (auto [wgs, tn, stages, det] : {std::array{1, 64, 0, 0}, {2, 64, 3, 1}, {4, 64, 6, 0},
-                                        {1, 128, 0, 0}, {2, 128, 0, 1}, {3, 128, 3, 0}}) {
+    for (auto [tm, wgs, tn, stages, det] :
+         {std::array{64, 1, 64, 0, 0}, {64, 2, 64, 3, 1}, {64, 4, 64, 6, 0}, {64, 1, 128, 0, 0},
+          {64, 2, 128, 0, 1}, {64, 3, 128, 3, 0}, {128, 2, 64, 0, 0}, {128, 4, 64, 3, 1},
+          {128, 2, 128, 3, 0}}) {
       deft::Variant v;
       v.algo = deft::Algo::gemm_wgmma;
-      v.tile_m = 64, v.tile_n = tn, v.tile_k = 64, v.threads = 128 * wgs, v.stages = stages;
+      v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = 128 * wgs, v.stages = stages;
       v.transpose = w.d.layout == Layout::nchw;
       try {
         deft::validate(dd, v);
@@ -518,7 +521,7 @@ TEST(GpuBackwardWgmma, DataTilesMatchReference) {
       ++ran;
     }
   }
-  EXPECT_EQ(ran, 33);
+  EXPECT_EQ(ran, 51);
 }
 
 // The backward kernels of nhwc layers read the caller's input (and weight and grad_output) in
