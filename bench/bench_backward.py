@@ -8,8 +8,11 @@ deft against torchvision's (float64 torchvision as the reference where it fits i
     python3 bench/bench_backward.py --lib build/libdeft.so --out /tmp/bwd \
         --benchmarks-md BENCHMARKS.md
 
-Writes results.json and a section between <!-- bench-bwd:begin --> / <!-- bench-bwd:end -->.
-No roofline column yet (the forward benchmark, bench.py, has one).
+Writes results.json and a section between <!-- bench-bwd:begin --> / <!-- bench-bwd:end -->,
+with each row's roofline: the minimum bytes of forward + backward (every tensor read and
+written once per pass: 3 x (input, offset, mask, weight) + 2 x output, grad_output included)
+against the HBM bandwidth and 3 x the forward's GEMM FLOPs (forward, grad input, grad weight)
+against the dtype's peak, both ceilings measured in the same run (bench.Gpu.measure_ceilings).
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ def main(argv=None):
     cases = [c for c in spec["cases"] if not args.cases or c["name"] in args.cases.split(",")]
     os.makedirs(args.out, exist_ok=True)
     stream = torch.cuda.current_stream().cuda_stream
+    ceilings = gpu.measure_ceilings(True)  # for the roofline column, in this run
     rows = []
     for case in cases:
         base = gpu.make_inputs(case, SIGMA, 7)
@@ -86,7 +90,8 @@ def main(argv=None):
             tdt = gpu.torch_dtype(dtype)
             t = {k: (None if v is None else v.to(tdt).contiguous()) for k, v in base.items()}
             gout = gout0.to(tdt)
-            row = {"case": case["name"], "dtype": dtype, "errors": {}}
+            row = {"case": case["name"], "dtype": dtype, "errors": {},
+                   "roofline": fb_roofline(case, dtype, ceilings)}
             rows.append(row)
             desc = bench.deft_desc(case, "nchw", dtype)
             row["desc"] = desc
@@ -170,7 +175,7 @@ def main(argv=None):
             del t, x, off, m, w, out, gx, goff, gm, gw, xr, offr, mr, wr, xc, wc
             torch.cuda.empty_cache()
     res = {"date": datetime.date.today().isoformat(), "env": gpu.env(), "sigma": SIGMA,
-           "pre_sleep_us": args.pre_sleep_us,
+           "pre_sleep_us": args.pre_sleep_us, "ceilings": ceilings,
            "rows": rows}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
@@ -181,6 +186,25 @@ def main(argv=None):
         update_md(args.benchmarks_md, md)
     print(md)
     return 0
+
+
+def fb_roofline(case: dict, dtype: str, ceilings: dict) -> dict:
+    """Minimum bytes and FLOPs of forward + backward and the time they take at the measured
+    ceilings: max(bytes / HBM bandwidth, FLOPs / the dtype's peak); no time where a ceiling is
+    missing. Bytes: the forward reads input, offset, mask and weight and writes the output; the
+    backward reads them and grad_output again and writes a gradient of each input."""
+    e = bench.tensor_elems(case)
+    ins = e["input"] + e["offset"] + e["mask"] + e["weight"]
+    nbytes = (3 * ins + 2 * e["output"]) * bench.DTYPES[dtype]["elem"]
+    flops = 3 * bench.gemm_flops(case)
+    out = {"bytes": nbytes, "flops": flops, "peak": bench.DTYPES[dtype]["peak"]}
+    bw = ceilings.get("hbm_bytes_per_s")
+    peak = ceilings.get(bench.DTYPES[dtype]["peak"] + "_flops_per_s")
+    if bw and peak:
+        t_mem, t_cmp = nbytes / bw, flops / peak
+        out.update(roofline_ms=max(t_mem, t_cmp) * 1e3,
+                   bound="memory" if t_mem >= t_cmp else "compute")
+    return out
 
 
 def torchvision_call(gpu, case, x, off, m, w):
@@ -194,6 +218,8 @@ def finish(row, case):
     row["deft_over_cudnn"] = d / c if d and c else None
     row["tv_over_deft"] = t / d if d and t else None
     row["det_over_fast"] = (row["deft_fb_det_ms"] / d) if d and row.get("deft_fb_det_ms") else None
+    roof = (row.get("roofline") or {}).get("roofline_ms")
+    row["roofline_fraction"] = roof / d if d and roof else None
     dw = case["groups"] == case["c"] and case["groups"] > 1
     tgt = TARGET_DW if dw else TARGET_DENSE
     row["target"] = None if row["dtype"] == "fp32" else tgt
@@ -219,6 +245,18 @@ def line(r):
             + (f"  errors: {r['errors']}" if r["errors"] else ""))
 
 
+def ceilings_text(ceil: dict) -> str:
+    parts = []
+    if ceil.get("hbm_bytes_per_s"):
+        parts.append(f"HBM {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s")
+    for key, name in (("fp16_tc", "fp16 tensor"), ("tf32_tc", "tf32 tensor"),
+                      ("fp32_fma", "fp32 FMA")):
+        v = ceil.get(key + "_flops_per_s")
+        if v:
+            parts.append(f"{name} {v / 1e12:.0f} TFLOP/s")
+    return ", ".join(parts) if parts else "none (no roofline)"
+
+
 def render(res):
     env = res["env"]
     out = [BEGIN, "## Benchmarks: deform_conv2d forward + backward",
@@ -239,11 +277,15 @@ def render(res):
            "brackets; fp16 torchvision accumulates in fp16, deft in f32). Tolerance 2e-2 "
            "(fp16, tf32), 1e-5 (fp32) — or within 1.5× torchvision's own error, because both "
            "compute sampling positions in fp32 and a few points next to pixel boundaries "
-           "flip cell against the float64 reference.",
+           "flip cell against the float64 reference. Roofline: the minimum bytes of forward + "
+           "backward (3 × input, offset, mask, weight + 2 × output, grad_output included) at the "
+           "HBM bandwidth, or 3 × the forward's GEMM FLOPs at the dtype's peak, whichever is "
+           "longer; the fraction is roofline ÷ deft. Ceilings measured in this run: "
+           + ceilings_text(res.get("ceilings") or {}) + ".",
            "",
            "| case | dtype | deft fwd+bwd ms | deterministic ms (÷fast) | cuDNN ms | torchvision ms "
-           "| deft ÷ cuDNN (target) | tv ÷ deft (≥ 3) | grad error (tv) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| deft ÷ cuDNN (target) | tv ÷ deft (≥ 3) | roofline ms (of deft) | grad error (tv) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         tgt = r.get("target")
         ratio = r.get("deft_over_cudnn")
@@ -256,11 +298,16 @@ def render(res):
             tvs += " PASS" if tv >= TV_MIN else " MISS"
         err = f(r.get("grad_rel_err"), "{:.1e}") + f" ({f(r.get('tv_grad_rel_err'), '{:.1e}')})"
         err += "" if r.get("grad_ok") else " **over tolerance**"
+        roof = r.get("roofline") or {}
+        frac = r.get("roofline_fraction")
+        roofs = f(roof.get("roofline_ms")) + (f" ({100 * frac:.0f} %, {roof.get('bound')})"
+                                               if frac is not None else "")
         out.append(f"| {r['case']} | {r['dtype']} | {f(r.get('deft_fb_ms'))} | "
                    f"{f(r.get('deft_fb_det_ms'))} ({f(r.get('det_over_fast'), '{:.2f}')}) | "
-                   f"{f(r.get('cudnn_fb_ms'))} | {f(r.get('tv_fb_ms'))} | {rs} | {tvs} | {err} |")
+                   f"{f(r.get('cudnn_fb_ms'))} | {f(r.get('tv_fb_ms'))} | {rs} | {tvs} | "
+                   f"{roofs} | {err} |")
         if r["errors"]:
-            out.append(f"| | | errors: {json.dumps(r['errors'])[:300]} | | | | | | |")
+            out.append(f"| | | errors: {json.dumps(r['errors'])[:300]} | | | | | | | |")
     out.append("")
     out.append(END)
     return "\n".join(out) + "\n"
