@@ -23,6 +23,16 @@ deft::CompileInfo compile_for_sm90(const deft::LayerDesc& d, std::optional<deft:
   return deft::compile_offline(d, o);
 }
 
+// validate refuses the variant for the layer, naming `field`.
+void refused(const std::string& text, const std::string& variant, const std::string& field) {
+  try {
+    deft::validate(deft::parse_layer_desc(text), deft::parse_variant(variant));
+    ADD_FAILURE() << "accepted " << text << " / " << variant;
+  } catch (const deft::DescError& e) {
+    EXPECT_EQ(e.field(), field) << text << ": " << e.what();
+  }
+}
+
 struct Case {
   std::string desc;
   std::string variant;  // "" = default
@@ -408,14 +418,6 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
     EXPECT_EQ(p.split_pix, 9 * 64);  // 98 slices of 64 pixels, 9 a block
     EXPECT_EQ(p.workspace_bytes, 11 * int64_t{256} * 256 * 9 * 4);
   }
-  auto refused = [](const std::string& text, const std::string& variant, const std::string& field) {
-    try {
-      deft::validate(deft::parse_layer_desc(text), deft::parse_variant(variant));
-      ADD_FAILURE() << "accepted " << text << " / " << variant;
-    } catch (const deft::DescError& e) {
-      EXPECT_EQ(e.field(), field) << text << ": " << e.what();
-    }
-  };
   const std::string base = "deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 ";
   const std::string v = "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=1";
   refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight", v, "algo");
@@ -492,14 +494,6 @@ TEST(Codegen, WgmmaBackwardDataTilesCompile) {
       EXPECT_NE(ptx.find(det ? ".add.u64" : "red.global.add.v4.f32"), std::string::npos);
     }
   }
-  auto refused = [](const std::string& text, const std::string& variant, const std::string& field) {
-    try {
-      deft::validate(deft::parse_layer_desc(text), deft::parse_variant(variant));
-      ADD_FAILURE() << "accepted " << text << " / " << variant;
-    } catch (const deft::DescError& e) {
-      EXPECT_EQ(e.field(), field) << text << ": " << e.what();
-    }
-  };
   const std::string base = "deform_conv2d n=2 c=128 h=9 w=10 r=3 s=3 pad=1 mask=1 ";
   const std::string bd = "k=256 dtype=f16 layout=nchw pass=backward_data";
   const std::string v = "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 transpose=1";

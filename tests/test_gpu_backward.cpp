@@ -401,6 +401,26 @@ TEST(GpuBackwardErrors, ClearMessages) {
 }
 
 
+// check_backward with variant v for one pass of layer d (the other pass: its default), or, if
+// the plan refuses v, that it does so only for a channel tile wider than the groups. True when
+// it ran.
+bool check_pass_variant(const LayerDesc& d, deft::Pass pass, const deft::Variant& v,
+                        const Tensors& t, int det) {
+  LayerDesc pd = d;
+  pd.pass = pass;
+  try {
+    deft::validate(pd, v);
+  } catch (const deft::DescError& e) {
+    EXPECT_EQ(e.field(), "tn") << e.what();
+    return false;
+  }
+  SCOPED_TRACE(deft::to_string(v));
+  deft::CompileOptions o = test_options(det != 0);
+  (pass == deft::Pass::backward_data ? o.backward_data_variant : o.backward_weight_variant) = v;
+  check_backward(d, t, det, o);
+  return true;
+}
+
 // Grad weight on Hopper's wgmma (deform_conv_bwd_weight_wgmma.cuh): every tile a layer takes,
 // on layers with output channels that fill no tile (k/groups = 80, 76), two groups and two
 // offset groups, nhwc, and nchw with each of the grad_out copy widths (h*w = 144: 16 bytes,
@@ -453,16 +473,7 @@ TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
       v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = 2 * tm + 128 * prod;
       v.producers = prod, v.stages = stages;
       v.transpose = w.d.layout == Layout::nchw;
-      try {
-        deft::validate(wd, v);
-      } catch (const deft::DescError& e) {
-        EXPECT_EQ(e.field(), "tn") << e.what();  // only a channel tile wider than the groups
-        continue;
-      }
-      SCOPED_TRACE(deft::to_string(v));
-      deft::CompileOptions o = test_options();
-      o.backward_weight_variant = v;
-      check_backward(w.d, t, 0, o);
+      check_pass_variant(w.d, deft::Pass::backward_weight, v, t, 0);
     }
   }
 }
@@ -497,8 +508,6 @@ TEST(GpuBackwardWgmma, DataTilesMatchReference) {
   };
   int ran = 0;
   for (const W& w : layers) {
-    LayerDesc dd = w.d;
-    dd.pass = deft::Pass::backward_data;
     const Tensors t = random_tensors(w.d, w.sigma, 654);
     for (auto [tm, wgs, tn, stages, det] :
          {std::array{64, 1, 64, 0, 0}, {64, 2, 64, 3, 1}, {64, 4, 64, 6, 0}, {64, 1, 128, 0, 0},
@@ -508,17 +517,7 @@ TEST(GpuBackwardWgmma, DataTilesMatchReference) {
       v.algo = deft::Algo::gemm_wgmma;
       v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = 128 * wgs, v.stages = stages;
       v.transpose = w.d.layout == Layout::nchw;
-      try {
-        deft::validate(dd, v);
-      } catch (const deft::DescError& e) {
-        EXPECT_EQ(e.field(), "tn") << e.what();  // only a channel step wider than the groups
-        continue;
-      }
-      SCOPED_TRACE(deft::to_string(v));
-      deft::CompileOptions o = test_options(det != 0);
-      o.backward_data_variant = v;
-      check_backward(w.d, t, det, o);
-      ++ran;
+      ran += check_pass_variant(w.d, deft::Pass::backward_data, v, t, det);
     }
   }
   EXPECT_EQ(ran, 51);
