@@ -515,6 +515,27 @@ TEST(Codegen, WgmmaBackwardDataTilesCompile) {
           "layout=nchw pass=backward_data", v, "tn");
   // 64 pixels x 2048 output channels of grad_out (256 KiB) do not fit beside the rings
   refused(base + "k=2048 dtype=f16 layout=nchw pass=backward_data", v, "tm");
+  // the grad_out copy width follows the layer (GV: 8 elements where 16-byte runs stay inside
+  // a plane or a pixel's group, 4, else one), and each form compiles
+  for (auto [text, gv] : {std::pair{"n=2 c=64 h=9 w=10 k=64 dtype=f16 layout=nchw", 1},  // h*w 90
+                          {"n=3 c=64 h=6 w=10 k=64 dtype=bf16 layout=nchw", 4},         // 60
+                          {"n=2 c=64 h=8 w=8 k=64 dtype=f16 layout=nchw", 8},           // 64
+                          {"n=2 c=64 h=8 w=9 k=76 dtype=f16 layout=nhwc", 4},           // k 76
+                          {"n=2 c=64 h=8 w=9 k=72 dtype=bf16 layout=nhwc", 8},
+                          {"n=2 c=64 h=8 w=9 k=62 dtype=f16 layout=nhwc", 1}}) {
+    const auto d = deft::parse_layer_desc(
+        fmt::format("deform_conv2d {} r=3 s=3 pad=1 mask=1 pass=backward_data", text));
+    const bool nchw = d.layout == deft::Layout::nchw;
+    const deft::Variant wv = deft::parse_variant(fmt::format(
+        "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 transpose={}", nchw ? 1 : 0));
+    SCOPED_TRACE(text);
+    const deft::KernelPlan plan = deft::make_plan(d, wv);
+    EXPECT_EQ(plan.gv, gv);
+    EXPECT_EQ(plan.align_gout, gv > 1 ? gv * 2 : 1);
+    const deft::CompileInfo info = compile_for_sm90(d, wv);
+    EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+        << info.resource_report;
+  }
 }
 
 // The warp-specialised wgmma forward (producers=1 or 2): every consumer grid compiles for
