@@ -1,36 +1,37 @@
 // deform_conv2d backward_data on Hopper's warpgroup tensor cores (wgmma, sm_90a), f16 and
-// bf16, channels-last input and krsc weight (nhwc layers, or the transpose pre-pass). Same
-// contract and grid as deform_conv_bwd_data_tc.cuh: one block per BP = 64 or 128 output
-// pixels, tap and offset group; grad offset and grad mask summed in the block in a fixed order (no
-// atomics); grad input scattered into the workspace by GIN_MODE (1: f32 vector reductions, 2:
-// 64-bit fixed point, deterministic). The column gradient
+// bf16, channels-last input (nhwc layers, or the transpose pre-pass). Same contract and grid
+// as deform_conv_bwd_data_tc.cuh: one block per BP = 64 or 128 output pixels, tap and offset
+// group; grad offset and grad mask summed in the block in a fixed order (no atomics); grad
+// input scattered into the workspace by GIN_MODE (1: f32 vector reductions, 2: 64-bit fixed
+// point, deterministic). The column gradient
 //   colgrad[p][c] = sum_k grad_out[p][k] * weight[k][tap][c]      (k over c's conv group)
-// is a wgmma.m64nBNk16 chain per channel step of BN channels:
+// is a wgmma.m64nBNk16 chain per 64 pixels and channel step of BN channels:
 //  - A, the block's grad_out tile (BP pixels x all KG output channels of the group, zero rows
 //    past KG), is copied into shared memory once, with cp.async, in no-swizzle core layout:
 //    K-major (cores of 8 pixels x 16 bytes of k) for nhwc grad_out, MN-major (8 k x 16 bytes
 //    of pixels, read with the transpose bit) for nchw;
-//  - the WGS warpgroups share it: warpgroup w owns pixel half w % HALVES (64 rows each, HALVES
-//    = BP / 64) and takes turns with the others of its half (WPH = WGS / HALVES in all) over the
-//    channel steps (steps w / HALVES, w / HALVES + WPH, ...), each with a ring of its own: NSTAGE weight slices (64 output channels x BN
-//    input channels of the tap, MN-major, transpose bit) streamed with cp.async NSTAGE - 2
-//    slices ahead from the weight that deft_pack_weight laid out as the slices' images, one
-//    warpgroup barrier per slice and one wgmma group in flight across it.
-//    They run out of step: while one scatters a finished step, another's wgmmas run (a
-//    warpgroup cannot overlap its own: ptxas serialises wgmmas while other accumulators of
-//    the warp are read);
+//  - B, the weight, is packed by a pre-pass (deft_pack_weight) into the exact shared-memory
+//    image of each slice (64 output channels x BN input channels of the tap, MN-major, read
+//    with the transpose bit), so a slice is a contiguous run of 16-byte copies;
+//  - the WGS warpgroups share the tile: warpgroup w owns pixel half w % HALVES (64 rows each,
+//    HALVES = BP / 64) and takes turns with the others of its half (WPH = WGS / HALVES) over
+//    the channel steps (steps w / HALVES, w / HALVES + WPH, ...), each with a ring of its own:
+//    NSTAGE slices streamed with cp.async NSTAGE - 2 ahead, one warpgroup barrier per slice,
+//    one wgmma group in flight across it. While one warpgroup scatters a finished step,
+//    another's wgmmas run (a warpgroup cannot overlap its own: ptxas serialises its wgmmas
+//    while other accumulator registers of the warp are read, docs/perf-notes.md round B12);
 //  - the epilogue reads the accumulators in place: no shared-memory round trip. The slice's
 //    columns are permuted (deft_col_channel) so that each lane's accumulator pairs are the
 //    channels c, c + 1, c + 2, c + 3 of its pixel, twice per 32 channels, and the four lanes
 //    of a quad (one pixel) cover 16 neighbouring channels: one 8-byte load per corner and one
 //    16-byte reduction (red.global.add.v4.f32) per corner, as in deform_conv_bwd_data_tc.cuh,
-//    with the corner loads of four such runs issued before any is used.
+//    with the corner loads of EB such runs issued before any is used.
 //
 // Constants from codegen: BP (64 or 128), BN (64 or 128), THREADS (128 * WGS, 1 to 4
-// warpgroups, a multiple of BP / 64),
-// MIN_BLOCKS (2 where two blocks' shared memory fits an SM: registers capped to match),
-// NSTAGE (>= 3), GV (grad_out elements per copy: 8, 4 or 1), SMEM_BYTES, GIN_MODE, and
-// deft_wgmma_ss (A and B from descriptors; A transposed for nchw, B transposed).
+// warpgroups, a multiple of BP / 64), MIN_BLOCKS (2 where two blocks' shared memory fits an
+// SM: registers capped to match), NSTAGE (>= 3), GV (grad_out elements per copy: 8, 4 or 1),
+// SMEM_BYTES, GIN_MODE, and deft_wgmma_ss (A and B from descriptors; A transposed for nchw, B
+// transposed).
 
 constexpr int WGS = THREADS / 128;      // warpgroups
 constexpr int HALVES = BP / 64;         // pixel halves, 64 rows each
@@ -52,14 +53,15 @@ static_assert(NSTAGE >= 3 &&
               "shared memory plan");
 static_assert(GV == 8 || GV == 4 || GV == 1, "grad_out copy width");
 
-// The channel (of the step's BN) that column n of a weight slice, and of the accumulator,
-// holds. The accumulator gives lane q of a quad the columns 8j + 2q, 8j + 2q + 1 (j = 0 ..
-// BN / 8 - 1); with this order its columns j = 4u + 2h + b hold channels 32u + 16h + 4q + 2b
-// + {0, 1}: runs of four channels, quad-interleaved.
+// Named barrier `id` (1 ..) of the 128 threads of one warpgroup.
 __device__ __forceinline__ void deft_warpgroup_bar(int id) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
 }
 
+// The channel (of the step's BN) that column n of a weight slice, and of the accumulator,
+// holds. The accumulator gives lane q of a quad the columns 8j + 2q, 8j + 2q + 1 (j = 0 ..
+// BN / 8 - 1); with this order its columns j = 4u + 2h + b hold channels 32u + 16h + 4q + 2b
+// + {0, 1}: runs of four channels, quad-interleaved.
 __device__ __forceinline__ int deft_col_channel(int n) {
   const int j = n / 8, q = (n % 8) / 2;
   return 32 * (j / 4) + 16 * ((j % 4) / 2) + 4 * q + 2 * (j % 2) + n % 2;
@@ -176,7 +178,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 
   // The warpgroup's slice j into its ring slot j % NSTAGE: a contiguous run of the packed
   // weight, 16 bytes a lane and copy.
-  const T* wpack = weight + ((long long)(g * TAPS + t) * (CG / BN) + cl_og / BN) * KSL * SLICE_ELEMS;
+  const T* wpack =
+      weight + ((long long)(g * TAPS + t) * (CG / BN) + cl_og / BN) * KSL * SLICE_ELEMS;
   auto load_w = [&](int j) {
     const T* src = wpack + (long long)(WPH * (j / KSL) + turn) * KSL * SLICE_ELEMS +
                    (long long)(j % KSL) * SLICE_ELEMS;
@@ -232,7 +235,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #pragma unroll
       for (int bb = 0; bb < 2; ++bb)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) cgv[2 * bb + e] = Acc(acc[(4 * u + 2 * hh + bb) * 4 + 2 * h + e]);
+        for (int e = 0; e < 2; ++e)
+          cgv[2 * bb + e] = Acc(acc[(4 * u + 2 * hh + bb) * 4 + 2 * h + e]);
       const int c = c_step + 32 * u + 16 * hh + 4 * q;
       deft_bwd_channels_from<4>(cr[b], gimage[h] ? gimage[h] + c : nullptr, pt[h], cgv, scale,
                                 nonfinite, pg[h]);
