@@ -327,6 +327,24 @@ TEST(GpuBackwardF64, MatchesFiniteDifferences) {
 // Points on pixel boundaries (integer offsets), far outside the image (+-1e6 px, and the
 // largest finite f16 value) and at NaN positions: no crash, no write out of bounds, and the
 // reference's definition (NaN and outside points contribute nothing) in every dtype.
+// Offsets on pixel boundaries (integers: with pad 1 also exactly on the -1 and h edges),
+// half-way between pixels, far outside (+-huge) and a few NaN, among the random ones. The
+// reference treats NaN positions as outside; the GPU must give the same there.
+void edge_offsets(Tensors& t, DType dt, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> kind(0, 5), integer(-3, 3);
+  const double huge = dt == DType::f16 ? 65504.0 : 1e6;
+  for (double& v : t.offset) {
+    switch (kind(rng)) {
+      case 0: v = integer(rng); break;                        // on a pixel boundary
+      case 1: v = (integer(rng) % 2 ? 1 : -1) * huge; break;  // far outside
+      case 2: v = integer(rng) + 0.5; break;                  // half-way between pixels
+      default: break;                                          // random
+    }
+  }
+  for (size_t i = 0; i < t.offset.size(); i += 37) t.offset[i] = std::nan("");
+}
+
 TEST(GpuBackwardEdges, BoundaryHugeAndNaNOffsets) {
   DEFT_SKIP_WITHOUT_GPU();
   for (DType dt : {DType::f32, DType::f16, DType::bf16, DType::f64}) {
@@ -334,20 +352,7 @@ TEST(GpuBackwardEdges, BoundaryHugeAndNaNOffsets) {
       const LayerDesc d = make(2, 16, 7, 9, 12, 3, 1, 2, 2, dt, layout);
       SCOPED_TRACE(deft::to_string(d));
       Tensors t = random_tensors(d, 2.0, 77);
-      std::mt19937_64 rng(78);
-      // integer offsets with pad 1 also put points exactly on the -1 and h edges
-      std::uniform_int_distribution<int> kind(0, 5), integer(-3, 3);
-      const double huge = dt == DType::f16 ? 65504.0 : 1e6;
-      for (double& v : t.offset) {
-        switch (kind(rng)) {
-          case 0: v = integer(rng); break;                  // on a pixel boundary
-          case 1: v = (integer(rng) % 2 ? 1 : -1) * huge; break;  // far outside
-          case 2: v = integer(rng) + 0.5; break;            // half-way between pixels
-          default: break;                                    // random
-        }
-      }
-      // A few NaN positions: the reference treats them as outside; compare the rest there.
-      for (size_t i = 0; i < t.offset.size(); i += 37) t.offset[i] = std::nan("");
+      edge_offsets(t, dt, 78);
       check_backward(d, t, 0);
       check_backward(d, t, 1);
     }
@@ -521,6 +526,45 @@ TEST(GpuBackwardWgmma, DataTilesMatchReference) {
     }
   }
   EXPECT_EQ(ran, 51);
+}
+
+// The wgmma backward_data kernel on the edge cases: offsets on pixel boundaries, huge and NaN
+// (fast and deterministic, against the reference), deterministic results bitwise identical
+// over 3 runs, and each requested subset of gradients alone equal to the full run's (the rest
+// left poisoned, grad input skipped where not requested).
+TEST(GpuBackwardWgmma, DataEdgesDeterminismAndSubsets) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  for (const LayerDesc& d : {make(2, 128, 7, 9, 96, 3, 1, 1, 2, DType::f16, Layout::nchw),
+                             make(2, 64, 8, 10, 64, 3, 1, 1, 1, DType::bf16, Layout::nhwc)}) {
+    SCOPED_TRACE(deft::to_string(d));
+    Tensors t = random_tensors(d, 2.0, 91);
+    edge_offsets(t, d.dtype, 92);
+    for (const char* text : {"algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=3",
+                             "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=512 stages=3"}) {
+      deft::Variant v = deft::parse_variant(text);
+      v.transpose = d.layout == Layout::nchw;
+      SCOPED_TRACE(deft::to_string(v));
+      for (int det : {0, 1}) {
+        deft::CompileOptions o = test_options(det != 0);
+        o.backward_data_variant = v;
+        check_backward(d, t, det, o);
+      }
+      deft::CompileOptions o = test_options(true);
+      o.backward_data_variant = v;
+      Tensors q = t;
+      for (auto* x : {&q.input, &q.offset, &q.mask, &q.weight, &q.gout})
+        quantize_in_place(*x, d.dtype);
+      const GpuGrads all = run_gpu(d, q, 1, {true, true, true, false, false}, 3, o);
+      const GpuGrads again = run_gpu(d, q, 1, {true, true, true, false, false}, 1, o);
+      for (int g = kInput; g <= kMask; ++g) {
+        EXPECT_EQ(again.raw[g], all.raw[g]) << kGradName[g] << ": not bitwise reproducible";
+        std::array<bool, kGrads> want{};
+        want[g] = true;
+        EXPECT_EQ(run_gpu(d, q, 1, want, 1, o).raw[g], all.raw[g]) << kGradName[g];
+      }
+    }
+  }
 }
 
 // The backward kernels of nhwc layers read the caller's input (and weight and grad_output) in
