@@ -694,6 +694,46 @@ TEST_F(Policy, AnUnusableShippedDatabaseIsIgnoredAndLeftAlone) {
 }
 
 // GPU: a layer budget far below one compile stops after the default variant.
+// backward_data tuned on the GPU: every candidate runs through Kernel::backward (grad input,
+// offset and mask only) and is checked against the default's gradients; on sm_90 the wgmma
+// kernel's tiles are among the timed; the record is found by a compile of that pass, in the
+// fast mode only.
+TEST(GpuTune, BackwardDataWritesARecordThePassFollows) {
+  DEFT_SKIP_WITHOUT_GPU();
+  deft::testing::TempDir dir("gputune-bwd");
+  const std::string db = (dir.path() / "deft.db").string();
+  auto d = parse_layer_desc(
+      "deform_conv2d n=2 c=128 h=12 w=12 k=128 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nchw "
+      "pass=backward_data");
+  deft::TuneOptions o;
+  o.cache_path = db;
+  o.seconds_per_candidate = 0.02;
+  const deft::TuneResult r = deft::tune(d, o);
+  ASSERT_GT(r.candidates.size(), 4u);
+  EXPECT_EQ(r.candidates.front().variant, deft::default_variant(d, r.arch));
+  EXPECT_EQ(r.candidates.front().rel_err, 0.0);
+  int timed = 0, wgmma = 0;
+  for (const auto& c : r.candidates) {
+    if (c.median_us < 0) continue;
+    EXPECT_TRUE(c.error.empty()) << deft::to_string(c.variant) << ": " << c.error;
+    ++timed;
+    wgmma += c.variant.algo == deft::Algo::gemm_wgmma;
+    EXPECT_LE(c.rel_err, 1e-2) << deft::to_string(c.variant);
+    EXPECT_GE(c.median_us, r.winner_us);
+  }
+  EXPECT_GE(timed, 4);
+  if (r.arch == 90) EXPECT_GE(wgmma, 5);
+  auto records = deft::cache::Database::open(db)->list_tuning_records(deft::to_string(d));
+  ASSERT_EQ(records.size(), 1u);
+  deft::CompileOptions co;
+  co.cache_path = db;
+  EXPECT_EQ(deft::compile(d, co).variant(), r.winner);
+  co.deterministic = true;
+  deft::Variant det_default = deft::default_variant(d, r.arch);
+  det_default.deterministic = true;
+  EXPECT_EQ(deft::compile(d, co).variant(), det_default);
+}
+
 TEST(GpuTune, ALayerBudgetStopsTryingCandidates) {
   DEFT_SKIP_WITHOUT_GPU();
   deft::testing::TempDir dir("gpubudget");
@@ -743,16 +783,65 @@ TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
 
 
 // Backward passes are not tuned (yet): a clear error before any GPU work, in both entry points.
-TEST(TunerPolicy, BackwardPassesAreNotTunedYet) {
+// backward_weight is not tuned (its variant comes from the heuristic or the options); the
+// tuner says so before it touches a GPU.
+TEST(TunerPolicy, BackwardWeightIsNotTunedYet) {
   const auto d = deft::parse_layer_desc(
       "deform_conv2d n=1 c=16 h=8 w=8 k=16 r=3 s=3 pad=1 pass=backward_weight");
   try {
     deft::simulate_tune(d, deft::TuneOptions{}, deft::TuneLimits{});
-    FAIL() << "tuning a backward pass did not throw";
+    FAIL() << "tuning a backward_weight pass did not throw";
   } catch (const deft::NotImplemented& e) {
     EXPECT_NE(std::string(e.what()).find("pass=backward_weight"), std::string::npos) << e.what();
   }
   EXPECT_THROW(deft::tune(d), deft::NotImplemented);
+}
+
+// backward_data's space: its default first, the WMMA tiles around it, and on sm_90 for f16 and
+// bf16 the wgmma kernel's tiles (none for tf32, none elsewhere); depthwise layers have only
+// their default. A simulated tuning writes a record keyed by the backward_data description,
+// which choose_variant then finds for that pass, in the fast mode only.
+TEST(TunerPolicy, BackwardDataIsTunedInTheFastMode) {
+  const char* text = "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 mask=1 dtype=f16 "
+                     "layout=nchw pass=backward_data";
+  const auto d = deft::parse_layer_desc(text);
+  for (int arch : {0, 90}) {
+    const auto space = deft::search_space(d, deft::SearchOptions{arch, false, 2.0});
+    ASSERT_GT(space.size(), 4u);
+    EXPECT_EQ(space.front(), deft::default_variant(d, arch));
+    int wgmma = 0;
+    for (const auto& v : space) {
+      EXPECT_NO_THROW(deft::validate(d, v)) << deft::to_string(v);
+      wgmma += v.algo == deft::Algo::gemm_wgmma;
+    }
+    EXPECT_EQ(wgmma > 0, arch == 90) << arch;
+  }
+  auto tf32 = deft::parse_layer_desc(
+      "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 dtype=f32 math=tf32 "
+      "pass=backward_data");
+  for (const auto& v : deft::search_space(tf32, deft::SearchOptions{90, false, 2.0}))
+    EXPECT_NE(v.algo, deft::Algo::gemm_wgmma);
+  auto dw = deft::parse_layer_desc(
+      "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass=backward_data");
+  EXPECT_EQ(deft::search_space(dw).size(), 1u);
+
+  deft::testing::TempDir dir("tune-bwd-data");
+  deft::TuneOptions o;
+  o.cache_path = (dir.path() / "deft.db").string();
+  const deft::TuneResult r = deft::simulate_tune(d, o);
+  EXPECT_EQ(r.desc, deft::to_string(d));
+  EXPECT_EQ(r.candidates.size(), deft::search_space(d).size());
+  auto db = deft::cache::Database::open(*o.cache_path);
+  const deft::tuner::DeviceKey sim{"simulated|cc0.0|sm0", "0"};
+  deft::CompileOptions fast;
+  EXPECT_EQ(deft::tuner::choose_variant(d, fast, db.get(), &sim), r.winner);
+  deft::CompileOptions det;
+  det.deterministic = true;
+  EXPECT_EQ(deft::tuner::choose_variant(d, det, db.get(), &sim), deft::default_variant(d));
+  // the forward pass of the same layer has no record
+  auto f = d;
+  f.pass = deft::Pass::forward;
+  EXPECT_EQ(deft::tuner::choose_variant(f, fast, db.get(), &sim), deft::default_variant(f));
 }
 
 }  // namespace

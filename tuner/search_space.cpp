@@ -54,6 +54,30 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
   };
   const Variant def = default_variant(d, arch);
   add(def);
+  if (d.pass == Pass::backward_data) {
+    if (def.algo == Algo::depthwise) return out;
+    // The WMMA / FMA kernels' tiles around the default (tm = pixels, tn = channels a step, tk =
+    // output channels a slice), then on sm_90 (f16, bf16) the wgmma kernel's (perf notes
+    // round B12: 64 or 128 pixels, 1 to 4 warpgroups, rings of 3 or 4).
+    for (int tm : {32, 64, 128})
+      for (int tn : {32, 64})
+        for (int tk : {16, 32, 64}) {
+          Variant v = def;
+          v.tile_m = tm, v.tile_n = tn, v.tile_k = tk;
+          add(v);
+        }
+    if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16))
+      for (auto [tm, tn, threads, stages] :
+           {std::array{64, 64, 256, 3}, {64, 64, 512, 3}, {64, 128, 256, 3}, {64, 64, 128, 0},
+            {128, 64, 256, 0}, {128, 64, 512, 3}, {128, 128, 256, 3}}) {
+        Variant v;
+        v.algo = Algo::gemm_wgmma;
+        v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = threads, v.stages = stages;
+        v.transpose = d.layout == Layout::nchw;
+        add(v);
+      }
+    return out;
+  }
   if (def.algo == Algo::gemm_wgmma) {
     // sm_90: every wgmma tile of the register-A kernel, the warp-specialised tiles (producer
     // warpgroups), then the portable tensor-core space below.
@@ -135,7 +159,10 @@ std::string search_space_hash(const LayerDesc& d, int arch) {
 
 std::string search_space_hash(const LayerDesc& d, const SearchOptions& opt) {
   std::string all = "deft-search-space-v1";
-  for (const Variant& v : search_space(d, opt)) all += "\n" + to_string(v);
+  for (const Variant& v : search_space(d, opt)) {
+    all += '\n';  // (not "\n" + ...: GCC 12 warns -Wrestrict on that temporary)
+    all += to_string(v);
+  }
   return cache::sha256_hex(all).substr(0, 16);
 }
 

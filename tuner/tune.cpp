@@ -127,6 +127,13 @@ std::vector<double> download(const DeviceBuffer& b, DType dtype) {
   return v;
 }
 
+// Appends b's elements (none for an empty buffer) to out.
+void download_into(std::vector<double>& out, const DeviceBuffer& b, DType dtype) {
+  if (!b.bytes) return;
+  const std::vector<double> v = download(b, dtype);
+  out.insert(out.end(), v.begin(), v.end());
+}
+
 // ||a - ref|| / ||ref||; +inf if anything is not finite.
 double relative_error(const std::vector<double>& a, const std::vector<double>& ref) {
   double num = 0, den = 0;
@@ -215,16 +222,16 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt) { return tune(des
 
 namespace {
 
-// The tuner times forward kernels; the backward passes take their variants from the heuristic,
-// a record written by other means, or CompileOptions::backward_*_variant.
+// The tuner times forward and backward_data kernels; backward_weight takes its variant from
+// the heuristic, a record written by other means, or CompileOptions::backward_weight_variant.
 void require_tunable(const LayerDesc& desc) {
   validate(desc);
   require_implemented(desc);
-  if (desc.pass != Pass::forward)
+  if (desc.pass == Pass::backward_weight)
     throw NotImplemented(fmt::format(
-        "not implemented: tuning pass={}; only forward kernels are tuned so far (choose backward "
-        "variants with CompileOptions::backward_data_variant / backward_weight_variant; "
-        "scripts/sweep_bwd.py times them)", to_string(desc.pass)));
+        "not implemented: tuning pass={}; forward and backward_data kernels are tuned so far "
+        "(choose its variant with CompileOptions::backward_weight_variant; scripts/sweep_bwd.py "
+        "times them)", to_string(desc.pass)));
 }
 
 }  // namespace
@@ -247,7 +254,12 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
     space.resize(opt.max_candidates);
 
   // Candidates are compiled in parallel batches just before they are timed, so that a budget
-  // that runs out spares the compiles of the candidates it never reaches.
+  // that runs out spares the compiles of the candidates it never reaches. A backward_data
+  // candidate is the forward kernel's (its default) backward_data variant: it runs through
+  // Kernel::backward with only grad input, offset and mask requested, pre-passes included.
+  const bool data = desc.pass == Pass::backward_data;
+  LayerDesc fwd = desc;
+  fwd.pass = Pass::forward;
   CompileOptions copt;
   copt.cache_path = opt.cache_path;
   const unsigned workers = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
@@ -259,8 +271,14 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
       batch.push_back(std::async(std::launch::async, [&, i] {
         try {
           CompileOptions o = copt;
-          o.variant = space[i];
-          kernels[i] = compile(desc, o);
+          if (data) {
+            o.backward_data_variant = space[i];
+            kernels[i] = compile(fwd, o);
+            kernels[i].prepare_backward(0);
+          } else {
+            o.variant = space[i];
+            kernels[i] = compile(desc, o);
+          }
         } catch (const std::exception& e) {
           errors[i] = e.what();
         }
@@ -299,6 +317,33 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
   args.weight = weight.get();
   args.bias = desc.bias ? bias.get() : nullptr;
   args.output = output.get();
+  // backward_data: grad_output ~ U(-1, 1) in, the three gradients out
+  const size_t n_in = data ? elements(shapes.input) : 0, n_off = data ? elements(shapes.offset) : 0,
+               n_mask = data && desc.mask ? elements(shapes.mask) : 0;
+  DeviceBuffer gout(data ? elements(shapes.output) : 0, desc.dtype), gin(n_in, desc.dtype),
+      goff(n_off, desc.dtype), gmask(n_mask, desc.dtype);
+  if (data) upload(gout, random(shapes.output, uni, 1.0), desc.dtype);
+  BackwardArgs bargs;
+  bargs.input = args.input, bargs.offset = args.offset, bargs.mask = args.mask;
+  bargs.weight = args.weight, bargs.grad_output = gout.get();
+  bargs.grad_input = gin.get(), bargs.grad_offset = goff.get();
+  bargs.grad_mask = n_mask ? gmask.get() : nullptr;
+  auto run = [&](size_t i) {
+    if (data) kernels[i].backward(bargs, nullptr, 0);
+    else kernels[i].forward(args, nullptr);
+  };
+  // the outputs poisoned (NaN in every float format) before the checked run, then read back
+  auto poison = [&] {
+    for (const DeviceBuffer* b : {&output, &gin, &goff, &gmask})
+      if (b->bytes && (data ? b != &output : b == &output))
+        driver::check(api.memset_d8(b->ptr, 0xff, b->bytes), "cuMemsetD8");
+  };
+  auto fetch = [&] {
+    std::vector<double> out;
+    if (!data) return download(output, desc.dtype);
+    for (const DeviceBuffer* b : {&gin, &goff, &gmask}) download_into(out, *b, desc.dtype);
+    return out;
+  };
 
   // L2 flush between timed runs: write a buffer larger than any L2 (outside the events).
   DeviceBuffer flush(size_t(256) << 20, DType::f32);
@@ -324,11 +369,11 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
       continue;
     }
     try {
-      // Correctness: poisoned output (NaN in every float format), one run, compare.
-      driver::check(api.memset_d8(output.ptr, 0xff, output.bytes), "cuMemsetD8");
-      kernels[i].forward(args, nullptr);
+      // Correctness: poisoned outputs, one run, compare.
+      poison();
+      run(i);
       driver::check(api.ctx_sync(), "kernel run");
-      std::vector<double> out = download(output, desc.dtype);
+      std::vector<double> out = fetch();
       if (i == 0) reference = out;
       c.rel_err = relative_error(out, reference);
       if (!(c.rel_err <= tolerance(desc))) {
@@ -339,13 +384,13 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
       }
       // Timing: 3 warm-up runs, then runs until the budget, 100 runs, or the point where more
       // runs cannot change the answer (timing_settled); median.
-      for (int w = 0; w < 3; ++w) kernels[i].forward(args, nullptr);
+      for (int w = 0; w < 3; ++w) run(i);
       std::vector<double> times;
       const auto t0 = std::chrono::steady_clock::now();
       while (times.size() < 100) {
         flush_l2();
         driver::check(api.event_record(start, nullptr), "cuEventRecord");
-        kernels[i].forward(args, nullptr);
+        run(i);
         driver::check(api.event_record(stop, nullptr), "cuEventRecord");
         driver::check(api.event_sync(stop), "cuEventSynchronize");
         float ms = 0;
