@@ -2,6 +2,8 @@
 // GPU) a real tuning run whose record compile() then follows.
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -694,17 +696,20 @@ TEST_F(Policy, AnUnusableShippedDatabaseIsIgnoredAndLeftAlone) {
 }
 
 // GPU: a layer budget far below one compile stops after the default variant.
-// backward_data tuned on the GPU: every candidate runs through Kernel::backward (grad input,
-// offset and mask only) and is checked against the default's gradients; on sm_90 the wgmma
-// kernel's tiles are among the timed; the record is found by a compile of that pass, in the
-// fast mode only.
-TEST(GpuTune, BackwardDataWritesARecordThePassFollows) {
+// The backward passes tuned on the GPU: every candidate runs through Kernel::backward (only
+// that pass's gradients) and is checked against the default's; on sm_90 the wgmma kernels'
+// tiles are among the timed; the record is found by a compile of that pass (backward_data: in
+// the fast mode only).
+TEST(GpuTune, BackwardPassesWriteRecordsThePassFollows) {
   DEFT_SKIP_WITHOUT_GPU();
+  for (const char* pass : {"backward_data", "backward_weight"}) {
+  SCOPED_TRACE(pass);
+  const bool data = std::string(pass) == "backward_data";
   deft::testing::TempDir dir("gputune-bwd");
   const std::string db = (dir.path() / "deft.db").string();
-  auto d = parse_layer_desc(
+  auto d = parse_layer_desc(fmt::format(
       "deform_conv2d n=2 c=128 h=12 w=12 k=128 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nchw "
-      "pass=backward_data");
+      "pass={}", pass));
   deft::TuneOptions o;
   o.cache_path = db;
   o.seconds_per_candidate = 0.02;
@@ -729,9 +734,10 @@ TEST(GpuTune, BackwardDataWritesARecordThePassFollows) {
   co.cache_path = db;
   EXPECT_EQ(deft::compile(d, co).variant(), r.winner);
   co.deterministic = true;
-  deft::Variant det_default = deft::default_variant(d, r.arch);
-  det_default.deterministic = true;
-  EXPECT_EQ(deft::compile(d, co).variant(), det_default);
+  deft::Variant det_pick = data ? deft::default_variant(d, r.arch) : r.winner;
+  det_pick.deterministic = true;
+  EXPECT_EQ(deft::compile(d, co).variant(), det_pick);
+  }
 }
 
 TEST(GpuTune, ALayerBudgetStopsTryingCandidates) {
@@ -783,28 +789,18 @@ TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
 
 
 // Backward passes are not tuned (yet): a clear error before any GPU work, in both entry points.
-// backward_weight is not tuned (its variant comes from the heuristic or the options); the
-// tuner says so before it touches a GPU.
-TEST(TunerPolicy, BackwardWeightIsNotTunedYet) {
-  const auto d = deft::parse_layer_desc(
-      "deform_conv2d n=1 c=16 h=8 w=8 k=16 r=3 s=3 pad=1 pass=backward_weight");
-  try {
-    deft::simulate_tune(d, deft::TuneOptions{}, deft::TuneLimits{});
-    FAIL() << "tuning a backward_weight pass did not throw";
-  } catch (const deft::NotImplemented& e) {
-    EXPECT_NE(std::string(e.what()).find("pass=backward_weight"), std::string::npos) << e.what();
-  }
-  EXPECT_THROW(deft::tune(d), deft::NotImplemented);
-}
-
-// backward_data's space: its default first, the WMMA tiles around it, and on sm_90 for f16 and
-// bf16 the wgmma kernel's tiles (none for tf32, none elsewhere); depthwise layers have only
-// their default. A simulated tuning writes a record keyed by the backward_data description,
-// which choose_variant then finds for that pass, in the fast mode only.
-TEST(TunerPolicy, BackwardDataIsTunedInTheFastMode) {
-  const char* text = "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 mask=1 dtype=f16 "
-                     "layout=nchw pass=backward_data";
-  const auto d = deft::parse_layer_desc(text);
+// The backward passes' spaces: the default first, the WMMA tiles around it, and on sm_90 for
+// f16 and bf16 the wgmma kernels' tiles (none for tf32, none elsewhere); depthwise layers have
+// only their default. A simulated tuning writes a record keyed by the pass's description,
+// which choose_variant then finds for that pass: backward_data in the fast mode only,
+// backward_weight (deterministic in both modes) in both.
+TEST(TunerPolicy, BackwardPassesAreTuned) {
+  for (const char* pass : {"backward_data", "backward_weight"}) {
+  SCOPED_TRACE(pass);
+  const bool data = std::string(pass) == "backward_data";
+  const auto d = deft::parse_layer_desc(fmt::format(
+      "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nchw "
+      "pass={}", pass));
   for (int arch : {0, 90}) {
     const auto space = deft::search_space(d, deft::SearchOptions{arch, false, 2.0});
     ASSERT_GT(space.size(), 4u);
@@ -816,16 +812,15 @@ TEST(TunerPolicy, BackwardDataIsTunedInTheFastMode) {
     }
     EXPECT_EQ(wgmma > 0, arch == 90) << arch;
   }
-  auto tf32 = deft::parse_layer_desc(
-      "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 dtype=f32 math=tf32 "
-      "pass=backward_data");
+  auto tf32 = deft::parse_layer_desc(fmt::format(
+      "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 dtype=f32 math=tf32 pass={}", pass));
   for (const auto& v : deft::search_space(tf32, deft::SearchOptions{90, false, 2.0}))
     EXPECT_NE(v.algo, deft::Algo::gemm_wgmma);
-  auto dw = deft::parse_layer_desc(
-      "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass=backward_data");
+  auto dw = deft::parse_layer_desc(fmt::format(
+      "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass={}", pass));
   EXPECT_EQ(deft::search_space(dw).size(), 1u);
 
-  deft::testing::TempDir dir("tune-bwd-data");
+  deft::testing::TempDir dir("tune-bwd");
   deft::TuneOptions o;
   o.cache_path = (dir.path() / "deft.db").string();
   const deft::TuneResult r = deft::simulate_tune(d, o);
@@ -837,11 +832,13 @@ TEST(TunerPolicy, BackwardDataIsTunedInTheFastMode) {
   EXPECT_EQ(deft::tuner::choose_variant(d, fast, db.get(), &sim), r.winner);
   deft::CompileOptions det;
   det.deterministic = true;
-  EXPECT_EQ(deft::tuner::choose_variant(d, det, db.get(), &sim), deft::default_variant(d));
+  EXPECT_EQ(deft::tuner::choose_variant(d, det, db.get(), &sim),
+            data ? deft::default_variant(d) : r.winner);
   // the forward pass of the same layer has no record
   auto f = d;
   f.pass = deft::Pass::forward;
   EXPECT_EQ(deft::tuner::choose_variant(f, fast, db.get(), &sim), deft::default_variant(f));
+  }
 }
 
 }  // namespace

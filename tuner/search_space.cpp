@@ -78,6 +78,32 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       }
     return out;
   }
+  if (d.pass == Pass::backward_weight) {
+    if (def.algo == Algo::depthwise) return out;
+    // The WMMA / FMA kernels' tiles (tm = output channels, tn = input channels, tk = pixels a
+    // slice) around the portable default, then on sm_90 (f16, bf16) the wgmma kernel's
+    // warp-specialised tiles (perf notes rounds B8-B10).
+    const Variant base = default_variant(d);
+    for (int tm : {64, 128})
+      for (int tn : {32, 64})
+        for (int tk : {32, 64, 128}) {
+          Variant v = base;
+          v.tile_m = tm, v.tile_n = tn, v.tile_k = tk;
+          add(v);
+        }
+    if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16))
+      for (auto [tm, tn, producers] : {std::array{256, 128, 1}, {256, 64, 2}, {256, 64, 1},
+                                       {128, 128, 1}, {128, 128, 2}, {128, 64, 1}, {128, 64, 2},
+                                       {64, 128, 1}}) {
+        Variant v;
+        v.algo = Algo::gemm_wgmma;
+        v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.producers = producers;
+        v.threads = wgmma_threads(Pass::backward_weight, tm, tn, producers);
+        v.transpose = d.layout == Layout::nchw;
+        add(v);
+      }
+    return out;
+  }
   if (def.algo == Algo::gemm_wgmma) {
     // sm_90: every wgmma tile of the register-A kernel, the warp-specialised tiles (producer
     // warpgroups), then the portable tensor-core space below.

@@ -222,16 +222,10 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt) { return tune(des
 
 namespace {
 
-// The tuner times forward and backward_data kernels; backward_weight takes its variant from
-// the heuristic, a record written by other means, or CompileOptions::backward_weight_variant.
+// Every pass is tuned; the description's pass says which kernel.
 void require_tunable(const LayerDesc& desc) {
   validate(desc);
   require_implemented(desc);
-  if (desc.pass == Pass::backward_weight)
-    throw NotImplemented(fmt::format(
-        "not implemented: tuning pass={}; forward and backward_data kernels are tuned so far "
-        "(choose its variant with CompileOptions::backward_weight_variant; scripts/sweep_bwd.py "
-        "times them)", to_string(desc.pass)));
 }
 
 }  // namespace
@@ -254,10 +248,12 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
     space.resize(opt.max_candidates);
 
   // Candidates are compiled in parallel batches just before they are timed, so that a budget
-  // that runs out spares the compiles of the candidates it never reaches. A backward_data
-  // candidate is the forward kernel's (its default) backward_data variant: it runs through
-  // Kernel::backward with only grad input, offset and mask requested, pre-passes included.
+  // that runs out spares the compiles of the candidates it never reaches. A backward
+  // candidate is the forward kernel's (its default) backward_data or backward_weight variant:
+  // it runs through Kernel::backward with only that pass's gradients requested (grad input,
+  // offset and mask; or grad weight), its pre-passes included.
   const bool data = desc.pass == Pass::backward_data;
+  const bool wgrad = desc.pass == Pass::backward_weight;
   LayerDesc fwd = desc;
   fwd.pass = Pass::forward;
   CompileOptions copt;
@@ -271,8 +267,8 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
       batch.push_back(std::async(std::launch::async, [&, i] {
         try {
           CompileOptions o = copt;
-          if (data) {
-            o.backward_data_variant = space[i];
+          if (data || wgrad) {
+            (data ? o.backward_data_variant : o.backward_weight_variant) = space[i];
             kernels[i] = compile(fwd, o);
             kernels[i].prepare_backward(0);
           } else {
@@ -317,31 +313,35 @@ TuneResult tune(const LayerDesc& desc, const TuneOptions& opt, const TuneLimits&
   args.weight = weight.get();
   args.bias = desc.bias ? bias.get() : nullptr;
   args.output = output.get();
-  // backward_data: grad_output ~ U(-1, 1) in, the three gradients out
+  // backward passes: grad_output ~ U(-1, 1) in; out, grad input, offset and mask
+  // (backward_data) or grad weight (backward_weight)
   const size_t n_in = data ? elements(shapes.input) : 0, n_off = data ? elements(shapes.offset) : 0,
-               n_mask = data && desc.mask ? elements(shapes.mask) : 0;
-  DeviceBuffer gout(data ? elements(shapes.output) : 0, desc.dtype), gin(n_in, desc.dtype),
-      goff(n_off, desc.dtype), gmask(n_mask, desc.dtype);
-  if (data) upload(gout, random(shapes.output, uni, 1.0), desc.dtype);
+               n_mask = data && desc.mask ? elements(shapes.mask) : 0,
+               n_w = wgrad ? elements(shapes.weight) : 0;
+  DeviceBuffer gout(data || wgrad ? elements(shapes.output) : 0, desc.dtype), gin(n_in, desc.dtype),
+      goff(n_off, desc.dtype), gmask(n_mask, desc.dtype), gw(n_w, desc.dtype);
+  if (data || wgrad) upload(gout, random(shapes.output, uni, 1.0), desc.dtype);
   BackwardArgs bargs;
   bargs.input = args.input, bargs.offset = args.offset, bargs.mask = args.mask;
   bargs.weight = args.weight, bargs.grad_output = gout.get();
-  bargs.grad_input = gin.get(), bargs.grad_offset = goff.get();
+  bargs.grad_input = n_in ? gin.get() : nullptr, bargs.grad_offset = n_off ? goff.get() : nullptr;
   bargs.grad_mask = n_mask ? gmask.get() : nullptr;
+  bargs.grad_weight = n_w ? gw.get() : nullptr;
+  const std::vector<const DeviceBuffer*> outs =
+      data ? std::vector<const DeviceBuffer*>{&gin, &goff, &gmask}
+           : wgrad ? std::vector<const DeviceBuffer*>{&gw} : std::vector<const DeviceBuffer*>{&output};
   auto run = [&](size_t i) {
-    if (data) kernels[i].backward(bargs, nullptr, 0);
+    if (data || wgrad) kernels[i].backward(bargs, nullptr, 0);
     else kernels[i].forward(args, nullptr);
   };
   // the outputs poisoned (NaN in every float format) before the checked run, then read back
   auto poison = [&] {
-    for (const DeviceBuffer* b : {&output, &gin, &goff, &gmask})
-      if (b->bytes && (data ? b != &output : b == &output))
-        driver::check(api.memset_d8(b->ptr, 0xff, b->bytes), "cuMemsetD8");
+    for (const DeviceBuffer* b : outs)
+      if (b->bytes) driver::check(api.memset_d8(b->ptr, 0xff, b->bytes), "cuMemsetD8");
   };
   auto fetch = [&] {
     std::vector<double> out;
-    if (!data) return download(output, desc.dtype);
-    for (const DeviceBuffer* b : {&gin, &goff, &gmask}) download_into(out, *b, desc.dtype);
+    for (const DeviceBuffer* b : outs) download_into(out, *b, desc.dtype);
     return out;
   };
 
