@@ -568,6 +568,42 @@ TEST(CliTune, ModelFileTunesDistinctLayersOnceWithProgressAndTable) {
   EXPECT_EQ(r.err.find('\r'), std::string::npos) << r.err;
 }
 
+// --passes tunes each distinct layer once per pass (in the order given, named with the pass),
+// leaves out a pass a layer has no kernel for, and refuses an unknown pass; with --devices the
+// workers get the same entries.
+TEST(CliTune, PassesTunesTheBackwardPassesToo) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const fs::path model = write_text(tmp.path() / "tiny.json", kTinyModel);
+  const std::string db = (tmp.path() / "t.db").string();
+  const std::string act = "deform_conv2d n=1 c=16 h=8 w=8 k=16 r=3 s=3 pad=1 act=relu";
+  const CliRun r = run_cli({"tune", model.string(), act, "--passes", "forward,backward_data",
+                            "--simulate", "--db", db},
+                           cache, tmp.path());
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_NE(r.out.find("[1/5] first (+1 same)  default"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[2/5] first (+1 same) [backward_data]  default"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("[4/5] depthwise [backward_data]  default"), std::string::npos) << r.out;
+  EXPECT_NE(r.err.find("not tuning pass=backward_data"), std::string::npos) << r.err;  // act=relu
+  const auto records = deft::cache::Database::open(db)->list_tuning_records();
+  ASSERT_EQ(records.size(), 5u);
+  int data = 0;
+  for (const auto& rec : records) data += deft::parse_layer_desc(rec.desc).pass == deft::Pass::backward_data;
+  EXPECT_EQ(data, 2);
+  const CliRun w = run_cli({"tune", model.string(), "--passes", "backward_weight", "--devices",
+                            "0,1", "--simulate", "--db", db},
+                           cache, tmp.path());
+  ASSERT_EQ(w.exit_code, 0) << describe(w);
+  EXPECT_NE(w.out.find("first (+1 same) [backward_weight] [device 0]"), std::string::npos) << w.out;
+  EXPECT_EQ(deft::cache::Database::open(db)->list_tuning_records().size(), 7u);
+  const CliRun bad = run_cli({"tune", model.string(), "--passes", "forward,sideways", "--simulate",
+                              "--db", db},
+                             cache, tmp.path());
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("--passes: 'sideways' is not forward, backward_data or backward_weight"),
+            std::string::npos) << bad.err;
+}
+
 TEST(CliTune, DevicesSpawnOneWorkerEachIntoOneDatabase) {
   TempDir tmp;
   const fs::path cache = tmp.path() / "cache";

@@ -419,6 +419,7 @@ struct TuneArgs {
   std::string worker_layers;
   bool simulate = false;
   bool window = false;  // also the staging=window variants (sm_90)
+  std::string passes;  // which passes of each layer to tune ("": each layer's own)
   int verbosity = 0;
 };
 
@@ -439,6 +440,21 @@ struct TunePlan {
   std::vector<std::string> sigma_from;   // per layer: "calibration", "stats", "default"
   std::vector<deft::TuneEntry> entries;
 };
+
+// "a,b , c" -> {"a", "b", "c"} (empty items dropped).
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::string item;
+  for (char ch : text + ",") {
+    if (ch != ',') {
+      if (!std::isspace(static_cast<unsigned char>(ch))) item += ch;
+      continue;
+    }
+    if (!item.empty()) out.push_back(item);
+    item.clear();
+  }
+  return out;
+}
 
 bool is_model_file(const std::string& arg) {
   return arg.size() > 5 && arg.compare(arg.size() - 5, 5, ".json") == 0;
@@ -487,7 +503,38 @@ TunePlan make_plan(const TuneArgs& a) {
     }
     p.sigmas.push_back(l.stats ? deft::offset_sigma(*l.stats) : a.sigma);
   }
-  p.entries = deft::tune_entries(p.model, p.sigmas);
+  // --passes: each entry once per pass asked for (layers in order, their passes in the order
+  // given); a pass a layer has no kernel for (no backward for a fused activation) is left out.
+  // Without it, each layer's own pass (a description's pass=, a model file's forward).
+  if (a.passes.empty()) {
+    p.entries = deft::tune_entries(p.model, p.sigmas);
+    return p;
+  }
+  std::vector<deft::Pass> passes;
+  for (const std::string& name : split_list(a.passes)) {
+    deft::Pass pass;
+    if (name == "forward") pass = deft::Pass::forward;
+    else if (name == "backward_data") pass = deft::Pass::backward_data;
+    else if (name == "backward_weight") pass = deft::Pass::backward_weight;
+    else
+      throw deft::Error(fmt::format("--passes: '{}' is not forward, backward_data or "
+                                    "backward_weight", name));
+    if (std::find(passes.begin(), passes.end(), pass) == passes.end()) passes.push_back(pass);
+  }
+  if (passes.empty()) throw deft::Error("--passes: name at least one pass");
+  for (const deft::TuneEntry& e : deft::tune_entries(p.model, p.sigmas))
+    for (deft::Pass pass : passes) {
+      deft::TuneEntry pe = e;
+      pe.desc.pass = pass;
+      try {
+        deft::require_implemented(pe.desc);
+      } catch (const deft::Error& ex) {
+        spdlog::warn("{}: not tuning pass={}: {}", p.model.layers[e.layers.front()].name,
+                     deft::to_string(pass), ex.what());
+        continue;
+      }
+      p.entries.push_back(pe);
+    }
   return p;
 }
 
@@ -495,6 +542,7 @@ TunePlan make_plan(const TuneArgs& a) {
 std::string entry_name(const TunePlan& p, const deft::TuneEntry& e) {
   std::string name = p.model.layers[e.layers.front()].name;
   if (e.layers.size() > 1) name += fmt::format(" (+{} same)", e.layers.size() - 1);
+  if (e.desc.pass != deft::Pass::forward) name += fmt::format(" [{}]", deft::to_string(e.desc.pass));
   return name;
 }
 
@@ -678,6 +726,7 @@ std::vector<std::string> worker_argv(const TuneArgs& a, int device, const std::v
   if (a.budget > 0) v.insert(v.end(), {"--budget", fmt::format("{}", a.budget)});
   if (a.simulate) v.push_back("--simulate");
   if (a.window) v.push_back("--window");
+  if (!a.passes.empty()) v.insert(v.end(), {"--passes", a.passes});
   for (int i = 0; i < a.verbosity; ++i) v.push_back("-v");
   return v;
 }
@@ -1021,6 +1070,10 @@ int main(int argc, char** argv) {
   tune->add_flag("--window", ta.window,
                  "Also try the staging=window variants of the sm_90 wgmma kernel, with halos from "
                  "the layer's offset statistics (experimental: not yet run on a GPU)");
+  tune->add_option("--passes", ta.passes,
+                   "Comma-separated passes to tune for each layer: forward, backward_data, "
+                   "backward_weight (default: each layer's own, a description's pass= or a "
+                   "model file's forward)");
   tune->add_option("--seconds", ta.seconds, "Timing budget per variant (at most)")
       ->capture_default_str();
   tune->add_option("--calibration", ta.calibration,
