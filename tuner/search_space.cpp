@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <array>
+#include <initializer_list>
 #include <set>
 
 #include <fmt/format.h>
@@ -54,18 +55,23 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
   };
   const Variant def = default_variant(d, arch);
   add(def);
+  // base with every (tm, tn, tk) of the lists
+  auto add_tiles = [&](const Variant& base, std::initializer_list<int> tms,
+                       std::initializer_list<int> tns, std::initializer_list<int> tks) {
+    for (int tm : tms)
+      for (int tn : tns)
+        for (int tk : tks) {
+          Variant v = base;
+          v.tile_m = tm, v.tile_n = tn, v.tile_k = tk;
+          add(v);
+        }
+  };
   if (d.pass == Pass::backward_data) {
     if (def.algo == Algo::depthwise) return out;
     // The WMMA / FMA kernels' tiles around the default (tm = pixels, tn = channels a step, tk =
     // output channels a slice), then on sm_90 (f16, bf16) the wgmma kernel's (perf notes
     // round B12: 64 or 128 pixels, 1 to 4 warpgroups, rings of 3 or 4).
-    for (int tm : {32, 64, 128})
-      for (int tn : {32, 64})
-        for (int tk : {16, 32, 64}) {
-          Variant v = def;
-          v.tile_m = tm, v.tile_n = tn, v.tile_k = tk;
-          add(v);
-        }
+    add_tiles(def, {32, 64, 128}, {32, 64}, {16, 32, 64});
     if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16))
       for (auto [tm, tn, threads, stages] :
            {std::array{64, 64, 256, 3}, {64, 64, 512, 3}, {64, 128, 256, 3}, {64, 64, 128, 0},
@@ -83,14 +89,7 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
     // The WMMA / FMA kernels' tiles (tm = output channels, tn = input channels, tk = pixels a
     // slice) around the portable default, then on sm_90 (f16, bf16) the wgmma kernel's
     // warp-specialised tiles (perf notes rounds B8-B10).
-    const Variant base = default_variant(d);
-    for (int tm : {64, 128})
-      for (int tn : {32, 64})
-        for (int tk : {32, 64, 128}) {
-          Variant v = base;
-          v.tile_m = tm, v.tile_n = tn, v.tile_k = tk;
-          add(v);
-        }
+    add_tiles(default_variant(d), {64, 128}, {32, 64}, {32, 64, 128});
     if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16))
       for (auto [tm, tn, producers] : {std::array{256, 128, 1}, {256, 64, 2}, {256, 64, 1},
                                        {128, 128, 1}, {128, 128, 2}, {128, 64, 1}, {128, 64, 2},
