@@ -60,6 +60,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--max-measure-s", type=float, default=1.5)
     ap.add_argument("--cache-path", default=None)
+    ap.add_argument("--backward-data-variant", default=None,
+                    help="deft's backward_data variant for every case instead of its own choice "
+                         "(e.g. 'algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=3 "
+                         "transpose=1'); a case it cannot run is reported as an error")
     ap.add_argument("--pre-sleep-us", type=float, default=None,
                     help="GPU sleep queued before each timed call (default 2000; 0: none)")
     args = ap.parse_args(argv)
@@ -101,7 +105,8 @@ def main(argv=None):
             gx, goff, gw = torch.empty_like(x), torch.empty_like(off), torch.empty_like(w)
             gm = torch.empty_like(m) if m is not None else None
             try:
-                kern = lib.compile(desc, None, args.cache_path)
+                kern = (lib.compile_ex(desc, None, args.cache_path, args.backward_data_variant)
+                        if args.backward_data_variant else lib.compile(desc, None, args.cache_path))
                 row["variant"] = kern.variant
 
                 def deft_fb(det):
@@ -176,7 +181,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     res = {"date": datetime.date.today().isoformat(), "env": gpu.env(), "sigma": SIGMA,
            "pre_sleep_us": args.pre_sleep_us, "ceilings": ceilings,
-           "rows": rows}
+           "backward_data_variant": args.backward_data_variant, "rows": rows}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     md = render(res)
@@ -269,7 +274,9 @@ def render(res):
               "(keeps the host's enqueue time out of the events)"
               if res.get("pre_sleep_us") else ", host enqueue time included")
            + ". deft = forward + backward "
-           "(grad input, offset, mask, weight) through the C API; torchvision = its op's "
+           + (f"(backward_data forced to `{res['backward_data_variant']}`) "
+              if res.get("backward_data_variant") else "")
+           + "(grad input, offset, mask, weight) through the C API; torchvision = its op's "
            "forward + autograd backward; cuDNN = conv2d forward + backward (grad input, weight). "
            "fp32_tf32 lets cuDNN, torchvision's GEMMs and deft's tensor-core tiles use TF32; "
            "fp32 is strict FMA for deft. Gradient error: max over the four gradients of "

@@ -12,7 +12,8 @@
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
 #         | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
-#   Environment: SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window), SWEEP_SIGMAS,
+#   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
+#   --cases, --backward-data-variant), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window), SWEEP_SIGMAS,
 #   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
@@ -51,6 +52,8 @@ for step in "$@"; do
       tail -50 "$LOGS/bench.log" ;;
     bwd)
       python3 bench/bench_backward.py --lib build/libdeft.so --out "$LOGS/bwd" \
+        ${BWD_DTYPES:+--dtypes "$BWD_DTYPES"} ${BWD_CASES:+--cases "$BWD_CASES"} \
+        ${BWD_DATA_VARIANT:+--backward-data-variant "$BWD_DATA_VARIANT"} \
         --benchmarks-md "$LOGS/BENCHMARKS.md" > "$LOGS/bench_backward.log" 2>&1
       stamp "bench_backward rc=$?"; cp "$LOGS/BENCHMARKS.md" "$OUT/"; tail -30 "$LOGS/bench_backward.log" ;;
     train)  # the training example at batch 128 (issue 6's case), then batch 32
