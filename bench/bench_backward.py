@@ -64,6 +64,8 @@ def main(argv=None):
                     help="deft's backward_data variant for every case instead of its own choice "
                          "(e.g. 'algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=3 "
                          "transpose=1'); a case it cannot run is reported as an error")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU, no torch: fake timings through the whole report (tests it)")
     ap.add_argument("--pre-sleep-us", type=float, default=None,
                     help="GPU sleep queued before each timed call (default 2000; 0: none)")
     args = ap.parse_args(argv)
@@ -73,12 +75,14 @@ def main(argv=None):
     args.flush_l2 = True
     args.pre_sleep_us = 2000.0 if args.pre_sleep_us is None else args.pre_sleep_us
 
-    gpu = bench.Gpu(args)
-    torch = gpu.torch
-    lib = DeftLibrary(args.lib)
     spec = bench.load_shapes(args.shapes)
     cases = [c for c in spec["cases"] if not args.cases or c["name"] in args.cases.split(",")]
     os.makedirs(args.out, exist_ok=True)
+    if args.dry_run:
+        return write_results(args, dry_results(args, cases))
+    gpu = bench.Gpu(args)
+    torch = gpu.torch
+    lib = DeftLibrary(args.lib)
     stream = torch.cuda.current_stream().cuda_stream
     ceilings = gpu.measure_ceilings(True)  # for the roofline column, in this run
     rows = []
@@ -182,6 +186,10 @@ def main(argv=None):
     res = {"date": datetime.date.today().isoformat(), "env": gpu.env(), "sigma": SIGMA,
            "pre_sleep_us": args.pre_sleep_us, "ceilings": ceilings,
            "backward_data_variant": args.backward_data_variant, "rows": rows}
+    return write_results(args, res)
+
+
+def write_results(args, res) -> int:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     md = render(res)
@@ -191,6 +199,30 @@ def main(argv=None):
         update_md(args.benchmarks_md, md)
     print(md)
     return 0
+
+
+def dry_results(args, cases) -> dict:
+    """Fake rows (a few times the roofline, made-up ceilings) for every case and dtype: the
+    report's code runs without a GPU or torch."""
+    ceilings = {"hbm_bytes_per_s": 4.0e12, "fp16_tc_flops_per_s": 7.0e14,
+                "tf32_tc_flops_per_s": 3.5e14, "fp32_fma_flops_per_s": 5.0e13}
+    rows = []
+    for case in cases:
+        for dtype in args.dtypes.split(","):
+            row = {"case": case["name"], "dtype": dtype, "errors": {}, "variant": "dry run",
+                   "desc": bench.deft_desc(case, "nchw", dtype),
+                   "roofline": fb_roofline(case, dtype, ceilings)}
+            roof = row["roofline"]["roofline_ms"]
+            row.update(deft_fb_ms=4 * roof + 0.05, deft_fb_det_ms=6 * roof + 0.07,
+                       cudnn_fb_ms=1.5 * roof + 0.02, tv_fb_ms=12 * roof + 0.5,
+                       grad_rel_err=1e-3 if dtype != "fp32" else 1e-6, tv_grad_rel_err=1e-2)
+            finish(row, case)
+            rows.append(row)
+    return {"date": datetime.date.today().isoformat(), "dry_run": True,
+            "env": {"device": "FAKE GPU (dry run)", "torch": "-", "torchvision": "-",
+                    "cudnn": "-"},
+            "sigma": SIGMA, "pre_sleep_us": args.pre_sleep_us, "ceilings": ceilings,
+            "backward_data_variant": args.backward_data_variant, "rows": rows}
 
 
 def fb_roofline(case: dict, dtype: str, ceilings: dict) -> dict:
@@ -265,7 +297,11 @@ def ceilings_text(ceil: dict) -> str:
 def render(res):
     env = res["env"]
     out = [BEGIN, "## Benchmarks: deform_conv2d forward + backward",
-           "",
+           ""]
+    if res.get("dry_run"):
+        out += ["> **DRY RUN — every number below is fake** (generated without a GPU to test the "
+                "report).", ""]
+    out += [
            f"Measured {res['date']} on {env['device']} (torch {env['torch']}, torchvision "
            f"{env['torchvision']}, cuDNN {env['cudnn']}) by `bench/bench_backward.py`: NCHW, "
            f"offsets ~ N(0, {res['sigma']:g}²) px, mask ~ U(0,1), medians of CUDA-event "
