@@ -10,6 +10,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <limits>
 #include <random>
@@ -548,16 +549,28 @@ TEST(GpuBackwardWgmma, DataEdgesDeterminismAndSubsets) {
       for (int det : {0, 1}) {
         deft::CompileOptions o = test_options(det != 0);
         o.backward_data_variant = v;
+        std::fprintf(stderr, "edges: %s | %s | det=%d\n", deft::to_string(d).c_str(),
+                     deft::to_string(v).c_str(), det);
         check_backward(d, t, det, o);
       }
-      deft::CompileOptions o = test_options(true);
-      o.backward_data_variant = v;
+      std::fprintf(stderr, "edges: subsets\n");
       Tensors q = t;
       for (auto* x : {&q.input, &q.offset, &q.mask, &q.weight, &q.gout})
         quantize_in_place(*x, d.dtype);
+      {  // fast mode: grad offset alone (no grad input) runs
+        deft::CompileOptions f = test_options(false);
+        f.backward_data_variant = v;
+        std::fprintf(stderr, "edges: fast only grad_offset\n");
+        run_gpu(d, q, 0, {false, true, false, false, false}, 1, f);
+      }
+      deft::CompileOptions o = test_options(true);
+      o.backward_data_variant = v;
+      std::fprintf(stderr, "edges: det all\n");
       const GpuGrads all = run_gpu(d, q, 1, {true, true, true, false, false}, 3, o);
+      std::fprintf(stderr, "edges: det again\n");
       const GpuGrads again = run_gpu(d, q, 1, {true, true, true, false, false}, 1, o);
       for (int g = kInput; g <= kMask; ++g) {
+        std::fprintf(stderr, "edges: det only %s\n", kGradName[g]);
         EXPECT_EQ(again.raw[g], all.raw[g]) << kGradName[g] << ": not bitwise reproducible";
         std::array<bool, kGrads> want{};
         want[g] = true;
