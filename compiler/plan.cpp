@@ -322,7 +322,6 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
                               "stages=3 to 8, not {}", v.stages));
   p.bp = v.tile_m;
   p.bc = v.tile_n;
-  p.bk = 64;
   p.block = unsigned(v.threads);
   const int64_t kgp = ceil_div(d.k_per_group(), 64) * 64, wgs = v.threads / 128;
   // the grad_out tile, every warpgroup's ring, the other warpgroups' point-grad sums
@@ -356,7 +355,6 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   p.workspace_weight_bytes = 0;
   p.workspace_packed_bytes = d.groups * d.taps() * d.c_per_group() * kgp * 2;
   p.gin_mode = v.deterministic ? 2 : 1;
-  p.ev = 4;
   p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : 4) * in_elems;
   const int64_t gx = ceil_div(m_total, p.bp);
   if (gx > 2147483647 || d.offset_groups > 65535)

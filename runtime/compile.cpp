@@ -505,7 +505,8 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
   const void* gout = a.grad_output;
 
   // Channels-last copies of the input (and weight) for passes planned with transpose=1, made
-  // once per call and shared by both passes.
+  // once per call and shared by both passes. Only a data pass may read a krsc weight: the
+  // scratch holds one only when its plan does.
   std::unique_ptr<Scratch> tws;
   const void* x_t = nullptr;
   const void* w_t = nullptr;
@@ -513,8 +514,10 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
   const size_t x_round = (x_bytes + 255) / 256 * 256;
   auto transposed = [&](const KernelImpl& k) {
     if (!tws) {
-      tws = std::make_unique<Scratch>(
-          x_round + size_t(d.k * d.c_per_group() * d.taps()) * dtype_size(d.dtype), stream, false);
+      const size_t w_bytes = kdata && kdata->plan.w_krsc
+                                 ? size_t(d.k * d.c_per_group() * d.taps()) * dtype_size(d.dtype)
+                                 : 0;
+      tws = std::make_unique<Scratch>(x_round + w_bytes, stream, false);
       launch_transpose(k, a.input, tws->get(), d.n, d.c, d.h * d.w, stream);
       x_t = reinterpret_cast<const void*>(tws->get());
     }

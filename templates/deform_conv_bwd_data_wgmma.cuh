@@ -53,11 +53,6 @@ static_assert(NSTAGE >= 3 &&
               "shared memory plan");
 static_assert(GV == 8 || GV == 4 || GV == 1, "grad_out copy width");
 
-// Named barrier `id` (1 ..) of the 128 threads of one warpgroup.
-__device__ __forceinline__ void deft_warpgroup_bar(int id) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
-}
-
 // The channel (of the step's BN) that column n of a weight slice, and of the accumulator,
 // holds. The accumulator gives lane q of a quad the columns 8j + 2q, 8j + 2q + 1 (j = 0 ..
 // BN / 8 - 1); with this order its columns j = 4u + 2h + b hold channels 32u + 16h + 4q + 2b
@@ -261,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the wgmmas
       // the warpgroup's pieces of slice j; its wgmmas of slice j - 2 retired, so that slice's
       // slot, (j + NSTAGE - 2) % NSTAGE, is free
-      deft_warpgroup_bar(1 + wg);
+      deft_warpgroup_sync(1 + wg);
       if (j + NSTAGE - 2 < SLICES) load_w(j + NSTAGE - 2);
       deft_cp_commit();
       const unsigned b = ring_addr + (j % NSTAGE) * SLICE_BYTES;

@@ -239,11 +239,8 @@ struct ChunkPoint {
   int4 off;
   float4 w;
 };
-// Barrier id among one warpgroup's 128 threads: 1 + pg for producer warpgroup pg,
+// Warpgroup barrier ids (deft_warpgroup_sync): 1 + pg for producer warpgroup pg,
 // 1 + PRODUCERS + wg for consumer warpgroup wg.
-__device__ __forceinline__ void deft_warpgroup_sync(int id) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
-}
 
 // Consumer side: grad_out goes through shared memory as well, AST stages of each consumer's
 // 64 output channels x KP pixels, copied with cp.async AST - 1 chunks ahead (round B9: the

@@ -1,6 +1,7 @@
-// Shared by the wgmma kernels (deform_conv_wgmma.cuh, deform_conv_bwd_weight_wgmma.cuh): the
-// warpgroup MMA's ordering instructions, the shared-memory descriptor of their B operand, and
-// the mbarriers of the warp-specialised forms' rings.
+// Shared by the wgmma kernels (deform_conv_wgmma.cuh, deform_conv_bwd_weight_wgmma.cuh,
+// deform_conv_bwd_data_wgmma.cuh): the warpgroup MMA's ordering instructions, the
+// shared-memory operand descriptors, a warpgroup's named barrier, and the mbarriers of the
+// warp-specialised forms' rings.
 // Constants from codegen: BN (the B tile's width, n).
 
 __device__ __forceinline__ void deft_wgmma_fence() {
@@ -37,6 +38,11 @@ __device__ __forceinline__ unsigned long long deft_smem_desc(unsigned a, int h) 
 // packed weight, MN-major for the backward's sampled columns.
 __device__ __forceinline__ unsigned long long deft_b_desc(unsigned b, int h) {
   return deft_smem_desc<BN * 16u>(b, h);
+}
+
+// Named barrier `id` (1 .. 15) of the 128 threads of one warpgroup.
+__device__ __forceinline__ void deft_warpgroup_sync(int id) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory");
 }
 
 // mbarriers of a producer/consumer ring: initialised with the number of arrivals a phase takes,

@@ -10,7 +10,6 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <filesystem>
 #include <limits>
 #include <random>
@@ -427,27 +426,33 @@ bool check_pass_variant(const LayerDesc& d, deft::Pass pass, const deft::Variant
   return true;
 }
 
-// Grad weight on Hopper's wgmma (deform_conv_bwd_weight_wgmma.cuh): every tile a layer takes,
-// on layers with output channels that fill no tile (k/groups = 80, 76), two groups and two
-// offset groups, nhwc, and nchw with each of the grad_out copy widths (h*w = 144: 16 bytes,
-// 60: 8 bytes, 90 and 49: elements; nhwc k = 256: 16 bytes, 76: elements); sigma 8 on one of
-// them for corners far outside the image; and the warp-specialised form on the same layers.
-TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
-  DEFT_SKIP_WITHOUT_GPU();
-  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
-  struct W {
-    LayerDesc d;
-    double sigma;
-  };
-  const W layers[] = {
+// Layers for the wgmma backward kernels' tile tests: output channels that fill no 64-channel
+// slice (k/groups = 80, 76), two groups and two offset groups, both layouts, partial pixel
+// blocks, and grad_out copies of 16 bytes (nchw h*w = 144, nhwc k = 256), 8 bytes (h*w = 60,
+// nhwc k = 76) and elements (h*w = 90); sigma 8 on one of them.
+struct WgmmaLayer {
+  LayerDesc d;
+  double sigma;
+};
+std::vector<WgmmaLayer> wgmma_layers() {
+  return {
       {make(2, 128, 9, 10, 80, 3, 1, 1, 2, DType::f16, Layout::nchw), 2.0},
       {make(2, 128, 7, 9, 256, 3, 1, 1, 1, DType::bf16, Layout::nhwc), 2.0},
       {make(2, 256, 12, 12, 128, 3, 1, 2, 2, DType::f16, Layout::nchw), 8.0},
-      {make(3, 64, 7, 7, 64, 3, 1, 1, 1, DType::bf16, Layout::nchw), 2.0},
       {make(3, 128, 6, 10, 128, 3, 1, 1, 1, DType::f16, Layout::nchw), 2.0},
       {make(2, 64, 8, 9, 76, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2.0},
   };
-  for (const W& w : layers) {
+}
+
+// Grad weight on Hopper's wgmma (deform_conv_bwd_weight_wgmma.cuh): every tile a layer takes,
+// on wgmma_layers() and a 64-channel 7x7 one (h*w = 49: element copies), and the
+// warp-specialised form on the same layers.
+TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  std::vector<WgmmaLayer> layers = wgmma_layers();
+  layers.push_back({make(3, 64, 7, 7, 64, 3, 1, 1, 1, DType::bf16, Layout::nchw), 2.0});
+  for (const WgmmaLayer& w : layers) {
     LayerDesc wd = w.d;
     wd.pass = deft::Pass::backward_weight;
     const Tensors t = random_tensors(w.d, w.sigma, 321);
@@ -487,33 +492,22 @@ TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
 // backward_data on Hopper's wgmma (deform_conv_bwd_data_wgmma.cuh): 64 and 128 pixels a block,
 // one to four warpgroups taking turns over a half's channel steps (more than a layer has, too),
 // 64- and 128-channel steps,
-// the plan's weight rings and the shallowest and the deepest, fast and deterministic; on layers whose output channels fill no 64-channel slice (k/groups = 80, 76),
-// with two groups and two offset groups, several channel steps per block, partial pixel
-// blocks, a stride-2 layer, and each grad_out copy width (nchw h*w = 144 and 64: 16 bytes,
-// 60: 8 bytes, 90 and 42: elements; nhwc k = 256: 16 bytes, 76: 8 bytes); sigma 8 on one.
+// the plan's weight rings and the shallowest and the deepest, fast and deterministic; on
+// wgmma_layers() (several channel steps per block among them), a stride-2 layer (h*w = 42:
+// element copies) and a dilated one (h*w = 64: 16-byte copies).
 TEST(GpuBackwardWgmma, DataTilesMatchReference) {
   DEFT_SKIP_WITHOUT_GPU();
   if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
-  struct W {
-    LayerDesc d;
-    double sigma;
-  };
   LayerDesc strided = make(2, 64, 11, 13, 64, 3, 1, 1, 1, DType::bf16, Layout::nchw);
   strided.stride_h = strided.stride_w = 2;
   LayerDesc wide = make(2, 256, 8, 8, 128, 3, 1, 1, 1, DType::f16, Layout::nchw);
   wide.dil_h = wide.dil_w = 2;
   wide.pad_h = wide.pad_w = 2;
-  const W layers[] = {
-      {make(2, 128, 9, 10, 80, 3, 1, 1, 2, DType::f16, Layout::nchw), 2.0},
-      {make(2, 128, 7, 9, 256, 3, 1, 1, 1, DType::bf16, Layout::nhwc), 2.0},
-      {make(2, 256, 12, 12, 128, 3, 1, 2, 2, DType::f16, Layout::nchw), 8.0},
-      {make(3, 128, 6, 10, 128, 3, 1, 1, 1, DType::f16, Layout::nchw), 2.0},
-      {make(2, 64, 8, 9, 76, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2.0},
-      {strided, 2.0},
-      {wide, 2.0},
-  };
+  std::vector<WgmmaLayer> layers = wgmma_layers();
+  layers.push_back({strided, 2.0});
+  layers.push_back({wide, 2.0});
   int ran = 0;
-  for (const W& w : layers) {
+  for (const WgmmaLayer& w : layers) {
     const Tensors t = random_tensors(w.d, w.sigma, 654);
     for (auto [tm, wgs, tn, stages, det] :
          {std::array{64, 1, 64, 0, 0}, {64, 2, 64, 3, 1}, {64, 4, 64, 6, 0}, {64, 1, 128, 0, 0},
@@ -549,28 +543,21 @@ TEST(GpuBackwardWgmma, DataEdgesDeterminismAndSubsets) {
       for (int det : {0, 1}) {
         deft::CompileOptions o = test_options(det != 0);
         o.backward_data_variant = v;
-        std::fprintf(stderr, "edges: %s | %s | det=%d\n", deft::to_string(d).c_str(),
-                     deft::to_string(v).c_str(), det);
         check_backward(d, t, det, o);
       }
-      std::fprintf(stderr, "edges: subsets\n");
       Tensors q = t;
       for (auto* x : {&q.input, &q.offset, &q.mask, &q.weight, &q.gout})
         quantize_in_place(*x, d.dtype);
       {  // fast mode: grad offset alone (no grad input) runs
         deft::CompileOptions f = test_options(false);
         f.backward_data_variant = v;
-        std::fprintf(stderr, "edges: fast only grad_offset\n");
         run_gpu(d, q, 0, {false, true, false, false, false}, 1, f);
       }
       deft::CompileOptions o = test_options(true);
       o.backward_data_variant = v;
-      std::fprintf(stderr, "edges: det all\n");
       const GpuGrads all = run_gpu(d, q, 1, {true, true, true, false, false}, 3, o);
-      std::fprintf(stderr, "edges: det again\n");
       const GpuGrads again = run_gpu(d, q, 1, {true, true, true, false, false}, 1, o);
       for (int g = kInput; g <= kMask; ++g) {
-        std::fprintf(stderr, "edges: det only %s\n", kGradName[g]);
         EXPECT_EQ(again.raw[g], all.raw[g]) << kGradName[g] << ": not bitwise reproducible";
         std::array<bool, kGrads> want{};
         want[g] = true;

@@ -441,17 +441,15 @@ struct TunePlan {
   std::vector<deft::TuneEntry> entries;
 };
 
-// "a,b , c" -> {"a", "b", "c"} (empty items dropped).
+// "a,b , c" -> {"a", "b", "c"}: the comma-separated items, white space around each removed
+// (an empty item stays, for the caller to refuse).
 std::vector<std::string> split_list(const std::string& text) {
   std::vector<std::string> out;
+  std::stringstream in(text);
   std::string item;
-  for (char ch : text + ",") {
-    if (ch != ',') {
-      if (!std::isspace(static_cast<unsigned char>(ch))) item += ch;
-      continue;
-    }
-    if (!item.empty()) out.push_back(item);
-    item.clear();
+  while (std::getline(in, item, ',')) {
+    const size_t b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+    out.push_back(b == std::string::npos ? "" : item.substr(b, e - b + 1));
   }
   return out;
 }
@@ -617,14 +615,11 @@ std::optional<std::pair<size_t, EntryOutcome>> parse_outcome(const std::string& 
 
 std::vector<int> parse_int_list(const std::string& text, const char* option) {
   std::vector<int> out;
-  std::stringstream in(text);
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    static const std::regex re(R"(\s*(\d{1,6})\s*)");
-    std::smatch m;
-    if (!std::regex_match(item, m, re))
+  for (const std::string& item : split_list(text)) {
+    static const std::regex re(R"(\d{1,6})");
+    if (!std::regex_match(item, re))
       throw deft::Error(fmt::format("{} {}: '{}' is not a non-negative integer", option, text, item));
-    out.push_back(std::stoi(m[1]));
+    out.push_back(std::stoi(item));
   }
   if (out.empty()) throw deft::Error(fmt::format("{} is empty", option));
   return out;
