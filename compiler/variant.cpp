@@ -232,8 +232,30 @@ Variant default_variant(const LayerDesc& d) {
 
 bool variant_needs_sm90a(const Variant& v) { return v.algo == Algo::gemm_wgmma; }
 
-Variant default_variant(const LayerDesc& d, int arch) {
+Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   Variant base = default_variant(d);
+  // Grad input, f16 and bf16, on sm_90, fast mode: the wgmma kernel
+  // (templates/deform_conv_bwd_data_wgmma.cuh) with 64 pixels, 64-channel steps, two
+  // warpgroups and a 3-slice ring, where a group has more than 64 output channels. From the
+  // sweep of docs/perf-notes.md round B12 (H200, fp16 nchw, grad-input pass): 0.708 against
+  // the WMMA kernel's 1.123 ms on dense512, 0.128 / 0.182 resnet_res4, 0.186 / 0.236
+  // maskrcnn_res4, 0.379 / 0.394 stride2; with 64 output channels (deft_64) the WMMA kernel
+  // stays (0.160 against 0.171). Deterministic mode keeps the WMMA kernel: this one's
+  // fixed-point epilogue costs 3.5-5.5x its fast mode there (WMMA: 1.8-2.3x).
+  if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
+      base.algo == Algo::gemm_tc && (d.dtype == DType::f16 || d.dtype == DType::bf16) &&
+      d.k_per_group() > 64) {
+    Variant v;
+    v.algo = Algo::gemm_wgmma;
+    v.tile_m = 64, v.tile_n = 64, v.tile_k = 64, v.threads = 256, v.stages = 3;
+    v.transpose = d.layout == Layout::nchw;
+    try {
+      validate(d, v);
+      return v;
+    } catch (const DescError&) {
+      return base;
+    }
+  }
   // wgmma exists on sm_90 (Hopper) alone. Only for the layers the tensor-core GEMM would take
   // (f16, bf16, f32 in tf32 math), with whole chunks (32 channels, 16 for tf32) or at least 64
   // channels per group (less would leave most of each chunk's k slots zero).

@@ -10,7 +10,7 @@
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
-#         | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
+#         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
 #   --cases, --backward-data-variant), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window), SWEEP_SIGMAS,
@@ -126,6 +126,11 @@ for step in "$@"; do
         ncu -i "/tmp/ncu-bwd-$cs.ncu-rep" --page source --print-source sass --csv > "$LOGS/ncu-bwd-sass-$cs.csv" 2>&1
         grep -E "Duration|Throughput|Hit Rate|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|Eligible|No Eligible|Active Warps" "$LOGS/ncu-bwd-$cs.txt" | head -40
       done ;;
+    sass)  # SASS of one kernel as the device's NVRTC compiles it: SASS_DESC, SASS_VARIANT
+      DEFT_NVDISASM=${DEFT_NVDISASM:-/usr/local/cuda/bin/nvdisasm} build/tools/deft compile "$SASS_DESC" \
+        ${SASS_VARIANT:+--variant "$SASS_VARIANT"} --no-cache --emit sass > "$LOGS/sass.txt" 2>&1
+      stamp "sass rc=$? lines=$(wc -l < "$LOGS/sass.txt") md5=$(md5sum < "$LOGS/sass.txt" | cut -c1-12)"
+      ls -l /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -3 ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
   pack

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "compiler/plan.hpp"
+#include "tuner/select.hpp"
 #include "deft/deft.hpp"
 #include "deft/deft_c.h"
 
@@ -460,7 +461,7 @@ TEST(Codegen, WgmmaBackwardDataTilesCompile) {
     const int64_t kgp = (d.k + 63) / 64 * 64;
     for (auto [tm, wgs, tn, stages, det] :
          {std::array{64, 1, 64, 0, 0}, {64, 2, 128, 0, 1}, {64, 2, 128, 3, 0}, {64, 4, 64, 3, 1},
-          {128, 2, 64, 0, 1}, {128, 4, 64, 3, 0}}) {
+          {128, 2, 64, 0, 0}, {128, 4, 64, 3, 0}}) {
       const deft::Variant v = deft::parse_variant(fmt::format(
           "algo=gemm_wgmma tm={} tn={} tk=64 threads={} transpose={}{}{}", tm, tn, 128 * wgs,
           nchw ? 1 : 0, stages ? fmt::format(" stages={}", stages) : "", det ? " det=1" : ""));
@@ -504,6 +505,9 @@ TEST(Codegen, WgmmaBackwardDataTilesCompile) {
   refused(base + bd, "algo=gemm_wgmma tm=256 tn=64 tk=64 threads=512 transpose=1", "tm");
   refused(base + bd, "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 transpose=1", "threads");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=256 transpose=1", "tk");
+  // deterministic mode: 64-pixel tiles only (a 128-pixel one faulted on the H200, perf notes B13)
+  refused(base + bd, "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=1 det=1", "tm");
+  refused(base + bd, "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=512 transpose=1 det=1", "tm");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=2 transpose=1", "stages");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 producers=1 transpose=1",
           "producers");
@@ -678,6 +682,43 @@ TEST(Codegen, EveryTunerCandidateCompiles) {
       EXPECT_NO_THROW(deft::compile_offline(d, o)) << text << " [" << deft::to_string(v) << "]";
     }
   }
+}
+
+// The heuristic's grad-input kernel on sm_90: the wgmma one (64 pixels, 64-channel steps, two
+// warpgroups, 3 slices) for f16/bf16 groups of more than 64 output channels in the fast mode;
+// the WMMA kernel in deterministic mode, for 64 output channels, for tf32, and off sm_90.
+TEST(Codegen, DefaultBackwardDataOnSm90) {
+  auto desc = [](const char* rest) {
+    return deft::parse_layer_desc(std::string("deform_conv2d n=16 r=3 s=3 pad=1 mask=1 ") + rest +
+                                  " pass=backward_data");
+  };
+  for (const char* rest : {"c=512 h=32 w=32 k=512 dtype=f16 layout=nchw",
+                           "c=256 h=14 w=14 k=256 dtype=bf16 layout=nhwc",
+                           "c=128 h=56 w=56 k=128 stride=2 dtype=f16 layout=nchw"}) {
+    const auto d = desc(rest);
+    SCOPED_TRACE(rest);
+    const deft::Variant v = deft::default_variant(d, 90);
+    EXPECT_EQ(v.algo, deft::Algo::gemm_wgmma);
+    EXPECT_EQ(deft::to_string(v),
+              deft::to_string(deft::parse_variant(fmt::format(
+                  "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=3 transpose={}",
+                  d.layout == deft::Layout::nchw ? 1 : 0))));
+    EXPECT_NO_THROW(deft::validate(d, v));
+    EXPECT_EQ(deft::default_variant(d, 90, true).algo, deft::Algo::gemm_tc);
+    EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
+    EXPECT_EQ(deft::default_variant(d, 0).algo, deft::Algo::gemm_tc);
+  }
+  EXPECT_EQ(deft::default_variant(desc("c=64 h=64 w=64 k=64 dtype=f16 layout=nchw"), 90).algo,
+            deft::Algo::gemm_tc);
+  EXPECT_EQ(
+      deft::default_variant(desc("c=512 h=32 w=32 k=512 dtype=f32 math=tf32 layout=nchw"), 90).algo,
+      deft::Algo::gemm_tc);
+  // the deterministic default is what choose_variant gives in deterministic mode
+  deft::CompileOptions det;
+  det.deterministic = true;
+  det.arch = 90;
+  const auto d = desc("c=512 h=32 w=32 k=512 dtype=f16 layout=nchw");
+  EXPECT_EQ(deft::tuner::choose_variant(d, det), deft::default_variant(d, 90, true));
 }
 
 }  // namespace

@@ -734,7 +734,7 @@ TEST(GpuTune, BackwardPassesWriteRecordsThePassFollows) {
   co.cache_path = db;
   EXPECT_EQ(deft::compile(d, co).variant(), r.winner);
   co.deterministic = true;
-  deft::Variant det_pick = data ? deft::default_variant(d, r.arch) : r.winner;
+  deft::Variant det_pick = data ? deft::default_variant(d, r.arch, true) : r.winner;
   det_pick.deterministic = true;
   EXPECT_EQ(deft::compile(d, co).variant(), det_pick);
   }

@@ -68,12 +68,13 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
   };
   if (d.pass == Pass::backward_data) {
     if (def.algo == Algo::depthwise) return out;
-    // The WMMA / FMA kernels' tiles around the default (tm = pixels, tn = channels a step, tk =
-    // output channels a slice), then on sm_90 (f16, bf16) the wgmma kernel's with 64 pixels
-    // and one or two warpgroups (perf notes round B12). Not its 128-pixel or 4-warpgroup
-    // tiles: tm=128 threads=512 made an illegal address on the H200 when grad input was not
-    // requested (deterministic mode), cause not found yet; those stay opt-in.
-    add_tiles(def, {32, 64, 128}, {32, 64}, {16, 32, 64});
+    // The WMMA / FMA kernels' tiles around the portable default (tm = pixels, tn = channels a
+    // step, tk = output channels a slice), then on sm_90 (f16, bf16) the wgmma kernel's with
+    // 64 pixels and one or two warpgroups (perf notes round B12; on sm_90 the default is the
+    // first of them where a group has more than 64 output channels). Not its 128-pixel or
+    // 4-warpgroup tiles: tm=128 threads=512 made an illegal address on the H200 when grad
+    // input was not requested (deterministic mode), cause not found; those stay opt-in.
+    add_tiles(default_variant(d), {32, 64, 128}, {32, 64}, {16, 32, 64});
     if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16))
       for (auto [tm, tn, threads, stages] :
            {std::array{64, 64, 256, 3}, {64, 64, 256, 0}, {64, 128, 256, 3}, {64, 64, 128, 0}}) {

@@ -92,7 +92,7 @@ Variant choose_variant(const LayerDesc& desc, const CompileOptions& options, cac
   // (measured: the wgmma kernel's fixed-point atomics take 3.5-5.5x its fast mode, the WMMA
   // kernel's 1.8-2.3x), so it keeps the heuristic
   if (desc.pass == Pass::backward_data && options.deterministic)
-    return default_variant(desc, arch);
+    return default_variant(desc, arch, true);
   if (!options.use_tuning_records || !device) return default_variant(desc, arch);
   // The user's database first: its records take precedence over the shipped ones. In each, a
   // record of the space with window variants (deft tune --window) before one of the plain space.

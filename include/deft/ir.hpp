@@ -175,8 +175,10 @@ void validate(const LayerDesc&, const Variant&);
 // The heuristic choice from the description alone (until the tuner has a record).
 Variant default_variant(const LayerDesc&);
 // The same for a GPU of compute capability `arch` (e.g. 90): on sm_90, forward layers that
-// algo=gemm_wgmma can run take it; arch 0 means unknown (the portable choice above).
-Variant default_variant(const LayerDesc&, int arch);
+// algo=gemm_wgmma can run take it, and so do f16/bf16 backward passes (grad weight; grad input
+// in the fast mode only: `deterministic` keeps the WMMA kernel there); arch 0 means unknown
+// (the portable choice above).
+Variant default_variant(const LayerDesc&, int arch, bool deterministic = false);
 // True when the variant's kernel runs only on exactly this architecture family (sm_90a
 // instructions): algo=gemm_wgmma needs arch 90.
 bool variant_needs_sm90a(const Variant&);
