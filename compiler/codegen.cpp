@@ -277,7 +277,10 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   c32("A_PAD", p.a_pad);
   c32("B_PAD", p.b_pad);
   c32("SMEM_BYTES", p.smem_bytes);
-  c32("MIN_BLOCKS", std::max(1, 512 / v.threads));  // keep >= 16 warps resident per SM
+  // keep >= 16 warps resident per SM; FMA micro-tiles of 64 accumulator words or more take
+  // the registers they need instead (a cap of 128 would spill them)
+  const int acc_words = p.tm * p.tn * (p.stage == "double" ? 2 : 1);
+  c32("MIN_BLOCKS", !p.use_tc && acc_words >= 64 ? 1 : std::max(1, 512 / v.threads));
   line(fmt::format("#define VEC_A {}", p.vec_a ? 1 : 0));
   line(fmt::format("#define VEC_B {}", p.vec_b ? 1 : 0));
   if (p.use_tc) {

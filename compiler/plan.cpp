@@ -363,6 +363,7 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   p.workspace_weight_bytes = 0;
   p.workspace_packed_bytes = d.groups * d.taps() * d.c_per_group() * kgp * 2;
   p.gin_mode = v.deterministic ? 2 : 1;
+  p.gin_always = true;
   p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : 4) * in_elems;
   const int64_t gx = ceil_div(m_total, p.bp);
   if (gx > 2147483647 || d.offset_groups > 65535)

@@ -59,6 +59,9 @@ struct KernelPlan {
   // consumer warpgroups along the rows, output channels per consumer, bytes of the rows' image
   // table; blocks per SM the kernel is compiled for
   int ws_producers = 0, ws_consumers = 0, ws_cm = 0, ws_bnw = 0, ws_row_bytes = 0;
+  // backward_data: the kernel scatters into the grad-input workspace even when grad input is
+  // not requested (the wgmma kernel has no null-workspace path)
+  bool gin_always = false;
   int min_blocks = 1;
   // warp-specialised wgmma backward_weight (variant producers > 0): producer warpgroups; its
   // ring depth is nstage

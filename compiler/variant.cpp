@@ -220,6 +220,11 @@ Variant default_variant(const LayerDesc& d) {
     v.tile_k = d.dtype == DType::f64 ? 8 : 16;
     // every thread loads at least one B element per slice
     v.tile_k = std::max(v.tile_k, v.threads / v.tile_n);
+    // f32 groups of 128 output channels or more: 128 x 128 tiles, 8 x 8 per thread (16 FMAs
+    // per 16-byte shared-memory read), from the sweep of docs/perf-notes.md round 15 (H200,
+    // strict fp32): dense512 2.55 against 3.78 ms for 64 x 64, resnet_res4 0.330 against
+    // 0.361; with 64 output channels (deft_64) 64 x 64 stays (0.133 against 0.187).
+    if (d.dtype == DType::f32 && kg >= 128) v.tile_m = 128, v.tile_n = 128, v.tile_k = 16;
   }
   // nchw: gathering channel vectors from a transposed copy beats scalar gathers from planes
   // when whole 16-byte vectors fit the groups (see docs/perf-notes.md).

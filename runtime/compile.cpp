@@ -551,6 +551,9 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       } else {
         gin = reinterpret_cast<void*>(ws.get() + 32);
       }
+    } else if (p.gin_always) {
+      // scattered into and never read (deterministic mode: unscaled, the bound not computed)
+      gin = reinterpret_cast<void*>(ws.get() + 32);
     }
     if (a.grad_input && p.gin_mode == 2) {
       void* params[] = {&mask, &weight, &gout, &header};

@@ -65,6 +65,11 @@ VARIANTS = {
         "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 transpose={t}",
         "algo=gemm_simt tm=128 tn=64 tk=16 threads=256 transpose={t}",
         "algo=gemm_simt tm=64 tn=128 tk=16 threads=256 transpose={t}",
+        "algo=gemm_simt tm=128 tn=128 tk=8 threads=256 transpose={t}",
+        "algo=gemm_simt tm=128 tn=128 tk=16 threads=256 transpose={t}",
+        "algo=gemm_simt tm=128 tn=64 tk=8 threads=128 transpose={t}",
+        "algo=gemm_simt tm=64 tn=64 tk=16 threads=128 transpose={t}",
+        "algo=gemm_simt tm=128 tn=128 tk=8 threads=512 transpose={t}",
     ],
     "dw": [
         "algo=depthwise tm=32 tn=64 tk=1 threads=256 vec=8",

@@ -147,6 +147,10 @@ __device__ __forceinline__ void deft_copy_gout_tile(const T* __restrict__ gout, 
   }
 }
 
+// gin is never null: the runtime passes the grad-input workspace whether grad input was
+// requested or not (plan.gin_always). With a null test here, a run for grad offset alone hit
+// an illegal address at a reduction the test guarded, in both modes, cause not found
+// (docs/perf-notes.md round B13); without grad input the scatter's result is just not read.
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ weight,
@@ -202,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     px[h] = deft_bwd_pixel(m0 + r + 8 * h);
     pt[h] = deft_bwd_pixel_point(offset, mask, px[h], t, og);
     image[h] = input + px[h].n * (C * H * W);
-    gimage[h] = gin ? gin + px[h].n * (C * H * W) : nullptr;
+    gimage[h] = gin + px[h].n * (C * H * W);
   }
   const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
   bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
@@ -233,8 +237,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         for (int e = 0; e < 2; ++e)
           cgv[2 * bb + e] = Acc(acc[(4 * u + 2 * hh + bb) * 4 + 2 * h + e]);
       const int c = c_step + 32 * u + 16 * hh + 4 * q;
-      deft_bwd_channels_from<4>(cr[b], gimage[h] ? gimage[h] + c : nullptr, pt[h], cgv, scale,
-                                nonfinite, pg[h]);
+      deft_bwd_channels_from<4>(cr[b], gimage[h] + c, pt[h], cgv, scale, nonfinite, pg[h]);
     }
   };
 

@@ -325,9 +325,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #pragma unroll
     for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 #else
-  // FMA micro-tile: rows ty + i*(BM/TM), cols tx + j*(BN/TN) (strided: coalesced stores).
-  const int ty = NHWC ? tid / (BN / TN) : tid % (BM / TM);
-  const int tx = NHWC ? tid % (BN / TN) : tid / (BM / TM);
+  // FMA micro-tile. Vector form (MT_VEC): the thread's rows are TM / 4 runs of 4, at
+  // 4 * TY apart (TY = BM / TM threads along m), its columns TN / 4 runs of 4 at 4 * TX
+  // apart; each k step reads them as 16-byte vectors (TM / 4 + TN / 4 reads for TM * TN
+  // FMAs), and a warp's 4 x 8 threads read 64 + 128 contiguous bytes: no bank conflict.
+  // Scalar form (small tiles): rows ty + i * TY, columns tx + j * TX.
+  constexpr int TY = BM / TM, TX = BN / TN;
+  constexpr bool MT_VEC = TM % 4 == 0 && TN % 4 == 0 && TY % 4 == 0 && TX % 8 == 0 &&
+                          A_STRIDE % 4 == 0 && B_STRIDE % 4 == 0;
+  int ty, tx;
+  if constexpr (MT_VEC) {
+    const int lane = tid % 32, warp = tid / 32;
+    ty = (warp % (TY / 4)) * 4 + lane % 4;
+    tx = (warp / (TY / 4)) * 8 + lane / 4;
+  } else {
+    ty = NHWC ? tid / TX : tid % TY;
+    tx = NHWC ? tid % TX : tid / TY;
+  }
+  auto row_of = [&](int i) { return MT_VEC ? (i / 4) * (4 * TY) + ty * 4 + i % 4 : ty + i * TY; };
+  auto col_of = [&](int j) { return MT_VEC ? (j / 4) * (4 * TX) + tx * 4 + j % 4 : tx + j * TX; };
   Acc acc[TM][TN];
 #pragma unroll
   for (int i = 0; i < TM; ++i)
@@ -378,10 +394,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
       Acc av[TM], bv[TN];
+      if constexpr (MT_VEC) {
+        struct alignas(4 * sizeof(Stage)) Four {
+          Stage x[4];
+        };
 #pragma unroll
-      for (int i = 0; i < TM; ++i) av[i] = Acc(as[A_AT(kk, ty + i * (BM / TM))]);
+        for (int i = 0; i < TM; i += 4) {
+          const Four f = *reinterpret_cast<const Four*>(as + A_AT(kk, row_of(i)));
 #pragma unroll
-      for (int j = 0; j < TN; ++j) bv[j] = Acc(bs[B_AT(kk, tx + j * (BN / TN))]);
+          for (int e = 0; e < 4; ++e) av[i + e] = Acc(f.x[e]);
+        }
+#pragma unroll
+        for (int j = 0; j < TN; j += 4) {
+          const Four f = *reinterpret_cast<const Four*>(bs + B_AT(kk, col_of(j)));
+#pragma unroll
+          for (int e = 0; e < 4; ++e) bv[j + e] = Acc(f.x[e]);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < TM; ++i) av[i] = Acc(as[A_AT(kk, row_of(i))]);
+#pragma unroll
+        for (int j = 0; j < TN; ++j) bv[j] = Acc(bs[B_AT(kk, col_of(j))]);
+      }
 #pragma unroll
       for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -419,6 +453,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   for (int i = 0; i < TM; ++i)
 #pragma unroll
     for (int j = 0; j < TN; ++j)
-      deft_store_out(out, bias, g, m0 + ty + i * (BM / TM), n0 + tx + j * (BN / TN), acc[i][j]);
+      deft_store_out(out, bias, g, m0 + row_of(i), n0 + col_of(j), acc[i][j]);
 #endif
 }

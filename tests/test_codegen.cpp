@@ -721,6 +721,41 @@ TEST(Codegen, DefaultBackwardDataOnSm90) {
   EXPECT_EQ(deft::tuner::choose_variant(d, det), deft::default_variant(d, 90, true));
 }
 
+// The FMA forward's micro-tile reads shared memory in 16-byte vectors (4 floats, or 2 + 2
+// doubles) where its runs of 4 rows and columns allow; the scalar form stays for tiles that
+// do not (16 output channels: one column a thread). The heuristic's strict-f32 tile for groups
+// of 128 output channels or more is 128 x 128 (8 x 8 a thread), 64 x 64 below.
+TEST(Codegen, FmaMicroTileReadsVectors) {
+  auto ptx_of = [](const std::string& desc, const std::string& variant) {
+    deft::CompileOptions o;
+    o.arch = 80;
+    o.cache_path = "";
+    if (!variant.empty()) o.variant = deft::parse_variant(variant);
+    return deft::emit_ptx(deft::parse_layer_desc(desc), o);
+  };
+  const std::string dense = "deform_conv2d n=2 c=256 h=12 w=12 k=256 r=3 s=3 pad=1 mask=1 ";
+  for (const char* lay : {"layout=nchw", "layout=nhwc"}) {
+    SCOPED_TRACE(lay);
+    const auto d = deft::parse_layer_desc(dense + "dtype=f32 " + lay);
+    const deft::Variant v = deft::default_variant(d);
+    EXPECT_EQ(v.algo, deft::Algo::gemm_simt);
+    EXPECT_EQ(v.tile_m, 128);
+    EXPECT_EQ(v.tile_n, 128);
+    EXPECT_NE(ptx_of(dense + "dtype=f32 " + lay, "").find("ld.shared.v4.f32"), std::string::npos);
+    EXPECT_NE(ptx_of(dense + "dtype=f64 " + lay, "").find("ld.shared.v2.f64"), std::string::npos);
+  }
+  EXPECT_EQ(deft::default_variant(deft::parse_layer_desc(
+                "deform_conv2d n=2 c=64 h=12 w=12 k=64 r=3 s=3 pad=1 mask=1 dtype=f32"))
+                .tile_n,
+            64);
+  // 16 output channels: TN = 1, scalar reads
+  const std::string narrow = ptx_of(
+      "deform_conv2d n=2 c=64 h=12 w=12 k=16 r=3 s=3 pad=1 mask=1 dtype=f32 layout=nchw",
+      "algo=gemm_simt tm=64 tn=16 tk=16 threads=256");
+  EXPECT_EQ(narrow.find("ld.shared.v4.f32"), std::string::npos);
+  EXPECT_NE(narrow.find("ld.shared.f32"), std::string::npos);
+}
+
 }  // namespace
 
 // The sm_90 grad-weight heuristic (compiler/variant.cpp, perf notes round B10): the

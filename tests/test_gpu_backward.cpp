@@ -10,6 +10,8 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <limits>
 #include <random>
@@ -542,9 +544,16 @@ TEST(GpuBackwardWgmma, DataEdgesDeterminismAndSubsets) {
       v.transpose = d.layout == Layout::nchw;
       SCOPED_TRACE(deft::to_string(v));
       const bool det_ok = v.tile_m == 64;  // the plan refuses deterministic 128-pixel tiles
+      // DEFT_TEST_PROGRESS=1: a line per step on stderr (which step a device fault stopped)
+      auto step = [&](const char* what) {
+        if (std::getenv("DEFT_TEST_PROGRESS"))
+          std::fprintf(stderr, "edges: %s | %s | %s\n", deft::to_string(d).c_str(),
+                       deft::to_string(v).c_str(), what);
+      };
       for (int det : {0, 1}) {
         deft::CompileOptions o = test_options(det != 0);
         o.backward_data_variant = v;
+        step(det ? "check det" : "check fast");
         if (det && !det_ok) {
           try {
             run_gpu(d, t, 1, {true, true, true, false, false}, 1, o);
@@ -563,13 +572,16 @@ TEST(GpuBackwardWgmma, DataEdgesDeterminismAndSubsets) {
       {  // fast mode: grad offset alone (no grad input) runs, and equals that of all three
         deft::CompileOptions f = test_options(false);
         f.backward_data_variant = v;
+        step("fast grad_offset alone");
         const GpuGrads alone = run_gpu(d, q, 0, {false, true, false, false, false}, 1, f);
+        step("fast all");
         const GpuGrads all = run_gpu(d, q, 0, {true, true, true, false, false}, 1, f);
         EXPECT_EQ(alone.raw[kOffset], all.raw[kOffset]) << "fast mode: grad_offset alone";
       }
       if (!det_ok) continue;
       deft::CompileOptions o = test_options(true);
       o.backward_data_variant = v;
+      step("det all x3, again, subsets");
       const GpuGrads all = run_gpu(d, q, 1, {true, true, true, false, false}, 3, o);
       const GpuGrads again = run_gpu(d, q, 1, {true, true, true, false, false}, 1, o);
       for (int g = kInput; g <= kMask; ++g) {
