@@ -293,9 +293,13 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
                          int64_t in_elems) {
   p.template_name = "deform_conv_bwd_data_wgmma.cuh";
   p.kernel_name = "deft_deform_conv2d_backward_data";
-  if (d.dtype != DType::f16 && d.dtype != DType::bf16)
-    bad("algo", fmt::format("algo=gemm_wgmma for pass=backward_data needs dtype f16 or bf16, "
-                            "not {}", to_string(d.dtype)));
+  const bool tf32 = d.dtype == DType::f32 && d.math == MathMode::tf32;
+  if (d.dtype != DType::f16 && d.dtype != DType::bf16 && !tf32)
+    bad("algo", fmt::format("algo=gemm_wgmma for pass=backward_data needs dtype f16, bf16, or f32 "
+                            "with math=tf32, not dtype={} math={}", to_string(d.dtype),
+                            to_string(d.math)));
+  const int64_t es = dtype_size(d.dtype);
+  const int64_t ks = 128 / es;  // output channels per weight slice (128 bytes of k a row)
   if (!p.x_nhwc)
     bad("transpose", "algo=gemm_wgmma reads the input channels-last: nchw layers need transpose=1");
   if (v.tile_m != 64 && v.tile_m != 128)
@@ -308,9 +312,10 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
     bad("tn", fmt::format("tn={} must divide c/offset_groups={}, and each offset group must lie "
                           "inside one conv group (c/groups={})", v.tile_n,
                           d.c_per_offset_group(), d.c_per_group()));
-  if (v.tile_k != 64)
-    bad("tk", fmt::format("algo=gemm_wgmma for pass=backward_data reduces 64-channel weight "
-                          "slices: tk=64, not {}", v.tile_k));
+  if (v.tile_k != ks)
+    bad("tk", fmt::format("algo=gemm_wgmma for pass=backward_data reduces {}-channel weight "
+                          "slices for {}: tk={}, not {}", ks, tf32 ? "tf32" : to_string(d.dtype),
+                          ks, v.tile_k));
   const int halves = v.tile_m / 64;
   if (v.threads % (128 * halves) != 0 || v.threads > 512)
     bad("threads", fmt::format("algo=gemm_wgmma for pass=backward_data runs 1 to 4 warpgroups, "
@@ -331,9 +336,9 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   p.bp = v.tile_m;
   p.bc = v.tile_n;
   p.block = unsigned(v.threads);
-  const int64_t kgp = ceil_div(d.k_per_group(), 64) * 64, wgs = v.threads / 128;
+  const int64_t kgp = ceil_div(d.k_per_group(), ks) * ks, wgs = v.threads / 128;
   // the grad_out tile, every warpgroup's ring, the other warpgroups' point-grad sums
-  const int64_t tile = kgp * p.bp * 2, slice = 64 * int64_t(p.bc) * 2,
+  const int64_t tile = kgp * p.bp * es, slice = 128 * int64_t(p.bc),
                 sums = (wgs / halves - 1) * p.bp * 3 * 4;
   p.nstage = v.stages ? v.stages : 4;
   auto bytes = [&] { return tile + wgs * p.nstage * slice + sums; };
@@ -347,21 +352,27 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   // two blocks an SM where their shared memory fits (228 KiB, 1 KiB of it reserved a block)
   // and their registers can (at most 128 a thread for 256 threads): the other block's
   // epilogue hides this one's latency
-  p.min_blocks = 2 * (bytes() + 1024) <= 228 * 1024 && v.threads <= 256 ? 2 : 1;
+  // (not tf32's deterministic form: its 64-bit atomics on 16-byte corner vectors spilled at
+  // 128 registers)
+  p.min_blocks =
+      2 * (bytes() + 1024) <= 228 * 1024 && v.threads <= 256 && !(tf32 && v.deterministic) ? 2 : 1;
   // grad_out copies of 8 elements (16 bytes), 4 or one: 8 pixels of a plane (nchw) or 8
   // channels of a pixel (nhwc) where the layer keeps them aligned and inside one image/group
   const int64_t hw = d.out_h() * d.out_w();
   const bool nhwc = d.layout == Layout::nhwc;
   const int64_t run = nhwc ? gcd64(d.k, d.k_per_group()) : hw;
-  p.gv = run % 8 == 0 ? 8 : run % 4 == 0 ? 4 : 1;
-  p.align_gout = p.gv > 1 ? p.gv * 2 : 1;
+  // (tf32: 4 channels of an nhwc pixel, 16 bytes, or 2; an nchw tile element by element, as
+  // the copy transposes it to K-major)
+  const int64_t kc = 16 / es;
+  p.gv = tf32 && !nhwc ? 1 : run % kc == 0 ? int(kc) : run % (kc / 2) == 0 ? int(kc / 2) : 1;
+  p.align_gout = p.gv > 1 ? int(p.gv * es) : 1;
   // epilogue corner vectors of 4 channels
-  if (!p.transpose) p.align_input = 8;
+  if (!p.transpose) p.align_input = int(4 * es);
   // the weight: packed by the kernel's own pre-pass (deft_pack_weight) from its layout, not
   // transposed to krsc
   p.w_krsc = d.layout == Layout::nhwc;
   p.workspace_weight_bytes = 0;
-  p.workspace_packed_bytes = d.groups * d.taps() * d.c_per_group() * kgp * 2;
+  p.workspace_packed_bytes = d.groups * d.taps() * d.c_per_group() * kgp * es;
   p.gin_mode = v.deterministic ? 2 : 1;
   p.gin_always = true;
   p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : 4) * in_elems;

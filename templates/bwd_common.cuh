@@ -330,7 +330,10 @@ __device__ __forceinline__ BwdCorners<EV_> deft_bwd_load_corners(const T* __rest
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     if (!((pt.valid >> q) & 1)) continue;
-    if constexpr (sizeof(Vec) == 8) {
+    if constexpr (sizeof(Vec) == 16) {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(src + pt.off[q]));
+      memcpy(&r.v[q], &u, 16);
+    } else if constexpr (sizeof(Vec) == 8) {
       const uint2 u = __ldg(reinterpret_cast<const uint2*>(src + pt.off[q]));
       memcpy(&r.v[q], &u, 8);
     } else if constexpr (sizeof(Vec) == 4) {

@@ -1,5 +1,6 @@
 // deform_conv2d backward_data on Hopper's warpgroup tensor cores (wgmma, sm_90a), f16 and
-// bf16, channels-last input (nhwc layers, or the transpose pre-pass). Same contract and grid
+// bf16 (k16), or f32 in tf32 math (k8: both operands K-major, rounded to tf32), channels-last
+// input (nhwc layers, or the transpose pre-pass). Same contract and grid
 // as deform_conv_bwd_data_tc.cuh: one block per BP = 64 or 128 output pixels, tap and offset
 // group; grad offset and grad mask summed in the block in a fixed order (no atomics); grad
 // input scattered into the workspace by GIN_MODE (1: f32 vector reductions, 2: 64-bit fixed
@@ -36,13 +37,22 @@
 constexpr int WGS = THREADS / 128;      // warpgroups
 constexpr int HALVES = BP / 64;         // pixel halves, 64 rows each
 constexpr int WPH = WGS / HALVES;       // warpgroups taking turns over one half's steps
-constexpr int KSL = (KG + 63) / 64;     // k slices of a channel step
-constexpr int KGP = KSL * 64;           // KG padded to whole slices with zero rows
-constexpr int NCS = CPOG / BN;          // channel steps of the offset group
-constexpr int A_KSTRIDE = BP * 16;      // bytes between the grad_out tile's cores along k
-constexpr int GS_BYTES = KGP * BP * 2;  // the grad_out tile
-constexpr int SLICE_BYTES = 64 * BN * 2;
-static_assert(sizeof(T) == 2, "16-bit elements");
+// f16/bf16 (wgmma k16), or f32 in tf32 math (wgmma k8, operands rounded to tf32). A core
+// matrix row is 16 bytes: KC elements; a slice holds 128 bytes of k per row: KS elements (64
+// output channels of f16, 32 of tf32), four wgmma k steps either way.
+constexpr bool TF32 = sizeof(T) == 4;
+constexpr int KC = 16 / (int)sizeof(T);    // elements per core row
+constexpr int KS = 8 * KC;                 // output channels per weight slice
+constexpr int KSL = (KG + KS - 1) / KS;    // k slices of a channel step
+constexpr int KGP = KSL * KS;              // KG padded to whole slices with zero rows
+constexpr int NCS = CPOG / BN;             // channel steps of the offset group
+constexpr int A_KSTRIDE = BP * 16;         // bytes between the grad_out tile's cores along k
+constexpr int GS_BYTES = KGP * BP * (int)sizeof(T);  // the grad_out tile
+constexpr int SLICE_BYTES = 128 * BN;
+// the grad_out tile's layout: MN-major (read transposed) for nchw f16/bf16, else K-major
+// (tf32 has no transposed operand, so an nchw layer's tile is transposed by the copy)
+constexpr bool A_MN_MAJOR = !NHWC && !TF32;
+static_assert(sizeof(T) == 2 || sizeof(T) == 4, "16-bit elements or tf32");
 static_assert((BP == 64 || BP == 128) && THREADS % 128 == 0 && WGS % HALVES == 0,
               "64 or 128 pixels, whole warpgroups, as many for each half");
 static_assert(BN % 32 == 0 && CPOG % BN == 0 && CG % CPOG == 0,
@@ -51,7 +61,8 @@ static_assert(NSTAGE >= 3 &&
                   GS_BYTES + WGS * NSTAGE * SLICE_BYTES + (WPH - 1) * BP * 3 * (int)sizeof(Acc) <=
                       SMEM_BYTES,
               "shared memory plan");
-static_assert(GV == 8 || GV == 4 || GV == 1, "grad_out copy width");
+static_assert(GV == KC || GV == KC / 2 || GV == 1, "grad_out copy width");
+static_assert(NHWC || !TF32 || GV == 1, "an nchw tf32 tile is copied element by element");
 
 // The channel (of the step's BN) that column n of a weight slice, and of the accumulator,
 // holds. The accumulator gives lane q of a quad the columns 8j + 2q, 8j + 2q + 1 (j = 0 ..
@@ -63,11 +74,20 @@ __device__ __forceinline__ int deft_col_channel(int n) {
 }
 
 // The weight, packed by deft_pack_weight (a pre-pass of every call) into the shared-memory image
-// of each slice: packed[g][tap][channel block cb of BN][k slice][SLICE_BYTES / 2 elements in
-// the no-swizzle core layout, columns permuted by deft_col_channel], zero rows past KG; read
-// from the weight in its own layout (kcrs, or krsc for nhwc layers). A slice is then one
-// contiguous run of 16-byte copies.
-constexpr int SLICE_ELEMS = SLICE_BYTES / 2;
+// of each slice: packed[g][tap][channel block cb of BN][k slice][SLICE_ELEMS elements in the
+// no-swizzle core layout, columns permuted by deft_col_channel], zero rows past KG; read from
+// the weight in its own layout (kcrs, or krsc for nhwc layers). A slice is then one contiguous
+// run of 16-byte copies. Cores: [k core][n core], n fastest; MN-major for f16/bf16 (a core is
+// 8 k rows of 8 channels, read transposed), K-major for tf32 (8 channel rows of 4 k, values
+// rounded to tf32).
+constexpr int SLICE_ELEMS = SLICE_BYTES / (int)sizeof(T);
+constexpr int CORE_ELEMS = 128 / (int)sizeof(T);
+// An f32 value rounded to the nearest tf32 (the bits wgmma reads; it would truncate).
+__device__ __forceinline__ float deft_round_tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
 constexpr long long PACKED_ELEMS = (long long)G * TAPS * (CG / BN) * KSL * SLICE_ELEMS;
 extern "C" __global__ void __launch_bounds__(256)
     deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {
@@ -80,58 +100,59 @@ extern "C" __global__ void __launch_bounds__(256)
   const int cb = int(rest % (CG / BN));
   rest /= CG / BN;
   const int t = int(rest % TAPS), g = int(rest / TAPS);
-  const int core = e / 64, within = e % 64;
+  const int core = e / CORE_ELEMS, within = e % CORE_ELEMS;
   const int kc = core / (BN / 8), j = core % (BN / 8);
-  const int k = ks * 64 + kc * 8 + within / 8;
-  const int c = cb * BN + deft_col_channel(8 * j + within % 8);
+  // MN-major core: row within / 8 is a k, column within % 8 a channel; K-major: the reverse
+  const int k = ks * KS + kc * KC + (TF32 ? within % KC : within / 8);
+  const int c = cb * BN + deft_col_channel(8 * j + (TF32 ? within / KC : within % 8));
   T v = deft_from<T>(0.f);
   if (k < KG) {
     const long long ko = (long long)g * KG + k;
     v = weight[W_KRSC ? (ko * TAPS + t) * CG + c : (ko * CG + c) * TAPS + t];
+    if constexpr (TF32) v = deft_round_tf32(v);
   }
   packed[i] = v;
 }
 
 // The block's grad_out tile into shared memory (tile: its base), pixels m0 .., group g. Lane
-// layout: 8 consecutive 16-byte rows of a core per 8 lanes (conflict-free stores).
+// layout: 8 consecutive 16-byte rows of a core per 8 lanes (conflict-free stores). K-major rows
+// are KC channels of one pixel (copies of GV channels for nhwc; an nchw tf32 tile element by
+// element, from KC channel planes); MN-major rows (nchw f16/bf16) 8 pixels of one plane.
 __device__ __forceinline__ void deft_copy_gout_tile(const T* __restrict__ gout, unsigned char* tile,
                                                     long long m0, int g) {
-  constexpr int VECS = BP * KGP / 8;  // 16-byte destination rows
+  constexpr int VECS = BP * KGP / KC;  // 16-byte destination rows
+  constexpr int CP = GV * (int)sizeof(T);  // bytes a copy
   for (int e = threadIdx.x; e < VECS; e += THREADS) {
     const int inner = e % 8, mid = (e / 8) % 4, outer = e / 32;
     int m, k;  // tile pixel and output channel of the row's first element
     unsigned char* dst;
-    if (NHWC) {  // row: 8 channels of one pixel
+    if (!A_MN_MAJOR) {  // row: KC channels of one pixel
       m = (outer % (BP / 8)) * 8 + inner;
-      k = ((outer / (BP / 8)) * 4 + mid) * 8;
-      dst = tile + ((k / 8) * (BP / 8) + m / 8) * 128 + (m % 8) * 16;
+      k = ((outer / (BP / 8)) * 4 + mid) * KC;
+      dst = tile + ((k / KC) * (BP / 8) + m / 8) * 128 + (m % 8) * 16;
     } else {  // row: 8 pixels of one channel plane
       m = ((outer % (BP / 32)) * 4 + mid) * 8;
       k = (outer / (BP / 32)) * 8 + inner;
       dst = tile + ((k / 8) * (BP / 8) + m / 8) * 128 + (k % 8) * 16;
     }
     const long long mg = m0 + m;
-    // element i (0 .. 7) of the row: pixel mg + i (nchw) or channel k + i (nhwc)
+    // element i (0 .. KC - 1) of the row: pixel mg + i (MN-major) or channel k + i (K-major)
     auto src_of = [&](int i, bool& ok) -> const T* {
-      const long long mm = NHWC ? mg : mg + i;
-      const int kk = NHWC ? k + i : k;
+      const long long mm = A_MN_MAJOR ? mg + i : mg;
+      const int kk = A_MN_MAJOR ? k : k + i;
       ok = mm < M_TOTAL && kk < KG;
       if (!ok) return gout;
       const long long n = mm / (HO * WO);
       return gout + deft_gout_index(n, (long long)g * KG + kk, mm - n * (HO * WO));
     };
-    if constexpr (GV == 8) {
-      bool ok;
-      const T* src = src_of(0, ok);
-      deft_cp_async<16>(dst, src, ok);
-    } else if constexpr (GV == 4) {
+    if constexpr (CP >= 4) {  // cp.async of 16, 8 or 4 bytes
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int h = 0; h < KC / GV; ++h) {
         bool ok;
-        const T* src = src_of(4 * h, ok);
-        deft_cp_async<8>(dst + 8 * h, src, ok);
+        const T* src = src_of(GV * h, ok);
+        deft_cp_async<CP>(dst + CP * h, src, ok);
       }
-    } else {
+    } else {  // 16-bit elements one by one
       unsigned short v[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -144,6 +165,18 @@ __device__ __forceinline__ void deft_copy_gout_tile(const T* __restrict__ gout, 
           make_uint4(v[0] | (unsigned(v[1]) << 16), v[2] | (unsigned(v[3]) << 16),
                      v[4] | (unsigned(v[5]) << 16), v[6] | (unsigned(v[7]) << 16));
     }
+  }
+}
+
+// tf32: the grad_out tile rounded to the nearest tf32 in place (wgmma would truncate), once
+// the copies have landed and before any wgmma reads it.
+__device__ __forceinline__ void deft_round_gout_tile(unsigned char* tile) {
+  float4* t = reinterpret_cast<float4*>(tile);
+  for (int e = threadIdx.x; e < GS_BYTES / 16; e += THREADS) {
+    float4 v = t[e];
+    v.x = deft_round_tf32(v.x), v.y = deft_round_tf32(v.y);
+    v.z = deft_round_tf32(v.z), v.w = deft_round_tf32(v.w);
+    t[e] = v;
   }
 }
 
@@ -185,7 +218,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     unsigned char* slot = ring + (j % NSTAGE) * SLICE_BYTES;
 #pragma unroll
     for (int u = tid % 128; u < SLICE_BYTES / 16; u += 128)
-      deft_cp_async<16>(slot + u * 16, src + u * 8, true);
+      deft_cp_async<16>(slot + u * 16, src + u * KC, true);
   };
   deft_copy_gout_tile(gout, smem, m0, g);  // the first cp.async group, with slice 0
 #pragma unroll
@@ -216,7 +249,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   // EB .. (row h = gi / (BN / 16), 32-channel block u = gi % (BN / 16) / 2, half hh = gi % 2;
   // four channels of one pixel a lane), first every corner load of the batch, then their use.
   // groups a batch: 16 corner loads in flight a lane, 8 where 128 registers must do
-  constexpr int EB = 65536 / (THREADS * MIN_BLOCKS) >= 160 ? 4 : 2;
+  // (tf32 corners are 16-byte vectors: half as many groups)
+  constexpr int EB = (65536 / (THREADS * MIN_BLOCKS) >= 160 ? 4 : 2) / (TF32 ? 2 : 1);
   constexpr int NB = BN / 8 / EB;  // batches a channel step
   float acc[BN / 2];
   auto epilogue = [&](int cs, int bt) {
@@ -244,6 +278,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   // the grad_out tile, copied by every thread of the block: complete (the first of the
   // NSTAGE - 2 groups committed so far) and visible to every warpgroup before any wgmma
   deft_cp_wait<NSTAGE - 3>();
+  if constexpr (TF32) {
+    __syncthreads();
+    deft_round_gout_tile(smem);
+  }
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
 

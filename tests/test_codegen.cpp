@@ -498,7 +498,8 @@ TEST(Codegen, WgmmaBackwardDataTilesCompile) {
   const std::string base = "deform_conv2d n=2 c=128 h=9 w=10 r=3 s=3 pad=1 mask=1 ";
   const std::string bd = "k=256 dtype=f16 layout=nchw pass=backward_data";
   const std::string v = "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 transpose=1";
-  refused(base + "k=256 dtype=f32 math=tf32 layout=nchw pass=backward_data", v, "algo");
+  refused(base + "k=256 dtype=f32 layout=nchw pass=backward_data", v, "algo");  // strict f32
+  refused(base + "k=256 dtype=f32 math=tf32 layout=nchw pass=backward_data", v, "tk");  // tk=32
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 transpose=0", "transpose");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=192 transpose=1", "threads");
   refused(base + bd, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=640 transpose=1", "threads");
@@ -754,6 +755,54 @@ TEST(Codegen, FmaMicroTileReadsVectors) {
       "algo=gemm_simt tm=64 tn=16 tk=16 threads=256");
   EXPECT_EQ(narrow.find("ld.shared.v4.f32"), std::string::npos);
   EXPECT_NE(narrow.find("ld.shared.f32"), std::string::npos);
+}
+
+// backward_data on wgmma in tf32 (f32 layers with math=tf32, opt-in): k8 wgmmas with both
+// operands K-major (no transpose operands: an nchw grad_out tile is transposed by its copy, the
+// packed weight written K-major), 32-channel weight slices, both operands rounded to tf32
+// (cvt.rna), f32 vector reductions; no spills in the fast mode's tiles and the deterministic
+// ones; the tile and the packed weight in 4-byte elements.
+TEST(Codegen, WgmmaBackwardDataTf32TilesCompile) {
+  for (const char* text :
+       {"deform_conv2d n=2 c=256 h=9 w=10 k=512 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+        "layout=nchw pass=backward_data",
+        "deform_conv2d n=2 c=128 h=7 w=9 k=200 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+        "layout=nhwc pass=backward_data",
+        "deform_conv2d n=32 c=256 h=14 w=14 k=256 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+        "layout=nchw pass=backward_data"}) {
+    const auto d = deft::parse_layer_desc(text);
+    SCOPED_TRACE(text);
+    const bool nchw = d.layout == deft::Layout::nchw;
+    const int64_t kgp = (d.k + 31) / 32 * 32;
+    for (auto [tm, wgs, tn, stages, det] :
+         {std::array{64, 2, 64, 3, 0}, {64, 1, 64, 0, 0}, {64, 2, 128, 0, 0}, {64, 2, 64, 3, 1},
+          {64, 1, 64, 0, 1}}) {
+      const deft::Variant v = deft::parse_variant(fmt::format(
+          "algo=gemm_wgmma tm={} tn={} tk=32 threads={} transpose={}{}{}", tm, tn, 128 * wgs,
+          nchw ? 1 : 0, stages ? fmt::format(" stages={}", stages) : "", det ? " det=1" : ""));
+      SCOPED_TRACE(deft::to_string(v));
+      const deft::CompileInfo info = compile_for_sm90(d, v);
+      EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+          << info.resource_report;
+      const deft::KernelPlan plan = deft::make_plan(d, v);
+      EXPECT_EQ(plan.workspace_packed_bytes, d.taps() * d.c * kgp * 4);
+      EXPECT_EQ(plan.gv, nchw ? 1 : 4);
+      const std::string ptx = sm90a_ptx(d, v);
+      EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k8.f32.tf32.tf32", tn)),
+                std::string::npos);
+      EXPECT_NE(ptx.find("p, 1, 1;"), std::string::npos) << "no transpose operands for tf32";
+      EXPECT_NE(ptx.find("cvt.rna.tf32.f32"), std::string::npos);
+      // nchw: the tile transposed element by element (4-byte copies); nhwc: 16-byte copies
+      EXPECT_NE(ptx.find(nchw ? "cp.async.ca.shared.global" : "cp.async.cg.shared.global"),
+                std::string::npos);
+      EXPECT_NE(ptx.find(det ? ".add.u64" : "red.global.add.v4.f32"), std::string::npos);
+    }
+  }
+  // tf32 is never the heuristic's choice (not measured yet)
+  const auto d = deft::parse_layer_desc(
+      "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+      "layout=nchw pass=backward_data");
+  EXPECT_NE(deft::default_variant(d, 90).algo, deft::Algo::gemm_wgmma);
 }
 
 }  // namespace

@@ -594,6 +594,45 @@ TEST(GpuBackwardWgmma, DataEdgesDeterminismAndSubsets) {
   }
 }
 
+// backward_data on wgmma in tf32 (opt-in): both layouts (the nchw grad_out tile transposed to
+// K-major by its copy), output channels that fill no 32-channel slice (k = 80, 76), two offset
+// groups, several channel steps a block, partial pixel blocks; fast and deterministic against
+// the reference, and grad offset alone equal to the full run's.
+TEST(GpuBackwardWgmma, DataTf32TilesMatchReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  std::vector<LayerDesc> layers = {make(2, 128, 9, 10, 80, 3, 1, 1, 2, DType::f32, Layout::nchw),
+                                   make(2, 128, 7, 9, 256, 3, 1, 1, 1, DType::f32, Layout::nhwc),
+                                   make(2, 64, 8, 9, 76, 3, 1, 1, 1, DType::f32, Layout::nhwc),
+                                   make(3, 256, 6, 10, 96, 3, 1, 1, 1, DType::f32, Layout::nchw)};
+  int ran = 0;
+  for (LayerDesc& d : layers) {
+    d.math = deft::MathMode::tf32;
+    SCOPED_TRACE(deft::to_string(d));
+    Tensors t = random_tensors(d, 2.0, 655);
+    for (auto [tm, wgs, tn, stages, det] :
+         {std::array{64, 2, 64, 3, 0}, {64, 1, 64, 0, 0}, {64, 2, 128, 0, 0}, {64, 2, 64, 3, 1},
+          {128, 2, 64, 0, 0}}) {
+      deft::Variant v;
+      v.algo = deft::Algo::gemm_wgmma;
+      v.tile_m = tm, v.tile_n = tn, v.tile_k = 32, v.threads = 128 * wgs, v.stages = stages;
+      v.transpose = d.layout == Layout::nchw;
+      ran += check_pass_variant(d, deft::Pass::backward_data, v, t, det);
+    }
+    deft::Variant v = deft::parse_variant("algo=gemm_wgmma tm=64 tn=64 tk=32 threads=256");
+    v.transpose = d.layout == Layout::nchw;
+    deft::CompileOptions f = test_options(false);
+    f.backward_data_variant = v;
+    Tensors q = t;
+    for (auto* x : {&q.input, &q.offset, &q.mask, &q.weight, &q.gout})
+      quantize_in_place(*x, d.dtype);
+    const GpuGrads alone = run_gpu(d, q, 0, {false, true, false, false, false}, 1, f);
+    const GpuGrads all = run_gpu(d, q, 0, {true, true, true, false, false}, 1, f);
+    EXPECT_EQ(alone.raw[kOffset], all.raw[kOffset]) << "grad_offset alone";
+  }
+  EXPECT_EQ(ran, 18);  // tn=128 needs 128 channels an offset group: 2 of the 4 layers
+}
+
 // The backward kernels of nhwc layers read the caller's input (and weight and grad_output) in
 // vectors: a misaligned tensor is refused with a message naming it, before any launch.
 TEST(GpuBackwardErrors, MisalignedTensorsGiveAClearError) {
