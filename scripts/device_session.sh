@@ -13,7 +13,7 @@
 #         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
-#   --cases, --backward-data-variant), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window), SWEEP_SIGMAS,
+#   --cases, --backward-data-variant), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window | data), SWEEP_DTYPE (sweepbwd: fp16 or fp32_tf32), SWEEP_SIGMAS,
 #   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
@@ -89,7 +89,8 @@ for step in "$@"; do
       done ;;
     sweepbwd)  # grad-weight tiles on wgmma against the WMMA kernel (scripts/sweep_bwd.py)
       timeout 200 python3 scripts/sweep_bwd.py "${SWEEP_CASES:-dense512,resnet_res4,maskrcnn_res4,deft_64,stride2}" \
-        --family "${SWEEP_FAMILY:-wgmma}" > "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}.log" 2>&1
+        --family "${SWEEP_FAMILY:-wgmma}" ${SWEEP_DTYPE:+--dtype "$SWEEP_DTYPE"} \
+        > "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}.log" 2>&1
       stamp "sweep_bwd rc=$?"; cut -c1-150 "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}.log" ;;
     pytest)  # the Python package's tests alone
       python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
