@@ -116,6 +116,16 @@ void depthwise_channels(const LayerDesc& d, bool pixel_lanes, Variant& v) {
   v.tile_m = v.threads * v.vec / v.tile_n;
 }
 
+// True where the plan accepts v for d (a DescError or NotImplemented says it cannot run it).
+bool runs(const LayerDesc& d, const Variant& v) {
+  try {
+    validate(d, v);
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
 }  // namespace
 
 Variant default_variant(const LayerDesc& d) {
@@ -254,12 +264,7 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.algo = Algo::gemm_wgmma;
     v.tile_m = 64, v.tile_n = 64, v.tile_k = 64, v.threads = 256, v.stages = 3;
     v.transpose = d.layout == Layout::nchw;
-    try {
-      validate(d, v);
-      return v;
-    } catch (const DescError&) {
-      return base;
-    }
+    return runs(d, v) ? v : base;
   }
   // wgmma exists on sm_90 (Hopper) alone. Only for the layers the tensor-core GEMM would take
   // (f16, bf16, f32 in tf32 math), with whole chunks (32 channels, 16 for tf32) or at least 64
@@ -282,12 +287,7 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.tile_n = fit128 && (kg >= 512 || kg <= 128) ? 128 : 64;
     v.producers = kg >= 512 && fit128 ? 1 : kg <= 128 && !fit128 ? 1 : 2;
     v.threads = wgmma_threads(Pass::backward_weight, v.tile_m, v.tile_n, v.producers);
-    try {
-      validate(d, v);
-      return v;
-    } catch (const DescError&) {
-      return base;
-    }
+    return runs(d, v) ? v : base;
   }
   const int chunk = 64 / dtype_size(d.dtype);
   if (arch != 90 || d.pass != Pass::forward || base.algo != Algo::gemm_tc ||
@@ -311,11 +311,7 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.producers = kg > 256 ? 1 : 2;
     v.threads = wgmma_threads(Pass::forward, v.tile_m, v.tile_n, v.producers);
     v.transpose = d.layout == Layout::nchw;
-    try {
-      validate(d, v);
-      return v;
-    } catch (const Error&) {
-    }
+    if (runs(d, v)) return v;
   }
   for (int bn : {256, 128, 64}) {
     if (bn > 64 && bn / 2 >= kg) continue;  // wider than the group's output channels
@@ -324,11 +320,7 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
       v.algo = Algo::gemm_wgmma;
       v.tile_m = bm, v.tile_n = bn, v.tile_k = chunk, v.threads = 2 * bm, v.vec = 1;
       v.transpose = d.layout == Layout::nchw;
-      try {
-        validate(d, v);
-        return v;
-      } catch (const Error&) {
-      }
+      if (runs(d, v)) return v;
     }
   }
   return base;
