@@ -249,7 +249,7 @@ bool variant_needs_sm90a(const Variant& v) { return v.algo == Algo::gemm_wgmma; 
 
 Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   Variant base = default_variant(d);
-  // Grad input, f16 and bf16, on sm_90, fast mode: the wgmma kernel
+  // Grad input, f16 and bf16 (and tf32, below), on sm_90, fast mode: the wgmma kernel
   // (templates/deform_conv_bwd_data_wgmma.cuh) with 64 pixels, 64-channel steps, two
   // warpgroups and a 3-slice ring, where a group has more than 64 output channels. From the
   // sweep of docs/perf-notes.md round B12 (H200, fp16 nchw, grad-input pass): 0.708 against
@@ -257,12 +257,18 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // maskrcnn_res4, 0.379 / 0.394 stride2; with 64 output channels (deft_64) the WMMA kernel
   // stays (0.160 against 0.171). Deterministic mode keeps the WMMA kernel: this one's
   // fixed-point epilogue costs 3.5-5.5x its fast mode there (WMMA: 1.8-2.3x).
+  // f32 in tf32 math: the same kernel's tf32 form (32-channel slices), from its sweep
+  // (docs/perf-notes.md round B14, H200, nchw, grad-input pass): four warpgroups for 512
+  // output channels a group (dense512 0.99 ms against WMMA's 3.62), else two (resnet_res4
+  // 0.164 against 0.421).
+  const bool tf32 = d.dtype == DType::f32 && d.math == MathMode::tf32;
   if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
-      base.algo == Algo::gemm_tc && (d.dtype == DType::f16 || d.dtype == DType::bf16) &&
+      base.algo == Algo::gemm_tc && (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32) &&
       d.k_per_group() > 64) {
     Variant v;
     v.algo = Algo::gemm_wgmma;
-    v.tile_m = 64, v.tile_n = 64, v.tile_k = 64, v.threads = 256, v.stages = 3;
+    v.tile_m = 64, v.tile_n = 64, v.tile_k = tf32 ? 32 : 64, v.stages = 3;
+    v.threads = tf32 && d.k_per_group() >= 512 ? 512 : 256;
     v.transpose = d.layout == Layout::nchw;
     return runs(d, v) ? v : base;
   }

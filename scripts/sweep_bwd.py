@@ -16,6 +16,8 @@ from deft_ctypes import DeftLibrary  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("cases", nargs="?", default="resnet_res4,maskrcnn_res4,dense512")
 ap.add_argument("--dtype", default="fp16")
+ap.add_argument("--shapes", default=os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"),
+                help="the cases' file (bench/shapes.json; bench/train_layers.json: the training example's layers)")
 ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data"],
                 help="tc: the WMMA tiles of both passes; wgmma, ws: grad-weight variants only, "
                      "the wgmma tiles or the warp-specialised ones (producers=P), with the "
@@ -23,7 +25,7 @@ ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data"],
                      "wgmma tiles against the WMMA kernel, each also in deterministic mode")
 args = ap.parse_args()
 lib = DeftLibrary("build/libdeft.so")
-spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"))
+spec = bench.load_shapes(args.shapes)
 tdt = torch.half if args.dtype == "fp16" else torch.float
 
 

@@ -687,7 +687,8 @@ TEST(Codegen, EveryTunerCandidateCompiles) {
 
 // The heuristic's grad-input kernel on sm_90: the wgmma one (64 pixels, 64-channel steps, two
 // warpgroups, 3 slices) for f16/bf16 groups of more than 64 output channels in the fast mode;
-// the WMMA kernel in deterministic mode, for 64 output channels, for tf32, and off sm_90.
+// the WMMA kernel in deterministic mode, for 64 output channels, and off sm_90 (tf32: its own
+// test, WgmmaBackwardDataTf32TilesCompile).
 TEST(Codegen, DefaultBackwardDataOnSm90) {
   auto desc = [](const char* rest) {
     return deft::parse_layer_desc(std::string("deform_conv2d n=16 r=3 s=3 pad=1 mask=1 ") + rest +
@@ -712,7 +713,8 @@ TEST(Codegen, DefaultBackwardDataOnSm90) {
   EXPECT_EQ(deft::default_variant(desc("c=64 h=64 w=64 k=64 dtype=f16 layout=nchw"), 90).algo,
             deft::Algo::gemm_tc);
   EXPECT_EQ(
-      deft::default_variant(desc("c=512 h=32 w=32 k=512 dtype=f32 math=tf32 layout=nchw"), 90).algo,
+      deft::default_variant(desc("c=512 h=32 w=32 k=512 dtype=f32 math=tf32 layout=nchw"), 90, true)
+          .algo,
       deft::Algo::gemm_tc);
   // the deterministic default is what choose_variant gives in deterministic mode
   deft::CompileOptions det;
@@ -798,11 +800,21 @@ TEST(Codegen, WgmmaBackwardDataTf32TilesCompile) {
       EXPECT_NE(ptx.find(det ? ".add.u64" : "red.global.add.v4.f32"), std::string::npos);
     }
   }
-  // tf32 is never the heuristic's choice (not measured yet)
-  const auto d = deft::parse_layer_desc(
-      "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
-      "layout=nchw pass=backward_data");
-  EXPECT_NE(deft::default_variant(d, 90).algo, deft::Algo::gemm_wgmma);
+  // the heuristic's tf32 choice on sm_90 (fast mode): four warpgroups for 512 output channels
+  // a group, else two; deterministic mode and strict f32 keep the WMMA / FMA kernels
+  for (auto [k, threads] : {std::pair{512, 512}, {256, 256}, {128, 256}}) {
+    const auto d = deft::parse_layer_desc(fmt::format(
+        "deform_conv2d n=16 c=256 h=16 w=16 k={} r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+        "layout=nchw pass=backward_data", k));
+    EXPECT_EQ(deft::default_variant(d, 90),
+              deft::parse_variant(fmt::format("algo=gemm_wgmma tm=64 tn=64 tk=32 threads={} "
+                                              "stages=3 transpose=1", threads)));
+    EXPECT_EQ(deft::default_variant(d, 90, true).algo, deft::Algo::gemm_tc);
+    EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
+    auto strict = d;
+    strict.math = deft::MathMode::fp32;
+    EXPECT_EQ(deft::default_variant(strict, 90).algo, deft::Algo::gemm_simt);
+  }
 }
 
 }  // namespace

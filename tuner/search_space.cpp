@@ -70,17 +70,19 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
     if (def.algo == Algo::depthwise) return out;
     // The WMMA / FMA kernels' tiles around the portable default (tm = pixels, tn = channels a
     // step, tk = output channels a slice), then on sm_90 (f16, bf16) the wgmma kernel's with
-    // 64 pixels and one or two warpgroups (perf notes round B12; on sm_90 the default is the
-    // first of them where a group has more than 64 output channels). Not its 128-pixel or
-    // 4-warpgroup tiles: tm=128 threads=512 made an illegal address on the H200 when grad
-    // input was not requested (deterministic mode), cause not found; those stay opt-in.
+    // 64 pixels and one, two or four warpgroups (f16/bf16 and tf32: perf notes rounds B12-B14;
+    // on sm_90 the default is one of them where a group has more than 64 output channels).
+    // Not its 128-pixel tiles (deterministic mode refuses them; they won nowhere).
     add_tiles(default_variant(d), {32, 64, 128}, {32, 64}, {16, 32, 64});
-    if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16))
+    const bool tf32 = d.dtype == DType::f32 && d.math == MathMode::tf32;
+    if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32))
       for (auto [tm, tn, threads, stages] :
-           {std::array{64, 64, 256, 3}, {64, 64, 256, 0}, {64, 128, 256, 3}, {64, 64, 128, 0}}) {
+           {std::array{64, 64, 256, 3}, {64, 64, 256, 0}, {64, 128, 256, 3}, {64, 64, 128, 0},
+            {64, 64, 512, 3}}) {
         Variant v;
         v.algo = Algo::gemm_wgmma;
-        v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = threads, v.stages = stages;
+        v.tile_m = tm, v.tile_n = tn, v.tile_k = tf32 ? 32 : 64, v.threads = threads;
+        v.stages = stages;
         v.transpose = d.layout == Layout::nchw;
         add(v);
       }
