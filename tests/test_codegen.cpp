@@ -430,7 +430,8 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
           "algo=gemm_wgmma tm=128 tn=64 tk=32 threads=256 transpose=1", "tk");
   refused("deform_conv2d n=2 c=96 h=9 w=10 k=256 r=3 s=3 pad=1 offset_groups=3 mask=1 dtype=f16 "
           "layout=nchw pass=backward_weight", v, "tn");  // 32 channels per offset group
-  refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_data", v, "algo");
+  refused(base + "dtype=f32 layout=nchw pass=backward_data", v, "algo");  // strict f32
+  refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight", v, "algo");  // no tf32 form
   // warp-specialised grad weight: threads count the producers; registers; ring depth
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 producers=1 transpose=1", "threads");
