@@ -17,7 +17,9 @@
 #   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
-cp BENCHMARKS.md "$LOGS/BENCHMARKS.md"  # both benchmarks rewrite their sections of this copy
+# both benchmarks rewrite their sections of this copy: made once, so that a later invocation
+# in the same call keeps what an earlier one's benchmark wrote
+[ -f "$LOGS/BENCHMARKS.md" ] || cp BENCHMARKS.md "$LOGS/BENCHMARKS.md"
 export PYTHONUNBUFFERED=1 DEFT_CACHE_DIR=/tmp/deft-cache
 pack() { tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
 t00=$(date +%s)
