@@ -325,10 +325,10 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   if (v.stages != 0 && (v.stages < 3 || v.stages > 8))
     bad("stages", fmt::format("algo=gemm_wgmma for pass=backward_data has a weight ring of "
                               "stages=3 to 8, not {}", v.stages));
-  // Deterministic mode with 128-pixel tiles: refused. With four warpgroups (128 registers a
-  // thread) that form spills, and one of its GPU tests hit an illegal address in the
-  // fixed-point epilogue whose cause was not found (docs/perf-notes.md rounds B12, B13); the
-  // 64-pixel tiles pass the same test. The heuristic never picks this kernel in
+  // Deterministic mode with 128-pixel tiles: refused. Its four-warpgroup form spilled at 128
+  // registers, and it is the tile session 9 saw fault; that fault was the null grad-input path
+  // (every tile, both modes; removed since, docs/perf-notes.md round B13), but these tiles
+  // have not run in deterministic mode since. The heuristic never picks this kernel in
   // deterministic mode (the WMMA kernel is faster there).
   if (v.deterministic && v.tile_m != 64)
     bad("tm", fmt::format("algo=gemm_wgmma for pass=backward_data in deterministic mode has "
