@@ -180,6 +180,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("GV", p.gv);
       c32("EV", p.ev);
       c32("SMEM_BYTES", p.smem_bytes);
+    } else {  // the streaming kernel's epilogue channels a thread (4 with vec=4)
+      c32("EV", p.ev);
     }
     line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
                      p.gin_mode == 0 ? "atomics into grad_input"

@@ -477,6 +477,11 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (threads % 32 != 0 || threads > 1024)
       bad("tm", fmt::format("tm={} with {} channels per step gives {} threads (a multiple of 32 "
                             "up to 1024 is needed)", p.bp, p.bc, threads));
+    // vec: the epilogue's channels a thread; 4 asks the streaming kernel for vectors (the
+    // resident tensor-core kernel has them wherever its layer allows)
+    if (v.vec != 1 && v.vec != 4)
+      bad("vec", fmt::format("pass=backward_data with algo={} has vec=1 or 4, not {}",
+                             to_string(v.algo), v.vec));
     p.block = threads;
     p.tpp = threads / p.bp;
     const int ssize = p.use_tc ? (d.dtype == DType::f32 ? 4 : 2) : asize;
@@ -484,6 +489,24 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
     if (p.use_tc) plan_bwd_data_resident(d, p, ssize, asize);
     if (p.nstage == 0) {
+      // vec=4 (opt-in): the epilogue takes 4 neighbouring channels a thread: one vector load
+      // per corner and, into an f32 workspace, one red.global.add.v4.f32 per corner instead of
+      // 4 atomics; channels-last input and a grad-input workspace (the caller's grad input is
+      // not known to be 16-byte aligned)
+      p.ev = 1;
+      if (v.vec == 4) {
+        const char* why = !p.x_nhwc ? "channels-last input (nhwc, or transpose=1)"
+                          : p.gin_mode == 0
+                              ? "a grad-input workspace (f16/bf16, transpose=1 or det=1; strict "
+                                "f32 nhwc scatters into the caller's grad input)"
+                          : asize != 4                        ? "f32 accumulation (not f64)"
+                          : d.c_per_offset_group() % 4 != 0   ? "c/offset_groups a multiple of 4"
+                          : p.bc % (4 * p.tpp) != 0           ? "channel steps of 4 x threads a pixel"
+                                                              : nullptr;
+        if (why) bad("vec", fmt::format("vec=4 needs {}", why));
+        p.ev = 4;
+        if (!p.transpose) p.align_input = 4 * dtype_size(d.dtype);  // corner vectors
+      }
       const int smem = ssize * p.bk * (p.bc + p.bp + 2 * p.a_pad) +
                        asize * (p.bc * (p.bp + 4) + 3 * threads);
       if (smem > 48 * 1024)

@@ -18,11 +18,13 @@ ap.add_argument("cases", nargs="?", default="resnet_res4,maskrcnn_res4,dense512"
 ap.add_argument("--dtype", default="fp16")
 ap.add_argument("--shapes", default=os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"),
                 help="the cases' file (bench/shapes.json; bench/train_layers.json: the training example's layers)")
-ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data"],
+ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data", "simt"],
                 help="tc: the WMMA tiles of both passes; wgmma, ws: grad-weight variants only, "
                      "the wgmma tiles or the warp-specialised ones (producers=P), with the "
                      "WMMA kernel timed for comparison; data: backward_data variants only, the "
-                     "wgmma tiles against the WMMA kernel, each also in deterministic mode")
+                     "wgmma tiles against the WMMA kernel, each also in deterministic mode; "
+                     "simt: the FMA grad-input kernel's tiles, scalar and vector epilogue (vec=4), "
+                     "for --dtype fp32")
 args = ap.parse_args()
 lib = DeftLibrary("build/libdeft.so")
 spec = bench.load_shapes(args.shapes)
@@ -72,6 +74,10 @@ if args.family == "data":
         for tm, tn, wgs, st in ((64, 64, 1, 0), (64, 64, 2, 0), (64, 64, 2, 3), (64, 64, 4, 3),
                                 (64, 128, 1, 3), (64, 128, 2, 3), (128, 64, 2, 0),
                                 (128, 64, 4, 3), (128, 128, 2, 3))]
+if args.family == "simt":
+    weight_vs = []
+    data_vs = [f"algo=gemm_simt tm=64 tn={tn} tk={tk} threads=256 transpose=1 vec={vec}"
+               for tn, tk, vec in itertools.product((32, 64), (16, 32), (1, 4))]
 for case in spec["cases"]:
     if case["name"] not in args.cases.split(","):
         continue
@@ -97,7 +103,7 @@ for case in spec["cases"]:
                 ms = timed(fn)
                 err = max(rel(out[i], bufs[i]) for i in idx)
                 det = ""
-                if args.family == "data":  # the same variant in deterministic mode
+                if args.family in ("data", "simt"):  # the same variant in deterministic mode
                     try:
                         dfn = lambda: k.backward(x, off, m, w, gout, out[0], out[1], out[2], None, None, 1)  # noqa
                         dms = timed(dfn)

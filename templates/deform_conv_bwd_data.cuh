@@ -21,10 +21,12 @@
 // tf32), each warp owning FPW 16x16 fragments of the BC x BP tile, accumulated in f32.
 //
 // Constants from codegen: BP, BC, BK, TM, TN (FMA) or WK, FPW, TC_PAD (USE_TC), THREADS,
-// TPP (= THREADS / BP), GIN_MODE.
+// TPP (= THREADS / BP), GIN_MODE, EV (the epilogue's channels a thread: 1, or 4 with vec=4).
 
 // Shared memory: the slice of weight (transposed: [BK][BC]) and of grad_out ([BK][BP]), the
 // column-gradient tile [BC][BP + 1], and the final cross-thread reduction [3][THREADS].
+static_assert(EV == 1 || (X_NHWC && BC % (EV * TPP) == 0),
+              "epilogue channel vectors: a channels-last input, whole vectors a step");
 #if USE_TC
 constexpr int CS_LD = BP + 4;  // wmma stores need a multiple of 4 floats
 #else
@@ -157,6 +159,19 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     __syncthreads();
 
     if (pix_ok) {
+      if constexpr (EV > 1) {
+      // vec=4: EV neighbouring channels a thread (channels-last input), one vector load and,
+      // into an f32 workspace, one vector reduction per corner
+#pragma unroll 2
+      for (int cc = esub * EV; cc < BC; cc += TPP * EV) {
+        const int c = c0 + cc;
+        Acc cg[EV];
+#pragma unroll
+        for (int e = 0; e < EV; ++e) cg[e] = Cs[(cc + e) * CS_LD + ep];
+        deft_bwd_channels<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt, cg,
+                              scale, nonfinite, pg);
+      }
+      } else {
 #pragma unroll 2
       for (int cc = esub; cc < BC; cc += TPP) {
         const int c = c0 + cc;
@@ -164,6 +179,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
         deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
                          scale, nonfinite, pg);
+      }
       }
     }
     __syncthreads();  // Cs is rewritten by the next step

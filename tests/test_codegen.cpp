@@ -818,6 +818,46 @@ TEST(Codegen, WgmmaBackwardDataTf32TilesCompile) {
   }
 }
 
+// The streaming grad-input kernel's vector epilogue (vec=4, opt-in): 4 neighbouring channels a
+// thread, one 16-byte corner load and (f32 workspace) one red.global.add.v4.f32 per corner;
+// fixed-point atomics per element in deterministic mode; the default (vec=1) keeps the scalar
+// epilogue; the layers it cannot serve are refused naming vec.
+TEST(Codegen, StreamingBackwardDataVectorEpilogue) {
+  auto ptx_of = [](const std::string& desc, const std::string& variant) {
+    deft::CompileOptions o;
+    o.arch = 90;  // red.global.add.v4.f32 is sm_90's
+    o.cache_path = "";
+    o.variant = deft::parse_variant(variant);
+    return deft::emit_ptx(deft::parse_layer_desc(desc), o);
+  };
+  const std::string f32 =
+      "deform_conv2d n=2 c=64 h=12 w=12 k=48 r=3 s=3 pad=1 mask=1 dtype=f32 layout=nchw "
+      "pass=backward_data";
+  const std::string v = "algo=gemm_simt tm=64 tn=32 tk=16 threads=256 transpose=1";
+  const std::string vec = ptx_of(f32, v + " vec=4");
+  EXPECT_NE(vec.find("red.global.add.v4.f32"), std::string::npos);
+  EXPECT_NE(vec.find("ld.global.nc.v4.f32"), std::string::npos);
+  EXPECT_EQ(ptx_of(f32, v).find("red.global.add.v4.f32"), std::string::npos);
+  const std::string det = ptx_of(f32, v + " vec=4 det=1");
+  EXPECT_NE(det.find("ld.global.nc.v4.f32"), std::string::npos);
+  EXPECT_NE(det.find(".add.u64"), std::string::npos);
+  // f16 with groups the tensor cores do not take (40 channels): the f32 workspace
+  EXPECT_NE(ptx_of("deform_conv2d n=2 c=40 h=9 w=10 k=40 r=3 s=3 pad=1 mask=1 dtype=f16 "
+                   "layout=nhwc pass=backward_data",
+                   "algo=gemm_simt tm=64 tn=32 tk=16 threads=256 vec=4")
+                .find("red.global.add.v4.f32"),
+            std::string::npos);
+  const std::string base = "deform_conv2d n=2 c=64 h=12 w=12 k=48 r=3 s=3 pad=1 mask=1 ";
+  refused(base + "dtype=f32 layout=nchw pass=backward_data", v + " vec=2", "vec");
+  refused(base + "dtype=f32 layout=nchw pass=backward_data",
+          "algo=gemm_simt tm=64 tn=32 tk=16 threads=256 transpose=0 vec=4", "vec");  // nchw planes
+  refused(base + "dtype=f32 layout=nhwc pass=backward_data",
+          "algo=gemm_simt tm=64 tn=32 tk=16 threads=256 vec=4", "vec");  // the caller's grad input
+  refused(base + "dtype=f64 layout=nchw pass=backward_data", v + " vec=4", "vec");
+  refused("deform_conv2d n=2 c=66 h=12 w=12 k=48 r=3 s=3 pad=1 mask=1 dtype=f32 layout=nchw "
+          "pass=backward_data", v + " vec=4", "vec");  // 66 channels: no whole vectors
+}
+
 }  // namespace
 
 // The sm_90 grad-weight heuristic (compiler/variant.cpp, perf notes round B10): the

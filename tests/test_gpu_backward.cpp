@@ -633,6 +633,41 @@ TEST(GpuBackwardWgmma, DataTf32TilesMatchReference) {
   EXPECT_EQ(ran, 18);  // tn=128 needs 128 channels an offset group: 2 of the 4 layers
 }
 
+// The streaming grad-input kernel's vector epilogue (vec=4, opt-in): strict f32 through the
+// transpose pre-pass, fast and deterministic, two offset groups, a partial pixel block; f16 with
+// groups the tensor cores do not take (nhwc); against the reference, and grad offset alone
+// equal to the full run's.
+TEST(GpuBackwardVariants, StreamingVectorEpilogueMatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  LayerDesc f16 = make(2, 40, 9, 10, 40, 3, 1, 1, 1, DType::f16, Layout::nhwc);
+  for (const LayerDesc& d : {make(2, 64, 11, 13, 48, 3, 1, 1, 2, DType::f32, Layout::nchw),
+                             make(3, 128, 7, 9, 64, 3, 1, 1, 1, DType::f32, Layout::nchw), f16}) {
+    SCOPED_TRACE(deft::to_string(d));
+    const Tensors t = random_tensors(d, 2.0, 731);
+    for (const char* text : {"algo=gemm_simt tm=64 tn=32 tk=16 threads=256 vec=4",
+                             "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 vec=4"}) {
+      deft::Variant v = deft::parse_variant(text);
+      v.transpose = d.layout == Layout::nchw;
+      for (int det : {0, 1}) {
+        const bool ran = check_pass_variant(d, deft::Pass::backward_data, v, t, det);
+        EXPECT_TRUE(ran || v.tile_n == 64) << deft::to_string(v);  // tn=64 > 32 channels a group
+      }
+      deft::CompileOptions f = test_options(false);
+      f.backward_data_variant = v;
+      Tensors q = t;
+      for (auto* x : {&q.input, &q.offset, &q.mask, &q.weight, &q.gout})
+        quantize_in_place(*x, d.dtype);
+      try {
+        const GpuGrads alone = run_gpu(d, q, 0, {false, true, false, false, false}, 1, f);
+        const GpuGrads all = run_gpu(d, q, 0, {true, true, true, false, false}, 1, f);
+        EXPECT_EQ(alone.raw[kOffset], all.raw[kOffset]) << "grad_offset alone";
+      } catch (const deft::DescError& e) {
+        EXPECT_EQ(e.field(), "tn") << e.what();
+      }
+    }
+  }
+}
+
 // The backward kernels of nhwc layers read the caller's input (and weight and grad_output) in
 // vectors: a misaligned tensor is refused with a message naming it, before any launch.
 TEST(GpuBackwardErrors, MisalignedTensorsGiveAClearError) {
