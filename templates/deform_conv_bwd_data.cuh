@@ -42,8 +42,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   __shared__ __align__(128) Stage Ws[BK][BC + TC_PAD];
   __shared__ __align__(128) Stage Gs[BK][BP + TC_PAD];
 #else
-  __shared__ Acc Ws[BK][BC];
-  __shared__ Acc Gs[BK][BP];
+  // (16-byte aligned rows with vec=4, so the micro-tile's runs can be read as vectors)
+  __shared__ __align__(EV > 1 ? 16 : alignof(Acc)) Acc Ws[BK][BC];
+  __shared__ __align__(EV > 1 ? 16 : alignof(Acc)) Acc Gs[BK][BP];
 #endif
   __shared__ __align__(128) Acc Cs[BC * CS_LD];
   __shared__ Acc Red[3][THREADS];

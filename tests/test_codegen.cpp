@@ -837,6 +837,7 @@ TEST(Codegen, StreamingBackwardDataVectorEpilogue) {
   const std::string vec = ptx_of(f32, v + " vec=4");
   EXPECT_NE(vec.find("red.global.add.v4.f32"), std::string::npos);
   EXPECT_NE(vec.find("ld.global.nc.v4.f32"), std::string::npos);
+  EXPECT_NE(vec.find("ld.shared.v4.f32"), std::string::npos) << "aligned micro-tile rows";
   EXPECT_EQ(ptx_of(f32, v).find("red.global.add.v4.f32"), std::string::npos);
   const std::string det = ptx_of(f32, v + " vec=4 det=1");
   EXPECT_NE(det.find("ld.global.nc.v4.f32"), std::string::npos);
