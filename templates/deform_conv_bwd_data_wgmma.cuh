@@ -6,14 +6,15 @@
 // input scattered into the workspace by GIN_MODE (1: f32 vector reductions, 2: 64-bit fixed
 // point, deterministic). The column gradient
 //   colgrad[p][c] = sum_k grad_out[p][k] * weight[k][tap][c]      (k over c's conv group)
-// is a wgmma.m64nBNk16 chain per 64 pixels and channel step of BN channels:
+// is a wgmma.m64nBNk16 (tf32: k8) chain per 64 pixels and channel step of BN channels:
 //  - A, the block's grad_out tile (BP pixels x all KG output channels of the group, zero rows
 //    past KG), is copied into shared memory once, with cp.async, in no-swizzle core layout:
-//    K-major (cores of 8 pixels x 16 bytes of k) for nhwc grad_out, MN-major (8 k x 16 bytes
-//    of pixels, read with the transpose bit) for nchw;
+//    K-major (cores of 8 pixels x 16 bytes of k) for nhwc grad_out and for tf32, MN-major (8 k
+//    x 16 bytes of pixels, read with the transpose bit) for nchw f16/bf16;
 //  - B, the weight, is packed by a pre-pass (deft_pack_weight) into the exact shared-memory
-//    image of each slice (64 output channels x BN input channels of the tap, MN-major, read
-//    with the transpose bit), so a slice is a contiguous run of 16-byte copies;
+//    image of each slice (KS = 64 output channels, 32 for tf32, x BN input channels of the
+//    tap; MN-major read with the transpose bit, K-major for tf32), so a slice is a contiguous
+//    run of 16-byte copies;
 //  - the WGS warpgroups share the tile: warpgroup w owns pixel half w % HALVES (64 rows each,
 //    HALVES = BP / 64) and takes turns with the others of its half (WPH = WGS / HALVES) over
 //    the channel steps (steps w / HALVES, w / HALVES + WPH, ...), each with a ring of its own:
@@ -24,15 +25,16 @@
 //  - the epilogue reads the accumulators in place: no shared-memory round trip. The slice's
 //    columns are permuted (deft_col_channel) so that each lane's accumulator pairs are the
 //    channels c, c + 1, c + 2, c + 3 of its pixel, twice per 32 channels, and the four lanes
-//    of a quad (one pixel) cover 16 neighbouring channels: one 8-byte load per corner and one
-//    16-byte reduction (red.global.add.v4.f32) per corner, as in deform_conv_bwd_data_tc.cuh,
-//    with the corner loads of EB such runs issued before any is used.
+//    of a quad (one pixel) cover 16 neighbouring channels: one 8-byte (tf32: 16-byte) load per
+//    corner and one 16-byte reduction (red.global.add.v4.f32) per corner, as in
+//    deform_conv_bwd_data_tc.cuh, with the corner loads of EB such runs issued before any is
+//    used.
 //
 // Constants from codegen: BP (64 or 128), BN (64 or 128), THREADS (128 * WGS, 1 to 4
 // warpgroups, a multiple of BP / 64), MIN_BLOCKS (2 where two blocks' shared memory fits an
-// SM: registers capped to match), NSTAGE (>= 3), GV (grad_out elements per copy: 8, 4 or 1),
-// SMEM_BYTES, GIN_MODE, and deft_wgmma_ss (A and B from descriptors; A transposed for nchw, B
-// transposed).
+// SM: registers capped to match), NSTAGE (>= 3), GV (grad_out elements per copy: KC, KC / 2
+// or 1, KC = 16 bytes of elements), SMEM_BYTES, GIN_MODE, and deft_wgmma_ss (A and B from
+// descriptors; f16/bf16: A transposed for nchw, B transposed; tf32: neither).
 
 constexpr int WGS = THREADS / 128;      // warpgroups
 constexpr int HALVES = BP / 64;         // pixel halves, 64 rows each
