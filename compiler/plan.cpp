@@ -349,6 +349,7 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
                           "grad_out tile and {} ring(s) of {} weight slices (max 227)",
                           d.k_per_group(), v.threads, (bytes() + 1023) / 1024, wgs, p.nstage));
   p.smem_bytes = int(bytes());
+  p.gout_tile_bytes = tile, p.slice_bytes = slice;
   // two blocks an SM where their shared memory fits (228 KiB, 1 KiB of it reserved a block)
   // and their registers can (at most 128 a thread for 256 threads): the other block's
   // epilogue hides this one's latency

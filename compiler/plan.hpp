@@ -62,6 +62,8 @@ struct KernelPlan {
   // backward_data: the kernel scatters into the grad-input workspace even when grad input is
   // not requested (the wgmma kernel has no null-workspace path)
   bool gin_always = false;
+  // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice
+  int64_t gout_tile_bytes = 0, slice_bytes = 0;
   int min_blocks = 1;
   // warp-specialised wgmma backward_weight (variant producers > 0): producer warpgroups; its
   // ring depth is nstage

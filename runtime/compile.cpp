@@ -111,13 +111,14 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
                                         plan.win_bytes, plan.wrows, desc.w);
     info.shared_layout += "; the epilogue tile reuses it";
   }
-  if (desc.pass == Pass::backward_data && variant.algo == Algo::gemm_wgmma)
+  if (desc.pass == Pass::backward_data && variant.algo == Algo::gemm_wgmma) {
+    const int64_t wgs = plan.block / 128, rings = wgs * plan.nstage * plan.slice_bytes;
     info.shared_layout = fmt::format(
         "grad_out tile {} ({} pixels x {} output channels) + {} weight ring(s) {} x {} + "
         "point sums {}",
-        int64_t(plan.bp) * ((desc.k_per_group() + 63) / 64 * 64) * 2, plan.bp,
-        (desc.k_per_group() + 63) / 64 * 64, plan.block / 128, plan.nstage, 64 * plan.bc * 2,
-        (plan.block / 128 / (plan.bp / 64) - 1) * plan.bp * 3 * 4);
+        plan.gout_tile_bytes, plan.bp, plan.gout_tile_bytes / (plan.bp * dtype_size(desc.dtype)),
+        wgs, plan.nstage, plan.slice_bytes, plan.smem_bytes - plan.gout_tile_bytes - rings);
+  }
   info.workspace_bytes = desc.pass == Pass::forward
                              ? plan.forward_workspace()
                              : plan.workspace_bytes + plan.workspace_packed_bytes;

@@ -790,6 +790,9 @@ TEST(Codegen, WgmmaBackwardDataTf32TilesCompile) {
       const deft::KernelPlan plan = deft::make_plan(d, v);
       EXPECT_EQ(plan.workspace_packed_bytes, d.taps() * d.c * kgp * 4);
       EXPECT_EQ(plan.gv, nchw ? 1 : 4);
+      EXPECT_NE(info.shared_layout.find(fmt::format("grad_out tile {} ({} pixels x {} output",
+                                                    tm * kgp * 4, tm, kgp)),
+                std::string::npos) << info.shared_layout;
       const std::string ptx = sm90a_ptx(d, v);
       EXPECT_NE(ptx.find(fmt::format("wgmma.mma_async.sync.aligned.m64n{}k8.f32.tf32.tf32", tn)),
                 std::string::npos);
