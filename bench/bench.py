@@ -741,15 +741,15 @@ def nchw_to_nhwc(t):
     return None if t is None else t.permute(0, 2, 3, 1).contiguous()
 
 
-def backward_inputs(case: dict, tdt, seed: int = 3):
-    """Random NCHW input, weight, offsets (σ = 2 px), mask and grad_out of a 3×3 case, as the
+def backward_inputs(case: dict, tdt, seed: int = 3, sigma: float = 2.0):
+    """Random NCHW input, weight, offsets (σ = ``sigma`` px, default 2), mask and grad_out of a 3×3 case, as the
     backward sweeps and profiles use them (scripts/sweep_bwd.py, scripts/profile_one_bwd.py)."""
     import torch
     c = case
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.rand(c["n"], c["c"], c["h"], c["w"], device="cuda", generator=g).to(tdt)
     w = ((torch.rand(c["k"], c["c"] // c["groups"], 3, 3, device="cuda", generator=g) - .5) / 30).to(tdt)
-    off = (torch.randn(c["n"], 18, c["ho"], c["wo"], device="cuda", generator=g) * 2).to(tdt)
+    off = (torch.randn(c["n"], 18, c["ho"], c["wo"], device="cuda", generator=g) * sigma).to(tdt)
     m = torch.rand(c["n"], 9, c["ho"], c["wo"], device="cuda", generator=g).to(tdt)
     gout = (torch.rand(c["n"], c["k"], c["ho"], c["wo"], device="cuda", generator=g) - .5).to(tdt)
     return x, w, off, m, gout

@@ -163,6 +163,15 @@ Variant default_variant(const LayerDesc& d) {
     v.tile_k = tc16 ? 32 : 16;   // output channels per reduction slice
     v.threads = 256;
     v.transpose = bwd_transpose;
+    // f32 on the FMA kernel: 64-channel steps and 32-channel slices, from the sweep of
+    // docs/perf-notes.md round B15 (H200, strict fp32, nchw, grad-input pass): dense512 6.39
+    // against 11.12 ms for 32 x 16, resnet_res4 0.704 / 1.281, stride2 1.331 / 1.614; the
+    // same tile won in deterministic mode on all five cases.
+    if (!tc16 && d.dtype == DType::f32 && common % 64 == 0) {
+      Variant wide = v;
+      wide.tile_n = 64, wide.tile_k = 32;
+      if (runs(d, wide)) return wide;
+    }
     return v;
   }
   if (d.pass == Pass::backward_weight && d.c_per_group() == 1 && d.k_per_group() == 1) {
@@ -262,6 +271,18 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // output channels a group (dense512 0.99 ms against WMMA's 3.62), else two (resnet_res4
   // 0.164 against 0.421).
   const bool tf32 = d.dtype == DType::f32 && d.math == MathMode::tf32;
+  // Grad input on the FMA kernel, f32, fast mode, sm_90: the vector epilogue (vec=4: 4
+  // channels a thread, 16-byte corner loads, one red.global.add.v4.f32 per corner), where the
+  // plan takes it (channels-last input and a grad-input workspace: nchw with its transpose).
+  // From the same sweep (round B15): dense512 6.18 against 6.39 ms, deft_64 0.305 / 0.410,
+  // stride2 1.093 / 1.331. Deterministic mode keeps vec=1 (its fixed-point atomics cost 1.3-2.9x
+  // there with vec=4).
+  if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
+      base.algo == Algo::gemm_simt && d.dtype == DType::f32) {
+    Variant v = base;
+    v.vec = 4;
+    return runs(d, v) ? v : base;
+  }
   if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
       base.algo == Algo::gemm_tc && (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32) &&
       d.k_per_group() > 64) {

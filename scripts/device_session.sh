@@ -13,7 +13,7 @@
 #         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
-#   --cases, --backward-data-variant), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window | data), SWEEP_DTYPE (sweepbwd: fp16 or fp32_tf32), SWEEP_SIGMAS,
+#   --cases, --backward-data-variant), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window | data), SWEEP_DTYPE (sweepbwd: fp16 or fp32_tf32), SWEEP_SHAPES (sweepbwd: a cases file), SWEEP_TAG (sweepbwd: log name suffix), SWEEP_SIGMAS,
 #   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
@@ -59,9 +59,12 @@ for step in "$@"; do
         --benchmarks-md "$LOGS/BENCHMARKS.md" > "$LOGS/bench_backward.log" 2>&1
       stamp "bench_backward rc=$?"; cp "$LOGS/BENCHMARKS.md" "$OUT/"; tail -30 "$LOGS/bench_backward.log" ;;
     train)  # the training example at batch 128 (issue 6's case), then batch 32
-      for b in 128 32; do
-        python3 examples/train_resnet_dcn.py --batch $b --json "$LOGS/train$b.json" > "$LOGS/train-b$b.log" 2>&1
-        stamp "train batch $b rc=$?"; tail -8 "$LOGS/train-b$b.log"
+      # TRAIN_BATCHES (default "128 32"), TRAIN_ARGS (more arguments, e.g. --channels-last),
+      # TRAIN_TAG (log name suffix)
+      for b in ${TRAIN_BATCHES:-128 32}; do
+        python3 examples/train_resnet_dcn.py --batch $b ${TRAIN_ARGS:-} --json "$LOGS/train$b${TRAIN_TAG:-}.json" \
+          > "$LOGS/train-b$b${TRAIN_TAG:-}.log" 2>&1
+        stamp "train batch $b ${TRAIN_ARGS:-} rc=$?"; tail -8 "$LOGS/train-b$b${TRAIN_TAG:-}.log"
       done ;;
     graphs)  # the training example with the model as CUDA graphs (both ops), batch 128 and 32
       for b in 128 32; do
@@ -92,8 +95,9 @@ for step in "$@"; do
     sweepbwd)  # grad-weight tiles on wgmma against the WMMA kernel (scripts/sweep_bwd.py)
       timeout 200 python3 scripts/sweep_bwd.py "${SWEEP_CASES:-dense512,resnet_res4,maskrcnn_res4,deft_64,stride2}" \
         --family "${SWEEP_FAMILY:-wgmma}" ${SWEEP_DTYPE:+--dtype "$SWEEP_DTYPE"} \
-        > "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}.log" 2>&1
-      stamp "sweep_bwd rc=$?"; cut -c1-150 "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}.log" ;;
+        ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"} ${SWEEP_SIGMAS:+--sigmas "$SWEEP_SIGMAS"} \
+        > "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}${SWEEP_TAG:-}.log" 2>&1
+      stamp "sweep_bwd rc=$?"; cut -c1-150 "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}${SWEEP_TAG:-}.log" ;;
     pytest)  # the Python package's tests alone
       python3 -m pytest -q -p no:cacheprovider python/tests > "$LOGS/pytest.log" 2>&1; r=$?
       stamp "pytest rc=$r"; tail -4 "$LOGS/pytest.log"; [ $r -eq 0 ] || rc=1 ;;

@@ -25,6 +25,8 @@ ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data", 
                      "wgmma tiles against the WMMA kernel, each also in deterministic mode; "
                      "simt: the FMA grad-input kernel's tiles, scalar and vector epilogue (vec=4), "
                      "for --dtype fp32")
+ap.add_argument("--sigmas", default="2", help="offset spreads (px), comma-separated: each case "
+                "is swept once per sigma")
 args = ap.parse_args()
 lib = DeftLibrary("build/libdeft.so")
 spec = bench.load_shapes(args.shapes)
@@ -78,11 +80,11 @@ if args.family == "simt":
     weight_vs = []
     data_vs = [f"algo=gemm_simt tm=64 tn={tn} tk={tk} threads=256 transpose=1 vec={vec}"
                for tn, tk, vec in itertools.product((32, 64), (16, 32), (1, 4))]
-for case in spec["cases"]:
+for case, sigma in itertools.product(spec["cases"], [float(s) for s in args.sigmas.split(",")]):
     if case["name"] not in args.cases.split(","):
         continue
     c = case
-    x, w, off, m, gout = bench.backward_inputs(c, tdt)
+    x, w, off, m, gout = bench.backward_inputs(c, tdt, sigma=sigma)
     desc = bench.deft_desc(case, "nchw", args.dtype)
     ref = lib.compile(desc)
     bufs = [torch.empty_like(v) for v in (x, off, m, w)]
@@ -111,6 +113,6 @@ for case in spec["cases"]:
                         det = f"  det {dms:8.3f} ms ({dms / ms:4.2f}x) err {derr:.1e}"
                     except Exception as e:  # noqa: BLE001 (e.g. refused: 128-pixel tiles)
                         det = f"  det refused: {str(e)[:60]}"
-                print(f"{c['name']:<14} {kind:<6} {ms:8.3f} ms  err {err:.1e}{det}  {v}", flush=True)
+                print(f"{c['name']:<14} s={sigma:<3g} {kind:<6} {ms:8.3f} ms  err {err:.1e}{det}  {v}", flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"{c['name']:<14} {kind:<6}  invalid: {str(e)[:100]}  {v}", flush=True)
+                print(f"{c['name']:<14} s={sigma:<3g} {kind:<6}  invalid: {str(e)[:100]}  {v}", flush=True)

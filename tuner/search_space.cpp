@@ -74,6 +74,11 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
     // on sm_90 the default is one of them where a group has more than 64 output channels).
     // Not its 128-pixel tiles (deterministic mode refuses them; they won nowhere).
     add_tiles(default_variant(d), {32, 64, 128}, {32, 64}, {16, 32, 64});
+    if (def.algo == Algo::gemm_simt && def.vec == 4) {  // the FMA kernel's vector epilogue
+      Variant v4 = default_variant(d);
+      v4.vec = 4;
+      add_tiles(v4, {32, 64, 128}, {32, 64}, {16, 32, 64});
+    }
     const bool tf32 = d.dtype == DType::f32 && d.math == MathMode::tf32;
     if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32))
       for (auto [tm, tn, threads, stages] :
