@@ -186,7 +186,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
                      p.gin_mode == 0 ? "atomics into grad_input"
                      : p.gin_mode == 1 ? "f32 atomics into a workspace"
-                                       : "64-bit fixed-point atomics (deterministic)"));
+                     : p.gin_mode == 2 ? "64-bit fixed-point atomics (deterministic)"
+                                       : "64-bit fixed point gathered per input pixel (deterministic)"));
   } else if (d.pass == Pass::backward_weight && v.algo == Algo::depthwise) {
     c32("THREADS", p.block);
     c32("VEC", p.vec);

@@ -44,6 +44,8 @@ int split_fragments(KernelPlan& p, int frags, int threads) {
 
 int align128(int64_t b) { return int((b + 127) / 128 * 128); }
 
+int64_t align256(int64_t b) { return (b + 255) / 256 * 256; }
+
 // backward_data on tensor cores with the block's grad_out tile resident in shared memory
 // (templates/deform_conv_bwd_data_tc.cuh), where the layer allows it: channels-last input
 // and krsc weight, each offset group inside one conv group, 16-byte weight rows, and the
@@ -66,8 +68,15 @@ void plan_bwd_data_resident(const LayerDesc& d, KernelPlan& p, int ssize, int as
       p.template_name = "deform_conv_bwd_data_tc.cuh";
       p.nstage = nstage;
       p.gv = gv;
-      // EV = 4 only with float atomics: deterministic mode's 64-bit atomics have no vector
-      // form, and with scalar channels the lanes of a pixel hit one sector per instruction.
+      // Deterministic mode gathers instead of scattering (gin_mode 3: no 64-bit atomics; the
+      // same fixed-point sums, so the same bits) where the point and cell counts fit 32-bit
+      // list indices; f32 accumulation only (the values it stores are f32).
+      if (p.gin_mode == 2 && asize == 4) {
+        const GatherLayout g = gather_layout(d);
+        if (g.points < (int64_t(1) << 31) && g.cells + 1 < (int64_t(1) << 31)) p.gin_mode = 3;
+      }
+      // EV = 4 only without 64-bit atomics: those have no vector form, and with scalar
+      // channels the lanes of a pixel hit one sector per instruction.
       p.ev = p.gin_mode != 2 && d.c % 4 == 0 && p.bc % (4 * p.tpp) == 0 ? 4 : 1;
       p.smem_bytes = int(bytes);
       // epilogue corner vectors of the input, 16-byte weight copies, grad_out copy vectors
@@ -514,7 +523,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
         bad("tm", fmt::format("the tiles need {} bytes of shared memory (max 49152)", smem));
       p.smem_bytes = 0;  // static shared memory
     }
-    p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;
+    p.workspace_bytes =
+        32 + (p.gin_mode >= 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;
     const int64_t gx = ceil_div(m_total, p.bp);
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{}x{} is too large", gx, d.taps(), d.offset_groups));
@@ -590,6 +600,27 @@ int wgmma_window_rows(const LayerDesc& d, int bm, int halo) {
   }
   // rows of the taps' sampling points at zero offset, plus the bilinear second row below them
   return int((span - 1) * d.stride_h + (d.r - 1) * d.dil_h + 2 + 2 * int64_t(halo));
+}
+
+GatherLayout gather_layout(const LayerDesc& d) {
+  GatherLayout g;
+  g.points = d.n * d.out_h() * d.out_w() * d.offset_groups * d.taps();
+  g.cells = d.n * d.offset_groups * (d.h + 1) * (d.w + 1);
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t off = at;
+    at += align256(bytes);
+    return off;
+  };
+  g.counts = take(4 * (g.cells + 1));
+  g.zero_bytes = at;
+  g.cell_of = take(4 * g.points);
+  g.rank = take(4 * g.points);
+  g.frac = take(8 * g.points);
+  g.list = take(4 * g.points);
+  g.values = take(4 * g.points * d.c_per_offset_group());
+  g.bytes = at;
+  return g;
 }
 
 KernelPlan make_plan(const LayerDesc& d, const Variant& v) {

@@ -35,7 +35,10 @@ struct KernelPlan {
 
   // Backward passes (templates/deform_conv_bwd_*.cuh; see Variant for the tile fields).
   int bp = 0, bc = 0, bk = 0, tpp = 0;      // backward_data: pixels, channels/step, k/slice
-  int gin_mode = 0;                         // 0 atomics into grad_input, 1 f32 ws, 2 fixed point
+  // 0 atomics into grad_input, 1 f32 workspace, 2 fixed-point atomics (deterministic), 3 fixed
+  // point gathered per input pixel from the points sorted by cell (deterministic, no atomics;
+  // the resident tensor-core kernel: GatherLayout below)
+  int gin_mode = 0;
   int bo = 0, bpw = 0, tmo = 0, tnc = 0, ksplit = 0;  // backward_weight tiles
   int fpw = 0;                              // backward tensor cores: 16x16 fragments per warp
   // backward_data with grad_out resident in shared memory (deform_conv_bwd_data_tc.cuh):
@@ -87,6 +90,20 @@ struct KernelPlan {
   // their elements); the transpose pre-pass's copies do not count. gout: grad_output.
   int align_input = 1, align_weight = 1, align_gout = 1, align_output = 1;
 };
+
+// The scratch of deterministic grad input in gather form (gin_mode 3), offsets in bytes from
+// one allocation: per cell of (image, offset group, y0 + 1, x0 + 1) the count of the points
+// whose floor corner it is, turned into each cell's first list entry (cells + 1 ints, zeroed
+// before every call: the first `zero_bytes`); per sampling point (pixel, offset group, tap)
+// its cell (-1 outside), its rank in the cell, its fractional position (ly, lx); the points
+// listed cell by cell; and per point the column gradient times the mask of each of its offset
+// group's channels (f32), which the gather reads once per corner.
+struct GatherLayout {
+  int64_t points = 0, cells = 0;
+  int64_t counts = 0, cell_of = 0, rank = 0, frac = 0, list = 0, values = 0, bytes = 0;
+  int64_t zero_bytes = 0;
+};
+GatherLayout gather_layout(const LayerDesc& desc);
 
 // Derives the plan. Throws DescError (field of the variant text) when the variant can't run
 // the layer: tile sizes that don't fit the threads, shared memory over 48 KiB, tensor cores

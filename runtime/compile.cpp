@@ -40,6 +40,9 @@ class KernelImpl {
   CUkernel pack = nullptr;       // deft_pack_weight (plan.wgmma, or a packed backward weight)
   // backward_data: deft_bwd_bound, deft_bwd_finish; backward_weight: reduce, bias.
   CUkernel aux[2] = {nullptr, nullptr};
+  // backward_data with gin_mode 3 (deterministic gather form, bwd_common.cuh): deft_bwd_cells,
+  // deft_bwd_scan, deft_bwd_fill, deft_bwd_gather
+  CUkernel gather[4] = {nullptr, nullptr, nullptr, nullptr};
   // Forward kernels: what compiled them (for the backward passes, compiled on first use),
   // and those passes once compiled: [deterministic][0 data, 1 weight].
   CompileOptions options;
@@ -243,6 +246,13 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
       for (int i = 0; i < 2; ++i)
         driver::check(api.cuLibraryGetKernel(&impl->aux[i], impl->library, names[i]),
                       "cuLibraryGetKernel(backward helper)");
+      if (desc.pass == Pass::backward_data && impl->plan.gin_mode == 3) {
+        const char* gnames[4] = {"deft_bwd_cells", "deft_bwd_scan", "deft_bwd_fill",
+                                 "deft_bwd_gather"};
+        for (int i = 0; i < 4; ++i)
+          driver::check(api.cuLibraryGetKernel(&impl->gather[i], impl->library, gnames[i]),
+                        "cuLibraryGetKernel(grad-input gather)");
+      }
     }
     impl->options = options;
     impl->options.variant.reset();
@@ -556,7 +566,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       // scattered into and never read (deterministic mode: unscaled, the bound not computed)
       gin = reinterpret_cast<void*>(ws.get() + 32);
     }
-    if (a.grad_input && p.gin_mode == 2) {
+    if (a.grad_input && p.gin_mode >= 2) {
       void* params[] = {&mask, &weight, &gout, &header};
       // enough blocks to stream grad_out at full bandwidth, one atomic per block
       const int64_t gout_elems = d.n * d.k * d.out_h() * d.out_w();
@@ -577,9 +587,47 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
              "cuLaunchKernel(deft_pack_weight)");
       weight = reinterpret_cast<const void*>(dst);
     }
+    // Gather form (gin_mode 3): the sampling points sorted by cell, then the data kernel
+    // stores the points' values instead of scattering them, and deft_bwd_gather sums them
+    // into the fixed-point workspace, every element.
+    std::unique_ptr<Scratch> gs;
+    void* gws = gin;
+    if (p.gin_mode == 3 && gin && a.grad_input) {
+      const GatherLayout g = gather_layout(d);
+      gs = std::make_unique<Scratch>(size_t(g.bytes), stream, false);
+      const CUdeviceptr base = gs->get();
+      driver::check(driver::api().memset_d8_async(base, 0, size_t(g.zero_bytes), stream),
+                    "cuMemsetD8Async (gather counts)");
+      void* counts = reinterpret_cast<void*>(base + g.counts);
+      void* cell_of = reinterpret_cast<void*>(base + g.cell_of);
+      void* rank = reinterpret_cast<void*>(base + g.rank);
+      void* frac = reinterpret_cast<void*>(base + g.frac);
+      void* list = reinterpret_cast<void*>(base + g.list);
+      const unsigned pblocks = unsigned((g.points + 255) / 256);
+      void* cparams[] = {&offset, &mask, &counts, &cell_of, &rank, &frac};
+      launch(k->gather[0], {pblocks, 1, 1}, 256, 0, stream, cparams, "cuLaunchKernel(deft_bwd_cells)");
+      void* sparams[] = {&counts};
+      launch(k->gather[1], {1, 1, 1}, 1024, 0, stream, sparams, "cuLaunchKernel(deft_bwd_scan)");
+      void* fparams[] = {&cell_of, &rank, &counts, &list};
+      launch(k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams, "cuLaunchKernel(deft_bwd_fill)");
+      gin = reinterpret_cast<void*>(base + g.values);  // the data kernel stores the values here
+    }
     void* params[] = {&input, &offset, &mask, &weight, &gout, &gin, &goffset, &gmask, &header};
     launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
            "cuLaunchKernel(backward_data)");
+    if (gs) {
+      const GatherLayout g = gather_layout(d);
+      const CUdeviceptr base = gs->get();
+      void* values = reinterpret_cast<void*>(base + g.values);
+      void* frac = reinterpret_cast<void*>(base + g.frac);
+      void* starts = reinterpret_cast<void*>(base + g.counts);
+      void* list = reinterpret_cast<void*>(base + g.list);
+      const int64_t warps = d.n * d.offset_groups * d.h * d.w;
+      void* gparams[] = {&values, &frac, &starts, &list, &header, &gws};
+      launch(k->gather[3], {unsigned((warps + 7) / 8), 1, 1}, 256, 0, stream, gparams,
+             "cuLaunchKernel(deft_bwd_gather)");
+      gin = gws;  // the finish kernel reads the workspace
+    }
     if (a.grad_input && p.gin_mode != 0) {
       void* out = a.grad_input;
       void* fparams[] = {&gin, &header, &out};

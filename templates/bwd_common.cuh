@@ -104,15 +104,27 @@ struct BwdPoint {
   unsigned valid;  // bit q: corner q inside the image
 };
 
+// The sampling position of output pixel (ho, wo), tap t, offset group og, and its mask. Inside
+// (some corner in the image) exactly when y > -1, x > -1, y < H, x < W (false for NaN).
+struct BwdPos {
+  Pos y, x;
+  Acc mod;
+};
+__device__ __forceinline__ BwdPos deft_bwd_pos(const T* __restrict__ offset,
+                                               const T* __restrict__ mask, long long n, int ho,
+                                               int wo, int t, int og) {
+  const PointInput in = deft_point_input(offset, mask, n, ho, wo, t, og);
+  const int i = t / S, j = t % S;
+  return {Pos(ho * SH - PH + i * DH) + in.dy, Pos(wo * SW - PW + j * DW) + in.dx, in.mod};
+}
+
 __device__ __forceinline__ BwdPoint deft_bwd_point(const T* __restrict__ offset,
                                                    const T* __restrict__ mask, long long n,
                                                    int ho, int wo, int t, int og) {
-  const PointInput in = deft_point_input(offset, mask, n, ho, wo, t, og);
-  const int i = t / S, j = t % S;
-  const Pos y = Pos(ho * SH - PH + i * DH) + in.dy;
-  const Pos x = Pos(wo * SW - PW + j * DW) + in.dx;
+  const BwdPos ps = deft_bwd_pos(offset, mask, n, ho, wo, t, og);
+  const Pos y = ps.y, x = ps.x;
   BwdPoint p;
-  p.mod = in.mod;
+  p.mod = ps.mod;
   p.valid = 0;
   p.hy = p.hx = p.ly = p.lx = Acc(0);
 #pragma unroll
@@ -357,14 +369,14 @@ __device__ __forceinline__ void deft_bwd_channels_from(const BwdCorners<EV_>& r,
   deft_bwd_channels_math<EV_>(v, dst, pt, cg, scale, nonfinite, g);
 }
 
-// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 and 2). The kernels
+// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1, 2 and 3). The kernels
 // accumulated in the layout they read the input in (X_NHWC): an nchw layer read through the
 // transpose pre-pass gets its grad input transposed back here, in 64 x 64 tiles (grid:
 // (H*W / 64, C / 64, N) rounded up); otherwise one element per thread (grid: elements / 256).
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_finish(const GinT* __restrict__ ws, const unsigned long long* __restrict__ header,
                     T* __restrict__ gin) {
-#if GIN_MODE == 2
+#if GIN_MODE >= 2
   const bool nonfinite = header[3] != 0ull;
   const double scale = deft_fixed_scale(header);
   auto conv = [=](GinT v) {
@@ -386,3 +398,148 @@ extern "C" __global__ void __launch_bounds__(256)
     if (i < IN_ELEMS) gin[i] = conv(ws[i]);
   }
 }
+
+#if GIN_MODE == 3
+// Deterministic grad input in gather form. Instead of 64-bit atomics from every (point,
+// corner, channel), the data kernel stores each sampling point's column gradient times its
+// mask (v[point][channel], f32), and every input pixel sums what the points touching it
+// contribute, in registers. The points are sorted by the cell of their floor corner
+// (deft_bwd_cells counts them, deft_bwd_scan turns the counts into list starts, deft_bwd_fill
+// lists them): the points touching pixel (y, x) through corner q are the points of cell
+// (y, x), (y, x - 1), (y - 1, x), (y - 1, x - 1) for q = 0 .. 3. Each contribution is rounded
+// to the same 64-bit fixed point as GIN_MODE 2 (deft_fixed_scale) and summed as an integer, so
+// the order within a cell (set by atomics) does not matter and the result has GIN_MODE 2's
+// bits. Point index: q = (pixel * OG + og) * TAPS + tap; cell index: deft_bwd_cell.
+static_assert(sizeof(Acc) == 4, "the gather stores f32 column gradients");
+constexpr long long G_POINTS = M_TOTAL * OG * TAPS;
+constexpr long long G_CELLS = (long long)N * OG * (H + 1) * (W + 1);
+
+__device__ __forceinline__ long long deft_bwd_cell(long long n, int og, int y0, int x0) {
+  return ((n * OG + og) * (H + 1) + (y0 + 1)) * (long long)(W + 1) + (x0 + 1);
+}
+
+// One thread per sampling point: its cell (-1: no corner inside), its rank among the cell's
+// points (arbitrary order) and its fractional position.
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_cells(const T* __restrict__ offset, const T* __restrict__ mask, int* __restrict__ counts,
+                   int* __restrict__ cell_of, int* __restrict__ rank, float2* __restrict__ frac) {
+  const long long q = (long long)blockIdx.x * 256 + threadIdx.x;
+  if (q >= G_POINTS) return;
+  const int t = int(q % TAPS), og = int(q / TAPS % OG);
+  const BwdPixel px = deft_bwd_pixel(q / (TAPS * OG));
+  const BwdPos ps = deft_bwd_pos(offset, mask, px.n, px.ho, px.wo, t, og);
+  int cell = -1;
+  if (ps.y > Pos(-1) && ps.x > Pos(-1) && ps.y < Pos(H) && ps.x < Pos(W)) {  // as deft_bwd_point
+    const Pos yf = floor(ps.y), xf = floor(ps.x);
+    cell = int(deft_bwd_cell(px.n, og, int(yf), int(xf)));
+    frac[q] = make_float2(Acc(ps.y - yf), Acc(ps.x - xf));
+    rank[q] = atomicAdd(&counts[cell], 1);
+  }
+  cell_of[q] = cell;
+}
+
+// counts[0 .. G_CELLS] (the last one zero) -> exclusive prefix sums, in place: one block, each
+// thread a contiguous run.
+extern "C" __global__ void __launch_bounds__(1024) deft_bwd_scan(int* __restrict__ counts) {
+  __shared__ int part[1024];
+  const long long len = G_CELLS + 1, per = (len + 1023) / 1024;
+  const long long b = threadIdx.x * per, e = b + per < len ? b + per : len;
+  int sum = 0;
+  for (long long i = b; i < e; ++i) sum += counts[i];
+  part[threadIdx.x] = sum;
+  __syncthreads();
+  for (int off = 1; off < 1024; off *= 2) {
+    const int add = threadIdx.x >= off ? part[threadIdx.x - off] : 0;
+    __syncthreads();
+    part[threadIdx.x] += add;
+    __syncthreads();
+  }
+  int run = threadIdx.x ? part[threadIdx.x - 1] : 0;
+  for (long long i = b; i < e; ++i) {
+    const int c = counts[i];
+    counts[i] = run;
+    run += c;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_fill(const int* __restrict__ cell_of, const int* __restrict__ rank,
+                  const int* __restrict__ starts, int* __restrict__ list) {
+  const long long q = (long long)blockIdx.x * 256 + threadIdx.x;
+  if (q >= G_POINTS) return;
+  const int cell = cell_of[q];
+  if (cell >= 0) list[starts[cell] + rank[q]] = int(q);
+}
+
+// One warp per input pixel and offset group: lanes along the group's channels (GEV a lane
+// access, GSL accesses a lane per pass), the four cells' points in turn; writes the pixel's
+// fixed-point grad input (every element: the workspace needs no zeroing) in the channels-last
+// layout the finish kernel reads.
+constexpr int GEV = CPOG % 4 == 0 ? 4 : 1;
+constexpr int GSL_MAX = 16 / GEV;  // at most 16 channels (accumulators) a lane per pass
+constexpr int GSL = (CPOG + 32 * GEV - 1) / (32 * GEV) < GSL_MAX ? (CPOG + 32 * GEV - 1) / (32 * GEV)
+                                                                 : GSL_MAX;
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_gather(const float* __restrict__ values, const float2* __restrict__ frac, const int* __restrict__ starts,
+                    const int* __restrict__ list, unsigned long long* __restrict__ header,
+                    GinT* __restrict__ ws) {
+  const long long wid = ((long long)blockIdx.x * 256 + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (wid >= (long long)N * OG * H * W) return;  // whole warps
+  const int x = int(wid % W), y = int(wid / W % H), og = int(wid / (W * H) % OG);
+  const long long n = wid / ((long long)W * H * OG);
+  const double scale = deft_fixed_scale(header);
+  bool nonfinite = false;
+  GinT* out = ws + ((n * H + y) * W + x) * C + (long long)og * CPOG;
+  long long cell[4] = {deft_bwd_cell(n, og, y, x), deft_bwd_cell(n, og, y, x - 1),
+                       deft_bwd_cell(n, og, y - 1, x), deft_bwd_cell(n, og, y - 1, x - 1)};
+  int beg[4], end[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) beg[q] = starts[cell[q]], end[q] = starts[cell[q] + 1];
+  for (int c0 = 0; c0 < CPOG; c0 += 32 * GEV * GSL) {
+    long long acc[GSL][GEV];
+#pragma unroll
+    for (int s = 0; s < GSL; ++s)
+#pragma unroll
+      for (int e = 0; e < GEV; ++e) acc[s][e] = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      for (int i = beg[q]; i < end[q]; ++i) {
+        const int pt = __ldg(list + i);
+        const float2 f = __ldg(frac + pt);
+        const Acc ly = f.x, lx = f.y, hy = Acc(1) - ly, hx = Acc(1) - lx;
+        // deft_bwd_point's corner weights: w[0] = hy hx, w[1] = hy lx, w[2] = ly hx, w[3] = ly lx
+        const Acc w = q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+        const float* vp = values + (long long)pt * CPOG;
+#pragma unroll
+        for (int s = 0; s < GSL; ++s) {
+          const int c = c0 + (s * 32 + lane) * GEV;
+          if (c >= CPOG) continue;
+          float vv[GEV];
+          if constexpr (GEV == 4) {
+            const float4 v4 = __ldg(reinterpret_cast<const float4*>(vp + c));
+            vv[0] = v4.x, vv[1] = v4.y, vv[2] = v4.z, vv[3] = v4.w;
+          } else {
+            vv[0] = __ldg(vp + c);
+          }
+#pragma unroll
+          for (int e = 0; e < GEV; ++e) {
+            const Acc contrib = vv[e] * w;  // GIN_MODE 2: cgm * pt.w[q], then scaled
+            const double sc = (double)contrib * scale;
+            if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
+            else acc[s][e] += __double2ll_rn(sc);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < GSL; ++s) {
+      const int c = c0 + (s * 32 + lane) * GEV;
+      if (c >= CPOG) continue;
+#pragma unroll
+      for (int e = 0; e < GEV; ++e) out[c + e] = (unsigned long long)acc[s][e];
+    }
+  }
+  if (nonfinite) atomicOr(&header[3], 1ull);
+}
+#endif

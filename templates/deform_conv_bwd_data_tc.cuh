@@ -110,7 +110,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int ho = px.ho, wo = px.wo;
   const BwdPoint pt = deft_bwd_pixel_point(offset, mask, px, t, og);
   const T* image = input + n * (C * H * W);
+#if GIN_MODE == 3
+  // gather form: gin is the point values' buffer (bwd_common.cuh), the pixel's point's row
+  float* vrow = gin && pix_ok && pt.valid
+                    ? reinterpret_cast<float*>(gin) + ((m * OG + og) * TAPS + t) * (long long)CPOG
+                    : nullptr;
+  GinT* gimage = nullptr;  // no scatter
+#else
   GinT* gimage = gin ? gin + n * (C * H * W) : nullptr;
+#endif
   const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
   bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
   Acc pg[3] = {Acc(0), Acc(0), Acc(0)};  // grad offset dy, dx, grad mask of the pixel's point
@@ -172,6 +180,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         }
         deft_bwd_channels<EV>(image + c0 + cc, gimage ? gimage + c0 + cc : nullptr, pt, cg,
                               scale, nonfinite, pg);
+#if GIN_MODE == 3
+        if (vrow) {  // what GIN_MODE 2 scatters, before the corner weights: cg * mask
+          float* vp = vrow + (c0 - og * CPOG) + cc;
+          if constexpr (EV == 4) {
+            *reinterpret_cast<float4*>(vp) =
+                make_float4(cg[0] * pt.mod, cg[1] * pt.mod, cg[2] * pt.mod, cg[3] * pt.mod);
+          } else {
+#pragma unroll
+            for (int e = 0; e < EV; ++e) vp[e] = cg[e] * pt.mod;
+          }
+        }
+#endif
       }
     }
   }

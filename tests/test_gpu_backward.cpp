@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "compiler/plan.hpp"
 #include "deft/deft.hpp"
 #include "reference/deform_conv_ref.hpp"
 #include "tests/gpu_test_util.hpp"
@@ -358,6 +359,59 @@ TEST(GpuBackwardEdges, BoundaryHugeAndNaNOffsets) {
       check_backward(d, t, 0);
       check_backward(d, t, 1);
     }
+  }
+}
+
+// Deterministic grad input in gather form (gin_mode 3: the resident tensor-core kernel stores
+// the points' values, deft_bwd_gather sums them per input pixel): the f64 reference and
+// bitwise-equal repeats, on edge offsets (NaN, huge, on and half-way between pixels, cells
+// with y0 = -1 or x0 = -1), crowded cells (every sample of the image pulled next to one
+// point: thousands of points in one cell), two offset groups, and more channels than one pass
+// of the gather takes (640: a 512-channel pass, then a part-filled one).
+TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
+  DEFT_SKIP_WITHOUT_GPU();
+  struct G {
+    const char* name;
+    LayerDesc d;
+    int kind;  // 0 edge offsets, 1 crowded, 2 random
+  };
+  std::vector<G> cases;
+  for (DType dt : {DType::f16, DType::bf16, DType::f32})
+    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+      LayerDesc d = make(2, 64, 7, 9, 48, 3, 1, 1, 2, dt, layout);
+      if (dt == DType::f32) d.math = deft::MathMode::tf32;
+      cases.push_back({"edges", d, 0});
+    }
+  cases.push_back({"crowded", make(2, 64, 8, 8, 32, 3, 1, 1, 1, DType::f16, Layout::nchw), 1});
+  cases.push_back({"wide_group", make(1, 640, 5, 6, 16, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2});
+  for (const G& c : cases) {
+    const LayerDesc& d = c.d;
+    SCOPED_TRACE(std::string(c.name) + ": " + deft::to_string(d));
+    LayerDesc data = d;
+    data.pass = deft::Pass::backward_data;
+    deft::Variant dv = deft::default_variant(data, 90, true);
+    dv.deterministic = true;
+    ASSERT_EQ(deft::make_plan(data, dv).gin_mode, 3) << deft::to_string(dv);
+    Tensors t = random_tensors(d, 2.0, 300 + cases.size());
+    if (c.kind == 0) edge_offsets(t, d.dtype, 301);
+    if (c.kind == 1) {  // nchw offsets: [n][og][tap][dy, dx][ho][wo]
+      std::mt19937_64 rng(302);
+      std::uniform_real_distribution<double> jitter(-0.05, 0.05);
+      const int64_t ho = d.out_h(), wo = d.out_w();
+      for (int64_t n = 0; n < d.n; ++n)
+        for (int tap = 0; tap < d.taps(); ++tap)
+          for (int64_t y = 0; y < ho; ++y)
+            for (int64_t x = 0; x < wo; ++x) {
+              const int64_t dy = ((n * 2 * d.taps() + 2 * tap) * ho + y) * wo + x;
+              t.offset[dy] = 3.3 - double(y - d.pad_h + tap / d.s) + jitter(rng);
+              t.offset[dy + ho * wo] = 4.6 - double(x - d.pad_w + tap % d.s) + jitter(rng);
+            }
+    }
+    check_backward(d, t, 1);
+    for (auto* v : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*v, d.dtype);
+    const GpuGrads first = run_gpu(d, t, 1, {true, true, true, true, true});
+    const GpuGrads again = run_gpu(d, t, 1, {true, true, true, true, true});
+    for (int g = 0; g < kGrads; ++g) EXPECT_EQ(first.raw[g], again.raw[g]) << kGradName[g];
   }
 }
 
