@@ -124,7 +124,8 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   }
   info.workspace_bytes = desc.pass == Pass::forward
                              ? plan.forward_workspace()
-                             : plan.workspace_bytes + plan.workspace_packed_bytes;
+                             : plan.workspace_bytes + plan.workspace_packed_bytes +
+                                   (plan.gin_mode == 3 ? gather_layout(desc).bytes : 0);
   cache::CubinKey key;
   key.deft_version = version();
   key.source_hash = cache::sha256_hex(info.source);

@@ -98,7 +98,9 @@ struct CompileInfo {
   double compile_seconds = 0;
   int dynamic_shared_bytes = 0;   // the main kernel's dynamic shared memory, set at launch
   std::string shared_layout;      // gemm_wgmma: what that memory holds ("" for other kernels)
-  int64_t workspace_bytes = 0;    // forward: the pre-passes' scratch (transposed input, packed weight)
+  // forward: the pre-passes' scratch (transposed input, packed weight); backward: the
+  // accumulators and partials, the packed weight, deterministic grad input's gather buffers
+  int64_t workspace_bytes = 0;
 };
 
 class KernelImpl;
