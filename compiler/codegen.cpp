@@ -159,7 +159,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("SMEM_BYTES", p.smem_bytes);
     line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
                      p.gin_mode == 1 ? "f32 vector reductions into a workspace"
-                                     : "64-bit fixed-point atomics (deterministic)"));
+                     : p.gin_mode == 2 ? "64-bit fixed-point atomics (deterministic)"
+                                       : "64-bit fixed point gathered per input pixel (deterministic)"));
   } else if (d.pass == Pass::backward_data) {
     c32("BP", p.bp);
     c32("BC", p.bc);

@@ -590,33 +590,38 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     }
     // Gather form (gin_mode 3): the sampling points sorted by cell, then the data kernel
     // stores the points' values instead of scattering them, and deft_bwd_gather sums them
-    // into the fixed-point workspace, every element.
+    // into the fixed-point workspace, every element. Without grad input, a kernel that always
+    // writes (plan.gin_always) still gets the values' buffer, and nothing sorts or gathers.
     std::unique_ptr<Scratch> gs;
     void* gws = gin;
-    if (p.gin_mode == 3 && gin && a.grad_input) {
+    if (p.gin_mode == 3 && gin) {
       const GatherLayout g = gather_layout(d);
       gs = std::make_unique<Scratch>(size_t(g.bytes), stream, false);
       const CUdeviceptr base = gs->get();
-      driver::check(driver::api().memset_d8_async(base, 0, size_t(g.zero_bytes), stream),
-                    "cuMemsetD8Async (gather counts)");
-      void* counts = reinterpret_cast<void*>(base + g.counts);
-      void* cell_of = reinterpret_cast<void*>(base + g.cell_of);
-      void* rank = reinterpret_cast<void*>(base + g.rank);
-      void* frac = reinterpret_cast<void*>(base + g.frac);
-      void* list = reinterpret_cast<void*>(base + g.list);
-      const unsigned pblocks = unsigned((g.points + 255) / 256);
-      void* cparams[] = {&offset, &mask, &counts, &cell_of, &rank, &frac};
-      launch(k->gather[0], {pblocks, 1, 1}, 256, 0, stream, cparams, "cuLaunchKernel(deft_bwd_cells)");
-      void* sparams[] = {&counts};
-      launch(k->gather[1], {1, 1, 1}, 1024, 0, stream, sparams, "cuLaunchKernel(deft_bwd_scan)");
-      void* fparams[] = {&cell_of, &rank, &counts, &list};
-      launch(k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams, "cuLaunchKernel(deft_bwd_fill)");
+      if (a.grad_input) {
+        driver::check(driver::api().memset_d8_async(base, 0, size_t(g.zero_bytes), stream),
+                      "cuMemsetD8Async (gather counts)");
+        void* counts = reinterpret_cast<void*>(base + g.counts);
+        void* cell_of = reinterpret_cast<void*>(base + g.cell_of);
+        void* rank = reinterpret_cast<void*>(base + g.rank);
+        void* frac = reinterpret_cast<void*>(base + g.frac);
+        void* list = reinterpret_cast<void*>(base + g.list);
+        const unsigned pblocks = unsigned((g.points + 255) / 256);
+        void* cparams[] = {&offset, &mask, &counts, &cell_of, &rank, &frac};
+        launch(k->gather[0], {pblocks, 1, 1}, 256, 0, stream, cparams,
+               "cuLaunchKernel(deft_bwd_cells)");
+        void* sparams[] = {&counts};
+        launch(k->gather[1], {1, 1, 1}, 1024, 0, stream, sparams, "cuLaunchKernel(deft_bwd_scan)");
+        void* fparams[] = {&cell_of, &rank, &counts, &list};
+        launch(k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams,
+               "cuLaunchKernel(deft_bwd_fill)");
+      }
       gin = reinterpret_cast<void*>(base + g.values);  // the data kernel stores the values here
     }
     void* params[] = {&input, &offset, &mask, &weight, &gout, &gin, &goffset, &gmask, &header};
     launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
            "cuLaunchKernel(backward_data)");
-    if (gs) {
+    if (gs && a.grad_input) {
       const GatherLayout g = gather_layout(d);
       const CUdeviceptr base = gs->get();
       void* values = reinterpret_cast<void*>(base + g.values);

@@ -4,7 +4,7 @@
 // as deform_conv_bwd_data_tc.cuh: one block per BP = 64 or 128 output pixels, tap and offset
 // group; grad offset and grad mask summed in the block in a fixed order (no atomics); grad
 // input scattered into the workspace by GIN_MODE (1: f32 vector reductions, 2: 64-bit fixed
-// point, deterministic). The column gradient
+// point, deterministic; 3, deterministic: the points' values stored for deft_bwd_gather). The column gradient
 //   colgrad[p][c] = sum_k grad_out[p][k] * weight[k][tap][c]      (k over c's conv group)
 // is a wgmma.m64nBNk16 (tf32: k8) chain per 64 pixels and channel step of BN channels:
 //  - A, the block's grad_out tile (BP pixels x all KG output channels of the group, zero rows
@@ -236,6 +236,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   BwdPoint pt[2];
   const T* image[2];
   GinT* gimage[2];
+#if GIN_MODE == 3
+  // gather form (bwd_common.cuh): gin is the point values' buffer; row h of the thread's
+  // point is at vbase + (r + 8 h) * VROWS + channel, written where the point has a corner in
+  // the image (the gather reads no other). One base pointer, not two: registers.
+  constexpr long long VROWS = (long long)OG * TAPS * CPOG;
+  float* const vbase = reinterpret_cast<float*>(gin) +
+                       ((m0 * OG + og) * TAPS + t) * (long long)CPOG - (long long)og * CPOG;
+#endif
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     px[h] = deft_bwd_pixel(m0 + r + 8 * h);
@@ -273,7 +281,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         for (int e = 0; e < 2; ++e)
           cgv[2 * bb + e] = Acc(acc[(4 * u + 2 * hh + bb) * 4 + 2 * h + e]);
       const int c = c_step + 32 * u + 16 * hh + 4 * q;
+#if GIN_MODE == 3
+      deft_bwd_channels_from<4>(cr[b], nullptr, pt[h], cgv, scale, nonfinite, pg[h]);
+      if (pt[h].valid != 0)  // (none past the tensor) what GIN_MODE 2 scatters, before the corner weights: cg * mask
+        *reinterpret_cast<float4*>(vbase + (r + 8 * h) * VROWS + c) =
+            make_float4(cgv[0] * pt[h].mod, cgv[1] * pt[h].mod, cgv[2] * pt[h].mod,
+                        cgv[3] * pt[h].mod);
+#else
       deft_bwd_channels_from<4>(cr[b], gimage[h] + c, pt[h], cgv, scale, nonfinite, pg[h]);
+#endif
     }
   };
 
