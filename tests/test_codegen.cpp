@@ -904,3 +904,37 @@ TEST(Heuristic, GradWeightOnSm90) {
     EXPECT_EQ(v.transpose, d.layout == deft::Layout::nchw);
   }
 }
+
+// Deterministic grad input: the gather form (gin_mode 3) where the resident WMMA kernel or the
+// wgmma kernel runs the pass, 64-bit atomics (2) in the streaming, depthwise and f64 kernels;
+// the gather buffers' layout (counts first, the only part zeroed; 256-byte aligned pieces).
+TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
+  auto mode = [](const std::string& desc, const std::string& variant) {
+    return deft::make_plan(deft::parse_layer_desc(desc), deft::parse_variant(variant)).gin_mode;
+  };
+  const std::string dense =
+      "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 mask=1 pass=backward_data ";
+  const std::string tc = "algo=gemm_tc tm=64 tn=64 tk=32 threads=256 transpose=1";
+  EXPECT_EQ(mode(dense + "dtype=f16", tc + " det=1"), 3);
+  EXPECT_EQ(mode(dense + "dtype=f16", tc), 1);
+  EXPECT_EQ(mode(dense + "dtype=f32 math=tf32", "algo=gemm_tc tm=32 tn=64 tk=32 threads=256 transpose=1 det=1"), 3);
+  EXPECT_EQ(mode(dense + "dtype=f16", "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=3 transpose=1 det=1"), 3);
+  EXPECT_EQ(mode(dense + "dtype=f32", "algo=gemm_simt tm=64 tn=64 tk=32 threads=256 transpose=1 det=1"), 2);
+  EXPECT_EQ(mode(dense + "dtype=f64", "algo=gemm_simt tm=64 tn=32 tk=16 threads=256 transpose=1 det=1"), 2);
+  EXPECT_EQ(mode("deform_conv2d n=2 c=64 h=9 w=9 k=64 groups=64 r=3 s=3 pad=1 mask=1 dtype=f16 "
+                 "pass=backward_data", "algo=depthwise tm=8 tn=1 tk=1 threads=256 transpose=1 det=1"), 2);
+  // a 7 x 9 nchw plane: grad_out copies of one element, so the streaming kernel, atomics
+  EXPECT_EQ(mode("deform_conv2d n=2 c=64 h=7 w=9 k=48 r=3 s=3 pad=1 offset_groups=2 mask=1 "
+                 "dtype=f16 pass=backward_data", "algo=gemm_tc tm=64 tn=32 tk=32 threads=256 transpose=1 det=1"), 2);
+
+  const auto d = deft::parse_layer_desc(dense + "dtype=f16 offset_groups=2");
+  const deft::GatherLayout g = deft::gather_layout(d);
+  EXPECT_EQ(g.points, int64_t{16} * 32 * 32 * 2 * 9);
+  EXPECT_EQ(g.cells, int64_t{16} * 2 * 33 * 33);
+  EXPECT_EQ(g.counts, 0);
+  EXPECT_EQ(g.zero_bytes, (4 * (g.cells + 1) + 255) / 256 * 256);
+  for (int64_t off : {g.cell_of, g.rank, g.frac, g.list, g.values, g.bytes}) EXPECT_EQ(off % 256, 0);
+  EXPECT_EQ(g.cell_of, g.zero_bytes);
+  EXPECT_EQ(g.values - g.list, (4 * g.points + 255) / 256 * 256);
+  EXPECT_EQ(g.bytes - g.values, 4 * g.points * 256);  // f32 per point and channel of its group
+}
