@@ -1093,7 +1093,10 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help=f"only sigma={CHECK_SIGMA:g}, warmup 5, iters 20, 1 GiB copy")
     p.add_argument("--dry-run", action="store_true", help="no GPU/torch: fake timings")
-    p.add_argument("--benchmarks-md", help="replace/append the bench section in this file")
+    p.add_argument("--benchmarks-md", help="replace/append the bench section in this file (a run "
+                   "of part of the shape file leaves it alone, unless --partial-md)")
+    p.add_argument("--partial-md", action="store_true",
+                   help="let a run of some cases, layouts, dtypes or sigmas replace the section")
     p.add_argument("--time-budget", type=float, default=200,
                    help="seconds; remaining (case, sigma) units are skipped after this")
     p.add_argument("--seed", type=int, default=1234)
@@ -1234,11 +1237,21 @@ def main(argv=None) -> int:
         if res.get("lost_context"):
             continue_in_child(args, state, res)
     res["wall_s"] = time.time() - t0
-    write_outputs(res, args.out, final=True, benchmarks_md=args.benchmarks_md)
+    # The section is one run's table: a run of a subset of the shape file would drop the other
+    # rows, so it leaves the file alone unless asked (--partial-md).
+    full = load_shapes(args.shapes)
+    partial = ({c["name"] for c in spec["cases"]} != {c["name"] for c in full["cases"]} or
+               any(set(spec[k]) != set(full[k]) for k in ("layouts", "dtypes", "sigmas")))
+    md_path = args.benchmarks_md
+    if md_path and partial and not args.partial_md:
+        print(f"note: {md_path} left as it was: this run covers part of {args.shapes} "
+              f"(--partial-md to replace the section anyway)", file=sys.stderr)
+        md_path = None
+    write_outputs(res, args.out, final=True, benchmarks_md=md_path)
     s = res["summary"]
     print(f"\nwrote {os.path.join(args.out, 'results.json')}, BENCHMARKS.section.md"
           + (", bench.png" if res.get("plot") else "")
-          + (f"; updated {args.benchmarks_md}" if args.benchmarks_md else ""))
+          + (f"; updated {md_path}" if md_path else ""))
     for n in res.get("notes", []):
         print("note:", n[:300])
     print(f"{res['env'].get('device', '?')} | wall {res['wall_s']:.0f}s | σ={CHECK_SIGMA:g}: "

@@ -55,7 +55,12 @@ def main(argv=None):
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--out", default="/tmp/deft-bench-bwd")
-    ap.add_argument("--benchmarks-md", default=None)
+    ap.add_argument("--benchmarks-md", default=None,
+                    help="replace the forward + backward section of this file; only a run of every "
+                         "case and dtype (or with --partial-md) does, since the section is one "
+                         "run's table and a subset would drop the other rows")
+    ap.add_argument("--partial-md", action="store_true",
+                    help="let a run of some cases or dtypes replace the section all the same")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--max-measure-s", type=float, default=1.5)
@@ -196,7 +201,15 @@ def write_results(args, res) -> int:
     with open(os.path.join(args.out, "backward.md"), "w") as f:
         f.write(md)
     if args.benchmarks_md:
-        update_md(args.benchmarks_md, md)
+        ran = {(r["case"], r["dtype"]) for r in res["rows"]}
+        every = {(c["name"], dt) for c in bench.load_shapes(args.shapes)["cases"]
+                 for dt in DTYPES}
+        if ran >= every or args.partial_md:
+            update_md(args.benchmarks_md, md)
+        else:
+            print(f"note: {args.benchmarks_md} left as it was: this run has {len(ran)} of the "
+                  f"{len(every)} (case, dtype) rows (--partial-md to replace the section anyway)",
+                  file=sys.stderr)
     print(md)
     return 0
 

@@ -48,6 +48,38 @@ class DryRuns(unittest.TestCase):
                     self.assertIn(f"| {name} | {dtype} | ", section)
 
 
+    def test_a_partial_forward_run_leaves_the_section(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            md = os.path.join(tmp, "BENCHMARKS.md")
+            full = run("bench.py", "--dry-run", "--lib", LIB, "--out", os.path.join(tmp, "f"),
+                       "--benchmarks-md", md)
+            self.assertEqual(full.returncode, 0, full.stdout + full.stderr)
+            before = open(md).read()
+            part = run("bench.py", "--dry-run", "--lib", LIB, "--dtypes", "fp16", "--out",
+                       os.path.join(tmp, "p"), "--benchmarks-md", md)
+            self.assertEqual(part.returncode, 0, part.stdout + part.stderr)
+            self.assertIn("left as it was", part.stderr)
+            self.assertEqual(open(md).read(), before)
+
+    def test_a_partial_backward_run_leaves_the_section(self):
+        # a run of one dtype must not replace the table of all (it would drop the other rows)
+        with tempfile.TemporaryDirectory() as tmp:
+            md = os.path.join(tmp, "BENCHMARKS.md")
+            full = run("bench_backward.py", "--dry-run", "--out", os.path.join(tmp, "b"),
+                       "--benchmarks-md", md)
+            self.assertEqual(full.returncode, 0, full.stdout + full.stderr)
+            before = open(md).read()
+            part = run("bench_backward.py", "--dry-run", "--dtypes", "fp16", "--out",
+                       os.path.join(tmp, "p"), "--benchmarks-md", md)
+            self.assertEqual(part.returncode, 0, part.stdout + part.stderr)
+            self.assertIn("left as it was", part.stderr)
+            self.assertEqual(open(md).read(), before)
+            forced = run("bench_backward.py", "--dry-run", "--dtypes", "fp16", "--partial-md",
+                         "--out", os.path.join(tmp, "p"), "--benchmarks-md", md)
+            self.assertEqual(forced.returncode, 0, forced.stdout + forced.stderr)
+            self.assertNotIn("| fp32 | ", open(md).read())
+
+
 class Roofline(unittest.TestCase):
     def test_forward_backward_bytes_and_flops(self):
         # n=1, c=k=8, 4x4, 3x3 pad 1, mask: input 128, offset 288, mask 144, weight 576,
