@@ -421,8 +421,9 @@ __device__ __forceinline__ long long deft_bwd_cell(long long n, int og, int y0, 
 // One thread per sampling point: its cell (-1: no corner inside), its rank among the cell's
 // points (arbitrary order) and its fractional position.
 extern "C" __global__ void __launch_bounds__(256)
-    deft_bwd_cells(const T* __restrict__ offset, const T* __restrict__ mask, int* __restrict__ counts,
-                   int* __restrict__ cell_of, int* __restrict__ rank, float2* __restrict__ frac) {
+    deft_bwd_cells(const T* __restrict__ offset, const T* __restrict__ mask,
+                   int* __restrict__ counts, int* __restrict__ cell_of, int* __restrict__ rank,
+                   float2* __restrict__ frac) {
   const long long q = (long long)blockIdx.x * 256 + threadIdx.x;
   if (q >= G_POINTS) return;
   const int t = int(q % TAPS), og = int(q / TAPS % OG);
@@ -480,9 +481,9 @@ constexpr int GSL_MAX = 16 / GEV;  // at most 16 channels (accumulators) a lane 
 constexpr int GSL = (CPOG + 32 * GEV - 1) / (32 * GEV) < GSL_MAX ? (CPOG + 32 * GEV - 1) / (32 * GEV)
                                                                  : GSL_MAX;
 extern "C" __global__ void __launch_bounds__(256)
-    deft_bwd_gather(const float* __restrict__ values, const float2* __restrict__ frac, const int* __restrict__ starts,
-                    const int* __restrict__ list, unsigned long long* __restrict__ header,
-                    GinT* __restrict__ ws) {
+    deft_bwd_gather(const float* __restrict__ values, const float2* __restrict__ frac,
+                    const int* __restrict__ starts, const int* __restrict__ list,
+                    unsigned long long* __restrict__ header, GinT* __restrict__ ws) {
   const long long wid = ((long long)blockIdx.x * 256 + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (wid >= (long long)N * OG * H * W) return;  // whole warps
