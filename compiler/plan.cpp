@@ -46,6 +46,14 @@ int align128(int64_t b) { return int((b + 127) / 128 * 128); }
 
 int64_t align256(int64_t b) { return (b + 255) / 256 * 256; }
 
+// Deterministic grad input of the resident WMMA and the wgmma kernels: the gather form
+// (gin_mode 3, no 64-bit atomics; the same fixed-point sums, so the same bits) where the point
+// and cell counts fit its 32-bit list indices, else 64-bit atomics (2).
+int deterministic_gin_mode(const LayerDesc& d) {
+  const GatherLayout g = gather_layout(d);
+  return g.points < (int64_t(1) << 31) && g.cells + 1 < (int64_t(1) << 31) ? 3 : 2;
+}
+
 // backward_data on tensor cores with the block's grad_out tile resident in shared memory
 // (templates/deform_conv_bwd_data_tc.cuh), where the layer allows it: channels-last input
 // and krsc weight, each offset group inside one conv group, 16-byte weight rows, and the
@@ -68,13 +76,8 @@ void plan_bwd_data_resident(const LayerDesc& d, KernelPlan& p, int ssize, int as
       p.template_name = "deform_conv_bwd_data_tc.cuh";
       p.nstage = nstage;
       p.gv = gv;
-      // Deterministic mode gathers instead of scattering (gin_mode 3: no 64-bit atomics; the
-      // same fixed-point sums, so the same bits) where the point and cell counts fit 32-bit
-      // list indices; f32 accumulation only (the values it stores are f32).
-      if (p.gin_mode == 2 && asize == 4) {
-        const GatherLayout g = gather_layout(d);
-        if (g.points < (int64_t(1) << 31) && g.cells + 1 < (int64_t(1) << 31)) p.gin_mode = 3;
-      }
+      // deterministic: the gather form (f32 accumulation only: the values it stores are f32)
+      if (p.gin_mode == 2 && asize == 4) p.gin_mode = deterministic_gin_mode(d);
       // EV = 4 only without 64-bit atomics: those have no vector form, and with scalar
       // channels the lanes of a pixel hit one sector per instruction.
       p.ev = p.gin_mode != 2 && d.c % 4 == 0 && p.bc % (4 * p.tpp) == 0 ? 4 : 1;
@@ -383,14 +386,9 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   p.w_krsc = d.layout == Layout::nhwc;
   p.workspace_weight_bytes = 0;
   p.workspace_packed_bytes = d.groups * d.taps() * d.c_per_group() * kgp * es;
-  p.gin_mode = v.deterministic ? 2 : 1;
-  // deterministic: the gather form (gin_mode 3, as the resident WMMA kernel's) where the point
-  // and cell counts fit 32-bit list indices. Not yet run on a GPU in this kernel (session 11);
-  // the heuristic does not pick this kernel in deterministic mode.
-  if (p.gin_mode == 2) {
-    const GatherLayout g = gather_layout(d);
-    if (g.points < (int64_t(1) << 31) && g.cells + 1 < (int64_t(1) << 31)) p.gin_mode = 3;
-  }
+  // deterministic: the gather form, as the resident WMMA kernel's (not yet run on a GPU in this
+  // kernel, session 11; the heuristic does not pick this kernel in deterministic mode)
+  p.gin_mode = v.deterministic ? deterministic_gin_mode(d) : 1;
   p.gin_always = true;
   p.workspace_bytes = 32 + (p.gin_mode >= 2 ? 8 : 4) * in_elems;
   const int64_t gx = ceil_div(m_total, p.bp);

@@ -594,18 +594,20 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     // writes (plan.gin_always) still gets the values' buffer, and nothing sorts or gathers.
     std::unique_ptr<Scratch> gs;
     void* gws = gin;
+    void *values = nullptr, *frac = nullptr, *counts = nullptr, *list = nullptr;
     if (p.gin_mode == 3 && gin) {
       const GatherLayout g = gather_layout(d);
       gs = std::make_unique<Scratch>(size_t(g.bytes), stream, false);
       const CUdeviceptr base = gs->get();
+      values = reinterpret_cast<void*>(base + g.values);
+      frac = reinterpret_cast<void*>(base + g.frac);
+      counts = reinterpret_cast<void*>(base + g.counts);  // then each cell's list start
+      list = reinterpret_cast<void*>(base + g.list);
       if (a.grad_input) {
         driver::check(driver::api().memset_d8_async(base, 0, size_t(g.zero_bytes), stream),
                       "cuMemsetD8Async (gather counts)");
-        void* counts = reinterpret_cast<void*>(base + g.counts);
         void* cell_of = reinterpret_cast<void*>(base + g.cell_of);
         void* rank = reinterpret_cast<void*>(base + g.rank);
-        void* frac = reinterpret_cast<void*>(base + g.frac);
-        void* list = reinterpret_cast<void*>(base + g.list);
         const unsigned pblocks = unsigned((g.points + 255) / 256);
         void* cparams[] = {&offset, &mask, &counts, &cell_of, &rank, &frac};
         launch(k->gather[0], {pblocks, 1, 1}, 256, 0, stream, cparams,
@@ -616,20 +618,14 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
         launch(k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams,
                "cuLaunchKernel(deft_bwd_fill)");
       }
-      gin = reinterpret_cast<void*>(base + g.values);  // the data kernel stores the values here
+      gin = values;  // the data kernel stores the values here
     }
     void* params[] = {&input, &offset, &mask, &weight, &gout, &gin, &goffset, &gmask, &header};
     launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
            "cuLaunchKernel(backward_data)");
     if (gs && a.grad_input) {
-      const GatherLayout g = gather_layout(d);
-      const CUdeviceptr base = gs->get();
-      void* values = reinterpret_cast<void*>(base + g.values);
-      void* frac = reinterpret_cast<void*>(base + g.frac);
-      void* starts = reinterpret_cast<void*>(base + g.counts);
-      void* list = reinterpret_cast<void*>(base + g.list);
       const int64_t warps = d.n * d.offset_groups * d.h * d.w;
-      void* gparams[] = {&values, &frac, &starts, &list, &header, &gws};
+      void* gparams[] = {&values, &frac, &counts, &list, &header, &gws};
       launch(k->gather[3], {unsigned((warps + 7) / 8), 1, 1}, 256, 0, stream, gparams,
              "cuLaunchKernel(deft_bwd_gather)");
       gin = gws;  // the finish kernel reads the workspace

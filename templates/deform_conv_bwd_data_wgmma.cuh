@@ -235,8 +235,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
   BwdPixel px[2];
   BwdPoint pt[2];
   const T* image[2];
+#if GIN_MODE != 3
   GinT* gimage[2];
-#if GIN_MODE == 3
+#else
   // gather form (bwd_common.cuh): gin is the point values' buffer; row h of the thread's
   // point is at vbase + (r + 8 h) * VROWS + channel, written where the point has a corner in
   // the image (the gather reads no other). One base pointer, not two: registers.
@@ -249,7 +250,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     px[h] = deft_bwd_pixel(m0 + r + 8 * h);
     pt[h] = deft_bwd_pixel_point(offset, mask, px[h], t, og);
     image[h] = input + px[h].n * (C * H * W);
+#if GIN_MODE != 3
     gimage[h] = gin + px[h].n * (C * H * W);
+#endif
   }
   const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
   bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
