@@ -148,7 +148,15 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("CL", p.tpp);
     c32("THREADS", p.block);
     c32("EV", p.ev);
-    line(fmt::format("#define GIN_MODE {}", p.gin_mode));
+    line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
+                     p.gin_mode == 0 ? "atomics into grad_input"
+                     : p.gin_mode == 1 ? "f32 atomics into a workspace"
+                     : p.gin_mode == 2 ? "64-bit fixed-point atomics (deterministic)"
+                     : p.gin_mode == 3 ? "64-bit fixed point gathered per input pixel (deterministic)"
+                                       : "f32 sums gathered per input pixel (gin=gather)"));
+    if (p.gin_mode >= 3)
+      line(fmt::format("#define GATHER_DIRECT 1  // the gather reads grad_out{}, weight and mask",
+                       p.gather_gout_t ? " (a channels-last copy)" : ""));
   } else if (d.pass == Pass::backward_data && v.algo == Algo::gemm_wgmma) {
     c32("BP", p.bp);
     c32("BN", p.bc);
@@ -332,7 +340,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   }
   line("// ---- templates/" + p.template_name + " ----");
   s += template_text(p.template_name);
-  if (p.transpose) {
+  if (p.transpose || p.gather_gout_t) {
     line("");
     line("// ---- templates/transpose.cuh ----");
     s += template_text("transpose.cuh");

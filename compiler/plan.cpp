@@ -340,8 +340,7 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   // Deterministic mode with 128-pixel tiles: refused. Its four-warpgroup form spilled at 128
   // registers, and it is the tile session 9 saw fault; that fault was the null grad-input path
   // (every tile, both modes; removed since, docs/perf-notes.md round B13), but these tiles
-  // have not run in deterministic mode since. The heuristic never picks this kernel in
-  // deterministic mode (the WMMA kernel is faster there).
+  // have not run in deterministic mode since. The heuristic's deterministic tiles are tm=64.
   if (v.deterministic && v.tile_m != 64)
     bad("tm", fmt::format("algo=gemm_wgmma for pass=backward_data in deterministic mode has "
                           "tm=64 only, not {}", v.tile_m));
@@ -386,8 +385,8 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   p.w_krsc = d.layout == Layout::nhwc;
   p.workspace_weight_bytes = 0;
   p.workspace_packed_bytes = d.groups * d.taps() * d.c_per_group() * kgp * es;
-  // deterministic: the gather form, as the resident WMMA kernel's (not yet run on a GPU in this
-  // kernel, session 11; the heuristic does not pick this kernel in deterministic mode)
+  // deterministic: the gather form, as the resident WMMA kernel's (GPU-tested and timed in
+  // session 12: the heuristic's deterministic default on sm_90 wherever it is the fast one)
   p.gin_mode = v.deterministic ? deterministic_gin_mode(d) : 1;
   p.gin_always = true;
   p.workspace_bytes = 32 + (p.gin_mode >= 2 ? 8 : 4) * in_elems;
@@ -456,10 +455,29 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.smem_bytes = 0;
     if (v.deterministic) p.gin_mode = 2;
     else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
-    p.workspace_bytes = 32 + (p.gin_mode == 2 ? 8 : p.gin_mode == 1 ? asize : 0) * in_elems;
-    // channel vectors of 4 where they are contiguous and accumulate into the f32 workspace
-    p.ev = p.x_nhwc && p.gin_mode == 1 && asize == 4 && d.c_per_offset_group() % 4 == 0 ? 4 : 1;
+    // deterministic with an f32 accumulator: the gather form without a values buffer (the
+    // column gradient of a depthwise channel is weight x grad_out: the gather computes it);
+    // gin=gather: the same gather in the fast mode, in f32 (gin_mode 4)
+    if (v.gin_gather && asize != 4)
+      bad("gin", fmt::format("gin=gather sums in f32: not for {} layers", to_string(d.dtype)));
+    if (v.gin_gather && deterministic_gin_mode(d) != 3)
+      bad("gin", "gin=gather: the layer has too many sampling points for the gather's 32-bit lists");
+    if (p.gin_mode == 2 && asize == 4) p.gin_mode = deterministic_gin_mode(d);
+    else if (v.gin_gather) p.gin_mode = 4;
+    p.gather_direct = p.gin_mode >= 3;
+    p.gather_gout_t = p.gather_direct && d.layout == Layout::nchw;
+    p.workspace_bytes =
+        32 + (p.gin_mode == 2 || p.gin_mode == 3 ? 8 : p.gin_mode != 0 ? asize : 0) * in_elems;
+    // channel vectors of 4 where they are contiguous and accumulate into the f32 workspace (or
+    // scatter nothing: the gather forms)
+    p.ev = p.x_nhwc && p.gin_mode != 0 && p.gin_mode != 2 && asize == 4 &&
+                   d.c_per_offset_group() % 4 == 0
+               ? 4
+               : 1;
     if (!p.transpose) p.align_input = p.ev * dtype_size(d.dtype);  // corner vectors
+    // the direct gather reads nhwc grad_out in vectors of 4 channels where a group has them
+    if (p.gather_direct && !p.gather_gout_t && d.c_per_offset_group() % 4 == 0)
+      p.align_gout = 4 * dtype_size(d.dtype);
     const int64_t gx = ceil_div(m_total, p.bp);
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
@@ -607,7 +625,11 @@ int wgmma_window_rows(const LayerDesc& d, int bm, int halo) {
   return int((span - 1) * d.stride_h + (d.r - 1) * d.dil_h + 2 + 2 * int64_t(halo));
 }
 
-GatherLayout gather_layout(const LayerDesc& d) {
+GatherLayout gather_layout(const LayerDesc& d, const KernelPlan& p) {
+  return gather_layout(d, p.gather_direct, p.gather_gout_t);
+}
+
+GatherLayout gather_layout(const LayerDesc& d, bool direct, bool gout_t) {
   GatherLayout g;
   g.points = d.n * d.out_h() * d.out_w() * d.offset_groups * d.taps();
   g.cells = d.n * d.offset_groups * (d.h + 1) * (d.w + 1);
@@ -623,7 +645,8 @@ GatherLayout gather_layout(const LayerDesc& d) {
   g.rank = take(4 * g.points);
   g.frac = take(8 * g.points);
   g.list = take(4 * g.points);
-  g.values = take(4 * g.points * d.c_per_offset_group());
+  g.values = take(direct ? 0 : 4 * g.points * d.c_per_offset_group());
+  g.gout_t = take(gout_t ? d.n * d.k * d.out_h() * d.out_w() * dtype_size(d.dtype) : 0);
   g.bytes = at;
   return g;
 }
@@ -646,12 +669,16 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   if (d.pass != Pass::forward) {
     if (v.staging != Staging::gather)
       throw NotImplemented("not implemented: staging=window has no kernel yet");
+    if (v.gin_gather && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
+      bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
     plan_backward(d, v, p);
     p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
     return p;
   }
   if (v.deterministic)
     bad("det", "det=1 applies to the backward passes only");
+  if (v.gin_gather)
+    bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
   if (v.threads < 32 || v.threads > 1024 || v.threads % 32 != 0)
     bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
   if (v.staging != Staging::gather && v.algo != Algo::gemm_wgmma)

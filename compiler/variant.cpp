@@ -24,10 +24,10 @@ std::string_view to_string(Staging s) {
 }
 
 std::string to_string(const Variant& v) {
-  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}",
+  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}{}",
                      to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
                      to_string(v.staging), v.halo, v.transpose ? 1 : 0,
-                     v.deterministic ? " det=1" : "",
+                     v.deterministic ? " det=1" : "", v.gin_gather ? " gin=gather" : "",
                      v.stages ? fmt::format(" stages={}", v.stages) : std::string(),
                      v.producers ? fmt::format(" producers={}", v.producers) : std::string());
 }
@@ -81,6 +81,11 @@ Variant parse_variant(std::string_view text) {
       if (val == "1") v.deterministic = true;
       else if (val == "0") v.deterministic = false;
       else throw DescError(key, fmt::format("det={} is not 0 or 1", val));
+    }
+    else if (key == "gin") {
+      if (val == "gather") v.gin_gather = true;
+      else if (val == "atomic") v.gin_gather = false;
+      else throw DescError(key, fmt::format("gin={} is not gather or atomic", val));
     }
     else throw DescError(key, fmt::format("unknown variant field '{}'", key));
   }
@@ -264,8 +269,10 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // sweep of docs/perf-notes.md round B12 (H200, fp16 nchw, grad-input pass): 0.708 against
   // the WMMA kernel's 1.123 ms on dense512, 0.128 / 0.182 resnet_res4, 0.186 / 0.236
   // maskrcnn_res4, 0.379 / 0.394 stride2; with 64 output channels (deft_64) the WMMA kernel
-  // stays (0.160 against 0.171). Deterministic mode keeps the WMMA kernel: this one's
-  // fixed-point epilogue costs 3.5-5.5x its fast mode there (WMMA: 1.8-2.3x).
+  // stays (0.160 against 0.171). Deterministic mode takes the same tile: its gather form
+  // (docs/perf-notes.md round B16b; measured in session 12) beats the WMMA kernel's gather form
+  // on every case of the sweep, fp16 dense512 0.898 against 1.382 ms, resnet_res4 0.205 / 0.267,
+  // maskrcnn_res4 0.253 / 0.318, stride2 0.545 / 0.576; tf32 dense512 1.293 / 3.859.
   // f32 in tf32 math: the same kernel's tf32 form (32-channel slices), from its sweep
   // (docs/perf-notes.md round B14, H200, nchw, grad-input pass): four warpgroups for 512
   // output channels a group (dense512 0.99 ms against WMMA's 3.62), else two (resnet_res4
@@ -283,7 +290,7 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.vec = 4;
     return runs(d, v) ? v : base;
   }
-  if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
+  if (arch == 90 && d.pass == Pass::backward_data &&
       base.algo == Algo::gemm_tc && (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32) &&
       d.k_per_group() > 64) {
     Variant v;

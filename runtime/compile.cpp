@@ -40,7 +40,7 @@ class KernelImpl {
   CUkernel pack = nullptr;       // deft_pack_weight (plan.wgmma, or a packed backward weight)
   // backward_data: deft_bwd_bound, deft_bwd_finish; backward_weight: reduce, bias.
   CUkernel aux[2] = {nullptr, nullptr};
-  // backward_data with gin_mode 3 (deterministic gather form, bwd_common.cuh): deft_bwd_cells,
+  // backward_data with gin_mode 3 or 4 (the gather forms, bwd_common.cuh): deft_bwd_cells,
   // deft_bwd_scan, deft_bwd_fill, deft_bwd_gather
   CUkernel gather[4] = {nullptr, nullptr, nullptr, nullptr};
   // Forward kernels: what compiled them (for the backward passes, compiled on first use),
@@ -125,7 +125,7 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   info.workspace_bytes = desc.pass == Pass::forward
                              ? plan.forward_workspace()
                              : plan.workspace_bytes + plan.workspace_packed_bytes +
-                                   (plan.gin_mode == 3 ? gather_layout(desc).bytes : 0);
+                                   (plan.gin_mode >= 3 ? gather_layout(desc, plan).bytes : 0);
   cache::CubinKey key;
   key.deft_version = version();
   key.source_hash = cache::sha256_hex(info.source);
@@ -235,7 +235,7 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
       driver::check(api.cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                              impl->plan.smem_bytes, impl->kernel, dev),
                     "cuKernelSetAttribute(max dynamic shared memory)");
-    if (impl->plan.transpose)
+    if (impl->plan.transpose || impl->plan.gather_gout_t)
       driver::check(api.cuLibraryGetKernel(&impl->transpose, impl->library, "deft_transpose"),
                     "cuLibraryGetKernel(deft_transpose)");
     if (impl->plan.wgmma || impl->plan.workspace_packed_bytes > 0)
@@ -247,7 +247,7 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
       for (int i = 0; i < 2; ++i)
         driver::check(api.cuLibraryGetKernel(&impl->aux[i], impl->library, names[i]),
                       "cuLibraryGetKernel(backward helper)");
-      if (desc.pass == Pass::backward_data && impl->plan.gin_mode == 3) {
+      if (desc.pass == Pass::backward_data && impl->plan.gin_mode >= 3) {
         const char* gnames[4] = {"deft_bwd_cells", "deft_bwd_scan", "deft_bwd_fill",
                                  "deft_bwd_gather"};
         for (int i = 0; i < 4; ++i)
@@ -549,8 +549,13 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       input = x_t;
       if (p.w_krsc) weight = w_t;
     }
-    Scratch ws(size_t(p.workspace_bytes), stream, true);
+    // zeroed: the header and the accumulators the kernel scatters into; the gather forms
+    // (gin_mode 3, 4) write every accumulator, so only their header
+    Scratch ws(size_t(p.workspace_bytes), stream, p.gin_mode < 3);
     CUdeviceptr header = ws.get();
+    if (p.gin_mode >= 3)
+      driver::check(driver::api().memset_d8_async(header, 0, 32, stream),
+                    "cuMemsetD8Async (workspace header)");
     void* gin = nullptr;
     const int64_t in_elems = d.n * d.c * d.h * d.w;
     if (a.grad_input) {
@@ -567,7 +572,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       // scattered into and never read (deterministic mode: unscaled, the bound not computed)
       gin = reinterpret_cast<void*>(ws.get() + 32);
     }
-    if (a.grad_input && p.gin_mode >= 2) {
+    if (a.grad_input && (p.gin_mode == 2 || p.gin_mode == 3)) {  // the fixed-point scale
       void* params[] = {&mask, &weight, &gout, &header};
       // enough blocks to stream grad_out at full bandwidth, one atomic per block
       const int64_t gout_elems = d.n * d.k * d.out_h() * d.out_w();
@@ -592,11 +597,14 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     // stores the points' values instead of scattering them, and deft_bwd_gather sums them
     // into the fixed-point workspace, every element. Without grad input, a kernel that always
     // writes (plan.gin_always) still gets the values' buffer, and nothing sorts or gathers.
+    // The depthwise kernel's direct gather (plan.gather_direct) stores no values: its gather
+    // reads grad_out (a channels-last copy of it for nchw), the weight and the mask.
     std::unique_ptr<Scratch> gs;
     void* gws = gin;
     void *values = nullptr, *frac = nullptr, *counts = nullptr, *list = nullptr;
-    if (p.gin_mode == 3 && gin) {
-      const GatherLayout g = gather_layout(d);
+    const void* gout_cl = gout;
+    if (p.gin_mode >= 3 && gin) {
+      const GatherLayout g = gather_layout(d, p);
       gs = std::make_unique<Scratch>(size_t(g.bytes), stream, false);
       const CUdeviceptr base = gs->get();
       values = reinterpret_cast<void*>(base + g.values);
@@ -617,8 +625,12 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
         void* fparams[] = {&cell_of, &rank, &counts, &list};
         launch(k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams,
                "cuLaunchKernel(deft_bwd_fill)");
+        if (p.gather_gout_t) {
+          launch_transpose(*k, gout, base + g.gout_t, d.n, d.k, d.out_h() * d.out_w(), stream);
+          gout_cl = reinterpret_cast<const void*>(base + g.gout_t);
+        }
       }
-      gin = values;  // the data kernel stores the values here
+      gin = values;  // the data kernel stores the values here (direct: none, it scatters nothing)
     }
     void* params[] = {&input, &offset, &mask, &weight, &gout, &gin, &goffset, &gmask, &header};
     launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
@@ -626,8 +638,9 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     if (gs && a.grad_input) {
       const int64_t warps = d.n * d.offset_groups * d.h * d.w;
       void* gparams[] = {&values, &frac, &counts, &list, &header, &gws};
-      launch(k->gather[3], {unsigned((warps + 7) / 8), 1, 1}, 256, 0, stream, gparams,
-             "cuLaunchKernel(deft_bwd_gather)");
+      void* dparams[] = {&gout_cl, &weight, &mask, &frac, &counts, &list, &header, &gws};
+      launch(k->gather[3], {unsigned((warps + 7) / 8), 1, 1}, 256, 0, stream,
+             p.gather_direct ? dparams : gparams, "cuLaunchKernel(deft_bwd_gather)");
       gin = gws;  // the finish kernel reads the workspace
     }
     if (a.grad_input && p.gin_mode != 0) {

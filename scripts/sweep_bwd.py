@@ -18,13 +18,13 @@ ap.add_argument("cases", nargs="?", default="resnet_res4,maskrcnn_res4,dense512"
 ap.add_argument("--dtype", default="fp16")
 ap.add_argument("--shapes", default=os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"),
                 help="the cases' file (bench/shapes.json; bench/train_layers.json: the training example's layers)")
-ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data", "simt"],
+ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data", "simt", "dw"],
                 help="tc: the WMMA tiles of both passes; wgmma, ws: grad-weight variants only, "
                      "the wgmma tiles or the warp-specialised ones (producers=P), with the "
                      "WMMA kernel timed for comparison; data: backward_data variants only, the "
                      "wgmma tiles against the WMMA kernel, each also in deterministic mode; "
                      "simt: the FMA grad-input kernel's tiles, scalar and vector epilogue (vec=4), "
-                     "for --dtype fp32")
+                     "for --dtype fp32; dw: the depthwise grad input, float atomics against gin=gather")
 ap.add_argument("--sigmas", default="2", help="offset spreads (px), comma-separated: each case "
                 "is swept once per sigma")
 args = ap.parse_args()
@@ -80,6 +80,10 @@ if args.family == "simt":
     weight_vs = []
     data_vs = [f"algo=gemm_simt tm=64 tn={tn} tk={tk} threads=256 transpose=1 vec={vec}"
                for tn, tk, vec in itertools.product((32, 64), (16, 32), (1, 4))]
+if args.family == "dw":  # the depthwise grad input: float atomics against the f32 gather
+    weight_vs = []
+    data_vs = ["algo=depthwise tm=8 tn=1 tk=1 threads=256 transpose=1",
+               "algo=depthwise tm=8 tn=1 tk=1 threads=256 transpose=1 gin=gather"]
 for case, sigma in itertools.product(spec["cases"], [float(s) for s in args.sigmas.split(",")]):
     if case["name"] not in args.cases.split(","):
         continue
@@ -105,7 +109,7 @@ for case, sigma in itertools.product(spec["cases"], [float(s) for s in args.sigm
                 ms = timed(fn)
                 err = max(rel(out[i], bufs[i]) for i in idx)
                 det = ""
-                if args.family in ("data", "simt"):  # the same variant in deterministic mode
+                if args.family in ("data", "simt", "dw"):  # the same variant in deterministic mode
                     try:
                         dfn = lambda: k.backward(x, off, m, w, gout, out[0], out[1], out[2], None, None, 1)  # noqa
                         dms = timed(dfn)

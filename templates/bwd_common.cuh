@@ -9,8 +9,8 @@ constexpr int TAPS = R * S;
 
 #if GIN_MODE == 0
 typedef T GinT;
-#elif GIN_MODE == 1
-typedef Acc GinT;  // f32 (f64 for f64 layers) workspace
+#elif GIN_MODE == 1 || GIN_MODE == 4
+typedef Acc GinT;  // f32 (f64 for f64 layers) workspace; 4: f32, gathered
 #else
 typedef unsigned long long GinT;
 #endif
@@ -238,6 +238,9 @@ __device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT
   const Acc cgm = cg * pt.mod;
   g[0] += cgm * (pt.hx * (v[2] - v[0]) + pt.lx * (v[3] - v[1]));
   g[1] += cgm * (pt.hy * (v[1] - v[0]) + pt.ly * (v[3] - v[2]));
+#if GIN_MODE >= 3
+  (void)dst, (void)scale, (void)nonfinite;  // the gather form: deft_bwd_gather sums grad input
+#else
   if (!dst) return;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -253,6 +256,7 @@ __device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT
     atomicAdd(dst + pt.off[q], contrib);
 #endif
   }
+#endif
 }
 
 // The rest of deft_bwd_channels once the corners are in v (zeros outside the image): the grad
@@ -269,6 +273,9 @@ __device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], G
     g[0] += cgm * (pt.hx * (v[2][e] - v[0][e]) + pt.lx * (v[3][e] - v[1][e]));
     g[1] += cgm * (pt.hy * (v[1][e] - v[0][e]) + pt.ly * (v[3][e] - v[2][e]));
   }
+#if GIN_MODE >= 3
+  (void)dst, (void)scale, (void)nonfinite;  // the gather form: deft_bwd_gather sums grad input
+#else
   if (!dst) return;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
@@ -302,6 +309,7 @@ __device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], G
     }
 #endif
   }
+#endif
 }
 
 // deft_bwd_channel for EV_ consecutive channels at once (nhwc): one vector load per corner
@@ -376,7 +384,7 @@ __device__ __forceinline__ void deft_bwd_channels_from(const BwdCorners<EV_>& r,
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_finish(const GinT* __restrict__ ws, const unsigned long long* __restrict__ header,
                     T* __restrict__ gin) {
-#if GIN_MODE >= 2
+#if GIN_MODE == 2 || GIN_MODE == 3
   const bool nonfinite = header[3] != 0ull;
   const double scale = deft_fixed_scale(header);
   auto conv = [=](GinT v) {
@@ -399,7 +407,7 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
-#if GIN_MODE == 3
+#if GIN_MODE >= 3
 // Deterministic grad input in gather form. Instead of 64-bit atomics from every (point,
 // corner, channel), the data kernel stores each sampling point's column gradient times its
 // mask (v[point][channel], f32), and every input pixel sums what the points touching it
@@ -410,6 +418,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // to the same 64-bit fixed point as GIN_MODE 2 (deft_fixed_scale) and summed as an integer, so
 // the order within a cell (set by atomics) does not matter and the result has GIN_MODE 2's
 // bits. Point index: q = (pixel * OG + og) * TAPS + tap; cell index: deft_bwd_cell.
+// GIN_MODE 4 (the depthwise kernel's gin=gather, fast mode): the same gather summing in f32
+// into the f32 workspace, in list order (not reproducible: atomics set the order).
 static_assert(sizeof(Acc) == 4, "the gather stores f32 column gradients");
 constexpr long long G_POINTS = M_TOTAL * OG * TAPS;
 constexpr long long G_CELLS = (long long)N * OG * (H + 1) * (W + 1);
@@ -480,6 +490,107 @@ constexpr int GEV = CPOG % 4 == 0 ? 4 : 1;
 constexpr int GSL_MAX = 16 / GEV;  // at most 16 channels (accumulators) a lane per pass
 constexpr int GSL = (CPOG + 32 * GEV - 1) / (32 * GEV) < GSL_MAX ? (CPOG + 32 * GEV - 1) / (32 * GEV)
                                                                  : GSL_MAX;
+#if defined(GATHER_DIRECT) && GATHER_DIRECT
+// The depthwise kernel's gather (KernelPlan::gather_direct): no values buffer. A depthwise
+// channel's column gradient is weight[c][tap] x grad_out[c][pixel], so the gather computes what
+// GIN_MODE 2 would scatter, (weight x grad_out) x mask x corner weight, in the same f32
+// operations, from grad_out in channels-last order (gout: the layer's own for nhwc, a
+// transposed copy for nchw), the weight and the mask. The warp takes the points of a cell 32 at
+// a time: each lane reads one point's list entry, fraction and mask, then the warp walks them
+// with shuffles, so that the loads of successive points do not wait on one another.
+// GIN_MODE 3 sums in fixed point (deterministic), 4 in f32.
+__device__ __forceinline__ long long deft_gather_mask_index(int m, int og, int t) {
+  if (NHWC) return ((long long)m * OG + og) * TAPS + t;
+  const long long n = m / (HO * WO), qi = m % (HO * WO);
+  return ((n * OG + og) * TAPS + t) * (long long)(HO * WO) + qi;
+}
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_gather(const T* __restrict__ gout, const T* __restrict__ weight,
+                    const T* __restrict__ mask, const float2* __restrict__ frac,
+                    const int* __restrict__ starts, const int* __restrict__ list,
+                    unsigned long long* __restrict__ header, GinT* __restrict__ ws) {
+  static_assert(CG == 1 && KG == 1, "the direct gather is the depthwise kernel's");
+  struct __align__(sizeof(T) * GEV) Vec { T x[GEV]; };
+  const long long wid = ((long long)blockIdx.x * 256 + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (wid >= (long long)N * OG * H * W) return;  // whole warps
+  const int x = int(wid % W), y = int(wid / W % H), og = int(wid / (W * H) % OG);
+  const long long n = wid / ((long long)W * H * OG);
+#if GIN_MODE == 3
+  const double scale = deft_fixed_scale(header);
+  typedef long long Sum;
+#else
+  typedef Acc Sum;
+#endif
+  bool nonfinite = false;
+  GinT* out = ws + ((n * H + y) * W + x) * C + (long long)og * CPOG;
+  long long cell[4] = {deft_bwd_cell(n, og, y, x), deft_bwd_cell(n, og, y, x - 1),
+                       deft_bwd_cell(n, og, y - 1, x), deft_bwd_cell(n, og, y - 1, x - 1)};
+  int beg[4], end[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) beg[q] = starts[cell[q]], end[q] = starts[cell[q] + 1];
+  for (int c0 = 0; c0 < CPOG; c0 += 32 * GEV * GSL) {
+    Sum acc[GSL][GEV];
+#pragma unroll
+    for (int s = 0; s < GSL; ++s)
+#pragma unroll
+      for (int e = 0; e < GEV; ++e) acc[s][e] = Sum(0);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      for (int b0 = beg[q]; b0 < end[q]; b0 += 32) {
+        const int cnt = end[q] - b0 < 32 ? end[q] - b0 : 32;
+        int my_m = 0, my_t = 0;
+        Acc my_mod = Acc(0), my_w = Acc(0);
+        if (lane < cnt) {
+          const int pt = __ldg(list + b0 + lane);
+          const float2 f = __ldg(frac + pt);
+          const Acc ly = f.x, lx = f.y, hy = Acc(1) - ly, hx = Acc(1) - lx;
+          // deft_bwd_point's corner weights: w[0] = hy hx, w[1] = hy lx, w[2] = ly hx, w[3] = ly lx
+          my_w = q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+          my_t = pt % TAPS;
+          my_m = pt / (TAPS * OG);
+          my_mod = HAS_MASK ? Acc(deft_widen(mask[deft_gather_mask_index(my_m, og, my_t)])) : Acc(1);
+        }
+        for (int j = 0; j < cnt; ++j) {
+          const int m = __shfl_sync(0xffffffffu, my_m, j), t = __shfl_sync(0xffffffffu, my_t, j);
+          const Acc mod = __shfl_sync(0xffffffffu, my_mod, j), w = __shfl_sync(0xffffffffu, my_w, j);
+          const T* gp = gout + (long long)m * K + (long long)og * CPOG;
+          const T* wp = weight + (long long)og * CPOG * TAPS + t;
+#pragma unroll
+          for (int s = 0; s < GSL; ++s) {
+            const int c = c0 + (s * 32 + lane) * GEV;
+            if (c >= CPOG) continue;
+            const Vec gv = *reinterpret_cast<const Vec*>(gp + c);
+#pragma unroll
+            for (int e = 0; e < GEV; ++e) {
+              // GIN_MODE 2's operations: cg = weight x grad_out, cgm = cg x mask, cgm x corner weight
+              const Acc cg = Acc(deft_widen(__ldg(wp + (long long)(c + e) * TAPS))) *
+                             Acc(deft_widen(gv.x[e]));
+              const Acc contrib = cg * mod * w;
+#if GIN_MODE == 3
+              const double sc = (double)contrib * scale;
+              if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
+              else acc[s][e] += __double2ll_rn(sc);
+#else
+              acc[s][e] += contrib;
+#endif
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < GSL; ++s) {
+      const int c = c0 + (s * 32 + lane) * GEV;
+      if (c >= CPOG) continue;
+#pragma unroll
+      for (int e = 0; e < GEV; ++e) out[c + e] = GinT(acc[s][e]);
+    }
+  }
+  if (nonfinite) atomicOr(&header[3], 1ull);
+}
+#else
+static_assert(GIN_MODE == 3, "GIN_MODE 4 is the direct gather's");
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_gather(const float* __restrict__ values, const float2* __restrict__ frac,
                     const int* __restrict__ starts, const int* __restrict__ list,
@@ -543,4 +654,5 @@ extern "C" __global__ void __launch_bounds__(256)
   }
   if (nonfinite) atomicOr(&header[3], 1ull);
 }
+#endif  // GATHER_DIRECT
 #endif

@@ -715,7 +715,11 @@ TEST(Codegen, DefaultBackwardDataOnSm90) {
                   "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=3 transpose={}",
                   d.layout == deft::Layout::nchw ? 1 : 0))));
     EXPECT_NO_THROW(deft::validate(d, v));
-    EXPECT_EQ(deft::default_variant(d, 90, true).algo, deft::Algo::gemm_tc);
+    // deterministic mode: the same tile (its gather form)
+    EXPECT_EQ(deft::default_variant(d, 90, true), v);
+    deft::Variant det = v;
+    det.deterministic = true;
+    EXPECT_EQ(deft::make_plan(d, det).gin_mode, 3);
     EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
     EXPECT_EQ(deft::default_variant(d, 0).algo, deft::Algo::gemm_tc);
   }
@@ -724,7 +728,9 @@ TEST(Codegen, DefaultBackwardDataOnSm90) {
   EXPECT_EQ(
       deft::default_variant(desc("c=512 h=32 w=32 k=512 dtype=f32 math=tf32 layout=nchw"), 90, true)
           .algo,
-      deft::Algo::gemm_tc);
+      deft::Algo::gemm_wgmma);
+  EXPECT_EQ(deft::default_variant(desc("c=64 h=64 w=64 k=64 dtype=f16 layout=nchw"), 90, true).algo,
+            deft::Algo::gemm_tc);
   // the deterministic default is what choose_variant gives in deterministic mode
   deft::CompileOptions det;
   det.deterministic = true;
@@ -818,7 +824,7 @@ TEST(Codegen, WgmmaBackwardDataTf32TilesCompile) {
     }
   }
   // the heuristic's tf32 choice on sm_90 (fast mode): four warpgroups for 512 output channels
-  // a group, else two; deterministic mode and strict f32 keep the WMMA / FMA kernels
+  // a group, else two, in both modes; strict f32 keeps the FMA kernel
   for (auto [k, threads] : {std::pair{512, 512}, {256, 256}, {128, 256}}) {
     const auto d = deft::parse_layer_desc(fmt::format(
         "deform_conv2d n=16 c=256 h=16 w=16 k={} r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
@@ -826,7 +832,7 @@ TEST(Codegen, WgmmaBackwardDataTf32TilesCompile) {
     EXPECT_EQ(deft::default_variant(d, 90),
               deft::parse_variant(fmt::format("algo=gemm_wgmma tm=64 tn=64 tk=32 threads={} "
                                               "stages=3 transpose=1", threads)));
-    EXPECT_EQ(deft::default_variant(d, 90, true).algo, deft::Algo::gemm_tc);
+    EXPECT_EQ(deft::default_variant(d, 90, true), deft::default_variant(d, 90));
     EXPECT_EQ(deft::default_variant(d, 80).algo, deft::Algo::gemm_tc);
     auto strict = d;
     strict.math = deft::MathMode::fp32;
@@ -918,9 +924,10 @@ TEST(Heuristic, GradWeightOnSm90) {
   }
 }
 
-// Deterministic grad input: the gather form (gin_mode 3) where the resident WMMA kernel or the
-// wgmma kernel runs the pass, 64-bit atomics (2) in the streaming, depthwise and f64 kernels;
-// the gather buffers' layout (counts first, the only part zeroed; 256-byte aligned pieces).
+// Deterministic grad input: the gather form (gin_mode 3) where the resident WMMA kernel, the
+// wgmma kernel or the depthwise kernel (direct: no values buffer) runs the pass, 64-bit atomics
+// (2) in the streaming and f64 kernels; the gather buffers' layout (counts first, the only part
+// zeroed; 256-byte aligned pieces).
 TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   auto mode = [](const std::string& desc, const std::string& variant) {
     return deft::make_plan(deft::parse_layer_desc(desc), deft::parse_variant(variant)).gin_mode;
@@ -934,8 +941,51 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   EXPECT_EQ(mode(dense + "dtype=f16", "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=3 transpose=1 det=1"), 3);
   EXPECT_EQ(mode(dense + "dtype=f32", "algo=gemm_simt tm=64 tn=64 tk=32 threads=256 transpose=1 det=1"), 2);
   EXPECT_EQ(mode(dense + "dtype=f64", "algo=gemm_simt tm=64 tn=32 tk=16 threads=256 transpose=1 det=1"), 2);
-  EXPECT_EQ(mode("deform_conv2d n=2 c=64 h=9 w=9 k=64 groups=64 r=3 s=3 pad=1 mask=1 dtype=f16 "
-                 "pass=backward_data", "algo=depthwise tm=8 tn=1 tk=1 threads=256 transpose=1 det=1"), 2);
+  const std::string dw = "deform_conv2d n=2 c=64 h=9 w=9 k=64 groups=64 r=3 s=3 pad=1 mask=1 pass=backward_data ";
+  const std::string dwv = "algo=depthwise tm=8 tn=1 tk=1 threads=256 transpose=1";
+  EXPECT_EQ(mode(dw + "dtype=f16", dwv + " det=1"), 3);
+  EXPECT_EQ(mode(dw + "dtype=f32", dwv + " det=1"), 3);
+  EXPECT_EQ(mode(dw + "dtype=f16", dwv), 1);
+  EXPECT_EQ(mode(dw + "dtype=f64", dwv + " det=1"), 2);
+  // gin=gather: the same gather in the fast mode, summing in f32 (4; deterministic mode keeps 3)
+  EXPECT_EQ(mode(dw + "dtype=f16", dwv + " gin=gather"), 4);
+  EXPECT_EQ(mode(dw + "dtype=f32", dwv + " gin=gather det=1"), 3);
+  {
+    const auto dd = deft::parse_layer_desc(dw + "dtype=f16");
+    const deft::KernelPlan p4 = deft::make_plan(dd, deft::parse_variant(dwv + " gin=gather"));
+    EXPECT_TRUE(p4.gather_direct && p4.gather_gout_t);
+    EXPECT_EQ(p4.workspace_bytes, 32 + 4 * 2 * 64 * 9 * 9);  // f32 accumulators
+    const std::string src = deft::generate_source(dd, deft::parse_variant(dwv + " gin=gather"));
+    EXPECT_NE(src.find("#define GIN_MODE 4"), std::string::npos);
+  }
+  for (const char* layout : {"nchw", "nhwc"}) {
+    SCOPED_TRACE(layout);
+    const auto dd = deft::parse_layer_desc(dw + "dtype=f16 layout=" + layout);
+    const deft::Variant vd = deft::parse_variant(
+        std::string("algo=depthwise tm=8 tn=1 tk=1 threads=256 det=1") +
+        (std::string(layout) == "nchw" ? " transpose=1" : ""));
+    const deft::KernelPlan p = deft::make_plan(dd, vd);
+    EXPECT_TRUE(p.gather_direct);
+    EXPECT_EQ(p.gather_gout_t, std::string(layout) == "nchw");
+    EXPECT_EQ(p.ev, 4);  // it scatters nothing: channel vectors as in the fast mode
+    EXPECT_EQ(p.align_gout, std::string(layout) == "nhwc" ? 8 : 1);  // the gather's vectors
+    const deft::GatherLayout g = deft::gather_layout(dd, p);
+    EXPECT_EQ(g.list + (4 * g.points + 255) / 256 * 256, g.values);
+    EXPECT_EQ(g.gout_t, g.values);  // no values
+    EXPECT_EQ(g.bytes - g.gout_t, p.gather_gout_t ? 2 * 64 * 9 * 9 * 2 : 0);
+    // the module: the gather reads grad_out, weight and mask; no 64-bit atomic adds anywhere
+    const std::string src = deft::generate_source(dd, vd);
+    EXPECT_NE(src.find("#define GATHER_DIRECT 1"), std::string::npos);
+    // nchw: the transpose kernel for the input's and grad_out's channels-last copies
+    EXPECT_EQ(src.find("deft_transpose(") != std::string::npos, std::string(layout) == "nchw");
+    deft::CompileOptions o;
+    o.arch = 90;
+    o.cache_path = "";
+    o.variant = vd;
+    const std::string ptx = deft::emit_ptx(dd, o);
+    EXPECT_EQ(ptx.find(".add.u64"), std::string::npos);
+    EXPECT_NE(ptx.find("deft_bwd_gather"), std::string::npos);
+  }
   // a 7 x 9 nchw plane: grad_out copies of one element, so the streaming kernel, atomics
   EXPECT_EQ(mode("deform_conv2d n=2 c=64 h=7 w=9 k=48 r=3 s=3 pad=1 offset_groups=2 mask=1 "
                  "dtype=f16 pass=backward_data", "algo=gemm_tc tm=64 tn=32 tk=32 threads=256 transpose=1 det=1"), 2);
@@ -950,4 +1000,5 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   EXPECT_EQ(g.cell_of, g.zero_bytes);
   EXPECT_EQ(g.values - g.list, (4 * g.points + 255) / 256 * 256);
   EXPECT_EQ(g.bytes - g.values, 4 * g.points * 256);  // f32 per point and channel of its group
+  EXPECT_EQ(g.gout_t, g.bytes);  // no grad_out copy
 }

@@ -363,7 +363,9 @@ TEST(GpuBackwardEdges, BoundaryHugeAndNaNOffsets) {
 }
 
 // Deterministic grad input in gather form (gin_mode 3: the resident tensor-core kernel stores
-// the points' values, deft_bwd_gather sums them per input pixel): the f64 reference and
+// the points' values, deft_bwd_gather sums them per input pixel; the depthwise kernel's gather
+// computes them from grad_out, weight and mask, also in the fast mode with gin=gather, in f32):
+// the f64 reference and
 // bitwise-equal repeats, on edge offsets (NaN, huge, on and half-way between pixels, cells
 // with y0 = -1 or x0 = -1), crowded cells (every sample of the image pulled next to one
 // point: thousands of points in one cell), two offset groups, and more channels than one pass
@@ -386,6 +388,15 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
     }
   cases.push_back({"crowded", make(2, 64, 8, 8, 32, 3, 1, 1, 1, DType::f16, Layout::nchw), 1});
   cases.push_back({"wide_group", make(1, 640, 5, 6, 16, 3, 1, 1, 1, DType::f16, Layout::nhwc), 2});
+  // the depthwise kernel's direct gather (grad_out x weight x mask computed in the gather; nchw
+  // grad_out through its channels-last copy): two offset groups of 32 channels, crowded cells,
+  // 6 channels (scalar lanes) and 640 (two passes)
+  for (DType dt : {DType::f16, DType::bf16, DType::f32})
+    for (Layout layout : {Layout::nchw, Layout::nhwc})
+      cases.push_back({"dw_edges", make(2, 64, 7, 9, 64, 3, 1, 64, 2, dt, layout), 0});
+  cases.push_back({"dw_crowded", make(2, 48, 8, 8, 48, 3, 1, 48, 1, DType::f16, Layout::nchw), 1});
+  cases.push_back({"dw_scalar", make(2, 6, 6, 5, 6, 3, 1, 6, 1, DType::f32, Layout::nhwc), 2});
+  cases.push_back({"dw_wide", make(1, 640, 5, 6, 640, 3, 1, 640, 1, DType::f16, Layout::nchw), 2});
   for (const G& c : cases) {
     const LayerDesc& d = c.d;
     SCOPED_TRACE(std::string(c.name) + ": " + deft::to_string(d));
@@ -414,6 +425,16 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
     const GpuGrads first = run_gpu(d, t, 1, {true, true, true, true, true});
     const GpuGrads again = run_gpu(d, t, 1, {true, true, true, true, true});
     for (int g = 0; g < kGrads; ++g) EXPECT_EQ(first.raw[g], again.raw[g]) << kGradName[g];
+    if (dv.algo == deft::Algo::depthwise) {  // the same gather in the fast mode, f32 sums
+      deft::Variant fast = dv;
+      fast.deterministic = false;
+      fast.gin_gather = true;
+      ASSERT_EQ(deft::make_plan(data, fast).gin_mode, 4);
+      SCOPED_TRACE(deft::to_string(fast));
+      deft::CompileOptions o = test_options(false);
+      o.backward_data_variant = fast;
+      check_backward(d, t, 0, o);
+    }
   }
 }
 

@@ -200,6 +200,14 @@ TEST(VariantText, RoundTripsAndRejectsUnknownFields) {
   EXPECT_EQ(deft::to_string(v), "algo=gemm_wgmma tm=128 tn=32 tk=32 threads=128 vec=1 staging=gather "
                                 "halo=0 transpose=0 stages=3");
   EXPECT_EQ(deft::parse_variant(deft::to_string(v)), v);
+  // so is the depthwise grad input's gather form
+  deft::Variant g = deft::parse_variant("algo=depthwise tm=8 tn=1 tk=1 threads=256 gin=gather");
+  EXPECT_TRUE(g.gin_gather);
+  EXPECT_EQ(deft::to_string(g), "algo=depthwise tm=8 tn=1 tk=1 threads=256 vec=1 staging=gather "
+                                "halo=0 transpose=0 gin=gather");
+  EXPECT_EQ(deft::parse_variant(deft::to_string(g)), g);
+  EXPECT_FALSE(deft::parse_variant("algo=depthwise gin=atomic").gin_gather);
+  EXPECT_THROW(deft::parse_variant("gin=sorted"), DescError);
 }
 
 TEST(VariantValidation, RejectsVariantsThatCannotRunTheLayer) {
@@ -220,6 +228,15 @@ TEST(VariantValidation, RejectsVariantsThatCannotRunTheLayer) {
   expect_field(f16, "algo=gemm_tc stages=2", "stages");  // the wgmma ring only
   expect_field(f16, "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=128 transpose=1 stages=5",
                "stages");
+  // gin=gather: the depthwise grad input's, with an f32 accumulator
+  const std::string dw = "deform_conv2d n=2 c=32 h=8 w=8 k=32 groups=32 r=3 s=3 pad=1 mask=1 ";
+  const std::string gv = "algo=depthwise tm=8 tn=1 tk=1 threads=256 gin=gather";
+  expect_field(f16, gv, "gin");  // forward
+  expect_field(deft::parse_layer_desc(dw + "dtype=f16 pass=backward_weight"), gv, "gin");
+  expect_field(deft::parse_layer_desc(dw + "dtype=f64 pass=backward_data"), gv, "gin");
+  expect_field(deft::parse_layer_desc(kBase + "dtype=f16 pass=backward_data"),
+               "algo=gemm_tc tm=64 tn=64 tk=32 threads=256 gin=gather", "gin");
+  EXPECT_NO_THROW(deft::validate(deft::parse_layer_desc(dw + "dtype=f16 pass=backward_data"), deft::parse_variant(gv)));
   EXPECT_NO_THROW(deft::validate(f32, deft::default_variant(f32)));
   EXPECT_NO_THROW(deft::validate(f16, deft::default_variant(f16)));
   EXPECT_EQ(deft::default_variant(f16).algo, deft::Algo::gemm_tc);
