@@ -141,6 +141,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line(fmt::format("constexpr bool NHWC = {};    // offset, mask, output", d.layout == Layout::nhwc));
   line(fmt::format("constexpr bool X_NHWC = {};  // input as the kernel reads it", p.x_nhwc));
   line(fmt::format("constexpr bool W_KRSC = {};  // weight as the kernel reads it", p.w_krsc));
+  if (d.pass == Pass::backward_data)
+    line(fmt::format("constexpr bool GOUT_T = {};  // grad_out read from a channels-last copy", p.gout_t));
   line("");
   line("// variant");
   if (d.pass == Pass::backward_data && v.algo == Algo::depthwise) {
@@ -154,9 +156,11 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
                      : p.gin_mode == 2 ? "64-bit fixed-point atomics (deterministic)"
                      : p.gin_mode == 3 ? "64-bit fixed point gathered per input pixel (deterministic)"
                                        : "f32 sums gathered per input pixel (gin=gather)"));
-    if (p.gin_mode >= 3)
+    if (p.gin_mode >= 3) {
       line(fmt::format("#define GATHER_DIRECT 1  // the gather reads grad_out{}, weight and mask",
-                       p.gather_gout_t ? " (a channels-last copy)" : ""));
+                       p.gout_t ? " (a channels-last copy)" : ""));
+      c32("GSLICES", p.gather_slices);  // its warps per input pixel and offset group
+    }
   } else if (d.pass == Pass::backward_data && v.algo == Algo::gemm_wgmma) {
     c32("BP", p.bp);
     c32("BN", p.bc);
@@ -340,7 +344,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   }
   line("// ---- templates/" + p.template_name + " ----");
   s += template_text(p.template_name);
-  if (p.transpose || p.gather_gout_t) {
+  if (p.transpose || p.gout_t) {
     line("");
     line("// ---- templates/transpose.cuh ----");
     s += template_text("transpose.cuh");

@@ -465,7 +465,15 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (p.gin_mode == 2 && asize == 4) p.gin_mode = deterministic_gin_mode(d);
     else if (v.gin_gather) p.gin_mode = 4;
     p.gather_direct = p.gin_mode >= 3;
-    p.gather_gout_t = p.gather_direct && d.layout == Layout::nchw;
+    // grad_out through a channels-last copy where the lanes run along the channels (the
+    // transposed input) or the gather reads it: ~10 us for a 16 MB grad_out against strided
+    // reads along the channels of an nchw plane (docs/perf-notes.md round B17)
+    p.gout_t = d.layout == Layout::nchw && (p.x_nhwc || p.gather_direct);
+    p.workspace_gout_bytes = p.gout_t ? d.n * d.k * d.out_h() * d.out_w() * dtype_size(d.dtype) : 0;
+    if (p.gather_direct) {
+      const int64_t cpog = d.c_per_offset_group(), lanes = 32 * (cpog % 4 == 0 ? 4 : 1);
+      p.gather_slices = int(ceil_div(cpog, lanes));
+    }
     p.workspace_bytes =
         32 + (p.gin_mode == 2 || p.gin_mode == 3 ? 8 : p.gin_mode != 0 ? asize : 0) * in_elems;
     // channel vectors of 4 where they are contiguous and accumulate into the f32 workspace (or
@@ -476,7 +484,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
                : 1;
     if (!p.transpose) p.align_input = p.ev * dtype_size(d.dtype);  // corner vectors
     // the direct gather reads nhwc grad_out in vectors of 4 channels where a group has them
-    if (p.gather_direct && !p.gather_gout_t && d.c_per_offset_group() % 4 == 0)
+    if (p.gather_direct && !p.gout_t && d.c_per_offset_group() % 4 == 0)
       p.align_gout = 4 * dtype_size(d.dtype);
     const int64_t gx = ceil_div(m_total, p.bp);
     if (gx > 2147483647 || d.offset_groups > 65535)
@@ -626,10 +634,10 @@ int wgmma_window_rows(const LayerDesc& d, int bm, int halo) {
 }
 
 GatherLayout gather_layout(const LayerDesc& d, const KernelPlan& p) {
-  return gather_layout(d, p.gather_direct, p.gather_gout_t);
+  return gather_layout(d, p.gather_direct);
 }
 
-GatherLayout gather_layout(const LayerDesc& d, bool direct, bool gout_t) {
+GatherLayout gather_layout(const LayerDesc& d, bool direct) {
   GatherLayout g;
   g.points = d.n * d.out_h() * d.out_w() * d.offset_groups * d.taps();
   g.cells = d.n * d.offset_groups * (d.h + 1) * (d.w + 1);
@@ -646,7 +654,6 @@ GatherLayout gather_layout(const LayerDesc& d, bool direct, bool gout_t) {
   g.frac = take(8 * g.points);
   g.list = take(4 * g.points);
   g.values = take(direct ? 0 : 4 * g.points * d.c_per_offset_group());
-  g.gout_t = take(gout_t ? d.n * d.k * d.out_h() * d.out_w() * dtype_size(d.dtype) : 0);
   g.bytes = at;
   return g;
 }

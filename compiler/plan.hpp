@@ -65,10 +65,15 @@ struct KernelPlan {
   // backward_data: the kernel scatters into the grad-input workspace even when grad input is
   // not requested (the wgmma kernel has no null-workspace path)
   bool gin_always = false;
-  // backward_data, gin_mode 3, depthwise kernel: the gather computes each contribution from
-  // grad_out, the weight and the mask itself (no values buffer); gather_gout_t: grad_out is
-  // nchw and the gather reads a channels-last copy (the transpose pre-pass's kernel makes it)
-  bool gather_direct = false, gather_gout_t = false;
+  // backward_data, gin_mode 3 or 4, depthwise kernel: the gather computes each contribution
+  // from grad_out, the weight and the mask itself (no values buffer)
+  bool gather_direct = false;
+  // backward_data, depthwise: the kernel (and its direct gather) reads grad_out through a
+  // channels-last copy of workspace_gout_bytes that the transpose kernel makes (nchw layers)
+  bool gout_t = false;
+  int64_t workspace_gout_bytes = 0;
+  // the direct gather's warps per input pixel and offset group (each 32 x 4 channels, or 32)
+  int gather_slices = 1;
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice
   int64_t gout_tile_bytes = 0, slice_bytes = 0;
   int min_blocks = 1;
@@ -101,15 +106,14 @@ struct KernelPlan {
 // before every call: the first `zero_bytes`); per sampling point (pixel, offset group, tap)
 // its cell (-1 outside), its rank in the cell, its fractional position (ly, lx); the points
 // listed cell by cell; and per point the column gradient times the mask of each of its offset
-// group's channels (f32), which the gather reads once per corner; or, for the depthwise
-// kernel's direct gather (KernelPlan::gather_direct), no values but, where grad_out is nchw,
-// its channels-last copy (gout_t).
+// group's channels (f32), which the gather reads once per corner (none for the depthwise
+// kernel's direct gather, KernelPlan::gather_direct).
 struct GatherLayout {
   int64_t points = 0, cells = 0;
-  int64_t counts = 0, cell_of = 0, rank = 0, frac = 0, list = 0, values = 0, gout_t = 0, bytes = 0;
+  int64_t counts = 0, cell_of = 0, rank = 0, frac = 0, list = 0, values = 0, bytes = 0;
   int64_t zero_bytes = 0;
 };
-GatherLayout gather_layout(const LayerDesc& desc, bool direct = false, bool gout_t = false);
+GatherLayout gather_layout(const LayerDesc& desc, bool direct = false);
 // The layout of a plan's gather scratch (plan.gin_mode 3).
 GatherLayout gather_layout(const LayerDesc& desc, const KernelPlan& plan);
 

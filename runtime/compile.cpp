@@ -125,6 +125,7 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
   info.workspace_bytes = desc.pass == Pass::forward
                              ? plan.forward_workspace()
                              : plan.workspace_bytes + plan.workspace_packed_bytes +
+                                   plan.workspace_gout_bytes +
                                    (plan.gin_mode >= 3 ? gather_layout(desc, plan).bytes : 0);
   cache::CubinKey key;
   key.deft_version = version();
@@ -235,7 +236,7 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
       driver::check(api.cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                              impl->plan.smem_bytes, impl->kernel, dev),
                     "cuKernelSetAttribute(max dynamic shared memory)");
-    if (impl->plan.transpose || impl->plan.gather_gout_t)
+    if (impl->plan.transpose || impl->plan.gout_t)
       driver::check(api.cuLibraryGetKernel(&impl->transpose, impl->library, "deft_transpose"),
                     "cuLibraryGetKernel(deft_transpose)");
     if (impl->plan.wgmma || impl->plan.workspace_packed_bytes > 0)
@@ -598,11 +599,18 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     // into the fixed-point workspace, every element. Without grad input, a kernel that always
     // writes (plan.gin_always) still gets the values' buffer, and nothing sorts or gathers.
     // The depthwise kernel's direct gather (plan.gather_direct) stores no values: its gather
-    // reads grad_out (a channels-last copy of it for nchw), the weight and the mask.
+    // reads grad_out (as the kernel does), the weight and the mask.
     std::unique_ptr<Scratch> gs;
     void* gws = gin;
     void *values = nullptr, *frac = nullptr, *counts = nullptr, *list = nullptr;
-    const void* gout_cl = gout;
+    // grad_out as the kernel reads it: a channels-last copy for plan.gout_t
+    const void* gout_k = gout;
+    std::unique_ptr<Scratch> gts;
+    if (p.gout_t) {
+      gts = std::make_unique<Scratch>(size_t(p.workspace_gout_bytes), stream, false);
+      launch_transpose(*k, gout, gts->get(), d.n, d.k, d.out_h() * d.out_w(), stream);
+      gout_k = reinterpret_cast<const void*>(gts->get());
+    }
     if (p.gin_mode >= 3 && gin) {
       const GatherLayout g = gather_layout(d, p);
       gs = std::make_unique<Scratch>(size_t(g.bytes), stream, false);
@@ -625,21 +633,19 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
         void* fparams[] = {&cell_of, &rank, &counts, &list};
         launch(k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams,
                "cuLaunchKernel(deft_bwd_fill)");
-        if (p.gather_gout_t) {
-          launch_transpose(*k, gout, base + g.gout_t, d.n, d.k, d.out_h() * d.out_w(), stream);
-          gout_cl = reinterpret_cast<const void*>(base + g.gout_t);
-        }
       }
       gin = values;  // the data kernel stores the values here (direct: none, it scatters nothing)
     }
-    void* params[] = {&input, &offset, &mask, &weight, &gout, &gin, &goffset, &gmask, &header};
+    void* params[] = {&input, &offset, &mask, &weight, &gout_k, &gin, &goffset, &gmask, &header};
     launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
            "cuLaunchKernel(backward_data)");
     if (gs && a.grad_input) {
-      const int64_t warps = d.n * d.offset_groups * d.h * d.w;
+      const int64_t warps = d.n * d.offset_groups * d.h * d.w * p.gather_slices;
       void* gparams[] = {&values, &frac, &counts, &list, &header, &gws};
-      void* dparams[] = {&gout_cl, &weight, &mask, &frac, &counts, &list, &header, &gws};
-      launch(k->gather[3], {unsigned((warps + 7) / 8), 1, 1}, 256, 0, stream,
+      void* dparams[] = {&gout_k, &weight, &mask, &frac, &counts, &list, &header, &gws};
+      // (the direct gather: at most 1024 blocks, its warps looping over the items)
+      const int64_t blocks = p.gather_direct ? std::min<int64_t>((warps + 7) / 8, 1024) : (warps + 7) / 8;
+      launch(k->gather[3], {unsigned(blocks), 1, 1}, 256, 0, stream,
              p.gather_direct ? dparams : gparams, "cuLaunchKernel(deft_bwd_gather)");
       gin = gws;  // the finish kernel reads the workspace
     }

@@ -19,9 +19,10 @@ typedef unsigned long long GinT;
 // storage type with USE_TC).
 __device__ __forceinline__ Stage deft_stage(Acc v) { return deft_cast<Stage>(v); }
 
-// Element index of grad_output (n, k, pixel-in-image q) in the output layout.
+// Element index of grad_output (n, k, pixel-in-image q) in the output layout (GOUT_T: in the
+// channels-last copy the runtime made of an nchw grad_out).
 __device__ __forceinline__ long long deft_gout_index(long long n, long long k, long long q) {
-  return NHWC ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;
+  return NHWC || GOUT_T ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;
 }
 
 // workspace header (deterministic mode), as 64-bit words: [0] max |grad_out|, [1] max over
@@ -453,10 +454,17 @@ extern "C" __global__ void __launch_bounds__(256)
 // thread a contiguous run.
 extern "C" __global__ void __launch_bounds__(1024) deft_bwd_scan(int* __restrict__ counts) {
   __shared__ int part[1024];
-  const long long len = G_CELLS + 1, per = (len + 1023) / 1024;
+  constexpr long long len = G_CELLS + 1, per = (len + 1023) / 1024;
   const long long b = threadIdx.x * per, e = b + per < len ? b + per : len;
+  // runs of 16 loads issued before their sum (a thread's run is ~per long: one latency a run)
   int sum = 0;
-  for (long long i = b; i < e; ++i) sum += counts[i];
+  for (long long i0 = b; i0 < e; i0 += 16) {
+    int v[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) v[u] = i0 + u < e ? counts[i0 + u] : 0;
+#pragma unroll
+    for (int u = 0; u < 16; ++u) sum += v[u];
+  }
   part[threadIdx.x] = sum;
   __syncthreads();
   for (int off = 1; off < 1024; off *= 2) {
@@ -466,10 +474,13 @@ extern "C" __global__ void __launch_bounds__(1024) deft_bwd_scan(int* __restrict
     __syncthreads();
   }
   int run = threadIdx.x ? part[threadIdx.x - 1] : 0;
-  for (long long i = b; i < e; ++i) {
-    const int c = counts[i];
-    counts[i] = run;
-    run += c;
+  for (long long i0 = b; i0 < e; i0 += 16) {
+    int v[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) v[u] = i0 + u < e ? counts[i0 + u] : 0;
+#pragma unroll
+    for (int u = 0; u < 16; ++u)
+      if (i0 + u < e) counts[i0 + u] = run, run += v[u];
   }
 }
 
@@ -495,14 +506,98 @@ constexpr int GSL = (CPOG + 32 * GEV - 1) / (32 * GEV) < GSL_MAX ? (CPOG + 32 * 
 // channel's column gradient is weight[c][tap] x grad_out[c][pixel], so the gather computes what
 // GIN_MODE 2 would scatter, (weight x grad_out) x mask x corner weight, in the same f32
 // operations, from grad_out in channels-last order (gout: the layer's own for nhwc, a
-// transposed copy for nchw), the weight and the mask. The warp takes the points of a cell 32 at
-// a time: each lane reads one point's list entry, fraction and mask, then the warp walks them
-// with shuffles, so that the loads of successive points do not wait on one another.
+// transposed copy for nchw), the weight and the mask. An item is an input pixel, offset group
+// and slice of 32 x GEV channels (GSLICES a group; the slice is the fastest index, so that
+// neighbouring warps share their pixels' lists in L1); a block takes a contiguous run of items,
+// in a grid of at most 1024 blocks (the runtime's launch). Each block first copies the weight into shared
+// memory as f32 [tap][channel] (WS_SMEM: where it fits 32 KiB), so that a lane's channels of
+// one tap are one vector read. The warp takes the points of a cell 32 at a time: each lane
+// reads one point's list entry, fraction and mask, then the warp walks them with shuffles.
 // GIN_MODE 3 sums in fixed point (deterministic), 4 in f32.
+constexpr bool WS_SMEM = (long long)C * TAPS * 4 <= 32768;
 __device__ __forceinline__ long long deft_gather_mask_index(int m, int og, int t) {
   if (NHWC) return ((long long)m * OG + og) * TAPS + t;
   const long long n = m / (HO * WO), qi = m % (HO * WO);
   return ((n * OG + og) * TAPS + t) * (long long)(HO * WO) + qi;
+}
+__device__ __forceinline__ void deft_gather_item(
+    long long wid, int lane, const T* __restrict__ gout, const T* __restrict__ weight,
+    const float* wsm, const T* __restrict__ mask, const float2* __restrict__ frac,
+    const int* __restrict__ starts, const int* __restrict__ list, double scale, bool& nonfinite,
+    GinT* __restrict__ ws) {
+  struct __align__(sizeof(T) * GEV) Vec { T x[GEV]; };
+  struct __align__(4 * GEV) FVec { float x[GEV]; };
+  const int slice = int(wid % GSLICES);
+  const long long pw = wid / GSLICES;
+  const int x = int(pw % W), y = int(pw / W % H), og = int(pw / (W * H) % OG);
+  const long long n = pw / ((long long)W * H * OG);
+  const int c = slice * 32 * GEV + lane * GEV;  // the lane's first channel in the group
+  const bool active = c < CPOG;
+#if GIN_MODE == 3
+  typedef long long Sum;
+#else
+  typedef Acc Sum;
+  (void)scale, (void)nonfinite;
+#endif
+  const long long cell[4] = {deft_bwd_cell(n, og, y, x), deft_bwd_cell(n, og, y, x - 1),
+                             deft_bwd_cell(n, og, y - 1, x), deft_bwd_cell(n, og, y - 1, x - 1)};
+  Sum acc[GEV];
+#pragma unroll
+  for (int e = 0; e < GEV; ++e) acc[e] = Sum(0);
+  const long long cabs = (long long)og * CPOG + c;  // absolute channel
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int beg = starts[cell[q]], end = starts[cell[q] + 1];
+    for (int b0 = beg; b0 < end; b0 += 32) {
+      const int cnt = end - b0 < 32 ? end - b0 : 32;
+      int my_m = 0, my_t = 0;
+      Acc my_mod = Acc(0), my_w = Acc(0);
+      if (lane < cnt) {
+        const int pt = __ldg(list + b0 + lane);
+        const float2 f = __ldg(frac + pt);
+        const Acc ly = f.x, lx = f.y, hy = Acc(1) - ly, hx = Acc(1) - lx;
+        // deft_bwd_point's corner weights: w[0] = hy hx, w[1] = hy lx, w[2] = ly hx, w[3] = ly lx
+        my_w = q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+        my_t = pt % TAPS;
+        my_m = pt / (TAPS * OG);
+        my_mod = HAS_MASK ? Acc(deft_widen(mask[deft_gather_mask_index(my_m, og, my_t)])) : Acc(1);
+      }
+#pragma unroll 4
+      for (int j = 0; j < cnt; ++j) {
+        const int m = __shfl_sync(0xffffffffu, my_m, j), t = __shfl_sync(0xffffffffu, my_t, j);
+        const Acc mod = __shfl_sync(0xffffffffu, my_mod, j), w = __shfl_sync(0xffffffffu, my_w, j);
+        if (!active) continue;
+        const Vec gv = *reinterpret_cast<const Vec*>(gout + (long long)m * K + cabs);
+        float wv[GEV];
+        if constexpr (WS_SMEM) {
+          const FVec f = *reinterpret_cast<const FVec*>(wsm + t * C + cabs);
+#pragma unroll
+          for (int e = 0; e < GEV; ++e) wv[e] = f.x[e];
+        } else {
+#pragma unroll
+          for (int e = 0; e < GEV; ++e) wv[e] = float(deft_widen(__ldg(weight + (cabs + e) * TAPS + t)));
+        }
+#pragma unroll
+        for (int e = 0; e < GEV; ++e) {
+          // GIN_MODE 2's operations: cg = weight x grad_out, cgm = cg x mask, cgm x corner weight
+          const Acc cg = Acc(wv[e]) * Acc(deft_widen(gv.x[e]));
+          const Acc contrib = cg * mod * w;
+#if GIN_MODE == 3
+          const double sc = (double)contrib * scale;
+          if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
+          else acc[e] += __double2ll_rn(sc);
+#else
+          acc[e] += contrib;
+#endif
+        }
+      }
+    }
+  }
+  if (active) {
+    GinT* out = ws + ((n * H + y) * W + x) * C + cabs;
+#pragma unroll
+    for (int e = 0; e < GEV; ++e) out[e] = GinT(acc[e]);
+  }
 }
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_gather(const T* __restrict__ gout, const T* __restrict__ weight,
@@ -510,83 +605,27 @@ extern "C" __global__ void __launch_bounds__(256)
                     const int* __restrict__ starts, const int* __restrict__ list,
                     unsigned long long* __restrict__ header, GinT* __restrict__ ws) {
   static_assert(CG == 1 && KG == 1, "the direct gather is the depthwise kernel's");
-  struct __align__(sizeof(T) * GEV) Vec { T x[GEV]; };
-  const long long wid = ((long long)blockIdx.x * 256 + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (wid >= (long long)N * OG * H * W) return;  // whole warps
-  const int x = int(wid % W), y = int(wid / W % H), og = int(wid / (W * H) % OG);
-  const long long n = wid / ((long long)W * H * OG);
+  static_assert(GSLICES * 32 * GEV >= CPOG, "GSLICES slices cover the group's channels");
+  __shared__ __align__(16) float wsm[WS_SMEM ? C * TAPS : 1];
+  if constexpr (WS_SMEM) {
+    for (int i = threadIdx.x; i < C * TAPS; i += 256)  // coalesced reads of weight[c][tap]
+      wsm[(i % TAPS) * C + i / TAPS] = float(deft_widen(weight[i]));
+    __syncthreads();
+  }
 #if GIN_MODE == 3
   const double scale = deft_fixed_scale(header);
-  typedef long long Sum;
 #else
-  typedef Acc Sum;
+  const double scale = 1.0;
 #endif
   bool nonfinite = false;
-  GinT* out = ws + ((n * H + y) * W + x) * C + (long long)og * CPOG;
-  long long cell[4] = {deft_bwd_cell(n, og, y, x), deft_bwd_cell(n, og, y, x - 1),
-                       deft_bwd_cell(n, og, y - 1, x), deft_bwd_cell(n, og, y - 1, x - 1)};
-  int beg[4], end[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) beg[q] = starts[cell[q]], end[q] = starts[cell[q] + 1];
-  for (int c0 = 0; c0 < CPOG; c0 += 32 * GEV * GSL) {
-    Sum acc[GSL][GEV];
-#pragma unroll
-    for (int s = 0; s < GSL; ++s)
-#pragma unroll
-      for (int e = 0; e < GEV; ++e) acc[s][e] = Sum(0);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      for (int b0 = beg[q]; b0 < end[q]; b0 += 32) {
-        const int cnt = end[q] - b0 < 32 ? end[q] - b0 : 32;
-        int my_m = 0, my_t = 0;
-        Acc my_mod = Acc(0), my_w = Acc(0);
-        if (lane < cnt) {
-          const int pt = __ldg(list + b0 + lane);
-          const float2 f = __ldg(frac + pt);
-          const Acc ly = f.x, lx = f.y, hy = Acc(1) - ly, hx = Acc(1) - lx;
-          // deft_bwd_point's corner weights: w[0] = hy hx, w[1] = hy lx, w[2] = ly hx, w[3] = ly lx
-          my_w = q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
-          my_t = pt % TAPS;
-          my_m = pt / (TAPS * OG);
-          my_mod = HAS_MASK ? Acc(deft_widen(mask[deft_gather_mask_index(my_m, og, my_t)])) : Acc(1);
-        }
-        for (int j = 0; j < cnt; ++j) {
-          const int m = __shfl_sync(0xffffffffu, my_m, j), t = __shfl_sync(0xffffffffu, my_t, j);
-          const Acc mod = __shfl_sync(0xffffffffu, my_mod, j), w = __shfl_sync(0xffffffffu, my_w, j);
-          const T* gp = gout + (long long)m * K + (long long)og * CPOG;
-          const T* wp = weight + (long long)og * CPOG * TAPS + t;
-#pragma unroll
-          for (int s = 0; s < GSL; ++s) {
-            const int c = c0 + (s * 32 + lane) * GEV;
-            if (c >= CPOG) continue;
-            const Vec gv = *reinterpret_cast<const Vec*>(gp + c);
-#pragma unroll
-            for (int e = 0; e < GEV; ++e) {
-              // GIN_MODE 2's operations: cg = weight x grad_out, cgm = cg x mask, cgm x corner weight
-              const Acc cg = Acc(deft_widen(__ldg(wp + (long long)(c + e) * TAPS))) *
-                             Acc(deft_widen(gv.x[e]));
-              const Acc contrib = cg * mod * w;
-#if GIN_MODE == 3
-              const double sc = (double)contrib * scale;
-              if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
-              else acc[s][e] += __double2ll_rn(sc);
-#else
-              acc[s][e] += contrib;
-#endif
-            }
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int s = 0; s < GSL; ++s) {
-      const int c = c0 + (s * 32 + lane) * GEV;
-      if (c >= CPOG) continue;
-#pragma unroll
-      for (int e = 0; e < GEV; ++e) out[c + e] = GinT(acc[s][e]);
-    }
-  }
+  // the block's items: a contiguous run (neighbouring pixels share cells: their points' grad_out
+  // rows stay in L1), its warps taking every 8th
+  const int lane = threadIdx.x % 32;
+  constexpr long long ITEMS = (long long)N * OG * H * W * GSLICES;
+  const long long per = (ITEMS + gridDim.x - 1) / gridDim.x;
+  const long long b0 = blockIdx.x * per, b1 = b0 + per < ITEMS ? b0 + per : ITEMS;
+  for (long long wid = b0 + threadIdx.x / 32; wid < b1; wid += 8)
+    deft_gather_item(wid, lane, gout, weight, wsm, mask, frac, starts, list, scale, nonfinite, ws);
   if (nonfinite) atomicOr(&header[3], 1ull);
 }
 #else

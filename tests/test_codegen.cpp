@@ -946,6 +946,11 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   EXPECT_EQ(mode(dw + "dtype=f16", dwv + " det=1"), 3);
   EXPECT_EQ(mode(dw + "dtype=f32", dwv + " det=1"), 3);
   EXPECT_EQ(mode(dw + "dtype=f16", dwv), 1);
+  // the fast mode's lanes run along the channels of the transposed input: grad_out through its
+  // channels-last copy too
+  EXPECT_TRUE(deft::make_plan(deft::parse_layer_desc(dw + "dtype=f16"), deft::parse_variant(dwv)).gout_t);
+  EXPECT_FALSE(deft::make_plan(deft::parse_layer_desc(dw + "dtype=f16 layout=nhwc"),
+                               deft::parse_variant("algo=depthwise tm=8 tn=1 tk=1 threads=256")).gout_t);
   EXPECT_EQ(mode(dw + "dtype=f64", dwv + " det=1"), 2);
   // gin=gather: the same gather in the fast mode, summing in f32 (4; deterministic mode keeps 3)
   EXPECT_EQ(mode(dw + "dtype=f16", dwv + " gin=gather"), 4);
@@ -953,7 +958,7 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   {
     const auto dd = deft::parse_layer_desc(dw + "dtype=f16");
     const deft::KernelPlan p4 = deft::make_plan(dd, deft::parse_variant(dwv + " gin=gather"));
-    EXPECT_TRUE(p4.gather_direct && p4.gather_gout_t);
+    EXPECT_TRUE(p4.gather_direct && p4.gout_t);
     EXPECT_EQ(p4.workspace_bytes, 32 + 4 * 2 * 64 * 9 * 9);  // f32 accumulators
     const std::string src = deft::generate_source(dd, deft::parse_variant(dwv + " gin=gather"));
     EXPECT_NE(src.find("#define GIN_MODE 4"), std::string::npos);
@@ -966,13 +971,13 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
         (std::string(layout) == "nchw" ? " transpose=1" : ""));
     const deft::KernelPlan p = deft::make_plan(dd, vd);
     EXPECT_TRUE(p.gather_direct);
-    EXPECT_EQ(p.gather_gout_t, std::string(layout) == "nchw");
+    EXPECT_EQ(p.gout_t, std::string(layout) == "nchw");
+    EXPECT_EQ(p.workspace_gout_bytes, p.gout_t ? 2 * 64 * 9 * 9 * 2 : 0);
     EXPECT_EQ(p.ev, 4);  // it scatters nothing: channel vectors as in the fast mode
     EXPECT_EQ(p.align_gout, std::string(layout) == "nhwc" ? 8 : 1);  // the gather's vectors
     const deft::GatherLayout g = deft::gather_layout(dd, p);
     EXPECT_EQ(g.list + (4 * g.points + 255) / 256 * 256, g.values);
-    EXPECT_EQ(g.gout_t, g.values);  // no values
-    EXPECT_EQ(g.bytes - g.gout_t, p.gather_gout_t ? 2 * 64 * 9 * 9 * 2 : 0);
+    EXPECT_EQ(g.bytes, g.values);  // no values
     // the module: the gather reads grad_out, weight and mask; no 64-bit atomic adds anywhere
     const std::string src = deft::generate_source(dd, vd);
     EXPECT_NE(src.find("#define GATHER_DIRECT 1"), std::string::npos);
@@ -1000,5 +1005,4 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   EXPECT_EQ(g.cell_of, g.zero_bytes);
   EXPECT_EQ(g.values - g.list, (4 * g.points + 255) / 256 * 256);
   EXPECT_EQ(g.bytes - g.values, 4 * g.points * 256);  // f32 per point and channel of its group
-  EXPECT_EQ(g.gout_t, g.bytes);  // no grad_out copy
 }
