@@ -14,7 +14,8 @@
 // deft_bwd_finish (f16/bf16). 2 (deterministic): 64-bit fixed-point integer atomics into a
 // workspace (integer addition is associative, so the order of the atomics does not change a
 // bit), converted by deft_bwd_finish; the scale comes from deft_bwd_bound, an upper bound of
-// any element's sum of |contributions|.
+// any element's sum of |contributions|. 3 and 4 (the gather forms of the resident, wgmma and
+// depthwise kernels, not this one's): bwd_common.cuh.
 //
 // With USE_TC the column-gradient tile is a tensor-core product instead: weight and grad_out
 // slices staged in shared memory as the tensor-core input type (f16, bf16, or f32 read as

@@ -3,9 +3,13 @@
 // PIXB output pixels and one offset group; CL threads share a pixel and split its channels
 // (nhwc: CL = 32 lanes of a warp on neighbouring channels; nchw: PIXB = 32 pixels along the
 // lanes, CL warps). Per tap, each thread scatters its channels' contributions into grad input
-// (as in deform_conv_bwd_data.cuh: float atomics, or 64-bit fixed point when deterministic)
-// and accumulates grad offset / grad mask partials, which the CL threads of a pixel then sum
-// in a fixed order: with shuffles where they are one warp (nhwc), else through shared memory.
+// (as in deform_conv_bwd_data.cuh: float atomics, or 64-bit fixed point when deterministic
+// with an f64 accumulator) and accumulates grad offset / grad mask partials, which the CL
+// threads of a pixel then sum in a fixed order: with shuffles where they are one warp (nhwc),
+// else through shared memory. GIN_MODE 3 (deterministic) and 4 (gin=gather) scatter nothing:
+// deft_bwd_gather (bwd_common.cuh, GATHER_DIRECT) computes grad input per input pixel from
+// grad_out, the weight and the mask. GOUT_T: grad_out is read from a channels-last copy (an
+// nchw layer whose lanes run along the channels of the transposed input).
 //
 // With EV = 4 (nhwc reads into an f32 workspace) a lane takes 4 neighbouring channels: one
 // vector load per corner and one red.global.add.v4.f32 per corner on sm_90 instead of 4

@@ -791,7 +791,7 @@ TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
 // Backward passes are not tuned (yet): a clear error before any GPU work, in both entry points.
 // The backward passes' spaces: the default first, the WMMA tiles around it, and on sm_90 for
 // f16 and bf16 the wgmma kernels' tiles (none for tf32, none elsewhere); depthwise layers have
-// only their default. A simulated tuning writes a record keyed by the pass's description,
+// their default and, for grad input, its gin=gather form. A simulated tuning writes a record keyed by the pass's description,
 // which choose_variant then finds for that pass: backward_data in the fast mode only,
 // backward_weight (deterministic in both modes) in both.
 TEST(TunerPolicy, BackwardPassesAreTuned) {
@@ -821,7 +821,9 @@ TEST(TunerPolicy, BackwardPassesAreTuned) {
   EXPECT_EQ(tf32_wgmma > 0, data);
   auto dw = deft::parse_layer_desc(fmt::format(
       "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass={}", pass));
-  EXPECT_EQ(deft::search_space(dw).size(), 1u);
+  const auto dw_space = deft::search_space(dw);
+  ASSERT_EQ(dw_space.size(), data ? 2u : 1u);
+  if (data) EXPECT_TRUE(dw_space[1].gin_gather);  // the gather form in the fast mode
 
   deft::testing::TempDir dir("tune-bwd");
   deft::TuneOptions o;

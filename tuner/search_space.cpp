@@ -67,7 +67,14 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
         }
   };
   if (d.pass == Pass::backward_data) {
-    if (def.algo == Algo::depthwise) return out;
+    if (def.algo == Algo::depthwise) {
+      // the gather form in the fast mode (f32 sums instead of float atomics; perf notes round
+      // B17: slower on the bench's depthwise cases, a candidate where cells are crowded)
+      Variant g = def;
+      g.gin_gather = true;
+      add(g);
+      return out;
+    }
     // The WMMA / FMA kernels' tiles around the portable default (tm = pixels, tn = channels a
     // step, tk = output channels a slice), then on sm_90 (f16, bf16) the wgmma kernel's with
     // 64 pixels and one, two or four warpgroups (f16/bf16 and tf32: perf notes rounds B12-B14;
