@@ -643,8 +643,11 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       const int64_t warps = d.n * d.offset_groups * d.h * d.w * p.gather_slices;
       void* gparams[] = {&values, &frac, &counts, &list, &header, &gws};
       void* dparams[] = {&gout_k, &weight, &mask, &frac, &counts, &list, &header, &gws};
-      // (the direct gather: at most 1024 blocks, its warps looping over the items)
-      const int64_t blocks = p.gather_direct ? std::min<int64_t>((warps + 7) / 8, 1024) : (warps + 7) / 8;
+      // the direct gather: at most 1024 blocks (each copies the weight), a contiguous run of
+      // items a block
+      constexpr int64_t kDirectGatherMaxBlocks = 1024;
+      const int64_t blocks = p.gather_direct ? std::min((warps + 7) / 8, kDirectGatherMaxBlocks)
+                                             : (warps + 7) / 8;
       launch(k->gather[3], {unsigned(blocks), 1, 1}, 256, 0, stream,
              p.gather_direct ? dparams : gparams, "cuLaunchKernel(deft_bwd_gather)");
       gin = gws;  // the finish kernel reads the workspace
