@@ -949,6 +949,9 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   // the fast mode's lanes run along the channels of the transposed input: grad_out through its
   // channels-last copy too
   EXPECT_TRUE(deft::make_plan(deft::parse_layer_desc(dw + "dtype=f16"), deft::parse_variant(dwv)).gout_t);
+  EXPECT_NE(deft::generate_source(deft::parse_layer_desc(dw + "dtype=f16"), deft::parse_variant(dwv))
+                .find("constexpr bool GOUT_T = true;"),
+            std::string::npos);
   EXPECT_FALSE(deft::make_plan(deft::parse_layer_desc(dw + "dtype=f16 layout=nhwc"),
                                deft::parse_variant("algo=depthwise tm=8 tn=1 tk=1 threads=256")).gout_t);
   EXPECT_EQ(mode(dw + "dtype=f64", dwv + " det=1"), 2);
