@@ -80,6 +80,18 @@ std::string wgmma_wrapper(const LayerDesc& d, int bn, bool trans_b, bool a_smem,
   return s;
 }
 
+// The backward_data kernels' GIN_MODE line (KernelPlan::gin_mode), with what the mode does;
+// vector_reds: mode 1 reduces 16-byte vectors (the wgmma kernel).
+std::string gin_mode_line(int mode, bool vector_reds) {
+  const char* what = mode == 0   ? "atomics into grad_input"
+                     : mode == 1 ? (vector_reds ? "f32 vector reductions into a workspace"
+                                                : "f32 atomics into a workspace")
+                     : mode == 2 ? "64-bit fixed-point atomics (deterministic)"
+                     : mode == 3 ? "64-bit fixed point gathered per input pixel (deterministic)"
+                                 : "f32 sums gathered per input pixel (gin=gather)";
+  return fmt::format("#define GIN_MODE {}  // grad input: {}", mode, what);
+}
+
 }  // namespace
 
 std::string generate_source(const LayerDesc& d, const Variant& v) {
@@ -150,12 +162,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("CL", p.tpp);
     c32("THREADS", p.block);
     c32("EV", p.ev);
-    line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
-                     p.gin_mode == 0 ? "atomics into grad_input"
-                     : p.gin_mode == 1 ? "f32 atomics into a workspace"
-                     : p.gin_mode == 2 ? "64-bit fixed-point atomics (deterministic)"
-                     : p.gin_mode == 3 ? "64-bit fixed point gathered per input pixel (deterministic)"
-                                       : "f32 sums gathered per input pixel (gin=gather)"));
+    line(gin_mode_line(p.gin_mode, false));
     if (p.gin_mode >= 3) {
       line(fmt::format("#define GATHER_DIRECT 1  // the gather reads grad_out{}, weight and mask",
                        p.gout_t ? " (a channels-last copy)" : ""));
@@ -169,10 +176,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("MIN_BLOCKS", p.min_blocks);
     c32("GV", p.gv);  // grad_out elements per copy
     c32("SMEM_BYTES", p.smem_bytes);
-    line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
-                     p.gin_mode == 1 ? "f32 vector reductions into a workspace"
-                     : p.gin_mode == 2 ? "64-bit fixed-point atomics (deterministic)"
-                                       : "64-bit fixed point gathered per input pixel (deterministic)"));
+    line(gin_mode_line(p.gin_mode, true));
   } else if (d.pass == Pass::backward_data) {
     c32("BP", p.bp);
     c32("BC", p.bc);
@@ -196,11 +200,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     } else {  // the streaming kernel's epilogue channels a thread (4 with vec=4)
       c32("EV", p.ev);
     }
-    line(fmt::format("#define GIN_MODE {}  // grad input: {}", p.gin_mode,
-                     p.gin_mode == 0 ? "atomics into grad_input"
-                     : p.gin_mode == 1 ? "f32 atomics into a workspace"
-                     : p.gin_mode == 2 ? "64-bit fixed-point atomics (deterministic)"
-                                       : "64-bit fixed point gathered per input pixel (deterministic)"));
+    line(gin_mode_line(p.gin_mode, false));
   } else if (d.pass == Pass::backward_weight && v.algo == Algo::depthwise) {
     c32("THREADS", p.block);
     c32("VEC", p.vec);

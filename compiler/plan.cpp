@@ -46,7 +46,7 @@ int align128(int64_t b) { return int((b + 127) / 128 * 128); }
 
 int64_t align256(int64_t b) { return (b + 255) / 256 * 256; }
 
-// Deterministic grad input of the resident WMMA and the wgmma kernels: the gather form
+// Deterministic grad input of the resident WMMA, wgmma and depthwise kernels: the gather form
 // (gin_mode 3, no 64-bit atomics; the same fixed-point sums, so the same bits) where the point
 // and cell counts fit its 32-bit list indices, else 64-bit atomics (2).
 int deterministic_gin_mode(const LayerDesc& d) {
@@ -673,19 +673,17 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   if (v.producers != 0 && (v.algo != Algo::gemm_wgmma || d.pass == Pass::backward_data))
     bad("producers", fmt::format("producers={} applies to algo=gemm_wgmma (forward and "
                                  "backward_weight) only", v.producers));
+  if (v.gin_gather && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
+    bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
   if (d.pass != Pass::forward) {
     if (v.staging != Staging::gather)
       throw NotImplemented("not implemented: staging=window has no kernel yet");
-    if (v.gin_gather && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
-      bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
     plan_backward(d, v, p);
     p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
     return p;
   }
   if (v.deterministic)
     bad("det", "det=1 applies to the backward passes only");
-  if (v.gin_gather)
-    bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
   if (v.threads < 32 || v.threads > 1024 || v.threads % 32 != 0)
     bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
   if (v.staging != Staging::gather && v.algo != Algo::gemm_wgmma)

@@ -37,7 +37,8 @@ struct KernelPlan {
   int bp = 0, bc = 0, bk = 0, tpp = 0;      // backward_data: pixels, channels/step, k/slice
   // 0 atomics into grad_input, 1 f32 workspace, 2 fixed-point atomics (deterministic), 3 fixed
   // point gathered per input pixel from the points sorted by cell (deterministic, no atomics;
-  // the resident tensor-core kernel: GatherLayout below)
+  // the resident WMMA, wgmma and depthwise kernels: GatherLayout below), 4 the same gather in
+  // f32 (the depthwise kernel's gin=gather, fast mode)
   int gin_mode = 0;
   int bo = 0, bpw = 0, tmo = 0, tnc = 0, ksplit = 0;  // backward_weight tiles
   int fpw = 0;                              // backward tensor cores: 16x16 fragments per warp
@@ -100,7 +101,7 @@ struct KernelPlan {
   int align_input = 1, align_weight = 1, align_gout = 1, align_output = 1;
 };
 
-// The scratch of deterministic grad input in gather form (gin_mode 3), offsets in bytes from
+// The scratch of grad input in gather form (gin_mode 3 and 4), offsets in bytes from
 // one allocation: per cell of (image, offset group, y0 + 1, x0 + 1) the count of the points
 // whose floor corner it is, turned into each cell's first list entry (cells + 1 ints, zeroed
 // before every call: the first `zero_bytes`); per sampling point (pixel, offset group, tap)
@@ -114,7 +115,7 @@ struct GatherLayout {
   int64_t zero_bytes = 0;
 };
 GatherLayout gather_layout(const LayerDesc& desc, bool direct = false);
-// The layout of a plan's gather scratch (plan.gin_mode 3).
+// The layout of a plan's gather scratch (plan.gin_mode 3 or 4).
 GatherLayout gather_layout(const LayerDesc& desc, const KernelPlan& plan);
 
 // Derives the plan. Throws DescError (field of the variant text) when the variant can't run

@@ -86,7 +86,9 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // Scale of the fixed-point accumulation: 2^(59 - e) with bound < 2^(e+1), so that every sum of
-// contributions stays below 2^60 in magnitude.
+// contributions stays below 2^60 in magnitude. A scaled contribution above DEFT_FIXED_LIMIT
+// (2^60; or non-finite) sets the non-finite flag instead: grad input becomes NaN.
+constexpr double DEFT_FIXED_LIMIT = 1.1529215046068470e18;
 __device__ __forceinline__ double deft_fixed_scale(const unsigned long long* header) {
   const double bound = (double)(HO * WO) * TAPS * __longlong_as_double((long long)header[0]) *
                        __longlong_as_double((long long)header[1]) *
@@ -249,7 +251,7 @@ __device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT
     const Acc contrib = cgm * pt.w[q];
 #if GIN_MODE == 2
     const double sc = (double)contrib * scale;
-    if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;  // 2^60: non-finite or too big
+    if (!(fabs(sc) <= DEFT_FIXED_LIMIT)) nonfinite = true;
     else atomicAdd(dst + pt.off[q], (unsigned long long)__double2ll_rn(sc));
 #else
     (void)scale;
@@ -288,7 +290,7 @@ __device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], G
 #pragma unroll
     for (int e = 0; e < EV_; ++e) {
       const double sc = (double)contrib[e] * scale;
-      if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
+      if (!(fabs(sc) <= DEFT_FIXED_LIMIT)) nonfinite = true;
       else atomicAdd(dst + pt.off[q] + e, (unsigned long long)__double2ll_rn(sc));
     }
 #else
@@ -425,6 +427,21 @@ static_assert(sizeof(Acc) == 4, "the gather stores f32 column gradients");
 constexpr long long G_POINTS = M_TOTAL * OG * TAPS;
 constexpr long long G_CELLS = (long long)N * OG * (H + 1) * (W + 1);
 
+// deft_bwd_point's weight of corner q from the point's fraction (ly, lx): hy hx, hy lx, ly hx,
+// ly lx for q = 0 .. 3
+__device__ __forceinline__ Acc deft_gather_corner_weight(float2 f, int q) {
+  const Acc ly = f.x, lx = f.y, hy = Acc(1) - ly, hx = Acc(1) - lx;
+  return q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+}
+
+// One contribution added to a fixed-point sum, rounded as GIN_MODE 2's atomics round it.
+__device__ __forceinline__ void deft_fixed_add(long long& acc, Acc contrib, double scale,
+                                               bool& nonfinite) {
+  const double sc = (double)contrib * scale;
+  if (!(fabs(sc) <= DEFT_FIXED_LIMIT)) nonfinite = true;
+  else acc += __double2ll_rn(sc);
+}
+
 __device__ __forceinline__ long long deft_bwd_cell(long long n, int og, int y0, int x0) {
   return ((n * OG + og) * (H + 1) + (y0 + 1)) * (long long)(W + 1) + (x0 + 1);
 }
@@ -554,10 +571,7 @@ __device__ __forceinline__ void deft_gather_item(
       Acc my_mod = Acc(0), my_w = Acc(0);
       if (lane < cnt) {
         const int pt = __ldg(list + b0 + lane);
-        const float2 f = __ldg(frac + pt);
-        const Acc ly = f.x, lx = f.y, hy = Acc(1) - ly, hx = Acc(1) - lx;
-        // deft_bwd_point's corner weights: w[0] = hy hx, w[1] = hy lx, w[2] = ly hx, w[3] = ly lx
-        my_w = q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+        my_w = deft_gather_corner_weight(__ldg(frac + pt), q);
         my_t = pt % TAPS;
         my_m = pt / (TAPS * OG);
         my_mod = HAS_MASK ? Acc(deft_widen(mask[deft_gather_mask_index(my_m, og, my_t)])) : Acc(1);
@@ -583,9 +597,7 @@ __device__ __forceinline__ void deft_gather_item(
           const Acc cg = Acc(wv[e]) * Acc(deft_widen(gv.x[e]));
           const Acc contrib = cg * mod * w;
 #if GIN_MODE == 3
-          const double sc = (double)contrib * scale;
-          if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
-          else acc[e] += __double2ll_rn(sc);
+          deft_fixed_add(acc[e], contrib, scale, nonfinite);
 #else
           acc[e] += contrib;
 #endif
@@ -657,10 +669,7 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int q = 0; q < 4; ++q) {
       for (int i = beg[q]; i < end[q]; ++i) {
         const int pt = __ldg(list + i);
-        const float2 f = __ldg(frac + pt);
-        const Acc ly = f.x, lx = f.y, hy = Acc(1) - ly, hx = Acc(1) - lx;
-        // deft_bwd_point's corner weights: w[0] = hy hx, w[1] = hy lx, w[2] = ly hx, w[3] = ly lx
-        const Acc w = q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+        const Acc w = deft_gather_corner_weight(__ldg(frac + pt), q);
         const float* vp = values + (long long)pt * CPOG;
 #pragma unroll
         for (int s = 0; s < GSL; ++s) {
@@ -675,10 +684,8 @@ extern "C" __global__ void __launch_bounds__(256)
           }
 #pragma unroll
           for (int e = 0; e < GEV; ++e) {
-            const Acc contrib = vv[e] * w;  // GIN_MODE 2: cgm * pt.w[q], then scaled
-            const double sc = (double)contrib * scale;
-            if (!(fabs(sc) <= 1.1529215046068470e18)) nonfinite = true;
-            else acc[s][e] += __double2ll_rn(sc);
+            // GIN_MODE 2: cgm * pt.w[q], then scaled
+            deft_fixed_add(acc[s][e], vv[e] * w, scale, nonfinite);
           }
         }
       }
