@@ -2,8 +2,10 @@
 """Train a ResNet-18 with deformable convolutions (DCNv2) with deft or torchvision, and compare.
 
 Every 3x3 convolution of torchvision's layer2 and layer3 (stages 3-4 of the network, counting
-the stem as stage 1) becomes a DCNv2 layer: the same weight, plus an offset convolution and a
-mask convolution (sigmoid) of its input, both initialised to small random weights. The network
+the stem as stage 1) becomes a DCNv2 layer: the same weight, plus one convolution of its input
+that predicts the offsets and (through a sigmoid) the mask, 3 * 9 channels, initialised to
+small random weights -- mmcv's ModulatedDeformConv2dPack and deft.nn.DeformConv2dPack layout
+(``--offset-mask separate``: two convolutions, 18 and 9 channels, as before 2026-12-02). The network
 (10 classes) trains on synthetic data: random 3x128x128 images whose labels are a fixed linear
 function of their coarse colour layout (learnable), a fixed set
 of batches cycled, SGD (lr 0.01, momentum 0.9), fp16 autocast with a GradScaler by default.
@@ -16,6 +18,7 @@ the cache, and cuDNN's autotuning) are left out of the median.
     python3 examples/train_resnet_dcn.py --op deft --steps 100 --json /tmp/dcn.json
     python3 examples/train_resnet_dcn.py --no-amp              # float32
     python3 examples/train_resnet_dcn.py --graphs              # model as CUDA graphs
+    python3 examples/train_resnet_dcn.py --compile             # model under torch.compile
 
 Needs a CUDA device, torch and torchvision, and deft's Python package (installed, or this
 source tree's python/ with libdeft built in build/).
@@ -43,29 +46,50 @@ except ImportError:  # run from the source tree
 class DCNv2(nn.Module):
     """A deformable version of ``conv`` (same weight, stride, padding, dilation, groups) whose
     offsets and mask come from convolutions of its input; ``op`` is deft.ops.deform_conv2d or
-    torchvision.ops.deform_conv2d (same signature)."""
+    torchvision.ops.deform_conv2d (same signature). ``joint``: one convolution gives both, the
+    offsets in its first 2 * taps channels and the mask's logits in the last taps (mmcv's
+    ModulatedDeformConv2dPack); else one convolution each."""
 
-    def __init__(self, conv: nn.Conv2d, op, init_std: float):
+    def __init__(self, conv: nn.Conv2d, op, init_std: float, joint: bool = True):
         super().__init__()
         kh, kw = conv.kernel_size
-        taps = kh * kw
+        self.taps = kh * kw
         self.op = op
+        self.joint = joint
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.weight = nn.Parameter(conv.weight.detach().clone())
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
         geo = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding,
                    dilation=conv.dilation)
-        self.conv_offset = nn.Conv2d(conv.in_channels, 2 * taps, **geo)
-        self.conv_mask = nn.Conv2d(conv.in_channels, taps, **geo)
-        for c in (self.conv_offset, self.conv_mask):
+        if joint:
+            self.conv_offset = nn.Conv2d(conv.in_channels, 3 * self.taps, **geo)
+            convs = (self.conv_offset,)
+        else:
+            self.conv_offset = nn.Conv2d(conv.in_channels, 2 * self.taps, **geo)
+            self.conv_mask = nn.Conv2d(conv.in_channels, self.taps, **geo)
+            convs = (self.conv_offset, self.conv_mask)
+        for c in convs:
             nn.init.normal_(c.weight, std=init_std)
             nn.init.zeros_(c.bias)
 
     def forward(self, x):
-        offset = self.conv_offset(x)
-        mask = torch.sigmoid(self.conv_mask(x))
+        if self.joint:
+            out = self.conv_offset(x)
+            offset = out[:, :2 * self.taps]
+            mask = torch.sigmoid(out[:, 2 * self.taps:])
+        else:
+            offset = self.conv_offset(x)
+            mask = torch.sigmoid(self.conv_mask(x))
         return self.op(x, offset, self.weight, self.bias, stride=self.stride,
                        padding=self.padding, dilation=self.dilation, mask=mask)
+
+
+def conv_floor(x, offset, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+               mask=None):
+    """Not a deformable convolution: cuDNN's convolution of the same weight, the offsets and
+    mask computed by the layer but unused (so autograd skips their convolution's backward).
+    A step with it costs less than any DCN op's could -- the floor under --floor."""
+    return F.conv2d(x, weight, bias, stride, padding, dilation)
 
 
 def build_model(op, args) -> nn.Module:
@@ -77,8 +101,9 @@ def build_model(op, args) -> nn.Module:
     model = torchvision.models.resnet18(num_classes=args.classes)
     for stage in (model.layer2, model.layer3):
         for block in stage:
-            block.conv1 = DCNv2(block.conv1, op, args.offset_init_std)
-            block.conv2 = DCNv2(block.conv2, op, args.offset_init_std)
+            joint = args.offset_mask == "joint"
+            block.conv1 = DCNv2(block.conv1, op, args.offset_init_std, joint)
+            block.conv2 = DCNv2(block.conv2, op, args.offset_init_std, joint)
     return model
 
 
@@ -121,6 +146,10 @@ def train(op, init_state, batches, args) -> dict:
         # around graphs.
         with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp, cache_enabled=False):
             model = torch.cuda.make_graphed_callables(model, (batches[0][0],))
+    if args.compile:
+        # TorchInductor for the whole model (both ops: deft's through its custom ops, which
+        # trace without graph breaks); the first steps compile, inside the warm-up.
+        model = torch.compile(model)
     events = []
     losses = []
     torch.cuda.synchronize()
@@ -162,7 +191,11 @@ def train(op, init_state, batches, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--op", choices=["torchvision", "deft", "both"], default="both")
+    p.add_argument("--op", choices=["torchvision", "deft", "both", "conv"], default="both",
+                   help="conv: cuDNN convolutions in place of the DCN ops (see --floor)")
+    p.add_argument("--floor", action="store_true",
+                   help="with --op both, also time the model with cuDNN convolutions in place "
+                        "of the DCN ops (offsets and mask unused): the step no DCN op can beat")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     p.add_argument("--batch", type=int, default=32)
@@ -181,18 +214,27 @@ def main(argv=None) -> int:
     p.add_argument("--graphs", action="store_true",
                    help="run the model's forward and backward as CUDA graphs (both ops), so "
                         "that the step time is the GPU's, not the host's")
+    p.add_argument("--compile", action="store_true",
+                   help="run the model under torch.compile (both ops); its compile time falls in "
+                        "the warm-up steps")
+    p.add_argument("--offset-mask", choices=["joint", "separate"], default="joint",
+                   help="joint: one convolution predicts offsets and mask (mmcv's layout, the "
+                        "default); separate: one convolution each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write a JSON summary here")
     args = p.parse_args(argv)
     if args.steps <= args.warmup:
         p.error("--steps must be larger than --warmup")
+    if args.graphs and args.compile:
+        p.error("--graphs and --compile are two ways to cut the host's work: pick one")
     if not torch.cuda.is_available():
         print("train_resnet_dcn: needs a CUDA device (torch.cuda.is_available() is False)")
         return 0
     import torchvision.ops
 
     torch.backends.cudnn.benchmark = True
-    ops = {"torchvision": torchvision.ops.deform_conv2d, "deft": deft.ops.deform_conv2d}
+    ops = {"torchvision": torchvision.ops.deform_conv2d, "deft": deft.ops.deform_conv2d,
+           "conv": conv_floor}
     names = ["torchvision", "deft"] if args.op == "both" else [args.op]
     init_state = {k: v.clone() for k, v in build_model(ops[names[0]], args).state_dict().items()}
     batches = make_batches(args, "cuda")
@@ -209,6 +251,8 @@ def main(argv=None) -> int:
         for name in names:
             results[name + "_rerun"] = train(ops[name], init_state, batches, args)
             torch.cuda.empty_cache()
+    if args.floor and "conv" not in names:
+        results["conv"] = train(ops["conv"], init_state, batches, args)
 
     summary = {
         "device": torch.cuda.get_device_name(),
@@ -237,11 +281,15 @@ def main(argv=None) -> int:
                                 for k, (a, b) in pairs.items()}
         summary["max_rel_loss_diff"] = summary["loss_diff"]["deft_vs_torchvision"]["max"]
         summary["baseline_rel_loss_diff"] = summary["loss_diff"]["torchvision_vs_itself"]["max"]
+        if "conv" in results:  # the most any DCN op could gain over torchvision here
+            summary["floor_speedup"] = best["torchvision"] / results["conv"]["median_step_ms"]
 
     print(f"\nResNet-18 with DCNv2 in layer2+layer3, batch {args.batch}, "
           f"{args.size}x{args.size}, {'fp16 autocast' if args.amp else 'float32'}"
           f"{', channels-last' if args.channels_last else ''}"
-          f"{', CUDA graphs' if args.graphs else ', eager'}, {args.steps} steps "
+          f"{', CUDA graphs' if args.graphs else ', torch.compile' if args.compile else ', eager'}"
+          f", offsets and mask from {'one convolution' if args.offset_mask == 'joint' else 'two convolutions'}"
+          f", {args.steps} steps "
           f"(median over steps {args.warmup + 1}-{args.steps}), {summary['device']}")
     print(f"{'op':<18} {'median step ms':>15} {'mean step ms':>13} {'first step s':>13} "
           f"{'loss first':>11} {'loss last':>10}")
@@ -253,6 +301,10 @@ def main(argv=None) -> int:
         print(f"speedup (torchvision / deft, the better median step of two runs each): "
               f"{summary['speedup']:.2f}x (run by run: "
               f"{', '.join(f'{x:.2f}x' for x in summary['speedup_per_run'])})")
+        if "floor_speedup" in summary:
+            print(f"floor (cuDNN convolutions in place of the DCN ops, offsets unused): "
+                  f"torchvision / conv = {summary['floor_speedup']:.2f}x, the most any DCN op "
+                  f"could reach in this configuration")
         print(f"relative difference of the loss curves over {args.steps} steps (max / mean):")
         for k, v in summary["loss_diff"].items():
             print(f"  {k.replace('_', ' '):<24} {v['max']:.3e} / {v['mean']:.3e}")

@@ -10,7 +10,7 @@
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
-#         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
+#         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | ncudw (ncu of the depthwise forward, dw512 fp16) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
 #   --cases, --backward-data-variant; a subset leaves the BENCHMARKS.md section as it was, the
@@ -118,6 +118,25 @@ for step in "$@"; do
       done
       stamp "ncu done"
       grep -E "Duration|Throughput|Hit Rate|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|L1/TEX Cache Throughput|L2 Cache Throughput|DRAM Throughput|Shared Memory Configuration Size|Dynamic Shared Memory Per Block" "$LOGS/ncu.txt" | head -60 ;;
+    benchdw)  # the forward benchmark's depthwise rows alone (no torchvision, BENCHMARKS.md untouched)
+      python3 bench/bench.py --lib build/libdeft.so --out "$LOGS/benchdw${BENCH_TAG:-}" --cases dw512,dw512_n1 \
+        --sigmas 2 --no-torchvision > "$LOGS/benchdw${BENCH_TAG:-}.log" 2>&1; stamp "bench dw rc=$?"
+      grep -E "^\| dw512" "$LOGS/benchdw${BENCH_TAG:-}/BENCHMARKS.section.md" | cut -d'|' -f2-8 | head -12 ;;
+    ncudw)  # hardware counters of the depthwise forward on dw512 fp16, nhwc and nchw (NCU_VARIANT)
+      for lay in nhwc nchw; do
+        timeout 120 ncu --clock-control none --kernel-name deft_deform_conv2d_forward --launch-skip 2 \
+          --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+          --section ComputeWorkloadAnalysis --section SourceCounters --section MemoryWorkloadAnalysis_Tables \
+          --import-source no -o "/tmp/ncu-dw-$lay" -f \
+          python3 scripts/profile_one.py "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 groups=512 mask=1 dtype=f16 layout=$lay" \
+          ${NCU_VARIANT:+"$NCU_VARIANT"} > "$LOGS/ncu-dw-run-$lay.txt" 2>&1
+        stamp "ncu dw $lay rc=$?"
+        ncu -i "/tmp/ncu-dw-$lay.ncu-rep" > "$LOGS/ncu-dw-$lay.txt" 2>&1
+        ncu -i "/tmp/ncu-dw-$lay.ncu-rep" --page source --print-source sass --csv > "$LOGS/ncu-dw-sass-$lay.csv" 2>&1
+        grep -E "Duration|Throughput|Hit Rate|Registers Per|Warp Cycles Per Issued|Issue Slots|No Eligible|Achieved Occupancy|Theoretical Occupancy|Pipe" "$LOGS/ncu-dw-$lay.txt" | head -30
+        python3 scripts/ncu_stalls.py "$LOGS/ncu-dw-sass-$lay.csv" --top 12 2>&1 | head -20
+      done ;;
     ncubwd)  # hardware counters of one backward kernel: NCU_PASS weight (default) or data,
       # NCU_CASES, NCU_VARIANT (that pass's variant)
       for cs in ${NCU_CASES:-dense512 resnet_res4}; do
