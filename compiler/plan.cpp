@@ -1011,11 +1011,10 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   if (!p.transpose && (p.vec_a || p.wgmma || depthwise_vec)) p.align_input = 16;
   if (!p.transpose && !p.wgmma && p.vec_b) p.align_weight = 16;
   if (p.wgmma) p.align_output = p.out_store;
-  if (depthwise_vec && d.pass == Pass::forward) {
-    // (the depthwise weight [c][1][r][s] is read as it is, with or without the transpose)
-    p.dw_wvec = int64_t(p.vec) * d.taps() * dtype_size(d.dtype) <= 160;
+  if (depthwise_vec && d.pass == Pass::forward && d.h >= 2 && d.w >= 2) {
+    // the block's weights staged in shared memory as [tap][channel] (16 KiB at most)
+    p.dw_wvec = int64_t(d.taps()) * v.tile_n * dtype_size(d.dtype) <= 16384;
     p.dw_out_vec = d.layout == Layout::nhwc;
-    if (p.dw_wvec) p.align_weight = 16;
     if (p.dw_out_vec) p.align_output = 16;
   }
   p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);

@@ -20,8 +20,8 @@ struct KernelPlan {
   int wm = 0, wn = 0, fm = 0, fn = 0, wk = 0;  // tensor-core warp grid and fragments
   int smem_bytes = 0;
   int vec = 0, ch_per_block = 0, pix_per_block = 0, t_size = 0;  // depthwise
-  // depthwise forward, 16-byte channel vectors: the thread's vec x taps weights read as
-  // 16-byte vectors (at most 160 bytes: registers), and an nhwc output stored in 16-byte vectors
+  // depthwise forward, 16-byte channel vectors: the block's weights staged in shared memory as
+  // [tap][channel] (read as 16-byte vectors), and an nhwc output stored in 16-byte vectors
   bool dw_wvec = false, dw_out_vec = false;
   bool x_nhwc = false;            // the kernel reads the input channels-last
   bool w_krsc = false;            // ... and the weight as [k][r][s][c/groups]

@@ -3,12 +3,13 @@
 
 Every 3x3 convolution of torchvision's layer2 and layer3 (stages 3-4 of the network, counting
 the stem as stage 1) becomes a DCNv2 layer: the same weight, plus one convolution of its input
-that predicts the offsets and (through a sigmoid) the mask, 3 * 9 channels, initialised to
-small random weights -- mmcv's ModulatedDeformConv2dPack and deft.nn.DeformConv2dPack layout
+that predicts the offsets and (through a sigmoid) the mask, 3 * 9 channels -- mmcv's ModulatedDeformConv2dPack and deft.nn.DeformConv2dPack layout
 (``--offset-mask separate``: two convolutions, 18 and 9 channels, as before 2026-12-02). The network
 (10 classes) trains on synthetic data: random 3x128x128 images whose labels are a fixed linear
 function of their coarse colour layout (learnable), a fixed set
-of batches cycled, SGD (lr 0.01, momentum 0.9), fp16 autocast with a GradScaler by default.
+of batches cycled, SGD (lr 0.01, momentum 0.9; the offset / mask convolutions at 0.1x that rate,
+initialised to zero as in mmcv, so that each DCN layer starts as its plain convolution),
+fp16 autocast with a GradScaler by default.
 
 Both ops start from the same weights and see the same batches. Each step is timed with CUDA
 events; the first --warmup steps (which include deft's kernel compiles, or their loading from
@@ -68,8 +69,11 @@ class DCNv2(nn.Module):
             self.conv_offset = nn.Conv2d(conv.in_channels, 2 * self.taps, **geo)
             self.conv_mask = nn.Conv2d(conv.in_channels, self.taps, **geo)
             convs = (self.conv_offset, self.conv_mask)
-        for c in convs:
-            nn.init.normal_(c.weight, std=init_std)
+        for c in convs:  # zero (the default): the layer starts as its plain convolution
+            if init_std > 0:
+                nn.init.normal_(c.weight, std=init_std)
+            else:
+                nn.init.zeros_(c.weight)
             nn.init.zeros_(c.bias)
 
     def forward(self, x):
@@ -136,7 +140,18 @@ def train(op, init_state, batches, args) -> dict:
     model = model.cuda().train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    # The offset / mask convolutions learn at args.offset_lr_mult x the rest's rate: at the full
+    # rate their first steps throw the sampling points out of the image (the DCN layers then
+    # output zeros and the network stops learning: until 2026-12-02 this example's loss stayed
+    # at ln 10 for every op, while the same network with plain convolutions learned).
+    offset_params = [p for n, p in model.named_parameters() if ".conv_offset." in n or
+                     ".conv_mask." in n]
+    ids = {id(p) for p in offset_params}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": rest}]
+    if offset_params:
+        groups.append({"params": offset_params, "lr": args.lr * args.offset_lr_mult})
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
     scaler = grad_scaler(args.amp, args.init_scale)
     if args.graphs:
         # The model's forward and backward each become one CUDA graph
@@ -204,8 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=8, help="distinct synthetic batches, cycled")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--offset-init-std", type=float, default=0.01,
-                   help="std of the offset and mask convolutions' initial weights")
+    p.add_argument("--offset-lr-mult", type=float, default=0.1,
+                   help="learning rate of the offset / mask convolutions, times --lr")
+    p.add_argument("--offset-init-std", type=float, default=0.0,
+                   help="std of the offset and mask convolutions' initial weights (0: zeros)")
     p.add_argument("--no-amp", dest="amp", action="store_false",
                    help="train in float32 (default: fp16 autocast + GradScaler)")
     p.add_argument("--init-scale", type=float, default=2.0 ** 10, help="GradScaler's first scale")

@@ -19,7 +19,8 @@ p.add_argument("--cpu", action="store_true", help="also profile the host (CPU ac
 a = p.parse_args()
 
 ns = argparse.Namespace(seed=0, classes=10, batch=a.batch, size=128, batches=8, channels_last=False,
-                        offset_init_std=0.01, lr=0.01, momentum=0.9, amp=True, init_scale=2.0 ** 10)
+                        offset_init_std=0.0, offset_mask="joint", lr=0.01, momentum=0.9,
+                        amp=True, init_scale=2.0 ** 10)
 import torchvision.ops
 op = ex.deft.ops.deform_conv2d if a.op == "deft" else torchvision.ops.deform_conv2d
 torch.backends.cudnn.benchmark = True

@@ -7,10 +7,11 @@
 //
 // The 16-byte vector path (channels-last input, VEC * sizeof(T) a multiple of 16 bytes):
 //  - a point's four corners lie at fixed distances from its (y0, x0) corner (0, C, W * C,
-//    (W + 1) * C elements): one address a point, then a predicated 16-byte load per corner
-//    that lies in the image (the others read nothing and count zero);
-//  - W_VEC: the thread's VEC x R * S weights, contiguous in the depthwise weight ([c][1][r][s]),
-//    are read up front as 16-byte vectors (the plan asks for a 16-byte aligned weight);
+//    (W + 1) * C elements): one address a point (the corner clamped into the image, H, W >= 2),
+//    four 16-byte loads without predicates, weights zero for the rows / columns that are no
+//    corner of the point;
+//  - W_VEC: the block's weights are staged in shared memory as [tap][channel], so that a thread
+//    reads its VEC weights of a tap as 16-byte vectors (instead of VEC scalar global loads);
 //  - OUT_VEC (nhwc output): the VEC results leave in 16-byte stores (a 16-byte aligned output).
 //
 // Constants from codegen: THREADS, VEC, CH_PER_BLOCK (channels per block),
@@ -18,56 +19,72 @@
 
 constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr int TPC = CH_PER_BLOCK / VEC;  // threads per pixel
-constexpr bool VEC_PATH = X_NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0;
-static_assert(!W_VEC || (VEC_PATH && (VEC * R * S * sizeof(T)) % 16 == 0), "weight vectors");
+constexpr bool VEC_PATH = X_NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0 && H >= 2 && W >= 2;
+static_assert(!W_VEC || VEC_PATH, "weight vectors");
 static_assert(!OUT_VEC || (VEC_PATH && NHWC), "output vectors");
 
-// The vector path's sampling point of (ho, wo), tap t: the four corners' weights (zero for a
-// corner outside the image) and values (zero there, unread), VEC channels from base (the
-// image plus the thread's first channel).
+// The vector path's sampling point of (ho, wo), tap t: four 16-byte loads (VEC channels from
+// base, the image plus the thread's first channel) at fixed distances from one address, and
+// their weights. The loaded 2 x 2 block starts at the point's top-left corner clamped into
+// the image (so every load is in bounds, with no predicate), and each loaded row and column
+// takes the weight of the corner it is, zero where it is none: a corner outside the image,
+// like a point outside it (or at a NaN position), reads some pixel of the image with weight
+// zero, as deft_point_from's corners do.
 __device__ __forceinline__ void deft_dw_corners(const T* __restrict__ base, const PointInput& in,
                                                 int ho, int wo, int t, Acc (&w)[4],
                                                 DeftCornerVec<VEC> (&x)[4]) {
-  constexpr int CH = DeftCornerVec<VEC>::CHUNKS;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    w[q] = Acc(0);
-#pragma unroll
-    for (int u = 0; u < CH; ++u) x[q].u[u] = make_uint4(0u, 0u, 0u, 0u);
-  }
+  // (VEC_PATH: H, W >= 2, so the 2 x 2 block fits)
   const int i = t / S, j = t % S;
   const Pos y = Pos(ho * SH - PH + i * DH) + in.dy;
   const Pos xx = Pos(wo * SW - PW + j * DW) + in.dx;
   // Written so that NaN positions fail the test: NaN samples read zero.
-  if (!(y > Pos(-1) && xx > Pos(-1) && y < Pos(H) && xx < Pos(W))) return;
-  const Pos yf = floor(y), xf = floor(xx);
-  const int y0 = int(yf), x0 = int(xf);
-  const Acc ly = Acc(y - yf), lx = Acc(xx - xf);
-  const Acc hy = Acc(1) - ly, hx = Acc(1) - lx;
-  const bool top = y0 >= 0, bottom = y0 + 1 <= H - 1;
-  const bool left = x0 >= 0, right = x0 + 1 <= W - 1;
-  const bool ok[4] = {top && left, top && right, bottom && left, bottom && right};
-  const Acc wq[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-  // element distance of each corner from (y0, x0); that corner's offset may be negative (y0
-  // or x0 = -1), but only corners inside the image are read
+  const bool inside = y > Pos(-1) && xx > Pos(-1) && y < Pos(H) && xx < Pos(W);
+  const Pos ys = inside ? y : Pos(0), xs = inside ? xx : Pos(0);
+  const Pos yf = floor(ys), xf = floor(xs);
+  const int y0 = int(yf), x0 = int(xf);  // -1 .. H - 1, -1 .. W - 1
+  const Acc ly = Acc(ys - yf), lx = Acc(xs - xf);
+  const Acc mod = inside ? in.mod : Acc(0);
+  // the block's first row and column, and the weight of each (the corner row y0 has 1 - ly,
+  // y0 + 1 has ly)
+  const int yb = y0 < 0 ? 0 : (y0 > H - 2 ? H - 2 : y0);
+  const int xb = x0 < 0 ? 0 : (x0 > W - 2 ? W - 2 : x0);
+  const Acc wy0 = yb == y0 ? Acc(1) - ly : (yb == y0 + 1 ? ly : Acc(0));
+  const Acc wy1 = yb + 1 == y0 ? Acc(1) - ly : (yb + 1 == y0 + 1 ? ly : Acc(0));
+  const Acc wx0 = xb == x0 ? Acc(1) - lx : (xb == x0 + 1 ? lx : Acc(0));
+  const Acc wx1 = xb + 1 == x0 ? Acc(1) - lx : (xb + 1 == x0 + 1 ? lx : Acc(0));
+  w[0] = wy0 * wx0 * mod;
+  w[1] = wy0 * wx1 * mod;
+  w[2] = wy1 * wx0 * mod;
+  w[3] = wy1 * wx1 * mod;
   constexpr long long DQ[4] = {0, C, (long long)W * C, (long long)(W + 1) * C};
-  const long long e0 = ((long long)y0 * W + x0) * C;
+  const T* b0 = base + ((long long)yb * W + xb) * C;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    if (ok[q]) {
-      w[q] = wq[q] * in.mod;
-      const uint4* src = reinterpret_cast<const uint4*>(base + (e0 + DQ[q]));
+    const uint4* src = reinterpret_cast<const uint4*>(b0 + DQ[q]);
 #pragma unroll
-      for (int u = 0; u < CH; ++u) x[q].u[u] = __ldg(src + u);
-    }
+    for (int u = 0; u < DeftCornerVec<VEC>::CHUNKS; ++u) x[q].u[u] = __ldg(src + u);
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+// 16-byte vectors of 16-bit elements or f32: at most 64 registers (four 256-thread blocks an
+// SM), which the predicated corner loads would otherwise exceed by hoisting more of them
+constexpr int DW_MIN_BLOCKS = VEC_PATH && VEC * sizeof(T) == 16 && 1024 / THREADS > 0 ? 1024 / THREADS : 1;
+extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ bias, T* __restrict__ out) {
   const int tid = threadIdx.x;
+  // W_VEC: the block's weights as [tap][channel of the block] (zeros past C), before any
+  // thread leaves
+  __shared__ __align__(16) T wsm[W_VEC ? R * S : 1][W_VEC ? CH_PER_BLOCK : 1];
+  if constexpr (W_VEC) {
+    const int c0 = blockIdx.y * CH_PER_BLOCK;
+    for (int i = tid; i < R * S * CH_PER_BLOCK; i += THREADS) {
+      const int cc = i % CH_PER_BLOCK, tt = i / CH_PER_BLOCK;
+      wsm[tt][cc] = c0 + cc < C ? weight[(long long)(c0 + cc) * (R * S) + tt] : deft_from<T>(0.f);
+    }
+    __syncthreads();
+  }
   const int c_base = blockIdx.y * CH_PER_BLOCK + (tid % TPC) * VEC;
   const long long m = (long long)blockIdx.x * PIX_PER_BLOCK + tid / TPC;
   if (m >= M_TOTAL || c_base >= C) return;
@@ -82,17 +99,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = Acc(0);
 
-  // W_VEC: the thread's weights [VEC][R * S], read once as 16-byte vectors
-  constexpr int WV = W_VEC ? VEC * R * S : 1;
-  union {
-    uint4 u[(WV * sizeof(T) + 15) / 16];
-    T t[WV];
-  } wv;
-  if constexpr (W_VEC) {
-    const uint4* wsrc = reinterpret_cast<const uint4*>(weight + (long long)c_base * (R * S));
-#pragma unroll
-    for (int u = 0; u < (WV * (int)sizeof(T)) / 16; ++u) wv.u[u] = __ldg(wsrc + u);
-  }
 
   // Taps go in batches: a batch's offsets and masks are read up front (independent loads in
   // flight together), then its corner loads overlap as the batch loop is unrolled.
@@ -141,10 +147,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) s[e] += p.w[q] * Acc(deft_widen(x[q].t[e]));
 #endif
+      DeftCornerVec<VEC> wq;  // W_VEC: the thread's VEC weights of the tap
+      if constexpr (W_VEC) {
+        const uint4* wsrc = reinterpret_cast<const uint4*>(&wsm[tap][(tid % TPC) * VEC]);
+#pragma unroll
+        for (int u = 0; u < DeftCornerVec<VEC>::CHUNKS; ++u) wq.u[u] = wsrc[u];
+      }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const T wt = W_VEC ? wv.t[W_VEC ? e * (R * S) + tap : 0]
-                           : weight[(long long)(c_base + e) * (R * S) + tap];
+        const T wt = W_VEC ? wq.t[e] : weight[(long long)(c_base + e) * (R * S) + tap];
         acc[e] += Acc(deft_widen(wt)) * s[e];
       }
     } else {
