@@ -230,6 +230,10 @@ std::vector<GpuCase> fixed_cases() {
   v.push_back({"depthwise_vec_f16_nhwc", d, 2.0, 14});
   v.push_back({"depthwise_vec_f32_nhwc_og2", desc(2, 128, 11, 5, 128, 3, 1, 128, 2, DType::f32, Layout::nhwc), 8.0, 15});
   v.push_back({"depthwise_vec_f16_nchw_og2", desc(2, 128, 7, 9, 128, 5, 2, 128, 2, DType::f16, Layout::nchw), 2.0, 16});
+  // Narrow images: one column (no 2 x 2 corner block: the per-channel path) and two columns
+  // and rows (the block clamped at every point), with offsets that leave the image.
+  v.push_back({"depthwise_vec_f16_nhwc_w1", desc(2, 64, 9, 1, 64, 3, 1, 64, 1, DType::f16, Layout::nhwc), 2.0, 20});
+  v.push_back({"depthwise_vec_f32_nhwc_2x2", desc(3, 32, 2, 2, 32, 3, 1, 32, 1, DType::f32, Layout::nhwc), 8.0, 21});
   // The nchw transpose pre-pass with 16-byte vectors on both sides, partial 64 x 64 tiles
   // along the channels (40, 24) and the pixels (168, 60).
   v.push_back({"transpose16_partial_f16_nchw", desc(2, 40, 12, 14, 24, 3, 1, 1, 1, DType::f16, Layout::nchw), 2.0, 18});
@@ -334,6 +338,17 @@ TEST(GpuForwardEdge, NonFiniteAndHugeOffsetsSampleZero) {
         options.variant = v;
         check_forward(d, t, options);
       }
+    }
+  // Depthwise with 16-byte vectors (nhwc, and nchw through the transpose): the clamped corner
+  // block of deform_conv_depthwise.cuh gives a point outside the image (NaN, huge) weight zero.
+  for (DType dt : {DType::f32, DType::f16})
+    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+      LayerDesc d = desc(2, 32, 9, 12, 32, 3, 1, 32, 2, dt, layout);
+      d.bias = true;
+      HostTensors t = random_tensors(d, 2.0, ++seed);
+      poison_offsets(t.offset, seed);
+      SCOPED_TRACE(deft::to_string(d));
+      check_forward(d, t, test_options());
     }
 }
 
