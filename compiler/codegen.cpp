@@ -285,7 +285,6 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("PIX_PER_BLOCK", p.pix_per_block);
     c32("W_VEC", p.dw_wvec ? 1 : 0);    // the thread's weights in 16-byte vectors
     c32("OUT_VEC", p.dw_out_vec ? 1 : 0);  // nhwc output in 16-byte stores
-    c32("OUT_SMEM", p.dw_out_smem ? 1 : 0);  // nchw output through shared memory
   } else {
   c32("BM", v.tile_m);
   c32("BN", v.tile_n);

@@ -1015,7 +1015,6 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     // the block's weights staged in shared memory as [tap][channel] (16 KiB at most)
     p.dw_wvec = int64_t(d.taps()) * v.tile_n * dtype_size(d.dtype) <= 16384;
     p.dw_out_vec = d.layout == Layout::nhwc;
-    p.dw_out_smem = d.layout == Layout::nchw;
     if (p.dw_out_vec) p.align_output = 16;
   }
   p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);

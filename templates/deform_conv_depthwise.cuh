@@ -12,19 +12,16 @@
 //    corner of the point;
 //  - W_VEC: the block's weights are staged in shared memory as [tap][channel], so that a thread
 //    reads its VEC weights of a tap as 16-byte vectors (instead of VEC scalar global loads);
-//  - OUT_VEC (nhwc output): the VEC results leave in 16-byte stores (a 16-byte aligned output);
-//  - OUT_SMEM (nchw output): the block's results go through shared memory, so that each
-//    channel plane's run of the block's pixels is written by consecutive threads.
+//  - OUT_VEC (nhwc output): the VEC results leave in 16-byte stores (a 16-byte aligned output).
 //
 // Constants from codegen: THREADS, VEC, CH_PER_BLOCK (channels per block),
-// PIX_PER_BLOCK (output pixels per block), W_VEC, OUT_VEC, OUT_SMEM.
+// PIX_PER_BLOCK (output pixels per block), W_VEC, OUT_VEC.
 
 constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr int TPC = CH_PER_BLOCK / VEC;  // threads per pixel
 constexpr bool VEC_PATH = X_NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0 && H >= 2 && W >= 2;
 static_assert(!W_VEC || VEC_PATH, "weight vectors");
 static_assert(!OUT_VEC || (VEC_PATH && NHWC), "output vectors");
-static_assert(!OUT_SMEM || (VEC_PATH && !NHWC), "nchw output through shared memory");
 
 // The vector path's sampling point of (ho, wo), tap t: four 16-byte loads (VEC channels from
 // base, the image plus the thread's first channel) at fixed distances from one address, and
@@ -90,9 +87,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
   }
   const int c_base = blockIdx.y * CH_PER_BLOCK + (tid % TPC) * VEC;
   const long long m = (long long)blockIdx.x * PIX_PER_BLOCK + tid / TPC;
-  // (OUT_SMEM: every thread reaches the block's barrier before the stores)
-  const bool live = m < M_TOTAL && c_base < C;
-  if (!OUT_SMEM && !live) return;
+  if (m >= M_TOTAL || c_base >= C) return;
   const long long n = m / (HO * WO);
   const int rem = int(m - n * (HO * WO));
   const int ho = rem / WO, wo = rem % WO;
@@ -110,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
   constexpr int TAP_BATCH = R * S < 9 ? R * S : 9;
   const int og0 = c_base / CPOG;
 #pragma unroll 1
-  for (int t0 = 0; live && t0 < R * S; t0 += TAP_BATCH) {
+  for (int t0 = 0; t0 < R * S; t0 += TAP_BATCH) {
   PointInput pin[TAP_BATCH];
 #pragma unroll
   for (int b = 0; b < TAP_BATCH; ++b)
@@ -187,32 +182,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
     uint4* dst = reinterpret_cast<uint4*>(out + m * C + c_base);
 #pragma unroll
     for (int u = 0; u < DeftCornerVec<VEC>::CHUNKS; ++u) dst[u] = o.u[u];
-    return;
-  }
-  if constexpr (OUT_SMEM) {
-    // [channel][pixel] of the block (padded: the 8 channel groups of a warp's stores spread
-    // over the banks), then each plane's pixel run by consecutive threads
-    constexpr int OPAD = sizeof(T) == 2 ? 2 : 1;
-    __shared__ T osm[CH_PER_BLOCK][PIX_PER_BLOCK + OPAD];
-    const int pl = tid / TPC, cl = (tid % TPC) * VEC;
-    if (live)
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        Acc v = acc[e];
-        if (HAS_BIAS) v += Acc(deft_widen(bias[c_base + e]));
-        osm[cl + e][pl] = deft_cast<T>(deft_activate(v));
-      }
-    __syncthreads();
-    const long long m0 = (long long)blockIdx.x * PIX_PER_BLOCK;
-    const int c0 = blockIdx.y * CH_PER_BLOCK;
-    for (int i = tid; i < CH_PER_BLOCK * PIX_PER_BLOCK; i += THREADS) {
-      const int px = i % PIX_PER_BLOCK, ch = i / PIX_PER_BLOCK;
-      const long long mm = m0 + px;
-      if (mm < M_TOTAL && c0 + ch < C) {
-        const long long nn = mm / (HO * WO);
-        out[(nn * C + c0 + ch) * (HO * WO) + (mm - nn * (HO * WO))] = osm[ch][px];
-      }
-    }
     return;
   }
 #pragma unroll
