@@ -12,7 +12,8 @@
 //    corner of the point;
 //  - W_VEC: the block's weights are staged in shared memory as [tap][channel], so that a thread
 //    reads its VEC weights of a tap as 16-byte vectors (instead of VEC scalar global loads);
-//  - OUT_VEC (nhwc output): the VEC results leave in 16-byte stores (a 16-byte aligned output).
+//  - OUT_VEC (nhwc output): the VEC results leave through a 16-byte vector (a 16-byte aligned
+//    output; NVVM emits the union's store as 4-byte pieces, four STG.32 for f16).
 //
 // Constants from codegen: THREADS, VEC, CH_PER_BLOCK (channels per block),
 // PIX_PER_BLOCK (output pixels per block), W_VEC, OUT_VEC.

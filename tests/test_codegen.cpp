@@ -250,6 +250,51 @@ std::string sm90a_ptx(const deft::LayerDesc& d, const deft::Variant& v) {
   return ptx;
 }
 
+// The depthwise forward's 16-byte vector path (deform_conv_depthwise.cuh, perf notes round 15):
+// weights staged in shared memory and 16-byte nhwc stores where the plan says so, the
+// per-channel path for images too narrow for a 2 x 2 corner block; in the PTX, four
+// 16-byte corner loads a tap (36) and no scalar global weight load.
+TEST(Codegen, DepthwiseForwardVectorPath) {
+  const std::string base = "deform_conv2d n=2 c=64 k=64 groups=64 r=3 s=3 pad=1 mask=1 dtype=f16 ";
+  struct Want {
+    std::string desc;
+    bool wvec, out_vec;
+  };
+  for (const Want& w : {Want{base + "h=9 w=11 layout=nhwc", true, true},
+                        Want{base + "h=9 w=11 layout=nchw", true, false},
+                        Want{base + "h=9 w=1 layout=nhwc", false, false}}) {
+    SCOPED_TRACE(w.desc);
+    const deft::LayerDesc d = deft::parse_layer_desc(w.desc);
+    const deft::Variant v = deft::default_variant(d);
+    ASSERT_EQ(v.algo, deft::Algo::depthwise);
+    const deft::KernelPlan p = deft::make_plan(d, v);
+    EXPECT_EQ(p.dw_wvec, w.wvec);
+    EXPECT_EQ(p.dw_out_vec, w.out_vec);
+    const std::string src = deft::generate_source(d, v);
+    EXPECT_NE(src.find(fmt::format("constexpr int W_VEC = {};", w.wvec ? 1 : 0)), std::string::npos);
+    EXPECT_NE(src.find(fmt::format("constexpr int OUT_VEC = {};", w.out_vec ? 1 : 0)), std::string::npos);
+  }
+  const deft::LayerDesc d = deft::parse_layer_desc(base + "h=9 w=11 layout=nhwc");
+  deft::CompileOptions o;
+  o.arch = 90;
+  o.cache_path = "";
+  const std::string ptx = deft::emit_ptx(d, o);
+  auto count = [&](const std::string& what) {
+    size_t n = 0;
+    for (size_t at = ptx.find(what); at != std::string::npos; at = ptx.find(what, at + 1)) ++n;
+    return n;
+  };
+  EXPECT_EQ(count("ld.global.nc.v4.u32"), 36u) << "four corner vectors a tap";
+  // 27 offsets and masks, and the block's weight staging (a few loads a thread): before round
+  // 15 each thread also read its 72 weights with scalar loads
+  EXPECT_LT(count("ld.global.nc.u16"), 27u + 9u);
+  EXPECT_EQ(count("ld.shared.v4.u32"), 9u) << "a tap's weights from shared memory";
+  // The eight outputs: NVVM splits the 16-byte store of the union into four 4-byte stores
+  // (noticed after the last device call; an explicit uint4 would give one)
+  EXPECT_EQ(count("st.global.v2.u16"), 4u);
+  EXPECT_EQ(count("st.global.u16"), 0u);
+}
+
 // Compiles every wgmma tile of layer d for sm_90a (tk: the dtype's chunk; transpose for nchw);
 // expects no spills and `mma` (the wgmma instruction for tile width N, "{}" standing for N) in
 // the PTX, and calls more(options) for further checks of each tile.
