@@ -68,7 +68,8 @@ __device__ __forceinline__ void deft_dw_corners(const T* __restrict__ base, cons
 }
 
 // 16-byte vectors of 16-bit elements or f32: at most 64 registers (four 256-thread blocks an
-// SM), which the predicated corner loads would otherwise exceed by hoisting more of them
+// SM, the occupancy of the kernel before round 15); uncapped, the path's corner loads were
+// hoisted into more (70 to 117 registers in the forms of call 2, perf notes round 15)
 constexpr int DW_MIN_BLOCKS = VEC_PATH && VEC * sizeof(T) == 16 && 1024 / THREADS > 0 ? 1024 / THREADS : 1;
 extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
