@@ -134,24 +134,27 @@ def grad_scaler(enabled: bool, init_scale: float):
     return torch.cuda.amp.GradScaler(init_scale=init_scale, enabled=enabled)
 
 
+def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """SGD with the offset / mask convolutions at args.offset_lr_mult x the rest's rate: at the
+    full rate their first steps throw the sampling points out of the image (the DCN layers then
+    output zeros and the network stops learning: until 2026-12-02 this example's loss stayed at
+    ln 10 for every op, while the same network with plain convolutions learned)."""
+    offset_params = [p for n, p in model.named_parameters() if ".conv_offset." in n or
+                     ".conv_mask." in n]
+    ids = {id(p) for p in offset_params}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+    if offset_params:
+        groups.append({"params": offset_params, "lr": args.lr * args.offset_lr_mult})
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+
+
 def train(op, init_state, batches, args) -> dict:
     model = build_model(op, args)
     model.load_state_dict(init_state)
     model = model.cuda().train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # The offset / mask convolutions learn at args.offset_lr_mult x the rest's rate: at the full
-    # rate their first steps throw the sampling points out of the image (the DCN layers then
-    # output zeros and the network stops learning: until 2026-12-02 this example's loss stayed
-    # at ln 10 for every op, while the same network with plain convolutions learned).
-    offset_params = [p for n, p in model.named_parameters() if ".conv_offset." in n or
-                     ".conv_mask." in n]
-    ids = {id(p) for p in offset_params}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": rest}]
-    if offset_params:
-        groups.append({"params": offset_params, "lr": args.lr * args.offset_lr_mult})
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    opt = make_optimizer(model, args)
     scaler = grad_scaler(args.amp, args.init_scale)
     if args.graphs:
         # The model's forward and backward each become one CUDA graph

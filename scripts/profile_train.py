@@ -20,12 +20,12 @@ a = p.parse_args()
 
 ns = argparse.Namespace(seed=0, classes=10, batch=a.batch, size=128, batches=8, channels_last=False,
                         offset_init_std=0.0, offset_mask="joint", lr=0.01, momentum=0.9,
-                        amp=True, init_scale=2.0 ** 10)
+                        offset_lr_mult=0.1, amp=True, init_scale=2.0 ** 10)
 import torchvision.ops
 op = ex.deft.ops.deform_conv2d if a.op == "deft" else torchvision.ops.deform_conv2d
 torch.backends.cudnn.benchmark = True
 model = ex.build_model(op, ns).cuda().train()
-opt = torch.optim.SGD(model.parameters(), lr=ns.lr, momentum=ns.momentum)
+opt = ex.make_optimizer(model, ns)  # the example's (offset convolutions at 0.1x the rate)
 scaler = ex.grad_scaler(True, ns.init_scale)
 batches = ex.make_batches(ns, "cuda")
 windows = {(1, 3): "steps 2-3", (10, 12): "steps 11-12"}
