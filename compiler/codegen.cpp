@@ -283,7 +283,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("VEC", p.vec);
     c32("CH_PER_BLOCK", p.ch_per_block);
     c32("PIX_PER_BLOCK", p.pix_per_block);
-    c32("W_VEC", p.dw_wvec ? 1 : 0);    // the thread's weights in 16-byte vectors
+    c32("W_VEC", p.dw_wvec ? 1 : 0);    // the block's weights staged in shared memory
     c32("OUT_VEC", p.dw_out_vec ? 1 : 0);  // nhwc output in 16-byte stores
   } else {
   c32("BM", v.tile_m);

@@ -101,7 +101,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = Acc(0);
 
-
   // Taps go in batches: a batch's offsets and masks are read up front (independent loads in
   // flight together), then its corner loads overlap as the batch loop is unrolled.
   constexpr int TAP_BATCH = R * S < 9 ? R * S : 9;
