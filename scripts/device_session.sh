@@ -9,13 +9,13 @@
 #         sweep at sigma 0.5, 2, 8) | profile (scripts/profile_train.py --cpu, both ops)
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
-#         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py)
+#         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py) | proffwd (the same, forward only)
 #         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | ncudw (ncu of the depthwise forward, dw512 fp16) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
 #   --cases, --backward-data-variant; a subset leaves the BENCHMARKS.md section as it was, the
 #   logs keep its table), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window | data), SWEEP_DTYPE (sweepbwd: fp16 or fp32_tf32), SWEEP_SHAPES (sweepbwd: a cases file), SWEEP_TAG (sweepbwd: log name suffix), SWEEP_SIGMAS,
-#   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES (profbwd)
+#   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES, PROF_LAYOUTS (profbwd, proffwd)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
 # both benchmarks rewrite their sections of this copy: made once, so that a later invocation
@@ -80,15 +80,21 @@ for step in "$@"; do
       timeout 400 python3 scripts/stats_decision.py --cases "${DECISION_CASES:-dense512,resnet_res4}" \
         > "$LOGS/stats-decision.log" 2>&1; stamp "stats decision rc=$?"; cat "$LOGS/stats-decision.log" | tail -20 ;;
     profile)  # where a batch-128 training step's time goes, GPU and host, for both ops
-      for op in deft torchvision; do
+      for op in ${PROFILE_OPS:-deft torchvision}; do
         timeout 150 python3 scripts/profile_train.py --op $op --cpu > "$LOGS/profile-train-$op.txt" 2>&1
         stamp "profile $op rc=$?"; grep "===" "$LOGS/profile-train-$op.txt"
       done ;;
     host)  # host time per call of each layer of the Python op's stack (scripts/host_overhead.py)
       timeout 200 python3 scripts/host_overhead.py --profile > "$LOGS/host-overhead.txt" 2>&1
       stamp "host overhead rc=$?"; head -20 "$LOGS/host-overhead.txt" ;;
+    proffwd)  # per-kernel times of the forward alone (scripts/profile_bwd.py --forward-only), both layouts
+      for lay in ${PROF_LAYOUTS:-nchw nhwc}; do
+        timeout 200 python3 scripts/profile_bwd.py "${PROF_CASES:-deft_64,resnet_res4,maskrcnn_res4,dense512,dw512,dw512_n1,stride2}" \
+          --dtypes "${PROF_DTYPES:-fp16,fp32_tf32}" --layout $lay --forward-only > "$LOGS/profile-fwd-$lay.txt" 2>&1
+        stamp "profile_fwd $lay rc=$?"; cut -c1-200 "$LOGS/profile-fwd-$lay.txt" | tail -40
+      done ;;
     profbwd)  # per-kernel times of forward + backward (scripts/profile_bwd.py), fp16, both layouts
-      for lay in nchw nhwc; do
+      for lay in ${PROF_LAYOUTS:-nchw nhwc}; do
         timeout 200 python3 scripts/profile_bwd.py "${PROF_CASES:-dense512,resnet_res4,dw512,stride2}" \
           --dtypes "${PROF_DTYPES:-fp16}" --layout $lay > "$LOGS/profile-bwd-$lay.txt" 2>&1
         stamp "profile_bwd $lay rc=$?"; cat "$LOGS/profile-bwd-$lay.txt" | cut -c1-160 | tail -40

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Per-kernel CUDA times of deft's forward + backward (torch.profiler), per bench case and
-dtype: which pass costs what. profile_bwd.py [case,...] [--dtypes fp16,fp32]"""
+dtype: which pass costs what, and the CUDA-event time of the whole call (after a GPU sleep, as
+the bench times it), whose excess over the kernels' sum is the gaps between them.
+profile_bwd.py [case,...] [--dtypes fp16,fp32] [--layout nchw] [--forward-only]"""
 import argparse
 import os
 import sys
@@ -16,6 +18,7 @@ ap.add_argument("cases", nargs="?", default="")
 ap.add_argument("--dtypes", default="fp16,fp32")
 ap.add_argument("--layout", default="nchw")
 ap.add_argument("--reps", type=int, default=5)
+ap.add_argument("--forward-only", action="store_true", help="profile the forward call alone")
 args = ap.parse_args()
 lib = DeftLibrary("build/libdeft.so")
 spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"))
@@ -40,11 +43,24 @@ for case in spec["cases"]:
 
         def step(det=0):
             kern.forward(x, off, m, w, None, out)
-            kern.backward(x, off, m, w, gout, gx, goff, gm, gw, None, det)
+            if not args.forward_only:
+                kern.backward(x, off, m, w, gout, gx, goff, gm, gw, None, det)
+
+        def event_ms(det):
+            times = []
+            for _ in range(20):
+                torch.cuda._sleep(200000)  # ~100 us of GPU time: the host's enqueue stays out
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                step(det)
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            return sorted(times)[len(times) // 2]
 
         step(), step(1)
         torch.cuda.synchronize()
-        for det in (0, 1):
+        for det in ((0,) if args.forward_only else (0, 1)):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(args.reps):
                     step(det)
@@ -55,5 +71,6 @@ for case in spec["cases"]:
                     tot[e.name] += e.device_time / args.reps / 1000.0
             parts = ", ".join(f"{k.replace('deft_deform_conv2d_', '')} {v:.3f}"
                               for k, v in sorted(tot.items(), key=lambda kv: -kv[1]))
-            print(f"{case['name']:<14} {dtype:<5} det={det} total {sum(tot.values()):.3f} ms: {parts}",
-                  flush=True)
+            what = "fwd" if args.forward_only else f"det={det}"
+            print(f"{case['name']:<14} {dtype:<9} {args.layout} {what} kernels {sum(tot.values()):.3f} ms, "
+                  f"events {event_ms(det):.3f} ms: {parts}", flush=True)
