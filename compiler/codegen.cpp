@@ -153,7 +153,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line(fmt::format("constexpr bool NHWC = {};    // offset, mask, output", d.layout == Layout::nhwc));
   line(fmt::format("constexpr bool X_NHWC = {};  // input as the kernel reads it", p.x_nhwc));
   line(fmt::format("constexpr bool W_KRSC = {};  // weight as the kernel reads it", p.w_krsc));
-  if (d.pass == Pass::backward_data)
+  if (d.pass != Pass::forward)
     line(fmt::format("constexpr bool GOUT_T = {};  // grad_out read from a channels-last copy", p.gout_t));
   line("");
   line("// variant");

@@ -193,6 +193,10 @@ void plan_bwd_weight_dw(const LayerDesc& d, const Variant& v, KernelPlan& p, int
   p.block = unsigned(v.threads);
   p.tb = dw_weight_taps_per_block(d, vec);
   if (p.x_nhwc && !p.transpose && vec > 1) p.align_input = 16;  // 16-byte corner vectors
+  // nchw grad_out through a channels-last copy where the lanes run along the channels (more
+  // than one thread a pixel): in nchw they would each read another plane (perf notes round B18)
+  p.gout_t = d.layout == Layout::nchw && p.x_nhwc && tpc > 1;
+  p.workspace_gout_bytes = p.gout_t ? d.n * d.k * d.out_h() * d.out_w() * tsize : 0;
   const int64_t red_bytes = int64_t(v.threads / std::max(tpc, 32)) * tpc * vec * asize;
   if (red_bytes > 48 * 1024)
     bad("threads", fmt::format("threads={} with vec={} needs {} bytes of shared memory (max "

@@ -97,12 +97,12 @@ void validate(const LayerDesc& d, const Variant& v) { (void)make_plan(d, v); }
 namespace {
 
 // The depthwise kernels' channel layout (deform_conv_depthwise.cuh, deform_conv_bwd_weight_dw.cuh):
-// 16-byte channel vectors where the channels allow them — nchw layers then read the transpose
-// pre-pass's copy (the vector kernel beats plane gathers by ~2.5x, docs/perf-notes.md round 2)
-// — with 8 threads per pixel, or one where `pixel_lanes` (the grad-weight kernel of an nchw
-// layer: its grad_out stays nchw, coalesced along the pixels); else single channels in nhwc
-// (a power-of-two tile of up to 32, so the threads divide evenly) or four planes in nchw.
-void depthwise_channels(const LayerDesc& d, bool pixel_lanes, Variant& v) {
+// 16-byte channel vectors where the channels allow them, 8 threads per pixel — nchw layers then
+// read the transpose pre-pass's copy (the vector kernel beats plane gathers by ~2.5x,
+// docs/perf-notes.md round 2), and the grad-weight kernel a channels-last copy of grad_out too
+// (round B18); else single channels in nhwc (a power-of-two tile of up to 32, so the threads
+// divide evenly) or four planes in nchw.
+void depthwise_channels(const LayerDesc& d, Variant& v) {
   v.algo = Algo::depthwise;
   v.threads = 256;
   const int vec = 16 / dtype_size(d.dtype);
@@ -111,7 +111,7 @@ void depthwise_channels(const LayerDesc& d, bool pixel_lanes, Variant& v) {
       (nhwc || (d.n <= 65535 && d.k <= 65535))) {
     v.transpose = !nhwc;
     v.vec = vec;
-    v.tile_n = nhwc || !pixel_lanes ? int(std::min<int64_t>(8 * vec, d.c)) : vec;
+    v.tile_n = int(std::min<int64_t>(8 * vec, d.c));
     while (v.tile_n % vec != 0 || 256 % (v.tile_n / vec) != 0) v.tile_n -= vec;
   } else {
     v.vec = nhwc ? 1 : 4;
@@ -181,9 +181,9 @@ Variant default_variant(const LayerDesc& d) {
   }
   if (d.pass == Pass::backward_weight && d.c_per_group() == 1 && d.k_per_group() == 1) {
     // Depthwise: the depthwise forward's layout (templates/deform_conv_bwd_weight_dw.cuh).
-    // nhwc: 16-byte channel vectors, 8 threads per pixel; nchw: the transposed input's
-    // vectors with the lanes along pixels (grad_out stays nchw, coalesced along pixels).
-    depthwise_channels(d, true, v);
+    // 16-byte channel vectors, 8 threads per pixel (nchw: of the transposed input and a
+    // channels-last copy of grad_out).
+    depthwise_channels(d, v);
     // pixel steps per thread: up to 16, fewer until there are 512 blocks to spread
     const int64_t m_total = d.n * d.out_h() * d.out_w();
     const int tb = dw_weight_taps_per_block(d, v.vec);
@@ -226,7 +226,7 @@ Variant default_variant(const LayerDesc& d) {
   }
   if (d.c_per_group() == 1 && d.k_per_group() == 1) {
     // Depthwise: one pixel x vec channels per thread; 16-byte vectors in nhwc.
-    depthwise_channels(d, false, v);
+    depthwise_channels(d, v);
     v.tile_k = 1;
     return v;
   }

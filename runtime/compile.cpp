@@ -339,14 +339,22 @@ void check_forward_alignment(const KernelImpl& k, const ForwardArgs& a) {
 }
 
 // deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.
+// Launches kernel `f` of `owner`'s module: a programmatic dependent launch where the module
+// was compiled for sm_90 or later (its kernels begin with deft_grid_begin's wait).
+void launch(const KernelImpl& owner, CUkernel f, std::array<unsigned, 3> grid, unsigned block,
+            unsigned smem, CUstream stream, void** params, const char* what) {
+  const unsigned g[3] = {grid[0], grid[1], grid[2]};
+  driver::check(driver::launch_kernel(reinterpret_cast<CUfunction>(f), g, block, smem, stream,
+                                      params, owner.info.arch >= 90),
+                what);
+}
+
 void launch_transpose(const KernelImpl& k, const void* src, CUdeviceptr dst, long long batch,
                       long long rows, long long cols, CUstream stream) {
   void* args[] = {&src, &dst, &rows, &cols};
-  driver::check(driver::api().cuLaunchKernel(reinterpret_cast<CUfunction>(k.transpose),
-                                             unsigned((cols + 63) / 64),
-                                             unsigned((rows + 63) / 64), unsigned(batch), 256, 1,
-                                             1, 0, stream, args, nullptr),
-                "cuLaunchKernel(deft_transpose)");
+  launch(k, k.transpose,
+         {unsigned((cols + 63) / 64), unsigned((rows + 63) / 64), unsigned(batch)}, 256, 0,
+         stream, args, "cuLaunchKernel(deft_transpose)");
 }
 
 }  // namespace
@@ -359,7 +367,6 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
   if (d.bias) require_ptr(a.bias, "forward", "bias (the description has bias=1)");
   if (!d.bias && a.bias) throw Error("forward: a bias was given but the description has bias=0");
 
-  const driver::Api& api = driver::api();
   check_device_arch(*impl_, "forward");
   check_forward_alignment(*impl_, a);
   const void* input = a.input;
@@ -382,19 +389,18 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
     if (p.wgmma) {
       const int64_t elems = p.workspace_packed_bytes / dtype_size(d.dtype);
       void* args[] = {&weight, &w_out};
-      driver::check(api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->pack),
-                                       unsigned((elems + 255) / 256), 1, 1, 256, 1, 1, 0, stream,
-                                       args, nullptr),
-                    "cuLaunchKernel(deft_pack_weight)");
+      launch(*impl_, impl_->pack, {unsigned((elems + 255) / 256), 1, 1}, 256, 0, stream, args,
+             "cuLaunchKernel(deft_pack_weight)");
     } else if (p.transpose) {
       launch_transpose(*impl_, weight, w_out, d.k, d.c_per_group(), d.taps(), stream);
     }
     if (p.wgmma || p.transpose) weight = reinterpret_cast<const void*>(w_out);
   }
   void* params[] = {&input, &offset, &mask, &weight, &bias, &output};
-  CUresult r = api.cuLaunchKernel(reinterpret_cast<CUfunction>(impl_->kernel), p.grid[0],
-                                  p.grid[1], p.grid[2], p.block, 1, 1, unsigned(p.smem_bytes), stream,
-                                  params, nullptr);
+  const unsigned grid[3] = {p.grid[0], p.grid[1], p.grid[2]};
+  CUresult r = driver::launch_kernel(reinterpret_cast<CUfunction>(impl_->kernel), grid, p.block,
+                                     unsigned(p.smem_bytes), stream, params,
+                                     impl_->info.arch >= 90);
   driver::workspace_free(workspace, stream);
   driver::check(r, "cuLaunchKernel");
 }
@@ -435,13 +441,6 @@ std::array<std::shared_ptr<KernelImpl>, 2> backward_kernels(KernelImpl& fwd, boo
     if (want[which] && !slot) slot = out[which];
   }
   return out;
-}
-
-void launch(CUkernel k, std::array<unsigned, 3> grid, unsigned block, unsigned smem,
-            CUstream stream, void** params, const char* what) {
-  driver::check(driver::api().cuLaunchKernel(reinterpret_cast<CUfunction>(k), grid[0], grid[1],
-                                             grid[2], block, 1, 1, smem, stream, params, nullptr),
-                what);
 }
 
 // Stream-ordered scratch memory, freed (stream-ordered) when it goes out of scope.
@@ -540,6 +539,20 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     }
   };
 
+  // grad_out as a pass reads it: a channels-last copy for plan.gout_t (nchw layers whose lanes
+  // run along the channels), made once per call and shared by both passes
+  std::unique_ptr<Scratch> gts;
+  const void* gout_t = nullptr;
+  auto gout_for = [&](const KernelImpl& k) {
+    if (!k.plan.gout_t) return gout;
+    if (!gts) {
+      gts = std::make_unique<Scratch>(size_t(k.plan.workspace_gout_bytes), stream, false);
+      launch_transpose(k, gout, gts->get(), d.n, d.k, d.out_h() * d.out_w(), stream);
+      gout_t = reinterpret_cast<const void*>(gts->get());
+    }
+    return gout_t;
+  };
+
   if (kdata) {
     const auto& k = kdata;
     const KernelPlan& p = k->plan;
@@ -578,7 +591,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       // enough blocks to stream grad_out at full bandwidth, one atomic per block
       const int64_t gout_elems = d.n * d.k * d.out_h() * d.out_w();
       const unsigned blocks = unsigned(std::clamp<int64_t>((gout_elems + 4095) / 4096, 1, 1024));
-      launch(k->aux[0], {blocks, 1, 1}, 256, 0, stream, params, "cuLaunchKernel(deft_bwd_bound)");
+      launch(*k, k->aux[0], {blocks, 1, 1}, 256, 0, stream, params, "cuLaunchKernel(deft_bwd_bound)");
     }
     void* goffset = a.grad_offset;
     void* gmask = a.grad_mask;
@@ -590,7 +603,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       CUdeviceptr dst = packed->get();
       void* pparams[] = {&weight, &dst};
       const int64_t elems = p.workspace_packed_bytes / dtype_size(d.dtype);
-      launch(k->pack, {unsigned((elems + 255) / 256), 1, 1}, 256, 0, stream, pparams,
+      launch(*k, k->pack, {unsigned((elems + 255) / 256), 1, 1}, 256, 0, stream, pparams,
              "cuLaunchKernel(deft_pack_weight)");
       weight = reinterpret_cast<const void*>(dst);
     }
@@ -603,14 +616,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     std::unique_ptr<Scratch> gs;
     void* gws = gin;
     void *values = nullptr, *frac = nullptr, *counts = nullptr, *list = nullptr;
-    // grad_out as the kernel reads it: a channels-last copy for plan.gout_t
-    const void* gout_k = gout;
-    std::unique_ptr<Scratch> gts;
-    if (p.gout_t) {
-      gts = std::make_unique<Scratch>(size_t(p.workspace_gout_bytes), stream, false);
-      launch_transpose(*k, gout, gts->get(), d.n, d.k, d.out_h() * d.out_w(), stream);
-      gout_k = reinterpret_cast<const void*>(gts->get());
-    }
+    const void* gout_k = gout_for(*k);
     if (p.gin_mode >= 3 && gin) {
       const GatherLayout g = gather_layout(d, p);
       gs = std::make_unique<Scratch>(size_t(g.bytes), stream, false);
@@ -626,18 +632,18 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
         void* rank = reinterpret_cast<void*>(base + g.rank);
         const unsigned pblocks = unsigned((g.points + 255) / 256);
         void* cparams[] = {&offset, &mask, &counts, &cell_of, &rank, &frac};
-        launch(k->gather[0], {pblocks, 1, 1}, 256, 0, stream, cparams,
+        launch(*k, k->gather[0], {pblocks, 1, 1}, 256, 0, stream, cparams,
                "cuLaunchKernel(deft_bwd_cells)");
         void* sparams[] = {&counts};
-        launch(k->gather[1], {1, 1, 1}, 1024, 0, stream, sparams, "cuLaunchKernel(deft_bwd_scan)");
+        launch(*k, k->gather[1], {1, 1, 1}, 1024, 0, stream, sparams, "cuLaunchKernel(deft_bwd_scan)");
         void* fparams[] = {&cell_of, &rank, &counts, &list};
-        launch(k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams,
+        launch(*k, k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams,
                "cuLaunchKernel(deft_bwd_fill)");
       }
       gin = values;  // the data kernel stores the values here (direct: none, it scatters nothing)
     }
     void* params[] = {&input, &offset, &mask, &weight, &gout_k, &gin, &goffset, &gmask, &header};
-    launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
+    launch(*k, k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
            "cuLaunchKernel(backward_data)");
     if (gs && a.grad_input) {
       const int64_t warps = d.n * d.offset_groups * d.h * d.w * p.gather_slices;
@@ -648,7 +654,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       constexpr int64_t kDirectGatherMaxBlocks = 1024;
       const int64_t blocks = p.gather_direct ? std::min((warps + 7) / 8, kDirectGatherMaxBlocks)
                                              : (warps + 7) / 8;
-      launch(k->gather[3], {unsigned(blocks), 1, 1}, 256, 0, stream,
+      launch(*k, k->gather[3], {unsigned(blocks), 1, 1}, 256, 0, stream,
              p.gather_direct ? dparams : gparams, "cuLaunchKernel(deft_bwd_gather)");
       gin = gws;  // the finish kernel reads the workspace
     }
@@ -661,7 +667,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
           back ? std::array<unsigned, 3>{unsigned((d.h * d.w + 63) / 64), unsigned((d.c + 63) / 64),
                                          unsigned(d.n)}
                : std::array<unsigned, 3>{unsigned((in_elems + 255) / 256), 1, 1};
-      launch(k->aux[1], fgrid, 256, 0, stream, fparams,
+      launch(*k, k->aux[1], fgrid, 256, 0, stream, fparams,
              "cuLaunchKernel(deft_bwd_finish)");
     }
   }
@@ -676,19 +682,21 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     if (a.grad_weight) {
       Scratch ws(size_t(p.workspace_bytes), stream, false);  // every partial is written
       CUdeviceptr partial = ws.get();
-      void* params[] = {&input, &offset, &mask, &gout, &partial};
-      launch(k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
+      const void* gout_k = gout_for(*k);
+      void* params[] = {&input, &offset, &mask, &gout_k, &partial};
+      launch(*k, k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
              "cuLaunchKernel(backward_weight)");
       void* gw = a.grad_weight;
       void* rparams[] = {&partial, &gw};
       const int64_t w_elems = d.k * d.c_per_group() * d.taps();
-      launch(k->aux[0], {unsigned((w_elems + 255) / 256), 1, 1}, 256, 0, stream, rparams,
+      launch(*k, k->aux[0], {unsigned((w_elems + 255) / 256), 1, 1}, 256, 0, stream, rparams,
              "cuLaunchKernel(deft_bwd_weight_reduce)");
     }
     if (a.grad_bias) {
       void* gb = a.grad_bias;
-      void* bparams[] = {&gout, &gb};
-      launch(k->aux[1], {unsigned(d.k), 1, 1}, 256, 0, stream, bparams,
+      const void* gout_k = gout_for(*k);  // (the module's grad_out index follows its plan)
+      void* bparams[] = {&gout_k, &gb};
+      launch(*k, k->aux[1], {unsigned(d.k), 1, 1}, 256, 0, stream, bparams,
              "cuLaunchKernel(deft_bwd_bias)");
     }
   }

@@ -3,6 +3,7 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <map>
 #include <mutex>
 
@@ -51,6 +52,7 @@ const Loaded& loaded() {
     bind(lib, a.cuLibraryGetKernel, "cuLibraryGetKernel", r.error);
     bind(lib, a.cuLaunchKernel, "cuLaunchKernel", r.error);
     bind(lib, a.cuKernelSetAttribute, "cuKernelSetAttribute", r.error);
+    a.cuLaunchKernelEx = reinterpret_cast<decltype(a.cuLaunchKernelEx)>(dlsym(lib, "cuLaunchKernelEx"));
     bind(lib, a.cuMemAllocAsync, "cuMemAllocAsync", r.error);
     bind(lib, a.cuMemFreeAsync, "cuMemFreeAsync", r.error);
     bind(lib, a.cuMemPoolCreate, "cuMemPoolCreate", r.error);
@@ -108,6 +110,33 @@ void check(CUresult r, const char* what) {
   a.cuGetErrorName(r, &name);
   a.cuGetErrorString(r, &desc);
   throw Error(fmt::format("{}: {}: {}", what, name, desc));
+}
+
+bool programmatic_launch_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DEFT_PDL");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+CUresult launch_kernel(CUfunction f, const unsigned (&grid)[3], unsigned block, unsigned smem,
+                       CUstream stream, void** params, bool programmatic) {
+  const Api& a = api();
+  if (!programmatic || !a.cuLaunchKernelEx || !programmatic_launch_enabled())
+    return a.cuLaunchKernel(f, grid[0], grid[1], grid[2], block, 1, 1, smem, stream, params,
+                            nullptr);
+  CUlaunchAttribute attr{};
+  attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+  attr.value.programmaticStreamSerializationAllowed = 1;
+  CUlaunchConfig cfg{};
+  cfg.gridDimX = grid[0], cfg.gridDimY = grid[1], cfg.gridDimZ = grid[2];
+  cfg.blockDimX = block, cfg.blockDimY = 1, cfg.blockDimZ = 1;
+  cfg.sharedMemBytes = smem;
+  cfg.hStream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return a.cuLaunchKernelEx(&cfg, f, params, nullptr);
 }
 
 CUdevice ensure_context() {

@@ -28,6 +28,8 @@ struct Api {
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
                              unsigned, unsigned, CUstream, void**, void**);
   CUresult (*cuKernelSetAttribute)(CUfunction_attribute, int, CUkernel, CUdevice);
+  // optional (null where the driver lacks it): launches with attributes
+  CUresult (*cuLaunchKernelEx)(const CUlaunchConfig*, CUfunction, void**, void**);
   CUresult (*cuMemAllocAsync)(CUdeviceptr*, size_t, CUstream);
   CUresult (*cuMemFreeAsync)(CUdeviceptr, CUstream);
   CUresult (*cuMemPoolCreate)(CUmemoryPool*, const CUmemPoolProps*);
@@ -60,6 +62,15 @@ bool available();
 
 // Throws deft::Error "<what>: <CUDA error name>: <description>" unless r == CUDA_SUCCESS.
 void check(CUresult r, const char* what);
+
+// Launches f on stream. With `programmatic` (and a driver that has cuLaunchKernelEx) as a
+// programmatic dependent launch: f may start before the previous kernel in the stream has
+// finished, so f must begin with griddepcontrol.wait (deft's kernels do: deft_grid_begin in
+// templates/common.cuh, on sm_90 and later). DEFT_PDL=0 in the environment turns it off.
+CUresult launch_kernel(CUfunction f, const unsigned (&grid)[3], unsigned block, unsigned smem,
+                       CUstream stream, void** params, bool programmatic);
+// Whether DEFT_PDL allows programmatic launches (read once; default on).
+bool programmatic_launch_enabled();
 
 // Makes sure a context is current on this thread (the primary context of device 0 if none
 // is) and returns its device.

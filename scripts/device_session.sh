@@ -15,7 +15,7 @@
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
 #   --cases, --backward-data-variant; a subset leaves the BENCHMARKS.md section as it was, the
 #   logs keep its table), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window | data), SWEEP_DTYPE (sweepbwd: fp16 or fp32_tf32), SWEEP_SHAPES (sweepbwd: a cases file), SWEEP_TAG (sweepbwd: log name suffix), SWEEP_SIGMAS,
-#   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES, PROF_LAYOUTS (profbwd, proffwd)
+#   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES, PROF_LAYOUTS, PROF_TAG (profbwd, proffwd; PROF_TAG: log name suffix)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
 # both benchmarks rewrite their sections of this copy: made once, so that a later invocation
@@ -90,14 +90,14 @@ for step in "$@"; do
     proffwd)  # per-kernel times of the forward alone (scripts/profile_bwd.py --forward-only), both layouts
       for lay in ${PROF_LAYOUTS:-nchw nhwc}; do
         timeout 200 python3 scripts/profile_bwd.py "${PROF_CASES:-deft_64,resnet_res4,maskrcnn_res4,dense512,dw512,dw512_n1,stride2}" \
-          --dtypes "${PROF_DTYPES:-fp16,fp32_tf32}" --layout $lay --forward-only > "$LOGS/profile-fwd-$lay.txt" 2>&1
-        stamp "profile_fwd $lay rc=$?"; cut -c1-200 "$LOGS/profile-fwd-$lay.txt" | tail -40
+          --dtypes "${PROF_DTYPES:-fp16,fp32_tf32}" --layout $lay --forward-only > "$LOGS/profile-fwd-$lay${PROF_TAG:-}.txt" 2>&1
+        stamp "profile_fwd $lay rc=$?"; cut -c1-150 "$LOGS/profile-fwd-$lay${PROF_TAG:-}.txt" | grep -v Warn | tail -40
       done ;;
     profbwd)  # per-kernel times of forward + backward (scripts/profile_bwd.py), fp16, both layouts
       for lay in ${PROF_LAYOUTS:-nchw nhwc}; do
         timeout 200 python3 scripts/profile_bwd.py "${PROF_CASES:-dense512,resnet_res4,dw512,stride2}" \
-          --dtypes "${PROF_DTYPES:-fp16}" --layout $lay > "$LOGS/profile-bwd-$lay.txt" 2>&1
-        stamp "profile_bwd $lay rc=$?"; cat "$LOGS/profile-bwd-$lay.txt" | cut -c1-160 | tail -40
+          --dtypes "${PROF_DTYPES:-fp16}" --layout $lay > "$LOGS/profile-bwd-$lay${PROF_TAG:-}.txt" 2>&1
+        stamp "profile_bwd $lay rc=$?"; cut -c1-150 "$LOGS/profile-bwd-$lay${PROF_TAG:-}.txt" | grep -v Warn | tail -40
       done ;;
     sweepbwd)  # grad-weight tiles on wgmma against the WMMA kernel (scripts/sweep_bwd.py)
       timeout 200 python3 scripts/sweep_bwd.py "${SWEEP_CASES:-dense512,resnet_res4,maskrcnn_res4,deft_64,stride2}" \

@@ -37,6 +37,7 @@ __device__ __forceinline__ void deft_atomic_max_abs(unsigned long long* slot, do
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_bound(const T* __restrict__ mask, const T* __restrict__ weight,
                    const T* __restrict__ gout, unsigned long long* __restrict__ header) {
+  deft_grid_begin();
   const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   const long long stride = (long long)gridDim.x * blockDim.x;
   double mg = 0.0, mw = 0.0, mm = HAS_MASK ? 0.0 : 1.0;
@@ -387,6 +388,7 @@ __device__ __forceinline__ void deft_bwd_channels_from(const BwdCorners<EV_>& r,
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_finish(const GinT* __restrict__ ws, const unsigned long long* __restrict__ header,
                     T* __restrict__ gin) {
+  deft_grid_begin();
 #if GIN_MODE == 2 || GIN_MODE == 3
   const bool nonfinite = header[3] != 0ull;
   const double scale = deft_fixed_scale(header);
@@ -452,6 +454,7 @@ extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_cells(const T* __restrict__ offset, const T* __restrict__ mask,
                    int* __restrict__ counts, int* __restrict__ cell_of, int* __restrict__ rank,
                    float2* __restrict__ frac) {
+  deft_grid_begin();
   const long long q = (long long)blockIdx.x * 256 + threadIdx.x;
   if (q >= G_POINTS) return;
   const int t = int(q % TAPS), og = int(q / TAPS % OG);
@@ -470,6 +473,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // counts[0 .. G_CELLS] (the last one zero) -> exclusive prefix sums, in place: one block, each
 // thread a contiguous run.
 extern "C" __global__ void __launch_bounds__(1024) deft_bwd_scan(int* __restrict__ counts) {
+  deft_grid_begin();
   __shared__ int part[1024];
   constexpr long long len = G_CELLS + 1, per = (len + 1023) / 1024;
   const long long b = threadIdx.x * per, e = b + per < len ? b + per : len;
@@ -504,6 +508,7 @@ extern "C" __global__ void __launch_bounds__(1024) deft_bwd_scan(int* __restrict
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_fill(const int* __restrict__ cell_of, const int* __restrict__ rank,
                   const int* __restrict__ starts, int* __restrict__ list) {
+  deft_grid_begin();
   const long long q = (long long)blockIdx.x * 256 + threadIdx.x;
   if (q >= G_POINTS) return;
   const int cell = cell_of[q];
@@ -616,6 +621,7 @@ extern "C" __global__ void __launch_bounds__(256)
                     const T* __restrict__ mask, const float2* __restrict__ frac,
                     const int* __restrict__ starts, const int* __restrict__ list,
                     unsigned long long* __restrict__ header, GinT* __restrict__ ws) {
+  deft_grid_begin();
   static_assert(CG == 1 && KG == 1, "the direct gather is the depthwise kernel's");
   static_assert(GSLICES * 32 * GEV >= CPOG, "GSLICES slices cover the group's channels");
   __shared__ __align__(16) float wsm[WS_SMEM ? C * TAPS : 1];
@@ -646,6 +652,7 @@ extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_gather(const float* __restrict__ values, const float2* __restrict__ frac,
                     const int* __restrict__ starts, const int* __restrict__ list,
                     unsigned long long* __restrict__ header, GinT* __restrict__ ws) {
+  deft_grid_begin();
   const long long wid = ((long long)blockIdx.x * 256 + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (wid >= (long long)N * OG * H * W) return;  // whole warps

@@ -27,8 +27,10 @@ __device__ __forceinline__ WeightTile deft_weight_tile() {
   return w;
 }
 
+// Element index of grad_output (n, k, pixel-in-image q) in the output layout (GOUT_T: in the
+// channels-last copy the runtime made of an nchw grad_out).
 __device__ __forceinline__ long long deft_gout_index(long long n, long long k, long long q) {
-  return NHWC ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;
+  return NHWC || GOUT_T ? (n * (HO * WO) + q) * K + k : (n * K + k) * (HO * WO) + q;
 }
 
 // The partials' layout: [split][k][cl][t] (the weight's nchw order), or with
@@ -41,6 +43,7 @@ __device__ __forceinline__ long long deft_gout_index(long long n, long long k, l
 // grad_weight = the SPLITS partials summed in order, in the weight's layout and dtype.
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_weight_reduce(const Acc* __restrict__ partial, T* __restrict__ gweight) {
+  deft_grid_begin();
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // the partials' order
   if (i >= W_ELEMS) return;
   Acc s = Acc(0);
@@ -61,6 +64,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // grad_bias[k] = sum over (n, pixel) of grad_out: one block per k, a fixed-order tree.
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_bias(const T* __restrict__ gout, T* __restrict__ gbias) {
+  deft_grid_begin();
   __shared__ Acc part[256];
   const long long k = blockIdx.x;
   Acc s = Acc(0);

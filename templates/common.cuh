@@ -3,6 +3,20 @@
 // this text: T (storage type), Acc (accumulator), Pos (sampling-position arithmetic) and the
 // layer's geometry as constexpr values (see compiler/codegen.cpp).
 
+// Programmatic dependent launch (sm_90 and later): the runtime launches deft's kernels with
+// programmatic stream serialisation, so a kernel's blocks may start while the kernel before it
+// in the stream is still running. Every kernel therefore calls this first, before it touches
+// global memory: griddepcontrol.wait returns once the preceding grid has completed and its
+// writes are visible (at once for a grid launched without the attribute), and
+// launch_dependents then lets the next kernel's blocks be scheduled as this grid's finish, so
+// that its launch overlaps this grid's tail instead of following it. Before sm_90: nothing.
+__device__ __forceinline__ void deft_grid_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float deft_widen(float v) { return v; }
 __device__ __forceinline__ float deft_widen(__half v) { return __half2float(v); }
 __device__ __forceinline__ float deft_widen(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -39,6 +39,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
                 T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+  deft_grid_begin();
 #if USE_TC
   __shared__ __align__(128) Stage Ws[BK][BC + TC_PAD];
   __shared__ __align__(128) Stage Gs[BK][BP + TC_PAD];

@@ -23,6 +23,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
                 T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+  deft_grid_begin();
   __shared__ Acc Red[3][THREADS];
   const int tid = threadIdx.x;
   const int p = X_NHWC ? tid / CL : tid % PIXB;

@@ -46,6 +46,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
                 T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+  deft_grid_begin();
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];  // SMEM_BYTES, set at launch
   Stage* Gs = reinterpret_cast<Stage*>(smem);

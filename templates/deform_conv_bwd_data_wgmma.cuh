@@ -93,6 +93,7 @@ __device__ __forceinline__ float deft_round_tf32(float x) {
 constexpr long long PACKED_ELEMS = (long long)G * TAPS * (CG / BN) * KSL * SLICE_ELEMS;
 extern "C" __global__ void __launch_bounds__(256)
     deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {
+  deft_grid_begin();
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= PACKED_ELEMS) return;
   const int e = int(i % SLICE_ELEMS);
@@ -191,6 +192,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
                 T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+  deft_grid_begin();
   // the grad_out tile, each warpgroup's ring, the warpgroups' point-grad sums
   extern __shared__ __align__(128) unsigned char smem[];  // SMEM_BYTES, set at launch
   const unsigned gs_addr = (unsigned)__cvta_generic_to_shared(smem);

@@ -32,6 +32,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ gout,
                 Acc* __restrict__ partial) {
+  deft_grid_begin();
   extern __shared__ __align__(128) unsigned char smem[];
 #if USE_TC
   Stage* As = reinterpret_cast<Stage*>(smem);        // [BPW][A_LD]

@@ -3,8 +3,9 @@
 // a reduction over the pixels of each (channel, tap). The thread layout is the depthwise
 // forward's (deform_conv_depthwise.cuh): a thread owns VEC channels and walks pixels of the
 // block's range (blockIdx.z: one of SPLITS ranges of SPLIT_PIX pixels), TPC threads sharing a
-// pixel; in nhwc the VEC channels are one 16-byte vector per corner; for an nchw grad_out,
-// TPC = 1 and the lanes run along pixels so that grad_out, offsets and masks are coalesced.
+// pixel; in nhwc the VEC channels are one 16-byte vector per corner. An nchw layer reads the
+// transposed input, and with TPC > 1 a channels-last copy of grad_out (GOUT_T); with TPC = 1
+// (a tuner variant) the lanes run along pixels and read the nchw grad_out coalesced.
 // A block takes TB taps (blockIdx.y: tap batch), so a thread keeps TB x VEC sums in
 // registers (two blocks per SM), and each sampling point is computed once per (pixel, tap)
 // for all VEC channels.
@@ -26,6 +27,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ gout,
                 Acc* __restrict__ partial) {
+  deft_grid_begin();
   __shared__ Acc Red[RGROUPS * TPC * VEC];
   const int tid = threadIdx.x;
   const int cv = tid % TPC;

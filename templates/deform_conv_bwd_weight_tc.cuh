@@ -46,6 +46,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ gout,
                 Acc* __restrict__ partial) {
+  deft_grid_begin();
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];
   Stage* As[2] = {reinterpret_cast<Stage*>(smem), reinterpret_cast<Stage*>(smem + A_BYTES)};

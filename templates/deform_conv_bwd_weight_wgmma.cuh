@@ -174,6 +174,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ gout,
                 Acc* __restrict__ partial) {
+  deft_grid_begin();
   __shared__ __align__(128) unsigned char bufs[2 * CHUNK_BYTES];
   const unsigned buf_addr = (unsigned)__cvta_generic_to_shared(bufs);
 
@@ -319,6 +320,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ gout,
                 Acc* __restrict__ partial) {
+  deft_grid_begin();
   constexpr int CONSUMERS = BO / 64;
   // NSTAGE chunks, 2 NSTAGE mbarriers, PRODUCERS x 2 point tables (ChunkPoint, image), then
   // CONSUMERS x AST grad_out stages

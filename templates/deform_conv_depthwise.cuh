@@ -75,6 +75,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ bias, T* __restrict__ out) {
+  deft_grid_begin();
   const int tid = threadIdx.x;
   // W_VEC: the block's weights as [tap][channel of the block] (zeros past C), before any
   // thread leaves

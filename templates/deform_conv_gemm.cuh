@@ -299,6 +299,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ weight,
                 const T* __restrict__ bias, T* __restrict__ out) {
+  deft_grid_begin();
   const int tid = threadIdx.x;
   const long long m0 = (long long)blockIdx.x * BM;
   const int n0 = blockIdx.y * BN;

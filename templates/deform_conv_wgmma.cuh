@@ -100,6 +100,7 @@ __device__ __forceinline__ int deft_og_first(int g) { return int((long long)g * 
 // layers store the rounded value.
 extern "C" __global__ void __launch_bounds__(256)
     deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {
+  deft_grid_begin();
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= PACKED_ELEMS) return;
   const int e = int(i % STAGE_ELEMS);
@@ -234,6 +235,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ packed,
                 const T* __restrict__ bias, T* __restrict__ out) {
+  deft_grid_begin();
   extern __shared__ __align__(128) unsigned char smem[];  // plan.smem_bytes, set at launch
   int4* pts_off = reinterpret_cast<int4*>(smem);          // [NOG][TAPS][BM]
   float4* pts_w = reinterpret_cast<float4*>(smem + PTS_BYTES / 2);
@@ -438,6 +440,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ packed,
                 const T* __restrict__ bias, T* __restrict__ out) {
+  deft_grid_begin();
   extern __shared__ __align__(128) unsigned char smem[];  // plan.smem_bytes, set at launch
   int4* pts_off = reinterpret_cast<int4*>(smem);          // [NOG][TAPS][BM]
   float4* pts_w = reinterpret_cast<float4*>(smem + PTS_BYTES / 2);

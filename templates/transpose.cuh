@@ -8,6 +8,7 @@
 extern "C" __global__ void __launch_bounds__(256)
     deft_transpose(const T* __restrict__ src, T* __restrict__ dst, long long rows,
                    long long cols) {
+  deft_grid_begin();
   const long long b = blockIdx.z;
   const T* s = src + b * rows * cols;
   T* d = dst + b * rows * cols;

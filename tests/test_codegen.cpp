@@ -250,6 +250,69 @@ std::string sm90a_ptx(const deft::LayerDesc& d, const deft::Variant& v) {
   return ptx;
 }
 
+// Programmatic dependent launch (templates/common.cuh, deft_grid_begin): the runtime launches
+// sm_90 modules so that a kernel may start before its predecessor in the stream has finished,
+// which is safe only if every kernel waits (griddepcontrol.wait) before its first global
+// memory access. Checked in the PTX of every kernel of each family's module (the pre-passes,
+// the deterministic mode's gather kernels, the reductions) in every pass; sm_80 modules have
+// no such instruction (the runtime launches them plainly).
+TEST(Codegen, EveryKernelWaitsForItsPredecessorBeforeTouchingMemory) {
+  const std::string dense = "deform_conv2d n=2 c=64 h=9 w=11 k=128 r=3 s=3 pad=1 mask=1 bias=1 ";
+  const std::string dw = "deform_conv2d n=2 c=64 h=9 w=11 k=64 groups=64 r=3 s=3 pad=1 mask=1 bias=1 ";
+  const std::vector<std::string> layers = {
+      dense + "dtype=f16 layout=nchw", dense + "dtype=f32 layout=nhwc",
+      dense + "dtype=f32 math=tf32 layout=nchw", dw + "dtype=f16 layout=nchw",
+      dw + "dtype=f32 layout=nhwc"};
+  const std::regex entry(R"(\.entry\s+(\w+))");
+  const std::regex memory(R"(\b(ld|st|atom|red)\.global|\bcp\.async\.(ca|cg)|\bcp\.async\.bulk)");
+  size_t kernels = 0;
+  for (const std::string& text : layers) {
+    for (const char* pass : {"forward", "backward_data", "backward_weight"}) {
+      for (const bool det : {false, true}) {
+        if (det && std::string(pass) == "forward") continue;
+        for (const int arch : {80, 90}) {
+          const deft::LayerDesc d = deft::parse_layer_desc(text + " pass=" + pass);
+          deft::CompileOptions o;
+          o.arch = 90;
+          o.cache_path = "";
+          o.deterministic = det;
+          o.variant = deft::default_variant(d, arch, det);  // both architectures' families
+          o.variant->deterministic = det;  // (the gather kernels of deterministic mode)
+          SCOPED_TRACE(text + " pass=" + pass + (det ? " det" : "") + " variant " +
+                       deft::to_string(*o.variant));
+          const std::string ptx = deft::emit_ptx(d, o);
+          std::vector<std::pair<size_t, std::string>> entries;
+          for (auto it = std::sregex_iterator(ptx.begin(), ptx.end(), entry);
+               it != std::sregex_iterator(); ++it)
+            entries.push_back({size_t(it->position(0)), (*it)[1].str()});
+          ASSERT_FALSE(entries.empty());
+          for (size_t e = 0; e < entries.size(); ++e) {
+            const size_t end = e + 1 < entries.size() ? entries[e + 1].first : ptx.size();
+            const std::string body = ptx.substr(entries[e].first, end - entries[e].first);
+            const size_t wait = body.find("griddepcontrol.wait");
+            ASSERT_NE(wait, std::string::npos) << entries[e].second << " never waits";
+            std::smatch m;
+            if (std::regex_search(body, m, memory))
+              EXPECT_LT(wait, size_t(m.position(0)))
+                  << entries[e].second << ": " << m.str(0) << " before griddepcontrol.wait";
+            EXPECT_NE(body.find("griddepcontrol.launch_dependents"), std::string::npos)
+                << entries[e].second;
+            ++kernels;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GE(kernels, 60u);  // the families' modules hold 1 to 7 kernels each
+  // sm_80: none (the instruction needs sm_90)
+  deft::CompileOptions o;
+  o.arch = 80;
+  o.cache_path = "";
+  const std::string ptx80 = deft::emit_ptx(deft::parse_layer_desc(dense + "dtype=f16 layout=nchw"), o);
+  EXPECT_NE(ptx80.find(".entry"), std::string::npos);
+  EXPECT_EQ(ptx80.find("griddepcontrol"), std::string::npos);
+}
+
 // The depthwise forward's 16-byte vector path (deform_conv_depthwise.cuh, perf notes round 15):
 // weights staged in shared memory and 16-byte nhwc stores where the plan says so, the
 // per-channel path for images too narrow for a 2 x 2 corner block; in the PTX, four

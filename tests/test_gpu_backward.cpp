@@ -439,18 +439,26 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
 }
 
 // Only the requested gradients are written (the others stay poisoned, checked in run_gpu),
-// and each equals the full run's.
+// and each equals the full run's. Also a depthwise nchw layer in f16, whose passes share one
+// channels-last copy of grad_out (and whose grad bias alone makes it), in both modes.
 TEST(GpuBackwardSubsets, OnlyRequestedGradientsWritten) {
   DEFT_SKIP_WITHOUT_GPU();
-  const LayerDesc d = make(2, 16, 9, 9, 16, 3, 1, 1, 1, DType::f32, Layout::nchw);
-  Tensors t = random_tensors(d, 2.0, 3);
-  quantize_in_place(t.offset, DType::f32);
-  const GpuGrads all = run_gpu(d, t, 1, {true, true, true, true, true});
-  for (int g = 0; g < kGrads; ++g) {
-    std::array<bool, kGrads> want{};
-    want[g] = true;
-    const GpuGrads one = run_gpu(d, t, 1, want);
-    EXPECT_EQ(one.raw[g], all.raw[g]) << kGradName[g];
+  const std::pair<LayerDesc, int> layers[] = {
+      {make(2, 16, 9, 9, 16, 3, 1, 1, 1, DType::f32, Layout::nchw), 1},
+      {make(2, 32, 9, 7, 32, 3, 1, 32, 1, DType::f16, Layout::nchw), 1},
+      {make(2, 32, 9, 7, 32, 3, 1, 32, 1, DType::f16, Layout::nchw), 0}};
+  for (const auto& [d, det] : layers) {
+    SCOPED_TRACE(deft::to_string(d) + (det ? " det" : " fast"));
+    Tensors t = random_tensors(d, 2.0, 3);
+    quantize_in_place(t.offset, d.dtype);
+    const GpuGrads all = run_gpu(d, t, det, {true, true, true, true, true});
+    for (int g = 0; g < kGrads; ++g) {
+      std::array<bool, kGrads> want{};
+      want[g] = true;
+      const GpuGrads one = run_gpu(d, t, det, want);
+      // (fast mode: the grad input's float atomics may add in another order)
+      if (det || g != 0) EXPECT_EQ(one.raw[g], all.raw[g]) << kGradName[g];
+    }
   }
 }
 
