@@ -662,7 +662,8 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       void* out = a.grad_input;
       void* fparams[] = {&gin, &header, &out};
       // deft_bwd_finish: 64 x 64 tiles where it transposes back to nchw, else one element per thread
-      const bool back = p.x_nhwc && d.layout == Layout::nchw;
+      // (the gather forms' workspace is channels-last whatever the input's layout)
+      const bool back = (p.x_nhwc || p.gin_mode >= 3) && d.layout == Layout::nchw;
       const std::array<unsigned, 3> fgrid =
           back ? std::array<unsigned, 3>{unsigned((d.h * d.w + 63) / 64), unsigned((d.c + 63) / 64),
                                          unsigned(d.n)}
