@@ -588,9 +588,11 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     }
     if (a.grad_input && (p.gin_mode == 2 || p.gin_mode == 3)) {  // the fixed-point scale
       void* params[] = {&mask, &weight, &gout, &header};
-      // enough blocks to stream grad_out at full bandwidth, one atomic per block
+      // enough blocks to stream grad_out at full bandwidth (at least 4 elements a thread, up
+      // to 1024 blocks: a small layer's few loads a thread in flight at once), one atomic per
+      // block
       const int64_t gout_elems = d.n * d.k * d.out_h() * d.out_w();
-      const unsigned blocks = unsigned(std::clamp<int64_t>((gout_elems + 4095) / 4096, 1, 1024));
+      const unsigned blocks = unsigned(std::clamp<int64_t>((gout_elems + 1023) / 1024, 1, 1024));
       launch(*k, k->aux[0], {blocks, 1, 1}, 256, 0, stream, params, "cuLaunchKernel(deft_bwd_bound)");
     }
     void* goffset = a.grad_offset;

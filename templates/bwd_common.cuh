@@ -570,20 +570,40 @@ __device__ __forceinline__ void deft_gather_item(
 #pragma unroll
   for (int e = 0; e < GEV; ++e) acc[e] = Sum(0);
   const long long cabs = (long long)og * CPOG + c;  // absolute channel
+  // A lane's share of a batch of (at most) 32 points of cell q from list position b0: the
+  // point's pixel, tap, mask and corner weight.
+  struct Batch {
+    int m, t;
+    Acc mod, w;
+  };
+  auto load_batch = [&](int q, int b0, int cnt) {
+    Batch b{0, 0, Acc(0), Acc(0)};
+    if (lane < cnt) {
+      const int pt = __ldg(list + b0 + lane);
+      b.w = deft_gather_corner_weight(__ldg(frac + pt), q);
+      b.t = pt % TAPS;
+      b.m = pt / (TAPS * OG);
+      b.mod = HAS_MASK ? Acc(deft_widen(mask[deft_gather_mask_index(b.m, og, b.t)])) : Acc(1);
+    }
+    return b;
+  };
+  // The four cells' list ranges and first batches, loaded before any is walked: four
+  // independent chains of loads (list start, entry, fraction and mask) in flight at once
+  // instead of one after another (most cells hold fewer than 32 points).
+  int beg[4], end[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) beg[q] = starts[cell[q]], end[q] = starts[cell[q] + 1];
+  Batch first[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    first[q] = load_batch(q, beg[q], end[q] - beg[q] < 32 ? end[q] - beg[q] : 32);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const int beg = starts[cell[q]], end = starts[cell[q] + 1];
-    for (int b0 = beg; b0 < end; b0 += 32) {
-      const int cnt = end - b0 < 32 ? end - b0 : 32;
-      int my_m = 0, my_t = 0;
-      Acc my_mod = Acc(0), my_w = Acc(0);
-      if (lane < cnt) {
-        const int pt = __ldg(list + b0 + lane);
-        my_w = deft_gather_corner_weight(__ldg(frac + pt), q);
-        my_t = pt % TAPS;
-        my_m = pt / (TAPS * OG);
-        my_mod = HAS_MASK ? Acc(deft_widen(mask[deft_gather_mask_index(my_m, og, my_t)])) : Acc(1);
-      }
+    for (int b0 = beg[q]; b0 < end[q]; b0 += 32) {
+      const int cnt = end[q] - b0 < 32 ? end[q] - b0 : 32;
+      const Batch bt = b0 == beg[q] ? first[q] : load_batch(q, b0, cnt);
+      const int my_m = bt.m, my_t = bt.t;
+      const Acc my_mod = bt.mod, my_w = bt.w;
 #pragma unroll 4
       for (int j = 0; j < cnt; ++j) {
         const int m = __shfl_sync(0xffffffffu, my_m, j), t = __shfl_sync(0xffffffffu, my_t, j);
