@@ -72,8 +72,10 @@ struct KernelPlan {
   // backward_data, gin_mode 3 or 4, depthwise kernel: the gather computes each contribution
   // from grad_out, the weight and the mask itself (no values buffer)
   bool gather_direct = false;
-  // backward_data, depthwise: the kernel (and its direct gather) reads grad_out through a
-  // channels-last copy of workspace_gout_bytes that the transpose kernel makes (nchw layers)
+  // depthwise backward passes of nchw layers: the kernel (the data pass also its direct
+  // gather) reads grad_out through a channels-last copy of workspace_gout_bytes that the
+  // transpose kernel makes, one a call for both passes (per pass it counts in
+  // info.workspace_bytes)
   bool gout_t = false;
   int64_t workspace_gout_bytes = 0;
   // the direct gather's warps per input pixel and offset group (each 32 x 4 channels, or 32)

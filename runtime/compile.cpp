@@ -338,7 +338,6 @@ void check_forward_alignment(const KernelImpl& k, const ForwardArgs& a) {
                    {size_t(p.align_output), a.output, "output"}});
 }
 
-// deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.
 // Launches kernel `f` of `owner`'s module: a programmatic dependent launch where the module
 // was compiled for sm_90 or later (its kernels begin with deft_grid_begin's wait).
 void launch(const KernelImpl& owner, CUkernel f, std::array<unsigned, 3> grid, unsigned block,
@@ -349,6 +348,7 @@ void launch(const KernelImpl& owner, CUkernel f, std::array<unsigned, 3> grid, u
                 what);
 }
 
+// deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.
 void launch_transpose(const KernelImpl& k, const void* src, CUdeviceptr dst, long long batch,
                       long long rows, long long cols, CUstream stream) {
   void* args[] = {&src, &dst, &rows, &cols};
