@@ -155,6 +155,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   line(fmt::format("constexpr bool W_KRSC = {};  // weight as the kernel reads it", p.w_krsc));
   if (d.pass != Pass::forward)
     line(fmt::format("constexpr bool GOUT_T = {};  // grad_out read from a channels-last copy", p.gout_t));
+  if (d.pass == Pass::backward_data)
+    line(fmt::format("constexpr bool WS_NHWC = {};  // grad-input workspace channels-last", p.ws_nhwc));
   line("");
   line("// variant");
   if (d.pass == Pass::backward_data && v.algo == Algo::depthwise) {

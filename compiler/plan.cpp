@@ -683,6 +683,9 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     if (v.staging != Staging::gather)
       throw NotImplemented("not implemented: staging=window has no kernel yet");
     plan_backward(d, v, p);
+    // the gather forms (gin_mode 3, 4) sum into a channels-last workspace whatever the
+    // input's layout; the others in the layout they read the input in
+    p.ws_nhwc = d.pass == Pass::backward_data && (p.x_nhwc || p.gin_mode >= 3);
     p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
     return p;
   }

@@ -78,6 +78,9 @@ struct KernelPlan {
   // info.workspace_bytes)
   bool gout_t = false;
   int64_t workspace_gout_bytes = 0;
+  // backward_data: the grad-input workspace is channels-last (deft_bwd_finish transposes it
+  // back for an nchw layer)
+  bool ws_nhwc = false;
   // the direct gather's warps per input pixel and offset group (each 32 x 4 channels, or 32)
   int gather_slices = 1;
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice

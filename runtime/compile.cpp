@@ -340,12 +340,15 @@ void check_forward_alignment(const KernelImpl& k, const ForwardArgs& a) {
 
 // Launches kernel `f` of `owner`'s module: a programmatic dependent launch where the module
 // was compiled for sm_90 or later (its kernels begin with deft_grid_begin's wait).
+CUresult try_launch(const KernelImpl& owner, CUkernel f, std::array<unsigned, 3> grid,
+                    unsigned block, unsigned smem, CUstream stream, void** params) {
+  const unsigned g[3] = {grid[0], grid[1], grid[2]};
+  return driver::launch_kernel(reinterpret_cast<CUfunction>(f), g, block, smem, stream, params,
+                               owner.info.arch >= 90);
+}
 void launch(const KernelImpl& owner, CUkernel f, std::array<unsigned, 3> grid, unsigned block,
             unsigned smem, CUstream stream, void** params, const char* what) {
-  const unsigned g[3] = {grid[0], grid[1], grid[2]};
-  driver::check(driver::launch_kernel(reinterpret_cast<CUfunction>(f), g, block, smem, stream,
-                                      params, owner.info.arch >= 90),
-                what);
+  driver::check(try_launch(owner, f, grid, block, smem, stream, params), what);
 }
 
 // deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.
@@ -397,10 +400,8 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
     if (p.wgmma || p.transpose) weight = reinterpret_cast<const void*>(w_out);
   }
   void* params[] = {&input, &offset, &mask, &weight, &bias, &output};
-  const unsigned grid[3] = {p.grid[0], p.grid[1], p.grid[2]};
-  CUresult r = driver::launch_kernel(reinterpret_cast<CUfunction>(impl_->kernel), grid, p.block,
-                                     unsigned(p.smem_bytes), stream, params,
-                                     impl_->info.arch >= 90);
+  const CUresult r =
+      try_launch(*impl_, impl_->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params);
   driver::workspace_free(workspace, stream);
   driver::check(r, "cuLaunchKernel");
 }
@@ -664,8 +665,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       void* out = a.grad_input;
       void* fparams[] = {&gin, &header, &out};
       // deft_bwd_finish: 64 x 64 tiles where it transposes back to nchw, else one element per thread
-      // (the gather forms' workspace is channels-last whatever the input's layout)
-      const bool back = (p.x_nhwc || p.gin_mode >= 3) && d.layout == Layout::nchw;
+      const bool back = p.ws_nhwc && d.layout == Layout::nchw;
       const std::array<unsigned, 3> fgrid =
           back ? std::array<unsigned, 3>{unsigned((d.h * d.w + 63) / 64), unsigned((d.c + 63) / 64),
                                          unsigned(d.n)}

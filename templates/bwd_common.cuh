@@ -381,11 +381,10 @@ __device__ __forceinline__ void deft_bwd_channels_from(const BwdCorners<EV_>& r,
   deft_bwd_channels_math<EV_>(v, dst, pt, cg, scale, nonfinite, g);
 }
 
-// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 to 4). The kernels
-// accumulated in the layout they read the input in (X_NHWC), the gather forms always
-// channels-last: an nchw layer with a channels-last workspace gets its grad input transposed
-// back here, in 64 x 64 tiles (grid: (H*W / 64, C / 64, N) rounded up); otherwise one element
-// per thread (grid: elements / 256).
+// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 to 4). An nchw layer
+// with a channels-last workspace (WS_NHWC: the input read channels-last, or a gather form) gets
+// its grad input transposed back here, in 64 x 64 tiles (grid: (H*W / 64, C / 64, N) rounded
+// up); otherwise one element per thread (grid: elements / 256).
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_finish(const GinT* __restrict__ ws, const unsigned long long* __restrict__ header,
                     T* __restrict__ gin) {
@@ -401,9 +400,7 @@ extern "C" __global__ void __launch_bounds__(256)
   (void)header;
   auto conv = [](GinT v) { return deft_cast<T>(Acc(v)); };
 #endif
-  // the gather forms (GIN_MODE 3, 4) write a channels-last workspace whatever the input's
-  // layout (the depthwise kernel's direct gather also for an nchw input read as it is)
-  if constexpr ((X_NHWC || GIN_MODE >= 3) && !NHWC) {
+  if constexpr (WS_NHWC && !NHWC) {
     const long long n = blockIdx.z;
     const GinT* s = ws + n * (C * H * W);  // [pixel][c]
     T* d = gin + n * (C * H * W);          // [c][pixel]
