@@ -230,6 +230,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("MAX_BATCH", cap >= 160 ? 8 : cap >= 128 ? 4 : 2);
       c32("GOUT_COPY", p.gout_copy);  // bytes per grad_out copy
     }
+    line(fmt::format("#define TF32 {}", d.dtype == DType::f32 ? 1 : 0));
   } else if (d.pass == Pass::backward_weight) {
     c32("BO", p.bo);
     c32("BC", p.bc);

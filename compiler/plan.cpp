@@ -220,13 +220,19 @@ void plan_bwd_weight_dw(const LayerDesc& d, const Variant& v, KernelPlan& p, int
 
 // backward_weight on wgmma (templates/deform_conv_bwd_weight_wgmma.cuh): tm = output channels
 // per block (64 per warpgroup, threads = 2 tm), tn = input channels per block (64 or 128, inside
-// one group and offset group), tk = 64 pixels per chunk; f16/bf16, channels-last input.
+// one group and offset group), tk = 64 pixels per chunk (tf32: 32, the same bytes); f16/bf16,
+// or f32 in tf32 math with producer warpgroups; channels-last input.
 void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, int64_t m_total) {
   p.template_name = "deform_conv_bwd_weight_wgmma.cuh";
   p.kernel_name = "deft_deform_conv2d_backward_weight";
-  if (d.dtype != DType::f16 && d.dtype != DType::bf16)
-    bad("algo", fmt::format("algo=gemm_wgmma for pass=backward_weight needs dtype f16 or bf16, "
-                            "not {}", to_string(d.dtype)));
+  const bool tf32 = d.dtype == DType::f32 && d.math == MathMode::tf32;
+  if (d.dtype != DType::f16 && d.dtype != DType::bf16 && !tf32)
+    bad("algo", fmt::format("algo=gemm_wgmma for pass=backward_weight needs dtype f16, bf16, or "
+                            "f32 with math=tf32, not dtype={} math={}", to_string(d.dtype),
+                            to_string(d.math)));
+  if (tf32 && v.producers == 0)
+    bad("producers", "algo=gemm_wgmma for pass=backward_weight in tf32 runs the warp-specialised "
+                     "form only: producers=1 or 2");
   if (!p.x_nhwc)
     bad("transpose", "algo=gemm_wgmma reads the input channels-last: nchw layers need transpose=1");
   if (v.tile_m != 64 && v.tile_m != 128 && v.tile_m != 256)
@@ -237,7 +243,10 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
   if (d.c_per_group() % v.tile_n != 0 || d.c_per_offset_group() % v.tile_n != 0)
     bad("tn", fmt::format("tn={} must divide c/groups={} and c/offset_groups={}", v.tile_n,
                           d.c_per_group(), d.c_per_offset_group()));
-  if (v.tile_k != 64) bad("tk", fmt::format("algo=gemm_wgmma reduces 64-pixel chunks: tk=64, not {}", v.tile_k));
+  const int kp = tf32 ? 32 : 64;  // pixels a chunk: 128 bytes of k a core row
+  if (v.tile_k != kp)
+    bad("tk", fmt::format("algo=gemm_wgmma reduces {}-pixel chunks for {}: tk={}, not {}", kp,
+                          to_string(d.dtype), kp, v.tile_k));
   if (v.producers < 0 || v.producers > 2)
     bad("producers", fmt::format("producers={} must be 0, 1 or 2 (warpgroups)", v.producers));
   const int want = wgmma_threads(Pass::backward_weight, v.tile_m, v.tile_n, v.producers);
@@ -276,11 +285,12 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
     bad("stages", fmt::format("algo=gemm_wgmma pass=backward_weight producers={} has a ring of "
                               "stages={} to 8, not {}", v.producers, std::max(2, v.producers),
                               v.stages));
-  const int64_t chunk = 64 * int64_t(v.tile_n) * 2;
-  // each producer warpgroup's two tables of 64 sampling points (32-byte point, 4-byte image),
-  // each consumer's four grad_out stages (64 channels x 64 pixels)
-  const int64_t tables = int64_t(v.producers) * 2 * 64 * (32 + 4);
-  const int64_t a_stages = int64_t(v.tile_m / 64) * 4 * 64 * 64 * 2;
+  const int esize = dtype_size(d.dtype);
+  const int64_t chunk = kp * int64_t(v.tile_n) * esize;
+  // each producer warpgroup's two tables of kp sampling points (32-byte point, 4-byte image),
+  // each consumer's four grad_out stages (64 channels x kp pixels)
+  const int64_t tables = int64_t(v.producers) * 2 * kp * (32 + 4);
+  const int64_t a_stages = int64_t(v.tile_m / 64) * 4 * 64 * kp * esize;
   p.nstage = v.stages ? v.stages : 8;
   while (p.nstage > 2 && p.nstage * (chunk + 16) + tables + a_stages > 227 * 1024) --p.nstage;
   if (p.nstage * (chunk + 16) + tables + a_stages > 227 * 1024)
@@ -290,9 +300,15 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
   p.smem_bytes = int(p.nstage * (chunk + 16) + tables + a_stages);  // all dynamic
   // the consumers' grad_out copies (GOUT_COPY): 16 bytes (8 pixels of a plane, or 8 channels
   // of a pixel), 8 bytes (4 pixels) or one element; grad_out aligned to match
+  // (tf32: 16 bytes = 4 pixels of a plane, 8 = 2, or 4 = one element; nhwc grad_out is
+  // transposed element by element)
   const int64_t hw = d.out_h() * d.out_w();
-  const bool g16 = d.layout == Layout::nhwc ? d.k % 8 == 0 && d.k_per_group() % 8 == 0 : hw % 8 == 0;
-  p.gout_copy = g16 ? 16 : (d.layout == Layout::nchw && hw % 4 == 0 ? 8 : 2);
+  if (tf32) {
+    p.gout_copy = d.layout == Layout::nhwc ? 4 : hw % 4 == 0 ? 16 : hw % 2 == 0 ? 8 : 4;
+  } else {
+    const bool g16 = d.layout == Layout::nhwc ? d.k % 8 == 0 && d.k_per_group() % 8 == 0 : hw % 8 == 0;
+    p.gout_copy = g16 ? 16 : (d.layout == Layout::nchw && hw % 4 == 0 ? 8 : 2);
+  }
   p.align_gout = p.gout_copy;
   // one block per SM (the ring takes most of its shared memory): about two waves of blocks,
   // whole waves of the 132 SMs of an H100 SXM or H200 (the plan does not know the device)

@@ -308,13 +308,14 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // offset groups, from the sweep of docs/perf-notes.md round B10 (H200, fp16 nchw):
   // 256 x 128 with one producer warpgroup for 512 output channels a group, 256 x 64 with two
   // above 128; up to 128, 128 x 128 with two where 128 channels fit, else 128 x 64 with one.
-  // Else (and where the plan refuses it) the WMMA kernel.
+  // Else (and where the plan refuses it) the WMMA kernel. f32 in tf32 math: the same tiles
+  // with 32-pixel chunks (docs/perf-notes.md round B20).
   if (arch == 90 && d.pass == Pass::backward_weight && base.algo == Algo::gemm_tc &&
-      (d.dtype == DType::f16 || d.dtype == DType::bf16)) {
+      (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32)) {
     const int64_t kg = d.k_per_group(), cg = d.c_per_group(), cpog = d.c_per_offset_group();
     Variant v = base;
     v.algo = Algo::gemm_wgmma;
-    v.tile_k = 64;
+    v.tile_k = tf32 ? 32 : 64;
     v.transpose = d.layout == Layout::nchw;
     const bool fit128 = cg % 128 == 0 && cpog % 128 == 0;
     v.tile_m = kg > 128 ? 256 : 128;

@@ -61,9 +61,13 @@ if args.family == "wgmma":
         for tm in (64, 128, 256) for tn in (64, 128)]
 if args.family == "ws":
     data_vs = []
-    weight_vs = ["algo=gemm_tc tm=128 tn=64 tk=64 threads=256 transpose=1",
-                 "algo=gemm_wgmma tm=256 tn=128 tk=64 threads=512 transpose=1"] + [
-        f"algo=gemm_wgmma tm={tm} tn={tn} tk=64 threads={2 * tm + 128 * p} transpose=1 producers={p}"
+    # tf32: the WMMA kernel's f32 slices (32 pixels) and 32-pixel wgmma chunks (128 bytes of
+    # k), no register form (the plan refuses it in tf32)
+    tf32 = args.dtype == "fp32_tf32"
+    kp = 32 if tf32 else 64
+    weight_vs = [f"algo=gemm_tc tm=128 tn=64 tk={kp} threads=256 transpose=1"] + (
+        [] if tf32 else ["algo=gemm_wgmma tm=256 tn=128 tk=64 threads=512 transpose=1"]) + [
+        f"algo=gemm_wgmma tm={tm} tn={tn} tk={kp} threads={2 * tm + 128 * p} transpose=1 producers={p}"
         for tm, tn, p in ((128, 128, 1), (128, 128, 2), (64, 128, 1), (64, 128, 2),
                           (128, 64, 1), (256, 64, 1), (256, 64, 2), (256, 128, 1))]
 if args.family == "data":

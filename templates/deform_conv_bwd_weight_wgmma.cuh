@@ -28,27 +28,31 @@
 // producer warp, after its proxy fence) and an "empty" one (one per consumer warp, once its
 // wgmmas of the slot retired).
 //
+// f32 in tf32 math (TF32, warp-specialised form only; docs/perf-notes.md round B20): wgmma
+// m64nBNk8, whose tf32 operands are both K-major. A chunk is 32 pixels (128 bytes of k a core
+// row, as for 16-bit elements: the same shared-memory plan), B cores are 8 channel rows of 4
+// pixels (the producers store each sampled 4-channel vector as four scalars, transposed,
+// rounded to the nearest tf32), and A cores 8 output-channel rows of 4 pixels: nchw grad_out
+// copied 16 bytes (4 pixels of a plane) at a time, nhwc grad_out transposed by 4-byte copies;
+// each consumer thread rounds the pieces it copied once they land.
+//
 // Constants from codegen: BO (64 per warpgroup), BN (64 or 128), THREADS (2 * BO + 128 *
 // PRODUCERS), SPLITS, SPLIT_PIX (a multiple of 64), MIN_BLOCKS, WS, PRODUCERS (0 without WS),
-// NSTAGE, MAX_BATCH and GOUT_COPY (WS), PARTIAL_TAP_MAJOR (1), and the wgmma wrapper for BN:
-// deft_wgmma_kstep() (register A) or deft_wgmma_ss() (WS).
+// NSTAGE, MAX_BATCH and GOUT_COPY (WS), PARTIAL_TAP_MAJOR (1), TF32, and the wgmma wrapper for
+// BN: deft_wgmma_kstep() (register A) or deft_wgmma_ss() (WS).
 
-constexpr int KP = 64;                       // pixels per chunk
-constexpr int VEC = 8;                       // channels per 16-byte vector
+constexpr int VEC = 16 / (int)sizeof(T);     // channels per 16-byte vector
+constexpr int KP = 8 * VEC;                  // pixels per chunk (64, tf32 32)
 constexpr int NV = BN / VEC;                 // vectors per pixel row of a chunk
-constexpr int CHUNK_BYTES = KP * BN * 2;
-constexpr bool GOUT_VEC = !NHWC && (HO * WO) % 4 == 0;  // 8-byte grad_out loads (4 pixels)
-static_assert(sizeof(T) == 2, "16-bit elements");
+constexpr int CHUNK_BYTES = KP * BN * (int)sizeof(T);
+static_assert(TF32 == (sizeof(T) == 4), "32-bit elements run in tf32");
+static_assert(sizeof(T) == 2 || (TF32 && WS), "16-bit elements, or tf32 in the warp-specialised form");
 static_assert(THREADS == 2 * BO + 128 * PRODUCERS && BO % 64 == 0,
               "one warpgroup per 64 output channels, plus the producer warpgroups");
 static_assert(SPLIT_PIX % KP == 0, "whole chunks per split");
 static_assert(CG % BN == 0 && CPOG % BN == 0, "a channel tile inside one group and offset group");
 
-// Pixel (0 .. 15) of k slot s inside a k step: slot 8b + 2a + c holds pixel 4a + 2b + c.
-__device__ __forceinline__ int deft_slot_pixel(int s) {
-  return 4 * ((s % 8) / 2) + 2 * (s / 8) + s % 2;
-}
-
+#if !TF32
 __device__ __forceinline__ unsigned short deft_bits(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ unsigned short deft_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 __device__ __forceinline__ unsigned deft_pack2(T lo, T hi) {
@@ -57,6 +61,14 @@ __device__ __forceinline__ unsigned deft_pack2(T lo, T hi) {
 __device__ __forceinline__ uint4 deft_pack8(const T (&v)[8]) {
   return make_uint4(deft_pack2(v[0], v[1]), deft_pack2(v[2], v[3]), deft_pack2(v[4], v[5]),
                     deft_pack2(v[6], v[7]));
+}
+#endif
+
+#if !WS
+constexpr bool GOUT_VEC = !NHWC && (HO * WO) % 4 == 0;  // 8-byte grad_out loads (4 pixels)
+// Pixel (0 .. 15) of k slot s inside a k step: slot 8b + 2a + c holds pixel 4a + 2b + c.
+__device__ __forceinline__ int deft_slot_pixel(int s) {
+  return 4 * ((s % 8) / 2) + 2 * (s / 8) + s % 2;
 }
 
 // Gathers the sampled columns of the KP pixels p0 .. of this block's tap t (offset group og,
@@ -108,6 +120,8 @@ __device__ __forceinline__ void deft_gather_columns(const T* __restrict__ input,
   }
 }
 
+#endif  // !WS
+
 // grad_out of channel o (of group g) at the NE pixels m .. m + NE - 1, elementwise; zero past
 // p_end or the group's KG channels.
 template <int NE>
@@ -124,6 +138,7 @@ __device__ __forceinline__ void deft_gout_run(const T* __restrict__ gout, T (&v)
   }
 }
 
+#if !WS
 // The A (grad_out) fragment of the chunk of pixels p0 ..: rows orow, orow + 8 (output channels
 // of group g), k slots 2 tq, 2 tq + 1, 2 tq + 8, 2 tq + 9 of each k step = pixels 4 tq .. 4 tq + 3
 // of the step.
@@ -151,6 +166,8 @@ __device__ __forceinline__ void deft_load_gout_frag(const T* __restrict__ gout, 
     }
   }
 }
+
+#endif  // !WS
 
 // This block's partial sums, tap-major (PARTIAL_TAP_MAJOR: [split][t][k][cl]): accumulator e
 // of this thread is row orow + 8 ((e / 2) % 2), column 8 (e / 4) + 2 tq + e % 2, so that pairs
@@ -232,6 +249,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 // chunk costs one dependent round trip. Item it (0 .. ITEMS - 1) of a lane: core block
 // pwarp + 4 (it % 2) of the chunk (rows 8 of them, lane % 8 of it), vector lane / 8 + 4 (it / 2);
 // 8 lanes of a store phase write one core's 128 bytes, a warp's four phases 512 contiguous.
+// tf32 (K-major cores of 8 channels x 4 pixels): lane 8 a + 4 b + p takes pixel
+// 4 (pwarp + 4 (it % 2)) + p, vector 8 (it / 2) + 2 a + b (four 16-byte lines of corners for
+// four pixels a warp), and stores its 4 channels as scalars, element (s + a) % 4 at store s:
+// banks 16 b + 4 ((s + a) % 4) + p, all 32 distinct.
 constexpr int ITEMS = KP * NV / 128;  // (row, vector) items per producer lane per chunk
 constexpr int BATCH = ITEMS < MAX_BATCH ? ITEMS : MAX_BATCH;
 static_assert(ITEMS % 2 == 0 && ITEMS % BATCH == 0, "whole batches of the two core blocks");
@@ -249,15 +270,19 @@ struct ChunkPoint {
 // holds core (ob, kb) — output channels 8 ob .., pixels 8 kb .. — at kb * 1024 + ob * 128:
 // nchw, a core row is 8 pixels of one channel (K-major); nhwc, 8 channels of one pixel
 // (MN-major, the wgmma's transpose bit for A). The same descriptor serves both.
+// tf32: K-major for both layouts (no transpose bit): a core row is 4 pixels of one channel.
 constexpr int AST = 4;                        // A stages per consumer warpgroup
-constexpr int A_STAGE_BYTES = 64 * KP * 2;
+constexpr int A_STAGE_BYTES = 64 * KP * (int)sizeof(T);
 // GOUT_COPY from codegen (the plan, which also sets grad_out's alignment from it): 16 (nchw:
 // 8 pixels of a plane, which never cross an image since chunks start at multiples of 64
-// pixels; nhwc: 8 channels inside the group), 8 (nchw: 4 pixels) or 2 (elements)
+// pixels; nhwc: 8 channels inside the group), 8 (nchw: 4 pixels) or 2 (elements); tf32: 16
+// (nchw: 4 pixels), 8 (nchw: 2 pixels) or 4 (elements; nhwc always, transposed by the copy)
 constexpr bool GOUT16 = GOUT_COPY == 16;
 constexpr bool GOUT8 = GOUT_COPY == 8;
-static_assert(GOUT_COPY == 2 || (NHWC ? GOUT16 && K % 8 == 0 && KG % 8 == 0
-                                      : (HO * WO) % (GOUT_COPY / 2) == 0), "grad_out copies");
+static_assert(TF32 ? (NHWC ? GOUT_COPY == 4 : (HO * WO) % (GOUT_COPY / 4) == 0)
+                   : GOUT_COPY == 2 || (NHWC ? GOUT16 && K % 8 == 0 && KG % 8 == 0
+                                             : (HO * WO) % (GOUT_COPY / 2) == 0),
+              "grad_out copies");
 
 
 // This thread's four 16-byte pieces of the grad_out chunk of pixels p0 .. (p_end excluded),
@@ -266,12 +291,26 @@ static_assert(GOUT_COPY == 2 || (NHWC ? GOUT16 && K % 8 == 0 && KG % 8 == 0
 // wq * 2 + j / 2; nchw: row = channel, middle = pixel core, outer = channel core; nhwc: row =
 // pixel, middle = channel core, outer = pixel core. A warp's piece writes are 512 conflict-free
 // bytes and its reads 16 full sectors.
+// tf32: the nchw order for both layouts (row = channel, middle = core of 4 pixels), in copies
+// of GOUT_COPY bytes (nhwc: single elements, 8 lanes reading 8 neighbouring channels).
 __device__ __forceinline__ void deft_copy_gout(const T* __restrict__ gout, unsigned char* st,
                                                long long p0, long long p_end, int oc0, int g,
                                                int wq, int lane) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int inner = lane % 8, mid = lane / 8 + 4 * (j % 2), outer = wq * 2 + j / 2;
+#if TF32
+    constexpr int CPE = GOUT_COPY / 4;  // elements (pixels) a copy
+    const int o = oc0 + outer * 8 + inner;
+    unsigned char* dst = st + mid * 1024 + outer * 128 + inner * 16;
+#pragma unroll
+    for (int h = 0; h < 4 / CPE; ++h) {
+      const long long mh = p0 + 4 * mid + CPE * h, nh = mh / (HO * WO);
+      const bool ok = o < KG && mh + CPE - 1 < p_end;
+      const T* src = gout + deft_gout_index(nh, (long long)g * KG + o, mh - nh * (HO * WO));
+      deft_cp_async<GOUT_COPY>(dst + GOUT_COPY * h, ok ? src : gout, ok);
+    }
+#else
     if (!NHWC) {
       const int o = oc0 + outer * 8 + inner;
       const long long m = p0 + 8 * mid;
@@ -313,8 +352,41 @@ __device__ __forceinline__ void deft_copy_gout(const T* __restrict__ gout, unsig
       }
       *reinterpret_cast<uint4*>(dst) = deft_pack8(v);
     }
+#endif
   }
 }
+
+#if TF32
+// An f32 value rounded to the nearest tf32 (the bits wgmma reads; it would truncate).
+__device__ __forceinline__ float deft_round_tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
+// The four pieces this thread copied into A stage st (deft_copy_gout's order), rounded in
+// place once they have landed.
+__device__ __forceinline__ void deft_round_gout(unsigned char* st, int wq, int lane) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int inner = lane % 8, mid = lane / 8 + 4 * (j % 2), outer = wq * 2 + j / 2;
+    float4* q = reinterpret_cast<float4*>(st + mid * 1024 + outer * 128 + inner * 16);
+    float4 v = *q;
+    v.x = deft_round_tf32(v.x), v.y = deft_round_tf32(v.y);
+    v.z = deft_round_tf32(v.z), v.w = deft_round_tf32(v.w);
+    *q = v;
+  }
+}
+// 4 channels of one sampled row: the corners' f32 vectors weighted, each rounded to tf32.
+__device__ __forceinline__ float4 deft_combine4(const uint4 (&c)[4], const float4& w) {
+  const float4* x = reinterpret_cast<const float4*>(c);
+  float4 o;
+  o.x = deft_round_tf32(fmaf(w.w, x[3].x, fmaf(w.z, x[2].x, fmaf(w.y, x[1].x, w.x * x[0].x))));
+  o.y = deft_round_tf32(fmaf(w.w, x[3].y, fmaf(w.z, x[2].y, fmaf(w.y, x[1].y, w.x * x[0].y))));
+  o.z = deft_round_tf32(fmaf(w.w, x[3].z, fmaf(w.z, x[2].z, fmaf(w.y, x[1].z, w.x * x[0].z))));
+  o.w = deft_round_tf32(fmaf(w.w, x[3].w, fmaf(w.z, x[2].w, fmaf(w.y, x[1].w, w.x * x[0].w))));
+  return o;
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
@@ -385,7 +457,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
       load_point(pg);
       store_point(0);
     }
+#if TF32
+    const int r8 = lane % 4, vq = 2 * (lane / 8) + (lane / 4) % 2;  // pixel in core, vector
+    const int rot = lane / 8;                                     // the stores' rotation
+    auto item_row = [&](int it) { return (pwarp + 4 * (it % 2)) * 4 + r8; };
+    auto item_vec = [&](int it) { return vq + 8 * (it / 2); };
+#else
     const int r8 = lane % 8, vq = lane / 8;
+    auto item_row = [&](int it) { return (pwarp + 4 * (it % 2)) * 8 + r8; };
+    auto item_vec = [&](int it) { return vq + 4 * (it / 2); };
+#endif
     int buf = 0;
     for (int i = pg; i < chunks; i += PRODUCERS, buf ^= 1) {
       const int slot = i % NSTAGE, round = i / NSTAGE;
@@ -398,7 +479,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         uint4 c[BATCH][4];  // the weights are read again at the combine: fewer live registers
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
-          const int it = b + j, r = (pwarp + 4 * (it % 2)) * 8 + r8, v = vq + 4 * (it / 2);
+          const int it = b + j, r = item_row(it), v = item_vec(it);
           const int4 off = tab[buf * KP + r].off;
           const T* base = input + (long long)tab_img[buf * KP + r] * ((long long)H * W * C) + c0 +
                           VEC * v;
@@ -411,10 +492,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
         if (b == 0 && round > 0) deft_mbar_spin(empty + 8 * slot, (round - 1) & 1);
 #pragma unroll
         for (int j = 0; j < BATCH; ++j) {
-          const int it = b + j, r = (pwarp + 4 * (it % 2)) * 8 + r8, v = vq + 4 * (it / 2);
+          const int it = b + j, r = item_row(it), v = item_vec(it);
           const float4 w = tab[buf * KP + r].w;
+#if TF32
+          // channel 4 v + e of pixel r: core (r / 4, v / 2), row 4 (v % 2) + e, word r % 4
+          const float4 x = deft_combine4(c[j], w);
+          float* row = reinterpret_cast<float*>(dst + (r / 4) * (BN * 16) + (v / 2) * 128 +
+                                                (v % 2) * 64 + r8 * 4);
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            const int e = (s + rot) % 4;
+            row[e * 4] = e == 0 ? x.x : e == 1 ? x.y : e == 2 ? x.z : x.w;
+          }
+#else
           *reinterpret_cast<uint4*>(dst + (r / 8) * (BN * 16) + r8 * 16 + v * 128) =
               deft_combine8(c[j], w.x, w.y, w.z, w.w);
+#endif
         }
       }
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the wgmmas
@@ -445,6 +538,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
 #pragma unroll 1
   for (int c = 0; c < chunks; ++c) {
     deft_cp_wait<AST - 2>();  // this thread's pieces of chunk c landed
+#if TF32
+    deft_round_gout(my_a + (c % AST) * A_STAGE_BYTES, warp % 4, lane);
+#endif
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for the wgmmas
     // the warpgroup's pieces of chunk c; every warp's wgmmas of chunk c - 1 retired, so its
     // A stage, (c + AST - 1) % AST, is free

@@ -530,7 +530,44 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
   }
   const std::string base = "deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 ";
   const std::string v = "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=1";
-  refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight", v, "algo");
+  refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight", v, "producers");
+  refused(base + "dtype=f32 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=32 threads=384 producers=1 transpose=1", "algo");
+  refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 producers=1 transpose=1", "tk");
+  // tf32 (round B20): the warp-specialised form with 32-pixel chunks, k8 wgmmas on two K-major
+  // operands (no transpose bits), the same shared-memory plan as 16-bit elements, no spills;
+  // the sm_90 default for these 256 output channels, as for f16
+  for (const char* layout : {"nchw", "nhwc"}) {
+    const auto d = deft::parse_layer_desc(base + "dtype=f32 math=tf32 layout=" + layout +
+                                          " pass=backward_weight");
+    SCOPED_TRACE(deft::to_string(d));
+    const deft::Variant dv = deft::default_variant(d, 90);
+    EXPECT_EQ(dv.algo, deft::Algo::gemm_wgmma);
+    EXPECT_EQ(dv.tile_k, 32);
+    EXPECT_EQ(dv.producers, 2);
+    for (auto [tm, tn, prod] : {std::array{64, 64, 1}, {128, 128, 2}, {256, 64, 2}, {256, 128, 1}}) {
+      deft::Variant w;
+      w.algo = deft::Algo::gemm_wgmma;
+      w.tile_m = tm, w.tile_n = tn, w.tile_k = 32, w.producers = prod;
+      w.threads = 2 * tm + 128 * prod;
+      w.transpose = d.layout == deft::Layout::nchw;
+      SCOPED_TRACE(deft::to_string(w));
+      const deft::CompileInfo info = compile_for_sm90(d, w);
+      EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+          << info.resource_report;
+      const int fixed = prod * 2 * 32 * 36 + tm / 64 * 4 * 64 * 32 * 4;
+      const int slots = std::min(8, (227 * 1024 - fixed) / (32 * tn * 4 + 16));
+      EXPECT_EQ(info.dynamic_shared_bytes, slots * (32 * tn * 4 + 16) + fixed);
+      const std::string ptx = sm90a_ptx(d, w);
+      const std::string mma = fmt::format("wgmma.mma_async.sync.aligned.m64n{}k8.f32.tf32.tf32", tn);
+      const size_t at = ptx.find(mma);
+      ASSERT_NE(at, std::string::npos);
+      // no transpose operands after the scale operands: "p, 1, 1;"
+      EXPECT_NE(ptx.find("p, 1, 1;", at), std::string::npos);
+      EXPECT_NE(ptx.find("cvt.rna.tf32.f32"), std::string::npos);  // operands rounded
+    }
+  }
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=0", "transpose");
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
@@ -540,7 +577,6 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
   refused("deform_conv2d n=2 c=96 h=9 w=10 k=256 r=3 s=3 pad=1 offset_groups=3 mask=1 dtype=f16 "
           "layout=nchw pass=backward_weight", v, "tn");  // 32 channels per offset group
   refused(base + "dtype=f32 layout=nchw pass=backward_data", v, "algo");  // strict f32
-  refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight", v, "algo");  // no tf32 form
   // warp-specialised grad weight: threads count the producers; registers; ring depth
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 producers=1 transpose=1", "threads");

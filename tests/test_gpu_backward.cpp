@@ -718,6 +718,35 @@ TEST(GpuBackwardWgmma, DataTf32TilesMatchReference) {
   EXPECT_EQ(ran, 18);  // tn=128 needs 128 channels an offset group: 2 of the 4 layers
 }
 
+// Grad weight on wgmma in tf32 (the warp-specialised form; 32-pixel chunks, both operands
+// K-major, the nhwc grad_out transposed by its copy): wgmma_layers() in f32 (grad_out copies of
+// 16 bytes: nchw h*w = 144 and 60; 8 bytes: h*w = 90; nhwc elements) and a 7x7 nchw one (h*w =
+// 49: element copies); one and two producer warpgroups, one to four consumers, the plan's ring
+// and the shallowest ones. The register form is refused in tf32, with a message saying so.
+TEST(GpuBackwardWgmma, WeightTf32TilesMatchReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  std::vector<WgmmaLayer> layers = wgmma_layers();
+  layers.push_back({make(3, 64, 7, 7, 64, 3, 1, 1, 1, DType::f32, Layout::nchw), 2.0});
+  int ran = 0;
+  for (WgmmaLayer& w : layers) {
+    w.d.dtype = DType::f32;
+    w.d.math = deft::MathMode::tf32;
+    SCOPED_TRACE(deft::to_string(w.d));
+    const Tensors t = random_tensors(w.d, w.sigma, 322);
+    for (auto [tm, tn, prod, stages] : {std::array{128, 128, 1, 0}, {64, 64, 1, 2}, {128, 64, 2, 2},
+                                        {256, 64, 1, 0}, {64, 128, 2, 3}, {256, 128, 1, 0}}) {
+      deft::Variant v;
+      v.algo = deft::Algo::gemm_wgmma;
+      v.tile_m = tm, v.tile_n = tn, v.tile_k = 32, v.threads = 2 * tm + 128 * prod;
+      v.producers = prod, v.stages = stages;
+      v.transpose = w.d.layout == Layout::nchw;
+      ran += check_pass_variant(w.d, deft::Pass::backward_weight, v, t, 0);
+    }
+  }
+  EXPECT_EQ(ran, 27);  // tn=128 needs 128 channels a group and offset group: 3 of the 6 layers
+}
+
 // The streaming grad-input kernel's vector epilogue (vec=4, opt-in): strict f32 through the
 // transpose pre-pass, fast and deterministic, two offset groups, a partial pixel block; f16 with
 // groups the tensor cores do not take (nhwc); against the reference, and grad offset alone

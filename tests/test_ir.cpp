@@ -237,6 +237,14 @@ TEST(VariantValidation, RejectsVariantsThatCannotRunTheLayer) {
   expect_field(deft::parse_layer_desc(kBase + "dtype=f16 pass=backward_data"),
                "algo=gemm_tc tm=64 tn=64 tk=32 threads=256 gin=gather", "gin");
   EXPECT_NO_THROW(deft::validate(deft::parse_layer_desc(dw + "dtype=f16 pass=backward_data"), deft::parse_variant(gv)));
+  // grad weight on wgmma in tf32: the warp-specialised form only, 32-pixel chunks; strict f32
+  // refused (no tensor cores)
+  const auto wtf = deft::parse_layer_desc(kBase + "dtype=f32 math=tf32 layout=nhwc pass=backward_weight");
+  const auto wf32 = deft::parse_layer_desc(kBase + "dtype=f32 layout=nhwc pass=backward_weight");
+  EXPECT_NO_THROW(deft::validate(wtf, deft::parse_variant("algo=gemm_wgmma tm=64 tn=64 tk=32 threads=256 producers=1")));
+  expect_field(wtf, "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=128", "producers");
+  expect_field(wtf, "algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 producers=1", "tk");
+  expect_field(wf32, "algo=gemm_wgmma tm=64 tn=64 tk=32 threads=256 producers=1", "algo");
   EXPECT_NO_THROW(deft::validate(f32, deft::default_variant(f32)));
   EXPECT_NO_THROW(deft::validate(f16, deft::default_variant(f16)));
   EXPECT_EQ(deft::default_variant(f16).algo, deft::Algo::gemm_tc);

@@ -103,16 +103,17 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
   if (d.pass == Pass::backward_weight) {
     if (def.algo == Algo::depthwise) return out;
     // The WMMA / FMA kernels' tiles (tm = output channels, tn = input channels, tk = pixels a
-    // slice) around the portable default, then on sm_90 (f16, bf16) the wgmma kernel's
-    // warp-specialised tiles (perf notes rounds B8-B10).
+    // slice) around the portable default, then on sm_90 (f16, bf16, tf32) the wgmma kernel's
+    // warp-specialised tiles (perf notes rounds B8-B10, B20).
     add_tiles(default_variant(d), {64, 128}, {32, 64}, {32, 64, 128});
-    if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16))
+    const bool tf32 = d.dtype == DType::f32 && d.math == MathMode::tf32;
+    if (arch == 90 && (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32))
       for (auto [tm, tn, producers] : {std::array{256, 128, 1}, {256, 64, 2}, {256, 64, 1},
                                        {128, 128, 1}, {128, 128, 2}, {128, 64, 1}, {128, 64, 2},
                                        {64, 128, 1}}) {
         Variant v;
         v.algo = Algo::gemm_wgmma;
-        v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.producers = producers;
+        v.tile_m = tm, v.tile_n = tn, v.tile_k = tf32 ? 32 : 64, v.producers = producers;
         v.threads = wgmma_threads(Pass::backward_weight, tm, tn, producers);
         v.transpose = d.layout == Layout::nchw;
         add(v);
