@@ -790,7 +790,7 @@ TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
 
 // Backward passes are not tuned (yet): a clear error before any GPU work, in both entry points.
 // The backward passes' spaces: the default first, the WMMA tiles around it, and on sm_90 for
-// f16 and bf16 the wgmma kernels' tiles (none for tf32, none elsewhere); depthwise layers have
+// f16, bf16 and tf32 the wgmma kernels' tiles (none for strict f32); depthwise layers have
 // their default and, for grad input, its gin=gather form. A simulated tuning writes a record keyed by the pass's description,
 // which choose_variant then finds for that pass: backward_data in the fast mode only,
 // backward_weight (deterministic in both modes) in both.
@@ -812,13 +812,20 @@ TEST(TunerPolicy, BackwardPassesAreTuned) {
     }
     EXPECT_EQ(wgmma > 0, arch == 90) << arch;
   }
-  // tf32: the wgmma grad-input kernel's tf32 form on sm_90 (no tf32 grad-weight wgmma kernel)
+  // tf32: both wgmma kernels' tf32 forms on sm_90 (grad weight: 32-pixel chunks), valid; strict
+  // f32 none
   auto tf32 = deft::parse_layer_desc(fmt::format(
       "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 dtype=f32 math=tf32 pass={}", pass));
   int tf32_wgmma = 0;
-  for (const auto& v : deft::search_space(tf32, deft::SearchOptions{90, false, 2.0}))
+  for (const auto& v : deft::search_space(tf32, deft::SearchOptions{90, false, 2.0})) {
     tf32_wgmma += v.algo == deft::Algo::gemm_wgmma;
-  EXPECT_EQ(tf32_wgmma > 0, data);
+    EXPECT_NO_THROW(deft::validate(tf32, v)) << deft::to_string(v);
+  }
+  EXPECT_GT(tf32_wgmma, 0);
+  auto f32 = tf32;
+  f32.math = deft::MathMode::fp32;
+  for (const auto& v : deft::search_space(f32, deft::SearchOptions{90, false, 2.0}))
+    EXPECT_NE(v.algo, deft::Algo::gemm_wgmma) << deft::to_string(v);
   auto dw = deft::parse_layer_desc(fmt::format(
       "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass={}", pass));
   const auto dw_space = deft::search_space(dw);
