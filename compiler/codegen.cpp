@@ -227,7 +227,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       // with tn = 128) where the block's register cap allows it (168 a thread at 384 threads),
       // else batches of 4 items (128 at 512) or 2 (96 at 640): more spill
       const int cap = 65536 / int(p.block);
-      c32("MAX_BATCH", cap >= 160 ? 8 : cap >= 128 ? 4 : 2);
+      c32("MAX_BATCH", p.bww_batch ? p.bww_batch : cap >= 160 ? 8 : cap >= 128 ? 4 : 2);
       c32("GOUT_COPY", p.gout_copy);  // bytes per grad_out copy
     }
     line(fmt::format("#define TF32 {}", d.dtype == DType::f32 ? 1 : 0));

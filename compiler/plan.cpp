@@ -297,6 +297,12 @@ void plan_bwd_weight_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, 
     bad("stages", fmt::format("tm={} tn={} producers={} with a ring of {} needs more than 227 KiB "
                               "of shared memory", v.tile_m, v.tile_n, v.producers, p.nstage));
   p.bww_producers = v.producers;
+  // a producer lane's items per batch of corner loads (variant batch; 0: by the register share)
+  const int items = kp * (v.tile_n / (16 / esize)) / 128;
+  if (v.batch != 0 && ((v.batch != 2 && v.batch != 4 && v.batch != 8) || v.batch > items))
+    bad("batch", fmt::format("batch={} must be 2, 4 or 8 and at most the {} items a producer "
+                             "lane gathers a chunk (tn={})", v.batch, items, v.tile_n));
+  p.bww_batch = v.batch;
   p.smem_bytes = int(p.nstage * (chunk + 16) + tables + a_stages);  // all dynamic
   // the consumers' grad_out copies (GOUT_COPY): 16 bytes (8 pixels of a plane, or 8 channels
   // of a pixel), 8 bytes (4 pixels) or one element; grad_out aligned to match
@@ -693,6 +699,9 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   if (v.producers != 0 && (v.algo != Algo::gemm_wgmma || d.pass == Pass::backward_data))
     bad("producers", fmt::format("producers={} applies to algo=gemm_wgmma (forward and "
                                  "backward_weight) only", v.producers));
+  if (v.batch != 0 && !(v.algo == Algo::gemm_wgmma && d.pass == Pass::backward_weight && v.producers > 0))
+    bad("batch", fmt::format("batch={} applies to algo=gemm_wgmma pass=backward_weight with "
+                             "producers only", v.batch));
   if (v.gin_gather && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
     bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
   if (d.pass != Pass::forward) {

@@ -89,6 +89,7 @@ struct KernelPlan {
   // warp-specialised wgmma backward_weight (variant producers > 0): producer warpgroups; its
   // ring depth is nstage
   int bww_producers = 0;
+  int bww_batch = 0;  // ... its producer lanes' items per batch of corner loads (0: codegen's rule)
   int gout_copy = 0;  // warp-specialised grad weight: bytes per grad_out copy (16, 8, 2)
   int out_store = 0;
   int64_t workspace_packed_bytes = 0;

@@ -24,12 +24,13 @@ std::string_view to_string(Staging s) {
 }
 
 std::string to_string(const Variant& v) {
-  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}{}",
+  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}{}{}",
                      to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
                      to_string(v.staging), v.halo, v.transpose ? 1 : 0,
                      v.deterministic ? " det=1" : "", v.gin_gather ? " gin=gather" : "",
                      v.stages ? fmt::format(" stages={}", v.stages) : std::string(),
-                     v.producers ? fmt::format(" producers={}", v.producers) : std::string());
+                     v.producers ? fmt::format(" producers={}", v.producers) : std::string(),
+                     v.batch ? fmt::format(" batch={}", v.batch) : std::string());
 }
 
 Variant parse_variant(std::string_view text) {
@@ -72,6 +73,7 @@ Variant parse_variant(std::string_view text) {
     else if (key == "halo") as_int(v.halo);
     else if (key == "stages") as_int(v.stages);
     else if (key == "producers") as_int(v.producers);
+    else if (key == "batch") as_int(v.batch);
     else if (key == "transpose") {
       if (val == "1") v.transpose = true;
       else if (val == "0") v.transpose = false;

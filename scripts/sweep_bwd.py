@@ -18,7 +18,7 @@ ap.add_argument("cases", nargs="?", default="resnet_res4,maskrcnn_res4,dense512"
 ap.add_argument("--dtype", default="fp16")
 ap.add_argument("--shapes", default=os.path.join(os.path.dirname(__file__), "..", "bench", "shapes.json"),
                 help="the cases' file (bench/shapes.json; bench/train_layers.json: the training example's layers)")
-ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "data", "simt", "dw"],
+ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "batch", "data", "simt", "dw"],
                 help="tc: the WMMA tiles of both passes; wgmma, ws: grad-weight variants only, "
                      "the wgmma tiles or the warp-specialised ones (producers=P), with the "
                      "WMMA kernel timed for comparison; data: backward_data variants only, the "
@@ -70,6 +70,17 @@ if args.family == "ws":
         f"algo=gemm_wgmma tm={tm} tn={tn} tk={kp} threads={2 * tm + 128 * p} transpose=1 producers={p}"
         for tm, tn, p in ((128, 128, 1), (128, 128, 2), (64, 128, 1), (64, 128, 2),
                           (128, 64, 1), (256, 64, 1), (256, 64, 2), (256, 128, 1))]
+if args.family == "batch":
+    # the warp-specialised grad weight's producer batch (items a lane keeps in flight, four
+    # corner loads each): the generator's rule (no batch field) against batch=4 and 8
+    data_vs = []
+    tf32 = args.dtype == "fp32_tf32"
+    kp = 32 if tf32 else 64
+    weight_vs = [
+        f"algo=gemm_wgmma tm={tm} tn={tn} tk={kp} threads={2 * tm + 128 * p} transpose=1 producers={p}"
+        + (f" batch={b}" if b else "")
+        for tm, tn, p in ((256, 128, 1), (256, 64, 2), (128, 128, 2), (128, 64, 1))
+        for b in ((0, 4, 8) if tn == 128 else (0, 4))]
 if args.family == "data":
     weight_vs = []
     # tf32: 32-channel weight slices (128 bytes of k), and the WMMA default's 32-pixel tile

@@ -531,6 +531,21 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
   const std::string base = "deform_conv2d n=2 c=128 h=9 w=10 k=256 r=3 s=3 pad=1 mask=1 ";
   const std::string v = "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=1";
   refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight", v, "producers");
+  // the producer batch: 2, 4 or 8, at most a chunk's items (4 with tn=64), producers only
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 producers=1 batch=8 transpose=1", "batch");
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=128 tk=64 threads=384 producers=1 batch=3 transpose=1", "batch");
+  refused(base + "dtype=f16 layout=nchw pass=backward_weight",
+          "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 batch=4 transpose=1", "batch");
+  {
+    const auto d = deft::parse_layer_desc(base + "dtype=f16 layout=nchw pass=backward_weight");
+    const deft::Variant b = deft::parse_variant(
+        "algo=gemm_wgmma tm=128 tn=128 tk=64 threads=384 producers=1 batch=4 transpose=1");
+    EXPECT_EQ(b.batch, 4);
+    EXPECT_EQ(deft::parse_variant(deft::to_string(b)), b);
+    EXPECT_NE(deft::generate_source(d, b).find("constexpr int MAX_BATCH = 4;"), std::string::npos);
+  }
   refused(base + "dtype=f32 layout=nchw pass=backward_weight",
           "algo=gemm_wgmma tm=128 tn=64 tk=32 threads=384 producers=1 transpose=1", "algo");
   refused(base + "dtype=f32 math=tf32 layout=nchw pass=backward_weight",

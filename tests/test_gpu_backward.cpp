@@ -748,6 +748,33 @@ TEST(GpuBackwardWgmma, WeightTf32TilesMatchReference) {
   EXPECT_EQ(ran, 33);  // tn=128 needs 128 channels a group and offset group: 3 of the 6 layers
 }
 
+// The warp-specialised grad weight with its producer batch set (batch=N: items a producer lane
+// keeps in flight): 4 and 8 (a whole chunk's items with tn=128) against the reference, f16,
+// bf16 and tf32, both layouts, partial chunks.
+TEST(GpuBackwardWgmma, WeightBatchesMatchReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  if (device_arch() != 90) GTEST_SKIP() << "algo=gemm_wgmma runs on sm_90 only";
+  LayerDesc tf = make(3, 128, 6, 10, 96, 3, 1, 1, 1, DType::f32, Layout::nchw);
+  tf.math = deft::MathMode::tf32;
+  int ran = 0;
+  for (const LayerDesc& d : {make(2, 128, 9, 10, 80, 3, 1, 1, 1, DType::f16, Layout::nchw),
+                             make(2, 128, 7, 9, 256, 3, 1, 1, 1, DType::bf16, Layout::nhwc), tf}) {
+    SCOPED_TRACE(deft::to_string(d));
+    const Tensors t = random_tensors(d, 2.0, 323);
+    const int kp = d.dtype == DType::f32 ? 32 : 64;
+    for (auto [tm, tn, prod, batch] : {std::array{256, 128, 1, 4}, {256, 128, 1, 8}, {256, 64, 2, 4},
+                                       {128, 128, 2, 8}, {128, 64, 1, 4}}) {
+      deft::Variant v;
+      v.algo = deft::Algo::gemm_wgmma;
+      v.tile_m = tm, v.tile_n = tn, v.tile_k = kp, v.threads = 2 * tm + 128 * prod;
+      v.producers = prod, v.batch = batch;
+      v.transpose = d.layout == Layout::nchw;
+      ran += check_pass_variant(d, deft::Pass::backward_weight, v, t, 0);
+    }
+  }
+  EXPECT_EQ(ran, 15);
+}
+
 // The streaming grad-input kernel's vector epilogue (vec=4, opt-in): strict f32 through the
 // transpose pre-pass, fast and deterministic, two offset groups, a partial pixel block; f16 with
 // groups the tensor cores do not take (nhwc); against the reference, and grad offset alone

@@ -156,6 +156,10 @@ struct Variant {
   // threads = 2 * tm + 128 * producers (the sm_90 f16/bf16 default; producers=0 keeps every
   // warp gathering and the grad_out fragments in registers).
   int producers = 0;
+  // gemm_wgmma backward_weight with producers: the sampled rows (items) a producer lane keeps
+  // in flight, four corner loads each: 2, 4 or 8, at most a chunk's items (printed as batch=N
+  // only when set; 0 = as many as the block's register share allows by the generator's rule).
+  int batch = 0;
   // depthwise backward_data, fast mode: grad input gathered per input pixel (f32 sums, no
   // atomics) instead of scattered with float atomics (printed as gin=gather only when set).
   // Deterministic mode gathers wherever it can, with or without it.
