@@ -323,10 +323,21 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.tile_m = kg > 128 ? 256 : 128;
     v.tile_n = fit128 && (kg >= 512 || kg <= 128) ? 128 : 64;
     v.producers = kg >= 512 && fit128 ? 1 : kg <= 128 && !fit128 ? 1 : 2;
-    // tf32: 256 x 64 with two producer warpgroups on every case of its sweep (round B20, H200,
-    // nchw, grad-weight pass): dense512 1.555 ms (256 x 128 with one: 1.588; WMMA 4.078),
-    // resnet_res4 0.184 (WMMA 0.559), deft_64 0.164 (128 x 64 with one: 0.186; WMMA 0.213)
-    if (tf32) v.tile_m = 256, v.tile_n = 64, v.producers = 2;
+    // f16/bf16 256 x 128 with one producer warpgroup: batches of 4 items a producer lane (the
+    // register rule gives 2 at 640 threads), from the sweep of docs/perf-notes.md round B21
+    // (H200, fp16 nchw, grad-weight pass): dense512 0.714 against 0.760 ms (batch=8: 0.827).
+    if (v.tile_m == 256 && v.tile_n == 128 && v.producers == 1) v.batch = 4;
+    // tf32: 256 x 64 with two producer warpgroups, except 128 x 128 with two where the f16 rule
+    // takes it (up to 128 output channels, 128 channels fitting the groups), from the sweeps of
+    // rounds B20 and B21 (H200, tf32 nchw, grad-weight pass): dense512 1.555-1.576 ms (256 x 128
+    // P1 1.588-1.626; WMMA 4.078), resnet_res4 0.184-0.192 (WMMA 0.559), maskrcnn_res4 0.228
+    // (256 x 128 P1 0.262), deft_64 0.164 (128 x 64 P1 0.186; WMMA 0.213); stride2 (128 output
+    // channels) 128 x 128 P2 0.227 against 0.283. The batch rule's default on all: batch=4 spills
+    // in tf32 and lost everywhere.
+    if (tf32) {
+      const bool wide = kg <= 128 && fit128;
+      v.tile_m = wide ? 128 : 256, v.tile_n = wide ? 128 : 64, v.producers = 2, v.batch = 0;
+    }
     v.threads = wgmma_threads(Pass::backward_weight, v.tile_m, v.tile_n, v.producers);
     return runs(d, v) ? v : base;
   }

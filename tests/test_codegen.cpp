@@ -1043,24 +1043,29 @@ TEST(Codegen, StreamingBackwardDataVectorEpilogue) {
 
 }  // namespace
 
-// The sm_90 grad-weight heuristic (compiler/variant.cpp, perf notes round B10): the
-// warp-specialised wgmma tile by output channels a group, where 64-channel tiles fit; the
-// WMMA kernel elsewhere (32 channels a group, f32, sm_80) and the depthwise kernel for
-// depthwise layers. Every tile it picks passes the plan.
+// The sm_90 grad-weight heuristic (compiler/variant.cpp, perf notes rounds B10, B20, B21): the
+// warp-specialised wgmma tile by output channels a group, where 64-channel tiles fit (tf32:
+// 256 x 64 P2, or 128 x 128 P2 as for f16 up to 128 output channels; f16 256 x 128 P1 with
+// batch=4); the WMMA kernel elsewhere (32 channels a group, strict f32, sm_80) and the
+// depthwise kernel for depthwise layers. Every tile it picks passes the plan.
 TEST(Heuristic, GradWeightOnSm90) {
   struct Want {
     const char* layer;
     int tm, tn, producers;  // tm = 0: not gemm_wgmma
+    int batch = 0;
   };
   const Want wants[] = {
-      {"n=16 c=512 h=32 w=32 k=512 dtype=f16", 256, 128, 1},          // dense512
+      {"n=16 c=512 h=32 w=32 k=512 dtype=f16", 256, 128, 1, 4},       // dense512
       {"n=32 c=256 h=14 w=14 k=256 dtype=f16", 256, 64, 2},           // resnet_res4
       {"n=2 c=256 h=50 w=84 k=256 dtype=bf16 layout=nhwc", 256, 64, 2},
       {"n=32 c=128 h=56 w=56 k=128 stride=2 dtype=f16", 128, 128, 2},  // stride2
       {"n=8 c=64 h=64 w=64 k=64 dtype=f16", 128, 64, 1},               // deft_64
       {"n=4 c=512 h=16 w=16 k=512 offset_groups=8 dtype=f16", 256, 64, 2},  // 64 per og
       {"n=4 c=128 h=16 w=16 k=128 groups=4 dtype=f16", 0, 0, 0},       // 32 channels a group
-      {"n=4 c=128 h=16 w=16 k=128 dtype=f32 math=tf32", 0, 0, 0},      // tf32: WMMA
+      {"n=4 c=128 h=16 w=16 k=128 dtype=f32 math=tf32", 128, 128, 2},  // tf32, stride2-like
+      {"n=16 c=512 h=32 w=32 k=512 dtype=f32 math=tf32", 256, 64, 2},  // tf32 dense512
+      {"n=8 c=64 h=64 w=64 k=64 dtype=f32 math=tf32", 256, 64, 2},     // tf32 deft_64
+      {"n=4 c=128 h=16 w=16 k=128 dtype=f32", 0, 0, 0},                // strict f32
       {"n=4 c=128 h=16 w=16 k=128 groups=128 dtype=f16", 0, 0, 0},     // depthwise
   };
   for (const Want& w : wants) {
@@ -1079,6 +1084,7 @@ TEST(Heuristic, GradWeightOnSm90) {
     EXPECT_EQ(v.tile_m, w.tm);
     EXPECT_EQ(v.tile_n, w.tn);
     EXPECT_EQ(v.producers, w.producers);
+    EXPECT_EQ(v.batch, w.batch);
     EXPECT_EQ(v.threads, 2 * w.tm + 128 * w.producers);
     EXPECT_EQ(v.transpose, d.layout == deft::Layout::nchw);
   }
