@@ -56,8 +56,14 @@ while i < a.steps:
     wall_ms = (time.perf_counter() - t0) * 1e3
     i = w[1]
     avg = prof.key_averages()
+    # each kernel once: with CPU activities a kernel's time is also the self device time of the
+    # op that launched it, so only the CPU-side entries are summed (the table's "Self CUDA time
+    # total"); without them the entries are the kernels. (Until session 15 the --cpu figure
+    # summed both, twice the kernels' time.)
+    from torch.autograd import DeviceType
+    evs = [e for e in avg if e.device_type == DeviceType.CPU] if a.cpu else list(avg)
     cuda_ms = sum(e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total
-                  for e in avg) / 1e3
+                  for e in evs) / 1e3
     print(f"=== {a.op}, batch {a.batch}, {windows[w]} (2 steps), scale {scaler.get_scale()}: "
           f"wall {wall_ms:.1f} ms (under the profiler), CUDA kernels {cuda_ms:.1f} ms")
     print(avg.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
