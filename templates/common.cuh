@@ -259,6 +259,16 @@ __device__ __forceinline__ bool deft_transpose_pairs(const S* src, const D* dst,
          (unsigned long long)dst % (2 * sizeof(D)) == 0;
 }
 
+// 4 f32 channels of one bilinear sample: the four corners' 16-byte vectors c[q] weighted by w
+// (x, y, z, w = corners 0 .. 3), in one fixed order of operations.
+__device__ __forceinline__ float4 deft_combine4f(const uint4 (&c)[4], const float4& w) {
+  const float4* x = reinterpret_cast<const float4*>(c);
+  return make_float4(fmaf(w.w, x[3].x, fmaf(w.z, x[2].x, fmaf(w.y, x[1].x, w.x * x[0].x))),
+                     fmaf(w.w, x[3].y, fmaf(w.z, x[2].y, fmaf(w.y, x[1].y, w.x * x[0].y))),
+                     fmaf(w.w, x[3].z, fmaf(w.z, x[2].z, fmaf(w.y, x[1].z, w.x * x[0].z))),
+                     fmaf(w.w, x[3].w, fmaf(w.z, x[2].w, fmaf(w.y, x[1].w, w.x * x[0].w))));
+}
+
 // Eight channels of one bilinear sample (16-bit elements) from its four corners' 16-byte
 // vectors and weights w0..w3: f16 in packed half2 arithmetic (HALF2_COMBINE), else in f32,
 // rounded to T. A template so that layers of other element sizes never instantiate it.

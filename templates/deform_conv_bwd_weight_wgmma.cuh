@@ -378,13 +378,9 @@ __device__ __forceinline__ void deft_round_gout(unsigned char* st, int wq, int l
 }
 // 4 channels of one sampled row: the corners' f32 vectors weighted, each rounded to tf32.
 __device__ __forceinline__ float4 deft_combine4(const uint4 (&c)[4], const float4& w) {
-  const float4* x = reinterpret_cast<const float4*>(c);
-  float4 o;
-  o.x = deft_round_tf32(fmaf(w.w, x[3].x, fmaf(w.z, x[2].x, fmaf(w.y, x[1].x, w.x * x[0].x))));
-  o.y = deft_round_tf32(fmaf(w.w, x[3].y, fmaf(w.z, x[2].y, fmaf(w.y, x[1].y, w.x * x[0].y))));
-  o.z = deft_round_tf32(fmaf(w.w, x[3].z, fmaf(w.z, x[2].z, fmaf(w.y, x[1].z, w.x * x[0].z))));
-  o.w = deft_round_tf32(fmaf(w.w, x[3].w, fmaf(w.z, x[2].w, fmaf(w.y, x[1].w, w.x * x[0].w))));
-  return o;
+  const float4 v = deft_combine4f(c, w);
+  return make_float4(deft_round_tf32(v.x), deft_round_tf32(v.y), deft_round_tf32(v.z),
+                     deft_round_tf32(v.w));
 }
 #endif
 

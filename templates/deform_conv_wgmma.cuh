@@ -134,13 +134,9 @@ __device__ __forceinline__ void deft_bulk_load(unsigned dst, const void* src, un
 // VEC channels of one sampled row as four A-fragment words (packed pairs, or tf32 values).
 __device__ __forceinline__ uint4 deft_combine(const uint4 (&c)[4], const float4& w) {
 #if TF32
-  const float4* x = reinterpret_cast<const float4*>(c);
-  uint4 out;
-  out.x = deft_tf32_bits(fmaf(w.w, x[3].x, fmaf(w.z, x[2].x, fmaf(w.y, x[1].x, w.x * x[0].x))));
-  out.y = deft_tf32_bits(fmaf(w.w, x[3].y, fmaf(w.z, x[2].y, fmaf(w.y, x[1].y, w.x * x[0].y))));
-  out.z = deft_tf32_bits(fmaf(w.w, x[3].z, fmaf(w.z, x[2].z, fmaf(w.y, x[1].z, w.x * x[0].z))));
-  out.w = deft_tf32_bits(fmaf(w.w, x[3].w, fmaf(w.z, x[2].w, fmaf(w.y, x[1].w, w.x * x[0].w))));
-  return out;
+  const float4 v = deft_combine4f(c, w);
+  return make_uint4(deft_tf32_bits(v.x), deft_tf32_bits(v.y), deft_tf32_bits(v.z),
+                    deft_tf32_bits(v.w));
 #else
   return deft_combine8(c, w.x, w.y, w.z, w.w);
 #endif

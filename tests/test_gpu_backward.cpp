@@ -531,6 +531,17 @@ std::vector<WgmmaLayer> wgmma_layers() {
   };
 }
 
+// The warp-specialised grad-weight variant tm x tn with `prod` producer warpgroups, a ring of
+// `stages` (0: the plan's) and chunks of kp pixels (64; tf32 32), for layer d's layout.
+deft::Variant ws_weight_variant(const LayerDesc& d, int tm, int tn, int prod, int stages, int kp) {
+  deft::Variant v;
+  v.algo = deft::Algo::gemm_wgmma;
+  v.tile_m = tm, v.tile_n = tn, v.tile_k = kp, v.threads = 2 * tm + 128 * prod;
+  v.producers = prod, v.stages = stages;
+  v.transpose = d.layout == Layout::nchw;
+  return v;
+}
+
 // Grad weight on Hopper's wgmma (deform_conv_bwd_weight_wgmma.cuh): every tile a layer takes,
 // on wgmma_layers() and a 64-channel 7x7 one (h*w = 49: element copies), and the
 // warp-specialised form on the same layers.
@@ -565,14 +576,9 @@ TEST(GpuBackwardWgmma, EveryTileMatchesReference) {
     // warpgroups: every slot refilled many times).
     for (auto [tm, tn, prod, stages] : {std::array{128, 128, 1, 0}, {64, 64, 1, 2}, {128, 64, 2, 2},
                                         {256, 64, 1, 0}, {64, 128, 2, 3}, {256, 64, 2, 0},
-                                        {256, 128, 1, 0}}) {
-      deft::Variant v;
-      v.algo = deft::Algo::gemm_wgmma;
-      v.tile_m = tm, v.tile_n = tn, v.tile_k = 64, v.threads = 2 * tm + 128 * prod;
-      v.producers = prod, v.stages = stages;
-      v.transpose = w.d.layout == Layout::nchw;
-      check_pass_variant(w.d, deft::Pass::backward_weight, v, t, 0);
-    }
+                                        {256, 128, 1, 0}})
+      check_pass_variant(w.d, deft::Pass::backward_weight,
+                         ws_weight_variant(w.d, tm, tn, prod, stages, 64), t, 0);
   }
 }
 
@@ -736,14 +742,9 @@ TEST(GpuBackwardWgmma, WeightTf32TilesMatchReference) {
     const Tensors t = random_tensors(w.d, w.sigma, 322);
     for (auto [tm, tn, prod, stages] : {std::array{128, 128, 1, 0}, {64, 64, 1, 2}, {128, 64, 2, 2},
                                         {256, 64, 1, 0}, {64, 128, 2, 3}, {256, 128, 1, 0},
-                                        {256, 64, 2, 0}}) {
-      deft::Variant v;
-      v.algo = deft::Algo::gemm_wgmma;
-      v.tile_m = tm, v.tile_n = tn, v.tile_k = 32, v.threads = 2 * tm + 128 * prod;
-      v.producers = prod, v.stages = stages;
-      v.transpose = w.d.layout == Layout::nchw;
-      ran += check_pass_variant(w.d, deft::Pass::backward_weight, v, t, 0);
-    }
+                                        {256, 64, 2, 0}})
+      ran += check_pass_variant(w.d, deft::Pass::backward_weight,
+                                ws_weight_variant(w.d, tm, tn, prod, stages, 32), t, 0);
   }
   EXPECT_EQ(ran, 33);  // tn=128 needs 128 channels a group and offset group: 3 of the 6 layers
 }
@@ -764,11 +765,8 @@ TEST(GpuBackwardWgmma, WeightBatchesMatchReference) {
     const int kp = d.dtype == DType::f32 ? 32 : 64;
     for (auto [tm, tn, prod, batch] : {std::array{256, 128, 1, 4}, {256, 128, 1, 8}, {256, 64, 2, 4},
                                        {128, 128, 2, 8}, {128, 64, 1, 4}}) {
-      deft::Variant v;
-      v.algo = deft::Algo::gemm_wgmma;
-      v.tile_m = tm, v.tile_n = tn, v.tile_k = kp, v.threads = 2 * tm + 128 * prod;
-      v.producers = prod, v.batch = batch;
-      v.transpose = d.layout == Layout::nchw;
+      deft::Variant v = ws_weight_variant(d, tm, tn, prod, 0, kp);
+      v.batch = batch;
       ran += check_pass_variant(d, deft::Pass::backward_weight, v, t, 0);
     }
   }
