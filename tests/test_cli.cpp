@@ -363,6 +363,8 @@ TEST(Cli, BadDescriptionExitsOneNamingTheField) {
       {{"compile", ""}, "deft: error: empty layer description"},
       {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8", "--arch", "sm_9x"},
        "deft: error: --arch sm_9x is not of the form sm_XY"},
+      {{"compile", "deform_conv2d n=1 c=8 h=8 w=8 k=8", "--deterministic"},
+       "deft: error: --deterministic applies to the backward passes"},
   };
   for (const Case& c : cases) {
     const CliRun r = run_cli(c.args, cache, tmp.path());
@@ -374,6 +376,32 @@ TEST(Cli, BadDescriptionExitsOneNamingTheField) {
   const CliRun usage = run_cli({"compile", kLayer, "--emit", "elf"}, cache, tmp.path());
   EXPECT_EQ(usage.exit_code, 2) << describe(usage);
   EXPECT_NE(usage.err.find("--emit"), std::string::npos) << describe(usage);
+}
+
+// `deft compile --deterministic` shows a backward pass's deterministic kernel: the variant of
+// that mode (for grad input on sm_90 the wgmma kernel's gather form: GIN_MODE 3) with det=1;
+// without the flag the fast mode's (vector reductions, GIN_MODE 1), no det=1.
+TEST(Cli, CompileDeterministicShowsTheDeterministicBackwardKernel) {
+  TempDir tmp;
+  const fs::path cache = tmp.path() / "cache";
+  const std::string data = "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 mask=1 "
+                           "dtype=f16 pass=backward_data";
+  const CliRun det = run_cli({"compile", data, "--emit", "cuda", "--arch", "sm_90",
+                              "--deterministic"}, cache, tmp.path());
+  ASSERT_EQ(det.exit_code, 0) << describe(det);
+  EXPECT_NE(det.out.find("det=1"), std::string::npos) << det.out.substr(0, 400);
+  EXPECT_NE(det.out.find("#define GIN_MODE 3"), std::string::npos);
+  const CliRun fast = run_cli({"compile", data, "--emit", "cuda", "--arch", "sm_90"}, cache,
+                              tmp.path());
+  ASSERT_EQ(fast.exit_code, 0) << describe(fast);
+  EXPECT_EQ(fast.out.find("det=1"), std::string::npos);
+  EXPECT_NE(fast.out.find("#define GIN_MODE 1"), std::string::npos);
+  // grad weight is deterministic in both modes: the same kernel, marked det=1
+  const CliRun w = run_cli({"compile", "deform_conv2d n=2 c=128 h=16 w=16 k=128 r=3 s=3 pad=1 "
+                            "mask=1 dtype=f16 pass=backward_weight", "--emit", "resources",
+                            "--arch", "sm_90", "--deterministic", "--no-cache"}, cache, tmp.path());
+  ASSERT_EQ(w.exit_code, 0) << describe(w);
+  EXPECT_NE(field(w.out, "variant").find("det=1"), std::string::npos) << w.out;
 }
 
 // ---- (e) help and version --------------------------------------------------------------------

@@ -94,6 +94,7 @@ struct CompileArgs {
   std::string db;
   bool no_cache = false;
   bool stats = false;
+  bool deterministic = false;
 };
 
 // "sm_90" or "90" -> 90.
@@ -242,7 +243,16 @@ int run_compile(const CompileArgs& a) {
   else if (!a.db.empty()) options.cache_path = a.db;
   // The default variant depends on the architecture (gemm_wgmma on sm_90).
   options.arch = a.arch.empty() ? default_arch() : parse_arch(a.arch);
-  const deft::Variant variant = deft::tuner::choose_variant(desc, options);
+  if (a.deterministic && desc.pass == deft::Pass::forward)
+    throw deft::Error("--deterministic applies to the backward passes (pass=backward_data or "
+                      "pass=backward_weight); the forward has no atomics");
+  options.deterministic = a.deterministic;
+  deft::Variant variant = deft::tuner::choose_variant(desc, options);
+  // as deft::compile does: a backward pass's kernel is compiled in the requested mode (det=1)
+  if (desc.pass != deft::Pass::forward) {
+    if (a.deterministic) variant.deterministic = true;
+    options.variant = variant;
+  }
   deft::validate(desc, variant);
   spdlog::debug("layer:   {}", deft::to_string(desc));
   spdlog::debug("variant: {}", deft::to_string(variant));
@@ -1023,6 +1033,10 @@ int main(int argc, char** argv) {
                     "(CUDA_CACHE_DISABLE=1): always compile, with the full ptxas report");
   compile->add_flag("--stats", ca.stats,
                     "Print 'nvrtc compiles: N, cache hits: M' on stderr at the end");
+  compile->add_flag("--deterministic", ca.deterministic,
+                    "A backward pass's deterministic kernel (bitwise-reproducible gradients, as "
+                    "CompileOptions::deterministic): its default variant for that mode, with "
+                    "det=1 (same as adding det=1 to --variant)");
 
   CLI::App* cache = app.add_subcommand(
       "cache", "Inspect, clear, export or import the cache (cubins and tuning records)");
