@@ -1,5 +1,6 @@
 // deform_conv2d backward_weight on Hopper's warpgroup tensor cores (wgmma, sm_90a), f16 and
-// bf16, channels-last input (nhwc layers, or the transpose pre-pass). Same contract and grid
+// bf16 (and f32 in tf32 math, below), channels-last input (nhwc layers, or the transpose
+// pre-pass). Same contract and grid
 // as deform_conv_bwd_weight.cuh: a block owns BO output channels x BN input channels of one
 // tap and conv group over one range of pixels, and writes its partial sums, tap-major
 // (PARTIAL_TAP_MAJOR: [split][t][k][c], whole rows of channels); deft_bwd_weight_reduce adds
