@@ -6,6 +6,7 @@
 #include <array>
 
 #include <regex>
+#include <tuple>
 
 #include <fmt/format.h>
 
@@ -582,6 +583,19 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
       EXPECT_NE(ptx.find("p, 1, 1;", at), std::string::npos);
       EXPECT_NE(ptx.find("cvt.rna.tf32.f32"), std::string::npos);  // operands rounded
     }
+  }
+  // tf32 grad_out copies: 16 bytes (4 pixels of a plane) where h*w is a multiple of 4, 8 bytes
+  // (2 pixels) where of 2, else elements; nhwc always elements (the copy transposes)
+  for (auto [hw, layout, bytes] : {std::tuple{"h=12 w=12", "nchw", 16}, {"h=9 w=10", "nchw", 8},
+                                   {"h=7 w=7", "nchw", 4}, {"h=12 w=12", "nhwc", 4}}) {
+    const auto d = deft::parse_layer_desc(
+        fmt::format("deform_conv2d n=2 c=128 {} k=128 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
+                    "layout={} pass=backward_weight", hw, layout));
+    const deft::Variant w = deft::default_variant(d, 90);
+    SCOPED_TRACE(deft::to_string(d));
+    EXPECT_EQ(deft::make_plan(d, w).align_gout, bytes);
+    EXPECT_NE(deft::generate_source(d, w).find(fmt::format("constexpr int GOUT_COPY = {};", bytes)),
+              std::string::npos);
   }
   refused(base + "dtype=f16 layout=nchw pass=backward_weight",
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=256 transpose=0", "transpose");
