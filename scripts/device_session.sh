@@ -14,7 +14,7 @@
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
 #   --cases, --backward-data-variant; a subset leaves the BENCHMARKS.md section as it was, the
-#   logs keep its table), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window | data), SWEEP_DTYPE (sweepbwd: fp16 or fp32_tf32), SWEEP_SHAPES (sweepbwd: a cases file), SWEEP_TAG (sweepbwd: log name suffix), SWEEP_SIGMAS,
+#   logs keep its table), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window | data), SWEEP_DTYPE (sweepbwd: fp16 or fp32_tf32), SWEEP_LAYOUT (sweepbwd: nchw or nhwc), SWEEP_SHAPES (sweepbwd: a cases file), SWEEP_TAG (sweepbwd: log name suffix), SWEEP_SIGMAS,
 #   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES, PROF_LAYOUTS, PROF_TAG (profbwd, proffwd; PROF_TAG: log name suffix)
 set -uo pipefail
 OUT=${OUT:-/tmp/deft-out}; LOGS=/tmp/deft-logs; mkdir -p "$OUT" "$LOGS"
@@ -101,7 +101,7 @@ for step in "$@"; do
       done ;;
     sweepbwd)  # grad-weight tiles on wgmma against the WMMA kernel (scripts/sweep_bwd.py)
       timeout 200 python3 scripts/sweep_bwd.py "${SWEEP_CASES:-dense512,resnet_res4,maskrcnn_res4,deft_64,stride2}" \
-        --family "${SWEEP_FAMILY:-wgmma}" ${SWEEP_DTYPE:+--dtype "$SWEEP_DTYPE"} \
+        --family "${SWEEP_FAMILY:-wgmma}" ${SWEEP_DTYPE:+--dtype "$SWEEP_DTYPE"} ${SWEEP_LAYOUT:+--layout "$SWEEP_LAYOUT"} \
         ${SWEEP_SHAPES:+--shapes "$SWEEP_SHAPES"} ${SWEEP_SIGMAS:+--sigmas "$SWEEP_SIGMAS"} \
         > "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}${SWEEP_TAG:-}.log" 2>&1
       stamp "sweep_bwd rc=$?"; cut -c1-150 "$LOGS/sweep-bwd-${SWEEP_FAMILY:-wgmma}${SWEEP_TAG:-}.log" ;;

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Times backward-pass variants (grad input/offset/mask pass and grad weight pass separately)
-on bench cases, NCHW, and checks each variant's gradients against the heuristic default's.
-sweep_bwd.py [case,...] [--dtype fp16]"""
+on bench cases, NCHW (or --layout nhwc), and checks each variant's gradients against the
+heuristic default's.
+sweep_bwd.py [case,...] [--dtype fp16] [--layout nchw|nhwc]"""
 import argparse
 import itertools
 import os
@@ -25,6 +26,9 @@ ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "batch",
                      "wgmma tiles against the WMMA kernel, each also in deterministic mode; "
                      "simt: the FMA grad-input kernel's tiles, scalar and vector epilogue (vec=4), "
                      "for --dtype fp32; dw: the depthwise grad input, float atomics against gin=gather")
+ap.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
+                help="the layers' layout: nhwc passes channels-last tensors (krsc weight) and "
+                     "drops the variants' transpose=1")
 ap.add_argument("--sigmas", default="2", help="offset spreads (px), comma-separated: each case "
                 "is swept once per sigma")
 args = ap.parse_args()
@@ -104,13 +108,17 @@ for case, sigma in itertools.product(spec["cases"], [float(s) for s in args.sigm
         continue
     c = case
     x, w, off, m, gout = bench.backward_inputs(c, tdt, sigma=sigma)
-    desc = bench.deft_desc(case, "nchw", args.dtype)
+    if args.layout == "nhwc":  # every tensor channels-last, the weight [k][r][s][c/groups]
+        x, w, off, m, gout = (t.permute(0, 2, 3, 1).contiguous() for t in (x, w, off, m, gout))
+    desc = bench.deft_desc(case, args.layout, args.dtype)
     ref = lib.compile(desc)
     bufs = [torch.empty_like(v) for v in (x, off, m, w)]
     ref.backward(x, off, m, w, gout, *bufs, None, 0)
     torch.cuda.synchronize()
     for kind, vs in (("data", data_vs), ("weight", weight_vs)):
         for v in vs:
+            if args.layout == "nhwc":
+                v = v.replace(" transpose=1", "")
             try:
                 k = lib.compile_ex(desc, None, None, v if kind == "data" else None,
                                    v if kind == "weight" else None)
