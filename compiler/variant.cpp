@@ -312,8 +312,10 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // above 128; up to 128, 128 x 128 with two where 128 channels fit, else 128 x 64 with one.
   // Else (and where the plan refuses it) the WMMA kernel. f32 in tf32 math: the same tiles
   // with 32-pixel chunks (docs/perf-notes.md round B20).
+  // tf32 on nchw layers only: on nhwc ones the kernel transposes grad_out by 4-byte copies, and
+  // that form has not been timed against the WMMA kernel (it is in the tuner's space).
   if (arch == 90 && d.pass == Pass::backward_weight && base.algo == Algo::gemm_tc &&
-      (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32)) {
+      (d.dtype == DType::f16 || d.dtype == DType::bf16 || (tf32 && d.layout == Layout::nchw))) {
     const int64_t kg = d.k_per_group(), cg = d.c_per_group(), cpog = d.c_per_offset_group();
     Variant v = base;
     v.algo = Algo::gemm_wgmma;

@@ -553,15 +553,20 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 producers=1 transpose=1", "tk");
   // tf32 (round B20): the warp-specialised form with 32-pixel chunks, k8 wgmmas on two K-major
   // operands (no transpose bits), the same shared-memory plan as 16-bit elements, no spills;
-  // the sm_90 default for these 256 output channels, as for f16
+  // the sm_90 default for these 256 output channels on nchw layers, as for f16 (nhwc: the WMMA
+  // kernel, until the transposing grad_out copy is timed)
   for (const char* layout : {"nchw", "nhwc"}) {
     const auto d = deft::parse_layer_desc(base + "dtype=f32 math=tf32 layout=" + layout +
                                           " pass=backward_weight");
     SCOPED_TRACE(deft::to_string(d));
     const deft::Variant dv = deft::default_variant(d, 90);
-    EXPECT_EQ(dv.algo, deft::Algo::gemm_wgmma);
-    EXPECT_EQ(dv.tile_k, 32);
-    EXPECT_EQ(dv.producers, 2);
+    if (d.layout == deft::Layout::nhwc) {
+      EXPECT_EQ(dv.algo, deft::Algo::gemm_tc);
+    } else {
+      EXPECT_EQ(dv.algo, deft::Algo::gemm_wgmma);
+      EXPECT_EQ(dv.tile_k, 32);
+      EXPECT_EQ(dv.producers, 2);
+    }
     for (auto [tm, tn, prod] : {std::array{64, 64, 1}, {128, 128, 2}, {256, 64, 2}, {256, 128, 1}}) {
       deft::Variant w;
       w.algo = deft::Algo::gemm_wgmma;
@@ -591,7 +596,8 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
     const auto d = deft::parse_layer_desc(
         fmt::format("deform_conv2d n=2 c=128 {} k=128 r=3 s=3 pad=1 mask=1 dtype=f32 math=tf32 "
                     "layout={} pass=backward_weight", hw, layout));
-    const deft::Variant w = deft::default_variant(d, 90);
+    deft::Variant w = deft::parse_variant("algo=gemm_wgmma tm=128 tn=128 tk=32 threads=512 producers=2");
+    w.transpose = d.layout == deft::Layout::nchw;
     SCOPED_TRACE(deft::to_string(d));
     EXPECT_EQ(deft::make_plan(d, w).align_gout, bytes);
     EXPECT_NE(deft::generate_source(d, w).find(fmt::format("constexpr int GOUT_COPY = {};", bytes)),
@@ -1079,6 +1085,7 @@ TEST(Heuristic, GradWeightOnSm90) {
       {"n=4 c=128 h=16 w=16 k=128 dtype=f32 math=tf32", 128, 128, 2},  // tf32, stride2-like
       {"n=16 c=512 h=32 w=32 k=512 dtype=f32 math=tf32", 256, 64, 2},  // tf32 dense512
       {"n=8 c=64 h=64 w=64 k=64 dtype=f32 math=tf32", 256, 64, 2},     // tf32 deft_64
+      {"n=4 c=128 h=16 w=16 k=128 dtype=f32 math=tf32 layout=nhwc", 0, 0, 0},  // nhwc tf32: WMMA
       {"n=4 c=128 h=16 w=16 k=128 dtype=f32", 0, 0, 0},                // strict f32
       {"n=4 c=128 h=16 w=16 k=128 groups=128 dtype=f16", 0, 0, 0},     // depthwise
   };
