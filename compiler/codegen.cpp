@@ -225,7 +225,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("NSTAGE", p.nstage);
       // a producer lane keeps all of a chunk's corner loads in flight (8 items x 4 corners
       // with tn = 128) where the block's register cap allows it (168 a thread at 384 threads),
-      // else batches of 4 items (128 at 512) or 2 (96 at 640): more spill
+      // else batches of 4 items (128 at 512) or 2 (96 at 640): more spill; the variant's
+      // batch (plan.bww_batch) overrides the rule
       const int cap = 65536 / int(p.block);
       c32("MAX_BATCH", p.bww_batch ? p.bww_batch : cap >= 160 ? 8 : cap >= 128 ? 4 : 2);
       c32("GOUT_COPY", p.gout_copy);  // bytes per grad_out copy

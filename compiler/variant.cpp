@@ -310,10 +310,10 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // offset groups, from the sweep of docs/perf-notes.md round B10 (H200, fp16 nchw):
   // 256 x 128 with one producer warpgroup for 512 output channels a group, 256 x 64 with two
   // above 128; up to 128, 128 x 128 with two where 128 channels fit, else 128 x 64 with one.
-  // Else (and where the plan refuses it) the WMMA kernel. f32 in tf32 math: the same tiles
-  // with 32-pixel chunks (docs/perf-notes.md round B20).
-  // tf32 on nchw layers only: on nhwc ones the kernel transposes grad_out by 4-byte copies, and
-  // that form has not been timed against the WMMA kernel (it is in the tuner's space).
+  // Else (and where the plan refuses it) the WMMA kernel. f32 in tf32 math (32-pixel chunks,
+  // docs/perf-notes.md round B20): tiles of its own, below, on nchw layers only — on nhwc ones
+  // the kernel transposes grad_out by 4-byte copies, and that form has not been timed against
+  // the WMMA kernel (it is in the tuner's space).
   if (arch == 90 && d.pass == Pass::backward_weight && base.algo == Algo::gemm_tc &&
       (d.dtype == DType::f16 || d.dtype == DType::bf16 || (tf32 && d.layout == Layout::nchw))) {
     const int64_t kg = d.k_per_group(), cg = d.c_per_group(), cpog = d.c_per_offset_group();
@@ -322,23 +322,24 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.tile_k = tf32 ? 32 : 64;
     v.transpose = d.layout == Layout::nchw;
     const bool fit128 = cg % 128 == 0 && cpog % 128 == 0;
-    v.tile_m = kg > 128 ? 256 : 128;
-    v.tile_n = fit128 && (kg >= 512 || kg <= 128) ? 128 : 64;
-    v.producers = kg >= 512 && fit128 ? 1 : kg <= 128 && !fit128 ? 1 : 2;
-    // f16/bf16 256 x 128 with one producer warpgroup: batches of 4 items a producer lane (the
-    // register rule gives 2 at 640 threads), from the sweep of docs/perf-notes.md round B21
-    // (H200, fp16 nchw, grad-weight pass): dense512 0.714 against 0.760 ms (batch=8: 0.827).
-    if (v.tile_m == 256 && v.tile_n == 128 && v.producers == 1) v.batch = 4;
-    // tf32: 256 x 64 with two producer warpgroups, except 128 x 128 with two where the f16 rule
-    // takes it (up to 128 output channels, 128 channels fitting the groups), from the sweeps of
-    // rounds B20 and B21 (H200, tf32 nchw, grad-weight pass): dense512 1.555-1.576 ms (256 x 128
-    // P1 1.588-1.626; WMMA 4.078), resnet_res4 0.184-0.192 (WMMA 0.559), maskrcnn_res4 0.228
-    // (256 x 128 P1 0.262), deft_64 0.164 (128 x 64 P1 0.186; WMMA 0.213); stride2 (128 output
-    // channels) 128 x 128 P2 0.227 against 0.283. The batch rule's default on all: batch=4 spills
-    // in tf32 and lost everywhere.
     if (tf32) {
+      // 256 x 64 with two producer warpgroups, except 128 x 128 with two where the f16 rule
+      // takes it (up to 128 output channels, 128 channels fitting the groups), from the sweeps
+      // of rounds B20 and B21 (H200, tf32 nchw, grad-weight pass): dense512 1.555-1.576 ms
+      // (256 x 128 P1 1.588-1.626; WMMA 4.078), resnet_res4 0.184-0.192 (WMMA 0.559),
+      // maskrcnn_res4 0.228 (256 x 128 P1 0.262), deft_64 0.164 (128 x 64 P1 0.186; WMMA
+      // 0.213); stride2 (128 output channels) 128 x 128 P2 0.227 against 0.283. The register
+      // rule's batch on all: batch=4 spills in tf32 and lost everywhere.
       const bool wide = kg <= 128 && fit128;
-      v.tile_m = wide ? 128 : 256, v.tile_n = wide ? 128 : 64, v.producers = 2, v.batch = 0;
+      v.tile_m = wide ? 128 : 256, v.tile_n = wide ? 128 : 64, v.producers = 2;
+    } else {
+      v.tile_m = kg > 128 ? 256 : 128;
+      v.tile_n = fit128 && (kg >= 512 || kg <= 128) ? 128 : 64;
+      v.producers = kg >= 512 && fit128 ? 1 : kg <= 128 && !fit128 ? 1 : 2;
+      // 256 x 128 with one producer warpgroup: batches of 4 items a producer lane (the
+      // register rule gives 2 at 640 threads), from the sweep of docs/perf-notes.md round B21
+      // (H200, fp16 nchw, grad-weight pass): dense512 0.714 against 0.760 ms (batch=8: 0.827).
+      if (v.tile_m == 256 && v.tile_n == 128 && v.producers == 1) v.batch = 4;
     }
     v.threads = wgmma_threads(Pass::backward_weight, v.tile_m, v.tile_n, v.producers);
     return runs(d, v) ? v : base;

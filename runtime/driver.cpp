@@ -112,7 +112,8 @@ void check(CUresult r, const char* what) {
   throw Error(fmt::format("{}: {}: {}", what, name, desc));
 }
 
-bool programmatic_launch_enabled() {
+// Whether DEFT_PDL allows programmatic launches (read once; default on).
+static bool programmatic_launch_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("DEFT_PDL");
     return !(v && std::string(v) == "0");

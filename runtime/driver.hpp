@@ -69,8 +69,6 @@ void check(CUresult r, const char* what);
 // templates/common.cuh, on sm_90 and later). DEFT_PDL=0 in the environment turns it off.
 CUresult launch_kernel(CUfunction f, const unsigned (&grid)[3], unsigned block, unsigned smem,
                        CUstream stream, void** params, bool programmatic);
-// Whether DEFT_PDL allows programmatic launches (read once; default on).
-bool programmatic_launch_enabled();
 
 // Makes sure a context is current on this thread (the primary context of device 0 if none
 // is) and returns its device.

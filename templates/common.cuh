@@ -259,6 +259,14 @@ __device__ __forceinline__ bool deft_transpose_pairs(const S* src, const D* dst,
          (unsigned long long)dst % (2 * sizeof(D)) == 0;
 }
 
+// An f32 value rounded to the nearest tf32: what the wgmma kernels' tf32 operands hold (wgmma
+// itself would truncate the low bits).
+__device__ __forceinline__ float deft_round_tf32(float x) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return __uint_as_float(r);
+}
+
 // 4 f32 channels of one bilinear sample: the four corners' 16-byte vectors c[q] weighted by w
 // (x, y, z, w = corners 0 .. 3), in one fixed order of operations.
 __device__ __forceinline__ float4 deft_combine4f(const uint4 (&c)[4], const float4& w) {

@@ -84,12 +84,6 @@ __device__ __forceinline__ int deft_col_channel(int n) {
 // rounded to tf32).
 constexpr int SLICE_ELEMS = SLICE_BYTES / (int)sizeof(T);
 constexpr int CORE_ELEMS = 128 / (int)sizeof(T);
-// An f32 value rounded to the nearest tf32 (the bits wgmma reads; it would truncate).
-__device__ __forceinline__ float deft_round_tf32(float x) {
-  unsigned r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return __uint_as_float(r);
-}
 constexpr long long PACKED_ELEMS = (long long)G * TAPS * (CG / BN) * KSL * SLICE_ELEMS;
 extern "C" __global__ void __launch_bounds__(256)
     deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {

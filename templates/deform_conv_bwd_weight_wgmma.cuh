@@ -358,12 +358,6 @@ __device__ __forceinline__ void deft_copy_gout(const T* __restrict__ gout, unsig
 }
 
 #if TF32
-// An f32 value rounded to the nearest tf32 (the bits wgmma reads; it would truncate).
-__device__ __forceinline__ float deft_round_tf32(float x) {
-  unsigned r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return __uint_as_float(r);
-}
 // The four pieces this thread copied into A stage st (deft_copy_gout's order), rounded in
 // place once they have landed.
 __device__ __forceinline__ void deft_round_gout(unsigned char* st, int wq, int lane) {

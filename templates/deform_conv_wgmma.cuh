@@ -85,11 +85,9 @@ __device__ __forceinline__ int deft_slot_channel(int j) {
   }
 }
 
-// An f32 value rounded to the nearest tf32 (the bits wgmma reads; it would truncate).
+// The bits of an f32 value rounded to the nearest tf32 (deft_round_tf32), as wgmma reads them.
 __device__ __forceinline__ unsigned deft_tf32_bits(float x) {
-  unsigned r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
+  return __float_as_uint(deft_round_tf32(x));
 }
 
 // First offset group of weight group g.
