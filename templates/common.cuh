@@ -259,8 +259,8 @@ __device__ __forceinline__ bool deft_transpose_pairs(const S* src, const D* dst,
          (unsigned long long)dst % (2 * sizeof(D)) == 0;
 }
 
-// An f32 value rounded to the nearest tf32: what the wgmma kernels' tf32 operands hold (wgmma
-// itself would truncate the low bits).
+// An f32 value rounded to the nearest tf32: what the Hopper kernels' tf32 operands hold (the
+// warpgroup MMA itself would truncate the low bits).
 __device__ __forceinline__ float deft_round_tf32(float x) {
   unsigned r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
