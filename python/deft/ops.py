@@ -411,7 +411,8 @@ def _backward(ctx, grad):
 _deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 # Under autocast the op runs in float16 (the custom op's rule below, and _autocast_cast on the
-# eager path). The backward op has no rule: it runs in the dtype the forward ran in.
+# eager path, inside its autograd node). The backward op has no rule: it runs in the dtype the
+# forward ran in.
 _AUTOCAST_DTYPE = torch.float16
 if hasattr(torch.library, "register_autocast"):
     torch.library.register_autocast("deft::deform_conv2d", "cuda", _AUTOCAST_DTYPE)
@@ -454,10 +455,22 @@ def _eager(tensors) -> bool:
 
 
 class _DeformConv2dFunction(torch.autograd.Function):
-    """deft::deform_conv2d's forward and autograd (the same functions), called eagerly."""
+    """deft::deform_conv2d's forward and autograd (the same functions), called eagerly.
+
+    ``autocast``: the op was called under autocast, whose rule (_autocast_cast) is applied here,
+    inside this one autograd node, and the gradients go back in each argument's own dtype. A
+    ``.to()`` per argument before the node would put a cast node of its own into the graph for
+    each float32 argument (the weight, the bias), each costing host time forward and backward
+    (docs/perf-notes.md, session 15)."""
 
     @staticmethod
-    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation):
+    def forward(ctx, input, offset, weight, bias, mask, stride, padding, dilation,
+                autocast=False):
+        ctx.arg_dtypes = None
+        if autocast:
+            args5 = (input, offset, weight, bias, mask)
+            ctx.arg_dtypes = tuple(None if t is None else t.dtype for t in args5)
+            input, offset, weight, bias, mask = (_autocast_cast(t) for t in args5)
         args = (input, offset, weight, bias, mask, stride, padding, dilation)
         out = _forward(*args)
         _setup_context(ctx, args, out)
@@ -468,10 +481,13 @@ class _DeformConv2dFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         with torch.no_grad():
             grads = _backward_with(_backward_impl, ctx, grad)
+            if ctx.arg_dtypes is not None:  # each gradient in its argument's dtype
+                grads = tuple(t if t is None or dt is None or t.dtype == dt else t.to(dt)
+                              for t, dt in zip(grads[:5], ctx.arg_dtypes)) + tuple(grads[5:])
         if create_graph:  # backward(create_graph=True): these gradients are not differentiable
             deps = (grad,) + tuple(t for t in ctx.saved_tensors if t is not None)
             grads = tuple(None if t is None else _NotTwice.apply(t, *deps) for t in grads)
-        return grads
+        return tuple(grads) + (None,)  # (nothing for the autocast flag)
 
 
 class _NotTwice(torch.autograd.Function):
@@ -552,11 +568,13 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     if not _eager((input, offset, weight, bias, mask)):
         return torch.ops.deft.deform_conv2d(input, offset, weight, bias, mask, stride, padding,
                                             dilation)
-    if _autocast_on():
-        input, offset, weight, bias, mask = (_autocast_cast(t) for t in
-                                             (input, offset, weight, bias, mask))
+    autocast = _autocast_on()
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
                                        (input, offset, weight, bias, mask)):
+        # (under autocast the node casts: one graph node instead of one more per cast)
         return _DeformConv2dFunction.apply(input, offset, weight, bias, mask, stride, padding,
-                                           dilation)
+                                           dilation, autocast)
+    if autocast:
+        input, offset, weight, bias, mask = (_autocast_cast(t) for t in
+                                             (input, offset, weight, bias, mask))
     return _forward(input, offset, weight, bias, mask, stride, padding, dilation)
