@@ -170,21 +170,29 @@ def train(op, init_state, batches, args) -> dict:
         model = torch.compile(model)
     events = []
     losses = []
+    # Host time of each phase of a step (perf_counter; the host runs ahead of the GPU except at
+    # the GradScaler's check for infs in scaler.step, a synchronisation): the forward and the
+    # backward phases are the host's time to queue their work, what bounds a host-bound step.
+    phases = []
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     first_step_s = None
     for step in range(args.steps):
         x, y = batches[step % len(batches)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        h0 = time.perf_counter()
         start.record()
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=args.amp,
                             cache_enabled=not args.graphs):
             loss = F.cross_entropy(model(x), y)
+        h1 = time.perf_counter()
         scaler.scale(loss).backward()
+        h2 = time.perf_counter()
         scaler.step(opt)
         scaler.update()
         end.record()
+        phases.append((h1 - h0, h2 - h1, time.perf_counter() - h2))
         events.append((start, end))
         losses.append(loss.detach().float())
         if step == 0:
@@ -194,6 +202,8 @@ def train(op, init_state, batches, args) -> dict:
     wall_s = time.perf_counter() - t0
     step_ms = [s.elapsed_time(e) for s, e in events]
     timed = step_ms[args.warmup:]
+    host_ms = {name: statistics.median(p[i] * 1e3 for p in phases[args.warmup:])
+               for i, name in enumerate(("forward", "backward", "optimizer"))}
     loss_values = torch.stack(losses).tolist()
     return {
         "median_step_ms": statistics.median(timed),
@@ -201,6 +211,7 @@ def train(op, init_state, batches, args) -> dict:
         "first_step_s": first_step_s,
         "wall_s": wall_s,
         "final_loss_scale": float(scaler.get_scale()) if args.amp else None,
+        "host_phase_ms": host_ms,
         "step_ms": step_ms,
         "losses": loss_values,
         "finite": all(v == v and abs(v) != float("inf") for v in loss_values),
@@ -312,11 +323,15 @@ def main(argv=None) -> int:
           f", {args.steps} steps "
           f"(median over steps {args.warmup + 1}-{args.steps}), {summary['device']}")
     print(f"{'op':<18} {'median step ms':>15} {'mean step ms':>13} {'first step s':>13} "
-          f"{'loss first':>11} {'loss last':>10}")
+          f"{'loss first':>11} {'loss last':>10}   host ms: {'fwd':>6} {'bwd':>6} {'opt':>6}")
     for name in results:
         r = results[name]
+        hp = r["host_phase_ms"]
         print(f"{name:<18} {r['median_step_ms']:>15.2f} {r['mean_step_ms']:>13.2f} "
-              f"{r['first_step_s']:>13.2f} {r['losses'][0]:>11.4f} {r['losses'][-1]:>10.4f}")
+              f"{r['first_step_s']:>13.2f} {r['losses'][0]:>11.4f} {r['losses'][-1]:>10.4f}"
+              f"            {hp['forward']:>6.2f} {hp['backward']:>6.2f} {hp['optimizer']:>6.2f}")
+    print("(host ms: the host's median time per phase of a step; the optimizer phase waits for "
+          "the GPU, at the GradScaler's check for infs)")
     if "speedup" in summary:
         print(f"speedup (torchvision / deft, the better median step of two runs each): "
               f"{summary['speedup']:.2f}x (run by run: "

@@ -112,12 +112,26 @@ def main():
     results.append(("fwd+bwd autocast, custom op", *timed(amp(lambda a, o, ww, bb, mm: torch.ops.deft.deform_conv2d(a, o, ww, bb, mm, one, one, one)), args.calls // 4)))
     results.append(("fwd+bwd autocast, deft.ops.deform_conv2d", *timed(amp(lambda a, o, ww, bb, mm: deft.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm)), args.calls // 4)))
     results.append(("fwd+bwd autocast, torchvision", *timed(amp(lambda a, o, ww, bb, mm: torchvision.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm)), args.calls // 4)))
+    # As in a training step under autocast: the activations (input, offset, mask) are already
+    # float16, the weight is a float32 parameter, no bias (a ResNet's convolutions).
+    mixed = [x.clone().requires_grad_(True), off.clone().requires_grad_(True),
+             wt.float().clone().requires_grad_(True), None, m.clone().requires_grad_(True)]
+
+    def amp_mixed(fn):
+        def step():
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = fn(*mixed)
+            out.backward(gy)
+        return step
+    results.append(("fwd+bwd autocast, fp16 act + fp32 weight, deft", *timed(amp_mixed(lambda a, o, ww, bb, mm: deft.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm)), args.calls // 4)))
+    results.append(("fwd+bwd autocast, fp16 act + fp32 weight, tv", *timed(amp_mixed(lambda a, o, ww, bb, mm: torchvision.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm)), args.calls // 4)))
+    results.append(("fwd+bwd autocast, fp16 act + fp32 weight, cuDNN", *timed(amp_mixed(lambda a, o, ww, bb, mm: F.conv2d(a, ww, bb, padding=1)), args.calls // 4)))
 
     print(f"host time per call, fp16 n={n} c={c} {h}x{w} 3x3 (k={c}), {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
-    print(f"{'call':46s} {'host us':>9s} {'GPU us':>8s}  bound by")
+    print(f"{'call':50s} {'host us':>9s} {'GPU us':>8s}  bound by")
     for name, host, gpu in results:
-        print(f"{name:46s} {host:9.1f} {gpu:8.1f}  {'host' if host > 1.1 * gpu else 'GPU'}")
+        print(f"{name:50s} {host:9.1f} {gpu:8.1f}  {'host' if host > 1.1 * gpu else 'GPU'}")
 
     if args.profile:
         step = train(lambda a, o, ww, bb, mm: deft.ops.deform_conv2d(a, o, ww, bb, padding=1, mask=mm), leaves)

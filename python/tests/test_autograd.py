@@ -294,6 +294,25 @@ def test_autocast_forward_and_backward_in_half():
         assert max_rel(v.grad, ref_grads[name]) <= TOL[torch.float16], name
 
 
+def test_autocast_mixed_dtypes_give_each_gradient_in_its_argument_dtype():
+    # as in a training step: float16 activations, a float32 weight and bias under autocast; the
+    # op casts inside its one autograd node and hands each gradient back in its argument's dtype
+    tensors, grad, kw = make(**CASES["dcnv2"], dtype=torch.float32, seed=8)
+    dtypes = {"input": torch.float16, "offset": torch.float16, "mask": torch.float16,
+              "weight": torch.float32, "bias": torch.float32}
+    leaves = {name: v.to(dtypes[name]).requires_grad_(True) for name, v in tensors.items()}
+    halves = {name: v.detach().half() for name, v in leaves.items()}
+    _, ref_grads = reference(halves, grad.half(), kw)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = deft.ops.deform_conv2d(leaves["input"], leaves["offset"], leaves["weight"],
+                                     leaves["bias"], mask=leaves["mask"], **kw)
+    assert out.dtype == torch.float16
+    out.backward(grad.half())
+    for name, v in leaves.items():
+        assert v.grad is not None and v.grad.dtype == dtypes[name], name
+        assert max_rel(v.grad, ref_grads[name]) <= TOL[torch.float16], name
+
+
 class _TorchvisionPack(torch.nn.Module):
     """deft.nn.DeformConv2dPack's computation with torchvision's op (same parameters)."""
 
