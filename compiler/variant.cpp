@@ -311,11 +311,10 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // 256 x 128 with one producer warpgroup for 512 output channels a group, 256 x 64 with two
   // above 128; up to 128, 128 x 128 with two where 128 channels fit, else 128 x 64 with one.
   // Else (and where the plan refuses it) the WMMA kernel. f32 in tf32 math (32-pixel chunks,
-  // docs/perf-notes.md round B20): tiles of its own, below, on nchw layers only — on nhwc ones
-  // the kernel transposes grad_out by 4-byte copies, and that form has not been timed against
-  // the WMMA kernel (it is in the tuner's space).
+  // docs/perf-notes.md round B20): tiles of its own, below, in both layouts (round B22 timed
+  // nhwc: the same tiles win there, 2.6-3.1x faster than the WMMA kernel on four of five cases).
   if (arch == 90 && d.pass == Pass::backward_weight && base.algo == Algo::gemm_tc &&
-      (d.dtype == DType::f16 || d.dtype == DType::bf16 || (tf32 && d.layout == Layout::nchw))) {
+      (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32)) {
     const int64_t kg = d.k_per_group(), cg = d.c_per_group(), cpog = d.c_per_offset_group();
     Variant v = base;
     v.algo = Algo::gemm_wgmma;
@@ -329,7 +328,10 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
       // (256 x 128 P1 1.588-1.626; WMMA 4.078), resnet_res4 0.184-0.192 (WMMA 0.559),
       // maskrcnn_res4 0.228 (256 x 128 P1 0.262), deft_64 0.164 (128 x 64 P1 0.186; WMMA
       // 0.213); stride2 (128 output channels) 128 x 128 P2 0.227 against 0.283. The register
-      // rule's batch on all: batch=4 spills in tf32 and lost everywhere.
+      // rule's batch on all: batch=4 spills in tf32 and lost everywhere. On nhwc (round B22):
+      // the best or within 2 % of it on all five (dense512 1.500 ms, best 1.476; resnet_res4
+      // 0.178, maskrcnn_res4 0.214, stride2 0.200, deft_64 0.185; WMMA 3.941, 0.554, 0.698,
+      // 0.560, 0.213).
       const bool wide = kg <= 128 && fit128;
       v.tile_m = wide ? 128 : 256, v.tile_n = wide ? 128 : 64, v.producers = 2;
     } else {

@@ -177,7 +177,12 @@ def train(op, init_state, batches, args) -> dict:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     first_step_s = None
+    prof = None
     for step in range(args.steps):
+        if args.cprofile and step == args.warmup:
+            import cProfile
+            prof = cProfile.Profile()
+            prof.enable()
         x, y = batches[step % len(batches)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         h0 = time.perf_counter()
@@ -200,6 +205,15 @@ def train(op, init_state, batches, args) -> dict:
             first_step_s = time.perf_counter() - t0
     torch.cuda.synchronize()
     wall_s = time.perf_counter() - t0
+    if prof is not None:
+        import io
+        import pstats
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(args.cprofile)
+        print(f"cProfile of steps {args.warmup + 1}-{args.steps}, {op.__module__}.{op.__name__}"
+              f" (own time; the step times above include the profiler's cost):")
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip()))
     step_ms = [s.elapsed_time(e) for s, e in events]
     timed = step_ms[args.warmup:]
     host_ms = {name: statistics.median(p[i] * 1e3 for p in phases[args.warmup:])
@@ -251,6 +265,9 @@ def main(argv=None) -> int:
     p.add_argument("--offset-mask", choices=["joint", "separate"], default="joint",
                    help="joint: one convolution predicts offsets and mask (mmcv's layout, the "
                         "default); separate: one convolution each")
+    p.add_argument("--cprofile", type=int, metavar="N", default=0,
+                   help="profile the timed steps with cProfile and print the N functions with "
+                        "the most own time (host time; slows the step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="write a JSON summary here")
     args = p.parse_args(argv)

@@ -553,20 +553,16 @@ TEST(Codegen, WgmmaBackwardWeightTilesCompile) {
           "algo=gemm_wgmma tm=128 tn=64 tk=64 threads=384 producers=1 transpose=1", "tk");
   // tf32 (round B20): the warp-specialised form with 32-pixel chunks, k8 wgmmas on two K-major
   // operands (no transpose bits), the same shared-memory plan as 16-bit elements, no spills;
-  // the sm_90 default for these 256 output channels on nchw layers, as for f16 (nhwc: the WMMA
-  // kernel, until the transposing grad_out copy is timed)
+  // the sm_90 default for these 256 output channels in both layouts, as for f16 (nhwc since
+  // round B22 timed its transposing grad_out copy)
   for (const char* layout : {"nchw", "nhwc"}) {
     const auto d = deft::parse_layer_desc(base + "dtype=f32 math=tf32 layout=" + layout +
                                           " pass=backward_weight");
     SCOPED_TRACE(deft::to_string(d));
     const deft::Variant dv = deft::default_variant(d, 90);
-    if (d.layout == deft::Layout::nhwc) {
-      EXPECT_EQ(dv.algo, deft::Algo::gemm_tc);
-    } else {
-      EXPECT_EQ(dv.algo, deft::Algo::gemm_wgmma);
-      EXPECT_EQ(dv.tile_k, 32);
-      EXPECT_EQ(dv.producers, 2);
-    }
+    EXPECT_EQ(dv.algo, deft::Algo::gemm_wgmma);
+    EXPECT_EQ(dv.tile_k, 32);
+    EXPECT_EQ(dv.producers, 2);
     for (auto [tm, tn, prod] : {std::array{64, 64, 1}, {128, 128, 2}, {256, 64, 2}, {256, 128, 1}}) {
       deft::Variant w;
       w.algo = deft::Algo::gemm_wgmma;
@@ -1063,9 +1059,9 @@ TEST(Codegen, StreamingBackwardDataVectorEpilogue) {
 
 }  // namespace
 
-// The sm_90 grad-weight heuristic (compiler/variant.cpp, perf notes rounds B10, B20, B21): the
-// warp-specialised wgmma tile by output channels a group, where 64-channel tiles fit (tf32:
-// 256 x 64 P2, or 128 x 128 P2 as for f16 up to 128 output channels; f16 256 x 128 P1 with
+// The sm_90 grad-weight heuristic (compiler/variant.cpp, perf notes rounds B10, B20-B22): the
+// warp-specialised wgmma tile by output channels a group, where 64-channel tiles fit (tf32, both
+// layouts: 256 x 64 P2, or 128 x 128 P2 as for f16 up to 128 output channels; f16 256 x 128 P1 with
 // batch=4); the WMMA kernel elsewhere (32 channels a group, strict f32, sm_80) and the
 // depthwise kernel for depthwise layers. Every tile it picks passes the plan.
 TEST(Heuristic, GradWeightOnSm90) {
@@ -1085,7 +1081,8 @@ TEST(Heuristic, GradWeightOnSm90) {
       {"n=4 c=128 h=16 w=16 k=128 dtype=f32 math=tf32", 128, 128, 2},  // tf32, stride2-like
       {"n=16 c=512 h=32 w=32 k=512 dtype=f32 math=tf32", 256, 64, 2},  // tf32 dense512
       {"n=8 c=64 h=64 w=64 k=64 dtype=f32 math=tf32", 256, 64, 2},     // tf32 deft_64
-      {"n=4 c=128 h=16 w=16 k=128 dtype=f32 math=tf32 layout=nhwc", 0, 0, 0},  // nhwc tf32: WMMA
+      {"n=4 c=128 h=16 w=16 k=128 dtype=f32 math=tf32 layout=nhwc", 128, 128, 2},  // nhwc tf32
+      {"n=32 c=256 h=14 w=14 k=256 dtype=f32 math=tf32 layout=nhwc", 256, 64, 2},
       {"n=4 c=128 h=16 w=16 k=128 dtype=f32", 0, 0, 0},                // strict f32
       {"n=4 c=128 h=16 w=16 k=128 groups=128 dtype=f16", 0, 0, 0},     // depthwise
   };
