@@ -246,7 +246,11 @@ def _check_dtypes(dtype: torch.dtype, **tensors: Optional[Tensor]) -> None:
 
 def _forward(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor],
              mask: Optional[Tensor], stride: List[int], padding: List[int],
-             dilation: List[int]) -> Tensor:
+             dilation: List[int], operands: Optional[list] = None) -> Tensor:
+    """The forward op's work. ``operands`` (a list, eager autograd path): receives (input,
+    offset, weight, mask) as the kernels read them where those are the same tensors in the
+    layout the backward reads them again (NCHW layers: the contiguous copies), so the backward
+    need not copy them a second time; else the arguments."""
     _check_devices(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
     _check_dtypes(input.dtype, offset=offset, weight=weight, bias=bias, mask=mask)
     g, desc, size, stride_out = _plan(input, offset, weight, bias, mask, stride, padding,
@@ -260,6 +264,10 @@ def _forward(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tenso
             b = None if bias is None else bias.contiguous()
             kern = _kernel(desc, device)
             kern.forward(x, off, msk, wt, b, y, _raw_stream(device.index))
+            if operands is not None and not g.nhwc:
+                operands.extend((x, off, wt, msk))
+    if operands is not None and not operands:
+        operands.extend((input, offset, weight, mask))
     recorder = getattr(_tls, "recorder", None)
     if recorder is not None:
         recorder.record(g, desc, offset)
@@ -399,7 +407,9 @@ def _backward_with(backward_fn, ctx, grad):
     # The kernels run in the forward's dtype (under autocast: the autocast dtype the forward
     # ran in, which is what was saved).
     stride, padding, dilation = ctx.conv
-    grads = backward_fn(grad.to(input.dtype), input, offset, weight, mask, stride, padding,
+    if grad.dtype != input.dtype:
+        grad = grad.to(input.dtype)
+    grads = backward_fn(grad, input, offset, weight, mask, stride, padding,
                         dilation, ctx.has_bias, *needs)
     return tuple(t if n else None for t, n in zip(grads, needs)) + (None, None, None)
 
@@ -471,9 +481,12 @@ class _DeformConv2dFunction(torch.autograd.Function):
             args5 = (input, offset, weight, bias, mask)
             ctx.arg_dtypes = tuple(None if t is None else t.dtype for t in args5)
             input, offset, weight, bias, mask = (_autocast_cast(t) for t in args5)
-        args = (input, offset, weight, bias, mask, stride, padding, dilation)
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
+        operands = []
+        out = _forward(input, offset, weight, bias, mask, stride, padding, dilation, operands)
+        # saved as the kernels read them (bitwise the same values): NCHW layers' backward then
+        # finds them contiguous and copies nothing (a sliced offset would be copied again)
+        x, off, wt, msk = operands
+        _setup_context(ctx, (x, off, wt, bias, msk, stride, padding, dilation), out)
         return out
 
     @staticmethod

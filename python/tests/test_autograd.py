@@ -204,6 +204,26 @@ def test_eager_path_and_custom_op_agree_bitwise(dtype, channels_last):
         assert max_rel(g, ref_grads[name]) <= TOL[dtype], name
 
 
+def test_sliced_offset_and_mask_as_from_one_convolution():
+    # mmcv's layout: offsets and mask are channel slices of one tensor (not contiguous); the
+    # eager path saves the contiguous copies its kernels read for the backward
+    tensors, grad, kw = make(**CASES["dcnv2"], dtype=torch.float32, seed=13)
+    _, ref_grads = reference(tensors, grad, kw)
+    joint = torch.cat([tensors["offset"], tensors["mask"]], 1).detach().requires_grad_(True)
+    n_off = tensors["offset"].shape[1]
+    offset, mask = joint[:, :n_off], joint[:, n_off:]
+    assert not offset.is_contiguous() and not mask.is_contiguous()
+    x = tensors["input"].clone().requires_grad_(True)
+    wt = tensors["weight"].clone().requires_grad_(True)
+    out = deft.ops.deform_conv2d(x, offset, wt, tensors["bias"], mask=mask, **kw)
+    assert "DeformConv2dFunction" in type(out.grad_fn).__name__  # the eager path ran
+    out.backward(grad)
+    assert max_rel(x.grad, ref_grads["input"]) <= TOL[torch.float32]
+    assert max_rel(wt.grad, ref_grads["weight"]) <= TOL[torch.float32]
+    assert max_rel(joint.grad[:, :n_off], ref_grads["offset"]) <= TOL[torch.float32]
+    assert max_rel(joint.grad[:, n_off:], ref_grads["mask"]) <= TOL[torch.float32]
+
+
 def test_double_backward_is_refused():
     # The backward kernels are not themselves differentiable: a second derivative must fail
     # loudly, not come back as zero.
