@@ -5,7 +5,7 @@
 # Usage (on the device, from the repo root): bash scripts/device_session.sh STEP...
 #   STEP: build | wgmma (the wgmma GPU tests) | sweep (wgmma tiles) | tests (ctest + pytest)
 #         | gputests (GPU tests only) | pytest | bench (forward) | bwd (bench_backward.py) | ncu
-#         | train (examples/train_resnet_dcn.py, batch 128 and 32) | window (the staging=window
+#         | train (examples/train_resnet_dcn.py, batch 256 and 128) | window (the staging=window
 #         sweep at sigma 0.5, 2, 8) | profile (scripts/profile_train.py --cpu, both ops)
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
@@ -59,10 +59,10 @@ for step in "$@"; do
         ${BWD_DATA_VARIANT:+--backward-data-variant "$BWD_DATA_VARIANT"} \
         --benchmarks-md "$LOGS/BENCHMARKS.md" > "$LOGS/bench_backward.log" 2>&1
       stamp "bench_backward rc=$?"; cp "$LOGS/BENCHMARKS.md" "$OUT/"; tail -30 "$LOGS/bench_backward.log" ;;
-    train)  # the training example at batch 128 (issue 6's case), then batch 32
-      # TRAIN_BATCHES (default "128 32"), TRAIN_ARGS (more arguments, e.g. --channels-last),
+    train)  # the training example at batch 256 and 128 (issue 6: 2x at 256, host-bound at 128)
+      # TRAIN_BATCHES (default "256 128"), TRAIN_ARGS (more arguments, e.g. --channels-last),
       # TRAIN_TAG (log name suffix)
-      for b in ${TRAIN_BATCHES:-128 32}; do
+      for b in ${TRAIN_BATCHES:-256 128}; do
         python3 examples/train_resnet_dcn.py --batch $b ${TRAIN_ARGS:-} --json "$LOGS/train$b${TRAIN_TAG:-}.json" \
           > "$LOGS/train-b$b${TRAIN_TAG:-}.log" 2>&1
         stamp "train batch $b ${TRAIN_ARGS:-} rc=$?"; tail -8 "$LOGS/train-b$b${TRAIN_TAG:-}.log"
