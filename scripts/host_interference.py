@@ -11,25 +11,18 @@ interference (the driver's state after deft's launches, caches).
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import deft  # noqa: E402
+from host_overhead import timed  # noqa: E402  (this folder: sys.path[0])
 
 
 def host_us(fn, iters):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    t = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return t / iters * 1e6
+    """Host time per call of ``fn`` over ``iters`` calls back to back (host_overhead.timed)."""
+    return timed(fn, iters)[0]
 
 
 def main():
