@@ -2,8 +2,10 @@
 """deft benchmark, forward + backward: deft's forward and backward passes (through the C API,
 no autograd overhead) against torchvision.ops.deform_conv2d's and a cuDNN convolution's
 forward + backward (torch.autograd.grad for input, offset, mask and weight) on the shapes of
-bench/shapes.json at sigma = 2 px, NCHW. Also deft's deterministic mode, and the gradients of
-deft against torchvision's (float64 torchvision as the reference where it fits in memory).
+bench/shapes.json at sigma = 2 px, NCHW (``--layouts nchw,nhwc`` adds NHWC rows: deft's NHWC
+kernels and cuDNN on channels-last tensors; torchvision runs NCHW either way, its time shared by
+both rows). Also deft's deterministic mode, and the gradients of deft against torchvision's
+(float64 torchvision as the reference where it fits in memory).
 
     python3 bench/bench_backward.py --lib build/libdeft.so --out /tmp/bwd \
         --benchmarks-md BENCHMARKS.md
@@ -54,6 +56,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default=os.path.join(HERE, "shapes.json"))
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--layouts", default="nchw",
+                    help="comma-separated: nchw, nhwc (default nchw; a run replaces the "
+                         "BENCHMARKS.md section when it has every nchw row)")
     ap.add_argument("--out", default="/tmp/deft-bench-bwd")
     ap.add_argument("--benchmarks-md", default=None,
                     help="replace the forward + backward section of this file; only a run of every "
@@ -80,6 +85,11 @@ def main(argv=None):
     args.flush_l2 = True
     args.pre_sleep_us = 2000.0 if args.pre_sleep_us is None else args.pre_sleep_us
 
+    layouts = args.layouts.split(",")
+    bad = [lay for lay in layouts if lay not in bench.LAYOUTS]
+    if bad or not layouts:
+        ap.error(f"--layouts: {','.join(bad) or '(none)'} not among {','.join(bench.LAYOUTS)}")
+    args.layout_list = layouts
     spec = bench.load_shapes(args.shapes)
     cases = [c for c in spec["cases"] if not args.cases or c["name"] in args.cases.split(",")]
     os.makedirs(args.out, exist_ok=True)
@@ -97,101 +107,137 @@ def main(argv=None):
         g.manual_seed(11)
         gout0 = torch.rand(case["n"], case["k"], case["ho"], case["wo"], device=gpu.dev,
                            generator=g).mul_(2).sub_(1)
-        strd, pad, dil, grp = case["stride"], case["pad"], case["dilation"], case["groups"]
         for dtype in args.dtypes.split(","):
             gpu.set_dtype(dtype)
             tdt = gpu.torch_dtype(dtype)
             t = {k: (None if v is None else v.to(tdt).contiguous()) for k, v in base.items()}
             gout = gout0.to(tdt)
-            row = {"case": case["name"], "dtype": dtype, "errors": {},
-                   "roofline": fb_roofline(case, dtype, ceilings)}
-            rows.append(row)
-            desc = bench.deft_desc(case, "nchw", dtype)
-            row["desc"] = desc
-            x, off, m, w = t["x"], t["off"], t["m"], t["w"]
-            out = torch.empty(case["n"], case["k"], case["ho"], case["wo"], dtype=tdt,
-                              device=gpu.dev)
-            gx, goff, gw = torch.empty_like(x), torch.empty_like(off), torch.empty_like(w)
-            gm = torch.empty_like(m) if m is not None else None
-            try:
-                kern = (lib.compile_ex(desc, None, args.cache_path, args.backward_data_variant)
-                        if args.backward_data_variant else lib.compile(desc, None, args.cache_path))
-                row["variant"] = kern.variant
-
-                def deft_fb(det):
-                    kern.forward(x, off, m, w, None, out, stream)
-                    kern.backward(x, off, m, w, gout, gx, goff, gm, gw, None, det, stream)
-
-                deft_fb(0)  # compiles the backward kernels
-                deft_fb(1)
-                torch.cuda.synchronize()
-                row["deft_fb_ms"] = gpu.time_fn(lambda: deft_fb(0), args.warmup, args.iters,
-                                                args.max_measure_s)["median_ms"]
-                row["deft_fb_det_ms"] = gpu.time_fn(lambda: deft_fb(1), args.warmup,
-                                                    args.iters, args.max_measure_s)["median_ms"]
-                row["deft_fwd_ms"] = gpu.time_fn(lambda: kern.forward(x, off, m, w, None, out,
-                                                                       stream),
-                                                 args.warmup, args.iters,
-                                                 args.max_measure_s)["median_ms"]
-            except Exception as e:  # noqa: BLE001
-                row["errors"]["deft"] = str(e)
-            # torchvision forward + backward (autograd), and its gradients for the check
-            xr, offr, wr = (v.detach().clone().requires_grad_() for v in (x, off, w))
-            mr = m.detach().clone().requires_grad_() if m is not None else None
-            leaves = [v for v in (xr, offr, mr, wr) if v is not None]
-
-            def tv_fb():
-                y = torchvision_call(gpu, case, xr, offr, mr, wr)
-                return torch.autograd.grad(y, leaves, gout)
-
-            try:
-                tv_grads = tv_fb()
-                row["tv_fb_ms"] = gpu.time_fn(tv_fb, args.warmup, args.iters,
-                                              args.max_measure_s)["median_ms"]
-            except Exception as e:  # noqa: BLE001
-                tv_grads = None
-                row["errors"]["torchvision"] = repr(e)
-            # cuDNN forward + backward of the plain convolution
-            xc, wc = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-
-            def cudnn_fb():
-                y = torch.nn.functional.conv2d(xc, wc, None, strd, pad, dil, grp)
-                return torch.autograd.grad(y, (xc, wc), gout)
-
-            try:
-                row["cudnn_fb_ms"] = gpu.time_fn(cudnn_fb, args.warmup, args.iters,
-                                                 args.max_measure_s)["median_ms"]
-            except Exception as e:  # noqa: BLE001
-                row["errors"]["cudnn"] = repr(e)
-            # gradient check: deft against float64 torchvision (fits: these shapes are small)
-            if "deft_fb_ms" in row:
-                try:
-                    deft_fb(0)
-                    torch.cuda.synchronize()
-                    x64, off64, w64 = (v.double().requires_grad_() for v in (x, off, w))
-                    m64 = m.double().requires_grad_() if m is not None else None
-                    l64 = [v for v in (x64, off64, m64, w64) if v is not None]
-                    y64 = torchvision_call(gpu, case, x64, off64, m64, w64)
-                    ref = torch.autograd.grad(y64, l64, gout.double())
-                    mine = [v for v in (gx, goff, gm, gw) if v is not None]
-                    errs = [float((a.double() - r).norm() / max(r.norm().item(), 1e-300))
-                            for a, r in zip(mine, ref)]
-                    row["grad_rel_err"] = max(errs)
-                    if tv_grads is not None:
-                        row["tv_grad_rel_err"] = max(
-                            float((a.double() - r).norm() / max(r.norm().item(), 1e-300))
-                            for a, r in zip(tv_grads, ref))
-                    del x64, off64, m64, w64, y64, ref
-                except Exception as e:  # noqa: BLE001
-                    row["errors"]["check"] = repr(e)
-            finish(row, case)
-            print(line(row), flush=True)
-            del t, x, off, m, w, out, gx, goff, gm, gw, xr, offr, mr, wr, xc, wc
+            # shared by the layouts' rows: torchvision's time and gradients (NCHW), and the
+            # float64 reference gradients
+            shared = {}
+            for layout in args.layout_list:
+                run_row(gpu, lib, args, ceilings, case, dtype, layout, t, gout, shared, stream,
+                        rows)
+            del t, gout, shared
             torch.cuda.empty_cache()
     res = {"date": datetime.date.today().isoformat(), "env": gpu.env(), "sigma": SIGMA,
-           "pre_sleep_us": args.pre_sleep_us, "ceilings": ceilings,
+           "layouts": args.layout_list, "pre_sleep_us": args.pre_sleep_us, "ceilings": ceilings,
            "backward_data_variant": args.backward_data_variant, "rows": rows}
     return write_results(args, res)
+
+
+def run_row(gpu, lib, args, ceilings, case, dtype, layout, t, gout, shared, stream, rows):
+    """One (case, dtype, layout) row: deft's forward + backward (fast, deterministic) and
+    forward, cuDNN's forward + backward in this layout, torchvision's (NCHW, measured for the
+    first row of the (case, dtype) and shared), and deft's gradients against float64."""
+    torch = gpu.torch
+    strd, pad, dil, grp = case["stride"], case["pad"], case["dilation"], case["groups"]
+    row = {"case": case["name"], "layout": layout, "dtype": dtype, "errors": {},
+           "roofline": fb_roofline(case, dtype, ceilings)}
+    rows.append(row)
+    desc = bench.deft_desc(case, layout, dtype)
+    row["desc"] = desc
+    nhwc = layout == "nhwc"
+    to_l = bench.nchw_to_nhwc if nhwc else (lambda v: v)
+    x, off, m, w, gy = (to_l(v) for v in (t["x"], t["off"], t["m"], t["w"], gout))
+    # deft's tensors back as logical NCHW (views) for cuDNN and the check
+    as_nchw = (lambda v: None if v is None else v.permute(0, 3, 1, 2)) if nhwc else (lambda v: v)
+    osize = ((case["n"], case["ho"], case["wo"], case["k"]) if nhwc else
+             (case["n"], case["k"], case["ho"], case["wo"]))
+    out = torch.empty(osize, dtype=gout.dtype, device=gpu.dev)
+    gx, goff, gw = torch.empty_like(x), torch.empty_like(off), torch.empty_like(w)
+    gm = torch.empty_like(m) if m is not None else None
+
+    def deft_fb(det):
+        kern.forward(x, off, m, w, None, out, stream)
+        kern.backward(x, off, m, w, gy, gx, goff, gm, gw, None, det, stream)
+
+    kern = None
+    try:
+        kern = (lib.compile_ex(desc, None, args.cache_path, args.backward_data_variant)
+                if args.backward_data_variant else lib.compile(desc, None, args.cache_path))
+        row["variant"] = kern.variant
+        deft_fb(0)  # compiles the backward kernels
+        deft_fb(1)
+        torch.cuda.synchronize()
+        row["deft_fb_ms"] = gpu.time_fn(lambda: deft_fb(0), args.warmup, args.iters,
+                                        args.max_measure_s)["median_ms"]
+        row["deft_fb_det_ms"] = gpu.time_fn(lambda: deft_fb(1), args.warmup, args.iters,
+                                            args.max_measure_s)["median_ms"]
+        row["deft_fwd_ms"] = gpu.time_fn(lambda: kern.forward(x, off, m, w, None, out, stream),
+                                         args.warmup, args.iters, args.max_measure_s)["median_ms"]
+    except Exception as e:  # noqa: BLE001
+        row["errors"]["deft"] = str(e)
+    # torchvision forward + backward (autograd, NCHW), and its gradients for the check
+    if "tv" not in shared:
+        tv = shared["tv"] = {}
+        xr, offr, wr = (t[k].detach().clone().requires_grad_() for k in ("x", "off", "w"))
+        mr = t["m"].detach().clone().requires_grad_() if t["m"] is not None else None
+        leaves = [v for v in (xr, offr, mr, wr) if v is not None]
+
+        def tv_fb():
+            y = torchvision_call(gpu, case, xr, offr, mr, wr)
+            return torch.autograd.grad(y, leaves, gout)
+
+        try:
+            tv["grads"] = tv_fb()
+            tv["ms"] = gpu.time_fn(tv_fb, args.warmup, args.iters,
+                                   args.max_measure_s)["median_ms"]
+        except Exception as e:  # noqa: BLE001
+            tv["error"] = repr(e)
+        del xr, offr, mr, wr, leaves
+    tv = shared["tv"]
+    if "ms" in tv:
+        row["tv_fb_ms"] = tv["ms"]
+    if "error" in tv:
+        row["errors"]["torchvision"] = tv["error"]
+    # cuDNN forward + backward of the plain convolution, in this row's layout (channels-last
+    # strides for nhwc: cuDNN's NHWC kernels)
+    xc = as_nchw(x).detach().clone().requires_grad_()
+    wc = as_nchw(w).detach().clone().requires_grad_()
+    gyc = as_nchw(gy)
+
+    def cudnn_fb():
+        y = torch.nn.functional.conv2d(xc, wc, None, strd, pad, dil, grp)
+        return torch.autograd.grad(y, (xc, wc), gyc)
+
+    try:
+        row["cudnn_fb_ms"] = gpu.time_fn(cudnn_fb, args.warmup, args.iters,
+                                         args.max_measure_s)["median_ms"]
+    except Exception as e:  # noqa: BLE001
+        row["errors"]["cudnn"] = repr(e)
+    # gradient check: deft against float64 torchvision (fits: these shapes are small), the
+    # reference computed once per (case, dtype)
+    if "deft_fb_ms" in row:
+        try:
+            for v in (gx, goff, gm, gw):  # poisoned: a gradient left unwritten shows
+                if v is not None:
+                    v.fill_(float("nan"))
+            deft_fb(0)
+            torch.cuda.synchronize()
+            if "ref" not in shared:
+                x64, off64, w64 = (t[k].double().requires_grad_() for k in ("x", "off", "w"))
+                m64 = t["m"].double().requires_grad_() if t["m"] is not None else None
+                l64 = [v for v in (x64, off64, m64, w64) if v is not None]
+                y64 = torchvision_call(gpu, case, x64, off64, m64, w64)
+                shared["ref"] = torch.autograd.grad(y64, l64, gout.double())
+                del x64, off64, m64, w64, y64, l64
+            ref = shared["ref"]
+            mine = [as_nchw(v) for v in (gx, goff, gm, gw) if v is not None]
+            row["grad_rel_err"] = max(grad_err(a, r) for a, r in zip(mine, ref))
+            if "grads" in tv:
+                row["tv_grad_rel_err"] = max(grad_err(a, r) for a, r in zip(tv["grads"], ref))
+        except Exception as e:  # noqa: BLE001
+            row["errors"]["check"] = repr(e)
+    finish(row, case)
+    print(line(row), flush=True)
+    del x, off, m, w, gy, out, gx, goff, gm, gw, xc, wc, gyc
+
+
+def grad_err(a, ref) -> float:
+    """‖a − ref‖₂ / ‖ref‖₂ in float64; NaN (a poisoned value left) counts as infinite."""
+    e = float((a.double() - ref).norm() / max(ref.norm().item(), 1e-300))
+    return float("inf") if e != e else e
 
 
 def write_results(args, res) -> int:
@@ -201,14 +247,17 @@ def write_results(args, res) -> int:
     with open(os.path.join(args.out, "backward.md"), "w") as f:
         f.write(md)
     if args.benchmarks_md:
-        ran = {(r["case"], r["dtype"]) for r in res["rows"]}
-        every = {(c["name"], dt) for c in bench.load_shapes(args.shapes)["cases"]
+        # the section is one run's table: replaced by a run with every nchw row (nhwc rows
+        # are extra), or with --partial-md
+        ran = {(r["case"], r.get("layout", "nchw"), r["dtype"]) for r in res["rows"]}
+        every = {(c["name"], "nchw", dt) for c in bench.load_shapes(args.shapes)["cases"]
                  for dt in DTYPES}
         if ran >= every or args.partial_md:
             update_md(args.benchmarks_md, md)
         else:
             print(f"note: {args.benchmarks_md} left as it was: this run has {len(ran)} of the "
-                  f"{len(every)} (case, dtype) rows (--partial-md to replace the section anyway)",
+                  f"{len(every)} nchw (case, dtype) rows (--partial-md to replace the section "
+                  f"anyway)",
                   file=sys.stderr)
     print(md)
     return 0
@@ -222,20 +271,23 @@ def dry_results(args, cases) -> dict:
     rows = []
     for case in cases:
         for dtype in args.dtypes.split(","):
-            row = {"case": case["name"], "dtype": dtype, "errors": {}, "variant": "dry run",
-                   "desc": bench.deft_desc(case, "nchw", dtype),
-                   "roofline": fb_roofline(case, dtype, ceilings)}
-            roof = row["roofline"]["roofline_ms"]
-            row.update(deft_fb_ms=4 * roof + 0.05, deft_fb_det_ms=6 * roof + 0.07,
-                       cudnn_fb_ms=1.5 * roof + 0.02, tv_fb_ms=12 * roof + 0.5,
-                       grad_rel_err=1e-3 if dtype != "fp32" else 1e-6, tv_grad_rel_err=1e-2)
-            finish(row, case)
-            rows.append(row)
+            for layout in args.layout_list:
+                row = {"case": case["name"], "layout": layout, "dtype": dtype, "errors": {},
+                       "variant": "dry run", "desc": bench.deft_desc(case, layout, dtype),
+                       "roofline": fb_roofline(case, dtype, ceilings)}
+                roof = row["roofline"]["roofline_ms"]
+                row.update(deft_fb_ms=4 * roof + 0.05, deft_fb_det_ms=6 * roof + 0.07,
+                           cudnn_fb_ms=1.5 * roof + 0.02, tv_fb_ms=12 * roof + 0.5,
+                           grad_rel_err=1e-3 if dtype != "fp32" else 1e-6,
+                           tv_grad_rel_err=1e-2)
+                finish(row, case)
+                rows.append(row)
     return {"date": datetime.date.today().isoformat(), "dry_run": True,
             "env": {"device": "FAKE GPU (dry run)", "torch": "-", "torchvision": "-",
                     "cudnn": "-"},
-            "sigma": SIGMA, "pre_sleep_us": args.pre_sleep_us, "ceilings": ceilings,
-            "backward_data_variant": args.backward_data_variant, "rows": rows}
+            "sigma": SIGMA, "layouts": args.layout_list, "pre_sleep_us": args.pre_sleep_us,
+            "ceilings": ceilings, "backward_data_variant": args.backward_data_variant,
+            "rows": rows}
 
 
 def fb_roofline(case: dict, dtype: str, ceilings: dict) -> dict:
@@ -288,7 +340,7 @@ def f(v, spec="{:.3f}"):
 
 
 def line(r):
-    return (f"{r['case']:<14} {r['dtype']:<9} deft {f(r.get('deft_fb_ms'))} ms "
+    return (f"{r['case']:<14} {r.get('layout', 'nchw'):<5} {r['dtype']:<9} deft {f(r.get('deft_fb_ms'))} ms "
             f"(det {f(r.get('deft_fb_det_ms'))}) cudnn {f(r.get('cudnn_fb_ms'))} "
             f"tv {f(r.get('tv_fb_ms'))}  deft/cudnn {f(r.get('deft_over_cudnn'), '{:.2f}')} "
             f"tv/deft {f(r.get('tv_over_deft'), '{:.2f}')} err {f(r.get('grad_rel_err'), '{:.1e}')}"
@@ -307,6 +359,14 @@ def ceilings_text(ceil: dict) -> str:
     return ", ".join(parts) if parts else "none (no roofline)"
 
 
+def layouts_text(layouts) -> str:
+    if list(layouts) == ["nchw"]:
+        return "NCHW"
+    return (", ".join(lay.upper() for lay in layouts) + " (NHWC rows: deft's NHWC kernels and "
+            "cuDNN on channels-last tensors; torchvision runs NCHW, its time and error shared "
+            "by a case's two rows)")
+
+
 def render(res):
     env = res["env"]
     out = [BEGIN, "## Benchmarks: deform_conv2d forward + backward",
@@ -316,8 +376,9 @@ def render(res):
                 "report).", ""]
     out += [
            f"Measured {res['date']} on {env['device']} (torch {env['torch']}, torchvision "
-           f"{env['torchvision']}, cuDNN {env['cudnn']}) by `bench/bench_backward.py`: NCHW, "
-           f"offsets ~ N(0, {res['sigma']:g}²) px, mask ~ U(0,1), medians of CUDA-event "
+           f"{env['torchvision']}, cuDNN {env['cudnn']}) by `bench/bench_backward.py`: "
+           + layouts_text(res.get("layouts") or ["nchw"]) +
+           f", offsets ~ N(0, {res['sigma']:g}²) px, mask ~ U(0,1), medians of CUDA-event "
            "timings after warm-up, L2 flushed before each run"
            + (f", a {res.get('pre_sleep_us'):g} µs GPU sleep queued before each timed call "
               "(keeps the host's enqueue time out of the events)"
@@ -339,9 +400,10 @@ def render(res):
            "longer; the fraction is roofline ÷ deft. Ceilings measured in this run: "
            + ceilings_text(res.get("ceilings") or {}) + ".",
            "",
-           "| case | dtype | deft fwd+bwd ms | deterministic ms (÷fast) | cuDNN ms | torchvision ms "
-           "| deft ÷ cuDNN (target) | tv ÷ deft (≥ 3) | roofline ms (of deft) | grad error (tv) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| case | layout | dtype | deft fwd+bwd ms | deterministic ms (÷fast) | cuDNN ms "
+           "| torchvision ms | deft ÷ cuDNN (target) | tv ÷ deft (≥ 3) | roofline ms (of deft) "
+           "| grad error (tv) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         tgt = r.get("target")
         ratio = r.get("deft_over_cudnn")
@@ -358,12 +420,13 @@ def render(res):
         frac = r.get("roofline_fraction")
         roofs = f(roof.get("roofline_ms")) + (f" ({100 * frac:.0f} %, {roof.get('bound')})"
                                                if frac is not None else "")
-        out.append(f"| {r['case']} | {r['dtype']} | {f(r.get('deft_fb_ms'))} | "
+        out.append(f"| {r['case']} | {r.get('layout', 'nchw')} | {r['dtype']} | "
+                   f"{f(r.get('deft_fb_ms'))} | "
                    f"{f(r.get('deft_fb_det_ms'))} ({f(r.get('det_over_fast'), '{:.2f}')}) | "
                    f"{f(r.get('cudnn_fb_ms'))} | {f(r.get('tv_fb_ms'))} | {rs} | {tvs} | "
                    f"{roofs} | {err} |")
         if r["errors"]:
-            out.append(f"| | | errors: {json.dumps(r['errors'])[:300]} | | | | | | | |")
+            out.append(f"| | | | errors: {json.dumps(r['errors'])[:300]} | | | | | | | |")
     out.append("")
     out.append(END)
     return "\n".join(out) + "\n"

@@ -45,7 +45,8 @@ class DryRuns(unittest.TestCase):
             self.assertIn("| roofline ms (of deft) |", section)
             for name in names:
                 for dtype in bench_backward.DTYPES:
-                    self.assertIn(f"| {name} | {dtype} | ", section)
+                    self.assertIn(f"| {name} | nchw | {dtype} | ", section)
+            self.assertNotIn("| nhwc |", section)  # nchw unless asked
 
 
     def test_a_partial_forward_run_leaves_the_section(self):
@@ -78,6 +79,24 @@ class DryRuns(unittest.TestCase):
                          "--out", os.path.join(tmp, "p"), "--benchmarks-md", md)
             self.assertEqual(forced.returncode, 0, forced.stdout + forced.stderr)
             self.assertNotIn("| fp32 | ", open(md).read())
+
+
+    def test_backward_layouts(self):
+        # --layouts nchw,nhwc: a row per layout (and such a run replaces the section); a
+        # layout that does not exist is refused by name
+        with tempfile.TemporaryDirectory() as tmp:
+            md = os.path.join(tmp, "BENCHMARKS.md")
+            both = run("bench_backward.py", "--dry-run", "--layouts", "nchw,nhwc", "--out",
+                       os.path.join(tmp, "b"), "--benchmarks-md", md)
+            self.assertEqual(both.returncode, 0, both.stdout + both.stderr)
+            text = open(md).read()
+            self.assertIn("| dense512 | nchw | fp16 | ", text)
+            self.assertIn("| dense512 | nhwc | fp16 | ", text)
+            self.assertIn("NCHW, NHWC (NHWC rows:", text)
+            bad = run("bench_backward.py", "--dry-run", "--layouts", "nchw,chwn", "--out",
+                      os.path.join(tmp, "x"))
+            self.assertNotEqual(bad.returncode, 0)
+            self.assertIn("chwn", bad.stderr)
 
 
 class Roofline(unittest.TestCase):

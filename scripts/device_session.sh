@@ -12,8 +12,8 @@
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py) | proffwd (the same, forward only)
 #         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | ncudw (ncu of the depthwise forward, dw512 fp16) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
-#   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT (bwd: bench_backward.py's --dtypes,
-#   --cases, --backward-data-variant; a subset leaves the BENCHMARKS.md section as it was, the
+#   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT, BWD_LAYOUTS (bwd: bench_backward.py's --dtypes,
+#   --cases, --backward-data-variant, --layouts (nchw,nhwc adds the NHWC rows); a subset leaves the BENCHMARKS.md section as it was, the
 #   logs keep its table), SWEEP_CASES, SWEEP_DTYPES, SWEEP_FAMILY (wgmma | ws | window | data), SWEEP_DTYPE (sweepbwd: fp16 or fp32_tf32), SWEEP_LAYOUT (sweepbwd: nchw or nhwc), SWEEP_SHAPES (sweepbwd: a cases file), SWEEP_TAG (sweepbwd: log name suffix), SWEEP_SIGMAS,
 #   SWEEP_TIMEOUT (sweep), GPU_TIMEOUT (gputests; seconds before a hung run is killed), NCU_VARIANT (ncu, ncubwd), NCU_PASS and NCU_CASES (ncubwd), GPU_FILTER (gputests: a gtest filter), PROF_CASES, PROF_DTYPES, PROF_LAYOUTS, PROF_TAG (profbwd, proffwd; PROF_TAG: log name suffix)
 set -uo pipefail
@@ -56,7 +56,7 @@ for step in "$@"; do
     bwd)
       python3 bench/bench_backward.py --lib build/libdeft.so --out "$LOGS/bwd" \
         ${BWD_DTYPES:+--dtypes "$BWD_DTYPES"} ${BWD_CASES:+--cases "$BWD_CASES"} \
-        ${BWD_DATA_VARIANT:+--backward-data-variant "$BWD_DATA_VARIANT"} \
+        ${BWD_DATA_VARIANT:+--backward-data-variant "$BWD_DATA_VARIANT"} ${BWD_LAYOUTS:+--layouts "$BWD_LAYOUTS"} \
         --benchmarks-md "$LOGS/BENCHMARKS.md" > "$LOGS/bench_backward.log" 2>&1
       stamp "bench_backward rc=$?"; cp "$LOGS/BENCHMARKS.md" "$OUT/"; tail -30 "$LOGS/bench_backward.log" ;;
     train)  # the training example at batch 256 and 128 (issue 6: 2x at 256, host-bound at 128)
