@@ -227,6 +227,42 @@ __device__ __forceinline__ void deft_reduce_point_grads(Acc* red, const Acc (&pg
   }
 }
 
+// The point grads of one channel: its column gradient cg scattered into grad input through
+// the four corners (dst: the channel's grad-input base, null: grad input not requested) and
+// its terms of the point's grad mask (cg * sample) and grad offset (cg * mask * d sample /
+// d position) added to g[0..2] = (dy, dx, mask). src: the channel's input base.
+__device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT* dst,
+                                                 const BwdPoint& pt, Acc cg, double scale,
+                                                 bool& nonfinite, Acc* g) {
+  Acc v[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) v[q] = (pt.valid >> q) & 1 ? Acc(deft_widen(src[pt.off[q]])) : Acc(0);
+  const Acc val = pt.w[0] * v[0] + pt.w[1] * v[1] + pt.w[2] * v[2] + pt.w[3] * v[3];
+  g[2] += cg * val;
+  const Acc cgm = cg * pt.mod;
+  g[0] += cgm * (pt.hx * (v[2] - v[0]) + pt.lx * (v[3] - v[1]));
+  g[1] += cgm * (pt.hy * (v[1] - v[0]) + pt.ly * (v[3] - v[2]));
+#if GIN_MODE >= 3
+  (void)dst, (void)scale, (void)nonfinite;  // the gather form: deft_bwd_gather sums grad input
+#else
+  if (!dst) return;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (!((pt.valid >> q) & 1)) continue;
+    const Acc contrib = cgm * pt.w[q];
+#if GIN_MODE == 2
+    const double sc = (double)contrib * scale;
+    if (!(fabs(sc) <= DEFT_FIXED_LIMIT)) nonfinite = true;
+    else atomicAdd(dst + pt.off[q], (unsigned long long)__double2ll_rn(sc));
+#else
+    (void)scale;
+    (void)nonfinite;
+    atomicAdd(dst + pt.off[q], contrib);
+#endif
+  }
+#endif
+}
+
 // The rest of deft_bwd_channels once the corners are in v (zeros outside the image): the grad
 // mask and grad offset terms into g[0..2], and the scatter into grad input.
 template <int EV_>
@@ -278,20 +314,6 @@ __device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], G
 #endif
   }
 #endif
-}
-
-// The point grads of one channel: its column gradient cg scattered into grad input through
-// the four corners (dst: the channel's grad-input base, null: grad input not requested) and
-// its terms of the point's grad mask (cg * sample) and grad offset (cg * mask * d sample /
-// d position) added to g[0..2] = (dy, dx, mask). src: the channel's input base.
-__device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT* dst,
-                                                 const BwdPoint& pt, Acc cg, double scale,
-                                                 bool& nonfinite, Acc* g) {
-  Acc v[4][1];
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-    v[q][0] = (pt.valid >> q) & 1 ? Acc(deft_widen(src[pt.off[q]])) : Acc(0);
-  deft_bwd_channels_math<1>(v, dst, pt, &cg, scale, nonfinite, g);
 }
 
 // deft_bwd_channel for EV_ consecutive channels at once (nhwc): one vector load per corner
