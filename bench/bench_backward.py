@@ -210,8 +210,8 @@ def run_row(gpu, lib, args, ceilings, case, dtype, layout, t, gout, shared, stre
     # reference computed once per (case, dtype)
     if "deft_fb_ms" in row:
         try:
-            for v in (gx, goff, gm, gw):  # poisoned: a gradient left unwritten shows
-                if v is not None:
+            for v in (gx, goff, gm, gw):  # poisoned: a gradient left unwritten gives a NaN
+                if v is not None:                # error, over any tolerance (finish)
                     v.fill_(float("nan"))
             deft_fb(0)
             torch.cuda.synchronize()
@@ -224,20 +224,15 @@ def run_row(gpu, lib, args, ceilings, case, dtype, layout, t, gout, shared, stre
                 del x64, off64, m64, w64, y64, l64
             ref = shared["ref"]
             mine = [as_nchw(v) for v in (gx, goff, gm, gw) if v is not None]
-            row["grad_rel_err"] = max(grad_err(a, r) for a, r in zip(mine, ref))
+            row["grad_rel_err"] = max(bench.rel_err(gpu, a, r) for a, r in zip(mine, ref))
             if "grads" in tv:
-                row["tv_grad_rel_err"] = max(grad_err(a, r) for a, r in zip(tv["grads"], ref))
+                row["tv_grad_rel_err"] = max(bench.rel_err(gpu, a, r)
+                                             for a, r in zip(tv["grads"], ref))
         except Exception as e:  # noqa: BLE001
             row["errors"]["check"] = repr(e)
     finish(row, case)
     print(line(row), flush=True)
     del x, off, m, w, gy, out, gx, goff, gm, gw, xc, wc, gyc
-
-
-def grad_err(a, ref) -> float:
-    """‖a − ref‖₂ / ‖ref‖₂ in float64; NaN (a poisoned value left) counts as infinite."""
-    e = float((a.double() - ref).norm() / max(ref.norm().item(), 1e-300))
-    return float("inf") if e != e else e
 
 
 def write_results(args, res) -> int:
@@ -340,7 +335,8 @@ def f(v, spec="{:.3f}"):
 
 
 def line(r):
-    return (f"{r['case']:<14} {r.get('layout', 'nchw'):<5} {r['dtype']:<9} deft {f(r.get('deft_fb_ms'))} ms "
+    return (f"{r['case']:<14} {r.get('layout', 'nchw'):<5} {r['dtype']:<9} "
+            f"deft {f(r.get('deft_fb_ms'))} ms "
             f"(det {f(r.get('deft_fb_det_ms'))}) cudnn {f(r.get('cudnn_fb_ms'))} "
             f"tv {f(r.get('tv_fb_ms'))}  deft/cudnn {f(r.get('deft_over_cudnn'), '{:.2f}')} "
             f"tv/deft {f(r.get('tv_over_deft'), '{:.2f}')} err {f(r.get('grad_rel_err'), '{:.1e}')}"

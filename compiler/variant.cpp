@@ -312,7 +312,7 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // above 128; up to 128, 128 x 128 with two where 128 channels fit, else 128 x 64 with one.
   // Else (and where the plan refuses it) the WMMA kernel. f32 in tf32 math (32-pixel chunks,
   // docs/perf-notes.md round B20): tiles of its own, below, in both layouts (round B22 timed
-  // nhwc: the same tiles win there, 2.6-3.1x faster than the WMMA kernel on four of five cases).
+  // nhwc: the same tiles win there, 2.6-3.3x faster than the WMMA kernel on four of five cases).
   if (arch == 90 && d.pass == Pass::backward_weight && base.algo == Algo::gemm_tc &&
       (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32)) {
     const int64_t kg = d.k_per_group(), cg = d.c_per_group(), cpog = d.c_per_offset_group();
