@@ -165,6 +165,18 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("THREADS", p.block);
     c32("EV", p.ev);
     line(gin_mode_line(p.gin_mode, false));
+    line(fmt::format("#define DW_WINDOW {}  // staging=window: corners near the tile summed in "
+                     "shared memory", p.dw_window ? 1 : 0));
+    if (p.dw_window) {
+      c32("TILE_H", p.tile_h);
+      c32("TILE_W", p.tile_w);
+      c32("TILES_Y", p.tiles_y);
+      c32("TILES_X", p.tiles_x);
+      c32("WIN_HALO", p.halo);
+      c32("WIN_ROWS", p.win_rows);
+      c32("WIN_COLS", p.win_cols);
+      c32("SMEM_BYTES", p.smem_bytes);
+    }
     if (p.gin_mode >= 3) {
       line(fmt::format("#define GATHER_DIRECT 1  // the gather reads grad_out{}, weight and mask",
                        p.gout_t ? " (a channels-last copy)" : ""));

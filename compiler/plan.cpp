@@ -422,6 +422,42 @@ void plan_bwd_data_wgmma(const LayerDesc& d, const Variant& v, KernelPlan& p, in
   p.grid = {unsigned(gx), unsigned(d.taps()), unsigned(d.offset_groups)};
 }
 
+// Depthwise backward_data with staging=window (templates/deform_conv_bwd_data_dw.cuh,
+// DW_WINDOW): the tile, the input window and its shared memory; returns the grid's x extent.
+int64_t plan_bwd_data_dw_window(const LayerDesc& d, const Variant& v, KernelPlan& p) {
+  const char* why = v.deterministic ? "the fast mode (deterministic mode gathers: det=0)"
+                    : v.gin_gather  ? "float atomics (not gin=gather)"
+                    : !p.x_nhwc     ? "channels-last input (nhwc, or transpose=1)"
+                    : p.ev != 4     ? "an f32 grad-input workspace with 4-channel vectors (f16, "
+                                      "bf16 or f32 with c/offset_groups a multiple of 4)"
+                    : p.tpp != 32   ? "32 threads a pixel (threads = 32 x tm)"
+                                    : nullptr;
+  if (why) bad("staging", fmt::format("staging=window (depthwise backward_data) needs {}", why));
+  if (v.halo < 0 || v.halo > 8) bad("halo", fmt::format("halo={} must be in [0, 8]", v.halo));
+  if (!pow2(p.bp)) bad("tm", fmt::format("tm={} must be a power of two with staging=window", p.bp));
+  // the squarest power-of-two tile, no wider than the image's rows need
+  int tw = 1;
+  while (tw * tw < p.bp) tw *= 2;
+  while (tw > 1 && tw / 2 >= d.out_w()) tw /= 2;
+  p.dw_window = true;
+  p.tile_w = tw;
+  p.tile_h = p.bp / tw;
+  p.tiles_x = int(ceil_div(d.out_w(), p.tile_w));
+  p.tiles_y = int(ceil_div(d.out_h(), p.tile_h));
+  p.halo = v.halo;
+  // the rows (columns) of the corners of the tile's points at zero offset, widened by the halo
+  p.win_rows = int((p.tile_h - 1) * d.stride_h + (d.r - 1) * d.dil_h + 2 + 2 * v.halo);
+  p.win_cols = int((p.tile_w - 1) * d.stride_w + (d.s - 1) * d.dil_w + 2 + 2 * v.halo);
+  const int64_t slice = 32 * 4;  // channels a pass: 32 lanes x 4
+  const int64_t bytes = 4 * slice * (int64_t(p.win_rows) * p.win_cols + d.taps());
+  if (bytes > 200 * 1024)
+    bad("halo", fmt::format("the input window ({} x {} pixels x {} channels, f32) and the "
+                            "weight slice need {} bytes of shared memory (max 204800)",
+                            p.win_rows, p.win_cols, slice, bytes));
+  p.smem_bytes = int(bytes);
+  return d.n * int64_t(p.tiles_y) * p.tiles_x;
+}
+
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
   const bool dww = v.algo == Algo::depthwise && d.pass == Pass::backward_weight;
@@ -480,7 +516,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.block = v.threads;
     p.smem_bytes = 0;
     if (v.deterministic) p.gin_mode = 2;
-    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose) ? 1 : 0;
+    else p.gin_mode = (d.dtype == DType::f16 || d.dtype == DType::bf16 || p.transpose ||
+                       v.staging == Staging::window) ? 1 : 0;  // the window flushes 16-byte vectors
     // deterministic with an f32 accumulator: the gather form without a values buffer (the
     // column gradient of a depthwise channel is weight x grad_out: the gather computes it);
     // gin=gather: the same gather in the fast mode, in f32 (gin_mode 4)
@@ -512,7 +549,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     // the direct gather reads nhwc grad_out in vectors of 4 channels where a group has them
     if (p.gather_direct && !p.gout_t && d.c_per_offset_group() % 4 == 0)
       p.align_gout = 4 * dtype_size(d.dtype);
-    const int64_t gx = ceil_div(m_total, p.bp);
+    int64_t gx = ceil_div(m_total, p.bp);
+    if (v.staging == Staging::window) gx = plan_bwd_data_dw_window(d, v, p);
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
     p.grid = {unsigned(gx), unsigned(d.offset_groups), 1};
@@ -705,8 +743,13 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   if (v.gin_gather && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
     bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
   if (d.pass != Pass::forward) {
-    if (v.staging != Staging::gather)
-      throw NotImplemented("not implemented: staging=window has no kernel yet");
+    if (v.staging != Staging::gather &&
+        !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
+      throw NotImplemented(fmt::format("not implemented: staging=window has a backward kernel "
+                                       "for algo=depthwise pass=backward_data only, not algo={} "
+                                       "pass={}", to_string(v.algo), to_string(d.pass)));
+    if (v.staging == Staging::gather && v.halo != 0)
+      bad("halo", fmt::format("halo={} applies to staging=window only", v.halo));
     plan_backward(d, v, p);
     // the gather forms (gin_mode 3, 4) sum into a channels-last workspace whatever the
     // input's layout; the others in the layout they read the input in

@@ -83,6 +83,13 @@ struct KernelPlan {
   bool ws_nhwc = false;
   // the direct gather's warps per input pixel and offset group (each 32 x 4 channels, or 32)
   int gather_slices = 1;
+  // depthwise backward_data with staging=window (fast mode): a block owns a tile_h x tile_w
+  // tile of output pixels (tiles_y x tiles_x tiles an image) and accumulates the corners that
+  // fall in its input window (win_rows x win_cols pixels, halo each side, 128 channels at a
+  // time) in shared memory, flushed with one reduction per window element; corners outside go
+  // to global memory as in the gather form
+  bool dw_window = false;
+  int tile_h = 0, tile_w = 0, tiles_y = 0, tiles_x = 0, win_rows = 0, win_cols = 0, halo = 0;
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice
   int64_t gout_tile_bytes = 0, slice_bytes = 0;
   int min_blocks = 1;

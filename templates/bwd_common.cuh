@@ -122,10 +122,15 @@ __device__ __forceinline__ BwdPos deft_bwd_pos(const T* __restrict__ offset,
   return {Pos(ho * SH - PH + i * DH) + in.dy, Pos(wo * SW - PW + j * DW) + in.dx, in.mod};
 }
 
-__device__ __forceinline__ BwdPoint deft_bwd_point(const T* __restrict__ offset,
-                                                   const T* __restrict__ mask, long long n,
-                                                   int ho, int wo, int t, int og) {
-  const BwdPos ps = deft_bwd_pos(offset, mask, n, ho, wo, t, og);
+// The floor corner (y0, x0) of a point with some corner in the image (the window kernel's
+// shared-memory test).
+struct BwdCell {
+  int y0, x0;
+};
+
+// The point at position ps; cell (may be null) gets its floor corner where the point is
+// inside (left as it was otherwise).
+__device__ __forceinline__ BwdPoint deft_bwd_point_at(const BwdPos& ps, BwdCell* cell) {
   const Pos y = ps.y, x = ps.x;
   BwdPoint p;
   p.mod = ps.mod;
@@ -143,6 +148,7 @@ __device__ __forceinline__ BwdPoint deft_bwd_point(const T* __restrict__ offset,
     p.lx = Acc(x - xf);
     p.hy = Acc(1) - p.ly;
     p.hx = Acc(1) - p.lx;
+    if (cell) cell->y0 = y0, cell->x0 = x0;
     const bool top = y0 >= 0, bottom = y0 + 1 <= H - 1;
     const bool left = x0 >= 0, right = x0 + 1 <= W - 1;
     if (top && left) { p.off[0] = deft_pixel_offset(y0, x0); p.w[0] = p.hy * p.hx; p.valid |= 1; }
@@ -151,6 +157,12 @@ __device__ __forceinline__ BwdPoint deft_bwd_point(const T* __restrict__ offset,
     if (bottom && right) { p.off[3] = deft_pixel_offset(y0 + 1, x0 + 1); p.w[3] = p.ly * p.lx; p.valid |= 8; }
   }
   return p;
+}
+
+__device__ __forceinline__ BwdPoint deft_bwd_point(const T* __restrict__ offset,
+                                                   const T* __restrict__ mask, long long n,
+                                                   int ho, int wo, int t, int og) {
+  return deft_bwd_point_at(deft_bwd_pos(offset, mask, n, ho, wo, t, og), nullptr);
 }
 
 // Output pixel m of the backward_data kernels: its image and position (zeros past the tensor),

@@ -1193,3 +1193,54 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   EXPECT_EQ(g.values - g.list, (4 * g.points + 255) / 256 * 256);
   EXPECT_EQ(g.bytes - g.values, 4 * g.points * 256);  // f32 per point and channel of its group
 }
+
+// The depthwise grad input with staging=window: the tile and window the plan derives, the
+// shared memory it asks for, the constants the source gets, an NVRTC compile without spills,
+// and clear refusals where the kernel cannot run.
+TEST(Codegen, DepthwiseGradInputWindow) {
+  const std::string dw =
+      "deform_conv2d n=2 c=256 h=9 w=11 k=256 groups=256 r=3 s=3 pad=1 mask=1 pass=backward_data ";
+  const std::string win = "algo=depthwise tm=16 tn=1 tk=1 threads=512 staging=window halo=1";
+  const auto d = deft::parse_layer_desc(dw + "dtype=f16 layout=nhwc");
+  const deft::KernelPlan p = deft::make_plan(d, deft::parse_variant(win));
+  EXPECT_TRUE(p.dw_window);
+  EXPECT_EQ(p.gin_mode, 1);
+  EXPECT_EQ(p.ev, 4);
+  EXPECT_EQ(p.tile_h, 4);
+  EXPECT_EQ(p.tile_w, 4);
+  EXPECT_EQ(p.tiles_y, 3);  // 9 rows in tiles of 4
+  EXPECT_EQ(p.tiles_x, 3);  // 11 columns
+  EXPECT_EQ(p.win_rows, 3 + 2 + 2 + 2);  // tile rows - 1, taps - 1, the bilinear pair, halo x 2
+  EXPECT_EQ(p.win_cols, 9);
+  EXPECT_EQ(p.smem_bytes, 4 * 128 * (9 * 9 + 9));  // window + the slice's weights, f32
+  EXPECT_EQ(p.grid[0], 2u * 3 * 3);
+  // strict f32 nhwc scatters into the caller's grad input by default; the window takes the
+  // workspace (16-byte vector flushes)
+  EXPECT_EQ(deft::make_plan(deft::parse_layer_desc(dw + "dtype=f32 layout=nhwc"),
+                            deft::parse_variant(win)).gin_mode, 1);
+  const deft::CompileInfo info = compile_for_sm90(d, deft::parse_variant(win));
+  EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
+      << info.resource_report;
+  EXPECT_NE(info.source.find("#define DW_WINDOW 1"), std::string::npos);
+  EXPECT_NE(info.source.find("constexpr int WIN_ROWS = 9;"), std::string::npos);
+  EXPECT_EQ(info.dynamic_shared_bytes, p.smem_bytes);
+  // the default kernel has no window
+  EXPECT_NE(deft::generate_source(d, deft::parse_variant("algo=depthwise tm=8 tn=1 tk=1 threads=256"))
+                .find("#define DW_WINDOW 0"),
+            std::string::npos);
+  refused(dw + "dtype=f16", win + " transpose=1 det=1", "staging");  // deterministic: gathers
+  refused(dw + "dtype=f16", win + " transpose=1 gin=gather", "staging");
+  refused(dw + "dtype=f16", win, "staging");                         // nchw without transpose
+  refused(dw + "dtype=f64 layout=nhwc", win, "staging");              // f64 accumulators
+  refused(dw + "dtype=f16 layout=nhwc",
+          "algo=depthwise tm=16 tn=1 tk=1 threads=256 staging=window halo=1", "staging");
+  refused(dw + "dtype=f16 layout=nhwc",
+          "algo=depthwise tm=16 tn=1 tk=1 threads=512 staging=window halo=9", "halo");
+  refused(dw + "dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 halo=1", "halo");
+  // forward and grad weight have no window kernel
+  EXPECT_THROW(deft::validate(deft::parse_layer_desc(
+                                  "deform_conv2d n=2 c=64 h=9 w=9 k=64 groups=64 r=3 s=3 pad=1 "
+                                  "dtype=f16 layout=nhwc pass=backward_weight"),
+                              deft::parse_variant(win)),
+               deft::NotImplemented);
+}

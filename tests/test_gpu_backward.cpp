@@ -438,6 +438,52 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
   }
 }
 
+// The depthwise grad input with staging=window (corners inside the tile's input window summed
+// in shared memory, the rest scattered to global memory): the f64 reference on every dtype and
+// layout, tiles of 8 and 16 pixels, halos 0 to 2, with small offsets (sigma = 0.5: nearly all
+// corners in the window), large ones (sigma = 8: most outside, many outside the image) and edge
+// offsets (NaN, huge, on pixel boundaries); partial tiles (9 x 11 and 7 x 5 outputs), two
+// offset groups of 96 channels (a part-filled 128-channel pass), 256 channels (two passes),
+// stride 2 with dilation 2.
+TEST(GpuBackwardDwWindow, MatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  struct W {
+    LayerDesc d;
+    double sigma;  // 0: edge offsets
+    int tm, halo;
+  };
+  std::vector<W> cases;
+  for (DType dt : {DType::f16, DType::bf16, DType::f32})
+    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+      cases.push_back({make(2, 256, 9, 11, 256, 3, 1, 256, 1, dt, layout), 0.5, 16, 1});
+      cases.push_back({make(2, 256, 9, 11, 256, 3, 1, 256, 1, dt, layout), 8.0, 8, 2});
+      cases.push_back({make(1, 192, 8, 8, 192, 3, 1, 192, 2, dt, layout), 0.0, 16, 0});
+    }
+  LayerDesc strided = make(2, 128, 13, 10, 128, 3, 2, 128, 1, DType::f16, Layout::nchw);
+  strided.stride_h = strided.stride_w = 2, strided.dil_h = strided.dil_w = 2;
+  cases.push_back({strided, 2.0, 16, 1});
+  LayerDesc nomask = make(1, 128, 7, 5, 128, 3, 1, 128, 1, DType::f32, Layout::nhwc);
+  nomask.mask = false;
+  cases.push_back({nomask, 2.0, 8, 1});
+  uint64_t seed = 900;
+  for (const W& c : cases) {
+    LayerDesc data = c.d;
+    data.pass = deft::Pass::backward_data;
+    deft::Variant v = deft::default_variant(data, 90);
+    ASSERT_EQ(v.algo, deft::Algo::depthwise);
+    v.tile_m = c.tm, v.threads = 32 * c.tm;
+    v.staging = deft::Staging::window, v.halo = c.halo;
+    const deft::KernelPlan plan = deft::make_plan(data, v);
+    ASSERT_TRUE(plan.dw_window);
+    SCOPED_TRACE(deft::to_string(v) + " sigma " + std::to_string(c.sigma));
+    Tensors t = random_tensors(c.d, c.sigma > 0 ? c.sigma : 2.0, ++seed);
+    if (c.sigma == 0) edge_offsets(t, c.d.dtype, ++seed);
+    deft::CompileOptions o = test_options(false);
+    o.backward_data_variant = v;
+    check_backward(c.d, t, 0, o);
+  }
+}
+
 // Only the requested gradients are written (the others stay poisoned, checked in run_gpu),
 // and each equals the full run's. Also a depthwise nchw layer in f16, whose passes share one
 // channels-last copy of grad_out (and whose grad bias alone makes it), in both modes.

@@ -791,7 +791,7 @@ TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
 // Backward passes are not tuned (yet): a clear error before any GPU work, in both entry points.
 // The backward passes' spaces: the default first, the WMMA tiles around it, and on sm_90 for
 // f16, bf16 and tf32 the wgmma kernels' tiles (none for strict f32); depthwise layers have
-// their default and, for grad input, its gin=gather form. A simulated tuning writes a record keyed by the pass's description,
+// their default and, for grad input, its gin=gather and staging=window forms. A simulated tuning writes a record keyed by the pass's description,
 // which choose_variant then finds for that pass: backward_data in the fast mode only,
 // backward_weight (deterministic in both modes) in both.
 TEST(TunerPolicy, BackwardPassesAreTuned) {
@@ -829,8 +829,29 @@ TEST(TunerPolicy, BackwardPassesAreTuned) {
   auto dw = deft::parse_layer_desc(fmt::format(
       "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass={}", pass));
   const auto dw_space = deft::search_space(dw);
-  ASSERT_EQ(dw_space.size(), data ? 2u : 1u);
-  if (data) EXPECT_TRUE(dw_space[1].gin_gather);  // the gather form in the fast mode
+  // grad input: the gather form in the fast mode, then staging=window with tiles of 8 and 16
+  // pixels and the halos of the offsets' spread (sigma 2: 2, 4, 6)
+  ASSERT_EQ(dw_space.size(), data ? 2u + 6u : 1u);
+  if (data) {
+    EXPECT_TRUE(dw_space[1].gin_gather);
+    std::vector<std::pair<int, int>> windows;
+    for (size_t i = 2; i < dw_space.size(); ++i) {
+      EXPECT_EQ(dw_space[i].staging, deft::Staging::window) << deft::to_string(dw_space[i]);
+      EXPECT_EQ(dw_space[i].threads, 32 * dw_space[i].tile_m);
+      windows.emplace_back(dw_space[i].tile_m, dw_space[i].halo);
+    }
+    EXPECT_EQ(windows, (std::vector<std::pair<int, int>>{{8, 2}, {8, 4}, {8, 6}, {16, 2}, {16, 4}, {16, 6}}));
+    // the spread decides the halos: sigma 0.5 asks for 1 and 2, sigma 8 for 6 (its 14 and 16
+    // would not fit shared memory)
+    auto halos = [&](double sigma) {
+      std::set<int> h;
+      for (const auto& v : deft::search_space(dw, deft::SearchOptions{0, false, sigma}))
+        if (v.staging == deft::Staging::window) h.insert(v.halo);
+      return h;
+    };
+    EXPECT_EQ(halos(0.5), (std::set<int>{1, 2}));
+    EXPECT_EQ(halos(8.0), (std::set<int>{6}));
+  }
 
   deft::testing::TempDir dir("tune-bwd");
   deft::TuneOptions o;
