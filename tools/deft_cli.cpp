@@ -1077,8 +1077,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   tune->add_option("--max-candidates", ta.max_candidates, "Try at most this many variants (0: all)");
   tune->add_flag("--window", ta.window,
-                 "Also try the staging=window variants of the sm_90 wgmma kernel, with halos from "
-                 "the layer's offset statistics (experimental: not yet run on a GPU)");
+                 "Also try the staging=window variants of the sm_90 wgmma forward kernel, with "
+                 "halos from the layer's offset statistics (off by default: slower than the "
+                 "gather at every spread measured, docs/perf-notes.md round 10). The depthwise "
+                 "grad input's window variants are always in its space");
   tune->add_option("--passes", ta.passes,
                    "Comma-separated passes to tune for each layer: forward, backward_data, "
                    "backward_weight (default: each layer's own, a description's pass= or a "
