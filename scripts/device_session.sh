@@ -77,8 +77,11 @@ for step in "$@"; do
       SWEEP_FAMILY=window SWEEP_SIGMAS=0.5,2,8 SWEEP_CASES=${SWEEP_CASES:-dense512,resnet_res4,deft_64} \
         SWEEP_DTYPES=${SWEEP_DTYPES:-fp16} bash "$0" sweep; cp "$LOGS/sweep.log" "$LOGS/sweep-window.log" ;;
     decision)  # issue 5: deft tune --window at sigma 0.5 and 8, each pick timed on both spreads
+      # DECISION_ARGS: more arguments (e.g. --pass backward_data --no-window --shapes ...),
+      # DECISION_TAG: log name suffix
       timeout 400 python3 scripts/stats_decision.py --cases "${DECISION_CASES:-dense512,resnet_res4}" \
-        > "$LOGS/stats-decision.log" 2>&1; stamp "stats decision rc=$?"; cat "$LOGS/stats-decision.log" | tail -20 ;;
+        ${DECISION_ARGS:-} > "$LOGS/stats-decision${DECISION_TAG:-}.log" 2>&1; stamp "stats decision rc=$?"
+      tail -24 "$LOGS/stats-decision${DECISION_TAG:-}.log" ;;
     profile)  # where a batch-128 training step's time goes, GPU and host, for both ops
       for op in ${PROFILE_OPS:-deft torchvision}; do
         timeout 150 python3 scripts/profile_train.py --op $op --cpu > "$LOGS/profile-train-$op.txt" 2>&1

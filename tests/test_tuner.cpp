@@ -791,7 +791,7 @@ TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
 // Backward passes are not tuned (yet): a clear error before any GPU work, in both entry points.
 // The backward passes' spaces: the default first, the WMMA tiles around it, and on sm_90 for
 // f16, bf16 and tf32 the wgmma kernels' tiles (none for strict f32); depthwise layers have
-// their default and, for grad input, its gin=gather and staging=window forms. A simulated tuning writes a record keyed by the pass's description,
+// their default and, for grad input, its gin=gather form (and, opt-in, staging=window). A simulated tuning writes a record keyed by the pass's description,
 // which choose_variant then finds for that pass: backward_data in the fast mode only,
 // backward_weight (deterministic in both modes) in both.
 TEST(TunerPolicy, BackwardPassesAreTuned) {
@@ -828,9 +828,11 @@ TEST(TunerPolicy, BackwardPassesAreTuned) {
     EXPECT_NE(v.algo, deft::Algo::gemm_wgmma) << deft::to_string(v);
   auto dw = deft::parse_layer_desc(fmt::format(
       "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass={}", pass));
-  const auto dw_space = deft::search_space(dw);
-  // grad input: the gather form in the fast mode, then staging=window with tiles of 8 and 16
+  ASSERT_EQ(deft::search_space(dw).size(), data ? 2u : 1u);
+  if (data) EXPECT_TRUE(deft::search_space(dw)[1].gin_gather);  // the gather form, fast mode
+  // with SearchOptions::window, grad input also has staging=window with tiles of 8 and 16
   // pixels and the halos of the offsets' spread (sigma 2: 2, 4, 6)
+  const auto dw_space = deft::search_space(dw, deft::SearchOptions{0, true, 2.0});
   ASSERT_EQ(dw_space.size(), data ? 2u + 6u : 1u);
   if (data) {
     EXPECT_TRUE(dw_space[1].gin_gather);
@@ -845,7 +847,7 @@ TEST(TunerPolicy, BackwardPassesAreTuned) {
     // would not fit shared memory)
     auto halos = [&](double sigma) {
       std::set<int> h;
-      for (const auto& v : deft::search_space(dw, deft::SearchOptions{0, false, sigma}))
+      for (const auto& v : deft::search_space(dw, deft::SearchOptions{0, true, sigma}))
         if (v.staging == deft::Staging::window) h.insert(v.halo);
       return h;
     };

@@ -1077,10 +1077,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   tune->add_option("--max-candidates", ta.max_candidates, "Try at most this many variants (0: all)");
   tune->add_flag("--window", ta.window,
-                 "Also try the staging=window variants of the sm_90 wgmma forward kernel, with "
-                 "halos from the layer's offset statistics (off by default: slower than the "
-                 "gather at every spread measured, docs/perf-notes.md round 10). The depthwise "
-                 "grad input's window variants are always in its space");
+                 "Also try the staging=window variants (the sm_90 wgmma forward kernel's and "
+                 "the depthwise grad input's), with halos from the layer's offset statistics; "
+                 "off by default: both were slower than their gather forms at every spread "
+                 "measured (docs/perf-notes.md rounds 10 and B23)");
   tune->add_option("--passes", ta.passes,
                    "Comma-separated passes to tune for each layer: forward, backward_data, "
                    "backward_weight (default: each layer's own, a description's pass= or a "

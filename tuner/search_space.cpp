@@ -73,16 +73,19 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       Variant g = def;
       g.gin_gather = true;
       add(g);
-      // staging=window (perf notes round B23): tiles of 8 and 16 pixels, the halos the
-      // offsets' spread asks for (at most 8; a larger window would not fit shared memory)
-      for (int tm : {8, 16})
-        for (int halo : window_halos(opt.offset_sigma)) {
-          if (halo > 8) continue;
-          Variant w = def;
-          w.tile_m = tm, w.threads = 32 * tm;
-          w.staging = Staging::window, w.halo = halo;
-          add(w);
-        }
+      // staging=window, opt-in (SearchOptions::window): tiles of 8 and 16 pixels, the halos
+      // the offsets' spread asks for (at most 8; a larger window would not fit shared
+      // memory). Slower than the float atomics at every spread measured (perf notes round
+      // B23: its shared-memory f32 adds are CAS loops).
+      if (opt.window)
+        for (int tm : {8, 16})
+          for (int halo : window_halos(opt.offset_sigma)) {
+            if (halo > 8) continue;
+            Variant w = def;
+            w.tile_m = tm, w.threads = 32 * tm;
+            w.staging = Staging::window, w.halo = halo;
+            add(w);
+          }
       return out;
     }
     // The WMMA / FMA kernels' tiles around the portable default (tm = pixels, tn = channels a
