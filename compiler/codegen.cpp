@@ -167,7 +167,6 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     line(gin_mode_line(p.gin_mode, false));
     line(fmt::format("#define DW_WINDOW {}  // staging=window: corners near the tile summed in "
                      "shared memory", p.dw_window ? 1 : 0));
-    line(fmt::format("constexpr bool TAP_ROTATE = {};  // taps=rotate", p.tap_rotate));
     if (p.dw_window) {
       c32("TILE_H", p.tile_h);
       c32("TILE_W", p.tile_w);

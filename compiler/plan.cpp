@@ -551,7 +551,6 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
       p.align_gout = 4 * dtype_size(d.dtype);
     int64_t gx = ceil_div(m_total, p.bp);
     if (v.staging == Staging::window) gx = plan_bwd_data_dw_window(d, v, p);
-    p.tap_rotate = v.tap_rotate;
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
     p.grid = {unsigned(gx), unsigned(d.offset_groups), 1};
@@ -743,9 +742,6 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                              "producers only", v.batch));
   if (v.gin_gather && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
     bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
-  if (v.tap_rotate && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data &&
-                        v.staging == Staging::gather))
-    bad("taps", "taps=rotate applies to algo=depthwise pass=backward_data with staging=gather only");
   if (d.pass != Pass::forward) {
     if (v.staging != Staging::gather &&
         !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))

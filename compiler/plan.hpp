@@ -89,7 +89,6 @@ struct KernelPlan {
   // time) in shared memory, flushed with one reduction per window element; corners outside go
   // to global memory as in the gather form
   bool dw_window = false;
-  bool tap_rotate = false;  // depthwise backward_data: a pixel's taps start at its index mod taps
   int tile_h = 0, tile_w = 0, tiles_y = 0, tiles_x = 0, win_rows = 0, win_cols = 0, halo = 0;
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice
   int64_t gout_tile_bytes = 0, slice_bytes = 0;

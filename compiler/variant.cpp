@@ -24,14 +24,13 @@ std::string_view to_string(Staging s) {
 }
 
 std::string to_string(const Variant& v) {
-  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}{}{}{}",
+  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}{}{}",
                      to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
                      to_string(v.staging), v.halo, v.transpose ? 1 : 0,
                      v.deterministic ? " det=1" : "", v.gin_gather ? " gin=gather" : "",
                      v.stages ? fmt::format(" stages={}", v.stages) : std::string(),
                      v.producers ? fmt::format(" producers={}", v.producers) : std::string(),
-                     v.batch ? fmt::format(" batch={}", v.batch) : std::string(),
-                     v.tap_rotate ? " taps=rotate" : "");
+                     v.batch ? fmt::format(" batch={}", v.batch) : std::string());
 }
 
 Variant parse_variant(std::string_view text) {
@@ -89,11 +88,6 @@ Variant parse_variant(std::string_view text) {
       if (val == "gather") v.gin_gather = true;
       else if (val == "atomic") v.gin_gather = false;
       else throw DescError(key, fmt::format("gin={} is not gather or atomic", val));
-    }
-    else if (key == "taps") {
-      if (val == "rotate") v.tap_rotate = true;
-      else if (val == "inorder") v.tap_rotate = false;
-      else throw DescError(key, fmt::format("taps={} is not rotate or inorder", val));
     }
     else throw DescError(key, fmt::format("unknown variant field '{}'", key));
   }

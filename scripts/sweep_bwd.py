@@ -26,7 +26,7 @@ ap.add_argument("--family", default="tc", choices=["tc", "wgmma", "ws", "batch",
                      "wgmma tiles against the WMMA kernel, each also in deterministic mode; "
                      "simt: the FMA grad-input kernel's tiles, scalar and vector epilogue (vec=4), "
                      "for --dtype fp32; dw: the depthwise grad input, float atomics against gin=gather and "
-                     "taps=rotate (tiles of 4, 8, 16 pixels) and one staging=window tile")
+                     "staging=window (tiles of 8 and 16 pixels, halos 0 to 6)")
 ap.add_argument("--layout", default="nchw", choices=["nchw", "nhwc"],
                 help="the layers' layout: nhwc passes channels-last tensors (krsc weight) and "
                      "drops the variants' transpose=1")
@@ -104,9 +104,8 @@ if args.family == "dw":  # the depthwise grad input: float atomics against the f
     weight_vs = []
     data_vs = ["algo=depthwise tm=8 tn=1 tk=1 threads=256 transpose=1",
                "algo=depthwise tm=8 tn=1 tk=1 threads=256 transpose=1 gin=gather"] + [
-        f"algo=depthwise tm={tm} tn=1 tk=1 threads={32 * tm} transpose=1 taps=rotate"
-        for tm in (4, 8, 16)] + [
-        "algo=depthwise tm=16 tn=1 tk=1 threads=512 transpose=1 staging=window halo=1"]
+        f"algo=depthwise tm={tm} tn=1 tk=1 threads={32 * tm} transpose=1 staging=window halo={h}"
+        for tm in (8, 16) for h in (0, 1, 2, 4, 6)]
 for case, sigma in itertools.product(spec["cases"], [float(s) for s in args.sigmas.split(",")]):
     if case["name"] not in args.cases.split(","):
         continue

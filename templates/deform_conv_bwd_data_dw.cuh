@@ -29,11 +29,7 @@
 // grad offset / grad mask partials of all taps stay in registers until the end (the sums run
 // in the same order as the gather kernel's EV = 4 form).
 //
-// TAP_ROTATE (taps=rotate): pixel m walks the taps from m mod TAPS, so that neighbouring pixels
-// are on different taps at a time: at small offsets the right corners of one pixel's tap are
-// the left corners of its neighbour's same tap, and both reductions would hit one address.
-//
-// Constants from codegen: PIXB, CL, THREADS (= PIXB * CL), GIN_MODE, EV, TAP_ROTATE, DW_WINDOW; with the
+// Constants from codegen: PIXB, CL, THREADS (= PIXB * CL), GIN_MODE, EV, DW_WINDOW; with the
 // window TILE_H, TILE_W, TILES_Y, TILES_X, WIN_HALO, WIN_ROWS, WIN_COLS, SMEM_BYTES.
 
 #if DW_WINDOW
@@ -172,10 +168,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
 
 #pragma unroll 1
-  for (int tt = 0; tt < TAPS; ++tt) {
-    // TAP_ROTATE: neighbouring pixels on different taps at a time (their same-tap corners
-    // coincide when offsets are small: the reductions of both would hit one address)
-    const int t = TAP_ROTATE ? int((tt + m) % TAPS) : tt;
+  for (int t = 0; t < TAPS; ++t) {
     Acc g[3] = {Acc(0), Acc(0), Acc(0)};  // grad offset dy, dx, grad mask of this tap
     if (pix_ok) {
       const BwdPoint pt = deft_bwd_point(offset, mask, n, ho, wo, t, og);

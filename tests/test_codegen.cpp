@@ -1244,27 +1244,3 @@ TEST(Codegen, DepthwiseGradInputWindow) {
                               deft::parse_variant(win)),
                deft::NotImplemented);
 }
-
-// taps=rotate: printed and parsed, emitted as TAP_ROTATE, refused outside the depthwise grad
-// input's gather staging.
-TEST(Codegen, DepthwiseGradInputTapRotate) {
-  const std::string dw =
-      "deform_conv2d n=2 c=64 h=9 w=9 k=64 groups=64 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc ";
-  const deft::Variant v = deft::parse_variant("algo=depthwise tm=8 tn=1 tk=1 threads=256 taps=rotate");
-  EXPECT_TRUE(v.tap_rotate);
-  EXPECT_NE(deft::to_string(v).find(" taps=rotate"), std::string::npos);
-  EXPECT_EQ(deft::parse_variant(deft::to_string(v)), v);
-  EXPECT_FALSE(deft::parse_variant("algo=depthwise taps=inorder").tap_rotate);
-  EXPECT_THROW(deft::parse_variant("algo=depthwise taps=random"), deft::DescError);
-  const auto d = deft::parse_layer_desc(dw + "pass=backward_data");
-  EXPECT_NE(deft::generate_source(d, v).find("constexpr bool TAP_ROTATE = true;"), std::string::npos);
-  EXPECT_NE(deft::generate_source(d, deft::parse_variant("algo=depthwise tm=8 tn=1 tk=1 threads=256"))
-                .find("constexpr bool TAP_ROTATE = false;"),
-            std::string::npos);
-  refused(dw + "pass=backward_weight", "algo=depthwise tm=8 tn=8 tk=1 threads=256 taps=rotate", "taps");
-  refused(dw, "algo=depthwise tm=8 tn=1 tk=1 threads=256 vec=8 taps=rotate", "taps");
-  refused("deform_conv2d n=2 c=64 h=9 w=9 k=64 r=3 s=3 pad=1 mask=1 dtype=f32 layout=nhwc "
-          "pass=backward_data", "algo=gemm_simt tm=64 tn=64 tk=16 threads=256 taps=rotate", "taps");
-  refused(dw + "pass=backward_data",
-          "algo=depthwise tm=16 tn=1 tk=1 threads=512 staging=window halo=1 taps=rotate", "taps");
-}

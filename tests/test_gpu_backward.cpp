@@ -484,51 +484,6 @@ TEST(GpuBackwardDwWindow, MatchesReference) {
   }
 }
 
-// taps=rotate (each pixel of the depthwise grad-input kernel walks the taps from its index mod
-// taps): the f64 reference in the fast mode on every dtype and both layouts, small and large
-// offsets and edge offsets, with one and two offset groups and a 5 x 5 kernel (25 taps); in
-// deterministic mode (f64: fixed-point atomics; f32: the gather, which the rotation leaves
-// alone) bitwise-equal repeats.
-TEST(GpuBackwardDwTapRotate, MatchesReference) {
-  DEFT_SKIP_WITHOUT_GPU();
-  struct R {
-    LayerDesc d;
-    double sigma;  // 0: edge offsets
-    int det;
-  };
-  std::vector<R> cases;
-  for (DType dt : {DType::f16, DType::bf16, DType::f32, DType::f64})
-    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
-      cases.push_back({make(2, 64, 9, 11, 64, 3, 1, 64, 1, dt, layout), 0.5, 0});
-      cases.push_back({make(1, 96, 7, 8, 96, 3, 1, 96, 2, dt, layout), 0.0, 0});
-    }
-  cases.push_back({make(2, 32, 10, 9, 32, 5, 2, 32, 1, DType::f16, Layout::nhwc), 8.0, 0});
-  cases.push_back({make(2, 32, 9, 7, 32, 3, 1, 32, 1, DType::f64, Layout::nchw), 0.5, 1});
-  cases.push_back({make(2, 32, 9, 7, 32, 3, 1, 32, 1, DType::f32, Layout::nhwc), 0.5, 1});
-  uint64_t seed = 950;
-  for (const R& c : cases) {
-    LayerDesc data = c.d;
-    data.pass = deft::Pass::backward_data;
-    deft::Variant v = deft::default_variant(data, 90, c.det);
-    ASSERT_EQ(v.algo, deft::Algo::depthwise);
-    v.tap_rotate = true;
-    v.deterministic = c.det;
-    ASSERT_TRUE(deft::make_plan(data, v).tap_rotate);
-    SCOPED_TRACE(deft::to_string(v) + " sigma " + std::to_string(c.sigma));
-    Tensors t = random_tensors(c.d, c.sigma > 0 ? c.sigma : 2.0, ++seed);
-    if (c.sigma == 0) edge_offsets(t, c.d.dtype, ++seed);
-    deft::CompileOptions o = test_options(c.det);
-    o.backward_data_variant = v;
-    check_backward(c.d, t, c.det, o);
-    if (c.det) {
-      for (auto* x : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*x, c.d.dtype);
-      const GpuGrads first = run_gpu(c.d, t, 1, {true, true, true, true, true}, 1, o);
-      const GpuGrads again = run_gpu(c.d, t, 1, {true, true, true, true, true}, 1, o);
-      for (int g = 0; g < kGrads; ++g) EXPECT_EQ(first.raw[g], again.raw[g]) << kGradName[g];
-    }
-  }
-}
-
 // Only the requested gradients are written (the others stay poisoned, checked in run_gpu),
 // and each equals the full run's. Also a depthwise nchw layer in f16, whose passes share one
 // channels-last copy of grad_out (and whose grad bias alone makes it), in both modes.

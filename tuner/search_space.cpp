@@ -73,10 +73,6 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       Variant g = def;
       g.gin_gather = true;
       add(g);
-      // taps=rotate: neighbouring pixels on different taps (perf notes round B24)
-      Variant r = def;
-      r.tap_rotate = true;
-      add(r);
       // staging=window, opt-in (SearchOptions::window): tiles of 8 and 16 pixels, the halos
       // the offsets' spread asks for (at most 8; a larger window would not fit shared
       // memory). Slower than the float atomics at every spread measured (perf notes round

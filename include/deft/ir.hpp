@@ -164,11 +164,6 @@ struct Variant {
   // atomics) instead of scattered with float atomics (printed as gin=gather only when set).
   // Deterministic mode gathers wherever it can, with or without it.
   bool gin_gather = false;
-  // depthwise backward_data (float atomics or fixed point, not the window): each output pixel
-  // walks the taps starting at tap (pixel index mod taps), so that neighbouring pixels, whose
-  // same-tap corners coincide at small offsets, add into different addresses at a time
-  // (printed as taps=rotate only when set; perf notes round B24).
-  bool tap_rotate = false;
 
   bool operator==(const Variant&) const = default;
 };
