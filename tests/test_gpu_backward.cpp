@@ -484,6 +484,25 @@ TEST(GpuBackwardDwWindow, MatchesReference) {
   }
 }
 
+// The depthwise grad-input kernel's channel steps (32 lanes x 4 channels) issue their corner
+// loads NB at a time (4 steps for f16, 2 otherwise): groups of 640 channels (5 steps: a full
+// batch, then one step), 576 (4.5 steps: the last one part-filled) and 96 with two offset
+// groups (one part-filled step each), in the fast and the deterministic mode, both layouts.
+TEST(GpuBackwardDwSteps, BatchedCornerLoadsMatchReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  const LayerDesc layers[] = {make(1, 640, 6, 7, 640, 3, 1, 640, 1, DType::f16, Layout::nchw),
+                              make(1, 640, 6, 7, 640, 3, 1, 640, 1, DType::f16, Layout::nhwc),
+                              make(1, 576, 5, 6, 576, 3, 1, 576, 1, DType::bf16, Layout::nhwc),
+                              make(1, 576, 5, 6, 576, 3, 1, 576, 1, DType::f32, Layout::nchw),
+                              make(2, 192, 5, 5, 192, 3, 1, 192, 2, DType::f16, Layout::nhwc)};
+  uint64_t seed = 970;
+  for (const LayerDesc& d : layers)
+    for (int det : {0, 1}) {
+      Tensors t = random_tensors(d, 2.0, ++seed);
+      check_backward(d, t, det);
+    }
+}
+
 // Only the requested gradients are written (the others stay poisoned, checked in run_gpu),
 // and each equals the full run's. Also a depthwise nchw layer in f16, whose passes share one
 // channels-last copy of grad_out (and whose grad bias alone makes it), in both modes.
