@@ -147,15 +147,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 #else
-// channel steps of the EV > 1 path whose corner loads go out together: the group's steps, at
-// most 4 for f16 and 2 otherwise (f32's 16-byte corner vectors and bf16's conversions: 4
-// steps take those kernels to 162-168 registers, one block an SM)
-template <class U> struct DeftNbMax { static constexpr int value = 2; };
-template <> struct DeftNbMax<__half> { static constexpr int value = 4; };
-constexpr int NB_STEPS = (CPOG + CL * EV - 1) / (CL * EV);
-constexpr int NB_MAX = DeftNbMax<T>::value;
-constexpr int NB = NB_STEPS < 1 ? 1 : NB_STEPS > NB_MAX ? NB_MAX : NB_STEPS;
-
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
                 const T* __restrict__ mask, const T* __restrict__ weight,
@@ -192,29 +183,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                            scale, nonfinite, g);
         }
       } else {  // nhwc: EV neighbouring channels per lane, one vector load and reduction per corner
-        // NB channel steps at a time: all their corner loads issued before the first is used
-        // (one step's four loads in flight was the wait: perf notes round B25); the sums
-        // into g keep the channel order
-        for (int cb = og * CPOG + lane * EV; cb < (og + 1) * CPOG; cb += NB * CL * EV) {
-          BwdCorners<EV> r[NB];
-          Acc cg[NB][EV];
+#pragma unroll 2
+        for (int c = og * CPOG + lane * EV; c < (og + 1) * CPOG; c += CL * EV) {
+          Acc cg[EV];
 #pragma unroll
-          for (int b = 0; b < NB; ++b) {
-            const int c = cb + b * CL * EV;
-            if (c >= (og + 1) * CPOG) continue;
-            r[b] = deft_bwd_load_corners<EV>(image + c, pt);
-#pragma unroll
-            for (int e = 0; e < EV; ++e)
-              cg[b][e] = Acc(deft_widen(weight[(long long)(c + e) * TAPS + t])) *
-                         Acc(deft_widen(gout[deft_gout_index(n, c + e, q_img)]));
-          }
-#pragma unroll
-          for (int b = 0; b < NB; ++b) {
-            const int c = cb + b * CL * EV;
-            if (c >= (og + 1) * CPOG) continue;
-            deft_bwd_channels_from<EV>(r[b], gin ? gin + n * (C * H * W) + c : nullptr, pt,
-                                       cg[b], scale, nonfinite, g);
-          }
+          for (int e = 0; e < EV; ++e)
+            cg[e] = Acc(deft_widen(weight[(long long)(c + e) * TAPS + t])) *
+                    Acc(deft_widen(gout[deft_gout_index(n, c + e, q_img)]));
+          deft_bwd_channels<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt, cg,
+                                scale, nonfinite, g);
         }
       }
     }
