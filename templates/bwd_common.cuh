@@ -3,6 +3,12 @@
 // with what its derivatives need, the writes of grad offset / grad mask, and the conversion
 // of the grad-input workspace. Constants from codegen: GIN_MODE (see deform_conv_bwd_data.cuh).
 
+// The parameters of every backward_data kernel, in the order the runtime passes them.
+#define DEFT_BWD_DATA_PARAMS                                                                  \
+  const T *__restrict__ input, const T *__restrict__ offset, const T *__restrict__ mask,      \
+      const T *__restrict__ weight, const T *__restrict__ gout, GinT *__restrict__ gin,       \
+      T *__restrict__ goffset, T *__restrict__ gmask, unsigned long long *__restrict__ header
+
 constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr long long IN_ELEMS = (long long)N * C * H * W;
 constexpr int TAPS = R * S;

@@ -35,10 +35,7 @@ constexpr int CS_LD = BP + 1;
 #endif
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
-                const T* __restrict__ mask, const T* __restrict__ weight,
-                const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
-                T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+    KERNEL_NAME(DEFT_BWD_DATA_PARAMS) {
   deft_grid_begin();
 #if USE_TC
   __shared__ __align__(128) Stage Ws[BK][BC + TC_PAD];

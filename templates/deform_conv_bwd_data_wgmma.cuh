@@ -182,10 +182,7 @@ __device__ __forceinline__ void deft_round_gout_tile(unsigned char* tile) {
 // an illegal address at a reduction the test guarded, in both modes, cause not found
 // (docs/perf-notes.md round B13); without grad input the scatter's result is just not read.
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)
-    KERNEL_NAME(const T* __restrict__ input, const T* __restrict__ offset,
-                const T* __restrict__ mask, const T* __restrict__ weight,
-                const T* __restrict__ gout, GinT* __restrict__ gin, T* __restrict__ goffset,
-                T* __restrict__ gmask, unsigned long long* __restrict__ header) {
+    KERNEL_NAME(DEFT_BWD_DATA_PARAMS) {
   deft_grid_begin();
   // the grad_out tile, each warpgroup's ring, the warpgroups' point-grad sums
   extern __shared__ __align__(128) unsigned char smem[];  // SMEM_BYTES, set at launch
