@@ -146,6 +146,15 @@ for step in "$@"; do
         grep -E "Duration|Throughput|Hit Rate|Registers Per|Warp Cycles Per Issued|Issue Slots|No Eligible|Achieved Occupancy|Theoretical Occupancy|Pipe" "$LOGS/ncu-dw-$lay.txt" | head -30
         python3 scripts/ncu_stalls.py "$LOGS/ncu-dw-sass-$lay.csv" --top 12 2>&1 | head -20
       done ;;
+    ncuslices)  # issue 5 / round B23-B25: the depthwise grad input's L2 reductions at sigma 0.5
+      # and 8 (total, per-slice max and mean: do small offsets camp on a few L2 slices?)
+      for sg in 0.5 8; do
+        DEFT_PROFILE_PASS=data DEFT_PROFILE_SIGMA=$sg timeout 120 ncu --clock-control none \
+          --kernel-name deft_deform_conv2d_backward_data --launch-skip 2 --launch-count 1 \
+          --metrics gpu__time_duration.sum,lts__t_sectors_op_red.sum,lts__t_sectors_op_red.max,lts__t_sectors_op_red.avg,lts__t_sectors.max,lts__t_sectors.avg,lts__t_sectors_op_red_lookup_hit.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed \
+          python3 scripts/profile_one_bwd.py ${NCU_CASES:-dw512} fp16 > "$LOGS/ncu-slices-s$sg.txt" 2>&1
+        stamp "ncu slices sigma $sg rc=$?"; grep -E "duration|lts__" "$LOGS/ncu-slices-s$sg.txt"
+      done ;;
     ncubwd)  # hardware counters of one backward kernel: NCU_PASS weight (default) or data,
       # NCU_CASES, NCU_VARIANT (that pass's variant)
       for cs in ${NCU_CASES:-dense512 resnet_res4}; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs one bench case's grad-weight pass (NCHW) a few times with a given weight variant, for
 ncu: profile_one_bwd.py CASE [DTYPE] [WEIGHT_VARIANT]; with DEFT_PROFILE_PASS=data the
-backward_data pass instead (grad input, offset and mask), the variant then that pass's."""
+backward_data pass instead (grad input, offset and mask), the variant then that pass's;
+DEFT_PROFILE_SIGMA: the offsets' spread in pixels (default 2)."""
 import os
 import sys
 
@@ -17,7 +18,7 @@ spec = bench.load_shapes(os.path.join(os.path.dirname(__file__), "..", "bench", 
 c = next(x for x in spec["cases"] if x["name"] == name)
 tdt = torch.half if dtype == "fp16" else torch.float
 lib = DeftLibrary("build/libdeft.so")
-x, w, off, m, gout = bench.backward_inputs(c, tdt)
+x, w, off, m, gout = bench.backward_inputs(c, tdt, sigma=float(os.environ.get("DEFT_PROFILE_SIGMA", "2")))
 data = os.environ.get("DEFT_PROFILE_PASS", "weight") == "data"
 desc = bench.deft_desc(c, "nchw", dtype)
 k = lib.compile_ex(desc, None, None, variant if data else None, None if data else variant)
