@@ -151,7 +151,7 @@ for step in "$@"; do
       for sg in 0.5 8; do
         DEFT_PROFILE_PASS=data DEFT_PROFILE_SIGMA=$sg timeout 120 ncu --clock-control none \
           --kernel-name deft_deform_conv2d_backward_data --launch-skip 2 --launch-count 1 \
-          --metrics gpu__time_duration.sum,lts__t_sectors_op_red.sum,lts__t_sectors_op_red.max,lts__t_sectors_op_red.avg,lts__t_sectors.max,lts__t_sectors.avg,lts__t_sectors_op_red_lookup_hit.sum,lts__throughput.avg.pct_of_peak_sustained_elapsed \
+          --metrics gpu__time_duration.sum,lts__t_sectors_op_red.sum,lts__t_sectors_op_red.max,lts__t_sectors_op_red.avg,lts__t_sectors.max,lts__t_sectors.avg,lts__throughput.avg.pct_of_peak_sustained_elapsed \
           python3 scripts/profile_one_bwd.py ${NCU_CASES:-dw512} fp16 > "$LOGS/ncu-slices-s$sg.txt" 2>&1
         stamp "ncu slices sigma $sg rc=$?"; grep -E "duration|lts__" "$LOGS/ncu-slices-s$sg.txt"
       done ;;
