@@ -742,14 +742,14 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                              "producers only", v.batch));
   if (v.gin_gather && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
     bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
+  if (v.staging == Staging::gather && v.halo != 0)
+    bad("halo", fmt::format("halo={} applies to staging=window only", v.halo));
   if (d.pass != Pass::forward) {
     if (v.staging != Staging::gather &&
         !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
       throw NotImplemented(fmt::format("not implemented: staging=window has a backward kernel "
                                        "for algo=depthwise pass=backward_data only, not algo={} "
                                        "pass={}", to_string(v.algo), to_string(d.pass)));
-    if (v.staging == Staging::gather && v.halo != 0)
-      bad("halo", fmt::format("halo={} applies to staging=window only", v.halo));
     plan_backward(d, v, p);
     // the gather forms (gin_mode 3, 4) sum into a channels-last workspace whatever the
     // input's layout; the others in the layout they read the input in
@@ -764,8 +764,6 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   if (v.staging != Staging::gather && v.algo != Algo::gemm_wgmma)
     throw NotImplemented(fmt::format("not implemented: staging=window has a kernel for "
                                      "algo=gemm_wgmma only, not algo={}", to_string(v.algo)));
-  if (v.staging == Staging::gather && v.halo != 0)
-    bad("halo", fmt::format("halo={} applies to staging=window only", v.halo));
   p.block = v.threads;
   p.x_nhwc = p.w_krsc = d.layout == Layout::nhwc;
   if (v.transpose) {

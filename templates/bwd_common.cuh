@@ -281,6 +281,19 @@ __device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT
 #endif
 }
 
+// dst[0..3] += v[0..3] (an f32 workspace, 16-byte aligned): one vector reduction on sm_90,
+// four atomics before it.
+__device__ __forceinline__ void deft_red4(float* dst, const float (&v)[4]) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(v[0]), "f"(v[1]),
+               "f"(v[2]), "f"(v[3])
+               : "memory");
+#else
+#pragma unroll
+  for (int e = 0; e < 4; ++e) atomicAdd(dst + e, v[e]);
+#endif
+}
+
 // The rest of deft_bwd_channels once the corners are in v (zeros outside the image): the grad
 // mask and grad offset terms into g[0..2], and the scatter into grad input.
 template <int EV_>
@@ -315,16 +328,10 @@ __device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], G
 #else
     (void)scale;
     (void)nonfinite;
-#if __CUDA_ARCH__ >= 900
-    constexpr bool kVectorRed = EV_ == 4 && sizeof(GinT) == 4;
-#else
-    constexpr bool kVectorRed = false;
-#endif
-    if constexpr (kVectorRed) {
-      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst + pt.off[q]),
-                   "f"(float(contrib[0])), "f"(float(contrib[1])), "f"(float(contrib[2])),
-                   "f"(float(contrib[3]))
-                   : "memory");
+    if constexpr (EV_ == 4 && sizeof(GinT) == 4) {
+      const float v[4] = {float(contrib[0]), float(contrib[1]), float(contrib[2]),
+                          float(contrib[3])};
+      deft_red4(reinterpret_cast<float*>(dst + pt.off[q]), v);
     } else {
 #pragma unroll
       for (int e = 0; e < EV_; ++e) atomicAdd(dst + pt.off[q] + e, contrib[e]);

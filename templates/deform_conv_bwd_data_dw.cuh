@@ -38,18 +38,6 @@ static_assert(CL == 32 && EV == 4 && GIN_MODE == 1 && X_NHWC && PIXB == TILE_H *
 constexpr int SLICE = CL * EV;  // channels a pass
 constexpr int WIN_PIX = WIN_ROWS * WIN_COLS;
 
-// dst[0..3] += v[0..3]: one vector reduction on sm_90, four atomics before it
-__device__ __forceinline__ void deft_red4(float* dst, const float (&v)[4]) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(v[0]), "f"(v[1]),
-               "f"(v[2]), "f"(v[3])
-               : "memory");
-#else
-#pragma unroll
-  for (int e = 0; e < 4; ++e) atomicAdd(dst + e, v[e]);
-#endif
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(DEFT_BWD_DATA_PARAMS) {
   deft_grid_begin();
