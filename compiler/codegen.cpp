@@ -88,7 +88,8 @@ std::string gin_mode_line(int mode, bool vector_reds) {
                                                 : "f32 atomics into a workspace")
                      : mode == 2 ? "64-bit fixed-point atomics (deterministic)"
                      : mode == 3 ? "64-bit fixed point gathered per input pixel (deterministic)"
-                                 : "f32 sums gathered per input pixel (gin=gather)";
+                     : mode == 4 ? "f32 sums gathered per input pixel (gin=gather)"
+                                 : "near points gathered per input tile, far ones reduced (gin=local)";
   return fmt::format("#define GIN_MODE {}  // grad input: {}", mode, what);
 }
 
@@ -177,7 +178,17 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("WIN_COLS", p.win_cols);
       c32("SMEM_BYTES", p.smem_bytes);
     }
-    if (p.gin_mode >= 3) {
+    if (p.gin_mode == 5) {
+      c32("LG_TH", p.tile_h);
+      c32("LG_TW", p.tile_w);
+      c32("LG_TILES_X", p.tiles_x);
+      c32("LG_R", p.halo);
+      c32("LG_RH", p.win_rows);
+      c32("LG_RW", p.win_cols);
+      c32("LG_SLICES", p.gather_slices);
+      c64("LG_SMEM", p.lg_smem_bytes);
+    }
+    if (p.gather_direct) {
       line(fmt::format("#define GATHER_DIRECT 1  // the gather reads grad_out{}, weight and mask",
                        p.gout_t ? " (a channels-last copy)" : ""));
       c32("GSLICES", p.gather_slices);  // its warps per input pixel and offset group

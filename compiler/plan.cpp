@@ -525,13 +525,22 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
       bad("gin", fmt::format("gin=gather sums in f32: not for {} layers", to_string(d.dtype)));
     if (v.gin_gather && deterministic_gin_mode(d) != 3)
       bad("gin", "gin=gather: the layer has too many sampling points for the gather's 32-bit lists");
+    if (v.gin_local) {
+      const char* why = v.deterministic ? "the fast mode (det=0)"
+                        : asize != 4 ? "an f32 workspace (f16, bf16 or f32 layers)"
+                        : v.staging == Staging::window ? "staging=gather"
+                        : d.c_per_offset_group() % 4 != 0 ? "c/offset_groups a multiple of 4"
+                                                          : nullptr;
+      if (why) bad("gin", fmt::format("gin=local needs {}", why));
+      p.gin_mode = 5;
+    }
     if (p.gin_mode == 2 && asize == 4) p.gin_mode = deterministic_gin_mode(d);
     else if (v.gin_gather) p.gin_mode = 4;
-    p.gather_direct = p.gin_mode >= 3;
+    p.gather_direct = p.gin_mode == 3 || p.gin_mode == 4;
     // grad_out through a channels-last copy where the lanes run along the channels (the
     // transposed input) or the gather reads it: ~10 us for a 16 MB grad_out against strided
     // reads along the channels of an nchw plane (docs/perf-notes.md round B17)
-    p.gout_t = d.layout == Layout::nchw && (p.x_nhwc || p.gather_direct);
+    p.gout_t = d.layout == Layout::nchw && (p.x_nhwc || p.gather_direct || p.gin_mode == 5);
     p.workspace_gout_bytes = p.gout_t ? d.n * d.k * d.out_h() * d.out_w() * dtype_size(d.dtype) : 0;
     if (p.gather_direct) {
       const int64_t cpog = d.c_per_offset_group(), lanes = 32 * (cpog % 4 == 0 ? 4 : 1);
@@ -547,8 +556,29 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
                : 1;
     if (!p.transpose) p.align_input = p.ev * dtype_size(d.dtype);  // corner vectors
     // the direct gather reads nhwc grad_out in vectors of 4 channels where a group has them
-    if (p.gather_direct && !p.gout_t && d.c_per_offset_group() % 4 == 0)
+    if ((p.gather_direct || p.gin_mode == 5) && !p.gout_t && d.c_per_offset_group() % 4 == 0)
       p.align_gout = 4 * dtype_size(d.dtype);
+    if (p.gin_mode == 5) {
+      // the local gather (deft_bwd_lgather): 8 x 8 input tiles; the output pixels whose near
+      // points can land in a tile's cells: an interval of TH + (r - 1) dil + 2 R rows
+      p.halo = v.halo;
+      p.tile_h = p.tile_w = 8;
+      p.tiles_y = int(ceil_div(d.h, p.tile_h));
+      p.tiles_x = int(ceil_div(d.w, p.tile_w));
+      p.win_rows = int((p.tile_h + (d.r - 1) * d.dil_h + 2 * v.halo) / d.stride_h + 1);
+      p.win_cols = int((p.tile_w + (d.s - 1) * d.dil_w + 2 * v.halo) / d.stride_w + 1);
+      p.gather_slices = int(ceil_div(d.c_per_offset_group(), 128));
+      const int64_t cand = int64_t(p.win_rows) * p.win_cols * d.taps();
+      const int64_t cells = int64_t(p.tile_h + 1) * (p.tile_w + 1);
+      p.lg_smem_bytes = 16 * cand + 4 * 128 * d.taps() + 4 * (2 * cells + 1);
+      if (v.halo < 0 || v.halo > 8) bad("halo", fmt::format("halo={} must be in [0, 8]", v.halo));
+      if (p.lg_smem_bytes > 200 * 1024)
+        bad("halo", fmt::format("gin=local with halo={} needs {} bytes of shared memory (max "
+                                "204800)", v.halo, p.lg_smem_bytes));
+      if (int64_t(p.tiles_y) * p.tiles_x > 2147483647 || d.n > 65535 ||
+          d.offset_groups * p.gather_slices > 65535)
+        bad("n", "the local gather's grid is too large");
+    }
     int64_t gx = ceil_div(m_total, p.bp);
     if (v.staging == Staging::window) gx = plan_bwd_data_dw_window(d, v, p);
     if (gx > 2147483647 || d.offset_groups > 65535)
@@ -742,8 +772,10 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
                              "producers only", v.batch));
   if (v.gin_gather && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
     bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
-  if (v.staging == Staging::gather && v.halo != 0)
-    bad("halo", fmt::format("halo={} applies to staging=window only", v.halo));
+  if (v.gin_local && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
+    bad("gin", "gin=local applies to algo=depthwise pass=backward_data only");
+  if (v.staging == Staging::gather && v.halo != 0 && !v.gin_local)
+    bad("halo", fmt::format("halo={} applies to staging=window or gin=local only", v.halo));
   if (d.pass != Pass::forward) {
     if (v.staging != Staging::gather &&
         !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
@@ -753,7 +785,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     plan_backward(d, v, p);
     // the gather forms (gin_mode 3, 4) sum into a channels-last workspace whatever the
     // input's layout; the others in the layout they read the input in
-    p.ws_nhwc = d.pass == Pass::backward_data && (p.x_nhwc || p.gin_mode >= 3);
+    p.ws_nhwc = d.pass == Pass::backward_data && (p.x_nhwc || p.gin_mode >= 3);  // (5: local)
     p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
     return p;
   }

@@ -27,7 +27,7 @@ std::string to_string(const Variant& v) {
   return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}{}{}",
                      to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
                      to_string(v.staging), v.halo, v.transpose ? 1 : 0,
-                     v.deterministic ? " det=1" : "", v.gin_gather ? " gin=gather" : "",
+                     v.deterministic ? " det=1" : "", v.gin_gather ? " gin=gather" : v.gin_local ? " gin=local" : "",
                      v.stages ? fmt::format(" stages={}", v.stages) : std::string(),
                      v.producers ? fmt::format(" producers={}", v.producers) : std::string(),
                      v.batch ? fmt::format(" batch={}", v.batch) : std::string());
@@ -85,9 +85,10 @@ Variant parse_variant(std::string_view text) {
       else throw DescError(key, fmt::format("det={} is not 0 or 1", val));
     }
     else if (key == "gin") {
-      if (val == "gather") v.gin_gather = true;
-      else if (val == "atomic") v.gin_gather = false;
-      else throw DescError(key, fmt::format("gin={} is not gather or atomic", val));
+      if (val == "gather") v.gin_gather = true, v.gin_local = false;
+      else if (val == "local") v.gin_local = true, v.gin_gather = false;
+      else if (val == "atomic") v.gin_gather = v.gin_local = false;
+      else throw DescError(key, fmt::format("gin={} is not gather, local or atomic", val));
     }
     else throw DescError(key, fmt::format("unknown variant field '{}'", key));
   }

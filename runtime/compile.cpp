@@ -43,6 +43,7 @@ class KernelImpl {
   // backward_data with gin_mode 3 or 4 (the gather forms, bwd_common.cuh): deft_bwd_cells,
   // deft_bwd_scan, deft_bwd_fill, deft_bwd_gather
   CUkernel gather[4] = {nullptr, nullptr, nullptr, nullptr};
+  CUkernel lgather = nullptr;  // gin_mode 5: deft_bwd_lgather
   // Forward kernels: what compiled them (for the backward passes, compiled on first use),
   // and those passes once compiled: [deterministic][0 data, 1 weight].
   CompileOptions options;
@@ -126,7 +127,7 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
                              ? plan.forward_workspace()
                              : plan.workspace_bytes + plan.workspace_packed_bytes +
                                    plan.workspace_gout_bytes +
-                                   (plan.gin_mode >= 3 ? gather_layout(desc, plan).bytes : 0);
+                                   (plan.gin_mode == 3 || plan.gin_mode == 4 ? gather_layout(desc, plan).bytes : 0);
   cache::CubinKey key;
   key.deft_version = version();
   key.source_hash = cache::sha256_hex(info.source);
@@ -248,7 +249,16 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
       for (int i = 0; i < 2; ++i)
         driver::check(api.cuLibraryGetKernel(&impl->aux[i], impl->library, names[i]),
                       "cuLibraryGetKernel(backward helper)");
-      if (desc.pass == Pass::backward_data && impl->plan.gin_mode >= 3) {
+      if (desc.pass == Pass::backward_data && impl->plan.gin_mode == 5) {
+        driver::check(api.cuLibraryGetKernel(&impl->lgather, impl->library, "deft_bwd_lgather"),
+                      "cuLibraryGetKernel(deft_bwd_lgather)");
+        if (impl->plan.lg_smem_bytes > 48 * 1024)
+          driver::check(api.cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                 int(impl->plan.lg_smem_bytes), impl->lgather, dev),
+                        "cuKernelSetAttribute(deft_bwd_lgather shared memory)");
+      }
+      if (desc.pass == Pass::backward_data &&
+          (impl->plan.gin_mode == 3 || impl->plan.gin_mode == 4)) {
         const char* gnames[4] = {"deft_bwd_cells", "deft_bwd_scan", "deft_bwd_fill",
                                  "deft_bwd_gather"};
         for (int i = 0; i < 4; ++i)
@@ -620,7 +630,16 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     void* gws = gin;
     void *values = nullptr, *frac = nullptr, *counts = nullptr, *list = nullptr;
     const void* gout_k = gout_for(*k);
-    if (p.gin_mode >= 3 && gin) {
+    if (p.gin_mode == 5 && a.grad_input) {
+      // the local gather stores the near points' sums (every element); the data kernel then
+      // reduces the far points' onto them
+      void* lparams[] = {&offset, &mask, &gout_k, &weight, &gin};
+      launch(*k, k->lgather,
+             {unsigned(p.tiles_y * p.tiles_x), unsigned(d.offset_groups * p.gather_slices),
+              unsigned(d.n)},
+             256, unsigned(p.lg_smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)");
+    }
+    if ((p.gin_mode == 3 || p.gin_mode == 4) && gin) {
       const GatherLayout g = gather_layout(d, p);
       gs = std::make_unique<Scratch>(size_t(g.bytes), stream, false);
       const CUdeviceptr base = gs->get();

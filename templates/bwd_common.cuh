@@ -15,7 +15,7 @@ constexpr int TAPS = R * S;
 
 #if GIN_MODE == 0
 typedef T GinT;
-#elif GIN_MODE == 1 || GIN_MODE == 4
+#elif GIN_MODE == 1 || GIN_MODE == 4 || GIN_MODE == 5
 typedef Acc GinT;  // f32 (f64 for f64 layers) workspace; 4: f32, gathered
 #else
 typedef unsigned long long GinT;
@@ -437,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
-#if GIN_MODE >= 3
+#if GIN_MODE == 3 || GIN_MODE == 4
 // Deterministic grad input in gather form. Instead of 64-bit atomics from every (point,
 // corner, channel), the data kernel stores each sampling point's column gradient times its
 // mask (v[point][channel], f32), and every input pixel sums what the points touching it

@@ -32,6 +32,40 @@
 // Constants from codegen: PIXB, CL, THREADS (= PIXB * CL), GIN_MODE, EV, DW_WINDOW; with the
 // window TILE_H, TILE_W, TILES_Y, TILES_X, WIN_HALO, WIN_ROWS, WIN_COLS, SMEM_BYTES.
 
+#if GIN_MODE == 5
+// gin=local (fast mode): a point is near when it is inside and its floor corner lies within
+// LG_R pixels of its tap's zero-offset position, both ways (false for NaN). deft_bwd_lgather
+// sums the near points' grad input per 8 x 8 input tile (shared-memory lists, no reductions) and
+// stores it; the data kernel, launched after it, reduces the far points' onto it. Both kernels
+// evaluate the point with deft_bwd_pos and this test, so they split the points the same way.
+// Constants from codegen: LG_TH, LG_TW, LG_TILES_X, LG_R, LG_RH x LG_RW (the output pixels whose
+// near points can land in a tile's cells), LG_SLICES (128-channel slices a group), LG_SMEM.
+__device__ __forceinline__ bool deft_lg_near(const BwdPos& ps, int ho, int wo, int t) {
+  if (!(ps.y > Pos(-1) && ps.x > Pos(-1) && ps.y < Pos(H) && ps.x < Pos(W))) return false;
+  const Pos dy = floor(ps.y) - Pos(ho * SH - PH + (t / S) * DH);
+  const Pos dx = floor(ps.x) - Pos(wo * SW - PW + (t % S) * DW);
+  return dy >= Pos(-LG_R) && dy <= Pos(LG_R) && dx >= Pos(-LG_R) && dx <= Pos(LG_R);
+}
+// A far point's contributions for channels c .. c + EV_ - 1 into the channels-last f32 workspace
+// of its image (ws), as GIN_MODE 1 would scatter them.
+template <int EV_>
+__device__ __forceinline__ void deft_lg_scatter(GinT* ws, const BwdCell& cell, const BwdPoint& pt,
+                                                int c, const Acc* cg) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (!((pt.valid >> q) & 1)) continue;
+    GinT* dst = ws + ((long long)(cell.y0 + (q >> 1)) * W + (cell.x0 + (q & 1))) * C + c;
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < EV_; ++e) v[e] = float(cg[e] * pt.mod * pt.w[q]);
+    if constexpr (EV_ == 4) deft_red4(dst, v);
+    else
+#pragma unroll
+      for (int e = 0; e < EV_; ++e) atomicAdd(dst + e, v[e]);
+  }
+}
+#endif
+
 #if DW_WINDOW
 static_assert(CL == 32 && EV == 4 && GIN_MODE == 1 && X_NHWC && PIXB == TILE_H * TILE_W,
               "staging=window: 32 lanes a pixel, 4 channels a lane, an f32 workspace");
@@ -153,7 +187,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   for (int t = 0; t < TAPS; ++t) {
     Acc g[3] = {Acc(0), Acc(0), Acc(0)};  // grad offset dy, dx, grad mask of this tap
     if (pix_ok) {
-      const BwdPoint pt = deft_bwd_point(offset, mask, n, ho, wo, t, og);
+      const BwdPos ps = deft_bwd_pos(offset, mask, n, ho, wo, t, og);
+#if GIN_MODE == 5
+      BwdCell cell{0, 0};
+      const BwdPoint pt = deft_bwd_point_at(ps, &cell);
+      // the local gather (deft_bwd_lgather) has summed the near points: only far ones scatter
+      GinT* far = gin && !deft_lg_near(ps, ho, wo, t) ? gin + n * (C * H * W) : nullptr;
+#else
+      const BwdPoint pt = deft_bwd_point_at(ps, nullptr);
+#endif
       const T* image = input + n * (C * H * W);
       if constexpr (EV == 1) {
 #pragma unroll 2
@@ -163,6 +205,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
           const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
           deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
                            scale, nonfinite, g);
+#if GIN_MODE == 5
+          if (far) deft_lg_scatter<1>(far, cell, pt, c, &cg);
+#endif
         }
       } else {  // nhwc: EV neighbouring channels per lane, one vector load and reduction per corner
 #pragma unroll 2
@@ -174,6 +219,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                     Acc(deft_widen(gout[deft_gout_index(n, c + e, q_img)]));
           deft_bwd_channels<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt, cg,
                                 scale, nonfinite, g);
+#if GIN_MODE == 5
+          if (far) deft_lg_scatter<EV>(far, cell, pt, c, cg);
+#endif
         }
       }
     }
@@ -194,3 +242,137 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   if (nonfinite) atomicOr(&header[3], 1ull);
 }
 #endif  // DW_WINDOW
+
+#if GIN_MODE == 5
+// The local gather. Block: one 8 x 8 tile of input pixels (blockIdx.x), one offset group and
+// 128-channel slice (blockIdx.y), one image (blockIdx.z); 256 threads. (1) The weight slice into
+// shared memory as f32 [tap][channel]. (2) Every candidate point (pixel of the LG_RH x LG_RW
+// region, tap) that is near and whose floor cell is one of the tile's (TH + 1) x (TW + 1) cells
+// (rows y0 - 1 .. y0 + TH - 1) is counted per cell (shared int atomics), the counts scanned by
+// one warp, and the points listed cell by cell (a second evaluation; the order within a cell is
+// set by the atomics). (3) A warp per input pixel, lanes on 4 channels each, walks the pixel's
+// four cells' lists as the direct gather does and stores the sums (every in-image element of
+// the slice: the workspace needs no zeroing).
+struct LgEntry {
+  int rt;  // region pixel * TAPS + tap
+  float ly, lx, mod;
+};
+// corner q's bilinear weight from the point's fraction: hy hx, hy lx, ly hx, ly lx
+__device__ __forceinline__ Acc deft_gather_corner_weight_lg(float fy, float fx, int q) {
+  const Acc ly = fy, lx = fx, hy = Acc(1) - ly, hx = Acc(1) - lx;
+  return q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+}
+__device__ __forceinline__ int deft_lg_fdiv(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_lgather(const T* __restrict__ offset, const T* __restrict__ mask,
+                     const T* __restrict__ gout, const T* __restrict__ weight,
+                     GinT* __restrict__ ws) {
+  deft_grid_begin();
+  constexpr int CELLS = (LG_TH + 1) * (LG_TW + 1), REGION = LG_RH * LG_RW,
+                CAND = REGION * TAPS;
+  extern __shared__ __align__(16) unsigned char lg_smem[];
+  LgEntry* ent = reinterpret_cast<LgEntry*>(lg_smem);
+  float* wsm = reinterpret_cast<float*>(ent + CAND);  // [tap][128]
+  int* start = reinterpret_cast<int*>(wsm + TAPS * 128);  // CELLS + 1
+  int* fill = start + CELLS + 1;                          // CELLS
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int ty0 = int(blockIdx.x / LG_TILES_X) * LG_TH, tx0 = int(blockIdx.x % LG_TILES_X) * LG_TW;
+  const int og = int(blockIdx.y / LG_SLICES), slice = int(blockIdx.y % LG_SLICES);
+  const long long n = blockIdx.z;
+  // the output rows (cols) whose near points can have a floor cell in rows ty0 - 1 .. ty0 + TH - 1
+  const int oy_lo = max(0, -deft_lg_fdiv(-(ty0 - 1 + PH - (R - 1) * DH - LG_R), SH));
+  const int oy_hi = min(int(HO) - 1, deft_lg_fdiv(ty0 + LG_TH - 1 + PH + LG_R, SH));
+  const int ox_lo = max(0, -deft_lg_fdiv(-(tx0 - 1 + PW - (S - 1) * DW - LG_R), SW));
+  const int ox_hi = min(int(WO) - 1, deft_lg_fdiv(tx0 + LG_TW - 1 + PW + LG_R, SW));
+  const int c0 = slice * 128;  // the slice's first channel within the group
+  for (int i = tid; i < TAPS * 128; i += 256) {
+    const int t = i / 128, cl = c0 + i % 128;
+    wsm[i] = cl < CPOG ? float(deft_widen(weight[((long long)og * CPOG + cl) * TAPS + t])) : 0.f;
+  }
+  for (int i = tid; i < CELLS; i += 256) fill[i] = 0;
+  __syncthreads();
+  // candidate i: its local cell (-1: not near or not this tile's), entry fields
+  auto eval = [&](int i, LgEntry& e) -> int {
+    int rp, t;
+    if (NHWC) rp = i / TAPS, t = i % TAPS;  // neighbouring threads on neighbouring offsets
+    else t = i / REGION, rp = i % REGION;
+    const int oy = oy_lo + rp / LG_RW, ox = ox_lo + rp % LG_RW;
+    if (oy > oy_hi || ox > ox_hi) return -1;
+    const BwdPos ps = deft_bwd_pos(offset, mask, n, oy, ox, t, og);
+    if (!deft_lg_near(ps, oy, ox, t)) return -1;
+    const Pos yf = floor(ps.y), xf = floor(ps.x);
+    const int cy = int(yf) - (ty0 - 1), cx = int(xf) - (tx0 - 1);
+    if (cy < 0 || cy > LG_TH || cx < 0 || cx > LG_TW) return -1;
+    e.rt = rp * TAPS + t;
+    e.ly = float(Acc(ps.y - yf));
+    e.lx = float(Acc(ps.x - xf));
+    e.mod = float(ps.mod);
+    return cy * (LG_TW + 1) + cx;
+  };
+  for (int i = tid; i < CAND; i += 256) {
+    LgEntry e;
+    const int lc = eval(i, e);
+    if (lc >= 0) atomicAdd(&fill[lc], 1);
+  }
+  __syncthreads();
+  if (warp == 0) {  // exclusive scan of the counts, a run of PER cells a lane
+    constexpr int PER = (CELLS + 31) / 32;
+    int run = 0;
+    for (int u = 0; u < PER; ++u) run += lane * PER + u < CELLS ? fill[lane * PER + u] : 0;
+    int incl = run;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    int at = incl - run;
+    for (int u = 0; u < PER; ++u) {
+      const int j = lane * PER + u;
+      if (j < CELLS) start[j] = at, at += fill[j], fill[j] = 0;
+    }
+    if (lane == 31) start[CELLS] = incl;
+  }
+  __syncthreads();
+  for (int i = tid; i < CAND; i += 256) {
+    LgEntry e;
+    const int lc = eval(i, e);
+    if (lc >= 0) ent[start[lc] + atomicAdd(&fill[lc], 1)] = e;
+  }
+  __syncthreads();
+  struct __align__(sizeof(T) * 4) Vec { T x[4]; };
+  const int cl = c0 + lane * 4;  // the lane's first channel within the group
+  const bool active = cl < CPOG;
+  const long long cabs = (long long)og * CPOG + cl;
+  for (int pi = warp; pi < LG_TH * LG_TW; pi += 8) {
+    const int y = ty0 + pi / LG_TW, x = tx0 + pi % LG_TW;
+    if (y >= H || x >= W) continue;  // (warp-uniform)
+    const int cy = y - (ty0 - 1), cx = x - (tx0 - 1);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // cells (y, x), (y, x - 1), (y - 1, x), (y - 1, x - 1)
+      const int lc = (cy - (q >> 1)) * (LG_TW + 1) + (cx - (q & 1));
+      const int b = start[lc], e = start[lc + 1];
+#pragma unroll 4
+      for (int j = b; j < e; ++j) {
+        const LgEntry en = ent[j];
+        const int rp = en.rt / TAPS, t = en.rt % TAPS;
+        const long long m = (n * HO + oy_lo + rp / LG_RW) * WO + ox_lo + rp % LG_RW;
+        const Acc w = deft_gather_corner_weight_lg(en.ly, en.lx, q);
+        if (!active) continue;
+        const Vec gv = *reinterpret_cast<const Vec*>(gout + m * K + cabs);
+        const float4 wv = *reinterpret_cast<const float4*>(wsm + t * 128 + lane * 4);
+        const float wf[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          // GIN_MODE 1's operations: cg = weight x grad_out, cg x mask x corner weight
+          const Acc cg = Acc(wf[u]) * Acc(deft_widen(gv.x[u]));
+          acc[u] += float(cg * Acc(en.mod) * w);
+        }
+      }
+    }
+    if (active)
+      *reinterpret_cast<float4*>(ws + ((n * H + y) * W + x) * C + cabs) =
+          make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
+}
+#endif  // GIN_MODE == 5

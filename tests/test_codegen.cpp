@@ -1197,6 +1197,42 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
 // The depthwise grad input with staging=window: the tile and window the plan derives, the
 // shared memory it asks for, the constants the source gets, an NVRTC compile without spills,
 // and clear refusals where the kernel cannot run.
+// gin=local: the local gather's tile, candidate region and shared memory, and what it refuses.
+TEST(Codegen, DepthwiseGradInputLocal) {
+  const std::string dw =
+      "deform_conv2d n=2 c=256 h=9 w=11 k=256 groups=256 r=3 s=3 pad=1 mask=1 pass=backward_data ";
+  const std::string loc = "algo=depthwise tm=8 tn=1 tk=1 threads=256 halo=2 gin=local";
+  const auto d = deft::parse_layer_desc(dw + "dtype=f16 layout=nhwc");
+  const deft::Variant v = deft::parse_variant(loc);
+  EXPECT_TRUE(v.gin_local);
+  EXPECT_EQ(deft::to_string(v).find("gin=local") != std::string::npos, true);
+  const deft::KernelPlan p = deft::make_plan(d, v);
+  EXPECT_EQ(p.gin_mode, 5);
+  EXPECT_FALSE(p.gather_direct);
+  EXPECT_TRUE(p.ws_nhwc);
+  EXPECT_EQ(p.tiles_y, 2);  // 9 rows in tiles of 8
+  EXPECT_EQ(p.tiles_x, 2);
+  EXPECT_EQ(p.win_rows, 8 + 2 + 4 + 1);  // tile, taps - 1, 2 R, one more
+  EXPECT_EQ(p.gather_slices, 2);         // 256 channels in slices of 128
+  EXPECT_EQ(p.lg_smem_bytes, 16 * 15 * 15 * 9 + 4 * 128 * 9 + 4 * (2 * 81 + 1));
+  const deft::CompileInfo info = compile_for_sm90(d, v);
+  EXPECT_NE(info.source.find("#define GIN_MODE 5"), std::string::npos);
+  EXPECT_NE(info.source.find("constexpr int LG_R = 2;"), std::string::npos);
+  EXPECT_EQ(info.source.find("#define GATHER_DIRECT"), std::string::npos);
+  auto refused = [&](const std::string& desc, const std::string& var, const std::string& field) {
+    try {
+      deft::make_plan(deft::parse_layer_desc(dw + desc), deft::parse_variant(var));
+      ADD_FAILURE() << var << " was accepted";
+    } catch (const deft::DescError& e) {
+      EXPECT_EQ(e.field(), field) << e.what();
+    }
+  };
+  refused("dtype=f16 layout=nhwc", loc + " det=1", "gin");
+  refused("dtype=f64 layout=nhwc", loc, "gin");
+  refused("dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 halo=9 gin=local", "halo");
+  refused("dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 halo=2", "halo");
+}
+
 TEST(Codegen, DepthwiseGradInputWindow) {
   const std::string dw =
       "deform_conv2d n=2 c=256 h=9 w=11 k=256 groups=256 r=3 s=3 pad=1 mask=1 pass=backward_data ";

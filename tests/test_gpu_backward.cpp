@@ -484,6 +484,55 @@ TEST(GpuBackwardDwWindow, MatchesReference) {
   }
 }
 
+// gin=local (fast mode): the near points gathered per 8 x 8 input tile, the far ones reduced by
+// the data kernel; radii from 0 (only exact zero-offset floors near) to 4, small and large
+// spreads (most points near, most far), edge offsets, stride and dilation, no mask, two offset
+// groups, groups of channels that are not a multiple of the 128-channel slice, both layouts and
+// the transposed nchw read.
+TEST(GpuBackwardDwLocal, MatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  struct L {
+    LayerDesc d;
+    double sigma;  // 0: edge offsets
+    int halo;
+    bool transpose;
+  };
+  std::vector<L> cases;
+  for (DType dt : {DType::f16, DType::bf16, DType::f32})
+    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+      cases.push_back({make(2, 256, 9, 11, 256, 3, 1, 256, 1, dt, layout), 0.5, 2, false});
+      cases.push_back({make(2, 256, 9, 11, 256, 3, 1, 256, 1, dt, layout), 8.0, 1, false});
+      cases.push_back({make(1, 192, 17, 8, 192, 3, 1, 192, 2, dt, layout), 0.0, 0, false});
+    }
+  cases.push_back({make(2, 96, 20, 19, 96, 3, 1, 96, 1, DType::f16, Layout::nchw), 2.0, 4, true});
+  cases.push_back({make(1, 320, 16, 16, 320, 3, 1, 320, 1, DType::f32, Layout::nhwc), 2.0, 3, false});
+  LayerDesc strided = make(2, 128, 13, 10, 128, 3, 2, 128, 1, DType::f16, Layout::nchw);
+  strided.stride_h = strided.stride_w = 2, strided.dil_h = strided.dil_w = 2;
+  cases.push_back({strided, 2.0, 2, false});
+  cases.push_back({strided, 0.5, 1, true});
+  LayerDesc nomask = make(1, 128, 7, 5, 128, 3, 1, 128, 1, DType::f32, Layout::nhwc);
+  nomask.mask = false;
+  cases.push_back({nomask, 2.0, 2, false});
+  uint64_t seed = 1900;
+  for (const L& c : cases) {
+    LayerDesc data = c.d;
+    data.pass = deft::Pass::backward_data;
+    deft::Variant v = deft::default_variant(data, 90);
+    ASSERT_EQ(v.algo, deft::Algo::depthwise);
+    v.gin_gather = false, v.gin_local = true, v.halo = c.halo;
+    v.staging = deft::Staging::gather;
+    if (c.d.layout == Layout::nchw) v.transpose = c.transpose;
+    const deft::KernelPlan plan = deft::make_plan(data, v);
+    ASSERT_EQ(plan.gin_mode, 5);
+    SCOPED_TRACE(deft::to_string(v) + " sigma " + std::to_string(c.sigma));
+    Tensors t = random_tensors(c.d, c.sigma > 0 ? c.sigma : 2.0, ++seed);
+    if (c.sigma == 0) edge_offsets(t, c.d.dtype, ++seed);
+    deft::CompileOptions o = test_options(false);
+    o.backward_data_variant = v;
+    check_backward(c.d, t, 0, o);
+  }
+}
+
 // The depthwise grad-input kernel's channel steps (32 lanes x 4 channels) issue their corner
 // loads NB at a time (4 steps for f16, 2 otherwise): groups of 640 channels (5 steps: a full
 // batch, then one step), 576 (4.5 steps: the last one part-filled) and 96 with two offset

@@ -164,6 +164,11 @@ struct Variant {
   // atomics) instead of scattered with float atomics (printed as gin=gather only when set).
   // Deterministic mode gathers wherever it can, with or without it.
   bool gin_gather = false;
+  // depthwise backward_data, fast mode: grad input of the points whose floor corner lies within
+  // `halo` pixels of its zero-offset position gathered per input tile in shared memory (no
+  // reductions), the rest scattered with float reductions (printed as gin=local; halo is the
+  // radius). Not with gin_gather.
+  bool gin_local = false;
 
   bool operator==(const Variant&) const = default;
 };

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Times the depthwise grad-input pass (grad input, offset and mask) of the float-atomics
+default, gin=gather and gin=local at a few radii, for offsets of several spreads (medians of CUDA
+events over 50 calls after 5 warm-up calls): time_gin_local.py [CASE ...] (cases of
+bench/shapes.json or bench/dw_decision_shapes.json; default dw512 dw1024_16)."""
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import torch  # noqa: E402
+import bench  # noqa: E402
+from deft_ctypes import DeftLibrary  # noqa: E402
+
+here = os.path.join(os.path.dirname(__file__), "..", "bench")
+cases = {}
+for f in ("shapes.json", "dw_decision_shapes.json"):
+    for c in bench.load_shapes(os.path.join(here, f))["cases"]:
+        cases.setdefault(c["name"], c)
+lib = DeftLibrary("build/libdeft.so")
+base = "algo=depthwise tm=8 tn=1 tk=1 threads=256 vec=1 staging=gather halo={} transpose=0"
+variants = [("atomics", base.format(0)), ("gather", base.format(0) + " gin=gather")] + \
+    [(f"local R={r}", base.format(r) + " gin=local") for r in (1, 2, 4, 6)]
+print("| case | layout | σ | " + " | ".join(n for n, _ in variants) + " |")
+for name in sys.argv[1:] or ["dw512", "dw1024_16"]:
+    c = cases[name]
+    for layout in ("nchw", "nhwc"):
+        for sigma in (0.5, 2.0, 8.0):
+            x, w, off, m, gout = bench.backward_inputs(c, torch.half, sigma=sigma)
+            if layout == "nhwc":
+                x, off, m, gout = (t.permute(0, 2, 3, 1).contiguous() for t in (x, off, m, gout))
+                w = w.permute(0, 2, 3, 1).contiguous()
+            desc = bench.deft_desc(c, layout, "fp16")
+            row, ref = [], None
+            for vname, v in variants:
+                try:
+                    k = lib.compile_ex(desc, None, None, v, None)
+                except Exception as e:  # noqa: BLE001
+                    row.append("n/a")
+                    print(f"  {name} {layout} {vname}: {e}", file=sys.stderr)
+                    continue
+                gx, goff, gm = (torch.full_like(t, float("nan")) for t in (x, off, m))
+                call = lambda: k.backward(x, off, m, w, gout, gx, goff, gm, None, None, 0)  # noqa
+                for _ in range(5):
+                    call()
+                ts = []
+                for _ in range(50):
+                    a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+                    a.record(); call(); b.record(); b.synchronize()
+                    ts.append(a.elapsed_time(b) * 1000)
+                if ref is None:
+                    ref = gx.float().clone()
+                err = ((gx.float() - ref).abs().max() / ref.abs().max()).item()
+                bad = "" if err < 1e-2 and torch.isfinite(gx).all() else f" (DIFF {err:.2e})"
+                row.append(f"{statistics.median(ts):.1f}{bad}")
+            print(f"| {name} | {layout} | {sigma} | " + " | ".join(row) + " |", flush=True)
