@@ -300,6 +300,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("MAX_BATCH", 65536 / (int(p.block) * p.min_blocks) >= 128 ? 8 : 4);
     }
     line(fmt::format("#define WINDOW {}", p.window ? 1 : 0));
+    // nchw: the input's transpose and the weight's pack run as one pre-pass grid
+    line(fmt::format("#define TRANSPOSE_PACK {}", p.transpose ? 1 : 0));
     if (p.window) {
       c32("HALO", v.halo);
       c32("WROWS", p.wrows);

@@ -1082,6 +1082,12 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       p.grid = {unsigned(gx), unsigned(nt), unsigned(d.groups)};
       const int64_t stages = ceil_div(cg, p.wgmma_chunk) * d.taps();
       p.workspace_packed_bytes = int64_t(d.groups) * nt * stages * bn * 64;
+      p.pack_blocks = int64_t(d.groups) * nt * ceil_div(cg, p.wgmma_chunk) * (bn / 8);
+      if (p.transpose)
+        p.transpose_blocks = ceil_div(d.h * d.w, 64) * ceil_div(d.c, 64) * d.n;
+      if (p.pack_blocks + p.transpose_blocks > 2147483647)
+        bad("n", fmt::format("the pre-pass grid of {} blocks is too large",
+                             p.pack_blocks + p.transpose_blocks));
       break;
     }
     case Algo::depthwise: {

@@ -104,6 +104,9 @@ struct KernelPlan {
   int gout_copy = 0;  // warp-specialised grad weight: bytes per grad_out copy (16, 8, 2)
   int out_store = 0;
   int64_t workspace_packed_bytes = 0;
+  // forward on wgmma: deft_pack_weight's grid (blocks of 8 output channels x one chunk), and
+  // for an nchw layer the input transpose's blocks that deft_transpose_pack runs before them
+  int64_t pack_blocks = 0, transpose_blocks = 0;
 
   // Forward scratch per call: the transposed input (rounded to 256 bytes), then the krsc or
   // packed weight.

@@ -38,6 +38,7 @@ class KernelImpl {
   CUkernel kernel = nullptr;
   CUkernel transpose = nullptr;  // pre-pass (plan.transpose)
   CUkernel pack = nullptr;       // deft_pack_weight (plan.wgmma, or a packed backward weight)
+  CUkernel transpose_pack = nullptr;  // deft_transpose_pack (forward on wgmma, nchw)
   // backward_data: deft_bwd_bound, deft_bwd_finish; backward_weight: reduce, bias.
   CUkernel aux[2] = {nullptr, nullptr};
   // backward_data with gin_mode 3 or 4 (the gather forms, bwd_common.cuh): deft_bwd_cells,
@@ -243,6 +244,10 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
     if (impl->plan.wgmma || impl->plan.workspace_packed_bytes > 0)
       driver::check(api.cuLibraryGetKernel(&impl->pack, impl->library, "deft_pack_weight"),
                     "cuLibraryGetKernel(deft_pack_weight)");
+    if (impl->plan.transpose_blocks > 0)
+      driver::check(api.cuLibraryGetKernel(&impl->transpose_pack, impl->library,
+                                           "deft_transpose_pack"),
+                    "cuLibraryGetKernel(deft_transpose_pack)");
     if (desc.pass != Pass::forward) {
       const char* names[2] = {"deft_bwd_bound", "deft_bwd_finish"};
       if (desc.pass == Pass::backward_weight) names[0] = "deft_bwd_weight_reduce", names[1] = "deft_bwd_bias";
@@ -394,18 +399,25 @@ void Kernel::forward(const ForwardArgs& a, CUstream stream) const {
     // Stream-ordered workspace: nhwc input, then the krsc or packed weight (256-byte aligned).
     workspace = driver::workspace_alloc(size_t(p.forward_workspace()), stream,
                                         "cuMemAllocFromPoolAsync (forward workspace)");
-    if (p.transpose) {
-      launch_transpose(*impl_, input, workspace, d.n, d.c, d.h * d.w, stream);
-      input = reinterpret_cast<const void*>(workspace);
-    }
     CUdeviceptr w_out = workspace + CUdeviceptr(p.forward_input_workspace());
-    if (p.wgmma) {
-      const int64_t elems = p.workspace_packed_bytes / dtype_size(d.dtype);
-      void* args[] = {&weight, &w_out};
-      launch(*impl_, impl_->pack, {unsigned((elems + 255) / 256), 1, 1}, 256, 0, stream, args,
-             "cuLaunchKernel(deft_pack_weight)");
-    } else if (p.transpose) {
-      launch_transpose(*impl_, weight, w_out, d.k, d.c_per_group(), d.taps(), stream);
+    if (p.transpose_blocks > 0) {  // wgmma, nchw: both pre-passes in one grid
+      void* args[] = {&input, &workspace, &weight, &w_out};
+      launch(*impl_, impl_->transpose_pack,
+             {unsigned(p.transpose_blocks + p.pack_blocks), 1, 1}, 256, 0, stream, args,
+             "cuLaunchKernel(deft_transpose_pack)");
+      input = reinterpret_cast<const void*>(workspace);
+    } else {
+      if (p.transpose) {
+        launch_transpose(*impl_, input, workspace, d.n, d.c, d.h * d.w, stream);
+        input = reinterpret_cast<const void*>(workspace);
+      }
+      if (p.wgmma) {
+        void* args[] = {&weight, &w_out};
+        launch(*impl_, impl_->pack, {unsigned(p.pack_blocks), 1, 1}, 256, 0, stream, args,
+               "cuLaunchKernel(deft_pack_weight)");
+      } else if (p.transpose) {
+        launch_transpose(*impl_, weight, w_out, d.k, d.c_per_group(), d.taps(), stream);
+      }
     }
     if (p.wgmma || p.transpose) weight = reinterpret_cast<const void*>(w_out);
   }

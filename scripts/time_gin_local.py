@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Times the depthwise grad-input pass (grad input, offset and mask) of the float-atomics
 default, gin=gather and gin=local at a few radii, for offsets of several spreads (medians of CUDA
-events over 50 calls after 5 warm-up calls): time_gin_local.py [CASE ...] (cases of
-bench/shapes.json or bench/dw_decision_shapes.json; default dw512 dw1024_16)."""
+events over 50 calls after 5 warm-up calls): time_gin_local.py [--kernels] [CASE ...] (cases of
+bench/shapes.json or bench/dw_decision_shapes.json; default dw512 dw1024_16). --kernels: also
+each variant's per-kernel times (torch.profiler, mean of 10 calls), one line per cell; run it with
+DEFT_PDL=0, or a kernel's time includes its wait for the one before it."""
+from collections import defaultdict
 import os
 import statistics
 import sys
@@ -17,12 +20,15 @@ cases = {}
 for f in ("shapes.json", "dw_decision_shapes.json"):
     for c in bench.load_shapes(os.path.join(here, f))["cases"]:
         cases.setdefault(c["name"], c)
+kernels = "--kernels" in sys.argv[1:]
+names = [a for a in sys.argv[1:] if a != "--kernels"]
 lib = DeftLibrary("build/libdeft.so")
 base = "algo=depthwise tm=8 tn=1 tk=1 threads=256 vec=1 staging=gather halo={} transpose=0"
 variants = [("atomics", base.format(0)), ("gather", base.format(0) + " gin=gather")] + \
     [(f"local R={r}", base.format(r) + " gin=local") for r in (1, 2, 4, 6)]
 print("| case | layout | σ | " + " | ".join(n for n, _ in variants) + " |")
-for name in sys.argv[1:] or ["dw512", "dw1024_16"]:
+breakdown = []
+for name in names or ["dw512", "dw1024_16"]:
     c = cases[name]
     for layout in ("nchw", "nhwc"):
         for sigma in (0.5, 2.0, 8.0):
@@ -53,4 +59,18 @@ for name in sys.argv[1:] or ["dw512", "dw1024_16"]:
                 err = ((gx.float() - ref).abs().max() / ref.abs().max()).item()
                 bad = "" if err < 1e-2 and torch.isfinite(gx).all() else f" (DIFF {err:.2e})"
                 row.append(f"{statistics.median(ts):.1f}{bad}")
+                if kernels:
+                    with torch.profiler.profile(
+                            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for _ in range(10):
+                            call()
+                        torch.cuda.synchronize()
+                    tot = defaultdict(float)
+                    for e in prof.events():
+                        if e.device_type == torch.autograd.DeviceType.CUDA:
+                            tot[e.name] += e.device_time / 10
+                    breakdown.append(f"{name} {layout} σ={sigma} {vname}: " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in sorted(tot.items(), key=lambda kv: -kv[1])))
             print(f"| {name} | {layout} | {sigma} | " + " | ".join(row) + " |", flush=True)
+for line in breakdown:
+    print(line)

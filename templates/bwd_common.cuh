@@ -245,42 +245,6 @@ __device__ __forceinline__ void deft_reduce_point_grads(Acc* red, const Acc (&pg
   }
 }
 
-// The point grads of one channel: its column gradient cg scattered into grad input through
-// the four corners (dst: the channel's grad-input base, null: grad input not requested) and
-// its terms of the point's grad mask (cg * sample) and grad offset (cg * mask * d sample /
-// d position) added to g[0..2] = (dy, dx, mask). src: the channel's input base.
-__device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT* dst,
-                                                 const BwdPoint& pt, Acc cg, double scale,
-                                                 bool& nonfinite, Acc* g) {
-  Acc v[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) v[q] = (pt.valid >> q) & 1 ? Acc(deft_widen(src[pt.off[q]])) : Acc(0);
-  const Acc val = pt.w[0] * v[0] + pt.w[1] * v[1] + pt.w[2] * v[2] + pt.w[3] * v[3];
-  g[2] += cg * val;
-  const Acc cgm = cg * pt.mod;
-  g[0] += cgm * (pt.hx * (v[2] - v[0]) + pt.lx * (v[3] - v[1]));
-  g[1] += cgm * (pt.hy * (v[1] - v[0]) + pt.ly * (v[3] - v[2]));
-#if GIN_MODE >= 3
-  (void)dst, (void)scale, (void)nonfinite;  // the gather form: deft_bwd_gather sums grad input
-#else
-  if (!dst) return;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    if (!((pt.valid >> q) & 1)) continue;
-    const Acc contrib = cgm * pt.w[q];
-#if GIN_MODE == 2
-    const double sc = (double)contrib * scale;
-    if (!(fabs(sc) <= DEFT_FIXED_LIMIT)) nonfinite = true;
-    else atomicAdd(dst + pt.off[q], (unsigned long long)__double2ll_rn(sc));
-#else
-    (void)scale;
-    (void)nonfinite;
-    atomicAdd(dst + pt.off[q], contrib);
-#endif
-  }
-#endif
-}
-
 // dst[0..3] += v[0..3] (an f32 workspace, 16-byte aligned): one vector reduction on sm_90,
 // four atomics before it.
 __device__ __forceinline__ void deft_red4(float* dst, const float (&v)[4]) {
@@ -339,6 +303,20 @@ __device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], G
 #endif
   }
 #endif
+}
+
+// The point grads of one channel: its column gradient cg scattered into grad input through
+// the four corners (dst: the channel's grad-input base, null: grad input not requested) and
+// its terms of the point's grad mask (cg * sample) and grad offset (cg * mask * d sample /
+// d position) added to g[0..2] = (dy, dx, mask). src: the channel's input base.
+__device__ __forceinline__ void deft_bwd_channel(const T* __restrict__ src, GinT* dst,
+                                                 const BwdPoint& pt, Acc cg, double scale,
+                                                 bool& nonfinite, Acc* g) {
+  Acc v[4][1];
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    v[q][0] = (pt.valid >> q) & 1 ? Acc(deft_widen(src[pt.off[q]])) : Acc(0);
+  deft_bwd_channels_math<1>(v, dst, pt, &cg, scale, nonfinite, g);
 }
 
 // deft_bwd_channel for EV_ consecutive channels at once (nhwc): one vector load per corner
@@ -437,6 +415,13 @@ extern "C" __global__ void __launch_bounds__(256)
   }
 }
 
+// Corner q's bilinear weight from a sampling point's fraction (ly, lx): hy hx, hy lx, ly hx,
+// ly lx for q = 0 .. 3 (the gather forms, which recompute it per corner)
+__device__ __forceinline__ Acc deft_corner_weight(float fy, float fx, int q) {
+  const Acc ly = fy, lx = fx, hy = Acc(1) - ly, hx = Acc(1) - lx;
+  return q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+}
+
 #if GIN_MODE == 3 || GIN_MODE == 4
 // Deterministic grad input in gather form. Instead of 64-bit atomics from every (point,
 // corner, channel), the data kernel stores each sampling point's column gradient times its
@@ -454,11 +439,9 @@ static_assert(sizeof(Acc) == 4, "the gather stores f32 column gradients");
 constexpr long long G_POINTS = M_TOTAL * OG * TAPS;
 constexpr long long G_CELLS = (long long)N * OG * (H + 1) * (W + 1);
 
-// deft_bwd_point's weight of corner q from the point's fraction (ly, lx): hy hx, hy lx, ly hx,
-// ly lx for q = 0 .. 3
+// deft_bwd_point's weight of corner q from the point's fraction f = (ly, lx)
 __device__ __forceinline__ Acc deft_gather_corner_weight(float2 f, int q) {
-  const Acc ly = f.x, lx = f.y, hy = Acc(1) - ly, hx = Acc(1) - lx;
-  return q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
+  return deft_corner_weight(f.x, f.y, q);
 }
 
 // One contribution added to a fixed-point sum, rounded as GIN_MODE 2's atomics round it.

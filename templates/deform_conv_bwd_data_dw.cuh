@@ -257,11 +257,6 @@ struct LgEntry {
   int rt;  // region pixel * TAPS + tap
   float ly, lx, mod;
 };
-// corner q's bilinear weight from the point's fraction: hy hx, hy lx, ly hx, ly lx
-__device__ __forceinline__ Acc deft_gather_corner_weight_lg(float fy, float fx, int q) {
-  const Acc ly = fy, lx = fx, hy = Acc(1) - ly, hx = Acc(1) - lx;
-  return q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
-}
 __device__ __forceinline__ int deft_lg_fdiv(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_lgather(const T* __restrict__ offset, const T* __restrict__ mask,
@@ -357,7 +352,7 @@ extern "C" __global__ void __launch_bounds__(256)
         const LgEntry en = ent[j];
         const int rp = en.rt / TAPS, t = en.rt % TAPS;
         const long long m = (n * HO + oy_lo + rp / LG_RW) * WO + ox_lo + rp % LG_RW;
-        const Acc w = deft_gather_corner_weight_lg(en.ly, en.lx, q);
+        const Acc w = deft_corner_weight(en.ly, en.lx, q);
         if (!active) continue;
         const Vec gv = *reinterpret_cast<const Vec*>(gout + m * K + cabs);
         const float4 wv = *reinterpret_cast<const float4*>(wsm + t * 128 + lane * 4);

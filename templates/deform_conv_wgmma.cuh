@@ -95,28 +95,58 @@ __device__ __forceinline__ int deft_og_first(int g) { return int((long long)g * 
 
 // packed[g][nt][stage = chunk * TAPS + tap][core layout of BN x CHUNK] from the weight in its
 // own layout (kcrs, or krsc for nhwc layers); zero for channels >= CG and kout >= KG; tf32
-// layers store the rounded value.
+// layers store the rounded value. Element e of a stage holds output channel n = (e % (BN VEC))
+// / VEC and slot j = (e / (BN VEC)) VEC + e % VEC, so 8 output channels' VEC slots of one core
+// column are 128 contiguous bytes.
+//
+// A block packs 8 output channels x one chunk x the taps (PACK_TT at a time): it reads those
+// weight rows whole (per output channel CHUNK x PACK_TT contiguous elements in kcrs, PACK_TT
+// runs of CHUNK in krsc) into shared memory and writes the stages' 128-byte runs, so both sides
+// are coalesced (element by element, each warp's 32 reads hit up to 32 sectors of a kcrs
+// weight: the L2 sector traffic bound the pack at ~1.4 TB/s, perf notes round 17).
+constexpr int PACK_TT = TAPS < 16 ? TAPS : 16;
+constexpr long long PACK_BLOCKS = (long long)G * NT * KCH * (BN / 8);  // plan.pack_blocks
+static_assert(BN % 8 == 0, "the pack moves 8 output channels a block");
+
+__device__ __forceinline__ void deft_pack_block(const T* __restrict__ weight, T* __restrict__ packed,
+                                                long long blk) {
+  __shared__ __align__(16) unsigned char s_raw[8 * CHUNK * PACK_TT * sizeof(T)];
+  T* s = reinterpret_cast<T*>(s_raw);  // [8 output channels][CHUNK channels][PACK_TT taps]
+  const int ng = int(blk % (BN / 8));
+  const long long rest = blk / (BN / 8);
+  const int chunk = int(rest % KCH);
+  const int nt = int(rest / KCH % NT), g = int(rest / KCH / NT);
+  T* dst = packed + ((long long)g * NT + nt) * NUM_STAGES * STAGE_ELEMS + ng * 8 * VEC;
+  for (int t0 = 0; t0 < TAPS; t0 += PACK_TT) {
+    const int tt = TAPS - t0 < PACK_TT ? TAPS - t0 : PACK_TT;
+    if (t0 > 0) __syncthreads();  // the previous taps' stores have read s
+    for (int i = threadIdx.x; i < 8 * CHUNK * tt; i += blockDim.x) {
+      const int nl = i / (CHUNK * tt), r = i % (CHUNK * tt);
+      const int c = W_KRSC ? r % CHUNK : r / tt, tl = W_KRSC ? r / CHUNK : r % tt;
+      const int cl = chunk * CHUNK + c, kout = nt * BN + ng * 8 + nl, tap = t0 + tl;
+      T v = deft_from<T>(0.f);
+      if (cl < CG && kout < KG) {
+        const long long ko = (long long)g * KG + kout;
+        v = weight[W_KRSC ? (ko * TAPS + tap) * CG + cl : (ko * CG + cl) * TAPS + tap];
+      }
+      s[(nl * CHUNK + c) * PACK_TT + tl] = v;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 8 * CHUNK * tt; i += blockDim.x) {
+      const int tl = i / (8 * CHUNK), r = i % (8 * CHUNK);
+      const int kc = r / (8 * VEC), q = r % (8 * VEC);
+      T v = s[((q / VEC) * CHUNK + deft_slot_channel(kc * VEC + q % VEC)) * PACK_TT + tl];
+      if constexpr (TF32) v = __uint_as_float(deft_tf32_bits(deft_widen(v)));
+      dst[((long long)chunk * TAPS + t0 + tl) * STAGE_ELEMS + kc * BN * VEC + q] = v;
+    }
+  }
+}
+
+// The pack alone (nhwc layers; nchw ones run deft_transpose_pack): PACK_BLOCKS blocks of 256.
 extern "C" __global__ void __launch_bounds__(256)
     deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {
   deft_grid_begin();
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= PACKED_ELEMS) return;
-  const int e = int(i % STAGE_ELEMS);
-  const long long blk = i / STAGE_ELEMS;
-  const int stage = int(blk % NUM_STAGES);
-  const long long gnt = blk / NUM_STAGES;
-  const int nt = int(gnt % NT), g = int(gnt / NT);
-  const int kc = e / (BN * VEC), r = e % (BN * VEC);   // core column (VEC slots), rest
-  const int n = (r / (8 * VEC)) * 8 + (r % (8 * VEC)) / VEC, j = kc * VEC + r % VEC;
-  const int chunk = stage / TAPS, tap = stage % TAPS;
-  const int cl = chunk * CHUNK + deft_slot_channel(j), kout = nt * BN + n;
-  T v = deft_from<T>(0.f);
-  if (cl < CG && kout < KG) {
-    const long long ko = (long long)g * KG + kout;
-    v = weight[W_KRSC ? (ko * TAPS + tap) * CG + cl : (ko * CG + cl) * TAPS + tap];
-  }
-  if constexpr (TF32) v = __uint_as_float(deft_tf32_bits(deft_widen(v)));
-  packed[i] = v;
+  deft_pack_block(weight, packed, blockIdx.x);
 }
 
 // One ring stage's weight: arms the stage's mbarrier with its byte count (one arrival) and

@@ -5,14 +5,12 @@
 // Whole 16-byte vectors on both sides where the extents and pointers allow it (the image of
 // an input whose channels and pixels are multiples of 8 f16 or 4 f32), else pairs or single
 // elements.
-extern "C" __global__ void __launch_bounds__(256)
-    deft_transpose(const T* __restrict__ src, T* __restrict__ dst, long long rows,
-                   long long cols) {
-  deft_grid_begin();
-  const long long b = blockIdx.z;
+__device__ __forceinline__ void deft_transpose_block(const T* __restrict__ src, T* __restrict__ dst,
+                                                     long long rows, long long cols, long long bx,
+                                                     long long by, long long b) {
   const T* s = src + b * rows * cols;
   T* d = dst + b * rows * cols;
-  const long long r0 = (long long)blockIdx.y * 64, c0 = (long long)blockIdx.x * 64;
+  const long long r0 = by * 64, c0 = bx * 64;
   if constexpr (sizeof(T) == 2 || sizeof(T) == 4) {
     if (deft_transpose_vec16(src, dst, rows, cols)) {  // 16-byte vectors (perf notes round 14)
       deft_transpose_tile16(s, d, rows, cols, r0, c0);
@@ -22,3 +20,31 @@ extern "C" __global__ void __launch_bounds__(256)
   deft_transpose_tile(s, d, rows, cols, r0, c0, deft_transpose_pairs(src, dst, rows, cols),
                       [](T v) { return v; });
 }
+
+extern "C" __global__ void __launch_bounds__(256)
+    deft_transpose(const T* __restrict__ src, T* __restrict__ dst, long long rows,
+                   long long cols) {
+  deft_grid_begin();
+  deft_transpose_block(src, dst, rows, cols, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+#if TRANSPOSE_PACK
+// The two pre-passes of an nchw forward on wgmma in one grid: blocks [0, TRANSPOSE_BLOCKS)
+// transpose the input to nhwc (as deft_transpose: rows = C, cols = H W, batch N), the next
+// PACK_BLOCKS pack the weight (deft_pack_block). Both only move memory and neither reads the
+// other's output, so one grid saves a launch and lets the pack's blocks fill the transpose's
+// tail (perf notes round 17).
+constexpr long long TRANSPOSE_TX = (H * W + 63) / 64, TRANSPOSE_TY = (C + 63) / 64;
+constexpr long long TRANSPOSE_BLOCKS = TRANSPOSE_TX * TRANSPOSE_TY * N;  // plan.transpose_blocks
+extern "C" __global__ void __launch_bounds__(256)
+    deft_transpose_pack(const T* __restrict__ src, T* __restrict__ dst,
+                        const T* __restrict__ weight, T* __restrict__ packed) {
+  deft_grid_begin();
+  const long long b = blockIdx.x;
+  if (b < TRANSPOSE_BLOCKS)
+    deft_transpose_block(src, dst, C, H * W, b % TRANSPOSE_TX, b / TRANSPOSE_TX % TRANSPOSE_TY,
+                         b / (TRANSPOSE_TX * TRANSPOSE_TY));
+  else
+    deft_pack_block(weight, packed, b - TRANSPOSE_BLOCKS);
+}
+#endif

@@ -438,6 +438,26 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
   }
 }
 
+// One depthwise grad-input variant against the f64 reference: the default variant of d's data
+// pass as `set` changes it, its plan checked by the predicate `planned` (else not run), on
+// fresh offsets of spread sigma (0: edge offsets: NaN, huge, on pixel boundaries).
+template <class Set, class Planned>
+void check_dw_data_variant(const LayerDesc& d, double sigma, uint64_t& seed, Set set,
+                           Planned planned) {
+  LayerDesc data = d;
+  data.pass = deft::Pass::backward_data;
+  deft::Variant v = deft::default_variant(data, 90);
+  ASSERT_EQ(v.algo, deft::Algo::depthwise);
+  set(v);
+  SCOPED_TRACE(deft::to_string(v) + " sigma " + std::to_string(sigma));
+  ASSERT_TRUE(planned(deft::make_plan(data, v))) << "the plan does not run the variant asked for";
+  Tensors t = random_tensors(d, sigma > 0 ? sigma : 2.0, ++seed);
+  if (sigma == 0) edge_offsets(t, d.dtype, ++seed);
+  deft::CompileOptions o = test_options(false);
+  o.backward_data_variant = v;
+  check_backward(d, t, 0, o);
+}
+
 // The depthwise grad input with staging=window (corners inside the tile's input window summed
 // in shared memory, the rest scattered to global memory): the f64 reference on every dtype and
 // layout, tiles of 8 and 16 pixels, halos 0 to 2, with small offsets (sigma = 0.5: nearly all
@@ -466,22 +486,14 @@ TEST(GpuBackwardDwWindow, MatchesReference) {
   nomask.mask = false;
   cases.push_back({nomask, 2.0, 8, 1});
   uint64_t seed = 900;
-  for (const W& c : cases) {
-    LayerDesc data = c.d;
-    data.pass = deft::Pass::backward_data;
-    deft::Variant v = deft::default_variant(data, 90);
-    ASSERT_EQ(v.algo, deft::Algo::depthwise);
-    v.tile_m = c.tm, v.threads = 32 * c.tm;
-    v.staging = deft::Staging::window, v.halo = c.halo;
-    const deft::KernelPlan plan = deft::make_plan(data, v);
-    ASSERT_TRUE(plan.dw_window);
-    SCOPED_TRACE(deft::to_string(v) + " sigma " + std::to_string(c.sigma));
-    Tensors t = random_tensors(c.d, c.sigma > 0 ? c.sigma : 2.0, ++seed);
-    if (c.sigma == 0) edge_offsets(t, c.d.dtype, ++seed);
-    deft::CompileOptions o = test_options(false);
-    o.backward_data_variant = v;
-    check_backward(c.d, t, 0, o);
-  }
+  for (const W& c : cases)
+    check_dw_data_variant(
+        c.d, c.sigma, seed,
+        [&](deft::Variant& v) {
+          v.tile_m = c.tm, v.threads = 32 * c.tm;
+          v.staging = deft::Staging::window, v.halo = c.halo;
+        },
+        [](const deft::KernelPlan& plan) { return plan.dw_window; });
 }
 
 // gin=local (fast mode): the near points gathered per 8 x 8 input tile, the far ones reduced by
@@ -514,23 +526,15 @@ TEST(GpuBackwardDwLocal, MatchesReference) {
   nomask.mask = false;
   cases.push_back({nomask, 2.0, 2, false});
   uint64_t seed = 1900;
-  for (const L& c : cases) {
-    LayerDesc data = c.d;
-    data.pass = deft::Pass::backward_data;
-    deft::Variant v = deft::default_variant(data, 90);
-    ASSERT_EQ(v.algo, deft::Algo::depthwise);
-    v.gin_gather = false, v.gin_local = true, v.halo = c.halo;
-    v.staging = deft::Staging::gather;
-    if (c.d.layout == Layout::nchw) v.transpose = c.transpose;
-    const deft::KernelPlan plan = deft::make_plan(data, v);
-    ASSERT_EQ(plan.gin_mode, 5);
-    SCOPED_TRACE(deft::to_string(v) + " sigma " + std::to_string(c.sigma));
-    Tensors t = random_tensors(c.d, c.sigma > 0 ? c.sigma : 2.0, ++seed);
-    if (c.sigma == 0) edge_offsets(t, c.d.dtype, ++seed);
-    deft::CompileOptions o = test_options(false);
-    o.backward_data_variant = v;
-    check_backward(c.d, t, 0, o);
-  }
+  for (const L& c : cases)
+    check_dw_data_variant(
+        c.d, c.sigma, seed,
+        [&](deft::Variant& v) {
+          v.gin_gather = false, v.gin_local = true, v.halo = c.halo;
+          v.staging = deft::Staging::gather;
+          if (c.d.layout == Layout::nchw) v.transpose = c.transpose;
+        },
+        [](const deft::KernelPlan& plan) { return plan.gin_mode == 5; });
 }
 
 // The depthwise grad-input kernel's channel steps (32 lanes x 4 channels) issue their corner
