@@ -186,6 +186,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("LG_RH", p.win_rows);
       c32("LG_RW", p.win_cols);
       c32("LG_SLICES", p.gather_slices);
+      c32("LG_SPB", p.lg_spb);
       c64("LG_SMEM", p.lg_smem_bytes);
     }
     if (p.gather_direct) {

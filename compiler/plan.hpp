@@ -94,6 +94,7 @@ struct KernelPlan {
   // win_cols: the output pixels whose near points can land in a tile, halo: the radius R,
   // gather_slices: 128-channel slices a group) and its dynamic shared memory
   int64_t lg_smem_bytes = 0;
+  int lg_spb = 0;  // gin=local: 128-channel slices a block (grid y: offset groups x ceil(slices / lg_spb))
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice
   int64_t gout_tile_bytes = 0, slice_bytes = 0;
   int min_blocks = 1;

@@ -647,7 +647,8 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       // reduces the far points' onto them
       void* lparams[] = {&offset, &mask, &gout_k, &weight, &gin};
       launch(*k, k->lgather,
-             {unsigned(p.tiles_y * p.tiles_x), unsigned(d.offset_groups * p.gather_slices),
+             {unsigned(p.tiles_y * p.tiles_x),
+              unsigned(d.offset_groups * ((p.gather_slices + p.lg_spb - 1) / p.lg_spb)),
               unsigned(d.n)},
              256, unsigned(p.lg_smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)");
     }

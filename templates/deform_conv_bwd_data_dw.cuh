@@ -39,7 +39,8 @@
 // stores it; the data kernel, launched after it, reduces the far points' onto it. Both kernels
 // evaluate the point with deft_bwd_pos and this test, so they split the points the same way.
 // Constants from codegen: LG_TH, LG_TW, LG_TILES_X, LG_R, LG_RH x LG_RW (the output pixels whose
-// near points can land in a tile's cells), LG_SLICES (128-channel slices a group), LG_SMEM.
+// near points can land in a tile's cells), LG_SLICES (128-channel slices a group), LG_SPB (of
+// them a block: the binning is done once for them), LG_SMEM.
 __device__ __forceinline__ bool deft_lg_near(const BwdPos& ps, int ho, int wo, int t) {
   if (!(ps.y > Pos(-1) && ps.x > Pos(-1) && ps.y < Pos(H) && ps.x < Pos(W))) return false;
   const Pos dy = floor(ps.y) - Pos(ho * SH - PH + (t / S) * DH);
@@ -245,14 +246,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 #if GIN_MODE == 5
 // The local gather. Block: one 8 x 8 tile of input pixels (blockIdx.x), one offset group and
-// 128-channel slice (blockIdx.y), one image (blockIdx.z); 256 threads. (1) The weight slice into
-// shared memory as f32 [tap][channel]. (2) Every candidate point (pixel of the LG_RH x LG_RW
+// LG_SPB 128-channel slices (blockIdx.y), one image (blockIdx.z); 256 threads. (1) The weight
+// slices into shared memory as f32 [tap][channel]. (2) Every candidate point (pixel of the LG_RH x LG_RW
 // region, tap) that is near and whose floor cell is one of the tile's (TH + 1) x (TW + 1) cells
 // (rows y0 - 1 .. y0 + TH - 1) is counted per cell (shared int atomics), the counts scanned by
 // one warp, and the points listed cell by cell (a second evaluation; the order within a cell is
-// set by the atomics). (3) A warp per input pixel, lanes on 4 channels each, walks the pixel's
-// four cells' lists as the direct gather does and stores the sums (every in-image element of
-// the slice: the workspace needs no zeroing).
+// set by the atomics). (3) A warp per input pixel, lanes on 4 channels of each slice, walks the
+// pixel's four cells' lists as the direct gather does (an entry read once for the LG_SPB
+// slices: their grad_out loads are independent) and stores the sums (every in-image element of
+// the slices: the workspace needs no zeroing).
 struct LgEntry {
   int rt;  // region pixel * TAPS + tap
   float ly, lx, mod;
@@ -267,21 +269,23 @@ extern "C" __global__ void __launch_bounds__(256)
                 CAND = REGION * TAPS;
   extern __shared__ __align__(16) unsigned char lg_smem[];
   LgEntry* ent = reinterpret_cast<LgEntry*>(lg_smem);
-  float* wsm = reinterpret_cast<float*>(ent + CAND);  // [tap][128]
-  int* start = reinterpret_cast<int*>(wsm + TAPS * 128);  // CELLS + 1
+  constexpr int WCH = LG_SPB * 128;                    // a block's channels
+  constexpr int LG_GROUPS = (LG_SLICES + LG_SPB - 1) / LG_SPB;
+  float* wsm = reinterpret_cast<float*>(ent + CAND);  // [tap][WCH]
+  int* start = reinterpret_cast<int*>(wsm + TAPS * WCH);  // CELLS + 1
   int* fill = start + CELLS + 1;                          // CELLS
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int ty0 = int(blockIdx.x / LG_TILES_X) * LG_TH, tx0 = int(blockIdx.x % LG_TILES_X) * LG_TW;
-  const int og = int(blockIdx.y / LG_SLICES), slice = int(blockIdx.y % LG_SLICES);
+  const int og = int(blockIdx.y / LG_GROUPS), sgroup = int(blockIdx.y % LG_GROUPS);
   const long long n = blockIdx.z;
   // the output rows (cols) whose near points can have a floor cell in rows ty0 - 1 .. ty0 + TH - 1
   const int oy_lo = max(0, -deft_lg_fdiv(-(ty0 - 1 + PH - (R - 1) * DH - LG_R), SH));
   const int oy_hi = min(int(HO) - 1, deft_lg_fdiv(ty0 + LG_TH - 1 + PH + LG_R, SH));
   const int ox_lo = max(0, -deft_lg_fdiv(-(tx0 - 1 + PW - (S - 1) * DW - LG_R), SW));
   const int ox_hi = min(int(WO) - 1, deft_lg_fdiv(tx0 + LG_TW - 1 + PW + LG_R, SW));
-  const int c0 = slice * 128;  // the slice's first channel within the group
-  for (int i = tid; i < TAPS * 128; i += 256) {
-    const int t = i / 128, cl = c0 + i % 128;
+  const int c0 = sgroup * WCH;  // the block's first channel within the group
+  for (int i = tid; i < TAPS * WCH; i += 256) {
+    const int t = i / WCH, cl = c0 + i % WCH;
     wsm[i] = cl < CPOG ? float(deft_widen(weight[((long long)og * CPOG + cl) * TAPS + t])) : 0.f;
   }
   for (int i = tid; i < CELLS; i += 256) fill[i] = 0;
@@ -335,14 +339,20 @@ extern "C" __global__ void __launch_bounds__(256)
   }
   __syncthreads();
   struct __align__(sizeof(T) * 4) Vec { T x[4]; };
-  const int cl = c0 + lane * 4;  // the lane's first channel within the group
-  const bool active = cl < CPOG;
-  const long long cabs = (long long)og * CPOG + cl;
+  // the lane's channels: 4 of each slice, from c0 + 128 sl + 4 lane within the group
+  const long long cabs = (long long)og * CPOG + c0 + lane * 4;
+  bool active[LG_SPB];
+#pragma unroll
+  for (int sl = 0; sl < LG_SPB; ++sl) active[sl] = c0 + sl * 128 + lane * 4 < CPOG;
   for (int pi = warp; pi < LG_TH * LG_TW; pi += 8) {
     const int y = ty0 + pi / LG_TW, x = tx0 + pi % LG_TW;
     if (y >= H || x >= W) continue;  // (warp-uniform)
     const int cy = y - (ty0 - 1), cx = x - (tx0 - 1);
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float acc[LG_SPB][4];
+#pragma unroll
+    for (int sl = 0; sl < LG_SPB; ++sl)
+#pragma unroll
+      for (int u = 0; u < 4; ++u) acc[sl][u] = 0.f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {  // cells (y, x), (y, x - 1), (y - 1, x), (y - 1, x - 1)
       const int lc = (cy - (q >> 1)) * (LG_TW + 1) + (cx - (q & 1));
@@ -353,21 +363,30 @@ extern "C" __global__ void __launch_bounds__(256)
         const int rp = en.rt / TAPS, t = en.rt % TAPS;
         const long long m = (n * HO + oy_lo + rp / LG_RW) * WO + ox_lo + rp % LG_RW;
         const Acc w = deft_corner_weight(en.ly, en.lx, q);
-        if (!active) continue;
-        const Vec gv = *reinterpret_cast<const Vec*>(gout + m * K + cabs);
-        const float4 wv = *reinterpret_cast<const float4*>(wsm + t * 128 + lane * 4);
-        const float wf[4] = {wv.x, wv.y, wv.z, wv.w};
+        Vec gv[LG_SPB];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          // GIN_MODE 1's operations: cg = weight x grad_out, cg x mask x corner weight
-          const Acc cg = Acc(wf[u]) * Acc(deft_widen(gv.x[u]));
-          acc[u] += float(cg * Acc(en.mod) * w);
+        for (int sl = 0; sl < LG_SPB; ++sl)
+          if (active[sl]) gv[sl] = *reinterpret_cast<const Vec*>(gout + m * K + cabs + sl * 128);
+#pragma unroll
+        for (int sl = 0; sl < LG_SPB; ++sl) {
+          if (!active[sl]) continue;
+          const float4 wv =
+              *reinterpret_cast<const float4*>(wsm + t * WCH + sl * 128 + lane * 4);
+          const float wf[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            // GIN_MODE 1's operations: cg = weight x grad_out, cg x mask x corner weight
+            const Acc cg = Acc(wf[u]) * Acc(deft_widen(gv[sl].x[u]));
+            acc[sl][u] += float(cg * Acc(en.mod) * w);
+          }
         }
       }
     }
-    if (active)
-      *reinterpret_cast<float4*>(ws + ((n * H + y) * W + x) * C + cabs) =
-          make_float4(acc[0], acc[1], acc[2], acc[3]);
+#pragma unroll
+    for (int sl = 0; sl < LG_SPB; ++sl)
+      if (active[sl])
+        *reinterpret_cast<float4*>(ws + ((n * H + y) * W + x) * C + cabs + sl * 128) =
+            make_float4(acc[sl][0], acc[sl][1], acc[sl][2], acc[sl][3]);
   }
 }
 #endif  // GIN_MODE == 5
