@@ -696,12 +696,13 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     if (a.grad_input && p.gin_mode != 0) {
       void* out = a.grad_input;
       void* fparams[] = {&gin, &header, &out};
-      // deft_bwd_finish: 64 x 64 tiles where it transposes back to nchw, else one element per thread
+      // deft_bwd_finish: 64 x 64 tiles where it transposes back to nchw, else four elements a
+      // thread
       const bool back = p.ws_nhwc && d.layout == Layout::nchw;
       const std::array<unsigned, 3> fgrid =
           back ? std::array<unsigned, 3>{unsigned((d.h * d.w + 63) / 64), unsigned((d.c + 63) / 64),
                                          unsigned(d.n)}
-               : std::array<unsigned, 3>{unsigned((in_elems + 255) / 256), 1, 1};
+               : std::array<unsigned, 3>{unsigned((in_elems + 1023) / 1024), 1, 1};
       launch(*k, k->aux[1], fgrid, 256, 0, stream, fparams,
              "cuLaunchKernel(deft_bwd_finish)");
     }

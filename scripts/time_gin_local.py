@@ -23,10 +23,15 @@ for f in ("shapes.json", "dw_decision_shapes.json"):
 kernels = "--kernels" in sys.argv[1:]
 names = [a for a in sys.argv[1:] if a != "--kernels"]
 lib = DeftLibrary("build/libdeft.so")
-base = "algo=depthwise tm=8 tn=1 tk=1 threads=256 vec=1 staging=gather halo={} transpose=0"
-variants = [("atomics", base.format(0)), ("gather", base.format(0) + " gin=gather")] + \
-    [(f"local R={r}", base.format(r) + " gin=local") for r in (1, 2, 4, 6)]
-print("| case | layout | σ | " + " | ".join(n for n, _ in variants) + " |")
+# nchw layers read the transposed input (and grad_out), as their default does
+base = "algo=depthwise tm=8 tn=1 tk=1 threads=256 vec=1 staging=gather halo={} transpose={}"
+
+
+def variants(layout):
+    t = 1 if layout == "nchw" else 0
+    return [("atomics", base.format(0, t)), ("gather", base.format(0, t) + " gin=gather")] + \
+        [(f"local R={r}", base.format(r, t) + " gin=local") for r in (1, 2, 4, 6)]
+print("| case | layout | σ | " + " | ".join(n for n, _ in variants("nhwc")) + " |")
 breakdown = []
 for name in names or ["dw512", "dw1024_16"]:
     c = cases[name]
@@ -38,7 +43,7 @@ for name in names or ["dw512", "dw1024_16"]:
                 w = w.permute(0, 2, 3, 1).contiguous()
             desc = bench.deft_desc(c, layout, "fp16")
             row, ref = [], None
-            for vname, v in variants:
+            for vname, v in variants(layout):
                 try:
                     k = lib.compile_ex(desc, None, None, v, None)
                 except Exception as e:  # noqa: BLE001

@@ -106,6 +106,7 @@ __device__ __forceinline__ int deft_og_first(int g) { return int((long long)g * 
 // weight: the L2 sector traffic bound the pack at ~1.4 TB/s, perf notes round 17).
 constexpr int PACK_TT = TAPS < 16 ? TAPS : 16;
 constexpr long long PACK_BLOCKS = (long long)G * NT * KCH * (BN / 8);  // plan.pack_blocks
+constexpr int PACK_ITEMS = (8 * CHUNK * PACK_TT + 255) / 256;            // elements a thread
 static_assert(BN % 8 == 0, "the pack moves 8 output channels a block");
 
 __device__ __forceinline__ void deft_pack_block(const T* __restrict__ weight, T* __restrict__ packed,
@@ -120,19 +121,34 @@ __device__ __forceinline__ void deft_pack_block(const T* __restrict__ weight, T*
   for (int t0 = 0; t0 < TAPS; t0 += PACK_TT) {
     const int tt = TAPS - t0 < PACK_TT ? TAPS - t0 : PACK_TT;
     if (t0 > 0) __syncthreads();  // the previous taps' stores have read s
-    for (int i = threadIdx.x; i < 8 * CHUNK * tt; i += blockDim.x) {
-      const int nl = i / (CHUNK * tt), r = i % (CHUNK * tt);
-      const int c = W_KRSC ? r % CHUNK : r / tt, tl = W_KRSC ? r / CHUNK : r % tt;
-      const int cl = chunk * CHUNK + c, kout = nt * BN + ng * 8 + nl, tap = t0 + tl;
-      T v = deft_from<T>(0.f);
-      if (cl < CG && kout < KG) {
-        const long long ko = (long long)g * KG + kout;
-        v = weight[W_KRSC ? (ko * TAPS + tap) * CG + cl : (ko * CG + cl) * TAPS + tap];
+    // every load of the thread issued before the first is used: ~5 in flight a thread (one at
+    // a time held the pack to ~1.5 TB/s, round 17)
+    T v[PACK_ITEMS];
+#pragma unroll
+    for (int u = 0; u < PACK_ITEMS; ++u) {
+      const int i = threadIdx.x + u * 256;
+      v[u] = deft_from<T>(0.f);
+      if (i < 8 * CHUNK * tt) {
+        const int nl = i / (CHUNK * tt), r = i % (CHUNK * tt);
+        const int c = W_KRSC ? r % CHUNK : r / tt, tl = W_KRSC ? r / CHUNK : r % tt;
+        const int cl = chunk * CHUNK + c, kout = nt * BN + ng * 8 + nl, tap = t0 + tl;
+        if (cl < CG && kout < KG) {
+          const long long ko = (long long)g * KG + kout;
+          v[u] = __ldg(weight + (W_KRSC ? (ko * TAPS + tap) * CG + cl : (ko * CG + cl) * TAPS + tap));
+        }
       }
-      s[(nl * CHUNK + c) * PACK_TT + tl] = v;
+    }
+#pragma unroll
+    for (int u = 0; u < PACK_ITEMS; ++u) {
+      const int i = threadIdx.x + u * 256;
+      if (i < 8 * CHUNK * tt) {
+        const int nl = i / (CHUNK * tt), r = i % (CHUNK * tt);
+        const int c = W_KRSC ? r % CHUNK : r / tt, tl = W_KRSC ? r / CHUNK : r % tt;
+        s[(nl * CHUNK + c) * PACK_TT + tl] = v[u];
+      }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < 8 * CHUNK * tt; i += blockDim.x) {
+    for (int i = threadIdx.x; i < 8 * CHUNK * tt; i += 256) {
       const int tl = i / (8 * CHUNK), r = i % (8 * CHUNK);
       const int kc = r / (8 * VEC), q = r % (8 * VEC);
       T v = s[((q / VEC) * CHUNK + deft_slot_channel(kc * VEC + q % VEC)) * PACK_TT + tl];

@@ -458,9 +458,9 @@ std::vector<GpuCase> wgmma_cases() {
   v.push_back({"wgmma_stride2_dil2_f16_nchw", d, 2.0, 46});
   d = desc(2, 96, 9, 9, 136, 5, 2, 1, 1, DType::bf16, Layout::nchw);
   v.push_back({"wgmma_5x5_bf16_nchw", d, 2.0, 47});
-  d = desc(2, 48, 9, 11, 72, 7, 3, 1, 1, DType::f32, Layout::nhwc);  // 49 taps: the pack's
-  d.math = MathMode::tf32;                                            // rounds of 16, 16, 16, 1
-  v.push_back({"wgmma_7x7_tf32_nhwc", d, 2.0, 55});
+  d = desc(2, 48, 9, 11, 72, 5, 2, 1, 1, DType::f32, Layout::nhwc);  // 25 taps: the pack's
+  d.math = MathMode::tf32;                                            // rounds of 16 and 9
+  v.push_back({"wgmma_5x5_tf32_nhwc", d, 2.0, 55});
   d = desc(4, 256, 8, 8, 256, 1, 0, 1, 1, DType::f16, Layout::nhwc);
   v.push_back({"wgmma_1x1_f16_nhwc", d, 2.0, 48});
   d = desc(2, 64, 14, 14, 100, 3, 1, 1, 1, DType::f16, Layout::nchw);  // 196 px: 8-byte stores
