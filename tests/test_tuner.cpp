@@ -791,7 +791,8 @@ TEST(GpuTune, CliModelFileWithAWorkerWritesRecordsThatCompileFollows) {
 // Backward passes are not tuned (yet): a clear error before any GPU work, in both entry points.
 // The backward passes' spaces: the default first, the WMMA tiles around it, and on sm_90 for
 // f16, bf16 and tf32 the wgmma kernels' tiles (none for strict f32); depthwise layers have
-// their default and, for grad input, its gin=gather form (and, opt-in, staging=window). A simulated tuning writes a record keyed by the pass's description,
+// their default and, for grad input, its gin=gather and gin=local forms (and, opt-in,
+// staging=window). A simulated tuning writes a record keyed by the pass's description,
 // which choose_variant then finds for that pass: backward_data in the fast mode only,
 // backward_weight (deterministic in both modes) in both.
 TEST(TunerPolicy, BackwardPassesAreTuned) {
@@ -828,16 +829,24 @@ TEST(TunerPolicy, BackwardPassesAreTuned) {
     EXPECT_NE(v.algo, deft::Algo::gemm_wgmma) << deft::to_string(v);
   auto dw = deft::parse_layer_desc(fmt::format(
       "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass={}", pass));
-  ASSERT_EQ(deft::search_space(dw).size(), data ? 2u : 1u);
-  if (data) EXPECT_TRUE(deft::search_space(dw)[1].gin_gather);  // the gather form, fast mode
+  // grad input: the gather form and gin=local with radii 1, 2, 4 (fast mode)
+  const auto dw_plain = deft::search_space(dw);
+  ASSERT_EQ(dw_plain.size(), data ? 5u : 1u);
+  if (data) {
+    EXPECT_TRUE(dw_plain[1].gin_gather);
+    for (size_t i = 2; i < 5; ++i) {
+      EXPECT_TRUE(dw_plain[i].gin_local) << deft::to_string(dw_plain[i]);
+      EXPECT_EQ(dw_plain[i].halo, i == 4 ? 4 : int(i) - 1);
+    }
+  }
   // with SearchOptions::window, grad input also has staging=window with tiles of 8 and 16
   // pixels and the halos of the offsets' spread (sigma 2: 2, 4, 6)
   const auto dw_space = deft::search_space(dw, deft::SearchOptions{0, true, 2.0});
-  ASSERT_EQ(dw_space.size(), data ? 2u + 6u : 1u);
+  ASSERT_EQ(dw_space.size(), data ? 5u + 6u : 1u);
   if (data) {
     EXPECT_TRUE(dw_space[1].gin_gather);
     std::vector<std::pair<int, int>> windows;
-    for (size_t i = 2; i < dw_space.size(); ++i) {
+    for (size_t i = 5; i < dw_space.size(); ++i) {
       EXPECT_EQ(dw_space[i].staging, deft::Staging::window) << deft::to_string(dw_space[i]);
       EXPECT_EQ(dw_space[i].threads, 32 * dw_space[i].tile_m);
       windows.emplace_back(dw_space[i].tile_m, dw_space[i].halo);

@@ -73,6 +73,15 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       Variant g = def;
       g.gin_gather = true;
       add(g);
+      // gin=local (fast mode, f32 workspace): the near points gathered per 8 x 8 input tile,
+      // the far ones reduced as the atomics do; radii 1, 2 and 4 (perf notes round B27: R = 1
+      // fastest at sigma 0.5 and 2, all within 2 % of the atomics at sigma 8)
+      if (!def.deterministic)
+        for (int r : {1, 2, 4}) {
+          Variant l = def;
+          l.gin_gather = false, l.gin_local = true, l.halo = r;
+          add(l);
+        }
       // staging=window, opt-in (SearchOptions::window): tiles of 8 and 16 pixels, the halos
       // the offsets' spread asks for (at most 8; a larger window would not fit shared
       // memory). Slower than the float atomics at every spread measured (perf notes round
