@@ -2,7 +2,8 @@
 """Do offset statistics change the tuner's decision? (issue 5) For each case, `deft tune`
 (with --window unless --no-window) once per offset spread sigma (each run its own statistics
 bucket), then each sigma's pick timed on the offsets of every sigma, in one process; prints a
-markdown table: a pick should win on its own distribution. --pass backward_data tunes and
+markdown table: a pick should win on its own distribution, then `deft inspect` of each case (every
+candidate's time or error). --pass backward_data tunes and
 times the grad-input pass (grad input, offset and mask) instead of the forward.
 
 On the GPU machine, from the repo root:
@@ -25,8 +26,10 @@ from deft_ctypes import DeftLibrary  # noqa: E402
 from sweep import case_desc, case_geometry, time_us  # noqa: E402
 
 
-def tuned_winners(cli, desc, sigmas, db, seconds, pass_="forward", window=True):
-    """{sigma: winner variant text} from one `deft tune` run per sigma (of pass_)."""
+def tuned_winners(cli, desc, sigmas, db, seconds, pass_="forward", window=True, inspect=None):
+    """{sigma: winner variant text} from one `deft tune` run per sigma (of pass_). inspect (a
+    list): receives `deft inspect`'s report of the pass's records (every candidate's time or
+    error) once all sigmas are tuned."""
     out = {}
     for s in sigmas:
         r = subprocess.run([cli, "tune", desc, "--sigma", str(s), "--db", db, "--passes", pass_,
@@ -43,6 +46,10 @@ def tuned_winners(cli, desc, sigmas, db, seconds, pass_="forward", window=True):
             if rec["stats_bucket"] == want and \
                     ("pass=backward_data" in rec["desc"]) == (pass_ == "backward_data"):
                 out[s] = rec["winner"]
+    if inspect is not None:
+        pdesc = desc if pass_ == "forward" else f"{desc} pass={pass_}"
+        r = subprocess.run([cli, "inspect", pdesc, "--db", db], capture_output=True, text=True)
+        inspect.append(r.stdout + r.stderr)
     return out
 
 
@@ -65,12 +72,13 @@ def main():
     cases = {c["name"]: c for c in json.load(open(a.shapes))["cases"]}
     tdt = torch.half if a.dtype == "fp16" else torch.float32
     rows = []
+    reports = []  # deft inspect per case: the candidates' times and errors, printed last
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.cases.split(","):
             c = cases[name]
             desc = lib.canonical(case_desc(c, a.dtype, a.layout))
             picks = tuned_winners(a.cli, desc, sigmas, os.path.join(tmp, name + ".db"), a.seconds,
-                                  a.pass_, a.window)
+                                  a.pass_, a.window, reports)
             n, ci, k, h, w, r, s_, st, pad, g, og, ho, wo = case_geometry(c)
             torch.manual_seed(0)
             x = torch.rand(n, ci, h, w, device="cuda", dtype=tdt) * 2 - 1
@@ -106,6 +114,9 @@ def main():
         picks = next(r[3] for r in rows if r[0] == name)
         for s in sigmas:
             print(f"{name} σ={s:g}: {picks[s]}")
+    for report in reports:  # every candidate's time (or why it did not run), per case
+        print()
+        print(report.rstrip())
 
 
 if __name__ == "__main__":
