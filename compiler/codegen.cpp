@@ -179,15 +179,15 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("SMEM_BYTES", p.smem_bytes);
     }
     if (p.gin_mode == 5) {
-      c32("LG_TH", p.tile_h);
-      c32("LG_TW", p.tile_w);
-      c32("LG_TILES_X", p.tiles_x);
-      c32("LG_R", p.halo);
-      c32("LG_RH", p.win_rows);
-      c32("LG_RW", p.win_cols);
-      c32("LG_SLICES", p.gather_slices);
-      c32("LG_SPB", p.lg_spb);
-      c64("LG_SMEM", p.lg_smem_bytes);
+      c32("LG_TH", p.lg.tile);
+      c32("LG_TW", p.lg.tile);
+      c32("LG_TILES_X", p.lg.tiles_x);
+      c32("LG_R", p.lg.radius);
+      c32("LG_RH", p.lg.rows);
+      c32("LG_RW", p.lg.cols);
+      c32("LG_SLICES", p.lg.slices);
+      c32("LG_SPB", p.lg.per_block);
+      c64("LG_SMEM", p.lg.smem_bytes);
     }
     if (p.gather_direct) {
       line(fmt::format("#define GATHER_DIRECT 1  // the gather reads grad_out{}, weight and mask",

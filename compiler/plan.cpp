@@ -561,25 +561,25 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (p.gin_mode == 5) {
       // the local gather (deft_bwd_lgather): 8 x 8 input tiles; the output pixels whose near
       // points can land in a tile's cells: an interval of TH + (r - 1) dil + 2 R rows
-      p.halo = v.halo;
-      p.tile_h = p.tile_w = 8;
-      p.tiles_y = int(ceil_div(d.h, p.tile_h));
-      p.tiles_x = int(ceil_div(d.w, p.tile_w));
-      p.win_rows = int((p.tile_h + (d.r - 1) * d.dil_h + 2 * v.halo) / d.stride_h + 1);
-      p.win_cols = int((p.tile_w + (d.s - 1) * d.dil_w + 2 * v.halo) / d.stride_w + 1);
-      p.gather_slices = int(ceil_div(d.c_per_offset_group(), 128));
+      auto& lg = p.lg;
+      lg.radius = v.halo;
+      lg.tiles_y = int(ceil_div(d.h, lg.tile));
+      lg.tiles_x = int(ceil_div(d.w, lg.tile));
+      lg.rows = int((lg.tile + (d.r - 1) * d.dil_h + 2 * v.halo) / d.stride_h + 1);
+      lg.cols = int((lg.tile + (d.s - 1) * d.dil_w + 2 * v.halo) / d.stride_w + 1);
+      lg.slices = int(ceil_div(d.c_per_offset_group(), 128));
       // up to 4 slices a block (16 accumulators a lane): the binning is done once for them
       // (perf notes round B27)
-      p.lg_spb = std::min(p.gather_slices, 4);
-      const int64_t cand = int64_t(p.win_rows) * p.win_cols * d.taps();
-      const int64_t cells = int64_t(p.tile_h + 1) * (p.tile_w + 1);
-      p.lg_smem_bytes = 16 * cand + 4 * 128 * p.lg_spb * d.taps() + 4 * (2 * cells + 1);
+      lg.per_block = std::min(lg.slices, 4);
+      const int64_t cand = int64_t(lg.rows) * lg.cols * d.taps();
+      const int64_t cells = int64_t(lg.tile + 1) * (lg.tile + 1);
+      lg.smem_bytes = 16 * cand + 4 * 128 * lg.per_block * d.taps() + 4 * (2 * cells + 1);
       if (v.halo < 0 || v.halo > 8) bad("halo", fmt::format("halo={} must be in [0, 8]", v.halo));
-      if (p.lg_smem_bytes > 200 * 1024)
+      if (lg.smem_bytes > 200 * 1024)
         bad("halo", fmt::format("gin=local with halo={} needs {} bytes of shared memory (max "
-                                "204800)", v.halo, p.lg_smem_bytes));
-      if (int64_t(p.tiles_y) * p.tiles_x > 2147483647 || d.n > 65535 ||
-          d.offset_groups * ceil_div(p.gather_slices, p.lg_spb) > 65535)
+                                "204800)", v.halo, lg.smem_bytes));
+      if (int64_t(lg.tiles_y) * lg.tiles_x > 2147483647 || d.n > 65535 ||
+          d.offset_groups * ceil_div(lg.slices, lg.per_block) > 65535)
         bad("n", "the local gather's grid is too large");
     }
     int64_t gx = ceil_div(m_total, p.bp);

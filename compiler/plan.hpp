@@ -90,11 +90,16 @@ struct KernelPlan {
   // to global memory as in the gather form
   bool dw_window = false;
   int tile_h = 0, tile_w = 0, tiles_y = 0, tiles_x = 0, win_rows = 0, win_cols = 0, halo = 0;
-  // gin_mode 5 (gin=local): the same fields for the local gather's 8 x 8 input tiles (win_rows x
-  // win_cols: the output pixels whose near points can land in a tile, halo: the radius R,
-  // gather_slices: 128-channel slices a group) and its dynamic shared memory
-  int64_t lg_smem_bytes = 0;
-  int lg_spb = 0;  // gin=local: 128-channel slices a block (grid y: offset groups x ceil(slices / lg_spb))
+  // gin_mode 5 (gin=local): the local gather's geometry (deft_bwd_lgather)
+  struct LocalGather {
+    int tile = 8;                // input pixels a tile side
+    int tiles_y = 0, tiles_x = 0;
+    int radius = 0;              // R: a point is near within R pixels of its tap's position
+    int rows = 0, cols = 0;      // the output pixels whose near points can land in a tile
+    int slices = 0;              // 128-channel slices of an offset group
+    int per_block = 0;           // of them a block (grid y: offset groups x ceil(slices / per_block))
+    int64_t smem_bytes = 0;      // dynamic shared memory
+  } lg;
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice
   int64_t gout_tile_bytes = 0, slice_bytes = 0;
   int min_blocks = 1;

@@ -257,9 +257,9 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
       if (desc.pass == Pass::backward_data && impl->plan.gin_mode == 5) {
         driver::check(api.cuLibraryGetKernel(&impl->lgather, impl->library, "deft_bwd_lgather"),
                       "cuLibraryGetKernel(deft_bwd_lgather)");
-        if (impl->plan.lg_smem_bytes > 48 * 1024)
+        if (impl->plan.lg.smem_bytes > 48 * 1024)
           driver::check(api.cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                                 int(impl->plan.lg_smem_bytes), impl->lgather, dev),
+                                                 int(impl->plan.lg.smem_bytes), impl->lgather, dev),
                         "cuKernelSetAttribute(deft_bwd_lgather shared memory)");
       }
       if (desc.pass == Pass::backward_data &&
@@ -647,10 +647,10 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       // reduces the far points' onto them
       void* lparams[] = {&offset, &mask, &gout_k, &weight, &gin};
       launch(*k, k->lgather,
-             {unsigned(p.tiles_y * p.tiles_x),
-              unsigned(d.offset_groups * ((p.gather_slices + p.lg_spb - 1) / p.lg_spb)),
+             {unsigned(p.lg.tiles_y * p.lg.tiles_x),
+              unsigned(d.offset_groups * ((p.lg.slices + p.lg.per_block - 1) / p.lg.per_block)),
               unsigned(d.n)},
-             256, unsigned(p.lg_smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)");
+             256, unsigned(p.lg.smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)");
     }
     if ((p.gin_mode == 3 || p.gin_mode == 4) && gin) {
       const GatherLayout g = gather_layout(d, p);

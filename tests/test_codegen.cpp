@@ -1210,19 +1210,21 @@ TEST(Codegen, DepthwiseGradInputLocal) {
   EXPECT_EQ(p.gin_mode, 5);
   EXPECT_FALSE(p.gather_direct);
   EXPECT_TRUE(p.ws_nhwc);
-  EXPECT_EQ(p.tiles_y, 2);  // 9 rows in tiles of 8
-  EXPECT_EQ(p.tiles_x, 2);
-  EXPECT_EQ(p.win_rows, 8 + 2 + 4 + 1);  // tile, taps - 1, 2 R, one more
-  EXPECT_EQ(p.gather_slices, 2);         // 256 channels in slices of 128
-  EXPECT_EQ(p.lg_spb, 2);                // both in one block
-  EXPECT_EQ(p.lg_smem_bytes, 16 * 15 * 15 * 9 + 4 * 256 * 9 + 4 * (2 * 81 + 1));
+  EXPECT_EQ(p.lg.tiles_y, 2);  // 9 rows in tiles of 8
+  EXPECT_EQ(p.lg.tiles_x, 2);
+  EXPECT_EQ(p.lg.radius, 2);
+  EXPECT_EQ(p.lg.rows, 8 + 2 + 4 + 1);  // tile, taps - 1, 2 R, one more
+  EXPECT_EQ(p.lg.cols, 8 + 2 + 4 + 1);
+  EXPECT_EQ(p.lg.slices, 2);            // 256 channels in slices of 128
+  EXPECT_EQ(p.lg.per_block, 2);         // both in one block
+  EXPECT_EQ(p.lg.smem_bytes, 16 * 15 * 15 * 9 + 4 * 256 * 9 + 4 * (2 * 81 + 1));
   // 1024 channels: 8 slices, 4 a block
   const deft::KernelPlan wide = deft::make_plan(
       deft::parse_layer_desc("deform_conv2d n=2 c=1024 h=9 w=11 k=1024 groups=1024 r=3 s=3 pad=1 "
                              "mask=1 pass=backward_data dtype=f16 layout=nhwc"),
       v);
-  EXPECT_EQ(wide.gather_slices, 8);
-  EXPECT_EQ(wide.lg_spb, 4);
+  EXPECT_EQ(wide.lg.slices, 8);
+  EXPECT_EQ(wide.lg.per_block, 4);
   const deft::CompileInfo info = compile_for_sm90(d, v);
   EXPECT_NE(info.source.find("#define GIN_MODE 5"), std::string::npos);
   EXPECT_NE(info.source.find("constexpr int LG_R = 2;"), std::string::npos);
