@@ -10,6 +10,7 @@
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py) | proffwd (the same, forward only)
+#         | tuneinspect (deft tune + deft inspect of TUNE_DESCS: every candidate's time or error)
 #         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | ncudw (ncu of the depthwise forward, dw512 fp16) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT, BWD_LAYOUTS (bwd: bench_backward.py's --dtypes,
@@ -171,6 +172,18 @@ for step in "$@"; do
         ncu -i "/tmp/ncu-bwd-$cs.ncu-rep" --page source --print-source sass --csv > "$LOGS/ncu-bwd-sass-$cs.csv" 2>&1
         grep -E "Duration|Throughput|Hit Rate|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|Eligible|No Eligible|Active Warps" "$LOGS/ncu-bwd-$cs.txt" | head -40
       done ;;
+    tuneinspect)  # deft tune, then deft inspect (every candidate's time or error), per layer:
+      # TUNE_DESCS (descriptions separated by ';'), TUNE_SIGMA (default 2), TUNE_PASSES
+      # (one pass; default: the description's own)
+      IFS=';' read -ra descs <<< "${TUNE_DESCS:?set TUNE_DESCS}"
+      for desc in "${descs[@]}"; do
+        build/tools/deft tune "$desc" --sigma "${TUNE_SIGMA:-2}" ${TUNE_PASSES:+--passes "$TUNE_PASSES"} \
+          --db "$LOGS/tuneinspect.db" >> "$LOGS/tuneinspect.log" 2>&1; r=$?
+        idesc="$desc"; [ -n "${TUNE_PASSES:-}" ] && idesc="$desc pass=$TUNE_PASSES"
+        build/tools/deft inspect "$idesc" --db "$LOGS/tuneinspect.db" >> "$LOGS/tuneinspect.log" 2>&1
+        stamp "tune $desc rc=$r"
+      done
+      tail -60 "$LOGS/tuneinspect.log" ;;
     sass)  # SASS of one kernel as the device's NVRTC compiles it: SASS_DESC, SASS_VARIANT
       DEFT_NVDISASM=${DEFT_NVDISASM:-/usr/local/cuda/bin/nvdisasm} build/tools/deft compile "$SASS_DESC" \
         ${SASS_VARIANT:+--variant "$SASS_VARIANT"} --no-cache --emit sass > "$LOGS/sass.txt" 2>&1
