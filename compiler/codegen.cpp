@@ -308,6 +308,9 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("WROWS", p.wrows);
       c32("WIN_BYTES", p.win_bytes);
     }
+    // the pre-passes' grids as the runtime launches them (the templates check their formulas)
+    c64("PACK_BLOCKS", p.pack_blocks);
+    if (p.transpose) c64("TRANSPOSE_BLOCKS", p.transpose_blocks);
   } else if (v.algo == Algo::depthwise) {
     c32("THREADS", v.threads);
     c32("VEC", p.vec);

@@ -52,7 +52,8 @@
 // Constants from codegen: BM (64 per warpgroup), BN, THREADS, NSTAGE, KCH (chunks per group),
 // NOG (offset groups a group's channels touch), PTS_BYTES, MIN_BLOCKS,
 // OUT_STORE (bytes per output store: 16, 8, 4 or one element), TF32, WINDOW with HALO, WROWS
-// and WIN_BYTES (one window buffer), and deft_wgmma_kstep() for this BN and dtype.
+// and WIN_BYTES (one window buffer), PACK_BLOCKS (and TRANSPOSE_BLOCKS with TRANSPOSE_PACK: the
+// pre-passes' grids), and deft_wgmma_kstep() for this BN and dtype.
 
 constexpr long long M_TOTAL = (long long)N * HO * WO;
 constexpr int TAPS = R * S;
@@ -62,7 +63,6 @@ constexpr int NUM_STAGES = KCH * TAPS;
 constexpr int STAGE_ELEMS = BN * CHUNK;      // one packed weight stage
 constexpr int STAGE_BYTES = STAGE_ELEMS * int(sizeof(T));
 constexpr int NT = (KG + BN - 1) / BN;       // output-channel tiles per group
-constexpr long long PACKED_ELEMS = (long long)G * NT * NUM_STAGES * STAGE_ELEMS;
 static_assert(WS || THREADS == BM * 2, "one warpgroup (128 threads) per 64 rows");
 static_assert(STAGE_BYTES % 16 == 0, "bulk copies move whole 16-byte units");
 static_assert(CG % VEC == 0 && CPOG % VEC == 0, "16-byte channel vectors inside groups");
@@ -105,7 +105,8 @@ __device__ __forceinline__ int deft_og_first(int g) { return int((long long)g * 
 // are coalesced (element by element, each warp's 32 reads hit up to 32 sectors of a kcrs
 // weight: the L2 sector traffic bound the pack at ~1.4 TB/s, perf notes round 17).
 constexpr int PACK_TT = TAPS < 16 ? TAPS : 16;
-constexpr long long PACK_BLOCKS = (long long)G * NT * KCH * (BN / 8);  // plan.pack_blocks
+static_assert(PACK_BLOCKS == (long long)G * NT * KCH * (BN / 8),
+              "plan.pack_blocks: a block of 8 output channels x one chunk");
 constexpr int PACK_ITEMS = (8 * CHUNK * PACK_TT + 255) / 256;            // elements a thread
 static_assert(BN % 8 == 0, "the pack moves 8 output channels a block");
 

@@ -35,7 +35,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // other's output, so one grid saves a launch and lets the pack's blocks fill the transpose's
 // tail (perf notes round 17).
 constexpr long long TRANSPOSE_TX = (H * W + 63) / 64, TRANSPOSE_TY = (C + 63) / 64;
-constexpr long long TRANSPOSE_BLOCKS = TRANSPOSE_TX * TRANSPOSE_TY * N;  // plan.transpose_blocks
+static_assert(TRANSPOSE_BLOCKS == TRANSPOSE_TX * TRANSPOSE_TY * N,
+              "plan.transpose_blocks: 64 x 64 tiles of the input's channels x pixels");
 extern "C" __global__ void __launch_bounds__(256)
     deft_transpose_pack(const T* __restrict__ src, T* __restrict__ dst,
                         const T* __restrict__ weight, T* __restrict__ packed) {
