@@ -238,10 +238,12 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
       driver::check(api.cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                              impl->plan.smem_bytes, impl->kernel, dev),
                     "cuKernelSetAttribute(max dynamic shared memory)");
-    if (impl->plan.transpose || impl->plan.gout_t)
+    // an nchw forward on wgmma has deft_transpose_pack instead of these two
+    const bool pre_merged = impl->plan.transpose_blocks > 0;
+    if ((impl->plan.transpose || impl->plan.gout_t) && !pre_merged)
       driver::check(api.cuLibraryGetKernel(&impl->transpose, impl->library, "deft_transpose"),
                     "cuLibraryGetKernel(deft_transpose)");
-    if (impl->plan.wgmma || impl->plan.workspace_packed_bytes > 0)
+    if ((impl->plan.wgmma || impl->plan.workspace_packed_bytes > 0) && !pre_merged)
       driver::check(api.cuLibraryGetKernel(&impl->pack, impl->library, "deft_pack_weight"),
                     "cuLibraryGetKernel(deft_pack_weight)");
     if (impl->plan.transpose_blocks > 0)

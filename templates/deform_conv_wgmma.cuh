@@ -73,7 +73,7 @@ static_assert(!WINDOW || TAPS >= 3, "a window loads one chunk ahead: three taps 
 // thread t's vector element e.
 //   k16 (16-bit): t = (i % 8) / 2, word 2h + i / 8, e = 2 word + i % 2
 //   k8 (tf32):    t = i % 4,       word 2h + i / 4, e = word
-__device__ __forceinline__ int deft_slot_channel(int j) {
+__host__ __device__ constexpr int deft_slot_channel(int j) {
   if constexpr (WS) {  // A from shared memory: no fragment order, channels in their own order
     return j;
   } else if constexpr (TF32) {
@@ -84,6 +84,17 @@ __device__ __forceinline__ int deft_slot_channel(int j) {
     return 8 * ((i % 8) / 2) + 4 * h + 2 * (i / 8) + i % 2;
   }
 }
+// The pack reads a 16-byte run of slots (VEC of them, kc VEC .. kc VEC + VEC - 1) as the
+// channels slot_channel(kc VEC) + slot_channel(e): the order splits into a vector part and an
+// element part. Checked here for every slot.
+__host__ __device__ constexpr bool deft_slot_order_splits() {
+  for (int kc = 0; kc < 4; ++kc)
+    for (int e = 0; e < VEC; ++e)
+      if (deft_slot_channel(kc * VEC + e) != deft_slot_channel(kc * VEC) + deft_slot_channel(e))
+        return false;
+  return true;
+}
+static_assert(deft_slot_order_splits(), "slot order = vector base + element offset");
 
 // The bits of an f32 value rounded to the nearest tf32 (deft_round_tf32), as wgmma reads them.
 __device__ __forceinline__ unsigned deft_tf32_bits(float x) {
@@ -99,72 +110,118 @@ __device__ __forceinline__ int deft_og_first(int g) { return int((long long)g * 
 // / VEC and slot j = (e / (BN VEC)) VEC + e % VEC, so 8 output channels' VEC slots of one core
 // column are 128 contiguous bytes.
 //
-// A block packs 8 output channels x one chunk x the taps (PACK_TT at a time): it reads those
-// weight rows whole (per output channel CHUNK x PACK_TT contiguous elements in kcrs, PACK_TT
-// runs of CHUNK in krsc) into shared memory and writes the stages' 128-byte runs, so both sides
-// are coalesced (element by element, each warp's 32 reads hit up to 32 sectors of a kcrs
-// weight: the L2 sector traffic bound the pack at ~1.4 TB/s, perf notes round 17).
+// A block packs 8 output channels x one chunk x the taps (PACK_TT at a time) through shared
+// memory, in 16-byte vectors on both sides, the index arithmetic once a vector (element by
+// element it was ~65 instructions an element and bound the pack: perf notes, session 19):
+//  - loads: per output channel, its weight row as the source holds it — krsc: PACK_TT runs of
+//    CHUNK channels (4 vectors each); kcrs: CHUNK x TAPS contiguous elements (a channel's taps
+//    after the one before), whole vectors as CG is a multiple of VEC and the chunk starts on
+//    one. A kcrs layer of more than 16 taps splits the taps and its rows, and loads element by
+//    element;
+//  - stores: one 16-byte vector = one output channel's VEC slots of one k column (kc) of one
+//    tap, its VEC elements read from shared memory at the slots' channels.
 constexpr int PACK_TT = TAPS < 16 ? TAPS : 16;
 static_assert(PACK_BLOCKS == (long long)G * NT * KCH * (BN / 8),
               "plan.pack_blocks: a block of 8 output channels x one chunk");
-constexpr int PACK_ITEMS = (8 * CHUNK * PACK_TT + 255) / 256;            // elements a thread
 static_assert(BN % 8 == 0, "the pack moves 8 output channels a block");
+constexpr int PACK_ROW = CHUNK * PACK_TT;                       // one output channel's elements
+constexpr bool PACK_VEC_LOADS = W_KRSC || PACK_TT == TAPS;      // rows of whole vectors
+constexpr int PACK_VECS = 8 * PACK_ROW / VEC;                   // vectors a block-pass moves
+constexpr int PACK_LOADS = (PACK_VEC_LOADS ? PACK_VECS : 8 * PACK_ROW) / 256 +
+                           ((PACK_VEC_LOADS ? PACK_VECS : 8 * PACK_ROW) % 256 != 0);  // a thread
+template <int B> struct deft_uint_of;
+template <> struct deft_uint_of<2> { typedef unsigned short type; };
+template <> struct deft_uint_of<4> { typedef unsigned type; };
 
 __device__ __forceinline__ void deft_pack_block(const T* __restrict__ weight, T* __restrict__ packed,
                                                 long long blk) {
-  __shared__ __align__(16) unsigned char s_raw[8 * CHUNK * PACK_TT * sizeof(T)];
-  T* s = reinterpret_cast<T*>(s_raw);  // [8 output channels][CHUNK channels][PACK_TT taps]
+  typedef typename deft_uint_of<sizeof(T)>::type U;
+  // [8 output channels][PACK_ROW]: krsc rows tap-major (tap CHUNK + c), kcrs channel-major
+  // (c tt + tap)
+  __shared__ __align__(16) U s[8 * PACK_ROW];
   const int ng = int(blk % (BN / 8));
   const long long rest = blk / (BN / 8);
   const int chunk = int(rest % KCH);
   const int nt = int(rest / KCH % NT), g = int(rest / KCH / NT);
-  T* dst = packed + ((long long)g * NT + nt) * NUM_STAGES * STAGE_ELEMS + ng * 8 * VEC;
+  const int cl0 = chunk * CHUNK;
+  const long long ko0 = (long long)g * KG + nt * BN + ng * 8;  // the block's first output channel
+  const int kouts = KG - (nt * BN + ng * 8);                   // of which valid (may be <= 0)
+  U* dst = reinterpret_cast<U*>(packed) + ((long long)g * NT + nt) * NUM_STAGES * STAGE_ELEMS +
+           ng * 8 * VEC;
   for (int t0 = 0; t0 < TAPS; t0 += PACK_TT) {
     const int tt = TAPS - t0 < PACK_TT ? TAPS - t0 : PACK_TT;
     if (t0 > 0) __syncthreads();  // the previous taps' stores have read s
-    // every load of the thread issued before the first is used: ~5 in flight a thread (one at
-    // a time held the pack to ~1.5 TB/s, round 17)
-    T v[PACK_ITEMS];
+    if constexpr (PACK_VEC_LOADS) {
+      // every load of the thread issued before the first is stored
+      uint4 v[PACK_LOADS];
 #pragma unroll
-    for (int u = 0; u < PACK_ITEMS; ++u) {
-      const int i = threadIdx.x + u * 256;
-      v[u] = deft_from<T>(0.f);
-      if (i < 8 * CHUNK * tt) {
-        const int nl = i / (CHUNK * tt), r = i % (CHUNK * tt);
-        const int c = W_KRSC ? r % CHUNK : r / tt, tl = W_KRSC ? r / CHUNK : r % tt;
-        const int cl = chunk * CHUNK + c, kout = nt * BN + ng * 8 + nl, tap = t0 + tl;
-        if (cl < CG && kout < KG) {
-          const long long ko = (long long)g * KG + kout;
-          v[u] = __ldg(weight + (W_KRSC ? (ko * TAPS + tap) * CG + cl : (ko * CG + cl) * TAPS + tap));
+      for (int u = 0; u < PACK_LOADS; ++u) {
+        const int i = threadIdx.x + u * 256;
+        const int nl = i / (4 * tt), vv = i % (4 * tt);
+        v[u] = make_uint4(0, 0, 0, 0);
+        if (i < 32 * tt && nl < kouts) {
+          const long long ko = ko0 + nl;
+          if constexpr (W_KRSC) {
+            const int tl = vv / 4, cv = cl0 + (vv % 4) * VEC;
+            if (cv < CG) v[u] = __ldg(reinterpret_cast<const uint4*>(weight + (ko * TAPS + t0 + tl) * CG + cv));
+          } else if (vv * VEC < (CG - cl0) * TAPS) {
+            v[u] = __ldg(reinterpret_cast<const uint4*>(weight + (ko * CG + cl0) * TAPS + vv * VEC));
+          }
         }
       }
-    }
 #pragma unroll
-    for (int u = 0; u < PACK_ITEMS; ++u) {
-      const int i = threadIdx.x + u * 256;
-      if (i < 8 * CHUNK * tt) {
-        const int nl = i / (CHUNK * tt), r = i % (CHUNK * tt);
-        const int c = W_KRSC ? r % CHUNK : r / tt, tl = W_KRSC ? r / CHUNK : r % tt;
-        s[(nl * CHUNK + c) * PACK_TT + tl] = v[u];
+      for (int u = 0; u < PACK_LOADS; ++u) {
+        const int i = threadIdx.x + u * 256;
+        if (i < 32 * tt)
+          *reinterpret_cast<uint4*>(s + (i / (4 * tt)) * PACK_ROW + (i % (4 * tt)) * VEC) = v[u];
+      }
+    } else {  // kcrs rows split by the taps: element by element
+      U v[PACK_LOADS];
+#pragma unroll
+      for (int u = 0; u < PACK_LOADS; ++u) {
+        const int i = threadIdx.x + u * 256;
+        const int nl = i / (CHUNK * tt), r = i % (CHUNK * tt), c = r / tt, tl = r % tt;
+        v[u] = 0;
+        if (i < 8 * CHUNK * tt && nl < kouts && cl0 + c < CG)
+          v[u] = __ldg(reinterpret_cast<const U*>(weight) + ((ko0 + nl) * CG + cl0 + c) * TAPS + t0 + tl);
+      }
+#pragma unroll
+      for (int u = 0; u < PACK_LOADS; ++u) {
+        const int i = threadIdx.x + u * 256;
+        if (i < 8 * CHUNK * tt) s[(i / (CHUNK * tt)) * PACK_ROW + i % (CHUNK * tt)] = v[u];
       }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < 8 * CHUNK * tt; i += 256) {
-      const int tl = i / (8 * CHUNK), r = i % (8 * CHUNK);
-      const int kc = r / (8 * VEC), q = r % (8 * VEC);
-      T v = s[((q / VEC) * CHUNK + deft_slot_channel(kc * VEC + q % VEC)) * PACK_TT + tl];
-      if constexpr (TF32) v = __uint_as_float(deft_tf32_bits(deft_widen(v)));
-      dst[((long long)chunk * TAPS + t0 + tl) * STAGE_ELEMS + kc * BN * VEC + q] = v;
+    // vector i: output channel i % 8, k column (i / 8) % 4, tap i / 32 of this pass
+    for (int i = threadIdx.x; i < 32 * tt; i += 256) {
+      const int nl = i % 8, kc = (i / 8) % 4, tl = i / 32;
+      const int c0 = deft_slot_channel(kc * VEC);
+      const U* row = s + nl * PACK_ROW + (W_KRSC ? tl * CHUNK + c0 : c0 * tt + tl);
+      U e[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        e[j] = row[W_KRSC ? deft_slot_channel(j) : deft_slot_channel(j) * tt];
+        if constexpr (TF32) e[j] = deft_tf32_bits(__uint_as_float(e[j]));
+      }
+      unsigned w[4];  // the vector's 32-bit words (two 16-bit elements, or one)
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        w[k] = sizeof(T) == 2 ? unsigned(e[2 * k % VEC]) | unsigned(e[(2 * k + 1) % VEC]) << 16
+                              : unsigned(e[k % VEC]);
+      *reinterpret_cast<uint4*>(dst + ((long long)chunk * TAPS + t0 + tl) * STAGE_ELEMS +
+                                kc * BN * VEC + nl * VEC) = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
 }
 
+#if !TRANSPOSE_PACK
 // The pack alone (nhwc layers; nchw ones run deft_transpose_pack): PACK_BLOCKS blocks of 256.
 extern "C" __global__ void __launch_bounds__(256)
     deft_pack_weight(const T* __restrict__ weight, T* __restrict__ packed) {
   deft_grid_begin();
   deft_pack_block(weight, packed, blockIdx.x);
 }
+#endif
 
 // One ring stage's weight: arms the stage's mbarrier with its byte count (one arrival) and
 // starts the bulk copy that completes on it.

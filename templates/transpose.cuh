@@ -21,12 +21,14 @@ __device__ __forceinline__ void deft_transpose_block(const T* __restrict__ src, 
                       [](T v) { return v; });
 }
 
+#if !TRANSPOSE_PACK  // (an nchw forward on wgmma runs deft_transpose_pack instead)
 extern "C" __global__ void __launch_bounds__(256)
     deft_transpose(const T* __restrict__ src, T* __restrict__ dst, long long rows,
                    long long cols) {
   deft_grid_begin();
   deft_transpose_block(src, dst, rows, cols, blockIdx.x, blockIdx.y, blockIdx.z);
 }
+#endif
 
 #if TRANSPOSE_PACK
 // The two pre-passes of an nchw forward on wgmma in one grid: blocks [0, TRANSPOSE_BLOCKS)
