@@ -361,12 +361,21 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   // tf32, both layouts): 64 rows; over 256 output channels a 512-wide tile (two consumers
   // share each sample: one gather per sample for k = 512) with one producer warpgroup, else
   // the group's width (128 or 256) with two. 64 or fewer: the register-A kernel below won.
+  // A layer with few output pixels narrows the tile (down to 128, two producers) while its grid
+  // has fewer than 64 blocks: the tuner's exhaustive runs (H200, fp16 nchw, session 20,
+  // docs/perf-notes.md) had 128-wide tiles 1.11-1.50x faster than the group-wide ones on
+  // ResNet-50's batch-8 stages 3 and 4 (25 and 7 row blocks: 44.6 -> 40.0 us, 101.3 -> 67.5),
+  // while at 98 row blocks (resnet_res4) the 256-wide tile stays 1.48x ahead of 128.
   if (kg > 64) {
     Variant v;
     v.algo = Algo::gemm_wgmma;
     v.tile_m = 64, v.tile_k = chunk, v.vec = 1;
     v.tile_n = kg > 256 ? 512 : kg > 128 ? 256 : 128;
-    v.producers = kg > 256 ? 1 : 2;
+    const int64_t row_blocks = (d.n * d.out_h() * d.out_w() + 63) / 64;
+    constexpr int64_t kFewBlocks = 64;
+    while (v.tile_n > 128 && row_blocks * ((kg + v.tile_n - 1) / v.tile_n) * d.groups < kFewBlocks)
+      v.tile_n /= 2;
+    v.producers = v.tile_n == 512 ? 1 : 2;
     v.threads = wgmma_threads(Pass::forward, v.tile_m, v.tile_n, v.producers);
     v.transpose = d.layout == Layout::nchw;
     if (runs(d, v)) return v;

@@ -430,8 +430,8 @@ TEST(Codegen, PlansNameTheAlignmentTheirVectorsNeed) {
   const std::string dense = "deform_conv2d n=2 c=64 h=12 w=12 k=64 r=3 s=3 pad=1 mask=1 dtype=f16 ";
   const std::string dw = "deform_conv2d n=2 c=64 h=12 w=12 k=64 groups=64 r=3 s=3 pad=1 mask=1 dtype=f16 ";
   const std::vector<std::pair<std::string, A>> cases = {
-      {dense + "layout=nhwc", {"", 16, 1, 1, 16}},           // wgmma, 16-byte stores
-      {dense + "layout=nchw", {"", 1, 1, 1, 16}},            // transposed input
+      {dense + "layout=nhwc", {"", 16, 16, 1, 16}},  // wgmma: 16-byte stores, the pack's loads
+      {dense + "layout=nchw", {"", 1, 16, 1, 16}},   // transposed input
       {dense + "layout=nhwc pass=backward_data", {"", 8, 16, 16, 1}},  // 4-channel epilogue
       {dense + "layout=nchw pass=backward_data", {"", 1, 1, 16, 1}},
       {dense + "layout=nhwc pass=backward_weight", {"", 16, 1, 16, 1}},
