@@ -10,6 +10,7 @@
 #         | decision (scripts/stats_decision.py: do the statistics change the tuner's pick?)
 #         | host (scripts/host_overhead.py: the Python op's host time per call)
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py) | proffwd (the same, forward only)
+#         | gintime (scripts/time_gin_local.py $GIN_ARGS) | tunebench (scripts/tune_bench.sh) | tunemodel (deft tune examples/resnet50_dcn.json, then deft_load_tuned)
 #         | tuneinspect (deft tune + deft inspect of TUNE_DESCS: every candidate's time or error)
 #         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | ncudw (ncu of the depthwise forward, dw512 fp16) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
@@ -172,6 +173,24 @@ for step in "$@"; do
         ncu -i "/tmp/ncu-bwd-$cs.ncu-rep" --page source --print-source sass --csv > "$LOGS/ncu-bwd-sass-$cs.csv" 2>&1
         grep -E "Duration|Throughput|Hit Rate|Registers Per|Stall|Warp Cycles Per Issued|Issue Slots|Eligible|No Eligible|Active Warps" "$LOGS/ncu-bwd-$cs.txt" | head -40
       done ;;
+    gintime)  # scripts/time_gin_local.py: GIN_ARGS (cases, --kernels, --flush, --sigmas=, --layouts=),
+      # GIN_TAG, GIN_PDL (DEFT_PDL for the run; default 0, as --kernels needs)
+      DEFT_PDL=${GIN_PDL:-0} timeout 300 python3 scripts/time_gin_local.py ${GIN_ARGS:-} > "$LOGS/time-gin-local${GIN_TAG:-}.log" 2>&1
+      stamp "time_gin_local ${GIN_ARGS:-} rc=$?"; grep "^|" "$LOGS/time-gin-local${GIN_TAG:-}.log" ;;
+    tunebench)  # issue 5: every fp16 forward layer of bench/shapes.json tuned (scripts/tune_bench.sh,
+      # L2 flushed, every candidate), the closing table: default, tuned, speedup, variant
+      timeout ${TUNEBENCH_TIMEOUT:-400} bash scripts/tune_bench.sh --db "$LOGS/tunebench.db" > "$LOGS/tune-bench.log" 2>&1
+      stamp "tune bench rc=$?"; tail -22 "$LOGS/tune-bench.log" ;;
+    tunemodel)  # issue 5: deft tune on the ResNet-50-DCN model file with a cold cache (<= 3 min),
+      # then a fresh process loads every layer from the database (<= 20 ms, no NVRTC)
+      rm -rf /tmp/deft-cache-model; t0m=$(date +%s)
+      DEFT_CACHE_DIR=/tmp/deft-cache-model timeout ${TUNEMODEL_TIMEOUT:-400} build/tools/deft tune examples/resnet50_dcn.json \
+        --db "$LOGS/resnet50.db" > "$LOGS/tune-resnet50-dcn.log" 2>&1; r=$?
+      echo "deft tune examples/resnet50_dcn.json: rc=$r, $(( $(date +%s) - t0m )) s wall (cold cache)" | tee -a "$LOGS/tune-resnet50-dcn.log"
+      tail -14 "$LOGS/tune-resnet50-dcn.log"
+      DEFT_CACHE_DIR=/tmp/deft-cache-model build/examples/deft_load_tuned examples/resnet50_dcn.json \
+        --db "$LOGS/resnet50.db" > "$LOGS/load-tuned-resnet50-dcn.log" 2>&1
+      stamp "load tuned rc=$?"; tail -12 "$LOGS/load-tuned-resnet50-dcn.log" ;;
     tuneinspect)  # deft tune, then deft inspect (every candidate's time or error), per layer:
       # TUNE_DESCS (descriptions separated by ';'), TUNE_SIGMA (default 2), TUNE_PASSES
       # (one pass; default: the description's own)

@@ -2,9 +2,12 @@
 """Times the depthwise grad-input pass (grad input, offset and mask) of the float-atomics
 default, gin=gather and gin=local at a few radii, for offsets of several spreads (medians of CUDA
 events over 50 calls after 5 warm-up calls): time_gin_local.py [--kernels] [CASE ...] (cases of
-bench/shapes.json or bench/dw_decision_shapes.json; default dw512 dw1024_16). --kernels: also
+bench/shapes.json or bench/dw_decision_shapes.json; default dw512 dw1024_16; --sigmas=0.5,2,8 and
+--layouts=nchw,nhwc by default). --kernels: also
 each variant's per-kernel times (torch.profiler, mean of 10 calls), one line per cell; run it with
-DEFT_PDL=0, or a kernel's time includes its wait for the one before it."""
+DEFT_PDL=0, or a kernel's time includes its wait for the one before it. --flush: the L2 flushed
+(a 256 MB buffer written) before every timed and profiled call, as `deft tune` times candidates;
+the flush's own kernel is left out of the per-kernel times."""
 from collections import defaultdict
 import os
 import statistics
@@ -21,7 +24,22 @@ for f in ("shapes.json", "dw_decision_shapes.json"):
     for c in bench.load_shapes(os.path.join(here, f))["cases"]:
         cases.setdefault(c["name"], c)
 kernels = "--kernels" in sys.argv[1:]
-names = [a for a in sys.argv[1:] if a != "--kernels"]
+flush = "--flush" in sys.argv[1:]
+opts = {"--sigmas": "0.5,2,8", "--layouts": "nchw,nhwc"}  # --sigmas=0.5,8 --layouts=nchw
+names = []
+for a in sys.argv[1:]:
+    if a.split("=")[0] in opts:
+        opts[a.split("=")[0]] = a.split("=", 1)[1]
+    elif a not in ("--kernels", "--flush"):
+        names.append(a)
+sigmas = [float(x) for x in opts["--sigmas"].split(",")]
+layouts = opts["--layouts"].split(",")
+l2 = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush else None
+
+
+def flush_l2():
+    if l2 is not None:
+        l2.zero_()
 lib = DeftLibrary("build/libdeft.so")
 # nchw layers read the transposed input (and grad_out), as their default does
 base = "algo=depthwise tm=8 tn=1 tk=1 threads=256 vec=1 staging=gather halo={} transpose={}"
@@ -35,8 +53,8 @@ print("| case | layout | σ | " + " | ".join(n for n, _ in variants("nhwc")) + "
 breakdown = []
 for name in names or ["dw512", "dw1024_16"]:
     c = cases[name]
-    for layout in ("nchw", "nhwc"):
-        for sigma in (0.5, 2.0, 8.0):
+    for layout in layouts:
+        for sigma in sigmas:
             x, w, off, m, gout = bench.backward_inputs(c, torch.half, sigma=sigma)
             if layout == "nhwc":
                 x, off, m, gout = (t.permute(0, 2, 3, 1).contiguous() for t in (x, off, m, gout))
@@ -56,6 +74,7 @@ for name in names or ["dw512", "dw1024_16"]:
                     call()
                 ts = []
                 for _ in range(50):
+                    flush_l2()
                     a, b = torch.cuda.Event(True), torch.cuda.Event(True)
                     a.record(); call(); b.record(); b.synchronize()
                     ts.append(a.elapsed_time(b) * 1000)
@@ -68,11 +87,13 @@ for name in names or ["dw512", "dw1024_16"]:
                     with torch.profiler.profile(
                             activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                         for _ in range(10):
+                            flush_l2()
                             call()
                         torch.cuda.synchronize()
                     tot = defaultdict(float)
                     for e in prof.events():
-                        if e.device_type == torch.autograd.DeviceType.CUDA:
+                        if e.device_type == torch.autograd.DeviceType.CUDA and \
+                                not (flush and "FillFunctor" in e.name):
                             tot[e.name] += e.device_time / 10
                     breakdown.append(f"{name} {layout} σ={sigma} {vname}: " + ", ".join(
                         f"{k} {v:.1f}" for k, v in sorted(tot.items(), key=lambda kv: -kv[1])))
