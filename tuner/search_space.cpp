@@ -144,7 +144,10 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
   }
   if (def.algo == Algo::gemm_wgmma) {
     // sm_90: every wgmma tile of the register-A kernel, the warp-specialised tiles (producer
-    // warpgroups), then the portable tensor-core space below.
+    // warpgroups), then, for tf32, the portable tensor-core space below. f16/bf16 leave the
+    // WMMA tiles out: in 13 exhaustive fp16 runs on the H200 (session 20, docs/perf-notes.md)
+    // the best of their 17 (nhwc) or 34 (nchw) tiles was 1.20-3.46x slower than the best
+    // wgmma tile, and they were 2/3 of the candidates and of the tuning time.
     for (int tm : {64, 128})
       for (int tn : {64, 128, 256}) {
         Variant v = def;
@@ -168,6 +171,7 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
           v.staging = Staging::window, v.halo = halo;
           add(v);
         }
+    if (d.dtype != DType::f32) return out;
   }
   if (def.algo == Algo::depthwise) {
     const int vmax = 16 / dtype_size(d.dtype);
