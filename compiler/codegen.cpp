@@ -301,8 +301,9 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("MAX_BATCH", 65536 / (int(p.block) * p.min_blocks) >= 128 ? 8 : 4);
     }
     line(fmt::format("#define WINDOW {}", p.window ? 1 : 0));
-    // nchw: the input's transpose and the weight's pack run as one pre-pass grid
-    line(fmt::format("#define TRANSPOSE_PACK {}", p.transpose ? 1 : 0));
+    // nchw: the input's transpose and the weight's pack run as one pre-pass grid (the runtime
+    // launches it where the plan counts its transpose blocks)
+    line(fmt::format("#define TRANSPOSE_PACK {}", p.transpose_blocks > 0 ? 1 : 0));
     if (p.window) {
       c32("HALO", v.halo);
       c32("WROWS", p.wrows);
@@ -310,7 +311,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     }
     // the pre-passes' grids as the runtime launches them (the templates check their formulas)
     c64("PACK_BLOCKS", p.pack_blocks);
-    if (p.transpose) c64("TRANSPOSE_BLOCKS", p.transpose_blocks);
+    if (p.transpose_blocks > 0) c64("TRANSPOSE_BLOCKS", p.transpose_blocks);
   } else if (v.algo == Algo::depthwise) {
     c32("THREADS", v.threads);
     c32("VEC", p.vec);

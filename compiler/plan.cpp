@@ -1123,9 +1123,8 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   const bool depthwise_vec = v.algo == Algo::depthwise && p.x_nhwc && p.vec > 1 &&
                              (p.vec * dtype_size(d.dtype)) % 16 == 0;
   if (!p.transpose && (p.vec_a || p.wgmma || depthwise_vec)) p.align_input = 16;
-  if (!p.transpose && !p.wgmma && p.vec_b) p.align_weight = 16;
-  // the forward wgmma's weight pack reads the weight (either layout) in 16-byte vectors
-  if (p.wgmma && d.pass == Pass::forward) p.align_weight = 16;
+  // (the wgmma forward's weight pack reads the weight in 16-byte vectors in either layout)
+  if (p.wgmma || (!p.transpose && p.vec_b)) p.align_weight = 16;
   if (p.wgmma) p.align_output = p.out_store;
   if (depthwise_vec && d.pass == Pass::forward && d.h >= 2 && d.w >= 2) {
     // the block's weights staged in shared memory as [tap][channel] (16 KiB at most)

@@ -171,7 +171,7 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
           v.staging = Staging::window, v.halo = halo;
           add(v);
         }
-    if (d.dtype != DType::f32) return out;
+    if (d.dtype == DType::f16 || d.dtype == DType::bf16) return out;
   }
   if (def.algo == Algo::depthwise) {
     const int vmax = 16 / dtype_size(d.dtype);
