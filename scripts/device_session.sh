@@ -12,6 +12,7 @@
 #         | graphs (the training example with --graphs) | profbwd (scripts/profile_bwd.py) | proffwd (the same, forward only)
 #         | gintime (scripts/time_gin_local.py $GIN_ARGS) | tunebench (scripts/tune_bench.sh) | tunemodel (deft tune examples/resnet50_dcn.json, then deft_load_tuned)
 #         | tuneinspect (deft tune + deft inspect of TUNE_DESCS: every candidate's time or error)
+#         | tbench (scripts/transpose_bench.cu: transpose tiles against a copy)
 #         | sass (SASS_DESC/SASS_VARIANT's SASS as the device compiles it) | ncubwd (ncu of one backward kernel, NCU_PASS weight or data) | ncudw (ncu of the depthwise forward, dw512 fp16) | sweepbwd (grad-weight wgmma tiles, scripts/sweep_bwd.py --family $SWEEP_FAMILY:
 #           wgmma, or ws for the warp-specialised ones)
 #   Environment: BWD_DTYPES, BWD_CASES, BWD_DATA_VARIANT, BWD_LAYOUTS (bwd: bench_backward.py's --dtypes,
@@ -210,6 +211,10 @@ for step in "$@"; do
         ${SASS_VARIANT:+--variant "$SASS_VARIANT"} --no-cache --emit sass > "$LOGS/sass.txt" 2>&1
       stamp "sass rc=$? lines=$(wc -l < "$LOGS/sass.txt") md5=$(md5sum < "$LOGS/sass.txt" | cut -c1-12)"
       ls -l /usr/local/cuda/lib64/libnvrtc.so* 2>/dev/null | head -3 ;;
+    tbench)  # scripts/transpose_bench.cu: the nchw -> nhwc transpose's tile shapes against a copy
+      nvcc -O3 -arch=sm_90 -std=c++17 scripts/transpose_bench.cu -o /tmp/transpose_bench > "$LOGS/transpose-bench.log" 2>&1 \
+        && timeout 120 /tmp/transpose_bench >> "$LOGS/transpose-bench.log" 2>&1
+      stamp "transpose bench rc=$?"; cat "$LOGS/transpose-bench.log" ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
   pack

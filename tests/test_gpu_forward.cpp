@@ -230,6 +230,10 @@ std::vector<GpuCase> fixed_cases() {
   v.push_back({"depthwise_vec_f16_nhwc", d, 2.0, 14});
   v.push_back({"depthwise_vec_f32_nhwc_og2", desc(2, 128, 11, 5, 128, 3, 1, 128, 2, DType::f32, Layout::nhwc), 8.0, 15});
   v.push_back({"depthwise_vec_f16_nchw_og2", desc(2, 128, 7, 9, 128, 5, 2, 128, 2, DType::f16, Layout::nchw), 2.0, 16});
+  // Offset groups of 32 channels, narrower than a block's 64: no points table (each thread
+  // computes its own points), in both layouts.
+  v.push_back({"depthwise_vec_f16_nhwc_og4", desc(2, 128, 8, 10, 128, 3, 1, 128, 4, DType::f16, Layout::nhwc), 2.0, 22});
+  v.push_back({"depthwise_vec_f16_nchw_og4", desc(2, 128, 8, 10, 128, 3, 1, 128, 4, DType::f16, Layout::nchw), 2.0, 23});
   // Narrow images: one column (no 2 x 2 corner block: the per-channel path) and two columns
   // and rows (the block clamped at every point), with offsets that leave the image.
   v.push_back({"depthwise_vec_f16_nhwc_w1", desc(2, 64, 9, 1, 64, 3, 1, 64, 1, DType::f16, Layout::nhwc), 2.0, 20});
@@ -341,9 +345,12 @@ TEST(GpuForwardEdge, NonFiniteAndHugeOffsetsSampleZero) {
     }
   // Depthwise with 16-byte vectors (nhwc, and nchw through the transpose): the clamped corner
   // block of deform_conv_depthwise.cuh gives a point outside the image (NaN, huge) weight zero.
+  // One offset group: the points table (deft_dw_point once a point, in shared memory); two
+  // (16 channels each, a block's 32 in two groups): each thread's own points.
+  for (int og : {1, 2})
   for (DType dt : {DType::f32, DType::f16})
     for (Layout layout : {Layout::nchw, Layout::nhwc}) {
-      LayerDesc d = desc(2, 32, 9, 12, 32, 3, 1, 32, 2, dt, layout);
+      LayerDesc d = desc(2, 32, 9, 12, 32, 3, 1, 32, og, dt, layout);
       d.bias = true;
       HostTensors t = random_tensors(d, 2.0, ++seed);
       poison_offsets(t.offset, seed);
