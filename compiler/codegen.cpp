@@ -319,7 +319,6 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("PIX_PER_BLOCK", p.pix_per_block);
     c32("W_VEC", p.dw_wvec ? 1 : 0);    // the block's weights staged in shared memory
     c32("OUT_VEC", p.dw_out_vec ? 1 : 0);  // nhwc output in 16-byte stores
-    c32("DW_TABLE", p.dw_table ? 1 : 0);   // the block's sampling points in shared memory
   } else {
   c32("BM", v.tile_m);
   c32("BN", v.tile_n);

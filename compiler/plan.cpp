@@ -1131,13 +1131,6 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     p.dw_wvec = int64_t(d.taps()) * v.tile_n * dtype_size(d.dtype) <= 16384;
     p.dw_out_vec = d.layout == Layout::nhwc;
     if (p.dw_out_vec) p.align_output = 16;
-    // the points table: one entry a (pixel, tap) of the block, the block's channels in one
-    // offset group, the entries' pixel indices (n H W) in 32 bits
-    // (an entry: a 32-bit pixel index and four weights, half2 for f16, else the accumulator's)
-    const int64_t entry = 4 + (d.dtype == DType::f16 ? 4 * 4 : d.dtype == DType::f64 ? 4 * 8 : 4 * 4);
-    p.dw_table = d.c_per_offset_group() % v.tile_n == 0 &&
-                 d.n * d.h * d.w < (int64_t{1} << 31) &&
-                 int64_t(p.pix_per_block) * d.taps() * entry <= 24576;
   }
   p.wide_offsets = d.h * d.w * (d.layout == Layout::nhwc ? d.c : 1) >= (int64_t{1} << 31);
   return p;

@@ -23,9 +23,6 @@ struct KernelPlan {
   // depthwise forward, 16-byte channel vectors: the block's weights staged in shared memory as
   // [tap][channel] (read as 16-byte vectors), and an nhwc output stored in 16-byte vectors
   bool dw_wvec = false, dw_out_vec = false;
-  // ... and each sampling point of the block (pixel, tap) computed once into a shared-memory
-  // table that the block's threads of that pixel read (the block lies in one offset group)
-  bool dw_table = false;
   bool x_nhwc = false;            // the kernel reads the input channels-last
   bool w_krsc = false;            // ... and the weight as [k][r][s][c/groups]
   bool transpose = false;         // a transpose pre-pass makes them so from nchw tensors

@@ -31,10 +31,9 @@ static_assert(!OUT_VEC || (VEC_PATH && NHWC), "output vectors");
 // takes the weight of the corner it is, zero where it is none: a corner outside the image,
 // like a point outside it (or at a NaN position), reads some pixel of the image with weight
 // zero, as deft_point_from's corners do.
-// The 2 x 2 block's pixel (yb W + xb within the image) and weights of the point of
-// (ho, wo), tap t, for deft_dw_load's four loads.
-__device__ __forceinline__ int deft_dw_point(const PointInput& in, int ho, int wo, int t,
-                                             Acc (&w)[4]) {
+__device__ __forceinline__ void deft_dw_corners(const T* __restrict__ base, const PointInput& in,
+                                                int ho, int wo, int t, Acc (&w)[4],
+                                                DeftCornerVec<VEC> (&x)[4]) {
   // (VEC_PATH: H, W >= 2, so the 2 x 2 block fits)
   const int i = t / S, j = t % S;
   const Pos y = Pos(ho * SH - PH + i * DH) + in.dy;
@@ -58,95 +57,14 @@ __device__ __forceinline__ int deft_dw_point(const PointInput& in, int ho, int w
   w[1] = wy0 * wx1 * mod;
   w[2] = wy1 * wx0 * mod;
   w[3] = wy1 * wx1 * mod;
-  return yb * W + xb;
-}
-
-// The four 16-byte corner loads (VEC channels each) of the 2 x 2 block that starts at b0.
-__device__ __forceinline__ void deft_dw_load(const T* __restrict__ b0, DeftCornerVec<VEC> (&x)[4]) {
   constexpr long long DQ[4] = {0, C, (long long)W * C, (long long)(W + 1) * C};
+  const T* b0 = base + ((long long)yb * W + xb) * C;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const uint4* src = reinterpret_cast<const uint4*>(b0 + DQ[q]);
 #pragma unroll
     for (int u = 0; u < DeftCornerVec<VEC>::CHUNKS; ++u) x[q].u[u] = __ldg(src + u);
   }
-}
-
-// The vector path's sampling point of (ho, wo), tap t: four 16-byte loads (VEC channels from
-// base, the image plus the thread's first channel) at fixed distances from one address, and
-// their weights. The loaded 2 x 2 block starts at the point's top-left corner clamped into
-// the image (so every load is in bounds, with no predicate), and each loaded row and column
-// takes the weight of the corner it is, zero where it is none: a corner outside the image,
-// like a point outside it (or at a NaN position), reads some pixel of the image with weight
-// zero, as deft_point_from's corners do.
-__device__ __forceinline__ void deft_dw_corners(const T* __restrict__ base, const PointInput& in,
-                                                int ho, int wo, int t, Acc (&w)[4],
-                                                DeftCornerVec<VEC> (&x)[4]) {
-  deft_dw_load(base + (long long)deft_dw_point(in, ho, wo, t, w) * C, x);
-}
-
-// A point's four weights as deft_dw_combine reads them: four half2 for HALF2_COMBINE (each
-// weight in both halves), else four Acc
-#if HALF2_COMBINE
-struct __align__(16) DwWeights { __half2 w[4]; };
-__device__ __forceinline__ DwWeights deft_dw_weights(const Acc (&w)[4]) {
-  DwWeights r;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) r.w[q] = __float2half2_rn(w[q]);
-  return r;
-}
-// DW_TABLE's entry, 16 bytes (one shared load): the 2 x 2 block's pixel index and the four
-// weights as two half2, (w0, w1) and (w2, w3)
-struct __align__(16) DwEntry { int pix; __half2 w01, w23; int pad; };
-__device__ __forceinline__ DwEntry deft_dw_entry(int pix, const Acc (&w)[4]) {
-  return DwEntry{pix, __floats2half2_rn(w[0], w[1]), __floats2half2_rn(w[2], w[3]), 0};
-}
-__device__ __forceinline__ DwWeights deft_dw_entry_weights(const DwEntry& e) {
-  return DwWeights{{__low2half2(e.w01), __high2half2(e.w01), __low2half2(e.w23), __high2half2(e.w23)}};
-}
-#else
-struct __align__(16) DwWeights { Acc w[4]; };
-__device__ __forceinline__ DwWeights deft_dw_weights(const Acc (&w)[4]) {
-  DwWeights r;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) r.w[q] = w[q];
-  return r;
-}
-// DW_TABLE's entry: the 2 x 2 block's pixel index and the four weights
-struct DwEntry { int pix; DwWeights w; };
-__device__ __forceinline__ DwEntry deft_dw_entry(int pix, const Acc (&w)[4]) {
-  return DwEntry{pix, deft_dw_weights(w)};
-}
-__device__ __forceinline__ const DwWeights& deft_dw_entry_weights(const DwEntry& e) { return e.w; }
-#endif
-
-// VEC channels of one sample: the four corners x weighted by w (f16: packed half2 arithmetic)
-__device__ __forceinline__ void deft_dw_combine(const DeftCornerVec<VEC> (&x)[4], const DwWeights& w,
-                                                Acc (&s)[VEC]) {
-#if HALF2_COMBINE
-  __half2 s2[VEC / 2 > 0 ? VEC / 2 : 1];
-#pragma unroll
-  for (int e = 0; e < VEC / 2; ++e) s2[e] = __float2half2_rn(0.f);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const __half2* x2 = reinterpret_cast<const __half2*>(x[q].u);
-#pragma unroll
-    for (int e = 0; e < VEC / 2; ++e) s2[e] = __hfma2(w.w[q], x2[e], s2[e]);
-  }
-#pragma unroll
-  for (int e = 0; e < VEC / 2; ++e) {
-    const float2 f = __half22float2(s2[e]);
-    s[2 * e] = f.x;
-    s[2 * e + 1] = f.y;
-  }
-#else
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) s[e] = Acc(0);
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) s[e] += w.w[q] * Acc(deft_widen(x[q].t[e]));
-#endif
 }
 
 // 16-byte vectors of 16-bit elements or f32: at most 64 registers (four 256-thread blocks an
@@ -168,33 +86,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
       const int cc = i % CH_PER_BLOCK, tt = i / CH_PER_BLOCK;
       wsm[tt][cc] = c0 + cc < C ? weight[(long long)(c0 + cc) * (R * S) + tt] : deft_from<T>(0.f);
     }
+    __syncthreads();
   }
-  // DW_TABLE: the block's sampling points, [pixel][tap], each computed by one thread: the
-  // pixel index (n H W + yb W + xb) of its 2 x 2 block and its four weights. Threads take the
-  // entries in the order of the offsets in memory (nhwc: a pixel's taps are contiguous; nchw:
-  // a tap's pixels), so that the offset and mask loads coalesce.
-  __shared__ DwEntry table[DW_TABLE ? PIX_PER_BLOCK * R * S : 1];
-  if constexpr (DW_TABLE) {
-    static_assert(VEC_PATH && CPOG % CH_PER_BLOCK == 0, "the table: one offset group a block");
-    const int og = int(blockIdx.y) * CH_PER_BLOCK / CPOG;
-    const long long m0 = (long long)blockIdx.x * PIX_PER_BLOCK;
-    for (int i = tid; i < PIX_PER_BLOCK * R * S; i += THREADS) {
-      const int pl = NHWC ? i / (R * S) : i % PIX_PER_BLOCK;
-      const int t = NHWC ? i % (R * S) : i / PIX_PER_BLOCK;
-      const long long mm = m0 + pl;
-      Acc w[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
-      int pix = 0;
-      if (mm < M_TOTAL) {
-        const long long nn = mm / (HO * WO);
-        const int r = int(mm - nn * (HO * WO));
-        const int ho = r / WO, wo = r % WO;
-        pix = int(nn) * (H * W) +
-              deft_dw_point(deft_point_input(offset, mask, nn, ho, wo, t, og), ho, wo, t, w);
-      }
-      table[pl * (R * S) + t] = deft_dw_entry(pix, w);
-    }
-  }
-  if constexpr (W_VEC || DW_TABLE) __syncthreads();
   const int c_base = blockIdx.y * CH_PER_BLOCK + (tid % TPC) * VEC;
   const long long m = (long long)blockIdx.x * PIX_PER_BLOCK + tid / TPC;
   if (m >= M_TOTAL || c_base >= C) return;
@@ -209,52 +102,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = Acc(0);
 
-  if constexpr (DW_TABLE) {
-    // the points from the table, the thread's VEC channels of each
-    const int pl = tid / TPC;
-    const T* xc = input + c_base;
-#pragma unroll
-    for (int tap = 0; tap < R * S; ++tap) {
-      const DwEntry ent = table[pl * (R * S) + tap];
-      DeftCornerVec<VEC> x[4];
-      deft_dw_load(xc + (long long)ent.pix * C, x);
-      DeftCornerVec<VEC> wq;  // the thread's VEC weights of the tap
-      if constexpr (W_VEC) {
-        const uint4* wsrc = reinterpret_cast<const uint4*>(&wsm[tap][(tid % TPC) * VEC]);
-#pragma unroll
-        for (int u = 0; u < DeftCornerVec<VEC>::CHUNKS; ++u) wq.u[u] = wsrc[u];
-      } else {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) wq.t[e] = weight[(long long)(c_base + e) * (R * S) + tap];
-      }
-#if HALF2_COMBINE
-      // f16: the sample's channels times their weights in half2 (one rounding), then
-      // accumulated over the taps in f32
-      __half2 s2[VEC / 2];
-#pragma unroll
-      for (int e = 0; e < VEC / 2; ++e) s2[e] = __float2half2_rn(0.f);
-      const DwWeights w4 = deft_dw_entry_weights(ent);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const __half2* x2 = reinterpret_cast<const __half2*>(x[q].u);
-#pragma unroll
-        for (int e = 0; e < VEC / 2; ++e) s2[e] = __hfma2(w4.w[q], x2[e], s2[e]);
-      }
-      const __half2* w2 = reinterpret_cast<const __half2*>(wq.u);
-#pragma unroll
-      for (int e = 0; e < VEC / 2; ++e) {
-        const float2 f = __half22float2(__hmul2(w2[e], s2[e]));
-        acc[2 * e] += f.x;
-        acc[2 * e + 1] += f.y;
-      }
-#else
-      Acc sv[VEC];
-      deft_dw_combine(x, deft_dw_entry_weights(ent), sv);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[e] += Acc(deft_widen(wq.t[e])) * sv[e];
-#endif
-    }
-  } else {
   // Taps go in batches: a batch's offsets and masks are read up front (independent loads in
   // flight together), then its corner loads overlap as the batch loop is unrolled.
   constexpr int TAP_BATCH = R * S < 9 ? R * S : 9;
@@ -276,14 +123,32 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
       SamplePoint p;  // (its weights; the corners are read here)
       deft_dw_corners(image + c_base, pin[b], ho, wo, tap, p.w, x);
       Acc s[VEC];
-      DwWeights w4;
 #if HALF2_COMBINE
-      w4 = deft_dw_weights(p.w);
+      // f16: corners combined in packed half2 arithmetic, taps accumulated in f32.
+      __half2 s2[VEC / 2 > 0 ? VEC / 2 : 1];  // (VEC = 1 never reaches this branch, but the array must exist)
+#pragma unroll
+      for (int e = 0; e < VEC / 2; ++e) s2[e] = __float2half2_rn(0.f);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const __half2 w2 = __float2half2_rn(p.w[q]);
+        const __half2* x2 = reinterpret_cast<const __half2*>(x[q].u);
+#pragma unroll
+        for (int e = 0; e < VEC / 2; ++e) s2[e] = __hfma2(w2, x2[e], s2[e]);
+      }
+#pragma unroll
+      for (int e = 0; e < VEC / 2; ++e) {
+        const float2 f = __half22float2(s2[e]);
+        s[2 * e] = f.x;
+        s[2 * e + 1] = f.y;
+      }
 #else
 #pragma unroll
-      for (int q = 0; q < 4; ++q) w4.w[q] = p.w[q];
+      for (int e = 0; e < VEC; ++e) s[e] = Acc(0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s[e] += p.w[q] * Acc(deft_widen(x[q].t[e]));
 #endif
-      deft_dw_combine(x, w4, s);
       DeftCornerVec<VEC> wq;  // W_VEC: the thread's VEC weights of the tap
       if constexpr (W_VEC) {
         const uint4* wsrc = reinterpret_cast<const uint4*>(&wsm[tap][(tid % TPC) * VEC]);
@@ -307,7 +172,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
   }
 
   }  // tap batches
-  }  // !DW_TABLE
 
   if constexpr (OUT_VEC) {  // nhwc: the VEC channels are contiguous
     DeftCornerVec<VEC> o;

@@ -322,13 +322,11 @@ TEST(Codegen, DepthwiseForwardVectorPath) {
   const std::string base = "deform_conv2d n=2 c=64 k=64 groups=64 r=3 s=3 pad=1 mask=1 dtype=f16 ";
   struct Want {
     std::string desc;
-    bool wvec, out_vec, table;
+    bool wvec, out_vec;
   };
-  // the points table needs the block's 64 channels in one offset group: not with 4 groups of 16
-  for (const Want& w : {Want{base + "h=9 w=11 layout=nhwc", true, true, true},
-                        Want{base + "h=9 w=11 layout=nchw", true, false, true},
-                        Want{base + "h=9 w=11 offset_groups=4 layout=nhwc", true, true, false},
-                        Want{base + "h=9 w=1 layout=nhwc", false, false, false}}) {
+  for (const Want& w : {Want{base + "h=9 w=11 layout=nhwc", true, true},
+                        Want{base + "h=9 w=11 layout=nchw", true, false},
+                        Want{base + "h=9 w=1 layout=nhwc", false, false}}) {
     SCOPED_TRACE(w.desc);
     const deft::LayerDesc d = deft::parse_layer_desc(w.desc);
     const deft::Variant v = deft::default_variant(d);
@@ -336,9 +334,7 @@ TEST(Codegen, DepthwiseForwardVectorPath) {
     const deft::KernelPlan p = deft::make_plan(d, v);
     EXPECT_EQ(p.dw_wvec, w.wvec);
     EXPECT_EQ(p.dw_out_vec, w.out_vec);
-    EXPECT_EQ(p.dw_table, w.table);
     const std::string src = deft::generate_source(d, v);
-    EXPECT_NE(src.find(fmt::format("constexpr int DW_TABLE = {};", w.table ? 1 : 0)), std::string::npos);
     EXPECT_NE(src.find(fmt::format("constexpr int W_VEC = {};", w.wvec ? 1 : 0)), std::string::npos);
     EXPECT_NE(src.find(fmt::format("constexpr int OUT_VEC = {};", w.out_vec ? 1 : 0)), std::string::npos);
   }
@@ -353,13 +349,10 @@ TEST(Codegen, DepthwiseForwardVectorPath) {
     return n;
   };
   EXPECT_EQ(count("ld.global.nc.v4.u32"), 36u) << "four corner vectors a tap";
-  // The points table's offsets and masks (three loads an entry, in a loop) and the block's
-  // weight staging: before round 15 each thread also read its 72 weights with scalar loads,
-  // before round 19 its 27 offsets and masks
-  EXPECT_LT(count("ld.global.nc.u16"), 27u);
-  // a tap's weights and its table entry (pixel index and the four corner weights), one
-  // 16-byte shared load each
-  EXPECT_EQ(count("ld.shared.v4.u32"), 18u) << "a tap's weights and point from shared memory";
+  // 27 offsets and masks, and the block's weight staging (a few loads a thread): before round
+  // 15 each thread also read its 72 weights with scalar loads
+  EXPECT_LT(count("ld.global.nc.u16"), 27u + 9u);
+  EXPECT_EQ(count("ld.shared.v4.u32"), 9u) << "a tap's weights from shared memory";
   // The eight outputs: NVVM splits the 16-byte store of the union into four 4-byte stores
   // (noticed after the last device call; an explicit uint4 would give one)
   EXPECT_EQ(count("st.global.v2.u16"), 4u);
