@@ -11,10 +11,12 @@
 #include <map>
 #include <mutex>
 #include <regex>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -386,8 +388,9 @@ bool pdl_excluded(const char* what) {
   return false;
 }
 void launch(const KernelImpl& owner, CUkernel f, std::array<unsigned, 3> grid, unsigned block,
-            unsigned smem, CUstream stream, void** params, const char* what) {
-  if (pdl_excluded(what)) {
+            unsigned smem, CUstream stream, void** params, const char* what,
+            bool programmatic = true) {
+  if (!programmatic || pdl_excluded(what)) {
     const unsigned g[3] = {grid[0], grid[1], grid[2]};
     driver::check(driver::launch_kernel(reinterpret_cast<CUfunction>(f), g, block, smem, stream,
                                         params, false),
@@ -676,12 +679,17 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     if (p.gin_mode == 5 && a.grad_input) {
       // the local gather stores the near points' sums (every element); the data kernel then
       // reduces the far points' onto them
+      // Launched plainly, not as a programmatic dependent launch: after the nchw transposes,
+      // the early-launched grid (large dynamic shared memory) cost ~80 us a call (dw1024_16
+      // nchw fp16, sigma 0.5: 283 against 204 us; perf notes session 21), while PDL on the
+      // other kernels of the chain made no difference.
       void* lparams[] = {&offset, &mask, &gout_k, &weight, &gin};
       launch(*k, k->lgather,
              {unsigned(p.lg.tiles_y * p.lg.tiles_x),
               unsigned(d.offset_groups * ((p.lg.slices + p.lg.per_block - 1) / p.lg.per_block)),
               unsigned(d.n)},
-             256, unsigned(p.lg.smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)");
+             256, unsigned(p.lg.smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)",
+             /*programmatic=*/false);
     }
     if ((p.gin_mode == 3 || p.gin_mode == 4) && gin) {
       const GatherLayout g = gather_layout(d, p);
