@@ -458,6 +458,41 @@ int64_t plan_bwd_data_dw_window(const LayerDesc& d, const Variant& v, KernelPlan
   return d.n * int64_t(p.tiles_y) * p.tiles_x;
 }
 
+// Depthwise forward with staging=window (templates/deform_conv_depthwise.cuh, DW_WINDOW): a
+// block owns tm = 8 x (tm / 8) output pixels of one image (tile_w = 8) and tn channels, stages
+// the input window of the tile's corners at zero offset, widened by the halo, in shared memory
+// ([pixel][tn channels], cp.async), and reads a point's 2 x 2 block from there when it lies
+// inside, else from global memory; the threads take the tile's pixels in passes of
+// threads / (tn / vec). Returns the grid's x extent (images x tiles).
+int64_t plan_fwd_dw_window(const LayerDesc& d, const Variant& v, KernelPlan& p) {
+  const bool vec_path = p.x_nhwc && v.vec > 1 && (v.vec * dtype_size(d.dtype)) % 16 == 0 &&
+                        d.h >= 2 && d.w >= 2;
+  if (!vec_path)
+    bad("staging", "staging=window (depthwise forward) needs the 16-byte vector path: channels-"
+                   "last input (nhwc, or transpose=1), vec x the element size = 16 bytes, an "
+                   "image of at least 2 x 2");
+  if (v.tile_m != 32 && v.tile_m != 64)
+    bad("tm", fmt::format("tm={} must be 32 or 64 with staging=window (a tile of 4 or 8 rows of "
+                          "8 output pixels)", v.tile_m));
+  if (v.halo < 0 || v.halo > 8) bad("halo", fmt::format("halo={} must be in [0, 8]", v.halo));
+  p.dw_window = true;
+  p.tile_w = 8;
+  p.tile_h = v.tile_m / 8;
+  p.tiles_x = int(ceil_div(d.out_w(), p.tile_w));
+  p.tiles_y = int(ceil_div(d.out_h(), p.tile_h));
+  p.halo = v.halo;
+  p.win_rows = int((p.tile_h - 1) * d.stride_h + (d.r - 1) * d.dil_h + 2 + 2 * v.halo);
+  p.win_cols = int((p.tile_w - 1) * d.stride_w + (d.s - 1) * d.dil_w + 2 + 2 * v.halo);
+  const int64_t bytes =
+      int64_t(dtype_size(d.dtype)) * v.tile_n * (int64_t(p.win_rows) * p.win_cols + d.taps());
+  if (bytes > 200 * 1024)
+    bad("halo", fmt::format("the input window ({} x {} pixels x {} channels) and the block's "
+                            "weights need {} bytes of shared memory (max 204800)",
+                            p.win_rows, p.win_cols, v.tile_n, bytes));
+  p.smem_bytes = int(bytes);
+  return d.n * int64_t(p.tiles_y) * p.tiles_x;
+}
+
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
   const bool dww = v.algo == Algo::depthwise && d.pass == Pass::backward_weight;
@@ -796,9 +831,10 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     bad("det", "det=1 applies to the backward passes only");
   if (v.threads < 32 || v.threads > 1024 || v.threads % 32 != 0)
     bad("threads", fmt::format("threads={} must be a multiple of 32 in [32, 1024]", v.threads));
-  if (v.staging != Staging::gather && v.algo != Algo::gemm_wgmma)
-    throw NotImplemented(fmt::format("not implemented: staging=window has a kernel for "
-                                     "algo=gemm_wgmma only, not algo={}", to_string(v.algo)));
+  if (v.staging != Staging::gather && v.algo != Algo::gemm_wgmma && v.algo != Algo::depthwise)
+    throw NotImplemented(fmt::format("not implemented: staging=window has a forward kernel for "
+                                     "algo=gemm_wgmma and algo=depthwise only, not algo={}",
+                                     to_string(v.algo)));
   p.block = v.threads;
   p.x_nhwc = p.w_krsc = d.layout == Layout::nhwc;
   if (v.transpose) {
@@ -1103,7 +1139,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       const int tpc = v.tile_n / vec;
       if (v.threads % tpc != 0)
         bad("tn", fmt::format("threads={} must be a multiple of tn/vec={}", v.threads, tpc));
-      if (v.tile_m != v.threads / tpc)
+      if (v.staging == Staging::gather && v.tile_m != v.threads / tpc)
         bad("tm", fmt::format("tm={} must equal the pixels per block, threads*vec/tn={}",
                               v.tile_m, v.threads / tpc));
       p.vec = vec;
@@ -1111,7 +1147,9 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
       p.pix_per_block = v.threads / tpc;
       p.t_size = tsize;
       const int64_t m_total = d.n * d.out_h() * d.out_w();
-      const int64_t gx = ceil_div(m_total, p.pix_per_block), gy = ceil_div(d.c, v.tile_n);
+      int64_t gx = ceil_div(m_total, p.pix_per_block);
+      const int64_t gy = ceil_div(d.c, v.tile_n);
+      if (v.staging == Staging::window) gx = plan_fwd_dw_window(d, v, p);
       if (gx > 2147483647 || gy > 65535)
         bad("n", fmt::format("the launch grid {}x{} is too large", gx, gy));
       p.grid = {unsigned(gx), unsigned(gy), 1};

@@ -359,6 +359,55 @@ TEST(GpuForwardEdge, NonFiniteAndHugeOffsetsSampleZero) {
     }
 }
 
+// The depthwise forward with staging=window (the tile's input window in shared memory, points
+// outside it from global memory): small and large offsets (the window serves most points, or
+// few), partial tiles, both tile heights, halo 0 to 4, stride 2, dilation 2, a 5 x 5 kernel,
+// offset groups, bias + activation, both layouts (nchw through the transpose), three dtypes,
+// and NaN / huge offsets.
+TEST(GpuForwardDwWindow, MatchesReference) {
+  DEFT_SKIP_WITHOUT_GPU();
+  struct Case {
+    LayerDesc d;
+    int tm, halo;
+    double sigma;
+    bool poison;
+  };
+  std::vector<Case> cases;
+  for (DType dt : {DType::f16, DType::f32, DType::bf16})
+    for (Layout layout : {Layout::nhwc, Layout::nchw}) {
+      LayerDesc d = desc(2, 64, 13, 19, 64, 3, 1, 64, 1, dt, layout);  // tiles partial both ways
+      cases.push_back({d, 64, 1, 0.5, false});
+      cases.push_back({d, 32, 2, 8.0, false});
+      d.bias = true, d.act = Activation::gelu;
+      cases.push_back({d, 64, 0, 2.0, true});
+    }
+  LayerDesc d = desc(1, 128, 17, 12, 128, 3, 1, 128, 2, DType::f16, Layout::nhwc);
+  d.stride_h = d.stride_w = 2;
+  cases.push_back({d, 64, 1, 1.0, false});
+  d = desc(2, 64, 12, 16, 64, 3, 2, 64, 1, DType::f16, Layout::nchw);
+  d.dil_h = d.dil_w = 2;
+  cases.push_back({d, 32, 4, 2.0, false});
+  cases.push_back({desc(2, 32, 11, 9, 32, 5, 2, 32, 1, DType::f32, Layout::nhwc), 64, 2, 2.0, false});
+  cases.push_back({desc(3, 64, 2, 3, 64, 3, 1, 64, 1, DType::f16, Layout::nhwc), 32, 1, 2.0, true});
+  int seed = 300;
+  int ran = 0;
+  for (const Case& c : cases) {
+    deft::Variant v = deft::default_variant(c.d);
+    ASSERT_EQ(v.algo, deft::Algo::depthwise);
+    v.tile_m = c.tm, v.staging = deft::Staging::window, v.halo = c.halo;
+    SCOPED_TRACE(deft::to_string(c.d) + " variant " + deft::to_string(v) +
+                 " sigma=" + std::to_string(c.sigma));
+    ASSERT_TRUE(variant_compiles(c.d, v));
+    HostTensors t = random_tensors(c.d, c.sigma, ++seed);
+    if (c.poison) poison_offsets(t.offset, seed);
+    deft::CompileOptions options = test_options();
+    options.variant = v;
+    check_forward(c.d, t, options);
+    ++ran;
+  }
+  EXPECT_EQ(ran, int(cases.size()));
+}
+
 // A tensor that a kernel reads in 16-byte vectors but that starts 2 bytes past a 16-byte
 // boundary is refused with a message naming it, before any launch; so is a pointer that is not
 // on its element size. The context stays usable: a correct run follows.

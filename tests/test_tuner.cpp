@@ -13,6 +13,7 @@
 #include <random>
 #include <set>
 
+#include "compiler/plan.hpp"
 #include "deft/deft.hpp"
 #include "deft/tuning.hpp"
 #include "tests/gpu_test_util.hpp"
@@ -118,6 +119,50 @@ TEST(SearchSpace, WindowVariantsFollowTheBucketsSigma) {
               deft::search_space_hash(d, 90));
   }
   EXPECT_EQ(deft::search_space(d, deft::SearchOptions{80, true, 2.0}), deft::search_space(d, 80));
+}
+
+// The depthwise forward's staging=window candidates: with SearchOptions::window on sm_80+,
+// 4 x 8 and 8 x 8 tiles (tm 32, 64) for each halo of the bucket up to 8, every one valid; none
+// without the option or before sm_80; and the plan refuses what the kernel cannot do.
+TEST(SearchSpace, DepthwiseForwardWindowVariants) {
+  const auto d = parse_layer_desc(
+      "deform_conv2d n=16 c=512 h=32 w=32 k=512 r=3 s=3 pad=1 groups=512 mask=1 dtype=f16 layout=nhwc");
+  for (double sigma : {0.5, 2.0, 8.0}) {
+    std::set<std::pair<int, int>> got;
+    for (const auto& v : deft::search_space(d, deft::SearchOptions{90, true, sigma})) {
+      if (v.staging != deft::Staging::window) continue;
+      EXPECT_EQ(v.algo, deft::Algo::depthwise);
+      EXPECT_NO_THROW(deft::validate(d, v)) << deft::to_string(v);
+      got.insert({v.tile_m, v.halo});
+    }
+    std::set<std::pair<int, int>> want;
+    for (int h : deft::window_halos(sigma))
+      if (h <= 8) want.insert({32, h}), want.insert({64, h});
+    EXPECT_EQ(got, want) << sigma;
+    EXPECT_FALSE(want.empty());
+    for (const auto& v : deft::search_space(d, deft::SearchOptions{75, true, sigma}))
+      EXPECT_EQ(v.staging, deft::Staging::gather) << deft::to_string(v);
+  }
+  for (const auto& v : deft::search_space(d, deft::SearchOptions{90, false, 2.0}))
+    EXPECT_EQ(v.staging, deft::Staging::gather) << deft::to_string(v);
+  deft::Variant w = deft::default_variant(d, 90);
+  w.staging = deft::Staging::window, w.halo = 2, w.tile_m = 64;
+  const deft::KernelPlan p = deft::make_plan(d, w);
+  EXPECT_TRUE(p.dw_window);
+  EXPECT_EQ(p.tile_h, 8);
+  EXPECT_EQ(p.win_rows, 7 + 2 + 2 + 4);  // the tile's rows, the kernel's, the +1 corner, halos
+  EXPECT_EQ(p.smem_bytes, (15 * 15 + 9) * 64 * 2);
+  EXPECT_EQ(p.grid[0], 16u * 4 * 4);
+  w.tile_m = 48;
+  EXPECT_THROW(deft::validate(d, w), deft::DescError);
+  w.tile_m = 64, w.halo = 9;
+  EXPECT_THROW(deft::validate(d, w), deft::DescError);
+  // no 16-byte channel vectors with 12 channels of f16: no window
+  const auto narrow = parse_layer_desc(
+      "deform_conv2d n=2 c=12 h=11 w=10 k=12 r=3 s=3 pad=1 groups=12 mask=1 dtype=f16 layout=nhwc");
+  deft::Variant nw = deft::default_variant(narrow, 90);
+  nw.staging = deft::Staging::window, nw.halo = 1, nw.tile_m = 64;
+  EXPECT_THROW(deft::validate(narrow, nw), deft::DescError);
 }
 
 TEST(SearchSpace, HashIsStableAndFollowsTheSpace) {

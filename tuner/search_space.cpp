@@ -197,6 +197,17 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       v.transpose = false;
       add(v);
     }
+    // staging=window (SearchOptions::window, sm_80 and later): the default's channels over
+    // 4 x 8 and 8 x 8 output tiles, the halos the offsets' spread asks for, at most 8 (perf
+    // notes session 21)
+    if (opt.window && def.vec > 1 && arch >= 80)  // (cp.async)
+      for (int tm : {32, 64})
+        for (int halo : window_halos(opt.offset_sigma)) {
+          if (halo > 8) continue;
+          Variant w = def;
+          w.tile_m = tm, w.staging = Staging::window, w.halo = halo;
+          add(w);
+        }
     return out;
   }
   const Variant base = default_variant(d);  // the portable default (no wgmma)
