@@ -380,6 +380,18 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.transpose = d.layout == Layout::nchw;
     if (runs(d, v)) return v;
   }
+  // 64 output channels a group, f16 / bf16: the warp-specialised 64 x 64 tile with one
+  // producer warpgroup, from the tuner's exhaustive runs (H200, fp16, session 20, docs/perf-
+  // notes.md): deft_64 41.9 against the register-A 128 x 64's 48.2 us (nchw), 35.4 / 40.5
+  // (nhwc). tf32 keeps the register-A tile (no tuning data).
+  if (kg == 64 && (d.dtype == DType::f16 || d.dtype == DType::bf16)) {
+    Variant v;
+    v.algo = Algo::gemm_wgmma;
+    v.tile_m = 64, v.tile_n = 64, v.tile_k = chunk, v.vec = 1, v.producers = 1;
+    v.threads = wgmma_threads(Pass::forward, v.tile_m, v.tile_n, v.producers);
+    v.transpose = d.layout == Layout::nchw;
+    if (runs(d, v)) return v;
+  }
   for (int bn : {256, 128, 64}) {
     if (bn > 64 && bn / 2 >= kg) continue;  // wider than the group's output channels
     for (int bm : {bn == 64 ? 128 : 64, bn == 64 ? 64 : 128}) {

@@ -580,11 +580,12 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
   // tn = 512 included), one and two producer warpgroups, the shallowest rings they take (one
   // slot per producer warp, each slot refilled many times) and the plan's own depth. A tile
   // the layer cannot take is refused by the plan (a 5x5 kernel's points of 128 rows leave no
-  // room for a ring of one stage per producer warp); at most one of the ten may be.
+  // room for a ring of one stage per producer warp); at most one of the eleven may be.
   int ws_tiles = 0;
   for (auto [tm, tn, producers, stages] :
-       {std::array{64, 256, 1, 0}, {64, 128, 1, 0}, {64, 128, 2, 0}, {64, 64, 2, 0}, {128, 64, 1, 0},
-        {128, 128, 2, 0}, {128, 256, 1, 0}, {64, 512, 1, 0}, {64, 256, 2, 8}, {64, 128, 1, 4}}) {
+       {std::array{64, 256, 1, 0}, {64, 128, 1, 0}, {64, 128, 2, 0}, {64, 64, 2, 0}, {64, 64, 1, 0},
+        {128, 64, 1, 0}, {128, 128, 2, 0}, {128, 256, 1, 0}, {64, 512, 1, 0}, {64, 256, 2, 8},
+        {64, 128, 1, 4}}) {
     deft::Variant v;
     v.algo = deft::Algo::gemm_wgmma;
     v.tile_m = tm, v.tile_n = tn, v.tile_k = 64 / deft::dtype_size(c.desc.dtype);
@@ -600,7 +601,7 @@ TEST_P(GpuForwardWgmma, EveryTileMatchesReference) {
     ++ws_tiles;
     variants.push_back(v);
   }
-  EXPECT_GE(ws_tiles, 9);
+  EXPECT_GE(ws_tiles, 10);
   // NVRTC for all of them at once (the run below finds them in deft's in-process cache), then
   // each against the reference.
   const std::vector<deft::Kernel> compiled = compile_in_parallel(c.desc, variants, test_options());
