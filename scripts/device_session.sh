@@ -137,7 +137,7 @@ for step in "$@"; do
         --sigmas 2 --no-torchvision > "$LOGS/benchdw${BENCH_TAG:-}.log" 2>&1; stamp "bench dw rc=$?"
       grep -E "^\| dw512" "$LOGS/benchdw${BENCH_TAG:-}/BENCHMARKS.section.md" | cut -d'|' -f2-8 | head -12 ;;
     ncudw)  # hardware counters of the depthwise forward on dw512 fp16, nhwc and nchw (NCU_VARIANT)
-      for lay in nhwc nchw; do
+      for lay in ${NCU_LAYOUTS:-nhwc nchw}; do
         timeout 120 ncu --clock-control none --kernel-name deft_deform_conv2d_forward --launch-skip 2 \
           --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
@@ -148,7 +148,7 @@ for step in "$@"; do
         stamp "ncu dw $lay rc=$?"
         ncu -i "/tmp/ncu-dw-$lay.ncu-rep" > "$LOGS/ncu-dw-$lay.txt" 2>&1
         ncu -i "/tmp/ncu-dw-$lay.ncu-rep" --page source --print-source sass --csv > "$LOGS/ncu-dw-sass-$lay.csv" 2>&1
-        grep -E "Duration|Throughput|Hit Rate|Registers Per|Warp Cycles Per Issued|Issue Slots|No Eligible|Achieved Occupancy|Theoretical Occupancy|Pipe" "$LOGS/ncu-dw-$lay.txt" | head -30
+        grep -E "Duration|Throughput|Hit Rate|Registers Per|Warp Cycles Per Issued|Issue Slots|No Eligible|Achieved Occupancy|Theoretical Occupancy|Pipe|Wavefronts|Sectors/Req|Bank|Mem Busy|Max Bandwidth|Mem Pipes" "$LOGS/ncu-dw-$lay.txt" | head -45
         python3 scripts/ncu_stalls.py "$LOGS/ncu-dw-sass-$lay.csv" --top 12 2>&1 | head -20
       done ;;
     ncuslices)  # issue 5 / round B23-B25: the depthwise grad input's L2 reductions at sigma 0.5
