@@ -128,6 +128,19 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
   auto c32 = [&](const char* name, int64_t val) {
     line(fmt::format("constexpr int {} = {};", name, val));
   };
+  // the depthwise kernels' staging=window geometry (plan.dw_window: forward and grad input)
+  auto dw_window = [&](const char* what) {
+    line(fmt::format("#define DW_WINDOW {}  // staging=window: {}", p.dw_window ? 1 : 0, what));
+    if (!p.dw_window) return;
+    c32("TILE_H", p.tile_h);
+    c32("TILE_W", p.tile_w);
+    c32("TILES_Y", p.tiles_y);
+    c32("TILES_X", p.tiles_x);
+    c32("WIN_HALO", p.halo);
+    c32("WIN_ROWS", p.win_rows);
+    c32("WIN_COLS", p.win_cols);
+    c32("SMEM_BYTES", p.smem_bytes);
+  };
   c64("N", d.n);
   c64("C", d.c);
   c64("H", d.h);
@@ -166,18 +179,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("THREADS", p.block);
     c32("EV", p.ev);
     line(gin_mode_line(p.gin_mode, false));
-    line(fmt::format("#define DW_WINDOW {}  // staging=window: corners near the tile summed in "
-                     "shared memory", p.dw_window ? 1 : 0));
-    if (p.dw_window) {
-      c32("TILE_H", p.tile_h);
-      c32("TILE_W", p.tile_w);
-      c32("TILES_Y", p.tiles_y);
-      c32("TILES_X", p.tiles_x);
-      c32("WIN_HALO", p.halo);
-      c32("WIN_ROWS", p.win_rows);
-      c32("WIN_COLS", p.win_cols);
-      c32("SMEM_BYTES", p.smem_bytes);
-    }
+    dw_window("corners near the tile summed in shared memory");
     if (p.gin_mode == 5) {
       c32("LG_TH", p.lg.tile);
       c32("LG_TW", p.lg.tile);
@@ -319,18 +321,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("PIX_PER_BLOCK", p.pix_per_block);
     c32("W_VEC", p.dw_wvec ? 1 : 0);    // the block's weights staged in shared memory
     c32("OUT_VEC", p.dw_out_vec ? 1 : 0);  // nhwc output in 16-byte stores
-    line(fmt::format("#define DW_WINDOW {}  // staging=window: the tile's input window in "
-                     "shared memory", p.dw_window ? 1 : 0));
-    if (p.dw_window) {
-      c32("TILE_H", p.tile_h);
-      c32("TILE_W", p.tile_w);
-      c32("TILES_Y", p.tiles_y);
-      c32("TILES_X", p.tiles_x);
-      c32("WIN_HALO", p.halo);
-      c32("WIN_ROWS", p.win_rows);
-      c32("WIN_COLS", p.win_cols);
-      c32("SMEM_BYTES", p.smem_bytes);
-    }
+    dw_window("the tile's input window in shared memory");
   } else {
   c32("BM", v.tile_m);
   c32("BN", v.tile_n);

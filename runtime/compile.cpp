@@ -6,12 +6,12 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <future>
 #include <map>
 #include <mutex>
 #include <regex>
-#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -679,10 +679,10 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     if (p.gin_mode == 5 && a.grad_input) {
       // the local gather stores the near points' sums (every element); the data kernel then
       // reduces the far points' onto them
-      // Launched plainly, not as a programmatic dependent launch: after the nchw transposes,
-      // the early-launched grid (large dynamic shared memory) cost ~80 us a call (dw1024_16
-      // nchw fp16, sigma 0.5: 283 against 204 us; perf notes session 21), while PDL on the
-      // other kernels of the chain made no difference.
+      // Launched plainly, not as a programmatic dependent launch: behind the nchw transposes
+      // the early launch cost ~80 us a call (dw1024_16 nchw fp16, sigma 0.5: 283 against
+      // 204 us), and launching the chain's other kernels plainly instead did not help (perf
+      // notes session 21).
       void* lparams[] = {&offset, &mask, &gout_k, &weight, &gin};
       launch(*k, k->lgather,
              {unsigned(p.lg.tiles_y * p.lg.tiles_x),

@@ -24,13 +24,12 @@ constexpr bool VEC_PATH = X_NHWC && VEC > 1 && (VEC * sizeof(T)) % 16 == 0 && H 
 static_assert(!W_VEC || VEC_PATH, "weight vectors");
 static_assert(!OUT_VEC || (VEC_PATH && NHWC), "output vectors");
 
-// The vector path's sampling point of (ho, wo), tap t: four 16-byte loads (VEC channels from
-// base, the image plus the thread's first channel) at fixed distances from one address, and
-// their weights. The loaded 2 x 2 block starts at the point's top-left corner clamped into
-// the image (so every load is in bounds, with no predicate), and each loaded row and column
-// takes the weight of the corner it is, zero where it is none: a corner outside the image,
-// like a point outside it (or at a NaN position), reads some pixel of the image with weight
-// zero, as deft_point_from's corners do.
+// The vector path's sampling point of (ho, wo), tap t, as a 2 x 2 block of pixels (first row
+// yb, first column xb) and the four weights of its pixels. The block starts at the point's
+// top-left corner clamped into the image (so that its four loads are in bounds, with no
+// predicate), and each row and column takes the weight of the corner it is, zero where it is
+// none: a corner outside the image, like a point outside it (or at a NaN position), reads some
+// pixel of the image with weight zero, as deft_point_from's corners do.
 __device__ __forceinline__ void deft_dw_block(const PointInput& in, int ho, int wo, int t,
                                               Acc (&w)[4], int& yb, int& xb) {
   // (VEC_PATH: H, W >= 2, so the 2 x 2 block fits)
@@ -71,8 +70,9 @@ __device__ __forceinline__ void deft_dw_load(const T* b0, DeftCornerVec<VEC> (&x
   }
 }
 
-// The vector path's sampling point of (ho, wo), tap t (deft_dw_block), and its four corner
-// loads from global memory (base: the image plus the thread's first channel).
+// The vector path's sampling point of (ho, wo), tap t (deft_dw_block), and its four 16-byte
+// loads (VEC channels each) from global memory, at fixed distances from one address (base:
+// the image plus the thread's first channel).
 __device__ __forceinline__ void deft_dw_corners(const T* __restrict__ base, const PointInput& in,
                                                 int ho, int wo, int t, Acc (&w)[4],
                                                 DeftCornerVec<VEC> (&x)[4]) {
@@ -247,6 +247,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, DW_MIN_BLOCKS)
 // VEC channels each) and reads a point's 2 x 2 block from the window where it lies inside,
 // else from global memory: the same block and weights as the gather kernel, so the same sums.
 static_assert(VEC_PATH, "staging=window: the 16-byte vector path");
+// (Its tap loop is the gather kernel's with the window test added; one helper for both
+// changed the SASS of the gather kernel's bf16, 5 x 5 and per-channel forms, so they stay apart.)
 static_assert(SMEM_BYTES == (WIN_ROWS * WIN_COLS + R * S) * CH_PER_BLOCK * (int)sizeof(T),
               "plan.smem_bytes: the window and the weights");
 constexpr int WIN_CELLS = WIN_ROWS * WIN_COLS;
