@@ -6,6 +6,7 @@
 #include <array>
 
 #include <regex>
+#include <set>
 #include <tuple>
 
 #include <fmt/format.h>
@@ -453,6 +454,41 @@ TEST(Codegen, PlansNameTheAlignmentTheirVectorsNeed) {
     EXPECT_EQ(p.align_gout, a.gout);
     EXPECT_EQ(p.align_output, a.output);
   }
+}
+
+// The depthwise forward's search space (the window candidates included) compiles with NVRTC
+// for sm_90, the first candidate of each code path, on layers that take each of the
+// template's paths: 16-byte vectors in both layouts and three dtypes, a 5 x 5 kernel (several
+// tap batches), offset groups narrower than a block, and channels too few for vectors. (A static_assert or an empty array in a
+// branch that `if constexpr` discards is still compiled outside templates: session 21's call 2
+// lost its GPU tests to one that only modules of another path reached.)
+TEST(Codegen, DepthwiseForwardSpaceCompiles) {
+  const std::string dw = "deform_conv2d n=2 k=64 c=64 groups=64 h=9 w=11 mask=1 ";
+  int compiled = 0;
+  for (const std::string& text :
+       {dw + "r=3 s=3 pad=1 dtype=f16 layout=nhwc", dw + "r=3 s=3 pad=1 dtype=f16 layout=nchw",
+        dw + "r=3 s=3 pad=1 dtype=f32 layout=nhwc bias=1 act=gelu",
+        dw + "r=5 s=5 pad=2 dtype=bf16 layout=nchw",
+        std::string("deform_conv2d n=2 k=128 c=128 groups=128 h=8 w=10 r=3 s=3 pad=1 mask=1 "
+                    "offset_groups=4 dtype=f16 layout=nhwc"),
+        std::string("deform_conv2d n=2 k=12 c=12 groups=12 h=11 w=10 r=3 s=3 pad=1 mask=1 "
+                    "dtype=f16 layout=nhwc")}) {
+    const deft::LayerDesc d = deft::parse_layer_desc(text);
+    SCOPED_TRACE(text);
+    const auto space = deft::search_space(d, deft::SearchOptions{90, true, 2.0});
+    ASSERT_FALSE(space.empty());
+    // the first candidate of each code path (vector width, transpose, staging): the tile sizes
+    // within one path change constants only (all of them: ~95 s of NVRTC, too long for CI)
+    std::set<std::tuple<int, bool, int>> paths;
+    for (const deft::Variant& v : space) {
+      ASSERT_EQ(v.algo, deft::Algo::depthwise);
+      if (!paths.insert({v.vec, v.transpose, int(v.staging)}).second) continue;
+      SCOPED_TRACE(deft::to_string(v));
+      EXPECT_NO_THROW(compile_for_sm90(d, v));
+      ++compiled;
+    }
+  }
+  EXPECT_GT(compiled, 30);
 }
 
 // Grad weight on wgmma (deform_conv_bwd_weight_wgmma.cuh, opt-in: not the default, see
