@@ -458,6 +458,13 @@ int64_t plan_bwd_data_dw_window(const LayerDesc& d, const Variant& v, KernelPlan
   return d.n * int64_t(p.tiles_y) * p.tiles_x;
 }
 
+// The depthwise kernels' 16-byte vector path: a channels-last input (nhwc, or the transpose's
+// copy) read in vectors of vec elements that make whole 16-byte loads (VEC_PATH in
+// deform_conv_depthwise.cuh adds an image of at least 2 x 2).
+bool depthwise_vec_path(const LayerDesc& d, const KernelPlan& p, int vec) {
+  return p.x_nhwc && vec > 1 && (vec * dtype_size(d.dtype)) % 16 == 0;
+}
+
 // Depthwise forward with staging=window (templates/deform_conv_depthwise.cuh, DW_WINDOW): a
 // block owns tm = 8 x (tm / 8) output pixels of one image (tile_w = 8) and tn channels, stages
 // the input window of the tile's corners at zero offset, widened by the halo, in shared memory
@@ -465,9 +472,7 @@ int64_t plan_bwd_data_dw_window(const LayerDesc& d, const Variant& v, KernelPlan
 // inside, else from global memory; the threads take the tile's pixels in passes of
 // threads / (tn / vec). Returns the grid's x extent (images x tiles).
 int64_t plan_fwd_dw_window(const LayerDesc& d, const Variant& v, KernelPlan& p) {
-  const bool vec_path = p.x_nhwc && v.vec > 1 && (v.vec * dtype_size(d.dtype)) % 16 == 0 &&
-                        d.h >= 2 && d.w >= 2;
-  if (!vec_path)
+  if (!depthwise_vec_path(d, p, v.vec) || d.h < 2 || d.w < 2)
     bad("staging", "staging=window (depthwise forward) needs the 16-byte vector path: channels-"
                    "last input (nhwc, or transpose=1), vec x the element size = 16 bytes, an "
                    "image of at least 2 x 2");
@@ -1158,8 +1163,7 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
   }
   // 16-byte gathers of the input (A tile vectors, wgmma, depthwise vectors) and weight loads,
   // unless they read the transpose pre-pass's copies; wgmma stores out_store bytes at a time.
-  const bool depthwise_vec = v.algo == Algo::depthwise && p.x_nhwc && p.vec > 1 &&
-                             (p.vec * dtype_size(d.dtype)) % 16 == 0;
+  const bool depthwise_vec = v.algo == Algo::depthwise && depthwise_vec_path(d, p, p.vec);
   if (!p.transpose && (p.vec_a || p.wgmma || depthwise_vec)) p.align_input = 16;
   // (the wgmma forward's weight pack reads the weight in 16-byte vectors in either layout)
   if (p.wgmma || (!p.transpose && p.vec_b)) p.align_weight = 16;

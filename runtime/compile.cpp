@@ -360,15 +360,17 @@ void check_forward_alignment(const KernelImpl& k, const ForwardArgs& a) {
 }
 
 // Launches kernel `f` of `owner`'s module: a programmatic dependent launch where the module
-// was compiled for sm_90 or later (its kernels begin with deft_grid_begin's wait).
+// was compiled for sm_90 or later (its kernels begin with deft_grid_begin's wait) unless the
+// caller asks for a plain one.
 CUresult try_launch(const KernelImpl& owner, CUkernel f, std::array<unsigned, 3> grid,
-                    unsigned block, unsigned smem, CUstream stream, void** params) {
+                    unsigned block, unsigned smem, CUstream stream, void** params,
+                    bool programmatic = true) {
   const unsigned g[3] = {grid[0], grid[1], grid[2]};
   return driver::launch_kernel(reinterpret_cast<CUfunction>(f), g, block, smem, stream, params,
-                               owner.info.arch >= 90);
+                               programmatic && owner.info.arch >= 90);
 }
 // DEFT_PDL_EXCLUDE (a diagnostic: kernel names separated by commas, read once): these kernels
-// are launched plainly, the others as try_launch decides. `what` names the kernel as
+// are launched plainly, the others as try_launch decides (no names: nothing to compare). `what` names the kernel as
 // "cuLaunchKernel(<name>)".
 bool pdl_excluded(const char* what) {
   static const std::vector<std::string> names = [] {
@@ -390,14 +392,9 @@ bool pdl_excluded(const char* what) {
 void launch(const KernelImpl& owner, CUkernel f, std::array<unsigned, 3> grid, unsigned block,
             unsigned smem, CUstream stream, void** params, const char* what,
             bool programmatic = true) {
-  if (!programmatic || pdl_excluded(what)) {
-    const unsigned g[3] = {grid[0], grid[1], grid[2]};
-    driver::check(driver::launch_kernel(reinterpret_cast<CUfunction>(f), g, block, smem, stream,
-                                        params, false),
-                  what);
-    return;
-  }
-  driver::check(try_launch(owner, f, grid, block, smem, stream, params), what);
+  driver::check(try_launch(owner, f, grid, block, smem, stream, params,
+                           programmatic && !pdl_excluded(what)),
+                what);
 }
 
 // deft_transpose of `k`'s module: [batch][rows][cols] at src -> [batch][cols][rows] at dst.
