@@ -180,6 +180,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     c32("EV", p.ev);
     line(gin_mode_line(p.gin_mode, false));
     dw_window("corners near the tile summed in shared memory");
+    line(fmt::format("#define DW_WSMEM {}  // the block's weights in shared memory [tap][channel]",
+                     p.dw_wsmem ? 1 : 0));
     if (p.gin_mode == 5) {
       c32("LG_TH", p.lg.tile);
       c32("LG_TW", p.lg.tile);

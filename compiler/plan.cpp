@@ -624,6 +624,16 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     }
     int64_t gx = ceil_div(m_total, p.bp);
     if (v.staging == Staging::window) gx = plan_bwd_data_dw_window(d, v, p);
+    // lanes on channels (channels-last input): a lane's weights weight[c][tap] are taps x
+    // dtype bytes apart, a warp's load touches 32 sectors, so the block stages them once in
+    // shared memory as [tap][channel] (within 96 KiB: two blocks an SM keep their share)
+    const int64_t wsm_bytes = d.taps() * d.c_per_offset_group() * asize;
+    if (v.staging != Staging::window && p.x_nhwc && wsm_bytes <= 96 * 1024) {
+      p.dw_wsmem = true;
+      p.smem_bytes = int(wsm_bytes);
+      // the channel step's grad_out vector (a channels-last grad_out, not the runtime's copy)
+      if (p.ev > 1 && !p.gout_t) p.align_gout = std::max(p.align_gout, p.ev * dtype_size(d.dtype));
+    }
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
     p.grid = {unsigned(gx), unsigned(d.offset_groups), 1};

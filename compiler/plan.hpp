@@ -89,6 +89,10 @@ struct KernelPlan {
   // time) in shared memory, flushed with one reduction per window element; corners outside go
   // to global memory as in the gather form
   bool dw_window = false;
+  // depthwise backward_data without the window, lanes on channels: the block's weights (taps x
+  // the offset group's channels, accumulator type) staged in dynamic shared memory as
+  // [tap][channel] (perf notes round B28)
+  bool dw_wsmem = false;
   int tile_h = 0, tile_w = 0, tiles_y = 0, tiles_x = 0, win_rows = 0, win_cols = 0, halo = 0;
   // gin_mode 5 (gin=local): the local gather's geometry (deft_bwd_lgather)
   struct LocalGather {

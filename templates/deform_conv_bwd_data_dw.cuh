@@ -29,7 +29,12 @@
 // grad offset / grad mask partials of all taps stay in registers until the end (the sums run
 // in the same order as the gather kernel's EV = 4 form).
 //
-// Constants from codegen: PIXB, CL, THREADS (= PIXB * CL), GIN_MODE, EV, DW_WINDOW; with the
+// DW_WSMEM (lanes on channels, without the window): the block stages its offset group's weights
+// in dynamic shared memory as [tap][channel] in the accumulator type, so that a lane reads its EV
+// weights of a tap as one vector: from global memory (weight[c][tap], a lane's channels taps
+// elements apart) each of them touched 32 sectors a warp (perf notes round B28).
+//
+// Constants from codegen: PIXB, CL, THREADS (= PIXB * CL), GIN_MODE, EV, DW_WINDOW, DW_WSMEM; with the
 // window TILE_H, TILE_W, TILES_Y, TILES_X, WIN_HALO, WIN_ROWS, WIN_COLS, SMEM_BYTES.
 
 #if GIN_MODE == 5
@@ -183,6 +188,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const long long q_img = (long long)ho * WO + wo;
   const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
   bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
+#if DW_WSMEM
+  // the offset group's weights as the accumulator type, [tap][channel]: read along the
+  // channels of a tap (a warp's lanes TAPS elements apart, a few lines) and stored without
+  // bank conflicts; a lane then reads its EV channels of a tap as one vector
+  extern __shared__ __align__(16) unsigned char smem[];  // TAPS * CPOG * sizeof(Acc)
+  Acc* wsm = reinterpret_cast<Acc*>(smem);
+  for (int i = tid; i < TAPS * CPOG; i += THREADS) {
+    const int t = i / CPOG, cl = i % CPOG;
+    wsm[i] = Acc(deft_widen(weight[((long long)og * CPOG + cl) * TAPS + t]));
+  }
+  __syncthreads();
+#endif
 
 #pragma unroll 1
   for (int t = 0; t < TAPS; ++t) {
@@ -201,8 +218,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       if constexpr (EV == 1) {
 #pragma unroll 2
         for (int c = og * CPOG + lane; c < (og + 1) * CPOG; c += CL) {
-          const Acc cg = Acc(deft_widen(weight[(long long)c * TAPS + t])) *
-                         Acc(deft_widen(gout[deft_gout_index(n, c, q_img)]));
+#if DW_WSMEM
+          const Acc wc = wsm[t * CPOG + (c - og * CPOG)];
+#else
+          const Acc wc = Acc(deft_widen(weight[(long long)c * TAPS + t]));
+#endif
+          const Acc cg = wc * Acc(deft_widen(gout[deft_gout_index(n, c, q_img)]));
           const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
           deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
                            scale, nonfinite, g);
@@ -214,10 +235,21 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll 2
         for (int c = og * CPOG + lane * EV; c < (og + 1) * CPOG; c += CL * EV) {
           Acc cg[EV];
+#if DW_WSMEM
+          // grad_out is channels-last here (nhwc, or the runtime's copy): EV channels are one
+          // vector, as are their weights in shared memory
+          struct __align__(sizeof(T) * EV) GoVec { T x[EV]; };
+          struct __align__(sizeof(Acc) * EV) WVec { Acc x[EV]; };
+          const GoVec gv = *reinterpret_cast<const GoVec*>(gout + deft_gout_index(n, c, q_img));
+          const WVec wv = *reinterpret_cast<const WVec*>(wsm + t * CPOG + (c - og * CPOG));
+#pragma unroll
+          for (int e = 0; e < EV; ++e) cg[e] = wv.x[e] * Acc(deft_widen(gv.x[e]));
+#else
 #pragma unroll
           for (int e = 0; e < EV; ++e)
             cg[e] = Acc(deft_widen(weight[(long long)(c + e) * TAPS + t])) *
                     Acc(deft_widen(gout[deft_gout_index(n, c + e, q_img)]));
+#endif
           deft_bwd_channels<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt, cg,
                                 scale, nonfinite, g);
 #if GIN_MODE == 5

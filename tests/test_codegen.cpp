@@ -440,7 +440,7 @@ TEST(Codegen, PlansNameTheAlignmentTheirVectorsNeed) {
        {"algo=gemm_wgmma tm=64 tn=64 tk=64 threads=128 transpose=1", 1, 1, 8, 1}},
       {dw + "layout=nhwc", {"", 16, 1, 1, 16}},  // 16-byte output stores too
       {dw + "layout=nchw", {"", 1, 1, 1, 1}},    // transposed input
-      {dw + "layout=nhwc pass=backward_data", {"", 8, 1, 1, 1}},
+      {dw + "layout=nhwc pass=backward_data", {"", 8, 1, 8, 1}},  // 4-channel grad_out vectors
       {dw + "layout=nhwc pass=backward_weight", {"", 16, 1, 1, 1}},
       {dw + "layout=nchw pass=backward_weight", {"", 1, 1, 1, 1}},
   };
@@ -1326,4 +1326,51 @@ TEST(Codegen, DepthwiseGradInputWindow) {
                                   "dtype=f16 layout=nhwc pass=backward_weight"),
                               deft::parse_variant(win)),
                deft::NotImplemented);
+}
+
+// The depthwise data kernel stages its offset group's weights in shared memory where its lanes
+// run along the channels (channels-last input: nhwc, or nchw with transpose=1; perf notes round
+// B28): TAPS x channels of the accumulator type, within 96 KiB; the nchw kernel without the
+// transpose (lanes on pixels, one weight a warp) and the window keep the global loads. Every
+// form that takes the staging compiles with NVRTC, the staged weight read as a vector.
+TEST(Codegen, DepthwiseGradInputStagesItsWeights) {
+  const std::string dw = "deform_conv2d n=2 c=64 h=9 w=11 k=64 groups=64 r=3 s=3 pad=1 mask=1 "
+                         "pass=backward_data ";
+  struct W {
+    std::string desc, variant;  // variant "" = default
+    bool staged;
+    int smem, ev;
+  };
+  const std::vector<W> cases = {
+      {dw + "dtype=f16 layout=nhwc", "", true, 9 * 64 * 4, 4},
+      {dw + "dtype=bf16 layout=nchw", "", true, 9 * 64 * 4, 4},  // transpose=1 by default
+      {dw + "dtype=f32 layout=nhwc", "", true, 9 * 64 * 4, 1},  // atomics into grad input
+      {dw + "dtype=f64 layout=nhwc", "", true, 9 * 64 * 8, 1},    // double accumulators
+      {dw + "dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 det=1", true,
+       9 * 64 * 4, 4},
+      {dw + "dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 halo=1 gin=local",
+       true, 9 * 64 * 4, 4},
+      {"deform_conv2d n=2 c=96 h=9 w=11 k=96 groups=96 r=5 s=5 pad=2 offset_groups=2 mask=0 "
+       "pass=backward_data dtype=f16 layout=nhwc", "", true, 25 * 48 * 4, 4},
+      {dw + "dtype=f16 layout=nchw", "algo=depthwise tm=32 tn=1 tk=1 threads=256 transpose=0",
+       false, 0, 1},
+      {dw + "dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 staging=window "
+       "halo=1", false, -1, 4},
+      // 2816 channels x 9 taps x 4 bytes = 99 KiB: over the limit
+      {"deform_conv2d n=1 c=2816 h=4 w=4 k=2816 groups=2816 r=3 s=3 pad=1 mask=1 "
+       "pass=backward_data dtype=f16 layout=nhwc", "", false, 0, 4},
+  };
+  for (const W& w : cases) {
+    const deft::LayerDesc d = deft::parse_layer_desc(w.desc);
+    const deft::Variant v = w.variant.empty() ? deft::default_variant(d, 90) : deft::parse_variant(w.variant);
+    SCOPED_TRACE(w.desc + " / " + deft::to_string(v));
+    const deft::KernelPlan p = deft::make_plan(d, v);
+    EXPECT_EQ(p.dw_wsmem, w.staged);
+    EXPECT_EQ(p.ev, w.ev);
+    if (w.smem >= 0) EXPECT_EQ(p.smem_bytes, w.smem);
+    if (!w.staged) continue;
+    const deft::CompileInfo info = compile_for_sm90(d, v);
+    EXPECT_NE(info.source.find("#define DW_WSMEM 1"), std::string::npos);
+    EXPECT_EQ(info.dynamic_shared_bytes, w.smem);
+  }
 }
