@@ -258,30 +258,24 @@ __device__ __forceinline__ void deft_red4(float* dst, const float (&v)[4]) {
 #endif
 }
 
-// The rest of deft_bwd_channels once the corners are in v (zeros outside the image): the grad
-// mask and grad offset terms into g[0..2], and the scatter into grad input.
+// The scatter of EV_ channels' column gradients cg into grad input through the point's four
+// corners (dst: the first channel's grad-input base; null: grad input not requested).
 template <int EV_>
-__device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], GinT* dst,
-                                                       const BwdPoint& pt, const Acc* cg,
-                                                       double scale, bool& nonfinite, Acc* g) {
-#pragma unroll
-  for (int e = 0; e < EV_; ++e) {
-    const Acc val = pt.w[0] * v[0][e] + pt.w[1] * v[1][e] + pt.w[2] * v[2][e] + pt.w[3] * v[3][e];
-    g[2] += cg[e] * val;
-    const Acc cgm = cg[e] * pt.mod;
-    g[0] += cgm * (pt.hx * (v[2][e] - v[0][e]) + pt.lx * (v[3][e] - v[1][e]));
-    g[1] += cgm * (pt.hy * (v[1][e] - v[0][e]) + pt.ly * (v[3][e] - v[2][e]));
-  }
+__device__ __forceinline__ void deft_bwd_scatter(GinT* dst, const BwdPoint& pt, const Acc* cg,
+                                                 double scale, bool& nonfinite) {
 #if GIN_MODE >= 3
-  (void)dst, (void)scale, (void)nonfinite;  // the gather form: deft_bwd_gather sums grad input
+  (void)dst, (void)pt, (void)cg, (void)scale, (void)nonfinite;  // the gather form: deft_bwd_gather sums grad input
 #else
   if (!dst) return;
+  Acc cgm[EV_];  // (cg * mod) * w[q], as written before: the same bits
+#pragma unroll
+  for (int e = 0; e < EV_; ++e) cgm[e] = cg[e] * pt.mod;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     if (!((pt.valid >> q) & 1)) continue;
     Acc contrib[EV_];
 #pragma unroll
-    for (int e = 0; e < EV_; ++e) contrib[e] = cg[e] * pt.mod * pt.w[q];
+    for (int e = 0; e < EV_; ++e) contrib[e] = cgm[e] * pt.w[q];
 #if GIN_MODE == 2
 #pragma unroll
     for (int e = 0; e < EV_; ++e) {
@@ -303,6 +297,23 @@ __device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], G
 #endif
   }
 #endif
+}
+
+// The rest of deft_bwd_channels once the corners are in v (zeros outside the image): the grad
+// mask and grad offset terms into g[0..2], and the scatter into grad input.
+template <int EV_>
+__device__ __forceinline__ void deft_bwd_channels_math(const Acc (&v)[4][EV_], GinT* dst,
+                                                       const BwdPoint& pt, const Acc* cg,
+                                                       double scale, bool& nonfinite, Acc* g) {
+#pragma unroll
+  for (int e = 0; e < EV_; ++e) {
+    const Acc val = pt.w[0] * v[0][e] + pt.w[1] * v[1][e] + pt.w[2] * v[2][e] + pt.w[3] * v[3][e];
+    g[2] += cg[e] * val;
+    const Acc cgm = cg[e] * pt.mod;
+    g[0] += cgm * (pt.hx * (v[2][e] - v[0][e]) + pt.lx * (v[3][e] - v[1][e]));
+    g[1] += cgm * (pt.hy * (v[1][e] - v[0][e]) + pt.ly * (v[3][e] - v[2][e]));
+  }
+  deft_bwd_scatter<EV_>(dst, pt, cg, scale, nonfinite);
 }
 
 // The point grads of one channel: its column gradient cg scattered into grad input through
@@ -338,6 +349,43 @@ __device__ __forceinline__ void deft_bwd_channels(const T* __restrict__ src, Gin
     for (int e = 0; e < EV_; ++e) v[q][e] = (pt.valid >> q) & 1 ? Acc(deft_widen(r.x[e])) : Acc(0);
   }
   deft_bwd_channels_math<EV_>(v, dst, pt, cg, scale, nonfinite, g);
+}
+
+// The corner-sums form of deft_bwd_channels (the depthwise data kernel's f16 / bf16 layers,
+// perf notes round B29): the point's grad mask and grad offset are linear in its four corner
+// values, so a thread sums a[q] += cg[e] * v[q][e] over its channels (one FMA a channel and
+// corner) and turns the sums into the three grads once a point (deft_bwd_grads_from_sums),
+// instead of ~16 operations a channel. The scatter into grad input is deft_bwd_scatter's.
+// The sums round differently from deft_bwd_channels' per-channel differences (v2 - v0, ...),
+// so it serves the half-precision dtypes only, whose inputs carry 11 bits or fewer.
+template <int EV_>
+__device__ __forceinline__ void deft_bwd_channels_sums(const T* __restrict__ src, GinT* dst,
+                                                       const BwdPoint& pt, const Acc* cg,
+                                                       double scale, bool& nonfinite, Acc (&a)[4]) {
+  struct __align__(sizeof(T) * EV_) Vec { T x[EV_]; };
+  // every corner loaded, without a predicate: a corner outside the image has offset 0 (the
+  // image's first pixel, in bounds), and deft_bwd_grads_from_sums drops its sum
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const Vec r = *reinterpret_cast<const Vec*>(src + pt.off[q]);
+#pragma unroll
+    for (int e = 0; e < EV_; ++e) a[q] += cg[e] * Acc(deft_widen(r.x[e]));
+  }
+  deft_bwd_scatter<EV_>(dst, pt, cg, scale, nonfinite);
+}
+// g[0..2] (dy, dx, mask) += the point's grads from a thread's corner sums a[q] = sum over its
+// channels of cg * corner q (set to zero here for corners outside the image): mask: sum_q w[q] a[q]; dy: mod (hx (a2 -
+// a0) + lx (a3 - a1)); dx: mod (hy (a1 - a0) + ly (a3 - a2)). Linear in a, so the threads of
+// a point may convert their partial sums before they reduce g.
+__device__ __forceinline__ void deft_bwd_grads_from_sums(const BwdPoint& pt, Acc (&a)[4],
+                                                         Acc* g) {
+  // the sums of corners outside the image read the first pixel: zero (a select, so that a
+  // non-finite value there does not leak through a product with zero)
+#pragma unroll
+  for (int q = 0; q < 4; ++q) a[q] = (pt.valid >> q) & 1 ? a[q] : Acc(0);
+  g[2] += pt.w[0] * a[0] + pt.w[1] * a[1] + pt.w[2] * a[2] + pt.w[3] * a[3];
+  g[0] += pt.mod * (pt.hx * (a[2] - a[0]) + pt.lx * (a[3] - a[1]));
+  g[1] += pt.mod * (pt.hy * (a[1] - a[0]) + pt.ly * (a[3] - a[2]));
 }
 
 // The same in two steps, for a kernel that issues several points' loads before it uses any:

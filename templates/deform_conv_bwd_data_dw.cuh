@@ -172,6 +172,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 #else
+// f16 / bf16: the corner-sums form (deft_bwd_channels_sums, perf notes round B29)
+constexpr bool CORNER_SUMS = sizeof(T) == 2;
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(DEFT_BWD_DATA_PARAMS) {
   deft_grid_begin();
@@ -215,6 +217,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       const BwdPoint pt = deft_bwd_point_at(ps, nullptr);
 #endif
       const T* image = input + n * (C * H * W);
+      Acc a[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};  // CORNER_SUMS: sum of cg x corner q
       if constexpr (EV == 1) {
 #pragma unroll 2
         for (int c = og * CPOG + lane; c < (og + 1) * CPOG; c += CL) {
@@ -225,8 +228,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #endif
           const Acc cg = wc * Acc(deft_widen(gout[deft_gout_index(n, c, q_img)]));
           const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
-          deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
-                           scale, nonfinite, g);
+          if constexpr (CORNER_SUMS)
+            deft_bwd_channels_sums<1>(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr,
+                                      pt, &cg, scale, nonfinite, a);
+          else
+            deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
+                             scale, nonfinite, g);
 #if GIN_MODE == 5
           if (far) deft_lg_scatter<1>(far, cell, pt, c, &cg);
 #endif
@@ -250,13 +257,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
             cg[e] = Acc(deft_widen(weight[(long long)(c + e) * TAPS + t])) *
                     Acc(deft_widen(gout[deft_gout_index(n, c + e, q_img)]));
 #endif
-          deft_bwd_channels<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt, cg,
-                                scale, nonfinite, g);
+          if constexpr (CORNER_SUMS)
+            deft_bwd_channels_sums<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt,
+                                       cg, scale, nonfinite, a);
+          else
+            deft_bwd_channels<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt, cg,
+                                  scale, nonfinite, g);
 #if GIN_MODE == 5
           if (far) deft_lg_scatter<EV>(far, cell, pt, c, cg);
 #endif
         }
       }
+      if constexpr (CORNER_SUMS) deft_bwd_grads_from_sums(pt, a, g);
     }
     if constexpr (X_NHWC && CL == 32) {
       // a pixel's lanes are one warp: a butterfly in a fixed order, no barrier
