@@ -267,15 +267,12 @@ __device__ __forceinline__ void deft_bwd_scatter(GinT* dst, const BwdPoint& pt, 
   (void)dst, (void)pt, (void)cg, (void)scale, (void)nonfinite;  // the gather form: deft_bwd_gather sums grad input
 #else
   if (!dst) return;
-  Acc cgm[EV_];  // (cg * mod) * w[q], as written before: the same bits
-#pragma unroll
-  for (int e = 0; e < EV_; ++e) cgm[e] = cg[e] * pt.mod;
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     if (!((pt.valid >> q) & 1)) continue;
     Acc contrib[EV_];
 #pragma unroll
-    for (int e = 0; e < EV_; ++e) contrib[e] = cgm[e] * pt.w[q];
+    for (int e = 0; e < EV_; ++e) contrib[e] = cg[e] * pt.mod * pt.w[q];
 #if GIN_MODE == 2
 #pragma unroll
     for (int e = 0; e < EV_; ++e) {
@@ -363,10 +360,12 @@ __device__ __forceinline__ void deft_bwd_channels_sums(const T* __restrict__ src
                                                        const BwdPoint& pt, const Acc* cg,
                                                        double scale, bool& nonfinite, Acc (&a)[4]) {
   struct __align__(sizeof(T) * EV_) Vec { T x[EV_]; };
-  // every corner loaded, without a predicate: a corner outside the image has offset 0 (the
-  // image's first pixel, in bounds), and deft_bwd_grads_from_sums drops its sum
+  // a corner outside the image is not loaded (its sum stays zero): loading the first pixel in
+  // its place without a predicate cost dw1024_16 up to 1.5 x at sigma = 8, where three fifths
+  // of the corners are off the image (perf notes round B29)
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
+    if (!((pt.valid >> q) & 1)) continue;
     const Vec r = *reinterpret_cast<const Vec*>(src + pt.off[q]);
 #pragma unroll
     for (int e = 0; e < EV_; ++e) a[q] += cg[e] * Acc(deft_widen(r.x[e]));
@@ -374,15 +373,11 @@ __device__ __forceinline__ void deft_bwd_channels_sums(const T* __restrict__ src
   deft_bwd_scatter<EV_>(dst, pt, cg, scale, nonfinite);
 }
 // g[0..2] (dy, dx, mask) += the point's grads from a thread's corner sums a[q] = sum over its
-// channels of cg * corner q (set to zero here for corners outside the image): mask: sum_q w[q] a[q]; dy: mod (hx (a2 -
+// channels of cg * corner q (zero for corners outside the image): mask: sum_q w[q] a[q]; dy: mod (hx (a2 -
 // a0) + lx (a3 - a1)); dx: mod (hy (a1 - a0) + ly (a3 - a2)). Linear in a, so the threads of
 // a point may convert their partial sums before they reduce g.
-__device__ __forceinline__ void deft_bwd_grads_from_sums(const BwdPoint& pt, Acc (&a)[4],
+__device__ __forceinline__ void deft_bwd_grads_from_sums(const BwdPoint& pt, const Acc (&a)[4],
                                                          Acc* g) {
-  // the sums of corners outside the image read the first pixel: zero (a select, so that a
-  // non-finite value there does not leak through a product with zero)
-#pragma unroll
-  for (int q = 0; q < 4; ++q) a[q] = (pt.valid >> q) & 1 ? a[q] : Acc(0);
   g[2] += pt.w[0] * a[0] + pt.w[1] * a[1] + pt.w[2] * a[2] + pt.w[3] * a[3];
   g[0] += pt.mod * (pt.hx * (a[2] - a[0]) + pt.lx * (a[3] - a[1]));
   g[1] += pt.mod * (pt.hy * (a[1] - a[0]) + pt.ly * (a[3] - a[2]));

@@ -172,8 +172,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 #else
-// f16 / bf16: the corner-sums form (deft_bwd_channels_sums, perf notes round B29)
-constexpr bool CORNER_SUMS = sizeof(T) == 2;
+// f16 / bf16 where nothing or little is reduced (the gather forms, gin=local): the corner-sums
+// form (deft_bwd_channels_sums, perf notes round B29). The float atomics keep the per-channel
+// form: bound by their reductions, they lost 3-30 % with the sums in the first measurement,
+// whose unpredicated corner loads were not separated from the sums.
+constexpr bool CORNER_SUMS = sizeof(T) == 2 && GIN_MODE >= 3;
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(DEFT_BWD_DATA_PARAMS) {
   deft_grid_begin();
