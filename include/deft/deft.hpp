@@ -57,7 +57,9 @@ struct ForwardArgs {
 };
 
 // What backward() reads and writes. Inputs as for forward() plus grad_output (the output's
-// shape). Each gradient pointer may be null: that gradient is not computed. Gradients have the
+// shape), which some kernels read in 8- or 16-byte vectors and then need aligned so (fresh
+// allocations always are; backward() names a tensor that is not). Each gradient pointer may be
+// null: that gradient is not computed. Gradients have the
 // shapes, layout and dtype of their tensors (grad_bias: [k]). A description with a fused
 // activation (act != none) has no backward: apply the activation outside deft.
 //
