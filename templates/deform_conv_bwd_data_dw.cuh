@@ -175,8 +175,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 // f16 / bf16 where nothing or little is reduced (the gather forms, gin=local): the corner-sums
 // form (deft_bwd_channels_sums, perf notes round B29). The float atomics keep the per-channel
 // form: bound by their reductions, they lost 3-30 % with the sums in the first measurement,
-// whose unpredicated corner loads were not separated from the sums.
-constexpr bool CORNER_SUMS = sizeof(T) == 2 && GIN_MODE >= 3;
+// whose unpredicated corner loads were not separated from the sums. Channel vectors only
+// (EV > 1): the scalar-channel kernels (nchw with transpose=0, odd channel counts) keep the
+// per-channel form, which the GPU tests run there.
+constexpr bool CORNER_SUMS = sizeof(T) == 2 && GIN_MODE >= 3 && EV > 1;
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(DEFT_BWD_DATA_PARAMS) {
   deft_grid_begin();
@@ -231,12 +233,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #endif
           const Acc cg = wc * Acc(deft_widen(gout[deft_gout_index(n, c, q_img)]));
           const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
-          if constexpr (CORNER_SUMS)
-            deft_bwd_channels_sums<1>(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr,
-                                      pt, &cg, scale, nonfinite, a);
-          else
-            deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
-                             scale, nonfinite, g);
+          deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
+                           scale, nonfinite, g);
 #if GIN_MODE == 5
           if (far) deft_lg_scatter<1>(far, cell, pt, c, &cg);
 #endif
