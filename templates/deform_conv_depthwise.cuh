@@ -59,14 +59,15 @@ __device__ __forceinline__ void deft_dw_block(const PointInput& in, int ho, int 
 
 // Four 16-byte loads (VEC channels each) of a 2 x 2 block whose corners lie 0, DX, DY and
 // DY + DX elements from b0 (global memory: the image's pixel strides; DW_WINDOW: the window's).
-template <long long DX, long long DY>
+// LDG: read-only global loads (__ldg), as the gather kernel reads the image.
+template <long long DX, long long DY, bool LDG = false>
 __device__ __forceinline__ void deft_dw_load(const T* b0, DeftCornerVec<VEC> (&x)[4]) {
   constexpr long long DQ[4] = {0, DX, DY, DY + DX};
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const uint4* src = reinterpret_cast<const uint4*>(b0 + DQ[q]);
 #pragma unroll
-    for (int u = 0; u < DeftCornerVec<VEC>::CHUNKS; ++u) x[q].u[u] = src[u];
+    for (int u = 0; u < DeftCornerVec<VEC>::CHUNKS; ++u) x[q].u[u] = LDG ? __ldg(src + u) : src[u];
   }
 }
 
@@ -78,14 +79,7 @@ __device__ __forceinline__ void deft_dw_corners(const T* __restrict__ base, cons
                                                 DeftCornerVec<VEC> (&x)[4]) {
   int yb, xb;
   deft_dw_block(in, ho, wo, t, w, yb, xb);
-  const T* b0 = base + ((long long)yb * W + xb) * C;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    constexpr long long DQ[4] = {0, C, (long long)W * C, (long long)(W + 1) * C};
-    const uint4* src = reinterpret_cast<const uint4*>(b0 + DQ[q]);
-#pragma unroll
-    for (int u = 0; u < DeftCornerVec<VEC>::CHUNKS; ++u) x[q].u[u] = __ldg(src + u);
-  }
+  deft_dw_load<C, (long long)W * C, true>(base + ((long long)yb * W + xb) * C, x);
 }
 
 // VEC channels of one sample: the four corners x weighted by w (f16: packed half2 arithmetic,
