@@ -293,6 +293,26 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.vec = 4;
     return runs(d, v) ? v : base;
   }
+  // Depthwise grad input, f16 and bf16, fast mode, sm_90: the local gather (gin=local halo=2)
+  // where its binning is shared by at least two 128-channel slices and its grid has at least
+  // 128 blocks (8 x 8 input tiles x images x offset groups x groups of four slices). From
+  // docs/perf-notes.md round B29 (H200, fp16, grad-input pass, L2 flushed, sigma = 2): 0.76-0.89x
+  // the float atomics' time on dw512, dw1024_16, dw256_56 and dw512_64 (nhwc), 0.93-0.95x in
+  // nchw, 1.035x on dw512_14 (128 blocks); the atomics stay for dw128_96 (one slice: 1.07x with
+  // the local gather) and dw512_n1 (16 blocks: 1.88x). At sigma = 8 it costs up to 6 %
+  // (dw1024_16), the tuner's pick there.
+  if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
+      base.algo == Algo::depthwise && (d.dtype == DType::f16 || d.dtype == DType::bf16) &&
+      d.c_per_offset_group() % 4 == 0) {
+    const int64_t slices = (d.c_per_offset_group() + 127) / 128;
+    const int64_t blocks = ((d.h + 7) / 8) * ((d.w + 7) / 8) * d.n * d.offset_groups * ((slices + 3) / 4);
+    if (slices >= 2 && blocks >= 128) {
+      Variant v = base;
+      v.gin_local = true;
+      v.halo = 2;
+      return runs(d, v) ? v : base;
+    }
+  }
   if (arch == 90 && d.pass == Pass::backward_data &&
       base.algo == Algo::gemm_tc && (d.dtype == DType::f16 || d.dtype == DType::bf16 || tf32) &&
       d.k_per_group() > 64) {

@@ -1374,3 +1374,35 @@ TEST(Codegen, DepthwiseGradInputStagesItsWeights) {
     EXPECT_EQ(info.dynamic_shared_bytes, w.smem);
   }
 }
+
+// The depthwise grad input's heuristic default on sm_90 (docs/perf-notes.md round B29): the local
+// gather where its binning serves two or more 128-channel slices and its grid has 128 blocks or
+// more, the float atomics elsewhere, in deterministic mode and for f32 / f64.
+TEST(Heuristic, DepthwiseGradInputTakesTheLocalGatherWhereItWins) {
+  auto dw = [](int n, int c, int hw, const char* dtype) {
+    return deft::parse_layer_desc(fmt::format(
+        "deform_conv2d n={} c={} h={} w={} k={} groups={} r=3 s=3 pad=1 mask=1 dtype={} "
+        "layout=nhwc pass=backward_data", n, c, hw, hw, c, c, dtype));
+  };
+  struct C {
+    deft::LayerDesc d;
+    bool det, local;
+  };
+  const std::vector<C> cases = {
+      {dw(16, 512, 32, "f16"), false, true},    // dw512: 256 blocks, 4 slices
+      {dw(16, 1024, 16, "bf16"), false, true},  // dw1024_16: 128 blocks
+      {dw(8, 256, 56, "f16"), false, true},     // dw256_56: 392 blocks, 2 slices
+      {dw(1, 512, 32, "f16"), false, false},    // dw512_n1: 16 blocks
+      {dw(4, 128, 96, "f16"), false, false},    // dw128_96: one slice
+      {dw(16, 512, 32, "f16"), true, false},    // deterministic: the gather form
+      {dw(16, 512, 32, "f32"), false, false},   // f32: not measured, the atomics
+  };
+  for (const C& c : cases) {
+    SCOPED_TRACE(deft::to_string(c.d) + (c.det ? " det" : ""));
+    const deft::Variant v = deft::default_variant(c.d, 90, c.det);
+    EXPECT_EQ(v.gin_local, c.local);
+    if (c.local) EXPECT_EQ(v.halo, 2);
+    EXPECT_EQ(deft::make_plan(c.d, v).gin_mode == 5, c.local);
+    EXPECT_FALSE(deft::default_variant(c.d, 80, c.det).gin_local);  // measured on sm_90 only
+  }
+}
