@@ -172,13 +172,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 #else
-// f16 / bf16 where nothing or little is reduced (the gather forms, gin=local): the corner-sums
-// form (deft_bwd_channels_sums, perf notes round B29). The float atomics keep the per-channel
-// form: bound by their reductions, they lost 3-30 % with the sums in the first measurement,
-// whose unpredicated corner loads were not separated from the sums. Channel vectors only
-// (EV > 1): the scalar-channel kernels (nchw with transpose=0, odd channel counts) keep the
-// per-channel form, which the GPU tests run there.
-constexpr bool CORNER_SUMS = sizeof(T) == 2 && GIN_MODE >= 3 && EV > 1;
+// f16 / bf16 with channel vectors (EV > 1), every form but the fixed-point atomics: the
+// corner-sums form (deft_bwd_channels_sums, perf notes round B29). The float atomics took it in
+// session 23 (with the corner loads predicated): 0.81-0.98x their time at sigma = 8 on dw512,
+// dw1024_16, dw512_14 and dw1024_7, unchanged at sigma = 0.5. The scalar-channel kernels (nchw
+// with transpose=0, odd channel counts) keep the per-channel form, which the GPU tests run there.
+constexpr bool CORNER_SUMS = sizeof(T) == 2 && GIN_MODE != 2 && EV > 1;
 extern "C" __global__ void __launch_bounds__(THREADS)
     KERNEL_NAME(DEFT_BWD_DATA_PARAMS) {
   deft_grid_begin();
