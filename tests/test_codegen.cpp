@@ -1406,3 +1406,32 @@ TEST(Heuristic, DepthwiseGradInputTakesTheLocalGatherWhereItWins) {
     EXPECT_FALSE(deft::default_variant(c.d, 80, c.det).gin_local);  // measured on sm_90 only
   }
 }
+
+// Whatever the default of a depthwise grad input, the tuner's space holds the float atomics,
+// the gather form and the local gather at radii 1, 2 and 4 (a gin=local default must not drop
+// the atomics, the pick at large spreads).
+TEST(Heuristic, DepthwiseGradInputSpaceKeepsTheAtomics) {
+  for (const char* text :
+       {"deform_conv2d n=16 c=512 h=32 w=32 k=512 groups=512 r=3 s=3 pad=1 mask=1 dtype=f16 "
+        "layout=nhwc pass=backward_data",
+        "deform_conv2d n=1 c=512 h=32 w=32 k=512 groups=512 r=3 s=3 pad=1 mask=1 dtype=f16 "
+        "layout=nhwc pass=backward_data"}) {
+    SCOPED_TRACE(text);
+    const deft::LayerDesc d = deft::parse_layer_desc(text);
+    std::set<std::string> got;
+    for (const deft::Variant& v : deft::search_space(d, 90)) got.insert(deft::to_string(v));
+    deft::Variant a = deft::default_variant(d, 90);
+    a.gin_local = a.gin_gather = false, a.halo = 0;
+    std::vector<deft::Variant> want = {a};
+    deft::Variant g = a;
+    g.gin_gather = true;
+    want.push_back(g);
+    for (int r : {1, 2, 4}) {
+      deft::Variant l = a;
+      l.gin_local = true, l.halo = r;
+      want.push_back(l);
+    }
+    for (const deft::Variant& v : want) EXPECT_TRUE(got.count(deft::to_string(v))) << deft::to_string(v);
+    EXPECT_EQ(got.size(), want.size());
+  }
+}

@@ -68,9 +68,13 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
   };
   if (d.pass == Pass::backward_data) {
     if (def.algo == Algo::depthwise) {
+      // the float atomics (the default of the layers the local gather does not serve)
+      Variant a = def;
+      a.gin_gather = a.gin_local = false, a.halo = 0;
+      add(a);
       // the gather form in the fast mode (f32 sums instead of float atomics; perf notes round
       // B17: slower on the bench's depthwise cases, a candidate where cells are crowded)
-      Variant g = def;
+      Variant g = a;
       g.gin_gather = true;
       add(g);
       // gin=local (fast mode, f32 workspace): the near points gathered per 8 x 8 input tile,
@@ -78,8 +82,8 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       // fastest at sigma 0.5 and 2, all within 2 % of the atomics at sigma 8)
       if (!def.deterministic)
         for (int r : {1, 2, 4}) {
-          Variant l = def;
-          l.gin_gather = false, l.gin_local = true, l.halo = r;
+          Variant l = a;
+          l.gin_local = true, l.halo = r;
           add(l);
         }
       // staging=window, opt-in (SearchOptions::window): tiles of 8 and 16 pixels, the halos
@@ -90,7 +94,7 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
         for (int tm : {8, 16})
           for (int halo : window_halos(opt.offset_sigma)) {
             if (halo > 8) continue;
-            Variant w = def;
+            Variant w = a;
             w.tile_m = tm, w.threads = 32 * tm;
             w.staging = Staging::window, w.halo = halo;
             add(w);
