@@ -191,6 +191,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       c32("LG_RW", p.lg.cols);
       c32("LG_SLICES", p.lg.slices);
       c32("LG_SPB", p.lg.per_block);
+      c32("LG_THREADS", p.lg.threads);
       c64("LG_SMEM", p.lg.smem_bytes);
     }
     if (p.gather_direct) {

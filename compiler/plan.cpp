@@ -611,6 +611,9 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
       // up to 4 slices a block (16 accumulators a lane): the binning is done once for them
       // (perf notes round B27)
       lg.per_block = std::min(lg.slices, 4);
+      // 512 threads: 16 warps walk the tile's 64 pixels' lists, 4 each (perf notes round B30:
+      // the walk and the binning wait on loads; grids of ~128 blocks held one 8-warp block an SM)
+      lg.threads = 512;
       const int64_t cand = int64_t(lg.rows) * lg.cols * d.taps();
       const int64_t cells = int64_t(lg.tile + 1) * (lg.tile + 1);
       lg.smem_bytes = 16 * cand + 4 * 128 * lg.per_block * d.taps() + 4 * (2 * cells + 1);

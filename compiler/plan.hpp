@@ -102,6 +102,7 @@ struct KernelPlan {
     int rows = 0, cols = 0;      // the output pixels whose near points can land in a tile
     int slices = 0;              // 128-channel slices of an offset group
     int per_block = 0;           // of them a block (grid y: offset groups x ceil(slices / per_block))
+    int threads = 512;           // a block's threads (a warp per input pixel of the tile in turn)
     int64_t smem_bytes = 0;      // dynamic shared memory
   } lg;
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice

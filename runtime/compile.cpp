@@ -685,7 +685,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
              {unsigned(p.lg.tiles_y * p.lg.tiles_x),
               unsigned(d.offset_groups * ((p.lg.slices + p.lg.per_block - 1) / p.lg.per_block)),
               unsigned(d.n)},
-             256, unsigned(p.lg.smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)",
+             unsigned(p.lg.threads), unsigned(p.lg.smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)",
              /*programmatic=*/false);
     }
     if ((p.gin_mode == 3 || p.gin_mode == 4) && gin) {

@@ -187,6 +187,15 @@ for step in "$@"; do
       grep -n "constexpr bool CORNER_SUMS" templates/deform_conv_bwd_data_dw.cuh
       cmake --build build -j16 > "$LOGS/build-atomsums.log" 2>&1 || { tail -20 "$LOGS/build-atomsums.log"; pack; exit 1; }
       GIN_TAG=-atomsums bash "$0" gintime ;;
+    lgthreads)  # A/B of the local gather's block size: for each of LG_THREADS_AB (e.g. "256 1024 512";
+      # the last one stays built for the later steps) compiler/plan.cpp's lg.threads is set, the
+      # library rebuilt and gintime run (GIN_TAG -lgN)
+      for lt in ${LG_THREADS_AB:?set LG_THREADS_AB}; do
+        sed -i "s/      lg.threads = [0-9]*;/      lg.threads = $lt;/" compiler/plan.cpp
+        grep -n "      lg.threads = " compiler/plan.cpp
+        cmake --build build -j16 > "$LOGS/build-lg$lt.log" 2>&1 || { tail -20 "$LOGS/build-lg$lt.log"; pack; exit 1; }
+        GIN_TAG=-lg$lt bash "$0" gintime
+      done ;;
     tunebench)  # issue 5: every fp16 forward layer of bench/shapes.json tuned (scripts/tune_bench.sh,
       # L2 flushed, every candidate), the closing table: default, tuned, speedup, variant
       timeout ${TUNEBENCH_TIMEOUT:-400} bash scripts/tune_bench.sh --db "$LOGS/tunebench.db" > "$LOGS/tune-bench.log" 2>&1

@@ -290,7 +290,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 #if GIN_MODE == 5
 // The local gather. Block: one 8 x 8 tile of input pixels (blockIdx.x), one offset group and
-// LG_SPB 128-channel slices (blockIdx.y), one image (blockIdx.z); 256 threads. (1) The weight
+// LG_SPB 128-channel slices (blockIdx.y), one image (blockIdx.z); LG_THREADS threads. (1) The weight
 // slices into shared memory as f32 [tap][channel]. (2) Every candidate point (pixel of the LG_RH x LG_RW
 // region, tap) that is near and whose floor cell is one of the tile's (TH + 1) x (TW + 1) cells
 // (rows y0 - 1 .. y0 + TH - 1) is counted per cell (shared int atomics), the counts scanned by
@@ -304,7 +304,7 @@ struct LgEntry {
   float ly, lx, mod;
 };
 __device__ __forceinline__ int deft_lg_fdiv(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(LG_THREADS)
     deft_bwd_lgather(const T* __restrict__ offset, const T* __restrict__ mask,
                      const T* __restrict__ gout, const T* __restrict__ weight,
                      GinT* __restrict__ ws) {
@@ -328,11 +328,11 @@ extern "C" __global__ void __launch_bounds__(256)
   const int ox_lo = max(0, -deft_lg_fdiv(-(tx0 - 1 + PW - (S - 1) * DW - LG_R), SW));
   const int ox_hi = min(int(WO) - 1, deft_lg_fdiv(tx0 + LG_TW - 1 + PW + LG_R, SW));
   const int c0 = sgroup * WCH;  // the block's first channel within the group
-  for (int i = tid; i < TAPS * WCH; i += 256) {
+  for (int i = tid; i < TAPS * WCH; i += LG_THREADS) {
     const int t = i / WCH, cl = c0 + i % WCH;
     wsm[i] = cl < CPOG ? float(deft_widen(weight[((long long)og * CPOG + cl) * TAPS + t])) : 0.f;
   }
-  for (int i = tid; i < CELLS; i += 256) fill[i] = 0;
+  for (int i = tid; i < CELLS; i += LG_THREADS) fill[i] = 0;
   __syncthreads();
   // candidate i: its local cell (-1: not near or not this tile's), entry fields
   auto eval = [&](int i, LgEntry& e) -> int {
@@ -352,7 +352,7 @@ extern "C" __global__ void __launch_bounds__(256)
     e.mod = float(ps.mod);
     return cy * (LG_TW + 1) + cx;
   };
-  for (int i = tid; i < CAND; i += 256) {
+  for (int i = tid; i < CAND; i += LG_THREADS) {
     LgEntry e;
     const int lc = eval(i, e);
     if (lc >= 0) atomicAdd(&fill[lc], 1);
@@ -376,7 +376,7 @@ extern "C" __global__ void __launch_bounds__(256)
     if (lane == 31) start[CELLS] = incl;
   }
   __syncthreads();
-  for (int i = tid; i < CAND; i += 256) {
+  for (int i = tid; i < CAND; i += LG_THREADS) {
     LgEntry e;
     const int lc = eval(i, e);
     if (lc >= 0) ent[start[lc] + atomicAdd(&fill[lc], 1)] = e;
@@ -388,7 +388,7 @@ extern "C" __global__ void __launch_bounds__(256)
   bool active[LG_SPB];
 #pragma unroll
   for (int sl = 0; sl < LG_SPB; ++sl) active[sl] = c0 + sl * 128 + lane * 4 < CPOG;
-  for (int pi = warp; pi < LG_TH * LG_TW; pi += 8) {
+  for (int pi = warp; pi < LG_TH * LG_TW; pi += LG_THREADS / 32) {
     const int y = ty0 + pi / LG_TW, x = tx0 + pi % LG_TW;
     if (y >= H || x >= W) continue;  // (warp-uniform)
     const int cy = y - (ty0 - 1), cx = x - (tx0 - 1);
