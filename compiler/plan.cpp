@@ -611,9 +611,11 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
       // up to 4 slices a block (16 accumulators a lane): the binning is done once for them
       // (perf notes round B27)
       lg.per_block = std::min(lg.slices, 4);
-      // 512 threads: 16 warps walk the tile's 64 pixels' lists, 4 each (perf notes round B30:
-      // the walk and the binning wait on loads; grids of ~128 blocks held one 8-warp block an SM)
-      lg.threads = 512;
+      // 1024 threads: 32 warps walk the tile's 64 pixels' lists, two each, and the binning
+      // passes take a round or two (perf notes round B30: the kernel waits on loads; against
+      // 256 threads the lgather took 0.62-0.87x the time, 512 threads 0.64-0.92x; at 1024 the
+      // 64-register cap spills 4 words on R <= 4)
+      lg.threads = 1024;
       const int64_t cand = int64_t(lg.rows) * lg.cols * d.taps();
       const int64_t cells = int64_t(lg.tile + 1) * (lg.tile + 1);
       lg.smem_bytes = 16 * cand + 4 * 128 * lg.per_block * d.taps() + 4 * (2 * cells + 1);

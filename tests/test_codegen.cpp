@@ -1408,7 +1408,7 @@ TEST(Heuristic, DepthwiseGradInputTakesTheLocalGatherWhereItWins) {
 }
 
 // Whatever the default of a depthwise grad input, the tuner's space holds the float atomics,
-// the gather form and the local gather at radii 1, 2 and 4 (a gin=local default must not drop
+// the gather form and the local gather at radii 1, 2, 4 and the spread's (a gin=local default must not drop
 // the atomics, the pick at large spreads).
 TEST(Heuristic, DepthwiseGradInputSpaceKeepsTheAtomics) {
   for (const char* text :
@@ -1426,7 +1426,7 @@ TEST(Heuristic, DepthwiseGradInputSpaceKeepsTheAtomics) {
     deft::Variant g = a;
     g.gin_gather = true;
     want.push_back(g);
-    for (int r : {1, 2, 4}) {
+    for (int r : {1, 2, 4, 6}) {  // 6: the spread's radius at the default sigma of 2
       deft::Variant l = a;
       l.gin_local = true, l.halo = r;
       want.push_back(l);

@@ -497,7 +497,7 @@ TEST(GpuBackwardDwWindow, MatchesReference) {
 }
 
 // gin=local (fast mode): the near points gathered per 8 x 8 input tile, the far ones reduced by
-// the data kernel; radii from 0 (only exact zero-offset floors near) to 4, small and large
+// the data kernel; radii from 0 (only exact zero-offset floors near) to 8, small and large
 // spreads (most points near, most far), edge offsets, stride and dilation, no mask, two offset
 // groups, groups of channels that are not a multiple of the 128-channel slice, both layouts and
 // the transposed nchw read.
@@ -517,6 +517,9 @@ TEST(GpuBackwardDwLocal, MatchesReference) {
       cases.push_back({make(1, 192, 17, 8, 192, 3, 1, 192, 2, dt, layout), 0.0, 0, false});
     }
   cases.push_back({make(2, 96, 20, 19, 96, 3, 1, 96, 1, DType::f16, Layout::nchw), 2.0, 4, true});
+  // four slices a block and the tuner's large radii (6 and 8: the spread's, at sigma 2 and 8)
+  cases.push_back({make(2, 512, 16, 16, 512, 3, 1, 512, 1, DType::f16, Layout::nhwc), 8.0, 6, false});
+  cases.push_back({make(1, 384, 12, 13, 384, 3, 1, 384, 1, DType::bf16, Layout::nchw), 2.0, 8, true});
   cases.push_back({make(1, 320, 16, 16, 320, 3, 1, 320, 1, DType::f32, Layout::nhwc), 2.0, 3, false});
   LayerDesc strided = make(2, 128, 13, 10, 128, 3, 2, 128, 1, DType::f16, Layout::nchw);
   strided.stride_h = strided.stride_w = 2, strided.dil_h = strided.dil_w = 2;

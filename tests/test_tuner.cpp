@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -884,24 +885,27 @@ TEST(TunerPolicy, BackwardPassesAreTuned) {
     EXPECT_NE(v.algo, deft::Algo::gemm_wgmma) << deft::to_string(v);
   auto dw = deft::parse_layer_desc(fmt::format(
       "deform_conv2d n=2 c=64 h=16 w=16 k=64 r=3 s=3 pad=1 groups=64 pass={}", pass));
-  // grad input: the gather form and gin=local with radii 1, 2, 4 (fast mode)
+  // grad input: the gather form and gin=local with radii 1, 2, 4 and the spread's 6 (sigma 2,
+  // fast mode)
   const auto dw_plain = deft::search_space(dw);
-  ASSERT_EQ(dw_plain.size(), data ? 5u : 1u);
+  ASSERT_EQ(dw_plain.size(), data ? 6u : 1u);
   if (data) {
     EXPECT_TRUE(dw_plain[1].gin_gather);
-    for (size_t i = 2; i < 5; ++i) {
+    for (size_t i = 2; i < 6; ++i) {
       EXPECT_TRUE(dw_plain[i].gin_local) << deft::to_string(dw_plain[i]);
-      EXPECT_EQ(dw_plain[i].halo, i == 4 ? 4 : int(i) - 1);
+      EXPECT_EQ(dw_plain[i].halo, (std::array<int, 4>{1, 2, 4, 6})[i - 2]);
     }
+    // sigma 0.5 asks for no radius beyond 2
+    EXPECT_EQ(deft::search_space(dw, deft::SearchOptions{0, false, 0.5}).size(), 5u);
   }
   // with SearchOptions::window, grad input also has staging=window with tiles of 8 and 16
   // pixels and the halos of the offsets' spread (sigma 2: 2, 4, 6)
   const auto dw_space = deft::search_space(dw, deft::SearchOptions{0, true, 2.0});
-  ASSERT_EQ(dw_space.size(), data ? 5u + 6u : 1u);
+  ASSERT_EQ(dw_space.size(), data ? 6u + 6u : 1u);
   if (data) {
     EXPECT_TRUE(dw_space[1].gin_gather);
     std::vector<std::pair<int, int>> windows;
-    for (size_t i = 5; i < dw_space.size(); ++i) {
+    for (size_t i = 6; i < dw_space.size(); ++i) {
       EXPECT_EQ(dw_space[i].staging, deft::Staging::window) << deft::to_string(dw_space[i]);
       EXPECT_EQ(dw_space[i].threads, 32 * dw_space[i].tile_m);
       windows.emplace_back(dw_space[i].tile_m, dw_space[i].halo);

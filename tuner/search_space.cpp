@@ -78,14 +78,20 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       g.gin_gather = true;
       add(g);
       // gin=local (fast mode, f32 workspace): the near points gathered per 8 x 8 input tile,
-      // the far ones reduced as the atomics do; radii 1, 2 and 4 (perf notes round B27: R = 1
-      // fastest at sigma 0.5 and 2, all within 2 % of the atomics at sigma 8)
-      if (!def.deterministic)
-        for (int r : {1, 2, 4}) {
+      // the far ones reduced as the atomics do; radii 1, 2 and 4, and the radii the offsets'
+      // spread asks for up to 8 (window_halos: 6 at sigma 2 and 8). Perf notes round B30: with
+      // the 1024-thread local gather R = 1 is fastest at sigma 0.5, R = 6 at sigma 8 on dw512
+      // (0.91x the atomics).
+      if (!def.deterministic) {
+        std::vector<int> radii = {1, 2, 4};
+        for (int h : window_halos(opt.offset_sigma))
+          if (h <= 8 && std::find(radii.begin(), radii.end(), h) == radii.end()) radii.push_back(h);
+        for (int r : radii) {
           Variant l = a;
           l.gin_local = true, l.halo = r;
           add(l);
         }
+      }
       // staging=window, opt-in (SearchOptions::window): tiles of 8 and 16 pixels, the halos
       // the offsets' spread asks for (at most 8; a larger window would not fit shared
       // memory). Slower than the float atomics at every spread measured (perf notes round
