@@ -89,7 +89,8 @@ std::string gin_mode_line(int mode, bool vector_reds) {
                      : mode == 2 ? "64-bit fixed-point atomics (deterministic)"
                      : mode == 3 ? "64-bit fixed point gathered per input pixel (deterministic)"
                      : mode == 4 ? "f32 sums gathered per input pixel (gin=gather)"
-                                 : "near points gathered per input tile, far ones reduced (gin=local)";
+                     : mode == 5 ? "near points gathered per input tile, far ones reduced (gin=local)"
+                                 : "gin=local in 64-bit fixed point (deterministic)";
   return fmt::format("#define GIN_MODE {}  // grad input: {}", mode, what);
 }
 
@@ -182,7 +183,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     dw_window("corners near the tile summed in shared memory");
     line(fmt::format("#define DW_WSMEM {}  // the block's weights in shared memory [tap][channel]",
                      p.dw_wsmem ? 1 : 0));
-    if (p.gin_mode == 5) {
+    if (p.gin_mode >= 5) {
       c32("LG_TH", p.lg.tile);
       c32("LG_TW", p.lg.tile);
       c32("LG_TILES_X", p.lg.tiles_x);

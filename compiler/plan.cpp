@@ -566,13 +566,14 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (v.gin_gather && deterministic_gin_mode(d) != 3)
       bad("gin", "gin=gather: the layer has too many sampling points for the gather's 32-bit lists");
     if (v.gin_local) {
-      const char* why = v.deterministic ? "the fast mode (det=0)"
-                        : asize != 4 ? "an f32 workspace (f16, bf16 or f32 layers)"
+      const char* why = asize != 4 ? "an f32 workspace (f16, bf16 or f32 layers)"
                         : v.staging == Staging::window ? "staging=gather"
                         : d.c_per_offset_group() % 4 != 0 ? "c/offset_groups a multiple of 4"
                                                           : nullptr;
       if (why) bad("gin", fmt::format("gin=local needs {}", why));
-      p.gin_mode = 5;
+      // deterministic: the near points' sums and the far points' reductions both in GIN_MODE
+      // 2's 64-bit fixed point (integer sums: their order does not matter)
+      p.gin_mode = v.deterministic ? 6 : 5;
     }
     if (p.gin_mode == 2 && asize == 4) p.gin_mode = deterministic_gin_mode(d);
     else if (v.gin_gather) p.gin_mode = 4;
@@ -580,14 +581,14 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     // grad_out through a channels-last copy where the lanes run along the channels (the
     // transposed input) or the gather reads it: ~10 us for a 16 MB grad_out against strided
     // reads along the channels of an nchw plane (docs/perf-notes.md round B17)
-    p.gout_t = d.layout == Layout::nchw && (p.x_nhwc || p.gather_direct || p.gin_mode == 5);
+    p.gout_t = d.layout == Layout::nchw && (p.x_nhwc || p.gather_direct || p.gin_mode >= 5);
     p.workspace_gout_bytes = p.gout_t ? d.n * d.k * d.out_h() * d.out_w() * dtype_size(d.dtype) : 0;
     if (p.gather_direct) {
       const int64_t cpog = d.c_per_offset_group(), lanes = 32 * (cpog % 4 == 0 ? 4 : 1);
       p.gather_slices = int(ceil_div(cpog, lanes));
     }
     p.workspace_bytes =
-        32 + (p.gin_mode == 2 || p.gin_mode == 3 ? 8 : p.gin_mode != 0 ? asize : 0) * in_elems;
+        32 + (p.gin_mode == 2 || p.gin_mode == 3 || p.gin_mode == 6 ? 8 : p.gin_mode != 0 ? asize : 0) * in_elems;
     // channel vectors of 4 where they are contiguous and accumulate into the f32 workspace (or
     // scatter nothing: the gather forms)
     p.ev = p.x_nhwc && p.gin_mode != 0 && p.gin_mode != 2 && asize == 4 &&
@@ -596,9 +597,9 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
                : 1;
     if (!p.transpose) p.align_input = p.ev * dtype_size(d.dtype);  // corner vectors
     // the direct gather reads nhwc grad_out in vectors of 4 channels where a group has them
-    if ((p.gather_direct || p.gin_mode == 5) && !p.gout_t && d.c_per_offset_group() % 4 == 0)
+    if ((p.gather_direct || p.gin_mode >= 5) && !p.gout_t && d.c_per_offset_group() % 4 == 0)
       p.align_gout = 4 * dtype_size(d.dtype);
-    if (p.gin_mode == 5) {
+    if (p.gin_mode >= 5) {
       // the local gather (deft_bwd_lgather): 8 x 8 input tiles; the output pixels whose near
       // points can land in a tile's cells: an interval of TH + (r - 1) dil + 2 R rows
       auto& lg = p.lg;
@@ -615,7 +616,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
       // passes take a round or two (perf notes round B30: the kernel waits on loads; against
       // 256 threads the lgather took 0.62-0.87x the time, 512 threads 0.64-0.92x; at 1024 the
       // 64-register cap spills 4 words on R <= 4)
-      lg.threads = 1024;
+      lg.threads = p.gin_mode == 6 ? 512 : 1024;  // 6: 64-bit sums, 16 more registers
       const int64_t cand = int64_t(lg.rows) * lg.cols * d.taps();
       const int64_t cells = int64_t(lg.tile + 1) * (lg.tile + 1);
       lg.smem_bytes = 16 * cand + 4 * 128 * lg.per_block * d.taps() + 4 * (2 * cells + 1);

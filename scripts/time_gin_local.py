@@ -7,7 +7,9 @@ bench/shapes.json or bench/dw_decision_shapes.json; default dw512 dw1024_16; --s
 each variant's per-kernel times (torch.profiler, mean of 10 calls), one line per cell; run it with
 DEFT_PDL=0, or a kernel's time includes its wait for the one before it. --flush: the L2 flushed
 (a 256 MB buffer written) before every timed and profiled call, as `deft tune` times candidates;
-the flush's own kernel is left out of the per-kernel times."""
+the flush's own kernel is left out of the per-kernel times. --det: the deterministic mode's
+forms instead (every variant with det=1: "atomics" is then the default gather in fixed point,
+gin=local the fixed-point local gather)."""
 from collections import defaultdict
 import os
 import statistics
@@ -25,12 +27,13 @@ for f in ("shapes.json", "dw_decision_shapes.json"):
         cases.setdefault(c["name"], c)
 kernels = "--kernels" in sys.argv[1:]
 flush = "--flush" in sys.argv[1:]
+det = "--det" in sys.argv[1:]
 opts = {"--sigmas": "0.5,2,8", "--layouts": "nchw,nhwc"}  # --sigmas=0.5,8 --layouts=nchw
 names = []
 for a in sys.argv[1:]:
     if a.split("=")[0] in opts:
         opts[a.split("=")[0]] = a.split("=", 1)[1]
-    elif a not in ("--kernels", "--flush"):
+    elif a not in ("--kernels", "--flush", "--det"):
         names.append(a)
 sigmas = [float(x) for x in opts["--sigmas"].split(",")]
 layouts = opts["--layouts"].split(",")
@@ -47,8 +50,9 @@ base = "algo=depthwise tm=8 tn=1 tk=1 threads=256 vec=1 staging=gather halo={} t
 
 def variants(layout):
     t = 1 if layout == "nchw" else 0
-    return [("atomics", base.format(0, t)), ("gather", base.format(0, t) + " gin=gather")] + \
-        [(f"local R={r}", base.format(r, t) + " gin=local") for r in (1, 2, 4, 6)]
+    d = " det=1" if det else ""
+    return [("atomics", base.format(0, t) + d), ("gather", base.format(0, t) + " gin=gather" + d)] + \
+        [(f"local R={r}", base.format(r, t) + " gin=local" + d) for r in (1, 2, 4, 6)]
 print("| case | layout | σ | " + " | ".join(n for n, _ in variants("nhwc")) + " |")
 breakdown = []
 for name in names or ["dw512", "dw1024_16"]:
@@ -63,13 +67,13 @@ for name in names or ["dw512", "dw1024_16"]:
             row, ref = [], None
             for vname, v in variants(layout):
                 try:
-                    k = lib.compile_ex(desc, None, None, v, None)
+                    k = lib.compile_ex(desc, None, None, v, None, deterministic=det)
                 except Exception as e:  # noqa: BLE001
                     row.append("n/a")
                     print(f"  {name} {layout} {vname}: {e}", file=sys.stderr)
                     continue
                 gx, goff, gm = (torch.full_like(t, float("nan")) for t in (x, off, m))
-                call = lambda: k.backward(x, off, m, w, gout, gx, goff, gm, None, None, 0)  # noqa
+                call = lambda: k.backward(x, off, m, w, gout, gx, goff, gm, None, None, 1 if det else 0)  # noqa
                 for _ in range(5):
                     call()
                 ts = []

@@ -427,7 +427,7 @@ __device__ __forceinline__ void deft_bwd_channels_from(const BwdCorners<EV_>& r,
   deft_bwd_channels_math<EV_>(v, dst, pt, cg, scale, nonfinite, g);
 }
 
-// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 to 4). An nchw layer
+// Converts the grad-input workspace into grad_input's dtype (GIN_MODE 1 to 6). An nchw layer
 // with a channels-last workspace (WS_NHWC: the input read channels-last, or a gather form) gets
 // its grad input transposed back here, in 64 x 64 tiles (grid: (H*W / 64, C / 64, N) rounded
 // up); otherwise four elements a thread (grid: elements / 1024 rounded up), in one vector each
@@ -437,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_finish(const GinT* __restrict__ ws, const unsigned long long* __restrict__ header,
                     T* __restrict__ gin) {
   deft_grid_begin();
-#if GIN_MODE == 2 || GIN_MODE == 3
+#if GIN_MODE == 2 || GIN_MODE == 3 || GIN_MODE == 6
   const bool nonfinite = header[3] != 0ull;
   const double scale = deft_fixed_scale(header);
   auto conv = [=](GinT v) {
@@ -482,6 +482,14 @@ __device__ __forceinline__ Acc deft_corner_weight(float fy, float fx, int q) {
   return q == 0 ? hy * hx : q == 1 ? hy * lx : q == 2 ? ly * hx : ly * lx;
 }
 
+// One contribution added to a fixed-point sum, rounded as GIN_MODE 2's atomics round it.
+__device__ __forceinline__ void deft_fixed_add(long long& acc, Acc contrib, double scale,
+                                               bool& nonfinite) {
+  const double sc = (double)contrib * scale;
+  if (!(fabs(sc) <= DEFT_FIXED_LIMIT)) nonfinite = true;
+  else acc += __double2ll_rn(sc);
+}
+
 #if GIN_MODE == 3 || GIN_MODE == 4
 // Deterministic grad input in gather form. Instead of 64-bit atomics from every (point,
 // corner, channel), the data kernel stores each sampling point's column gradient times its
@@ -502,14 +510,6 @@ constexpr long long G_CELLS = (long long)N * OG * (H + 1) * (W + 1);
 // deft_bwd_point's weight of corner q from the point's fraction f = (ly, lx)
 __device__ __forceinline__ Acc deft_gather_corner_weight(float2 f, int q) {
   return deft_corner_weight(f.x, f.y, q);
-}
-
-// One contribution added to a fixed-point sum, rounded as GIN_MODE 2's atomics round it.
-__device__ __forceinline__ void deft_fixed_add(long long& acc, Acc contrib, double scale,
-                                               bool& nonfinite) {
-  const double sc = (double)contrib * scale;
-  if (!(fabs(sc) <= DEFT_FIXED_LIMIT)) nonfinite = true;
-  else acc += __double2ll_rn(sc);
 }
 
 __device__ __forceinline__ long long deft_bwd_cell(long long n, int og, int y0, int x0) {

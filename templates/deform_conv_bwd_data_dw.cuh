@@ -37,8 +37,9 @@
 // Constants from codegen: PIXB, CL, THREADS (= PIXB * CL), GIN_MODE, EV, DW_WINDOW, DW_WSMEM; with the
 // window TILE_H, TILE_W, TILES_Y, TILES_X, WIN_HALO, WIN_ROWS, WIN_COLS, SMEM_BYTES.
 
-#if GIN_MODE == 5
-// gin=local (fast mode): a point is near when it is inside and its floor corner lies within
+#if GIN_MODE == 5 || GIN_MODE == 6
+// gin=local (GIN_MODE 5, fast mode; 6, deterministic: both kernels in GIN_MODE 2's 64-bit fixed
+// point, integer sums whose order does not matter): a point is near when it is inside and its floor corner lies within
 // LG_R pixels of its tap's zero-offset position, both ways (false for NaN). deft_bwd_lgather
 // sums the near points' grad input per 8 x 8 input tile (shared-memory lists, no reductions) and
 // stores it; the data kernel, launched after it, reduces the far points' onto it. Both kernels
@@ -52,15 +53,25 @@ __device__ __forceinline__ bool deft_lg_near(const BwdPos& ps, int ho, int wo, i
   const Pos dx = floor(ps.x) - Pos(wo * SW - PW + (t % S) * DW);
   return dy >= Pos(-LG_R) && dy <= Pos(LG_R) && dx >= Pos(-LG_R) && dx <= Pos(LG_R);
 }
-// A far point's contributions for channels c .. c + EV_ - 1 into the channels-last f32 workspace
-// of its image (ws), as GIN_MODE 1 would scatter them.
+// A far point's contributions for channels c .. c + EV_ - 1 into the channels-last workspace of
+// its image (ws), as GIN_MODE 1 (5) or GIN_MODE 2 (6) would scatter them.
 template <int EV_>
 __device__ __forceinline__ void deft_lg_scatter(GinT* ws, const BwdCell& cell, const BwdPoint& pt,
-                                                int c, const Acc* cg) {
+                                                int c, const Acc* cg, double scale,
+                                                bool& nonfinite) {
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     if (!((pt.valid >> q) & 1)) continue;
     GinT* dst = ws + ((long long)(cell.y0 + (q >> 1)) * W + (cell.x0 + (q & 1))) * C + c;
+#if GIN_MODE == 6
+#pragma unroll
+    for (int e = 0; e < EV_; ++e) {
+      const double sc = (double)(cg[e] * pt.mod * pt.w[q]) * scale;
+      if (!(fabs(sc) <= DEFT_FIXED_LIMIT)) nonfinite = true;
+      else atomicAdd(dst + e, (unsigned long long)__double2ll_rn(sc));
+    }
+#else
+    (void)scale, (void)nonfinite;
     float v[4];
 #pragma unroll
     for (int e = 0; e < EV_; ++e) v[e] = float(cg[e] * pt.mod * pt.w[q]);
@@ -68,6 +79,7 @@ __device__ __forceinline__ void deft_lg_scatter(GinT* ws, const BwdCell& cell, c
     else
 #pragma unroll
       for (int e = 0; e < EV_; ++e) atomicAdd(dst + e, v[e]);
+#endif
   }
 }
 #endif
@@ -192,8 +204,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const long long n = px.n;
   const int ho = px.ho, wo = px.wo;
   const long long q_img = (long long)ho * WO + wo;
-  const double scale = GIN_MODE == 2 ? deft_fixed_scale(header) : 1.0;
-  bool nonfinite = GIN_MODE == 2 && header[3] != 0ull;
+  const double scale = GIN_MODE == 2 || GIN_MODE == 6 ? deft_fixed_scale(header) : 1.0;
+  bool nonfinite = (GIN_MODE == 2 || GIN_MODE == 6) && header[3] != 0ull;
 #if DW_WSMEM
   // the offset group's weights as the accumulator type, [tap][channel]: read along the
   // channels of a tap (a warp's lanes TAPS elements apart, a few lines) and stored without
@@ -212,7 +224,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     Acc g[3] = {Acc(0), Acc(0), Acc(0)};  // grad offset dy, dx, grad mask of this tap
     if (pix_ok) {
       const BwdPos ps = deft_bwd_pos(offset, mask, n, ho, wo, t, og);
-#if GIN_MODE == 5
+#if GIN_MODE >= 5
       BwdCell cell{0, 0};
       const BwdPoint pt = deft_bwd_point_at(ps, &cell);
       // the local gather (deft_bwd_lgather) has summed the near points: only far ones scatter
@@ -234,8 +246,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
           const long long cbase = X_NHWC ? (long long)c : (long long)c * H * W;
           deft_bwd_channel(image + cbase, gin ? gin + n * (C * H * W) + cbase : nullptr, pt, cg,
                            scale, nonfinite, g);
-#if GIN_MODE == 5
-          if (far) deft_lg_scatter<1>(far, cell, pt, c, &cg);
+#if GIN_MODE >= 5
+          if (far) deft_lg_scatter<1>(far, cell, pt, c, &cg, scale, nonfinite);
 #endif
         }
       } else {  // nhwc: EV neighbouring channels per lane, one vector load and reduction per corner
@@ -263,8 +275,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
           else
             deft_bwd_channels<EV>(image + c, gin ? gin + n * (C * H * W) + c : nullptr, pt, cg,
                                   scale, nonfinite, g);
-#if GIN_MODE == 5
-          if (far) deft_lg_scatter<EV>(far, cell, pt, c, cg);
+#if GIN_MODE >= 5
+          if (far) deft_lg_scatter<EV>(far, cell, pt, c, cg, scale, nonfinite);
 #endif
         }
       }
@@ -288,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 }
 #endif  // DW_WINDOW
 
-#if GIN_MODE == 5
+#if GIN_MODE >= 5
 // The local gather. Block: one 8 x 8 tile of input pixels (blockIdx.x), one offset group and
 // LG_SPB 128-channel slices (blockIdx.y), one image (blockIdx.z); LG_THREADS threads. (1) The weight
 // slices into shared memory as f32 [tap][channel]. (2) Every candidate point (pixel of the LG_RH x LG_RW
@@ -307,8 +319,18 @@ __device__ __forceinline__ int deft_lg_fdiv(int a, int b) { return a >= 0 ? a / 
 extern "C" __global__ void __launch_bounds__(LG_THREADS)
     deft_bwd_lgather(const T* __restrict__ offset, const T* __restrict__ mask,
                      const T* __restrict__ gout, const T* __restrict__ weight,
-                     GinT* __restrict__ ws) {
+                     GinT* __restrict__ ws, unsigned long long* __restrict__ header) {
   deft_grid_begin();
+#if GIN_MODE == 6
+  // GIN_MODE 2's fixed point: each contribution rounded as its atomics round it, summed as an
+  // integer (so the order of a cell's list, set by shared atomics, does not matter)
+  const double scale = deft_fixed_scale(header);
+  bool nonfinite = false;
+  typedef long long Sum;
+#else
+  (void)header;
+  typedef float Sum;
+#endif
   constexpr int CELLS = (LG_TH + 1) * (LG_TW + 1), REGION = LG_RH * LG_RW,
                 CAND = REGION * TAPS;
   extern __shared__ __align__(16) unsigned char lg_smem[];
@@ -392,11 +414,11 @@ extern "C" __global__ void __launch_bounds__(LG_THREADS)
     const int y = ty0 + pi / LG_TW, x = tx0 + pi % LG_TW;
     if (y >= H || x >= W) continue;  // (warp-uniform)
     const int cy = y - (ty0 - 1), cx = x - (tx0 - 1);
-    float acc[LG_SPB][4];
+    Sum acc[LG_SPB][4];
 #pragma unroll
     for (int sl = 0; sl < LG_SPB; ++sl)
 #pragma unroll
-      for (int u = 0; u < 4; ++u) acc[sl][u] = 0.f;
+      for (int u = 0; u < 4; ++u) acc[sl][u] = Sum(0);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {  // cells (y, x), (y, x - 1), (y - 1, x), (y - 1, x - 1)
       const int lc = (cy - (q >> 1)) * (LG_TW + 1) + (cx - (q & 1));
@@ -421,16 +443,30 @@ extern "C" __global__ void __launch_bounds__(LG_THREADS)
           for (int u = 0; u < 4; ++u) {
             // GIN_MODE 1's operations: cg = weight x grad_out, cg x mask x corner weight
             const Acc cg = Acc(wf[u]) * Acc(deft_widen(gv[sl].x[u]));
+#if GIN_MODE == 6
+            deft_fixed_add(acc[sl][u], cg * Acc(en.mod) * w, scale, nonfinite);
+#else
             acc[sl][u] += float(cg * Acc(en.mod) * w);
+#endif
           }
         }
       }
     }
 #pragma unroll
     for (int sl = 0; sl < LG_SPB; ++sl)
-      if (active[sl])
-        *reinterpret_cast<float4*>(ws + ((n * H + y) * W + x) * C + cabs + sl * 128) =
-            make_float4(acc[sl][0], acc[sl][1], acc[sl][2], acc[sl][3]);
+      if (active[sl]) {
+        GinT* dst = ws + ((n * H + y) * W + x) * C + cabs + sl * 128;
+#if GIN_MODE == 6
+        struct __align__(32) U4 { unsigned long long x[4]; };
+        *reinterpret_cast<U4*>(dst) = U4{{(unsigned long long)acc[sl][0], (unsigned long long)acc[sl][1],
+                                          (unsigned long long)acc[sl][2], (unsigned long long)acc[sl][3]}};
+#else
+        *reinterpret_cast<float4*>(dst) = make_float4(acc[sl][0], acc[sl][1], acc[sl][2], acc[sl][3]);
+#endif
+      }
   }
+#if GIN_MODE == 6
+  if (nonfinite) atomicOr(&header[3], 1ull);
+#endif
 }
-#endif  // GIN_MODE == 5
+#endif  // GIN_MODE >= 5

@@ -1274,8 +1274,19 @@ TEST(Codegen, DepthwiseGradInputLocal) {
       EXPECT_EQ(e.field(), field) << e.what();
     }
   };
-  refused("dtype=f16 layout=nhwc", loc + " det=1", "gin");
+  // deterministic: the fixed-point form (gin_mode 6), a 64-bit workspace, 512 threads
+  const deft::Variant dv = deft::parse_variant(loc + " det=1");
+  const deft::KernelPlan dp = deft::make_plan(d, dv);
+  EXPECT_EQ(dp.gin_mode, 6);
+  EXPECT_EQ(dp.lg.threads, 512);
+  EXPECT_EQ(p.lg.threads, 1024);
+  EXPECT_EQ(dp.workspace_bytes, 32 + 8 * 2 * 256 * 9 * 11);
+  const deft::CompileInfo dinfo = compile_for_sm90(d, dv);
+  EXPECT_NE(dinfo.source.find("#define GIN_MODE 6"), std::string::npos);
+  const std::regex spills(R"(([1-9]\d*) bytes spill stores)");
+  EXPECT_FALSE(std::regex_search(dinfo.resource_report, spills)) << dinfo.resource_report;
   refused("dtype=f64 layout=nhwc", loc, "gin");
+  refused("dtype=f64 layout=nhwc", loc + " det=1", "gin");
   refused("dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 halo=9 gin=local", "halo");
   refused("dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 halo=2", "halo");
 }

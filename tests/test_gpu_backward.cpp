@@ -540,6 +540,48 @@ TEST(GpuBackwardDwLocal, MatchesReference) {
         [](const deft::KernelPlan& plan) { return plan.gin_mode == 5; });
 }
 
+// gin=local in deterministic mode (gin_mode 6: the near points' sums and the far points'
+// reductions both in 64-bit fixed point): the f64 reference, and grad input, offset and mask
+// bitwise equal over three runs and a fresh kernel's run, on small and large spreads, edge
+// offsets (NaN, huge: the non-finite flag), both layouts, the transposed nchw read, radii 1 to 6.
+TEST(GpuBackwardDwLocal, DeterministicIsReproducible) {
+  DEFT_SKIP_WITHOUT_GPU();
+  struct L {
+    LayerDesc d;
+    double sigma;  // 0: edge offsets
+    int halo;
+  };
+  const std::vector<L> cases = {
+      {make(2, 256, 9, 11, 256, 3, 1, 256, 1, DType::f16, Layout::nhwc), 0.5, 1},
+      {make(2, 256, 9, 11, 256, 3, 1, 256, 1, DType::bf16, Layout::nchw), 8.0, 2},
+      {make(1, 192, 17, 8, 192, 3, 1, 192, 2, DType::f32, Layout::nhwc), 0.0, 0},
+      {make(2, 512, 16, 16, 512, 3, 1, 512, 1, DType::f16, Layout::nhwc), 2.0, 6},
+      {make(1, 96, 20, 19, 96, 3, 1, 96, 1, DType::f16, Layout::nchw), 0.0, 4},
+  };
+  uint64_t seed = 2300;
+  for (const L& c : cases) {
+    LayerDesc data = c.d;
+    data.pass = deft::Pass::backward_data;
+    deft::Variant v = deft::default_variant(data, 90, true);
+    ASSERT_EQ(v.algo, deft::Algo::depthwise);
+    v.deterministic = true, v.gin_gather = false, v.gin_local = true, v.halo = c.halo;
+    v.staging = deft::Staging::gather;
+    if (c.d.layout == Layout::nchw) v.transpose = true;
+    SCOPED_TRACE(deft::to_string(c.d) + " | " + deft::to_string(v) + " sigma " + std::to_string(c.sigma));
+    ASSERT_EQ(deft::make_plan(data, v).gin_mode, 6);
+    Tensors t = random_tensors(c.d, c.sigma > 0 ? c.sigma : 2.0, ++seed);
+    if (c.sigma == 0) edge_offsets(t, c.d.dtype, ++seed);
+    deft::CompileOptions o = test_options(true);
+    o.backward_data_variant = v;
+    check_backward(c.d, t, 1, o);
+    for (auto* x : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*x, c.d.dtype);
+    const GpuGrads all = run_gpu(c.d, t, 1, {true, true, true, false, false}, 3, o);
+    const GpuGrads again = run_gpu(c.d, t, 1, {true, true, true, false, false}, 1, o);
+    for (int g = kInput; g <= kMask; ++g)
+      EXPECT_EQ(again.raw[g], all.raw[g]) << kGradName[g] << ": not bitwise reproducible";
+  }
+}
+
 // The depthwise grad-input kernel's channel steps (32 lanes x 4 channels) issue their corner
 // loads NB at a time (4 steps for f16, 2 otherwise): groups of 640 channels (5 steps: a full
 // batch, then one step), 576 (4.5 steps: the last one part-filled) and 96 with two offset
