@@ -82,8 +82,9 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       // spread asks for up to 8 (window_halos: 6 at sigma 2 and 8). Perf notes round B30: with
       // the 1024-thread local gather R = 1 is fastest at sigma 0.5, R = 6 at sigma 8 on dw512
       // (0.91x the atomics).
-      // (deterministic mode: the fixed-point local gather, gin_mode 6)
-      {
+      // (fast mode only: the deterministic local gather, gin_mode 6, took 1.6-3.9x the
+      // deterministic gather's time at every spread measured, perf notes round B31)
+      if (!def.deterministic) {
         std::vector<int> radii = {1, 2, 4};
         for (int h : window_halos(opt.offset_sigma))
           if (h <= 8 && std::find(radii.begin(), radii.end(), h) == radii.end()) radii.push_back(h);

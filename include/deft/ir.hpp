@@ -167,7 +167,8 @@ struct Variant {
   // depthwise backward_data, fast mode: grad input of the points whose floor corner lies within
   // `halo` pixels of its zero-offset position gathered per input tile in shared memory (no
   // reductions), the rest scattered with float reductions (printed as gin=local; halo is the
-  // radius). Not with gin_gather.
+  // radius). Not with gin_gather. With deterministic: both kernels in 64-bit fixed point
+  // (bitwise reproducible; opt-in, slower than the deterministic default).
   bool gin_local = false;
 
   bool operator==(const Variant&) const = default;
