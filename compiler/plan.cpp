@@ -614,8 +614,8 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
       lg.per_block = std::min(lg.slices, 4);
       // 1024 threads: 32 warps walk the tile's 64 pixels' lists, two each, and the binning
       // passes take a round or two (perf notes round B30: the kernel waits on loads; against
-      // 256 threads the lgather took 0.62-0.87x the time, 512 threads 0.64-0.92x; at 1024 the
-      // 64-register cap spills 4 words on R <= 4)
+      // 256 threads the lgather took 0.62-0.87x the time at 512 threads, 0.59-0.83x at 1024,
+      // where the 64-register cap spills 4 words on R <= 4)
       lg.threads = p.gin_mode == 6 ? 512 : 1024;  // 6: 64-bit sums, 16 more registers
       const int64_t cand = int64_t(lg.rows) * lg.cols * d.taps();
       const int64_t cells = int64_t(lg.tile + 1) * (lg.tile + 1);
