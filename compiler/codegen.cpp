@@ -183,7 +183,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     dw_window("corners near the tile summed in shared memory");
     line(fmt::format("#define DW_WSMEM {}  // the block's weights in shared memory [tap][channel]",
                      p.dw_wsmem ? 1 : 0));
-    if (p.gin_mode >= 5) {
+    if (p.gin_local_gather()) {
       c32("LG_TH", p.lg.tile);
       c32("LG_TW", p.lg.tile);
       c32("LG_TILES_X", p.lg.tiles_x);

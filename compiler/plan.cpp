@@ -581,14 +581,14 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     // grad_out through a channels-last copy where the lanes run along the channels (the
     // transposed input) or the gather reads it: ~10 us for a 16 MB grad_out against strided
     // reads along the channels of an nchw plane (docs/perf-notes.md round B17)
-    p.gout_t = d.layout == Layout::nchw && (p.x_nhwc || p.gather_direct || p.gin_mode >= 5);
+    p.gout_t = d.layout == Layout::nchw && (p.x_nhwc || p.gather_direct || p.gin_local_gather());
     p.workspace_gout_bytes = p.gout_t ? d.n * d.k * d.out_h() * d.out_w() * dtype_size(d.dtype) : 0;
     if (p.gather_direct) {
       const int64_t cpog = d.c_per_offset_group(), lanes = 32 * (cpog % 4 == 0 ? 4 : 1);
       p.gather_slices = int(ceil_div(cpog, lanes));
     }
     p.workspace_bytes =
-        32 + (p.gin_mode == 2 || p.gin_mode == 3 || p.gin_mode == 6 ? 8 : p.gin_mode != 0 ? asize : 0) * in_elems;
+        32 + (p.gin_fixed_point() ? 8 : p.gin_mode != 0 ? asize : 0) * in_elems;
     // channel vectors of 4 where they are contiguous and accumulate into the f32 workspace (or
     // scatter nothing: the gather forms)
     p.ev = p.x_nhwc && p.gin_mode != 0 && p.gin_mode != 2 && asize == 4 &&
@@ -597,9 +597,9 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
                : 1;
     if (!p.transpose) p.align_input = p.ev * dtype_size(d.dtype);  // corner vectors
     // the direct gather reads nhwc grad_out in vectors of 4 channels where a group has them
-    if ((p.gather_direct || p.gin_mode >= 5) && !p.gout_t && d.c_per_offset_group() % 4 == 0)
+    if ((p.gather_direct || p.gin_local_gather()) && !p.gout_t && d.c_per_offset_group() % 4 == 0)
       p.align_gout = 4 * dtype_size(d.dtype);
-    if (p.gin_mode >= 5) {
+    if (p.gin_local_gather()) {
       // the local gather (deft_bwd_lgather): 8 x 8 input tiles; the output pixels whose near
       // points can land in a tile's cells: an interval of TH + (r - 1) dil + 2 R rows
       auto& lg = p.lg;

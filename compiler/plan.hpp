@@ -41,8 +41,15 @@ struct KernelPlan {
   // 0 atomics into grad_input, 1 f32 workspace, 2 fixed-point atomics (deterministic), 3 fixed
   // point gathered per input pixel from the points sorted by cell (deterministic, no atomics;
   // the resident WMMA, wgmma and depthwise kernels: GatherLayout below), 4 the same gather in
-  // f32 (the depthwise kernel's gin=gather, fast mode)
+  // f32 (the depthwise kernel's gin=gather, fast mode), 5 the depthwise local gather
+  // (gin=local: near points summed per input tile, far ones reduced into the f32 workspace),
+  // 6 the same in 64-bit fixed point (gin=local det=1)
   int gin_mode = 0;
+  // gin_mode 5 or 6: deft_bwd_lgather runs before the data kernel
+  bool gin_local_gather() const { return gin_mode == 5 || gin_mode == 6; }
+  // the 64-bit fixed-point workspace of the deterministic modes, scaled by deft_bwd_bound's
+  // header (gin_mode 2, 3, 6)
+  bool gin_fixed_point() const { return gin_mode == 2 || gin_mode == 3 || gin_mode == 6; }
   int bo = 0, bpw = 0, tmo = 0, tnc = 0, ksplit = 0;  // backward_weight tiles
   int fpw = 0;                              // backward tensor cores: 16x16 fragments per warp
   // backward_data with grad_out resident in shared memory (deform_conv_bwd_data_tc.cuh):
@@ -102,7 +109,7 @@ struct KernelPlan {
     int rows = 0, cols = 0;      // the output pixels whose near points can land in a tile
     int slices = 0;              // 128-channel slices of an offset group
     int per_block = 0;           // of them a block (grid y: offset groups x ceil(slices / per_block))
-    int threads = 512;           // a block's threads (a warp per input pixel of the tile in turn)
+    int threads = 0;             // a block's threads (a warp per input pixel of the tile in turn)
     int64_t smem_bytes = 0;      // dynamic shared memory
   } lg;
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice

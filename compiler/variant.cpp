@@ -295,12 +295,11 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   }
   // Depthwise grad input, f16 and bf16, fast mode, sm_90: the local gather (gin=local halo=2)
   // where its binning is shared by at least two 128-channel slices and its grid has at least
-  // 128 blocks (8 x 8 input tiles x images x offset groups x groups of four slices). From
-  // docs/perf-notes.md round B29 (H200, fp16, grad-input pass, L2 flushed, sigma = 2): 0.76-0.89x
-  // the float atomics' time on dw512, dw1024_16, dw256_56 and dw512_64 (nhwc), 0.93-0.95x in
-  // nchw, 1.035x on dw512_14 (128 blocks); the atomics stay for dw128_96 (one slice: 1.07x with
-  // the local gather) and dw512_n1 (16 blocks: 1.88x). At sigma = 8 it costs up to 6 %
-  // (dw1024_16), the tuner's pick there.
+  // 128 blocks (8 x 8 input tiles x images x offset groups x groups of four slices). Measured
+  // (BENCHMARKS.md "Session 23", H200, fp16 nhwc, grad-input pass, L2 flushed, sigma = 2):
+  // 0.69-0.87x the float atomics' time on dw512, dw1024_16, dw256_56, dw512_64 and dw512_14;
+  // the atomics stay for dw128_96 (one slice: the best radius 1.06x) and dw512_n1 (16 blocks:
+  // 1.41x). Other spreads are the tuner's (at sigma = 8 larger radii or the atomics win).
   if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
       base.algo == Algo::depthwise && (d.dtype == DType::f16 || d.dtype == DType::bf16) &&
       d.c_per_offset_group() % 4 == 0) {

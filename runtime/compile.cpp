@@ -260,7 +260,7 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
       for (int i = 0; i < 2; ++i)
         driver::check(api.cuLibraryGetKernel(&impl->aux[i], impl->library, names[i]),
                       "cuLibraryGetKernel(backward helper)");
-      if (desc.pass == Pass::backward_data && impl->plan.gin_mode >= 5) {
+      if (desc.pass == Pass::backward_data && impl->plan.gin_local_gather()) {
         driver::check(api.cuLibraryGetKernel(&impl->lgather, impl->library, "deft_bwd_lgather"),
                       "cuLibraryGetKernel(deft_bwd_lgather)");
         if (impl->plan.lg.smem_bytes > 48 * 1024)
@@ -640,7 +640,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       // scattered into and never read (deterministic mode: unscaled, the bound not computed)
       gin = reinterpret_cast<void*>(ws.get() + 32);
     }
-    if (a.grad_input && (p.gin_mode == 2 || p.gin_mode == 3 || p.gin_mode == 6)) {  // the fixed-point scale
+    if (a.grad_input && p.gin_fixed_point()) {  // the fixed-point scale
       void* params[] = {&mask, &weight, &gout, &header};
       // enough blocks to stream grad_out at full bandwidth (at least 4 elements a thread, up
       // to 1024 blocks: a small layer's few loads a thread in flight at once), one atomic per
@@ -673,7 +673,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     void* gws = gin;
     void *values = nullptr, *frac = nullptr, *counts = nullptr, *list = nullptr;
     const void* gout_k = gout_for(*k);
-    if (p.gin_mode >= 5 && a.grad_input) {
+    if (p.gin_local_gather() && a.grad_input) {
       // the local gather stores the near points' sums (every element); the data kernel then
       // reduces the far points' onto them
       // Launched plainly, not as a programmatic dependent launch: behind the nchw transposes

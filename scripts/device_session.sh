@@ -180,22 +180,6 @@ for step in "$@"; do
       # GIN_TAG, GIN_PDL (DEFT_PDL for the run; default 0, as --kernels needs)
       DEFT_PDL=${GIN_PDL:-0} timeout 300 python3 scripts/time_gin_local.py ${GIN_ARGS:-} > "$LOGS/time-gin-local${GIN_TAG:-}.log" 2>&1
       stamp "time_gin_local ${GIN_ARGS:-} rc=$?"; grep "^|" "$LOGS/time-gin-local${GIN_TAG:-}.log" ;;
-    atomsums)  # A/B: the float atomics with the corner sums (CORNER_SUMS for GIN_MODE 1 too),
-      # rebuilt, then gintime again (GIN_TAG -atomsums); the later steps run on this build
-      sed -i 's/constexpr bool CORNER_SUMS = sizeof(T) == 2 \&\& GIN_MODE >= 3 \&\& EV > 1;/constexpr bool CORNER_SUMS = sizeof(T) == 2 \&\& GIN_MODE != 2 \&\& EV > 1;/' \
-        templates/deform_conv_bwd_data_dw.cuh
-      grep -n "constexpr bool CORNER_SUMS" templates/deform_conv_bwd_data_dw.cuh
-      cmake --build build -j16 > "$LOGS/build-atomsums.log" 2>&1 || { tail -20 "$LOGS/build-atomsums.log"; pack; exit 1; }
-      GIN_TAG=-atomsums bash "$0" gintime ;;
-    lgthreads)  # A/B of the local gather's block size: for each of LG_THREADS_AB (e.g. "256 1024 512";
-      # the last one stays built for the later steps) compiler/plan.cpp's lg.threads is set, the
-      # library rebuilt and gintime run (GIN_TAG -lgN)
-      for lt in ${LG_THREADS_AB:?set LG_THREADS_AB}; do
-        sed -i "s/      lg.threads = [0-9]*;/      lg.threads = $lt;/" compiler/plan.cpp
-        grep -n "      lg.threads = " compiler/plan.cpp
-        cmake --build build -j16 > "$LOGS/build-lg$lt.log" 2>&1 || { tail -20 "$LOGS/build-lg$lt.log"; pack; exit 1; }
-        GIN_TAG=-lg$lt bash "$0" gintime
-      done ;;
     tunebench)  # issue 5: every fp16 forward layer of bench/shapes.json tuned (scripts/tune_bench.sh,
       # L2 flushed, every candidate), the closing table: default, tuned, speedup, variant
       timeout ${TUNEBENCH_TIMEOUT:-400} bash scripts/tune_bench.sh --db "$LOGS/tunebench.db" > "$LOGS/tune-bench.log" 2>&1
