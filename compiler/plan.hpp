@@ -41,7 +41,8 @@ struct KernelPlan {
   // 0 atomics into grad_input, 1 f32 workspace, 2 fixed-point atomics (deterministic), 3 fixed
   // point gathered per input pixel from the points sorted by cell (deterministic, no atomics;
   // the resident WMMA, wgmma and depthwise kernels: GatherLayout below), 4 the same gather in
-  // f32 (the depthwise kernel's gin=gather, fast mode), 5 the depthwise local gather
+  // f32 (the depthwise kernel's: gin=gather in the fast mode; with gather_sorted its
+  // deterministic default), 5 the depthwise local gather
   // (gin=local: near points summed per input tile, far ones reduced into the f32 workspace),
   // 6 the same in 64-bit fixed point (gin=local det=1)
   int gin_mode = 0;
@@ -79,6 +80,10 @@ struct KernelPlan {
   // backward_data, gin_mode 3 or 4, depthwise kernel: the gather computes each contribution
   // from grad_out, the weight and the mask itself (no values buffer)
   bool gather_direct = false;
+  // gin_mode 4 in deterministic mode (the depthwise kernel's default there for f16, bf16 and
+  // f32 layers): deft_bwd_sort orders each cell's list by point index after the fill, so that
+  // the gather's f32 sums run in a fixed order (bitwise reproducible; perf notes round B32)
+  bool gather_sorted = false;
   // depthwise backward passes of nchw layers: the kernel (the data pass also its direct
   // gather) reads grad_out through a channels-last copy of workspace_gout_bytes that the
   // transpose kernel makes, one a call for both passes (per pass it counts in
@@ -149,7 +154,8 @@ struct KernelPlan {
 // its cell (-1 outside), its rank in the cell, its fractional position (ly, lx); the points
 // listed cell by cell; and per point the column gradient times the mask of each of its offset
 // group's channels (f32), which the gather reads once per corner (none for the depthwise
-// kernel's direct gather, KernelPlan::gather_direct).
+// kernel's direct gather, KernelPlan::gather_direct). With KernelPlan::gather_sorted the
+// sorted lists go to the rank buffer, which the fill has read by then.
 struct GatherLayout {
   int64_t points = 0, cells = 0;
   int64_t counts = 0, cell_of = 0, rank = 0, frac = 0, list = 0, values = 0, bytes = 0;

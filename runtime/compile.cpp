@@ -48,7 +48,8 @@ class KernelImpl {
   // backward_data with gin_mode 3 or 4 (the gather forms, bwd_common.cuh): deft_bwd_cells,
   // deft_bwd_scan, deft_bwd_fill, deft_bwd_gather
   CUkernel gather[4] = {nullptr, nullptr, nullptr, nullptr};
-  CUkernel lgather = nullptr;  // gin_mode 5: deft_bwd_lgather
+  CUkernel sort = nullptr;     // plan.gather_sorted: deft_bwd_sort (after the fill)
+  CUkernel lgather = nullptr;  // gin_mode 5, 6: deft_bwd_lgather
   // Forward kernels: what compiled them (for the backward passes, compiled on first use),
   // and those passes once compiled: [deterministic][0 data, 1 weight].
   CompileOptions options;
@@ -275,6 +276,9 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
         for (int i = 0; i < 4; ++i)
           driver::check(api.cuLibraryGetKernel(&impl->gather[i], impl->library, gnames[i]),
                         "cuLibraryGetKernel(grad-input gather)");
+        if (impl->plan.gather_sorted)
+          driver::check(api.cuLibraryGetKernel(&impl->sort, impl->library, "deft_bwd_sort"),
+                        "cuLibraryGetKernel(deft_bwd_sort)");
       }
     }
     impl->options = options;
@@ -663,7 +667,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
              "cuLaunchKernel(deft_pack_weight)");
       weight = reinterpret_cast<const void*>(dst);
     }
-    // Gather form (gin_mode 3): the sampling points sorted by cell, then the data kernel
+    // Gather form (gin_mode 3, 4): the sampling points sorted by cell, then the data kernel
     // stores the points' values instead of scattering them, and deft_bwd_gather sums them
     // into the fixed-point workspace, every element. Without grad input, a kernel that always
     // writes (plan.gin_always) still gets the values' buffer, and nothing sorts or gathers.
@@ -710,6 +714,15 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
         void* fparams[] = {&cell_of, &rank, &counts, &list};
         launch(*k, k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams,
                "cuLaunchKernel(deft_bwd_fill)");
+        if (p.gather_sorted) {
+          // each cell's list ordered by point index, into the rank buffer (the fill has read
+          // it): a warp per cell, at most 4096 blocks striding over the cells
+          void* oparams[] = {&counts, &list, &rank};
+          const unsigned oblocks = unsigned(std::clamp<int64_t>((g.cells + 7) / 8, 1, 4096));
+          launch(*k, k->sort, {oblocks, 1, 1}, 256, 0, stream, oparams,
+                 "cuLaunchKernel(deft_bwd_sort)");
+          list = rank;
+        }
       }
       gin = values;  // the data kernel stores the values here (direct: none, it scatters nothing)
     }

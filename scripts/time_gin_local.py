@@ -8,8 +8,9 @@ each variant's per-kernel times (torch.profiler, mean of 10 calls), one line per
 DEFT_PDL=0, or a kernel's time includes its wait for the one before it. --flush: the L2 flushed
 (a 256 MB buffer written) before every timed and profiled call, as `deft tune` times candidates;
 the flush's own kernel is left out of the per-kernel times. --det: the deterministic mode's
-forms instead (every variant with det=1: "atomics" is then the default gather in fixed point,
-gin=local the fixed-point local gather)."""
+forms instead (every variant with det=1: "atomics" is then the default, the f32 gather over
+sorted lists, "gather" the fixed-point gather, gin=local the fixed-point local gather).
+--radii=1,2,4,6 (default): gin=local's radii; --radii= none."""
 from collections import defaultdict
 import os
 import statistics
@@ -28,7 +29,7 @@ for f in ("shapes.json", "dw_decision_shapes.json"):
 kernels = "--kernels" in sys.argv[1:]
 flush = "--flush" in sys.argv[1:]
 det = "--det" in sys.argv[1:]
-opts = {"--sigmas": "0.5,2,8", "--layouts": "nchw,nhwc"}  # --sigmas=0.5,8 --layouts=nchw
+opts = {"--sigmas": "0.5,2,8", "--layouts": "nchw,nhwc", "--radii": "1,2,4,6"}
 names = []
 for a in sys.argv[1:]:
     if a.split("=")[0] in opts:
@@ -37,6 +38,7 @@ for a in sys.argv[1:]:
         names.append(a)
 sigmas = [float(x) for x in opts["--sigmas"].split(",")]
 layouts = opts["--layouts"].split(",")
+radii = [int(x) for x in opts["--radii"].split(",") if x]
 l2 = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush else None
 
 
@@ -52,7 +54,7 @@ def variants(layout):
     t = 1 if layout == "nchw" else 0
     d = " det=1" if det else ""
     return [("atomics", base.format(0, t) + d), ("gather", base.format(0, t) + " gin=gather" + d)] + \
-        [(f"local R={r}", base.format(r, t) + " gin=local" + d) for r in (1, 2, 4, 6)]
+        [(f"local R={r}", base.format(r, t) + " gin=local" + d) for r in radii]
 print("| case | layout | σ | " + " | ".join(n for n, _ in variants("nhwc")) + " |")
 breakdown = []
 for name in names or ["dw512", "dw1024_16"]:

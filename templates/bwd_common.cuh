@@ -502,7 +502,9 @@ __device__ __forceinline__ void deft_fixed_add(long long& acc, Acc contrib, doub
 // the order within a cell (set by atomics) does not matter and the result has GIN_MODE 2's
 // bits. Point index: q = (pixel * OG + og) * TAPS + tap; cell index: deft_bwd_cell.
 // GIN_MODE 4 (the depthwise kernel's gin=gather, fast mode): the same gather summing in f32
-// into the f32 workspace, in list order (not reproducible: atomics set the order).
+// into the f32 workspace, in list order (not reproducible: atomics set the order). With
+// GATHER_SORTED (its deterministic default) deft_bwd_sort orders each cell's list by point
+// index first, so the f32 sums run in a fixed order and give the same bits every run.
 static_assert(sizeof(Acc) == 4, "the gather stores f32 column gradients");
 constexpr long long G_POINTS = M_TOTAL * OG * TAPS;
 constexpr long long G_CELLS = (long long)N * OG * (H + 1) * (W + 1);
@@ -582,6 +584,48 @@ extern "C" __global__ void __launch_bounds__(256)
   const int cell = cell_of[q];
   if (cell >= 0) list[starts[cell] + rank[q]] = int(q);
 }
+
+#if defined(GATHER_SORTED) && GATHER_SORTED
+// A warp per cell (grid-stride): the cell's list, in the order the atomics of deft_bwd_cells
+// gave it, into `sorted` by point index (the entries are distinct). Up to 32 entries: a
+// bitonic sort across the lanes. Longer lists (crowded cells): each entry's rank counted
+// against the whole list, len^2 / 32 compares a lane, 32 entries of it in registers at a time.
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_sort(const int* __restrict__ starts, const int* __restrict__ list,
+                  int* __restrict__ sorted) {
+  deft_grid_begin();
+  constexpr unsigned FULL = 0xffffffffu;
+  constexpr int NONE = 0x7fffffff;  // above every point index (G_POINTS < 2^31)
+  const int lane = threadIdx.x % 32;
+  const long long warps = (long long)gridDim.x * 8;
+  for (long long cell = (long long)blockIdx.x * 8 + threadIdx.x / 32; cell < G_CELLS; cell += warps) {
+    const int b = starts[cell], len = starts[cell + 1] - b;
+    if (len <= 32) {
+      int v = lane < len ? list[b + lane] : NONE;
+#pragma unroll
+      for (int k = 2; k <= 32; k *= 2)
+#pragma unroll
+        for (int j = k / 2; j > 0; j /= 2) {
+          const int o = __shfl_xor_sync(FULL, v, j);
+          const bool up = (lane & k) == 0, low = (lane & j) == 0;
+          v = low == up ? min(v, o) : max(v, o);
+        }
+      if (lane < len) sorted[b + lane] = v;
+      continue;
+    }
+    for (int i0 = 0; i0 < len; i0 += 32) {
+      const int mine = i0 + lane < len ? list[b + i0 + lane] : NONE;
+      int rank = 0;
+      for (int j0 = 0; j0 < len; j0 += 32) {
+        const int other = j0 + lane < len ? list[b + j0 + lane] : NONE;
+#pragma unroll 8
+        for (int j = 0; j < 32; ++j) rank += __shfl_sync(FULL, other, j) < mine;
+      }
+      if (i0 + lane < len) sorted[b + rank] = mine;
+    }
+  }
+}
+#endif
 
 // One warp per input pixel and offset group: lanes along the group's channels (GEV a lane
 // access, GSL accesses a lane per pass), the four cells' points in turn; writes the pixel's

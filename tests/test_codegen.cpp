@@ -1163,8 +1163,20 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
   EXPECT_EQ(mode(dense + "dtype=f64", "algo=gemm_simt tm=64 tn=32 tk=16 threads=256 transpose=1 det=1"), 2);
   const std::string dw = "deform_conv2d n=2 c=64 h=9 w=9 k=64 groups=64 r=3 s=3 pad=1 mask=1 pass=backward_data ";
   const std::string dwv = "algo=depthwise tm=8 tn=1 tk=1 threads=256 transpose=1";
-  EXPECT_EQ(mode(dw + "dtype=f16", dwv + " det=1"), 3);
-  EXPECT_EQ(mode(dw + "dtype=f32", dwv + " det=1"), 3);
+  // the depthwise kernel's deterministic default: the f32 gather over sorted lists (4, sorted);
+  // gin=gather det=1 the fixed-point gather (3)
+  auto sorted = [](const std::string& desc, const std::string& variant) {
+    return deft::make_plan(deft::parse_layer_desc(desc), deft::parse_variant(variant)).gather_sorted;
+  };
+  for (const char* dt : {"dtype=f16", "dtype=bf16", "dtype=f32"}) {
+    SCOPED_TRACE(dt);
+    EXPECT_EQ(mode(dw + dt, dwv + " det=1"), 4);
+    EXPECT_TRUE(sorted(dw + dt, dwv + " det=1"));
+    EXPECT_EQ(mode(dw + dt, dwv + " gin=gather det=1"), 3);
+    EXPECT_FALSE(sorted(dw + dt, dwv + " gin=gather det=1"));
+    EXPECT_FALSE(sorted(dw + dt, dwv + " gin=gather"));
+  }
+  EXPECT_FALSE(sorted(dense + "dtype=f16", tc + " det=1"));  // the values gather: fixed point
   EXPECT_EQ(mode(dw + "dtype=f16", dwv), 1);
   // the fast mode's lanes run along the channels of the transposed input: grad_out through its
   // channels-last copy too
@@ -1201,9 +1213,14 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
     const deft::GatherLayout g = deft::gather_layout(dd, p);
     EXPECT_EQ(g.list + (4 * g.points + 255) / 256 * 256, g.values);
     EXPECT_EQ(g.bytes, g.values);  // no values
-    // the module: the gather reads grad_out, weight and mask; no 64-bit atomic adds anywhere
+    // the module: the gather reads grad_out, weight and mask, over lists the sort kernel
+    // orders; no 64-bit atomic adds anywhere
+    EXPECT_EQ(p.gin_mode, 4);
+    EXPECT_TRUE(p.gather_sorted);
+    EXPECT_EQ(p.workspace_bytes, 32 + 4 * 2 * 64 * 9 * 9);  // f32 accumulators
     const std::string src = deft::generate_source(dd, vd);
     EXPECT_NE(src.find("#define GATHER_DIRECT 1"), std::string::npos);
+    EXPECT_NE(src.find("#define GATHER_SORTED 1"), std::string::npos);
     // nchw: the transpose kernel for the input's and grad_out's channels-last copies
     EXPECT_EQ(src.find("deft_transpose(") != std::string::npos, std::string(layout) == "nchw");
     deft::CompileOptions o;
@@ -1213,6 +1230,8 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
     const std::string ptx = deft::emit_ptx(dd, o);
     EXPECT_EQ(ptx.find(".add.u64"), std::string::npos);
     EXPECT_NE(ptx.find("deft_bwd_gather"), std::string::npos);
+    EXPECT_NE(ptx.find(".entry deft_bwd_sort"), std::string::npos);
+    EXPECT_FALSE(p.gin_fixed_point());  // no deft_bwd_bound launch: f32 sums need no scale
   }
   // a 7 x 9 nchw plane: grad_out copies of one element, so the streaming kernel, atomics
   EXPECT_EQ(mode("deform_conv2d n=2 c=64 h=7 w=9 k=48 r=3 s=3 pad=1 offset_groups=2 mask=1 "

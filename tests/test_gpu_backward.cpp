@@ -264,12 +264,14 @@ INSTANTIATE_TEST_SUITE_P(Random, GpuBackward, ::testing::ValuesIn(random_cases()
 INSTANTIATE_TEST_SUITE_P(Fixed, GpuBackward, ::testing::ValuesIn(fixed_cases()), param_name);
 
 // Deterministic mode: 10 runs give the same bits, in every dtype, on a layer where many
-// sampling points share corners (small image, large offsets, many taps and channels).
+// sampling points share corners (small image, large offsets, many taps and channels), dense
+// and depthwise (groups = 32: the f32 gather over sorted lists, f64 the fixed-point atomics).
 TEST(GpuBackwardDeterminism, TenRunsBitwiseIdentical) {
   DEFT_SKIP_WITHOUT_GPU();
+  for (int groups : {1, 32})
   for (DType dt : {DType::f32, DType::f16, DType::bf16, DType::f64}) {
     for (Layout layout : {Layout::nchw, Layout::nhwc}) {
-      LayerDesc d = make(2, 32, 8, 8, 32, 3, 1, 1, 1, dt, layout);
+      LayerDesc d = make(2, 32, 8, 8, 32, 3, 1, groups, 1, dt, layout);
       if (dt == DType::f32 && layout == Layout::nhwc) d.math = deft::MathMode::tf32;
       SCOPED_TRACE(deft::to_string(d));
       Tensors t = random_tensors(d, 3.0, 42);
@@ -363,8 +365,10 @@ TEST(GpuBackwardEdges, BoundaryHugeAndNaNOffsets) {
 }
 
 // Deterministic grad input in gather form (gin_mode 3: the resident tensor-core kernel stores
-// the points' values, deft_bwd_gather sums them per input pixel; the depthwise kernel's gather
-// computes them from grad_out, weight and mask, also in the fast mode with gin=gather, in f32):
+// the points' values, deft_bwd_gather sums them per input pixel in fixed point; the depthwise
+// kernel's gather computes them from grad_out, weight and mask, by default in f32 over lists
+// deft_bwd_sort orders (gin_mode 4 sorted), with gin=gather det=1 in fixed point (3), and in
+// the fast mode with gin=gather in f32 over unsorted lists):
 // the f64 reference and
 // bitwise-equal repeats, on edge offsets (NaN, huge, on and half-way between pixels, cells
 // with y0 = -1 or x0 = -1), crowded cells (every sample of the image pulled next to one
@@ -404,7 +408,10 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
     data.pass = deft::Pass::backward_data;
     deft::Variant dv = deft::default_variant(data, 90, true);
     dv.deterministic = true;
-    ASSERT_EQ(deft::make_plan(data, dv).gin_mode, 3) << deft::to_string(dv);
+    const bool dw = dv.algo == deft::Algo::depthwise;
+    // the depthwise kernel: the f32 gather over sorted lists (4); the others: fixed point (3)
+    ASSERT_EQ(deft::make_plan(data, dv).gin_mode, dw ? 4 : 3) << deft::to_string(dv);
+    ASSERT_EQ(deft::make_plan(data, dv).gather_sorted, dw) << deft::to_string(dv);
     Tensors t = random_tensors(d, 2.0, 300 + cases.size());
     if (c.kind == 0) edge_offsets(t, d.dtype, 301);
     if (c.kind == 1) {  // nchw offsets: [n][og][tap][dy, dx][ho][wo]
@@ -425,7 +432,19 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
     const GpuGrads first = run_gpu(d, t, 1, {true, true, true, true, true});
     const GpuGrads again = run_gpu(d, t, 1, {true, true, true, true, true});
     for (int g = 0; g < kGrads; ++g) EXPECT_EQ(first.raw[g], again.raw[g]) << kGradName[g];
-    if (dv.algo == deft::Algo::depthwise) {  // the same gather in the fast mode, f32 sums
+    if (dw) {  // the depthwise fixed-point gather (gin=gather det=1): reference, same bits again
+      deft::Variant fixed = dv;
+      fixed.gin_gather = true;
+      ASSERT_EQ(deft::make_plan(data, fixed).gin_mode, 3);
+      SCOPED_TRACE(deft::to_string(fixed));
+      deft::CompileOptions o = test_options(true);
+      o.backward_data_variant = fixed;
+      check_backward(d, t, 1, o);
+      const GpuGrads f1 = run_gpu(d, t, 1, {true, true, true, true, true}, 2, o);
+      const GpuGrads f2 = run_gpu(d, t, 1, {true, true, true, true, true}, 1, o);
+      for (int g = 0; g < kGrads; ++g) EXPECT_EQ(f1.raw[g], f2.raw[g]) << kGradName[g];
+    }
+    if (dw) {  // the same gather in the fast mode, f32 sums
       deft::Variant fast = dv;
       fast.deterministic = false;
       fast.gin_gather = true;
