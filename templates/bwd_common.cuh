@@ -540,38 +540,60 @@ extern "C" __global__ void __launch_bounds__(256)
   cell_of[q] = cell;
 }
 
-// counts[0 .. G_CELLS] (the last one zero) -> exclusive prefix sums, in place: one block, each
-// thread a contiguous run.
+// counts[0 .. G_CELLS] (the last one zero) -> exclusive prefix sums, in place: one block
+// walking the array in tiles of 4096, each loaded and stored coalesced through shared memory
+// (thread t's four consecutive counts read from there), scanned with warp shuffles, the
+// running total carried to the next tile. (A thread's own contiguous run read straight from
+// global memory made every load instruction touch 32 sectors: on one SM, 18 us for dw512's
+// 17 k cells, perf notes round B33.)
 extern "C" __global__ void __launch_bounds__(1024) deft_bwd_scan(int* __restrict__ counts) {
   deft_grid_begin();
-  __shared__ int part[1024];
-  constexpr long long len = G_CELLS + 1, per = (len + 1023) / 1024;
-  const long long b = threadIdx.x * per, e = b + per < len ? b + per : len;
-  // runs of 16 loads issued before their sum (a thread's run is ~per long: one latency a run)
-  int sum = 0;
-  for (long long i0 = b; i0 < e; i0 += 16) {
-    int v[16];
+  constexpr unsigned FULL = 0xffffffffu;
+  constexpr long long len = G_CELLS + 1;
+  __shared__ int tile[4096];
+  __shared__ int wsum[32];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  int carry = 0;  // the sum of the tiles before (< 2^31: the points of the layer)
+  for (long long base = 0; base < len; base += 4096) {
 #pragma unroll
-    for (int u = 0; u < 16; ++u) v[u] = i0 + u < e ? counts[i0 + u] : 0;
-#pragma unroll
-    for (int u = 0; u < 16; ++u) sum += v[u];
-  }
-  part[threadIdx.x] = sum;
-  __syncthreads();
-  for (int off = 1; off < 1024; off *= 2) {
-    const int add = threadIdx.x >= off ? part[threadIdx.x - off] : 0;
+    for (int u = 0; u < 4; ++u) {
+      const long long i = base + u * 1024 + tid;
+      tile[u * 1024 + tid] = i < len ? counts[i] : 0;
+    }
     __syncthreads();
-    part[threadIdx.x] += add;
+    int v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = tile[4 * tid + u];
+    const int own = v[0] + v[1] + v[2] + v[3];
+    int x = own;  // inclusive scan over the warp
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int y = __shfl_up_sync(FULL, x, o);
+      if (lane >= o) x += y;
+    }
+    if (lane == 31) wsum[warp] = x;
     __syncthreads();
-  }
-  int run = threadIdx.x ? part[threadIdx.x - 1] : 0;
-  for (long long i0 = b; i0 < e; i0 += 16) {
-    int v[16];
+    if (warp == 0) {  // inclusive scan of the warps' totals
+      int w = wsum[lane];
 #pragma unroll
-    for (int u = 0; u < 16; ++u) v[u] = i0 + u < e ? counts[i0 + u] : 0;
+      for (int o = 1; o < 32; o *= 2) {
+        const int y = __shfl_up_sync(FULL, w, o);
+        if (lane >= o) w += y;
+      }
+      wsum[lane] = w;
+    }
+    __syncthreads();
+    int run = carry + (warp ? wsum[warp - 1] : 0) + x - own;
 #pragma unroll
-    for (int u = 0; u < 16; ++u)
-      if (i0 + u < e) counts[i0 + u] = run, run += v[u];
+    for (int u = 0; u < 4; ++u) tile[4 * tid + u] = run, run += v[u];
+    carry += wsum[31];
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const long long i = base + u * 1024 + tid;
+      if (i < len) counts[i] = tile[u * 1024 + tid];
+    }
+    __syncthreads();  // the tile and the warp totals are rewritten next
   }
 }
 
