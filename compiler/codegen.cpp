@@ -199,6 +199,8 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
       line(fmt::format("#define GATHER_DIRECT 1  // the gather reads grad_out{}, weight and mask",
                        p.gout_t ? " (a channels-last copy)" : ""));
       c32("GSLICES", p.gather_slices);  // its warps per input pixel and offset group
+      if (p.gather_out)
+        line("#define GATHER_OUT 1  // the gather writes grad input itself (no finish)");
       if (p.gather_sorted)
         line("#define GATHER_SORTED 1  // deft_bwd_sort orders each cell's list (deterministic f32 sums)");
     }

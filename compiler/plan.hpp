@@ -84,6 +84,9 @@ struct KernelPlan {
   // f32 layers): deft_bwd_sort orders each cell's list by point index after the fill, so that
   // the gather's f32 sums run in a fixed order (bitwise reproducible; perf notes round B32)
   bool gather_sorted = false;
+  // gin_mode 4 on an nhwc layer: deft_bwd_gather writes grad input (the layer's dtype) itself,
+  // no finish kernel, no f32 workspace (workspace_bytes: the header alone)
+  bool gather_out = false;
   // depthwise backward passes of nchw layers: the kernel (the data pass also its direct
   // gather) reads grad_out through a channels-last copy of workspace_gout_bytes that the
   // transpose kernel makes, one a call for both passes (per pass it counts in

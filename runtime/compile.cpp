@@ -11,12 +11,15 @@
 #include <future>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <regex>
 #include <string>
 #include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include <optional>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -625,7 +628,9 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     // (gin_mode 3, 4) write every accumulator, so only their header
     Scratch ws(size_t(p.workspace_bytes), stream, p.gin_mode < 3);
     CUdeviceptr header = ws.get();
-    if (p.gin_mode >= 3)
+    // the fixed-point forms that do not zero the whole workspace read its header (the bound's
+    // scale and the non-finite flag); the f32 ones (4, 5) never touch it
+    if (p.gin_mode >= 3 && p.gin_fixed_point())
       driver::check(driver::api().memset_d8_async(header, 0, 32, stream),
                     "cuMemsetD8Async (workspace header)");
     void* gin = nullptr;
@@ -674,7 +679,8 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     // The depthwise kernel's direct gather (plan.gather_direct) stores no values: its gather
     // reads grad_out (as the kernel does), the weight and the mask.
     std::unique_ptr<Scratch> gs;
-    void* gws = gin;
+    // where the gather sums: the workspace, or grad input itself (plan.gather_out)
+    void* gws = p.gather_out && a.grad_input ? a.grad_input : gin;
     void *values = nullptr, *frac = nullptr, *counts = nullptr, *list = nullptr;
     const void* gout_k = gout_for(*k);
     if (p.gin_local_gather() && a.grad_input) {
@@ -692,34 +698,42 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
              unsigned(p.lg.threads), unsigned(p.lg.smem_bytes), stream, lparams, "cuLaunchKernel(deft_bwd_lgather)",
              /*programmatic=*/false);
     }
+    // The direct gather's chain (cells, scan, fill, sort, gather) reads only the layer's
+    // inputs and writes only its own scratch and grad input, and the data kernel then writes
+    // only grad offset and grad mask: the chain runs on an auxiliary stream alongside the data
+    // kernel, joined before the finish (a small layer's kernels each leave most SMs idle: perf
+    // notes round B34). Declared after gs, so that gs is freed after the join.
+    std::optional<driver::Fork> fork;
+    CUstream cs = stream;  // the chain's stream
     if ((p.gin_mode == 3 || p.gin_mode == 4) && gin) {
       const GatherLayout g = gather_layout(d, p);
       gs = std::make_unique<Scratch>(size_t(g.bytes), stream, false);
+      if (p.gather_direct && a.grad_input) cs = fork.emplace(stream).stream();
       const CUdeviceptr base = gs->get();
       values = reinterpret_cast<void*>(base + g.values);
       frac = reinterpret_cast<void*>(base + g.frac);
       counts = reinterpret_cast<void*>(base + g.counts);  // then each cell's list start
       list = reinterpret_cast<void*>(base + g.list);
       if (a.grad_input) {
-        driver::check(driver::api().memset_d8_async(base, 0, size_t(g.zero_bytes), stream),
+        driver::check(driver::api().memset_d8_async(base, 0, size_t(g.zero_bytes), cs),
                       "cuMemsetD8Async (gather counts)");
         void* cell_of = reinterpret_cast<void*>(base + g.cell_of);
         void* rank = reinterpret_cast<void*>(base + g.rank);
         const unsigned pblocks = unsigned((g.points + 255) / 256);
         void* cparams[] = {&offset, &mask, &counts, &cell_of, &rank, &frac};
-        launch(*k, k->gather[0], {pblocks, 1, 1}, 256, 0, stream, cparams,
+        launch(*k, k->gather[0], {pblocks, 1, 1}, 256, 0, cs, cparams,
                "cuLaunchKernel(deft_bwd_cells)");
         void* sparams[] = {&counts};
-        launch(*k, k->gather[1], {1, 1, 1}, 1024, 0, stream, sparams, "cuLaunchKernel(deft_bwd_scan)");
+        launch(*k, k->gather[1], {1, 1, 1}, 1024, 0, cs, sparams, "cuLaunchKernel(deft_bwd_scan)");
         void* fparams[] = {&cell_of, &rank, &counts, &list};
-        launch(*k, k->gather[2], {pblocks, 1, 1}, 256, 0, stream, fparams,
+        launch(*k, k->gather[2], {pblocks, 1, 1}, 256, 0, cs, fparams,
                "cuLaunchKernel(deft_bwd_fill)");
         if (p.gather_sorted) {
           // each cell's list ordered by point index, into the rank buffer (the fill has read
           // it): a warp per cell, at most 4096 blocks striding over the cells
           void* oparams[] = {&counts, &list, &rank};
           const unsigned oblocks = unsigned(std::clamp<int64_t>((g.cells + 7) / 8, 1, 4096));
-          launch(*k, k->sort, {oblocks, 1, 1}, 256, 0, stream, oparams,
+          launch(*k, k->sort, {oblocks, 1, 1}, 256, 0, cs, oparams,
                  "cuLaunchKernel(deft_bwd_sort)");
           list = rank;
         }
@@ -738,11 +752,12 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       constexpr int64_t kDirectGatherMaxBlocks = 1024;
       const int64_t blocks = p.gather_direct ? std::min((warps + 7) / 8, kDirectGatherMaxBlocks)
                                              : (warps + 7) / 8;
-      launch(*k, k->gather[3], {unsigned(blocks), 1, 1}, 256, 0, stream,
+      launch(*k, k->gather[3], {unsigned(blocks), 1, 1}, 256, 0, cs,
              p.gather_direct ? dparams : gparams, "cuLaunchKernel(deft_bwd_gather)");
+      if (fork) fork->join();
       gin = gws;  // the finish kernel reads the workspace
     }
-    if (a.grad_input && p.gin_mode != 0) {
+    if (a.grad_input && p.gin_mode != 0 && !p.gather_out) {
       void* out = a.grad_input;
       void* fparams[] = {&gin, &header, &out};
       // deft_bwd_finish: 64 x 64 tiles where it transposes back to nchw, else four elements a

@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 
 #include <fmt/format.h>
@@ -74,6 +75,9 @@ const Loaded& loaded() {
     if (!a.event_elapsed) bind(lib, a.event_elapsed, "cuEventElapsedTime", r.error);
     bind(lib, a.event_destroy, "cuEventDestroy_v2", r.error);
     bind(lib, a.ctx_sync, "cuCtxSynchronize", r.error);
+    bind(lib, a.stream_create, "cuStreamCreate", r.error);
+    bind(lib, a.stream_wait_event, "cuStreamWaitEvent", r.error);
+    bind(lib, a.stream_is_capturing, "cuStreamIsCapturing", r.error);
     bind(lib, a.cuGetErrorString, "cuGetErrorString", r.error);
     bind(lib, a.cuGetErrorName, "cuGetErrorName", r.error);
     if (!r.error.empty()) return r;
@@ -138,6 +142,73 @@ CUresult launch_kernel(CUfunction f, const unsigned (&grid)[3], unsigned block, 
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   return a.cuLaunchKernelEx(&cfg, f, params, nullptr);
+}
+
+struct Fork::Aux {
+  std::mutex mu;  // held by a Fork from construction to join
+  CUstream stream = nullptr;
+  CUevent fork = nullptr, join = nullptr;
+};
+
+// Whether DEFT_FORK allows auxiliary streams (read once; default on).
+static bool fork_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DEFT_FORK");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+Fork::Fork(CUstream origin) : origin_(origin) {
+  if (!fork_enabled()) return;
+  const Api& a = api();
+  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+  check(a.stream_is_capturing(origin, &status), "cuStreamIsCapturing");
+  if (status != CU_STREAM_CAPTURE_STATUS_NONE) return;  // a graph: keep its work on origin
+  CUcontext ctx = nullptr;
+  check(a.cuCtxGetCurrent(&ctx), "cuCtxGetCurrent");
+  static std::mutex mu;
+  static std::map<CUcontext, std::unique_ptr<Aux>> by_context;  // kept for the process
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto& r = by_context[ctx];
+    if (!r) {
+      auto made = std::make_unique<Aux>();
+      check(a.stream_create(&made->stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate (auxiliary)");
+      check(a.event_create(&made->fork, CU_EVENT_DISABLE_TIMING), "cuEventCreate (fork)");
+      check(a.event_create(&made->join, CU_EVENT_DISABLE_TIMING), "cuEventCreate (join)");
+      r = std::move(made);
+    }
+    res_ = r.get();
+  }
+  res_->mu.lock();
+  const CUresult rec = a.event_record(res_->fork, origin);
+  const CUresult wait = rec == CUDA_SUCCESS ? a.stream_wait_event(res_->stream, res_->fork, 0) : rec;
+  if (wait != CUDA_SUCCESS) {
+    res_->mu.unlock();
+    res_ = nullptr;
+    check(wait, rec != CUDA_SUCCESS ? "cuEventRecord (fork)" : "cuStreamWaitEvent (fork)");
+  }
+  aux_ = res_->stream;
+}
+
+void Fork::join() {
+  if (!aux_) return;
+  const Api& a = api();
+  const CUresult rec = a.event_record(res_->join, aux_);
+  const CUresult wait = rec == CUDA_SUCCESS ? a.stream_wait_event(origin_, res_->join, 0) : rec;
+  aux_ = nullptr;
+  res_->mu.unlock();
+  res_ = nullptr;
+  check(wait, rec != CUDA_SUCCESS ? "cuEventRecord (join)" : "cuStreamWaitEvent (join)");
+}
+
+Fork::~Fork() {
+  if (!aux_) return;
+  try {
+    join();
+  } catch (...) {  // no throw from a destructor: the error surfaces at the caller's next check
+  }
 }
 
 CUdevice ensure_context() {

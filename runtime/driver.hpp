@@ -50,6 +50,9 @@ struct Api {
   CUresult (*event_elapsed)(float*, CUevent, CUevent);
   CUresult (*event_destroy)(CUevent);
   CUresult (*ctx_sync)();
+  CUresult (*stream_create)(CUstream*, unsigned);
+  CUresult (*stream_wait_event)(CUstream, CUevent, unsigned);
+  CUresult (*stream_is_capturing)(CUstream, CUstreamCaptureStatus*);
   CUresult (*cuGetErrorString)(CUresult, const char**);
   CUresult (*cuGetErrorName)(CUresult, const char**);
 };
@@ -69,6 +72,30 @@ void check(CUresult r, const char* what);
 // templates/common.cuh, on sm_90 and later). DEFT_PDL=0 in the environment turns it off.
 CUresult launch_kernel(CUfunction f, const unsigned (&grid)[3], unsigned block, unsigned smem,
                        CUstream stream, void** params, bool programmatic);
+
+// Work on an auxiliary stream that runs alongside `origin`: constructed, it orders the
+// auxiliary stream after everything enqueued on origin so far (an event); join() orders origin
+// after everything enqueued on the auxiliary stream since (the destructor joins if join() was
+// not called). One auxiliary stream and event pair per context, created on first use and kept
+// for the process; a mutex held from construction to join keeps two threads' forks apart.
+// Where origin is capturing a CUDA graph, or DEFT_FORK=0 is set, nothing forks: stream() is
+// origin itself. The current context must be origin's.
+class Fork {
+ public:
+  explicit Fork(CUstream origin);
+  ~Fork();
+  Fork(const Fork&) = delete;
+  Fork& operator=(const Fork&) = delete;
+  CUstream stream() const { return aux_ ? aux_ : origin_; }
+  bool forked() const { return aux_ != nullptr; }
+  void join();
+
+ private:
+  struct Aux;
+  CUstream origin_;
+  CUstream aux_ = nullptr;
+  Aux* res_ = nullptr;
+};
 
 // Makes sure a context is current on this thread (the primary context of device 0 if none
 // is) and returns its device.

@@ -671,6 +671,17 @@ constexpr int GSL = (CPOG + 32 * GEV - 1) / (32 * GEV) < GSL_MAX ? (CPOG + 32 * 
 // reads one point's list entry, fraction and mask, then the warp walks them with shuffles.
 // GIN_MODE 3 sums in fixed point (deterministic), 4 in f32.
 constexpr bool WS_SMEM = (long long)C * TAPS * 4 <= 32768;
+// GATHER_OUT (GIN_MODE 4, an nhwc layer): the sums go to grad input in the layer's dtype, not
+// to the f32 workspace (which has the same channels-last layout): no finish kernel.
+#ifndef GATHER_OUT
+#define GATHER_OUT 0
+#endif
+static_assert(!GATHER_OUT || (GIN_MODE == 4 && NHWC), "the gather writes grad input: f32 sums, nhwc");
+#if GATHER_OUT
+typedef T GOutT;
+#else
+typedef GinT GOutT;
+#endif
 __device__ __forceinline__ long long deft_gather_mask_index(int m, int og, int t) {
   if (NHWC) return ((long long)m * OG + og) * TAPS + t;
   const long long n = m / (HO * WO), qi = m % (HO * WO);
@@ -680,7 +691,7 @@ __device__ __forceinline__ void deft_gather_item(
     long long wid, int lane, const T* __restrict__ gout, const T* __restrict__ weight,
     const float* wsm, const T* __restrict__ mask, const float2* __restrict__ frac,
     const int* __restrict__ starts, const int* __restrict__ list, double scale, bool& nonfinite,
-    GinT* __restrict__ ws) {
+    GOutT* __restrict__ ws) {
   struct __align__(sizeof(T) * GEV) Vec { T x[GEV]; };
   struct __align__(4 * GEV) FVec { float x[GEV]; };
   const int slice = int(wid % GSLICES);
@@ -765,16 +776,21 @@ __device__ __forceinline__ void deft_gather_item(
     }
   }
   if (active) {
-    GinT* out = ws + ((n * H + y) * W + x) * C + cabs;
+    GOutT* out = ws + ((n * H + y) * W + x) * C + cabs;
+#if GATHER_OUT
+#pragma unroll
+    for (int e = 0; e < GEV; ++e) out[e] = deft_cast<T>(acc[e]);
+#else
 #pragma unroll
     for (int e = 0; e < GEV; ++e) out[e] = GinT(acc[e]);
+#endif
   }
 }
 extern "C" __global__ void __launch_bounds__(256)
     deft_bwd_gather(const T* __restrict__ gout, const T* __restrict__ weight,
                     const T* __restrict__ mask, const float2* __restrict__ frac,
                     const int* __restrict__ starts, const int* __restrict__ list,
-                    unsigned long long* __restrict__ header, GinT* __restrict__ ws) {
+                    unsigned long long* __restrict__ header, GOutT* __restrict__ ws) {
   deft_grid_begin();
   static_assert(CG == 1 && KG == 1, "the direct gather is the depthwise kernel's");
   static_assert(GSLICES * 32 * GEV >= CPOG, "GSLICES slices cover the group's channels");

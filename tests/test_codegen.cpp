@@ -1217,10 +1217,15 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
     // orders; no 64-bit atomic adds anywhere
     EXPECT_EQ(p.gin_mode, 4);
     EXPECT_TRUE(p.gather_sorted);
-    EXPECT_EQ(p.workspace_bytes, 32 + 4 * 2 * 64 * 9 * 9);  // f32 accumulators
+    // nhwc: the gather writes grad input itself (no f32 workspace, no finish); nchw: f32
+    // accumulators, transposed back by the finish
+    const bool nhwc = std::string(layout) == "nhwc";
+    EXPECT_EQ(p.gather_out, nhwc);
+    EXPECT_EQ(p.workspace_bytes, 32 + (nhwc ? 0 : 4 * 2 * 64 * 9 * 9));
     const std::string src = deft::generate_source(dd, vd);
     EXPECT_NE(src.find("#define GATHER_DIRECT 1"), std::string::npos);
     EXPECT_NE(src.find("#define GATHER_SORTED 1"), std::string::npos);
+    EXPECT_EQ(src.find("#define GATHER_OUT 1") != std::string::npos, nhwc);
     // nchw: the transpose kernel for the input's and grad_out's channels-last copies
     EXPECT_EQ(src.find("deft_transpose(") != std::string::npos, std::string(layout) == "nchw");
     deft::CompileOptions o;

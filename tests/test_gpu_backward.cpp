@@ -100,7 +100,8 @@ struct GpuGrads {
 // followed by a guard that must stay untouched. want[g] false: the pointer is null and the
 // buffer must stay poisoned.
 GpuGrads run_gpu(const LayerDesc& d, const Tensors& t, int det, std::array<bool, kGrads> want,
-                 int repeats = 1, const deft::CompileOptions& options = test_options()) {
+                 int repeats = 1, const deft::CompileOptions& options = test_options(),
+                 bool graph = false) {
   const DType dt = d.dtype;
   DeviceBuffer input(encode(t.input, dt)), offset(encode(t.offset, dt)),
       mask(encode(t.mask, dt)), weight(encode(t.weight, dt)), gout(encode(t.gout, dt));
@@ -113,6 +114,10 @@ GpuGrads run_gpu(const LayerDesc& d, const Tensors& t, int det, std::array<bool,
     DEFT_CUDA_CHECK(cudaDeviceSynchronize());
     Stream stream;
     auto ptr = [&](int g) { return want[g] && grad_size(d, g) > 0 ? out[g].get() : nullptr; };
+    // graph: the call captured into a CUDA graph (global capture mode, as PyTorch's), then the
+    // graph launched
+    cudaGraph_t cg = nullptr;
+    if (graph) DEFT_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeGlobal));
     kernel.backward({.input = input.get(),
                      .offset = offset.get(),
                      .mask = d.mask ? mask.get() : nullptr,
@@ -124,6 +129,15 @@ GpuGrads run_gpu(const LayerDesc& d, const Tensors& t, int det, std::array<bool,
                      .grad_weight = ptr(kWeight),
                      .grad_bias = ptr(kBias)},
                     stream.cu(), det);
+    if (graph) {
+      DEFT_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &cg));
+      cudaGraphExec_t exec = nullptr;
+      DEFT_CUDA_CHECK(cudaGraphInstantiate(&exec, cg, 0));
+      DEFT_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+      stream.sync();
+      DEFT_CUDA_CHECK(cudaGraphExecDestroy(exec));
+      DEFT_CUDA_CHECK(cudaGraphDestroy(cg));
+    }
     stream.sync();
     DEFT_CUDA_CHECK(cudaGetLastError());
   }
@@ -454,6 +468,30 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
       o.backward_data_variant = fast;
       check_backward(d, t, 0, o);
     }
+  }
+}
+
+// The depthwise gather's chain runs on an auxiliary stream alongside the data kernel (the
+// runtime's driver::Fork), except under graph capture, where it stays on the caller's stream:
+// deterministic mode gives the same bits both ways, on a one-image layer (the case the fork
+// is for), nhwc (the gather writes grad input) and nchw (the finish transposes), and a dense
+// layer's fixed-point gather (no fork) captured too; the graph's outputs were poisoned first.
+TEST(GpuBackwardGather, ForkedChainMatchesCapturedGraph) {
+  DEFT_SKIP_WITHOUT_GPU();
+  const std::vector<LayerDesc> layers = {
+      make(1, 256, 16, 16, 256, 3, 1, 256, 1, DType::f16, Layout::nhwc),
+      make(1, 128, 12, 10, 128, 3, 1, 128, 2, DType::bf16, Layout::nchw),
+      make(2, 64, 8, 8, 48, 3, 1, 1, 2, DType::f16, Layout::nhwc),
+  };
+  uint64_t seed = 2400;
+  for (const LayerDesc& d : layers) {
+    SCOPED_TRACE(deft::to_string(d));
+    Tensors t = random_tensors(d, 2.0, ++seed);
+    for (auto* v : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*v, d.dtype);
+    const deft::CompileOptions o = test_options(true);
+    const GpuGrads forked = run_gpu(d, t, 1, {true, true, true, true, true}, 2, o);
+    const GpuGrads captured = run_gpu(d, t, 1, {true, true, true, true, true}, 1, o, /*graph=*/true);
+    for (int g = 0; g < kGrads; ++g) EXPECT_EQ(forked.raw[g], captured.raw[g]) << kGradName[g];
   }
 }
 
