@@ -293,6 +293,18 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     v.vec = 4;
     return runs(d, v) ? v : base;
   }
+  // Depthwise grad input, f32 (strict or tf32), fast mode, sm_90: the f32 gather (gin=gather)
+  // instead of the float atomics. The deterministic mode's sorted f32 gather (the same kernels
+  // and a sort) was faster than the fast mode's float atomics on both bench cases, both
+  // layouts (perf notes round B34, H200, sigma = 2, forward + backward: dw512 nhwc 0.573
+  // against 0.636 ms, nchw 0.707 / 0.754, dw512_n1 nhwc 0.068 / 0.100, nchw 0.087 / 0.090);
+  // round B35 times the unsorted gather against the atomics on the decision shapes.
+  if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
+      base.algo == Algo::depthwise && d.dtype == DType::f32 && d.c_per_offset_group() % 4 == 0) {
+    Variant v = base;
+    v.gin_gather = true;
+    return runs(d, v) ? v : base;
+  }
   // Depthwise grad input, f16 and bf16, fast mode, sm_90: the local gather (gin=local halo=2)
   // where its binning is shared by at least two 128-channel slices and its grid has at least
   // 128 blocks (8 x 8 input tiles x images x offset groups x groups of four slices). Measured

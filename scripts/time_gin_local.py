@@ -10,7 +10,7 @@ DEFT_PDL=0, or a kernel's time includes its wait for the one before it. --flush:
 the flush's own kernel is left out of the per-kernel times. --det: the deterministic mode's
 forms instead (every variant with det=1: "atomics" is then the default, the f32 gather over
 sorted lists, "gather" the fixed-point gather, gin=local the fixed-point local gather).
---radii=1,2,4,6 (default): gin=local's radii; --radii= none."""
+--radii=1,2,4,6 (default): gin=local's radii; --radii= none. --dtype=fp16 (default) or fp32."""
 from collections import defaultdict
 import os
 import statistics
@@ -29,7 +29,7 @@ for f in ("shapes.json", "dw_decision_shapes.json"):
 kernels = "--kernels" in sys.argv[1:]
 flush = "--flush" in sys.argv[1:]
 det = "--det" in sys.argv[1:]
-opts = {"--sigmas": "0.5,2,8", "--layouts": "nchw,nhwc", "--radii": "1,2,4,6"}
+opts = {"--sigmas": "0.5,2,8", "--layouts": "nchw,nhwc", "--radii": "1,2,4,6", "--dtype": "fp16"}
 names = []
 for a in sys.argv[1:]:
     if a.split("=")[0] in opts:
@@ -39,6 +39,8 @@ for a in sys.argv[1:]:
 sigmas = [float(x) for x in opts["--sigmas"].split(",")]
 layouts = opts["--layouts"].split(",")
 radii = [int(x) for x in opts["--radii"].split(",") if x]
+dname = opts["--dtype"]
+dtype = {"fp16": torch.half, "fp32": torch.float}[dname]
 l2 = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush else None
 
 
@@ -61,11 +63,11 @@ for name in names or ["dw512", "dw1024_16"]:
     c = cases[name]
     for layout in layouts:
         for sigma in sigmas:
-            x, w, off, m, gout = bench.backward_inputs(c, torch.half, sigma=sigma)
+            x, w, off, m, gout = bench.backward_inputs(c, dtype, sigma=sigma)
             if layout == "nhwc":
                 x, off, m, gout = (t.permute(0, 2, 3, 1).contiguous() for t in (x, off, m, gout))
                 w = w.permute(0, 2, 3, 1).contiguous()
-            desc = bench.deft_desc(c, layout, "fp16")
+            desc = bench.deft_desc(c, layout, dname)
             row, ref = [], None
             for vname, v in variants(layout):
                 try:

@@ -1379,7 +1379,10 @@ TEST(Codegen, DepthwiseGradInputStagesItsWeights) {
   const std::vector<W> cases = {
       {dw + "dtype=f16 layout=nhwc", "", true, 9 * 64 * 4, 4},
       {dw + "dtype=bf16 layout=nchw", "", true, 9 * 64 * 4, 4},  // transpose=1 by default
-      {dw + "dtype=f32 layout=nhwc", "", true, 9 * 64 * 4, 1},  // atomics into grad input
+      // f32 on sm_90: the gather form (channel vectors; it scatters nothing)
+      {dw + "dtype=f32 layout=nhwc", "", true, 9 * 64 * 4, 4},
+      {dw + "dtype=f32 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256", true, 9 * 64 * 4,
+       1},  // the float atomics into grad input
       {dw + "dtype=f64 layout=nhwc", "", true, 9 * 64 * 8, 1},    // double accumulators
       {dw + "dtype=f16 layout=nhwc", "algo=depthwise tm=8 tn=1 tk=1 threads=256 det=1", true,
        9 * 64 * 4, 4},
@@ -1412,7 +1415,8 @@ TEST(Codegen, DepthwiseGradInputStagesItsWeights) {
 
 // The depthwise grad input's heuristic default on sm_90 (docs/perf-notes.md round B29): the local
 // gather where its binning serves two or more 128-channel slices and its grid has 128 blocks or
-// more, the float atomics elsewhere, in deterministic mode and for f32 / f64.
+// more, the float atomics elsewhere and for f64; f32 (strict or tf32) the gather form (round
+// B34); deterministic mode the sorted gather.
 TEST(Heuristic, DepthwiseGradInputTakesTheLocalGatherWhereItWins) {
   auto dw = [](int n, int c, int hw, const char* dtype) {
     return deft::parse_layer_desc(fmt::format(
@@ -1430,12 +1434,21 @@ TEST(Heuristic, DepthwiseGradInputTakesTheLocalGatherWhereItWins) {
       {dw(1, 512, 32, "f16"), false, false},    // dw512_n1: 16 blocks
       {dw(4, 128, 96, "f16"), false, false},    // dw128_96: one slice
       {dw(16, 512, 32, "f16"), true, false},    // deterministic: the gather form
-      {dw(16, 512, 32, "f32"), false, false},   // f32: not measured, the atomics
+      {dw(16, 512, 32, "f32"), false, false},   // f32: the gather form
+      {dw(1, 512, 32, "f32"), false, false},
+      {dw(16, 512, 32, "f64"), false, false},   // f64: the atomics
   };
   for (const C& c : cases) {
     SCOPED_TRACE(deft::to_string(c.d) + (c.det ? " det" : ""));
-    const deft::Variant v = deft::default_variant(c.d, 90, c.det);
+    deft::Variant v = deft::default_variant(c.d, 90, c.det);
+    v.deterministic = c.det;  // as the runtime sets it
     EXPECT_EQ(v.gin_local, c.local);
+    const bool f32_gather = c.d.dtype == deft::DType::f32 && !c.det;
+    EXPECT_EQ(v.gin_gather, f32_gather);
+    const bool f64 = c.d.dtype == deft::DType::f64;  // atomics into grad input itself
+    EXPECT_EQ(deft::make_plan(c.d, v).gin_mode, c.local ? 5 : c.det || f32_gather ? 4 : f64 ? 0 : 1);
+    EXPECT_EQ(deft::make_plan(c.d, v).gather_sorted, c.det);
+    EXPECT_FALSE(deft::default_variant(c.d, 80, c.det).gin_gather && !c.det);  // sm_90 only
     if (c.local) EXPECT_EQ(v.halo, 2);
     EXPECT_EQ(deft::make_plan(c.d, v).gin_mode == 5, c.local);
     EXPECT_FALSE(deft::default_variant(c.d, 80, c.det).gin_local);  // measured on sm_90 only
