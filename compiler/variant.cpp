@@ -294,11 +294,10 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     return runs(d, v) ? v : base;
   }
   // Depthwise grad input, f32 (strict or tf32), fast mode, sm_90: the f32 gather (gin=gather)
-  // instead of the float atomics. The deterministic mode's sorted f32 gather (the same kernels
-  // and a sort) was faster than the fast mode's float atomics on both bench cases, both
-  // layouts (perf notes round B34, H200, sigma = 2, forward + backward: dw512 nhwc 0.573
-  // against 0.636 ms, nchw 0.707 / 0.754, dw512_n1 nhwc 0.068 / 0.100, nchw 0.087 / 0.090);
-  // round B35 times the unsorted gather against the atomics on the decision shapes.
+  // instead of the float atomics. Perf notes round B35 (H200, fp32 nhwc, sigma = 2, grad-input
+  // pass): 0.51-0.98x the atomics' time on dw512, dw256_56, dw512_64, dw512_14 and dw512_n1
+  // (42 against 83 us), 1.06x on dw1024_16 and dw128_96 (the tuner's space has the atomics);
+  // forward + backward dw512 nhwc 0.636 -> 0.573 ms.
   if (arch == 90 && !deterministic && d.pass == Pass::backward_data &&
       base.algo == Algo::depthwise && d.dtype == DType::f32 && d.c_per_offset_group() % 4 == 0) {
     Variant v = base;

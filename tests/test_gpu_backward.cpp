@@ -549,6 +549,7 @@ TEST(GpuBackwardDwWindow, MatchesReference) {
         [&](deft::Variant& v) {
           v.tile_m = c.tm, v.threads = 32 * c.tm;
           v.staging = deft::Staging::window, v.halo = c.halo;
+          v.gin_gather = v.gin_local = false;  // the window is a float-atomics form (f32: not the default)
         },
         [](const deft::KernelPlan& plan) { return plan.dw_window; });
 }

@@ -35,8 +35,10 @@ struct CompileOptions {
   // Which offset statistics the layer sees, as a bucket (see stats_bucket()).
   std::string stats_bucket = "v1:sigma~2";
   // Backward: bitwise-identical gradients from run to run. grad input is accumulated in 64-bit
-  // fixed point (integer atomics, whose sum does not depend on their order) instead of float
-  // atomics; grad offset, mask, weight and bias never use atomics in either mode.
+  // fixed point (integer sums, which do not depend on their order) instead of float atomics,
+  // or, in the depthwise kernel (f16, bf16, f32), in f32 in a fixed order (each input pixel
+  // gathers its sampling points from lists sorted by point index); grad offset, mask, weight
+  // and bias never use atomics in either mode.
   bool deterministic = false;
   // Run these variants for the backward passes (Kernel::backward) instead of the tuned or
   // heuristic ones; `deterministic` still decides det=.
@@ -66,7 +68,8 @@ struct ForwardArgs {
 // Sampling points whose position is NaN, or outside (-1, h) x (-1, w), contribute nothing:
 // their grad offset and grad mask entries are 0 and they scatter nothing into grad input.
 // Non-finite values in grad_output, weight or mask propagate as NaN (in deterministic mode
-// grad input becomes NaN everywhere, since fixed point cannot carry them).
+// with fixed-point sums, grad input becomes NaN everywhere, since fixed point cannot carry
+// them; the depthwise kernel's f32 sums propagate them as the fast mode does).
 struct BackwardArgs {
   const void* input = nullptr;
   const void* offset = nullptr;
