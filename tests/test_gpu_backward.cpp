@@ -446,27 +446,22 @@ TEST(GpuBackwardGather, EdgesCrowdedCellsAndWideGroups) {
     const GpuGrads first = run_gpu(d, t, 1, {true, true, true, true, true});
     const GpuGrads again = run_gpu(d, t, 1, {true, true, true, true, true});
     for (int g = 0; g < kGrads; ++g) EXPECT_EQ(first.raw[g], again.raw[g]) << kGradName[g];
-    if (dw) {  // the depthwise fixed-point gather (gin=gather det=1): reference, same bits again
-      deft::Variant fixed = dv;
-      fixed.gin_gather = true;
-      ASSERT_EQ(deft::make_plan(data, fixed).gin_mode, 3);
-      SCOPED_TRACE(deft::to_string(fixed));
-      deft::CompileOptions o = test_options(true);
-      o.backward_data_variant = fixed;
-      check_backward(d, t, 1, o);
+    // the depthwise kernel's other gathers: the fixed-point one (gin=gather det=1: reference,
+    // the same bits again) and the fast mode's f32 one over unsorted lists (reference)
+    for (int det : {1, 0}) {
+      if (!dw) break;
+      deft::Variant other = dv;
+      other.deterministic = det != 0;
+      other.gin_gather = true;
+      ASSERT_EQ(deft::make_plan(data, other).gin_mode, det ? 3 : 4);
+      SCOPED_TRACE(deft::to_string(other));
+      deft::CompileOptions o = test_options(det != 0);
+      o.backward_data_variant = other;
+      check_backward(d, t, det, o);
+      if (!det) continue;
       const GpuGrads f1 = run_gpu(d, t, 1, {true, true, true, true, true}, 2, o);
       const GpuGrads f2 = run_gpu(d, t, 1, {true, true, true, true, true}, 1, o);
       for (int g = 0; g < kGrads; ++g) EXPECT_EQ(f1.raw[g], f2.raw[g]) << kGradName[g];
-    }
-    if (dw) {  // the same gather in the fast mode, f32 sums
-      deft::Variant fast = dv;
-      fast.deterministic = false;
-      fast.gin_gather = true;
-      ASSERT_EQ(deft::make_plan(data, fast).gin_mode, 4);
-      SCOPED_TRACE(deft::to_string(fast));
-      deft::CompileOptions o = test_options(false);
-      o.backward_data_variant = fast;
-      check_backward(d, t, 0, o);
     }
   }
 }
