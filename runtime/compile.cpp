@@ -19,8 +19,6 @@
 #include <utility>
 #include <vector>
 
-#include <optional>
-
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -674,7 +672,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     }
     // Gather form (gin_mode 3, 4): the sampling points sorted by cell, then the data kernel
     // stores the points' values instead of scattering them, and deft_bwd_gather sums them
-    // into the fixed-point workspace, every element. Without grad input, a kernel that always
+    // into the workspace (fixed point; gin_mode 4: f32), every element. Without grad input, a kernel that always
     // writes (plan.gin_always) still gets the values' buffer, and nothing sorts or gathers.
     // The depthwise kernel's direct gather (plan.gather_direct) stores no values: its gather
     // reads grad_out (as the kernel does), the weight and the mask.
