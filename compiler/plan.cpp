@@ -575,12 +575,15 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
       // 2's 64-bit fixed point (integer sums: their order does not matter)
       p.gin_mode = v.deterministic ? 6 : 5;
     }
-    if (p.gin_mode == 2 && asize == 4) p.gin_mode = deterministic_gin_mode(d);
-    else if (v.gin_gather) p.gin_mode = 4;
-    // deterministic (f32 accumulator): the f32 gather over lists sorted by point index (no
-    // bound kernel, no 64-bit sums: perf notes round B32); gin=gather det=1 keeps the
-    // fixed-point one (gin_mode 3: the bits of the 64-bit atomics)
-    if (p.gin_mode == 3 && !v.gin_gather) p.gin_mode = 4, p.gather_sorted = true;
+    // deterministic with an f32 accumulator, where the lists fit: the f32 gather over lists
+    // sorted by point index (no bound kernel, no 64-bit sums: perf notes round B32), or with
+    // gin=gather the fixed-point gather (3: the bits of the 64-bit atomics)
+    if (p.gin_mode == 2 && asize == 4 && deterministic_gin_mode(d) == 3) {
+      p.gin_mode = v.gin_gather ? 3 : 4;
+      p.gather_sorted = !v.gin_gather;
+    } else if (v.gin_gather) {
+      p.gin_mode = 4;
+    }
     p.gather_direct = p.gin_mode == 3 || p.gin_mode == 4;
     // grad_out through a channels-last copy where the lanes run along the channels (the
     // transposed input) or the gather reads it: ~10 us for a 16 MB grad_out against strided

@@ -641,7 +641,8 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
                       "cuMemsetD8Async (grad_input)");
         gin = a.grad_input;
       } else {
-        gin = reinterpret_cast<void*>(ws.get() + 32);
+        // the workspace (plan.gather_out: the gather writes grad input itself)
+        gin = p.gather_out ? a.grad_input : reinterpret_cast<void*>(ws.get() + 32);
       }
     } else if (p.gin_always) {
       // scattered into and never read (deterministic mode: unscaled, the bound not computed)
@@ -677,8 +678,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     // The depthwise kernel's direct gather (plan.gather_direct) stores no values: its gather
     // reads grad_out (as the kernel does), the weight and the mask.
     std::unique_ptr<Scratch> gs;
-    // where the gather sums: the workspace, or grad input itself (plan.gather_out)
-    void* gws = p.gather_out && a.grad_input ? a.grad_input : gin;
+    void* gws = gin;  // where the gather sums
     void *values = nullptr, *frac = nullptr, *counts = nullptr, *list = nullptr;
     const void* gout_k = gout_for(*k);
     if (p.gin_local_gather() && a.grad_input) {

@@ -87,7 +87,6 @@ class Fork {
   Fork(const Fork&) = delete;
   Fork& operator=(const Fork&) = delete;
   CUstream stream() const { return aux_ ? aux_ : origin_; }
-  bool forked() const { return aux_ != nullptr; }
   void join();
 
  private:
