@@ -50,6 +50,19 @@ def update_md(path, section):
     os.replace(path + ".tmp", path)
 
 
+def modified_variant(lib, pass_desc, mods, cache_path):
+    """The variant deft picks for pass_desc on this GPU, with the fields of `mods`
+    ('field=value ...') set to those values."""
+    fields = {}
+    for tok in lib.compile(pass_desc, None, cache_path).variant.split():
+        key, _, val = tok.partition("=")
+        fields[key] = val
+    for tok in mods.split():
+        key, _, val = tok.partition("=")
+        fields[key] = val
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", default=os.path.join(HERE, "..", "build", "libdeft.so"))
@@ -73,7 +86,9 @@ def main(argv=None):
     ap.add_argument("--backward-data-variant", default=None,
                     help="deft's backward_data variant for every case instead of its own choice "
                          "(e.g. 'algo=gemm_wgmma tm=64 tn=64 tk=64 threads=256 stages=3 "
-                         "transpose=1'); a case it cannot run is reported as an error")
+                         "transpose=1'); a case it cannot run is reported as an error; "
+                         "'+field=value ...': each case's own choice with those fields changed "
+                         "(e.g. '+gw=separate')")
     ap.add_argument("--dry-run", action="store_true",
                     help="no GPU, no torch: fake timings through the whole report (tests it)")
     ap.add_argument("--pre-sleep-us", type=float, default=None,
@@ -154,8 +169,13 @@ def run_row(gpu, lib, args, ceilings, case, dtype, layout, t, gout, shared, stre
 
     kern = None
     try:
-        kern = (lib.compile_ex(desc, None, args.cache_path, args.backward_data_variant)
-                if args.backward_data_variant else lib.compile(desc, None, args.cache_path))
+        data_variant = args.backward_data_variant
+        if data_variant and data_variant.startswith("+"):
+            data_variant = modified_variant(lib, desc + " pass=backward_data", data_variant[1:],
+                                            args.cache_path)
+        kern = (lib.compile_ex(desc, None, args.cache_path, data_variant)
+                if data_variant else lib.compile(desc, None, args.cache_path))
+        row["data_variant"] = data_variant
         row["variant"] = kern.variant
         deft_fb(0)  # compiles the backward kernels
         deft_fb(1)

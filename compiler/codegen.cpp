@@ -183,6 +183,16 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     dw_window("corners near the tile summed in shared memory");
     line(fmt::format("#define DW_WSMEM {}  // the block's weights in shared memory [tap][channel]",
                      p.dw_wsmem ? 1 : 0));
+    line(fmt::format("#define FUSED_GW {}  // gw=fused: the kernel sums grad weight too",
+                     p.fused_gw ? 1 : 0));
+    if (p.fused_gw) {
+      c32("FVEC", p.fw.vec);
+      c32("FTPC", p.fw.tpc);
+      c32("FTB", p.fw.tb);
+      c32("FCBPOG", p.fw.cbpog);
+      c32("FSPLITS", p.fw.splits);
+      c64("FSPLIT_PIX", p.fw.split_pix);
+    }
     if (p.gin_local_gather()) {
       c32("LG_TH", p.lg.tile);
       c32("LG_TW", p.lg.tile);

@@ -498,6 +498,68 @@ int64_t plan_fwd_dw_window(const LayerDesc& d, const Variant& v, KernelPlan& p) 
   return d.n * int64_t(p.tiles_y) * p.tiles_x;
 }
 
+// Depthwise backward_data with gw=fused (templates/deform_conv_bwd_data_dw.cuh, FUSED_GW): the
+// data kernel in the grad-weight kernel's layout (a thread: vec channels of one pixel; tpc
+// threads a pixel, lanes of one warp; tb taps a block), so that it sums grad weight from the
+// corners it loads for grad offset and grad mask. The point grads of a pixel are summed over
+// the tpc threads by shuffles; where an offset group has more channels than a block (cbpog >
+// 1) each block stores its part and deft_bwd_fused_pg adds them in order. Grad weight: each
+// block's sums over its pixels (split partials, as deft_bwd_weight_reduce's), added in order by
+// deft_bwd_fused_gw. No atomics in either: the same bits every run.
+void plan_bwd_data_dw_fused(const LayerDesc& d, const Variant& v, KernelPlan& p, int64_t m_total) {
+  const int tsize = dtype_size(d.dtype);
+  if (v.staging != Staging::gather) bad("gw", "gw=fused needs staging=gather");
+  if (!p.x_nhwc)
+    bad("gw", "gw=fused needs a channels-last input: an nhwc layer, or transpose=1");
+  if (d.dtype == DType::f64) bad("gw", "gw=fused sums in f32: not for f64 layers");
+  auto& f = p.fw;
+  f.vec = v.vec > 1 ? v.vec : 16 / tsize;
+  if (f.vec * tsize != 16 && f.vec * tsize != 32)
+    bad("vec", fmt::format("gw=fused takes vec={} (16 bytes of channels a thread) or {} (32), "
+                           "not vec={}", 16 / tsize, 32 / tsize, v.vec));
+  const int64_t cpog = d.c_per_offset_group();
+  if (cpog % f.vec != 0)
+    bad("vec", fmt::format("gw=fused with vec={} needs c/offset_groups={} a multiple of it",
+                           f.vec, cpog));
+  // threads a pixel: a power of two up to a warp whose channels divide the offset group's
+  f.tpc = 1;
+  while (f.tpc < 32 && cpog % (int64_t(f.tpc) * 2 * f.vec) == 0) f.tpc *= 2;
+  if (v.threads % 32 != 0 || v.threads > 512)
+    bad("threads", fmt::format("gw=fused needs threads a multiple of 32 up to 512, not {}",
+                               v.threads));
+  const int cpb = f.tpc * f.vec;
+  f.cbpog = int(cpog / cpb);
+  // taps a block: at most 24 grad-weight sums a thread (two blocks of 256 threads an SM),
+  // batches of equal size
+  const int taps = d.taps();
+  const int batches = int(ceil_div(taps, std::max(1, 24 / f.vec)));
+  f.tb = int(ceil_div(taps, batches));
+  const int rows = v.threads / f.tpc;  // pixels a block step
+  // pixel ranges: about 1024 blocks in all, each at least 4 steps
+  const int64_t steps = ceil_div(m_total, rows);
+  const int64_t tiles = (d.c / cpb) * batches;
+  int64_t splits = std::clamp<int64_t>(ceil_div(1024, tiles), 1, std::max<int64_t>(1, steps / 4));
+  f.split_pix = ceil_div(steps, splits) * rows;
+  splits = ceil_div(m_total, f.split_pix);
+  const int64_t w_elems = d.c * taps;
+  if (splits > 65535 || splits * w_elems * 4 > (int64_t{256} << 20))
+    bad("gw", fmt::format("gw=fused: {} pixels in {} ranges make too many partial sums",
+                          m_total, splits));
+  f.splits = int(splits);
+  f.gw_bytes = splits * w_elems * 4;
+  f.pg_bytes = f.cbpog > 1 ? int64_t(f.cbpog) * m_total * d.offset_groups * taps * 3 * 4 : 0;
+  p.fused_gw = true;
+  p.dw_wsmem = false;  // the kernel stages its taps' weights itself (static shared memory)
+  p.smem_bytes = 0;
+  p.block = unsigned(v.threads);
+  if (d.c / cpb > 2147483647) bad("n", "the launch grid is too large");
+  p.grid = {unsigned(d.c / cpb), unsigned(batches), unsigned(splits)};
+  // 16-byte vectors: corners (unless read from the transpose's copy) and grad_out (unless
+  // read from the runtime's channels-last copy)
+  if (!p.transpose) p.align_input = std::max(p.align_input, 16);
+  if (!p.gout_t) p.align_gout = std::max(p.align_gout, 16);
+}
+
 void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
   const bool dw = v.algo == Algo::depthwise && d.pass == Pass::backward_data;
   const bool dww = v.algo == Algo::depthwise && d.pass == Pass::backward_weight;
@@ -653,6 +715,7 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     if (gx > 2147483647 || d.offset_groups > 65535)
       bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
     p.grid = {unsigned(gx), unsigned(d.offset_groups), 1};
+    if (v.fuse_gw) plan_bwd_data_dw_fused(d, v, p, m_total);
   } else if (wgd) {
     plan_bwd_data_wgmma(d, v, p, m_total, in_elems);
   } else if (d.pass == Pass::backward_data) {
@@ -843,6 +906,8 @@ KernelPlan make_plan(const LayerDesc& d, const Variant& v) {
     bad("gin", "gin=gather applies to algo=depthwise pass=backward_data only");
   if (v.gin_local && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
     bad("gin", "gin=local applies to algo=depthwise pass=backward_data only");
+  if (v.fuse_gw && !(v.algo == Algo::depthwise && d.pass == Pass::backward_data))
+    bad("gw", "gw=fused applies to algo=depthwise pass=backward_data only");
   if (v.staging == Staging::gather && v.halo != 0 && !v.gin_local)
     bad("halo", fmt::format("halo={} applies to staging=window or gin=local only", v.halo));
   if (d.pass != Pass::forward) {

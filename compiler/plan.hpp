@@ -120,6 +120,19 @@ struct KernelPlan {
     int threads = 0;             // a block's threads (a warp per input pixel of the tile in turn)
     int64_t smem_bytes = 0;      // dynamic shared memory
   } lg;
+  // depthwise backward_data with gw=fused (FUSED_GW in deform_conv_bwd_data_dw.cuh): the data
+  // kernel also sums grad weight. A thread owns `vec` channels (16 or 32 bytes) of a pixel,
+  // `tpc` threads of one warp a pixel (the block's tpc * vec channels lie in one offset group,
+  // `cbpog` such blocks an offset group), `tb` taps a block (grid y), `split_pix` pixels a
+  // block (grid z: `splits`). Workspaces: grad weight's split partials [split][tap][c] (f32)
+  // and, with cbpog > 1, the point grads' partials [cbpog][pixel][offset group][tap][3].
+  struct FusedGw {
+    int vec = 0, tpc = 0, tb = 0, cbpog = 0, splits = 0;
+    int64_t split_pix = 0;
+    int64_t gw_bytes = 0, pg_bytes = 0;
+  };
+  bool fused_gw = false;
+  FusedGw fw;
   // backward_data on wgmma: bytes of the block's grad_out tile and of one weight slice
   int64_t gout_tile_bytes = 0, slice_bytes = 0;
   int min_blocks = 1;

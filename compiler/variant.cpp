@@ -24,10 +24,11 @@ std::string_view to_string(Staging s) {
 }
 
 std::string to_string(const Variant& v) {
-  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}{}{}",
+  return fmt::format("algo={} tm={} tn={} tk={} threads={} vec={} staging={} halo={} transpose={}{}{}{}{}{}{}",
                      to_string(v.algo), v.tile_m, v.tile_n, v.tile_k, v.threads, v.vec,
                      to_string(v.staging), v.halo, v.transpose ? 1 : 0,
                      v.deterministic ? " det=1" : "", v.gin_gather ? " gin=gather" : v.gin_local ? " gin=local" : "",
+                     v.fuse_gw ? " gw=fused" : "",
                      v.stages ? fmt::format(" stages={}", v.stages) : std::string(),
                      v.producers ? fmt::format(" producers={}", v.producers) : std::string(),
                      v.batch ? fmt::format(" batch={}", v.batch) : std::string());
@@ -89,6 +90,11 @@ Variant parse_variant(std::string_view text) {
       else if (val == "local") v.gin_local = true, v.gin_gather = false;
       else if (val == "atomic") v.gin_gather = v.gin_local = false;
       else throw DescError(key, fmt::format("gin={} is not gather, local or atomic", val));
+    }
+    else if (key == "gw") {
+      if (val == "fused") v.fuse_gw = true;
+      else if (val == "separate") v.fuse_gw = false;
+      else throw DescError(key, fmt::format("gw={} is not fused or separate", val));
     }
     else throw DescError(key, fmt::format("unknown variant field '{}'", key));
   }
@@ -264,7 +270,7 @@ Variant default_variant(const LayerDesc& d) {
 
 bool variant_needs_sm90a(const Variant& v) { return v.algo == Algo::gemm_wgmma; }
 
-Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
+static Variant arch_default_variant(const LayerDesc& d, int arch, bool deterministic) {
   Variant base = default_variant(d);
   // Grad input, f16 and bf16 (and tf32, below), on sm_90, fast mode: the wgmma kernel
   // (templates/deform_conv_bwd_data_wgmma.cuh) with 64 pixels, 64-channel steps, two
@@ -433,6 +439,20 @@ Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
     }
   }
   return base;
+}
+
+// The arch's choice above, then on sm_90 a depthwise grad-input pass sums grad weight itself
+// (gw=fused, both modes) where the plan takes it: one gather of the corners instead of two.
+// Perf notes round B36 (H200, fp16, sigma = 2): see BENCHMARKS.md "Session 25".
+Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
+  Variant v = arch_default_variant(d, arch, deterministic);
+  if (arch == 90 && d.pass == Pass::backward_data && v.algo == Algo::depthwise &&
+      v.staging == Staging::gather) {
+    Variant f = v;
+    f.fuse_gw = true;
+    if (runs(d, f)) return f;
+  }
+  return v;
 }
 
 }  // namespace deft

@@ -51,6 +51,9 @@ class KernelImpl {
   CUkernel gather[4] = {nullptr, nullptr, nullptr, nullptr};
   CUkernel sort = nullptr;     // plan.gather_sorted: deft_bwd_sort (after the fill)
   CUkernel lgather = nullptr;  // gin_mode 5, 6: deft_bwd_lgather
+  // plan.fused_gw: deft_bwd_fused_gw (grad weight from the split partials) and, with
+  // plan.fw.cbpog > 1, deft_bwd_fused_pg (grad offset and mask from the channel blocks' parts)
+  CUkernel fused[2] = {nullptr, nullptr};
   // Forward kernels: what compiled them (for the backward passes, compiled on first use),
   // and those passes once compiled: [deterministic][0 data, 1 weight].
   CompileOptions options;
@@ -134,7 +137,8 @@ CompileInfo compile_offline(const LayerDesc& desc, const CompileOptions& options
                              ? plan.forward_workspace()
                              : plan.workspace_bytes + plan.workspace_packed_bytes +
                                    plan.workspace_gout_bytes +
-                                   (plan.gin_mode == 3 || plan.gin_mode == 4 ? gather_layout(desc, plan).bytes : 0);
+                                   (plan.gin_mode == 3 || plan.gin_mode == 4 ? gather_layout(desc, plan).bytes : 0) +
+                                   plan.fw.gw_bytes + plan.fw.pg_bytes;
   cache::CubinKey key;
   key.deft_version = version();
   key.source_hash = cache::sha256_hex(info.source);
@@ -269,6 +273,13 @@ Kernel compile(const LayerDesc& desc, const CompileOptions& options_in) {
           driver::check(api.cuKernelSetAttribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                                  int(impl->plan.lg.smem_bytes), impl->lgather, dev),
                         "cuKernelSetAttribute(deft_bwd_lgather shared memory)");
+      }
+      if (impl->plan.fused_gw) {
+        driver::check(api.cuLibraryGetKernel(&impl->fused[0], impl->library, "deft_bwd_fused_gw"),
+                      "cuLibraryGetKernel(deft_bwd_fused_gw)");
+        if (impl->plan.fw.cbpog > 1)
+          driver::check(api.cuLibraryGetKernel(&impl->fused[1], impl->library, "deft_bwd_fused_pg"),
+                        "cuLibraryGetKernel(deft_bwd_fused_pg)");
       }
       if (desc.pass == Pass::backward_data &&
           (impl->plan.gin_mode == 3 || impl->plan.gin_mode == 4)) {
@@ -612,6 +623,7 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     return gout_t;
   };
 
+  bool gw_fused = false;  // the data kernel has made grad weight (gw=fused)
   if (kdata) {
     const auto& k = kdata;
     const KernelPlan& p = k->plan;
@@ -738,9 +750,37 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       }
       gin = values;  // the data kernel stores the values here (direct: none, it scatters nothing)
     }
-    void* params[] = {&input, &offset, &mask, &weight, &gout_k, &gin, &goffset, &gmask, &header};
+    // gw=fused: the kernel's split partials of grad weight (null: not requested) and, where
+    // several blocks share an offset group's channels, their parts of the point grads
+    std::unique_ptr<Scratch> fws;
+    void *gw_part = nullptr, *pg_part = nullptr;
+    if (p.fused_gw) {
+      const bool want_pg = p.fw.cbpog > 1 && (goffset || gmask);
+      const int64_t bytes = (a.grad_weight ? p.fw.gw_bytes : 0) + (want_pg ? p.fw.pg_bytes : 0);
+      if (bytes > 0) {
+        fws = std::make_unique<Scratch>(size_t(bytes), stream, false);  // every sum is written
+        if (a.grad_weight) gw_part = reinterpret_cast<void*>(fws->get());
+        if (want_pg)
+          pg_part = reinterpret_cast<void*>(fws->get() + (a.grad_weight ? p.fw.gw_bytes : 0));
+      }
+    }
+    void* params[] = {&input, &offset, &mask, &weight, &gout_k, &gin, &goffset, &gmask, &header,
+                      &gw_part, &pg_part};
     launch(*k, k->kernel, p.grid, p.block, unsigned(p.smem_bytes), stream, params,
            "cuLaunchKernel(backward_data)");
+    if (pg_part) {
+      const int64_t pts = d.n * d.out_h() * d.out_w() * d.offset_groups * d.taps();
+      void* rparams[] = {&pg_part, &goffset, &gmask};
+      launch(*k, k->fused[1], {unsigned((pts + 255) / 256), 1, 1}, 256, 0, stream, rparams,
+             "cuLaunchKernel(deft_bwd_fused_pg)");
+    }
+    if (gw_part) {
+      void* gw = a.grad_weight;
+      void* rparams[] = {&gw_part, &gw};
+      launch(*k, k->fused[0], {unsigned((d.c * d.taps() + 31) / 32), 1, 1}, 256, 0, stream,
+             rparams, "cuLaunchKernel(deft_bwd_fused_gw)");
+      gw_fused = true;
+    }
     if (gs && a.grad_input) {
       const int64_t warps = d.n * d.offset_groups * d.h * d.w * p.gather_slices;
       void* gparams[] = {&values, &frac, &counts, &list, &header, &gws};
@@ -773,11 +813,11 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
     const auto& k = kweight;
     const KernelPlan& p = k->plan;
     const void* input = a.input;
-    if (p.transpose && a.grad_weight) {
+    if (p.transpose && a.grad_weight && !gw_fused) {
       transposed(*k);
       input = x_t;
     }
-    if (a.grad_weight) {
+    if (a.grad_weight && !gw_fused) {
       Scratch ws(size_t(p.workspace_bytes), stream, false);  // every partial is written
       CUdeviceptr partial = ws.get();
       const void* gout_k = gout_for(*k);

@@ -183,6 +183,225 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     if (lane == 0 && pix_ok) deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, g[t]);
   }
 }
+#elif FUSED_GW
+// gw=fused (perf notes round B36): the grad-weight kernel's thread layout (FVEC channels of one
+// pixel a thread, FTPC threads a pixel: lanes of one warp; FTB taps a block, grid y; FSPLIT_PIX
+// pixels a block, grid z) doing the data kernel's work, so that grad weight comes from the
+// corners loaded for grad offset and grad mask instead of a second gather (the separate
+// grad-weight kernel reads them all again: dw512 fp16, 86 us of a 396 us step).
+// Per (pixel, tap) a thread loads its four corner vectors and forms
+//   grad weight:   acc[tap][e] += grad_out[e] * mask * sample[e]
+//   point grads:   its channels' part of grad offset and grad mask (the corner sums of round
+//                  B29 in f16 / bf16, per-channel differences otherwise), summed over the
+//                  pixel's FTPC lanes by a butterfly; FCBPOG > 1 blocks share an offset group
+//                  and store their parts (deft_bwd_fused_pg adds them in order)
+//   grad input:    as the data kernel's GIN_MODE scatters it (gin=local: far points only;
+//                  the gather forms: nothing)
+// The block's grad-weight sums are reduced in a fixed order (shuffles, shared memory) into its
+// split's partial [split][tap][c] (gw_partial null: not requested); deft_bwd_fused_gw adds the
+// splits in order. Nothing here depends on timing: the same bits every run.
+constexpr int FCPB = FTPC * FVEC;       // channels a block, inside one offset group
+constexpr int FROWS = THREADS / FTPC;   // pixels a block step
+constexpr int FSPAN = FTPC < 32 ? 32 : FTPC;
+constexpr int FRGROUPS = THREADS / FSPAN;
+constexpr bool FSUMS = sizeof(T) == 2;  // the corner-sums form, as CORNER_SUMS below
+static_assert(FVEC % 4 == 0 && (FTPC & (FTPC - 1)) == 0 && FTPC <= 32 && THREADS % 32 == 0 &&
+                  CPOG % FCPB == 0 && FCBPOG * FCPB == CPOG,
+              "gw=fused: whole channel blocks inside an offset group");
+
+extern "C" __global__ void __launch_bounds__(THREADS, THREADS <= 256 ? 2 : 1)
+    KERNEL_NAME(DEFT_BWD_DATA_PARAMS, Acc* __restrict__ gw_partial, Acc* __restrict__ pg_partial) {
+  deft_grid_begin();
+  __shared__ Acc Wsm[FTB][FCPB];                     // the block's taps' weights
+  __shared__ Acc Red[FRGROUPS * FTPC * FVEC];        // the grad-weight reduction
+  struct __align__(16) Vec { T x[FVEC]; };           // 16 or 32 bytes: one or two vector loads
+  const int tid = threadIdx.x;
+  const int cv = tid % FTPC, row = tid / FTPC;
+  const int cb0 = blockIdx.x * FCPB;                 // the block's first channel
+  const int og = cb0 / CPOG;
+  const int cbk = (cb0 - og * CPOG) / FCPB;          // its channel block in the offset group
+  const int c = cb0 + cv * FVEC;
+  const int t0 = blockIdx.y * FTB;
+  const long long p_begin = (long long)blockIdx.z * FSPLIT_PIX;
+  const long long p_end = p_begin + FSPLIT_PIX < M_TOTAL ? p_begin + FSPLIT_PIX : M_TOTAL;
+  const double scale = GIN_MODE == 2 || GIN_MODE == 6 ? deft_fixed_scale(header) : 1.0;
+  bool nonfinite = (GIN_MODE == 2 || GIN_MODE == 6) && header[3] != 0ull;
+  for (int i = tid; i < FTB * FCPB; i += THREADS) {
+    const int b = i / FCPB, j = i % FCPB;
+    Wsm[b][j] = t0 + b < TAPS ? Acc(deft_widen(weight[(long long)(cb0 + j) * TAPS + t0 + b])) : Acc(0);
+  }
+  __syncthreads();
+
+  Acc acc[FTB][FVEC];
+#pragma unroll
+  for (int b = 0; b < FTB; ++b)
+#pragma unroll
+    for (int e = 0; e < FVEC; ++e) acc[b][e] = Acc(0);
+
+  // every thread runs every step (the butterflies need whole warps); a row past the block's
+  // range has no pixel
+#pragma unroll 1
+  for (long long m0 = p_begin; m0 < p_end; m0 += FROWS) {
+    const long long m = m0 + row;
+    const BwdPixel px = deft_bwd_pixel(m < p_end ? m : M_TOTAL);
+    const bool ok = px.ok;
+    const long long n = px.n;
+    const int ho = px.ho, wo = px.wo;
+    Acc g[FVEC];
+    {
+      Vec gv;
+      if (ok) gv = *reinterpret_cast<const Vec*>(gout + deft_gout_index(n, c, (long long)ho * WO + wo));
+#pragma unroll
+      for (int e = 0; e < FVEC; ++e) g[e] = ok ? Acc(deft_widen(gv.x[e])) : Acc(0);
+    }
+    const T* image = input + n * (C * H * W) + c;
+    GinT* gimg = gin ? gin + n * (C * H * W) : nullptr;
+#pragma unroll
+    for (int b = 0; b < FTB; ++b) {
+      const int t = t0 + b;
+      if (t >= TAPS) break;  // block-uniform
+      // outside the image (no corner) where the row has no pixel
+      const BwdPos ps = ok ? deft_bwd_pos(offset, mask, n, ho, wo, t, og) : BwdPos{Pos(-2), Pos(-2), Acc(0)};
+      BwdCell cell{0, 0};
+      const BwdPoint pt = deft_bwd_point_at(ps, &cell);
+      Acc x[4][FVEC];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        Vec r;
+        const bool in = (pt.valid >> q) & 1;
+        if (in) r = *reinterpret_cast<const Vec*>(image + pt.off[q]);
+#pragma unroll
+        for (int e = 0; e < FVEC; ++e) x[q][e] = in ? Acc(deft_widen(r.x[e])) : Acc(0);
+      }
+      Acc cg[FVEC];
+#pragma unroll
+      for (int e = 0; e < FVEC; ++e) cg[e] = Wsm[b][cv * FVEC + e] * g[e];
+      Acc gg[3] = {Acc(0), Acc(0), Acc(0)};  // grad offset dy, dx, grad mask: this thread's part
+      if constexpr (FSUMS) {
+        Acc a[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int e = 0; e < FVEC; ++e) a[q] += cg[e] * x[q][e];
+        deft_bwd_grads_from_sums(pt, a, gg);
+      } else {
+#pragma unroll
+        for (int e = 0; e < FVEC; ++e) {
+          const Acc val = pt.w[0] * x[0][e] + pt.w[1] * x[1][e] + pt.w[2] * x[2][e] + pt.w[3] * x[3][e];
+          gg[2] += cg[e] * val;
+          const Acc cgm = cg[e] * pt.mod;
+          gg[0] += cgm * (pt.hx * (x[2][e] - x[0][e]) + pt.lx * (x[3][e] - x[1][e]));
+          gg[1] += cgm * (pt.hy * (x[1][e] - x[0][e]) + pt.ly * (x[3][e] - x[2][e]));
+        }
+      }
+      // grad weight: grad_out x mask x the sample
+#pragma unroll
+      for (int e = 0; e < FVEC; ++e) {
+        const Acc smp = pt.w[0] * x[0][e] + pt.w[1] * x[1][e] + pt.w[2] * x[2][e] + pt.w[3] * x[3][e];
+        acc[b][e] += g[e] * pt.mod * smp;
+      }
+      // the pixel's lanes: a butterfly in a fixed order
+#pragma unroll
+      for (int r = 0; r < 3; ++r)
+#pragma unroll
+        for (int o = FTPC / 2; o > 0; o >>= 1) gg[r] += __shfl_xor_sync(0xffffffffu, gg[r], o);
+      if (cv == 0 && ok) {
+        if constexpr (FCBPOG == 1) {
+          deft_write_point_grads(goffset, gmask, m, n, ho, wo, t, og, gg);
+        } else if (goffset || gmask) {
+          Acc* d = pg_partial + (((long long)cbk * M_TOTAL + m) * (OG * TAPS) + og * TAPS + t) * 3;
+          d[0] = gg[0], d[1] = gg[1], d[2] = gg[2];
+        }
+      }
+#if GIN_MODE >= 5
+      // the local gather has summed the near points: only far ones scatter
+      if (gimg && ok && !deft_lg_near(ps, ho, wo, t)) {
+#pragma unroll
+        for (int j = 0; j < FVEC; j += 4) deft_lg_scatter<4>(gimg, cell, pt, c + j, cg + j, scale, nonfinite);
+      }
+#elif GIN_MODE < 3
+      if (gimg) {
+#pragma unroll
+        for (int j = 0; j < FVEC; j += 4) deft_bwd_scatter<4>(gimg + c + j, pt, cg + j, scale, nonfinite);
+      }
+#endif
+    }
+  }
+
+  if (gw_partial) {  // block-uniform
+    // lanes FSPAN apart share channels: a butterfly across them, then the row groups in shared
+    // memory, summed in order by one thread a channel
+    const int rg = tid / FSPAN;
+    const bool holder = tid % FSPAN < FTPC;
+    Acc* dst = gw_partial + (long long)blockIdx.z * (C * TAPS);
+#pragma unroll
+    for (int b = 0; b < FTB; ++b) {
+      if (t0 + b >= TAPS) break;  // block-uniform
+#pragma unroll
+      for (int e = 0; e < FVEC; ++e) {
+        Acc v = acc[b][e];
+#pragma unroll
+        for (int o = 16; o >= FTPC; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (holder) Red[(rg * FTPC + cv) * FVEC + e] = v;
+      }
+      __syncthreads();
+      for (int j = tid; j < FCPB; j += THREADS) {
+        const int jv = j / FVEC, je = j % FVEC;
+        Acc s = Acc(0);
+        for (int r = 0; r < FRGROUPS; ++r) s += Red[(r * FTPC + jv) * FVEC + je];
+        dst[(long long)(t0 + b) * C + cb0 + j] = s;
+      }
+      __syncthreads();
+    }
+  }
+  if (nonfinite) atomicOr(&header[3], 1ull);
+}
+
+// grad weight = the FSPLITS partials [split][tap][c] summed in split order: a block per 32
+// elements, its 8 warps each summing a contiguous eighth of the splits, then the eighths in
+// order.
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_fused_gw(const Acc* __restrict__ partial, T* __restrict__ gweight) {
+  deft_grid_begin();
+  __shared__ Acc part[8][32];
+  constexpr long long ELEMS = C * TAPS;
+  const int lane = threadIdx.x % 32, wv = threadIdx.x / 32;
+  const long long i = (long long)blockIdx.x * 32 + lane;  // [tap][c]
+  constexpr int PER = (FSPLITS + 7) / 8;
+  const int z0 = wv * PER, z1 = z0 + PER < FSPLITS ? z0 + PER : FSPLITS;
+  Acc s = Acc(0);
+  if (i < ELEMS)
+    for (int z = z0; z < z1; ++z) s += partial[(long long)z * ELEMS + i];
+  part[wv][lane] = s;
+  __syncthreads();
+  if (wv == 0 && i < ELEMS) {
+    Acc tot = Acc(0);
+#pragma unroll
+    for (int w = 0; w < 8; ++w) tot += part[w][lane];
+    const long long t = i / C, ch = i % C;
+    gweight[ch * TAPS + t] = deft_cast<T>(tot);  // depthwise: [c][tap] in both layouts
+  }
+}
+
+// grad offset and grad mask = the FCBPOG channel blocks' parts [block][pixel][og][tap][3],
+// added in order: a thread per (pixel, offset group, tap). (Launched where FCBPOG > 1.)
+extern "C" __global__ void __launch_bounds__(256)
+    deft_bwd_fused_pg(const Acc* __restrict__ partial, T* __restrict__ goffset, T* __restrict__ gmask) {
+  deft_grid_begin();
+  constexpr long long PTS = M_TOTAL * OG * TAPS;
+  const long long i = (long long)blockIdx.x * 256 + threadIdx.x;
+  if (i >= PTS) return;
+  Acc s[3] = {Acc(0), Acc(0), Acc(0)};
+#pragma unroll
+  for (int k = 0; k < FCBPOG; ++k) {
+    const Acc* p = partial + ((long long)k * PTS + i) * 3;
+    s[0] += p[0], s[1] += p[1], s[2] += p[2];
+  }
+  const long long m = i / (OG * TAPS);
+  const int ot = int(i - m * (OG * TAPS));
+  const BwdPixel px = deft_bwd_pixel(m);
+  deft_write_point_grads(goffset, gmask, m, px.n, px.ho, px.wo, ot % TAPS, ot / TAPS, s);
+}
 #else
 // f16 / bf16 with channel vectors (EV > 1), every form but the fixed-point atomics: the
 // corner-sums form (deft_bwd_channels_sums, perf notes round B29). The float atomics took it in

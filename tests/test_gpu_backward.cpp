@@ -545,6 +545,7 @@ TEST(GpuBackwardDwWindow, MatchesReference) {
           v.tile_m = c.tm, v.threads = 32 * c.tm;
           v.staging = deft::Staging::window, v.halo = c.halo;
           v.gin_gather = v.gin_local = false;  // the window is a float-atomics form (f32: not the default)
+          v.fuse_gw = false;                    // (nor does it sum grad weight)
         },
         [](const deft::KernelPlan& plan) { return plan.dw_window; });
 }
@@ -588,6 +589,7 @@ TEST(GpuBackwardDwLocal, MatchesReference) {
         [&](deft::Variant& v) {
           v.gin_gather = false, v.gin_local = true, v.halo = c.halo;
           v.staging = deft::Staging::gather;
+          v.fuse_gw = false;  // the separate data kernel (GpuBackwardDwFused: the fused one)
           if (c.d.layout == Layout::nchw) v.transpose = c.transpose;
         },
         [](const deft::KernelPlan& plan) { return plan.gin_mode == 5; });
@@ -618,7 +620,7 @@ TEST(GpuBackwardDwLocal, DeterministicIsReproducible) {
     deft::Variant v = deft::default_variant(data, 90, true);
     ASSERT_EQ(v.algo, deft::Algo::depthwise);
     v.deterministic = true, v.gin_gather = false, v.gin_local = true, v.halo = c.halo;
-    v.staging = deft::Staging::gather;
+    v.staging = deft::Staging::gather, v.fuse_gw = false;
     if (c.d.layout == Layout::nchw) v.transpose = true;
     SCOPED_TRACE(deft::to_string(c.d) + " | " + deft::to_string(v) + " sigma " + std::to_string(c.sigma));
     ASSERT_EQ(deft::make_plan(data, v).gin_mode, 6);
@@ -632,6 +634,92 @@ TEST(GpuBackwardDwLocal, DeterministicIsReproducible) {
     const GpuGrads again = run_gpu(c.d, t, 1, {true, true, true, false, false}, 1, o);
     for (int g = kInput; g <= kMask; ++g)
       EXPECT_EQ(again.raw[g], all.raw[g]) << kGradName[g] << ": not bitwise reproducible";
+  }
+}
+
+// gw=fused: the depthwise data kernel sums grad weight too (and the point grads over its
+// pixel's lanes, or over channel blocks with deft_bwd_fused_pg). Against the f64 reference on
+// every dtype and layout, with each grad-input form it carries (float atomics, gin=local,
+// gin=gather), small and large spreads and edge offsets (NaN, huge, on pixel boundaries):
+// channel blocks of a whole offset group (256 channels: 32 lanes x 8) and shared ones (two
+// offset groups of 96 channels: three blocks each; 512 channels: two), 32-byte vectors, 128
+// threads, stride and dilation, no mask. Then each request subset (the others must stay
+// poisoned; grad weight alone runs the separate kernel) equals the full run's gradients, and
+// deterministic mode gives the same bits over three runs and a fresh kernel's.
+TEST(GpuBackwardDwFused, MatchesReferenceSubsetsAndDeterminism) {
+  DEFT_SKIP_WITHOUT_GPU();
+  enum Gin { kAtomic, kLocal, kGather };
+  struct F {
+    LayerDesc d;
+    double sigma;  // 0: edge offsets
+    Gin gin;
+    int vec, threads;
+  };
+  std::vector<F> cases;
+  for (DType dt : {DType::f16, DType::bf16, DType::f32})
+    for (Layout layout : {Layout::nchw, Layout::nhwc}) {
+      cases.push_back({make(2, 256, 9, 11, 256, 3, 1, 256, 1, dt, layout), 0.5, kLocal, 1, 256});
+      cases.push_back({make(2, 256, 9, 11, 256, 3, 1, 256, 1, dt, layout), 8.0, kAtomic, 1, 256});
+      cases.push_back({make(1, 192, 8, 8, 192, 3, 1, 192, 2, dt, layout), 0.0, kGather, 1, 256});
+    }
+  cases.push_back({make(2, 512, 16, 16, 512, 3, 1, 512, 1, DType::f16, Layout::nhwc), 2.0, kLocal, 1, 256});
+  cases.push_back({make(1, 512, 12, 13, 512, 3, 1, 512, 1, DType::f16, Layout::nhwc), 2.0, kGather, 16, 128});
+  cases.push_back({make(1, 256, 10, 9, 256, 3, 1, 256, 1, DType::f32, Layout::nchw), 2.0, kAtomic, 8, 512});
+  LayerDesc strided = make(2, 128, 13, 10, 128, 3, 2, 128, 1, DType::bf16, Layout::nchw);
+  strided.stride_h = strided.stride_w = 2, strided.dil_h = strided.dil_w = 2;
+  cases.push_back({strided, 2.0, kLocal, 1, 256});
+  LayerDesc nomask = make(1, 128, 7, 5, 128, 3, 1, 128, 1, DType::f32, Layout::nhwc);
+  nomask.mask = false;
+  cases.push_back({nomask, 2.0, kGather, 1, 256});
+  auto set = [](const F& c, deft::Variant& v) {
+    v.fuse_gw = true;
+    v.vec = c.vec, v.threads = c.threads, v.tile_m = 8;
+    v.staging = deft::Staging::gather;
+    v.gin_gather = c.gin == kGather, v.gin_local = c.gin == kLocal;
+    v.halo = c.gin == kLocal ? 2 : 0;
+    if (c.d.layout == Layout::nchw) v.transpose = true;
+  };
+  uint64_t seed = 2500;
+  for (const F& c : cases) {
+    check_dw_data_variant(c.d, c.sigma, seed, [&](deft::Variant& v) { set(c, v); },
+                          [](const deft::KernelPlan& plan) { return plan.fused_gw; });
+    // request subsets against the full run (fast mode)
+    LayerDesc data = c.d;
+    data.pass = deft::Pass::backward_data;
+    deft::Variant v = deft::default_variant(data, 90);
+    set(c, v);
+    deft::CompileOptions o = test_options(false);
+    o.backward_data_variant = v;
+    Tensors t = random_tensors(c.d, c.sigma > 0 ? c.sigma : 2.0, ++seed);
+    for (auto* x : {&t.input, &t.offset, &t.mask, &t.weight, &t.gout}) quantize_in_place(*x, c.d.dtype);
+    const GpuGrads full = run_gpu(c.d, t, 0, {true, true, true, true, true}, 1, o);
+    const std::array<std::array<bool, kGrads>, 4> subsets = {{{false, true, false, true, false},
+                                                              {true, false, false, false, true},
+                                                              {false, false, false, true, false},
+                                                              {false, false, true, true, true}}};
+    for (const auto& want : subsets) {
+      const GpuGrads part = run_gpu(c.d, t, 0, want, 1, o);
+      for (int g = 0; g < kGrads; ++g) {
+        if (!want[g] || grad_size(c.d, g) == 0) continue;
+        // equal bits, except grad input (float atomics or unordered lists in the fast mode) and
+        // grad weight alone (the separate grad-weight kernel, whose sums run in another order)
+        const bool alone = g == kWeight && !want[kInput] && !want[kOffset] && !want[kMask];
+        const double err = relative_error(part.g[g], full.g[g]);
+        EXPECT_LE(err, g == kInput || alone ? tolerance(c.d) : 0.0)
+            << kGradName[g] << " of a subset run differs from the full run's by " << err;
+      }
+    }
+    // deterministic mode (the grad-input form is then the deterministic gather)
+    deft::Variant vd = deft::default_variant(data, 90, true);
+    set(c, vd);
+    vd.deterministic = true, vd.gin_gather = vd.gin_local = false, vd.halo = 0;
+    ASSERT_TRUE(deft::make_plan(data, vd).fused_gw) << deft::to_string(vd);
+    deft::CompileOptions od = test_options(true);
+    od.backward_data_variant = vd;
+    const GpuGrads a = run_gpu(c.d, t, 1, {true, true, true, true, true}, 3, od);
+    const GpuGrads b = run_gpu(c.d, t, 1, {true, true, true, true, true}, 1, od);
+    for (int g = 0; g < kGrads; ++g)
+      EXPECT_EQ(a.raw[g], b.raw[g]) << kGradName[g] << ": not bitwise reproducible (" << deft::to_string(vd) << ")";
   }
 }
 

@@ -105,6 +105,7 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
             Variant w = a;
             w.tile_m = tm, w.threads = 32 * tm;
             w.staging = Staging::window, w.halo = halo;
+            w.fuse_gw = false;  // the window kernel has no grad-weight sums
             add(w);
           }
       return out;

@@ -170,6 +170,12 @@ struct Variant {
   // radius). Not with gin_gather. With deterministic: both kernels in 64-bit fixed point
   // (bitwise reproducible; opt-in, slower than the deterministic default).
   bool gin_local = false;
+  // depthwise backward_data: grad weight computed by the data kernel itself, from the corners
+  // it loads for grad offset and grad mask (printed as gw=fused only when set). Its own thread
+  // layout: threads and vec (16 or 32 bytes of channels a thread; vec=1: 16 bytes) set it, tm,
+  // tn and tk are not read. The backward call then runs no grad-weight kernel (grad bias
+  // still has its own); a call without grad weight discards the kernel's sums.
+  bool fuse_gw = false;
 
   bool operator==(const Variant&) const = default;
 };
