@@ -442,15 +442,25 @@ static Variant arch_default_variant(const LayerDesc& d, int arch, bool determini
 }
 
 // The arch's choice above, then on sm_90 a depthwise grad-input pass sums grad weight itself
-// (gw=fused, both modes) where the plan takes it: one gather of the corners instead of two.
-// Perf notes round B36 (H200, fp16, sigma = 2): see BENCHMARKS.md "Session 25".
+// (gw=fused: one gather of the corners instead of two) with grad input gathered per input
+// pixel (gin=gather in the fast mode; deterministic mode gathers anyway), where the plan takes
+// both. Perf notes round B36 (H200, fp16 nhwc, sigma = 2, PDL off): dw512's data kernel with
+// the gather form 153 us, against 173 + 86 for the separate data and grad-weight kernels; with
+// a scattering form (gin=local's far points, or the float atomics) the fused kernel took 283
+// and lost, so it is the default only with the gather forms.
 Variant default_variant(const LayerDesc& d, int arch, bool deterministic) {
   Variant v = arch_default_variant(d, arch, deterministic);
   if (arch == 90 && d.pass == Pass::backward_data && v.algo == Algo::depthwise &&
       v.staging == Staging::gather) {
     Variant f = v;
     f.fuse_gw = true;
-    if (runs(d, f)) return f;
+    if (!deterministic) f.gin_gather = true, f.gin_local = false, f.halo = 0;
+    Variant planned = f;
+    planned.deterministic = deterministic;  // as the runtime will set it
+    try {
+      if (make_plan(d, planned).gather_direct) return f;
+    } catch (const Error&) {
+    }
   }
   return v;
 }

@@ -1416,135 +1416,42 @@ TEST(Codegen, DepthwiseGradInputStagesItsWeights) {
   }
 }
 
-// The depthwise grad input's heuristic default on sm_90 (docs/perf-notes.md round B29): the local
-// gather where its binning serves two or more 128-channel slices and its grid has 128 blocks or
-// more, the float atomics elsewhere and for f64; f32 (strict or tf32) the gather form (round
-// B34); deterministic mode the sorted gather.
-TEST(Heuristic, DepthwiseGradInputTakesTheLocalGatherWhereItWins) {
-  auto dw = [](int n, int c, int hw, const char* dtype) {
+// The depthwise grad input's heuristic default on sm_90: grad weight summed by the data kernel
+// (gw=fused) with grad input gathered per input pixel (the fast mode's gin=gather; the
+// deterministic mode's sorted gather), perf notes round B36; f64 keeps the float atomics and
+// the separate grad-weight kernel. Other architectures: none of the sm_90 forms.
+TEST(Heuristic, DepthwiseGradInputFusesGradWeightWithTheGather) {
+  auto dw = [](int n, int c, int hw, const char* dtype, const char* layout = "nhwc") {
     return deft::parse_layer_desc(fmt::format(
         "deform_conv2d n={} c={} h={} w={} k={} groups={} r=3 s=3 pad=1 mask=1 dtype={} "
-        "layout=nhwc pass=backward_data", n, c, hw, hw, c, c, dtype));
+        "layout={} pass=backward_data", n, c, hw, hw, c, c, dtype, layout));
   };
   struct C {
     deft::LayerDesc d;
-    bool det, local;
+    bool det;
   };
   const std::vector<C> cases = {
-      {dw(16, 512, 32, "f16"), false, true},    // dw512: 256 blocks, 4 slices
-      {dw(16, 1024, 16, "bf16"), false, true},  // dw1024_16: 128 blocks
-      {dw(8, 256, 56, "f16"), false, true},     // dw256_56: 392 blocks, 2 slices
-      {dw(1, 512, 32, "f16"), false, false},    // dw512_n1: 16 blocks
-      {dw(4, 128, 96, "f16"), false, false},    // dw128_96: one slice
-      {dw(16, 512, 32, "f16"), true, false},    // deterministic: the gather form
-      {dw(16, 512, 32, "f32"), false, false},   // f32: the gather form
-      {dw(1, 512, 32, "f32"), false, false},
-      {dw(16, 512, 32, "f64"), false, false},   // f64: the atomics
+      {dw(16, 512, 32, "f16"), false},          {dw(16, 1024, 16, "bf16"), false},
+      {dw(1, 512, 32, "f16"), false},           {dw(4, 128, 96, "f16"), false},
+      {dw(16, 512, 32, "f16"), true},           {dw(16, 512, 32, "f32"), false},
+      {dw(1, 512, 32, "f32", "nchw"), false},   {dw(16, 512, 32, "f16", "nchw"), true},
+      {dw(16, 512, 32, "f64"), false},
   };
   for (const C& c : cases) {
     SCOPED_TRACE(deft::to_string(c.d) + (c.det ? " det" : ""));
     deft::Variant v = deft::default_variant(c.d, 90, c.det);
     v.deterministic = c.det;  // as the runtime sets it
-    EXPECT_EQ(v.gin_local, c.local);
-    const bool f32_gather = c.d.dtype == deft::DType::f32 && !c.det;
-    EXPECT_EQ(v.gin_gather, f32_gather);
     const bool f64 = c.d.dtype == deft::DType::f64;  // atomics into grad input itself
-    EXPECT_EQ(deft::make_plan(c.d, v).gin_mode, c.local ? 5 : c.det || f32_gather ? 4 : f64 ? 0 : 1);
-    EXPECT_EQ(deft::make_plan(c.d, v).gather_sorted, c.det);
-    EXPECT_FALSE(deft::default_variant(c.d, 80, c.det).gin_gather && !c.det);  // sm_90 only
-    if (c.local) EXPECT_EQ(v.halo, 2);
-    EXPECT_EQ(deft::make_plan(c.d, v).gin_mode == 5, c.local);
-    EXPECT_FALSE(deft::default_variant(c.d, 80, c.det).gin_local);  // measured on sm_90 only
-    EXPECT_EQ(v.fuse_gw, !f64);  // gw=fused wherever its plan takes the layer (not f64)
-    EXPECT_FALSE(deft::default_variant(c.d, 80, c.det).fuse_gw);
+    EXPECT_EQ(v.fuse_gw, !f64);
+    EXPECT_EQ(v.gin_gather, !f64 && !c.det);
+    EXPECT_FALSE(v.gin_local);
+    const deft::KernelPlan p = deft::make_plan(c.d, v);
+    EXPECT_EQ(p.gin_mode, f64 ? 0 : 4);
+    EXPECT_EQ(p.gather_sorted, c.det);
+    EXPECT_EQ(p.fused_gw, !f64);
+    const deft::Variant v80 = deft::default_variant(c.d, 80, c.det);
+    EXPECT_FALSE(v80.fuse_gw || v80.gin_local || (v80.gin_gather && !c.det));  // measured on sm_90 only
   }
-}
-
-// gw=fused (the depthwise data kernel sums grad weight): its layout from the channels (16-byte
-// vectors, up to a warp of threads a pixel inside one offset group), taps a block (at most 24
-// sums a thread, equal batches), about 1024 blocks, the partials' bytes; and the layers and
-// variants it refuses, by name.
-TEST(Codegen, DepthwiseFusedGradWeight) {
-  auto plan = [](const std::string& layer, const std::string& variant) {
-    return deft::make_plan(deft::parse_layer_desc("deform_conv2d " + layer + " pass=backward_data"),
-                           deft::parse_variant("algo=depthwise tm=8 tn=1 tk=1 " + variant + " gw=fused"));
-  };
-  const std::string dw512 = "n=16 c=512 h=32 w=32 k=512 groups=512 r=3 s=3 pad=1 mask=1 ";
-  {
-    const deft::KernelPlan p = plan(dw512 + "dtype=f16 layout=nhwc", "threads=256 halo=2 gin=local");
-    EXPECT_TRUE(p.fused_gw);
-    EXPECT_EQ(p.gin_mode, 5);
-    EXPECT_EQ(p.fw.vec, 8);
-    EXPECT_EQ(p.fw.tpc, 32);
-    EXPECT_EQ(p.fw.cbpog, 2);  // two blocks of 256 channels share the offset group
-    EXPECT_EQ(p.fw.tb, 3);     // 3 x 8 sums
-    EXPECT_EQ(p.grid[0], 2u);
-    EXPECT_EQ(p.grid[1], 3u);
-    EXPECT_EQ(int64_t(p.grid[2]), p.fw.splits);
-    EXPECT_GE(p.fw.splits * p.fw.split_pix, 16 * 32 * 32);
-    EXPECT_LT((p.fw.splits - 1) * p.fw.split_pix, 16 * 32 * 32);
-    EXPECT_EQ(p.fw.split_pix % 8, 0);  // whole block steps of 8 pixels
-    EXPECT_EQ(p.fw.gw_bytes, int64_t(p.fw.splits) * 512 * 9 * 4);
-    EXPECT_EQ(p.fw.pg_bytes, int64_t(2) * 16 * 32 * 32 * 9 * 3 * 4);
-    EXPECT_FALSE(p.dw_wsmem);
-    EXPECT_EQ(p.align_input, 16);
-    EXPECT_EQ(p.align_gout, 16);
-    const deft::CompileInfo info = compile_for_sm90(
-        deft::parse_layer_desc("deform_conv2d " + dw512 + "dtype=f16 layout=nhwc pass=backward_data"),
-        deft::parse_variant("algo=depthwise tm=8 tn=1 tk=1 threads=256 halo=2 gin=local gw=fused"));
-    EXPECT_NE(info.source.find("#define FUSED_GW 1"), std::string::npos);
-    EXPECT_NE(info.resource_report.find("0 bytes spill stores"), std::string::npos)
-        << info.resource_report;
-    EXPECT_EQ(info.workspace_bytes - p.fw.gw_bytes - p.fw.pg_bytes, p.workspace_bytes);
-  }
-  {  // f32: 4-channel vectors, 8 threads a pixel for 96 channels an offset group (3 blocks),
-     // taps in two batches of 5 and 4
-    const deft::KernelPlan p = plan("n=1 c=192 h=8 w=8 k=192 groups=192 offset_groups=2 r=3 s=3 "
-                                    "pad=1 mask=1 dtype=f32 layout=nchw", "threads=256 transpose=1");
-    EXPECT_EQ(p.fw.vec, 4);
-    EXPECT_EQ(p.fw.tpc, 8);
-    EXPECT_EQ(p.fw.cbpog, 3);
-    EXPECT_EQ(p.fw.tb, 5);
-    EXPECT_EQ(p.grid[0], 6u);
-    EXPECT_EQ(p.grid[1], 2u);
-    EXPECT_TRUE(p.gout_t);  // nchw grad_out through its channels-last copy
-  }
-  {  // 32-byte vectors, one block for the whole offset group: no point-grad partials
-    const deft::KernelPlan p = plan(dw512 + "dtype=f16 layout=nhwc", "threads=128 vec=16");
-    EXPECT_EQ(p.fw.vec, 16);
-    EXPECT_EQ(p.fw.tpc, 32);
-    EXPECT_EQ(p.fw.cbpog, 1);
-    EXPECT_EQ(p.fw.pg_bytes, 0);
-    EXPECT_EQ(p.fw.tb, 1);  // 24 sums / 16 channels
-  }
-  auto refuses = [&](const std::string& layer, const std::string& variant, const char* field,
-                     const char* words) {
-    SCOPED_TRACE(layer + " / " + variant);
-    try {
-      (void)plan(layer, variant);
-      ADD_FAILURE() << "accepted";
-    } catch (const deft::DescError& e) {
-      EXPECT_EQ(e.field(), field);
-      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
-    }
-  };
-  refuses(dw512 + "dtype=f16 layout=nhwc", "threads=256 staging=window halo=1", "gw", "staging=gather");
-  refuses(dw512 + "dtype=f16 layout=nchw", "threads=256 transpose=0", "gw", "channels-last");
-  refuses(dw512 + "dtype=f64 layout=nhwc", "threads=256", "gw", "f64");
-  refuses(dw512 + "dtype=f16 layout=nhwc", "threads=256 vec=4", "vec", "vec=8");
-  refuses("n=1 c=12 h=8 w=8 k=12 groups=12 r=3 s=3 pad=1 mask=1 dtype=f16 layout=nhwc",
-          "threads=256", "vec", "multiple");
-  refuses(dw512 + "dtype=f16 layout=nhwc", "threads=1024", "threads", "512");
-  try {
-    (void)deft::make_plan(deft::parse_layer_desc("deform_conv2d " + dw512 + "dtype=f16 layout=nhwc pass=backward_weight"),
-                          deft::parse_variant("algo=depthwise tm=32 tn=64 tk=16 vec=8 gw=fused"));
-    ADD_FAILURE() << "gw=fused accepted on backward_weight";
-  } catch (const deft::DescError& e) {
-    EXPECT_EQ(e.field(), "gw");
-  }
-  EXPECT_EQ(deft::to_string(deft::parse_variant("algo=depthwise gw=fused")).find(" gw=fused") != std::string::npos, true);
-  EXPECT_THROW(deft::parse_variant("algo=depthwise gw=both"), deft::DescError);
-  EXPECT_FALSE(deft::parse_variant("algo=depthwise gw=separate").fuse_gw);
 }
 
 // Whatever the default of a depthwise grad input, the tuner's space holds the float atomics,

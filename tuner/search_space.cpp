@@ -98,14 +98,15 @@ std::vector<Variant> search_space(const LayerDesc& d, const SearchOptions& opt) 
       // the offsets' spread asks for (at most 8; a larger window would not fit shared
       // memory). Slower than the float atomics at every spread measured (perf notes round
       // B23: its shared-memory f32 adds are CAS loops).
-      if (opt.window)
+      // (Not beside a gw=fused default: the window kernel has no grad-weight sums, so its
+      // grad-input pass would be timed without the work the fused kernel's includes.)
+      if (opt.window && !def.fuse_gw)
         for (int tm : {8, 16})
           for (int halo : window_halos(opt.offset_sigma)) {
             if (halo > 8) continue;
             Variant w = a;
             w.tile_m = tm, w.threads = 32 * tm;
             w.staging = Staging::window, w.halo = halo;
-            w.fuse_gw = false;  // the window kernel has no grad-weight sums
             add(w);
           }
       return out;
