@@ -208,6 +208,7 @@ std::string generate_source(const LayerDesc& d, const Variant& v) {
     if (p.gather_direct) {
       line(fmt::format("#define GATHER_DIRECT 1  // the gather reads grad_out{}, weight and mask",
                        p.gout_t ? " (a channels-last copy)" : ""));
+      c32("DGEV", p.gather_vec);        // its channels a lane
       c32("GSLICES", p.gather_slices);  // its warps per input pixel and offset group
       if (p.gather_out)
         line("#define GATHER_OUT 1  // the gather writes grad input itself (no finish)");

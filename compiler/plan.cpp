@@ -653,8 +653,9 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
     p.gout_t = d.layout == Layout::nchw && (p.x_nhwc || p.gather_direct || p.gin_local_gather());
     p.workspace_gout_bytes = p.gout_t ? d.n * d.k * d.out_h() * d.out_w() * dtype_size(d.dtype) : 0;
     if (p.gather_direct) {
-      const int64_t cpog = d.c_per_offset_group(), lanes = 32 * (cpog % 4 == 0 ? 4 : 1);
-      p.gather_slices = int(ceil_div(cpog, lanes));
+      const int64_t cpog = d.c_per_offset_group();
+      p.gather_vec = dtype_size(d.dtype) == 2 && cpog % 8 == 0 ? 8 : cpog % 4 == 0 ? 4 : 1;
+      p.gather_slices = int(ceil_div(cpog, 32 * p.gather_vec));
     }
     // the f32 gather of an nhwc layer writes grad input itself: its workspace is channels-last
     // like the layer, so the finish kernel would only convert (dw512 fp16: 12 us)
@@ -668,9 +669,10 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
                ? 4
                : 1;
     if (!p.transpose) p.align_input = p.ev * dtype_size(d.dtype);  // corner vectors
-    // the direct gather reads nhwc grad_out in vectors of 4 channels where a group has them
+    // the direct gather reads nhwc grad_out in vectors of gather_vec channels, the local
+    // gather in vectors of 4, where a group has them
     if ((p.gather_direct || p.gin_local_gather()) && !p.gout_t && d.c_per_offset_group() % 4 == 0)
-      p.align_gout = 4 * dtype_size(d.dtype);
+      p.align_gout = std::max(p.gather_direct ? p.gather_vec : 1, 4) * dtype_size(d.dtype);
     if (p.gin_local_gather()) {
       // the local gather (deft_bwd_lgather): 8 x 8 input tiles; the output pixels whose near
       // points can land in a tile's cells: an interval of TH + (r - 1) dil + 2 R rows

@@ -96,7 +96,9 @@ struct KernelPlan {
   // backward_data: the grad-input workspace is channels-last (deft_bwd_finish transposes it
   // back for an nchw layer)
   bool ws_nhwc = false;
-  // the direct gather's warps per input pixel and offset group (each 32 x 4 channels, or 32)
+  // the direct gather's channels a lane (8: 16-byte grad_out vectors of a 16-bit layer, round
+  // B37; 4; or 1) and its warps per input pixel and offset group (each 32 x gather_vec channels)
+  int gather_vec = 1;
   int gather_slices = 1;
   // depthwise backward_data with staging=window (fast mode): a block owns a tile_h x tile_w
   // tile of output pixels (tiles_y x tiles_x tiles an image) and accumulates the corners that

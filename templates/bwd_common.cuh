@@ -663,7 +663,7 @@ constexpr int GSL = (CPOG + 32 * GEV - 1) / (32 * GEV) < GSL_MAX ? (CPOG + 32 * 
 // GIN_MODE 2 would scatter, (weight x grad_out) x mask x corner weight, in the same f32
 // operations, from grad_out in channels-last order (gout: the layer's own for nhwc, a
 // transposed copy for nchw), the weight and the mask. An item is an input pixel, offset group
-// and slice of 32 x GEV channels (GSLICES a group; the slice is the fastest index, so that
+// and slice of 32 x DGEV channels (GSLICES a group; the slice is the fastest index, so that
 // neighbouring warps share their pixels' lists in L1); a block takes a contiguous run of items,
 // in a grid of at most 1024 blocks (the runtime's launch). Each block first copies the weight into shared
 // memory as f32 [tap][channel] (WS_SMEM: where it fits 32 KiB), so that a lane's channels of
@@ -692,13 +692,15 @@ __device__ __forceinline__ void deft_gather_item(
     const float* wsm, const T* __restrict__ mask, const float2* __restrict__ frac,
     const int* __restrict__ starts, const int* __restrict__ list, double scale, bool& nonfinite,
     GOutT* __restrict__ ws) {
-  struct __align__(sizeof(T) * GEV) Vec { T x[GEV]; };
-  struct __align__(4 * GEV) FVec { float x[GEV]; };
+  // DGEV channels a lane: 8 (one 16-byte grad_out vector) for a 16-bit layer whose groups
+  // take it (round B37), else 4 or 1; the weight's f32 row of them is one or two 16-byte reads
+  struct __align__(sizeof(T) * DGEV) Vec { T x[DGEV]; };
+  struct __align__(4 * DGEV > 16 ? 16 : 4 * DGEV) FVec { float x[DGEV]; };
   const int slice = int(wid % GSLICES);
   const long long pw = wid / GSLICES;
   const int x = int(pw % W), y = int(pw / W % H), og = int(pw / (W * H) % OG);
   const long long n = pw / ((long long)W * H * OG);
-  const int c = slice * 32 * GEV + lane * GEV;  // the lane's first channel in the group
+  const int c = slice * 32 * DGEV + lane * DGEV;  // the lane's first channel in the group
   const bool active = c < CPOG;
 #if GIN_MODE == 3
   typedef long long Sum;
@@ -708,9 +710,9 @@ __device__ __forceinline__ void deft_gather_item(
 #endif
   const long long cell[4] = {deft_bwd_cell(n, og, y, x), deft_bwd_cell(n, og, y, x - 1),
                              deft_bwd_cell(n, og, y - 1, x), deft_bwd_cell(n, og, y - 1, x - 1)};
-  Sum acc[GEV];
+  Sum acc[DGEV];
 #pragma unroll
-  for (int e = 0; e < GEV; ++e) acc[e] = Sum(0);
+  for (int e = 0; e < DGEV; ++e) acc[e] = Sum(0);
   const long long cabs = (long long)og * CPOG + c;  // absolute channel
   // A lane's share of a batch of (at most) 32 points of cell q from list position b0: the
   // point's pixel, tap, mask and corner weight.
@@ -752,17 +754,17 @@ __device__ __forceinline__ void deft_gather_item(
         const Acc mod = __shfl_sync(0xffffffffu, my_mod, j), w = __shfl_sync(0xffffffffu, my_w, j);
         if (!active) continue;
         const Vec gv = *reinterpret_cast<const Vec*>(gout + (long long)m * K + cabs);
-        float wv[GEV];
+        float wv[DGEV];
         if constexpr (WS_SMEM) {
           const FVec f = *reinterpret_cast<const FVec*>(wsm + t * C + cabs);
 #pragma unroll
-          for (int e = 0; e < GEV; ++e) wv[e] = f.x[e];
+          for (int e = 0; e < DGEV; ++e) wv[e] = f.x[e];
         } else {
 #pragma unroll
-          for (int e = 0; e < GEV; ++e) wv[e] = float(deft_widen(__ldg(weight + (cabs + e) * TAPS + t)));
+          for (int e = 0; e < DGEV; ++e) wv[e] = float(deft_widen(__ldg(weight + (cabs + e) * TAPS + t)));
         }
 #pragma unroll
-        for (int e = 0; e < GEV; ++e) {
+        for (int e = 0; e < DGEV; ++e) {
           // GIN_MODE 2's operations: cg = weight x grad_out, cgm = cg x mask, cgm x corner weight
           const Acc cg = Acc(wv[e]) * Acc(deft_widen(gv.x[e]));
           const Acc contrib = cg * mod * w;
@@ -779,10 +781,10 @@ __device__ __forceinline__ void deft_gather_item(
     GOutT* out = ws + ((n * H + y) * W + x) * C + cabs;
 #if GATHER_OUT
 #pragma unroll
-    for (int e = 0; e < GEV; ++e) out[e] = deft_cast<T>(acc[e]);
+    for (int e = 0; e < DGEV; ++e) out[e] = deft_cast<T>(acc[e]);
 #else
 #pragma unroll
-    for (int e = 0; e < GEV; ++e) out[e] = GinT(acc[e]);
+    for (int e = 0; e < DGEV; ++e) out[e] = GinT(acc[e]);
 #endif
   }
 }
@@ -793,7 +795,7 @@ extern "C" __global__ void __launch_bounds__(256)
                     unsigned long long* __restrict__ header, GOutT* __restrict__ ws) {
   deft_grid_begin();
   static_assert(CG == 1 && KG == 1, "the direct gather is the depthwise kernel's");
-  static_assert(GSLICES * 32 * GEV >= CPOG, "GSLICES slices cover the group's channels");
+  static_assert(GSLICES * 32 * DGEV >= CPOG, "GSLICES slices cover the group's channels");
   __shared__ __align__(16) float wsm[WS_SMEM ? C * TAPS : 1];
   if constexpr (WS_SMEM) {
     for (int i = threadIdx.x; i < C * TAPS; i += 256)  // coalesced reads of weight[c][tap]

@@ -1211,7 +1211,9 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
     EXPECT_EQ(p.gout_t, std::string(layout) == "nchw");
     EXPECT_EQ(p.workspace_gout_bytes, p.gout_t ? 2 * 64 * 9 * 9 * 2 : 0);
     EXPECT_EQ(p.ev, 4);  // it scatters nothing: channel vectors as in the fast mode
-    EXPECT_EQ(p.align_gout, std::string(layout) == "nhwc" ? 8 : 1);  // the gather's vectors
+    EXPECT_EQ(p.gather_vec, 8);  // 16-byte grad_out vectors of 8 f16 channels
+    EXPECT_EQ(p.gather_slices, 1);
+    EXPECT_EQ(p.align_gout, std::string(layout) == "nhwc" ? 16 : 1);  // the gather's vectors
     const deft::GatherLayout g = deft::gather_layout(dd, p);
     EXPECT_EQ(g.list + (4 * g.points + 255) / 256 * 256, g.values);
     EXPECT_EQ(g.bytes, g.values);  // no values
