@@ -10,6 +10,10 @@
 
 namespace deft {
 
+// The depthwise direct gather's grid: at most this many blocks of 8 warps (each block copies
+// the weight into shared memory), a contiguous run of items a block.
+constexpr int64_t kDirectGatherMaxBlocks = 1024;
+
 struct KernelPlan {
   // storage, accumulator, sampling-position, shared-memory stage and tensor-core input types
   std::string t, acc, pos, stage, tc_in;
@@ -96,8 +100,9 @@ struct KernelPlan {
   // backward_data: the grad-input workspace is channels-last (deft_bwd_finish transposes it
   // back for an nchw layer)
   bool ws_nhwc = false;
-  // the direct gather's channels a lane (8: 16-byte grad_out vectors of a 16-bit layer, round
-  // B37; 4; or 1) and its warps per input pixel and offset group (each 32 x gather_vec channels)
+  // the direct gather's channels a lane (8: 16-byte grad_out vectors of a 16-bit layer whose
+  // gather still fills kDirectGatherMaxBlocks blocks with them, round B37; 4; or 1) and its
+  // warps per input pixel and offset group (each 32 x gather_vec channels)
   int gather_vec = 1;
   int gather_slices = 1;
   // depthwise backward_data with staging=window (fast mode): a block owns a tile_h x tile_w

@@ -787,7 +787,6 @@ void Kernel::backward(const BackwardArgs& a, CUstream stream, int deterministic)
       void* dparams[] = {&gout_k, &weight, &mask, &frac, &counts, &list, &header, &gws};
       // the direct gather: at most 1024 blocks (each copies the weight), a contiguous run of
       // items a block
-      constexpr int64_t kDirectGatherMaxBlocks = 1024;
       const int64_t blocks = p.gather_direct ? std::min((warps + 7) / 8, kDirectGatherMaxBlocks)
                                              : (warps + 7) / 8;
       launch(*k, k->gather[3], {unsigned(blocks), 1, 1}, 256, 0, cs,

@@ -1211,9 +1211,19 @@ TEST(Codegen, DeterministicGradInputTakesTheGatherFormWhereItCan) {
     EXPECT_EQ(p.gout_t, std::string(layout) == "nchw");
     EXPECT_EQ(p.workspace_gout_bytes, p.gout_t ? 2 * 64 * 9 * 9 * 2 : 0);
     EXPECT_EQ(p.ev, 4);  // it scatters nothing: channel vectors as in the fast mode
-    EXPECT_EQ(p.gather_vec, 8);  // 16-byte grad_out vectors of 8 f16 channels
+    EXPECT_EQ(p.gather_vec, 4);  // 162 warps' items: too few for 8 channels a lane
     EXPECT_EQ(p.gather_slices, 1);
-    EXPECT_EQ(p.align_gout, std::string(layout) == "nhwc" ? 16 : 1);  // the gather's vectors
+    EXPECT_EQ(p.align_gout, std::string(layout) == "nhwc" ? 8 : 1);  // the gather's vectors
+    // a layer whose gather fills its 1024 blocks with 8 channels a lane takes them (dw512),
+    // one image of it does not (dw512_n1), nor f32
+    for (auto [n, dt, vec] : {std::tuple{16, "f16", 8}, std::tuple{1, "f16", 4}, std::tuple{16, "f32", 4}}) {
+      const auto big = deft::parse_layer_desc(fmt::format(
+          "deform_conv2d n={} c=512 h=32 w=32 k=512 groups=512 r=3 s=3 pad=1 mask=1 "
+          "pass=backward_data dtype={} layout={}", n, dt, layout));
+      const deft::KernelPlan pb = deft::make_plan(big, vd);
+      EXPECT_EQ(pb.gather_vec, vec) << n << " " << dt;
+      EXPECT_EQ(pb.gather_slices, 512 / (32 * vec));
+    }
     const deft::GatherLayout g = deft::gather_layout(dd, p);
     EXPECT_EQ(g.list + (4 * g.points + 255) / 256 * 256, g.values);
     EXPECT_EQ(g.bytes, g.values);  // no values
