@@ -114,5 +114,28 @@ class Roofline(unittest.TestCase):
         self.assertNotIn("roofline_ms", bench_backward.fb_roofline(case, "fp32", {}))
 
 
+class ModifiedVariant(unittest.TestCase):
+    """--backward-data-variant '+field=value ...': the pass's own choice with those fields set
+    (added where the choice has no such field), its other fields kept in order."""
+
+    class FakeLib:
+        def __init__(self):
+            self.asked = []
+
+        def compile(self, desc, variant, cache_path):
+            self.asked.append((desc, variant, cache_path))
+
+            class K:
+                variant = "algo=depthwise tm=8 tn=1 tk=1 threads=256 gin=gather gw=fused"
+            return K()
+
+    def test_fields_replaced_and_added(self):
+        lib = self.FakeLib()
+        got = bench_backward.modified_variant(lib, "deform_conv2d n=1 pass=backward_data",
+                                              "gw=separate det=1", "/tmp/db")
+        self.assertEqual(got, "algo=depthwise tm=8 tn=1 tk=1 threads=256 gin=gather gw=separate det=1")
+        self.assertEqual(lib.asked, [("deform_conv2d n=1 pass=backward_data", None, "/tmp/db")])
+
+
 if __name__ == "__main__":
     unittest.main()
