@@ -548,9 +548,7 @@ void plan_bwd_data_dw_fused(const LayerDesc& d, const Variant& v, KernelPlan& p,
   f.splits = int(splits);
   f.gw_bytes = splits * w_elems * 4;
   f.pg_bytes = f.cbpog > 1 ? int64_t(f.cbpog) * m_total * d.offset_groups * taps * 3 * 4 : 0;
-  p.fused_gw = true;
-  p.dw_wsmem = false;  // the kernel stages its taps' weights itself (static shared memory)
-  p.smem_bytes = 0;
+  p.fused_gw = true;  // (its taps' weights: static shared memory, no DW_WSMEM)
   p.block = unsigned(v.threads);
   if (d.c / cpb > 2147483647) bad("n", "the launch grid is too large");
   p.grid = {unsigned(d.c / cpb), unsigned(batches), unsigned(splits)};
@@ -709,22 +707,25 @@ void plan_backward(const LayerDesc& d, const Variant& v, KernelPlan& p) {
           d.offset_groups * ceil_div(lg.slices, lg.per_block) > 65535)
         bad("n", "the local gather's grid is too large");
     }
-    int64_t gx = ceil_div(m_total, p.bp);
-    if (v.staging == Staging::window) gx = plan_bwd_data_dw_window(d, v, p);
-    // lanes on channels (channels-last input): a lane's weights weight[c][tap] are taps x
-    // dtype bytes apart, a warp's load touches 32 sectors, so the block stages them once in
-    // shared memory as [tap][channel] (within 96 KiB: two blocks an SM keep their share)
-    const int64_t wsm_bytes = d.taps() * d.c_per_offset_group() * asize;
-    if (v.staging != Staging::window && p.x_nhwc && wsm_bytes <= 96 * 1024) {
-      p.dw_wsmem = true;
-      p.smem_bytes = int(wsm_bytes);
-      // the channel step's grad_out vector (a channels-last grad_out, not the runtime's copy)
-      if (p.ev > 1 && !p.gout_t) p.align_gout = std::max(p.align_gout, p.ev * dtype_size(d.dtype));
+    if (v.fuse_gw) {
+      plan_bwd_data_dw_fused(d, v, p, m_total);  // its own layout, grid and weight staging
+    } else {
+      int64_t gx = ceil_div(m_total, p.bp);
+      if (v.staging == Staging::window) gx = plan_bwd_data_dw_window(d, v, p);
+      // lanes on channels (channels-last input): a lane's weights weight[c][tap] are taps x
+      // dtype bytes apart, a warp's load touches 32 sectors, so the block stages them once in
+      // shared memory as [tap][channel] (within 96 KiB: two blocks an SM keep their share)
+      const int64_t wsm_bytes = d.taps() * d.c_per_offset_group() * asize;
+      if (v.staging != Staging::window && p.x_nhwc && wsm_bytes <= 96 * 1024) {
+        p.dw_wsmem = true;
+        p.smem_bytes = int(wsm_bytes);
+        // the channel step's grad_out vector (a channels-last grad_out, not the runtime's copy)
+        if (p.ev > 1 && !p.gout_t) p.align_gout = std::max(p.align_gout, p.ev * dtype_size(d.dtype));
+      }
+      if (gx > 2147483647 || d.offset_groups > 65535)
+        bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
+      p.grid = {unsigned(gx), unsigned(d.offset_groups), 1};
     }
-    if (gx > 2147483647 || d.offset_groups > 65535)
-      bad("n", fmt::format("the launch grid {}x{} is too large", gx, d.offset_groups));
-    p.grid = {unsigned(gx), unsigned(d.offset_groups), 1};
-    if (v.fuse_gw) plan_bwd_data_dw_fused(d, v, p, m_total);
   } else if (wgd) {
     plan_bwd_data_wgmma(d, v, p, m_total, in_elems);
   } else if (d.pass == Pass::backward_data) {

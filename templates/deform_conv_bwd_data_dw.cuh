@@ -285,14 +285,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, THREADS <= 256 ? 2 : 1)
           for (int e = 0; e < FVEC; ++e) a[q] += cg[e] * x[q][e];
         deft_bwd_grads_from_sums(pt, a, gg);
       } else {
-#pragma unroll
-        for (int e = 0; e < FVEC; ++e) {
-          const Acc val = pt.w[0] * x[0][e] + pt.w[1] * x[1][e] + pt.w[2] * x[2][e] + pt.w[3] * x[3][e];
-          gg[2] += cg[e] * val;
-          const Acc cgm = cg[e] * pt.mod;
-          gg[0] += cgm * (pt.hx * (x[2][e] - x[0][e]) + pt.lx * (x[3][e] - x[1][e]));
-          gg[1] += cgm * (pt.hy * (x[1][e] - x[0][e]) + pt.ly * (x[3][e] - x[2][e]));
-        }
+        deft_bwd_channels_math<FVEC>(x, nullptr, pt, cg, scale, nonfinite, gg);  // (no scatter)
       }
       // grad weight: grad_out x mask x the sample
 #pragma unroll
@@ -330,7 +323,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, THREADS <= 256 ? 2 : 1)
 
   if (gw_partial) {  // block-uniform
     // lanes FSPAN apart share channels: a butterfly across them, then the row groups in shared
-    // memory, summed in order by one thread a channel
+    // memory, summed in order by one thread a channel (as deform_conv_bwd_weight_dw.cuh does;
+    // a helper shared by both changed the grad-weight kernel's SASS, 3710 -> 3854 instructions,
+    // so each keeps its copy)
     const int rg = tid / FSPAN;
     const bool holder = tid % FSPAN < FTPC;
     Acc* dst = gw_partial + (long long)blockIdx.z * (C * TAPS);
